@@ -1,0 +1,531 @@
+"""Replace duplicates by links to store objects: every check the project promises, in order.
+
+For one store object O and the guest files J that should become names of O:
+
+1. Each J is opened without following symlinks, a read lease is taken on it (the kernel
+   grants one only while nobody has J open for writing, and breaks it as soon as anyone tries
+   to), its stat is compared with what was hashed (dev, ino, size, mtime, ctime), and its
+   bytes are compared with O's.  A hash collision or a change since hashing stops here.
+2. The batch is written to the journal in the index; then, for each name of each J, O is
+   linked to a temporary name ``.vsu~XXXXXXXXXXXXXXXX`` beside it and swapped with the name
+   by ``renameat2(RENAME_EXCHANGE)``.  What the swap moved out must be J itself; if a guest
+   replaced the name in the meantime, the swap is undone.  Nothing is ever unlinked that is
+   not a verified duplicate of O: at every instant each guest name holds its own content.
+3. If a J's lease was broken (someone opened J for writing meanwhile), J's names are swapped
+   back, so the writer's data lands where it expects.
+4. O is sealed (iunlink marker, immutable flag).  FS_IMMUTABLE_FL forbids link and rename, so
+   O is unsealed for the batch while we hold a read lease on it; if that lease was broken
+   (a guest opened O for writing in that window), the whole batch is undone and O's other
+   names are moved to a fresh copy (``evacuate``), so no other guest sees the write.
+5. The temporary names, which now hold the verified duplicates, are removed; the journal
+   rows go.  A crash anywhere leaves rows that ``recover`` resolves on the next run.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from vsstore import attrs, syscalls
+from vsstore.hashing import content_digest, meta_class, read_xattrs, same_content
+from vsstore.index import Index
+from vsstore.safetree import GuestTree, split_rel
+from vsstore.store import Key, Store, StoreObject
+
+from .scan import InodeRec
+
+log = logging.getLogger("vsstore")
+
+_BAD_FLAGS = syscalls.FS_IMMUTABLE_FL | syscalls.FS_APPEND_FL
+
+
+def tmp_name() -> str:
+    return ".vsu~" + os.urandom(8).hex()
+
+
+@dataclass(slots=True)
+class LinkStats:
+    files_linked: int = 0
+    bytes_saved: int = 0
+    objects_created: int = 0
+    errors: int = 0
+    skipped_busy: int = 0
+    skipped_changed: int = 0
+    messages: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def unsealed(fd: int, immutable: bool) -> Iterator[None]:
+    """Lift the immutable flag of an object for a moment (link/rename/unlink of its names)."""
+    was = immutable and attrs.is_immutable(fd)
+    if was:
+        attrs.set_immutable(fd, False)
+    try:
+        yield
+    finally:
+        if was:
+            attrs.set_immutable(fd, True)
+
+
+class _Dirs:
+    """Directory fds of one batch, keyed by (guest, directory)."""
+
+    def __init__(self) -> None:
+        self.fds: dict[tuple[int, str], int] = {}
+
+    def get(self, tree: GuestTree, d: str) -> int:
+        k = (id(tree), d)
+        fd = self.fds.get(k)
+        if fd is None:
+            fd = self.fds[k] = tree.open_beneath(d, os.O_RDONLY | os.O_DIRECTORY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+@dataclass(slots=True)
+class _Name:
+    rec: InodeRec
+    tree: GuestTree
+    rel: str
+    dfd: int
+    base: str
+    tmp: str
+    state: str = "new"  # new -> linked -> swapped | reverted
+
+
+class Linker:
+    """Applies link plans; one per run."""
+
+    def __init__(self, store: Store, index: Index | None, *, immutable: bool,
+                 ignore_mtime: bool, stats: LinkStats, link_limit: int | None = None) -> None:
+        self.store = store
+        self.index = index
+        self.immutable = immutable
+        self.ignore_mtime = ignore_mtime
+        self.stats = stats
+        self.link_limit = link_limit  # tests: pretend the filesystem's limit is this
+        # Every name the walk saw per inode, so that a compromised object's names can be
+        # moved to a fresh copy (evacuate).
+        self.known: dict[tuple[int, int], InodeRec] = {}
+        self.index_rows: list[tuple[int, int, int, int, int, bytes, bytes]] = []
+        self.forget: list[tuple[int, int]] = []
+
+    # -- messages ------------------------------------------------------------------------
+
+    def _error(self, msg: str) -> None:
+        self.stats.errors += 1
+        self.stats.messages.append(msg)
+        log.warning("%s", msg)
+
+    def _where(self, rec: InodeRec) -> str:
+        tree, rel = rec.names[0]
+        return f"{tree.name}:/{rel}"
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _open_verified(self, rec: InodeRec) -> int | None:
+        """Open ``rec`` by its first name, leased and unchanged since the walk, or None."""
+        tree, rel = rec.names[0]
+        try:
+            fd = tree.open_beneath(rel, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            self._error(f"{self._where(rec)}: skipped: cannot open: {e.strerror}")
+            return None
+        ok = False
+        try:
+            if not syscalls.take_read_lease(fd):
+                self.stats.skipped_busy += 1
+                self._error(f"{self._where(rec)}: skipped: open for writing by another process")
+                return None
+            if not rec.same_stat(os.fstat(fd)):
+                self.stats.skipped_changed += 1
+                self._error(f"{self._where(rec)}: skipped: changed since it was hashed")
+                return None
+            if syscalls.get_inode_flags(fd) & _BAD_FLAGS:
+                if not attrs.has_marker(fd):
+                    self._error(f"{self._where(rec)}: skipped: immutable or append-only "
+                                f"(flag set by someone else)")
+                    return None
+                # Our seal on an inode that lost its store link (crash between seal and
+                # link, or gc); the inode is private, so the flag may go.
+                attrs.set_immutable(fd, False)
+                rec.ctime_ns = os.fstat(fd).st_ctime_ns
+            ok = True
+            return fd
+        finally:
+            if not ok:
+                os.close(fd)
+
+    def _open_object(self, obj: StoreObject) -> int | None:
+        """Open and lease an existing object, and check that it is what its name says."""
+        try:
+            fd = self.store.open_object(obj)
+        except OSError as e:
+            self._error(f"store object {obj.name}: cannot open: {e.strerror}")
+            obj.full = True
+            return None
+        ok = False
+        try:
+            st = os.fstat(fd)
+            if not syscalls.take_read_lease(fd):
+                self._error(f"store object {obj.name}: open for writing by another process; "
+                            f"not linking to it this run")
+                obj.full = True
+                return None
+            if meta_class(st, read_xattrs(fd), self.ignore_mtime) != obj.key[1]:
+                self._error(f"store object {obj.name}: its metadata no longer matches its name; "
+                            f"not linking to it (`vsunify gc` removes it once unused)")
+                obj.full = True
+                return None
+            if not attrs.has_marker(fd) and content_digest(fd, st.st_size) != obj.key[0]:
+                # Unsealed (a crash before its first seal) and changed since: not an object.
+                self._error(f"store object {obj.name}: unsealed and its content changed; "
+                            f"removed from the store")
+                self.store.unlink(obj)
+                obj.full = True
+                return None
+            obj.ino, obj.nlink = st.st_ino, st.st_nlink
+            ok = True
+            return fd
+        finally:
+            if not ok:
+                os.close(fd)
+
+    # -- the batch -----------------------------------------------------------------------
+
+    def unify(self, key: Key, members: list[InodeRec], objs: list[StoreObject]) -> None:
+        """Make every member a name of one object of ``key`` (creating it if needed)."""
+        pending = list(members)
+        while pending:
+            obj = next((o for o in objs if not o.full), None)
+            if obj is None:
+                seeds = [m for m in pending if m.all_names_seen]
+                if not seeds:
+                    return  # every inode also has names we did not scan: cannot seal one
+                seed = max(seeds, key=lambda m: len(m.names))
+                pending.remove(seed)
+                pending = self._batch(key, None, seed, pending, objs)
+            else:
+                pending = self._batch(key, obj, None, pending, objs)
+
+    def _batch(self, key: Key, obj: StoreObject | None, seed: InodeRec | None,
+               joiners: list[InodeRec], objs: list[StoreObject]) -> list[InodeRec]:
+        """One object, one window.  Returns joiners left over (EMLINK)."""
+        new = obj is None
+        held: list[int] = []
+        dirs = _Dirs()
+        try:
+            if new:
+                assert seed is not None
+                ofd = self._open_verified(seed)
+                if ofd is None:
+                    return joiners
+            else:
+                assert obj is not None
+                ofd = self._open_object(obj)
+                if ofd is None:
+                    return joiners
+            held.append(ofd)
+            size = os.fstat(ofd).st_size
+            ready: list[tuple[InodeRec, int]] = []
+            for j in joiners:
+                jfd = self._open_verified(j)
+                if jfd is None:
+                    continue
+                held.append(jfd)
+                if not same_content(jfd, ofd, size):
+                    self._error(f"{self._where(j)}: not linked: content differs from "
+                                f"{'that of ' + self._where(seed) if seed else obj.name} "  # type: ignore[union-attr]
+                                f"although the hashes match (hash collision?)")
+                    continue
+                ready.append((j, jfd))
+            if not ready:
+                return []
+            if new:
+                obj = self.store.add(ofd, key, objs)
+                objs.append(obj)
+                self.stats.objects_created += 1
+            assert obj is not None
+            return self._window(obj, ofd, new, seed, ready, dirs)
+        finally:
+            dirs.close()
+            for fd in held:
+                os.close(fd)  # closing also releases the leases
+
+    def _window(self, obj: StoreObject, ofd: int, new: bool, seed: InodeRec | None,
+                ready: list[tuple[InodeRec, int]], dirs: _Dirs) -> list[InodeRec]:
+        odir, obase = self.store.dir_and_name(obj)
+        names: list[_Name] = []
+        for j, _ in ready:
+            for tree, rel in j.names:
+                d, base = split_rel(rel)
+                try:
+                    dfd = dirs.get(tree, d)
+                except OSError as e:
+                    self._error(f"{tree.name}:/{rel}: skipped: cannot open its directory: "
+                                f"{e.strerror}")
+                    continue
+                names.append(_Name(j, tree, rel, dfd, base, tmp_name()))
+        ids = self.index.journal_add(
+            ("join", str(n.tree.root), split_rel(n.rel)[0], n.base, n.tmp, n.rec.ino, obj.ino)
+            for n in names) if self.index else []
+
+        overflow: list[InodeRec] = []
+        failed: set[int] = set()
+        was_flagged = attrs.is_immutable(ofd)
+        if was_flagged:
+            attrs.set_immutable(ofd, False)
+        try:
+            # Link O beside each name.  EMLINK: this joiner and all after it wait for the
+            # next generation of the object.
+            nlink = obj.nlink
+            for n in names:
+                if n.rec.ino in failed or overflow:
+                    if overflow and n.rec not in overflow:
+                        overflow.append(n.rec)
+                    continue
+                try:
+                    if self.link_limit is not None and nlink >= self.link_limit:
+                        raise OSError(errno.EMLINK, os.strerror(errno.EMLINK))
+                    os.link(obase, n.tmp, src_dir_fd=odir, dst_dir_fd=n.dfd,
+                            follow_symlinks=False)
+                    nlink += 1
+                    n.state = "linked"
+                except OSError as e:
+                    if e.errno == errno.EMLINK:
+                        obj.full = True
+                        overflow.append(n.rec)
+                    else:
+                        self._error(f"{n.tree.name}:/{n.rel}: not linked: {e.strerror}")
+                        failed.add(n.rec.ino)
+            over = {r.ino for r in overflow}
+            for n in names:  # a joiner goes whole or not at all
+                if n.state == "linked" and (n.rec.ino in over or n.rec.ino in failed):
+                    os.unlink(n.tmp, dir_fd=n.dfd)
+                    n.state = "new"
+            # Swap each name with its O link; check what came out.
+            for n in names:
+                if n.state != "linked":
+                    continue
+                try:
+                    syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
+                except OSError as e:
+                    self._error(f"{n.tree.name}:/{n.rel}: not linked: {e.strerror}")
+                    n.state = "reverted"
+                    failed.add(n.rec.ino)
+                    continue
+                out = os.stat(n.tmp, dir_fd=n.dfd, follow_symlinks=False)
+                if out.st_ino != n.rec.ino or out.st_dev != n.rec.dev:
+                    syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
+                    self._error(f"{n.tree.name}:/{n.rel}: not linked: replaced by another "
+                                f"file while we linked it")
+                    n.state = "reverted"
+                    failed.add(n.rec.ino)
+                else:
+                    n.state = "swapped"
+            # A joiner someone opened for writing meanwhile keeps its own inode.
+            for j, jfd in ready:
+                if not syscalls.lease_held(jfd):
+                    self.stats.skipped_busy += 1
+                    self._error(f"{self._where(j)}: not linked: opened for writing while we "
+                                f"linked it; left as it was")
+                    failed.add(j.ino)
+            for n in names:
+                if n.state == "swapped" and n.rec.ino in failed:
+                    syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
+                    n.state = "reverted"
+                if n.state in ("reverted", "linked"):
+                    os.unlink(n.tmp, dir_fd=n.dfd)  # an O link
+                    n.state = "done"
+            attrs.seal(ofd, self.immutable)
+            was_flagged = False
+            if not syscalls.lease_held(ofd):
+                self._breach(obj, ofd, new, names)
+                return []
+        finally:
+            if was_flagged:  # an exception inside the window: put the seal back
+                attrs.set_immutable(ofd, True)
+        # Remove the verified duplicates that the swaps moved to the temporary names.
+        swapped_by_ino: dict[int, int] = {}
+        for n in names:
+            if n.state == "swapped":
+                os.unlink(n.tmp, dir_fd=n.dfd)
+                n.state = "done"
+                swapped_by_ino[n.rec.ino] = swapped_by_ino.get(n.rec.ino, 0) + 1
+        if self.index:
+            self.index.journal_done(ids)
+        for j, _ in ready:
+            done = swapped_by_ino.get(j.ino, 0)
+            self.stats.files_linked += done
+            if done and done == j.nlink and j.ino not in failed:
+                self.stats.bytes_saved += j.size
+                self.forget.append((j.dev, j.ino))
+        st = os.fstat(ofd)
+        obj.nlink = st.st_nlink
+        self.index_rows.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                obj.key[0], obj.key[1]))
+        return overflow
+
+    def _breach(self, obj: StoreObject, ofd: int, new: bool, names: list[_Name]) -> None:
+        """O's lease broke while it was unsealed: someone opened it for writing and will get
+        a writable file once we let go.  Undo the batch, and give O's other names a fresh
+        copy, so that whatever the writer writes reaches only what it already owned."""
+        self._error(f"store object {obj.name}: opened for writing while it was being linked; "
+                    f"batch undone")
+        attrs.set_immutable(ofd, False)
+        for n in names:
+            if n.state == "swapped":
+                syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
+                os.unlink(n.tmp, dir_fd=n.dfd)
+                n.state = "done"
+        if new:
+            self.store.unlink(obj)
+            attrs.clear_marker(ofd)
+            obj.full = True
+            return
+        self.evacuate(obj, ofd)
+
+    def evacuate(self, obj: StoreObject, ofd: int) -> None:
+        """Move every name of ``obj`` that this run knows (the store's and the guests') to a
+        fresh sealed copy.  Called with ``obj`` unsealed.  The old inode keeps only names the
+        run did not see, and the pending writer's open file."""
+        odir, obase = self.store.dir_and_name(obj)
+        st = os.fstat(ofd)
+        tmp = tmp_name()
+        cfd = copy_file(ofd, odir, tmp)
+        moved, left = 0, 0
+        dirs = _Dirs()
+        try:
+            rec = self.known.get((st.st_dev, st.st_ino))
+            for tree, rel in (rec.names if rec else []):
+                d, base = split_rel(rel)
+                t = tmp_name()
+                try:
+                    dfd = dirs.get(tree, d)
+                    os.link(tmp, t, src_dir_fd=odir, dst_dir_fd=dfd, follow_symlinks=False)
+                    syscalls.renameat2(dfd, t, dfd, base, syscalls.RENAME_EXCHANGE)
+                    if os.stat(t, dir_fd=dfd, follow_symlinks=False).st_ino != st.st_ino:
+                        syscalls.renameat2(dfd, t, dfd, base, syscalls.RENAME_EXCHANGE)
+                        left += 1
+                    else:
+                        moved += 1
+                    os.unlink(t, dir_fd=dfd)
+                except OSError as e:
+                    left += 1
+                    log.warning("%s:/%s: could not move to a fresh copy: %s", tree.name, rel,
+                                e.strerror)
+            os.rename(tmp, obase, src_dir_fd=odir, dst_dir_fd=odir)
+            attrs.seal(cfd, self.immutable)
+            attrs.seal(ofd, self.immutable)
+        finally:
+            dirs.close()
+            os.close(cfd)
+        obj.full = True
+        remaining = os.fstat(ofd).st_nlink
+        self._error(f"store object {obj.name}: moved {moved} guest names to a fresh copy; "
+                    f"{remaining} other names still share the old inode"
+                    + (": run `vsunify run --all` then `vsunify deunify` on those guests"
+                       if remaining else ""))
+
+
+def copy_file(src: int, dirfd: int, name: str) -> int:
+    """Create ``name`` in ``dirfd`` as a private copy of open file ``src``: content, owner,
+    mode, xattrs (not ours) and times, fsynced.  Returns the new file's fd (read-only)."""
+    st = os.fstat(src)
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=dirfd)
+    try:
+        off = 0
+        while off < st.st_size:
+            n = os.copy_file_range(src, fd, st.st_size - off, off, off)
+            if n == 0:
+                break
+            off += n
+        os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, st.st_mode & 0o7777)
+        for xname, value in read_xattrs(src):
+            os.setxattr(fd, xname, value)
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(name, dir_fd=dirfd)
+        raise
+    return fd
+
+
+def recover(index: Index, immutable: bool) -> list[str]:
+    """Resolve journal rows a crashed run left behind.  Never removes a name unless the
+    content it held is still at the guest's own name (or was only our extra link)."""
+    notes: list[str] = []
+    for row in index.journal():
+        where = f"{row.root}/{row.dir + '/' if row.dir else ''}{row.name}"
+        try:
+            tree = GuestTree(row.root)
+        except Exception:
+            index.journal_done([row.id])  # the guest is gone, and its names with it
+            continue
+        try:
+            dfd = tree.open_beneath(row.dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            tree.close()
+            index.journal_done([row.id])
+            continue
+        try:
+            try:
+                t = os.stat(row.tmp, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                index.journal_done([row.id])
+                continue
+            try:
+                n_ino = os.stat(row.name, dir_fd=dfd, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                n_ino = -1
+            tfd = os.open(row.tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                if row.kind == "join":
+                    copy_ino = None  # the name's original
+                    keep_ino = row.orig_ino
+                else:  # deunify: orig_ino is the private copy
+                    copy_ino = row.orig_ino
+                    keep_ino = row.orig_ino
+                if t.st_ino == row.obj_ino:
+                    # Only our extra link to the object: the name is whatever it is.
+                    with unsealed(tfd, immutable):
+                        os.unlink(row.tmp, dir_fd=dfd)
+                elif row.kind == "join" and t.st_ino == keep_ino and n_ino == row.obj_ino:
+                    os.unlink(row.tmp, dir_fd=dfd)  # swapped: a verified duplicate of O
+                elif row.kind == "deunify" and t.st_ino == copy_ino:
+                    os.unlink(row.tmp, dir_fd=dfd)  # copy made, never swapped in
+                elif n_ino == row.obj_ino or (row.kind == "deunify" and n_ino == copy_ino):
+                    # A guest's own file was swapped out in the last instant: swap it back.
+                    ofd = os.open(row.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                  dir_fd=dfd)
+                    try:
+                        with unsealed(ofd, immutable):
+                            syscalls.renameat2(dfd, row.tmp, dfd, row.name,
+                                               syscalls.RENAME_EXCHANGE)
+                            os.unlink(row.tmp, dir_fd=dfd)
+                    finally:
+                        os.close(ofd)
+                else:
+                    notes.append(f"{where}: left the temporary name {row.tmp} beside it: "
+                                 f"its content may differ; compare and remove it by hand")
+                    log.warning("%s", notes[-1])
+            finally:
+                os.close(tfd)
+            index.journal_done([row.id])
+        except OSError as e:
+            notes.append(f"{where}: could not tidy {row.tmp}: {e.strerror}")
+            log.warning("%s", notes[-1])
+        finally:
+            os.close(dfd)
+            tree.close()
+    return notes

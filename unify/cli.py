@@ -1,0 +1,208 @@
+"""vsunify: the command line over unify.engine, report and maintain.  No logic lives here."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from vsstore.clitools import run_cli
+from vsstore.config import Guest, Paths, configured_guests, resolve_guest
+from vsstore.errors import EXIT_OK, EXIT_PARTIAL, ConfigError
+from vsstore.excludes import ExcludeList, build_excludes
+from vsstore.index import Index
+from vsstore.lock import exclusive
+from vsstore.safetree import GuestTree
+from vsstore.store import Store
+
+from . import engine, maintain, report
+from .progress import Progress, human
+
+
+def _guests(args: argparse.Namespace, paths: Paths) -> list[Guest]:
+    names = list(getattr(args, "guests", []) or [])
+    if getattr(args, "all", False):
+        found = configured_guests(paths)
+        if not found:
+            raise ConfigError(f"--all: no guests configured in {paths.confdir}; "
+                              f"name guests or set VSERVERS_CONFDIR")
+        return found + [resolve_guest(n, paths) for n in names]
+    if not names:
+        raise ConfigError("name at least one guest (a configured name or a path), or use --all")
+    return [resolve_guest(n, paths) for n in names]
+
+
+def _store_path(args: argparse.Namespace, paths: Paths) -> Path:
+    return Path(args.store) if args.store else paths.default_store
+
+
+def _excludes(args: argparse.Namespace, g: Guest, paths: Paths) -> ExcludeList:
+    return build_excludes(cli=args.exclude or [], guest_file=g.exclude_file,
+                          host_file=paths.host_exclude_file,
+                          use_default=not args.no_default_excludes)
+
+
+@contextmanager
+def _locked(paths: Paths) -> Iterator[None]:
+    with exclusive(paths.rundir / "vsunify.lock", "vsunify run"):
+        yield
+
+
+def _index(stack: ExitStack, paths: Paths) -> Index:
+    idx = Index(paths.index_file)
+    stack.callback(idx.close)
+    if idx.warning:
+        print(f"vsunify: warning: {idx.warning}", file=sys.stderr)
+    return idx
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    paths = Paths.from_env()
+    if args.min_size < 1:
+        raise ConfigError("--min-size must be at least 1")
+    guests = _guests(args, paths)
+    excl = {g.name: _excludes(args, g, paths) for g in guests}
+    opts = engine.Options(min_size=args.min_size, ignore_mtime=args.ignore_mtime,
+                          immutable=not args.no_immutable and os.geteuid() == 0,
+                          dry_run=args.dry_run, jobs=args.jobs)
+    with ExitStack() as stack:
+        stack.enter_context(_locked(paths))
+        index = _index(stack, paths)
+        store = stack.enter_context(Store(_store_path(args, paths), create=not args.dry_run))
+        prog = Progress(sys.stderr.isatty() and not args.json and not args.quiet)
+        s = engine.run(guests, excl, store, index, opts, prog)
+    if args.json:
+        print(json.dumps(s.as_dict(), indent=2))
+    elif not args.quiet:
+        verb = "would link" if s.dry_run else "linked"
+        print(f"vsunify: {s.guests} guests, {s.files_scanned} files scanned, {s.files_hashed} "
+              f"hashed ({human(s.bytes_hashed)}), {s.files_linked} {verb}, "
+              f"{human(s.bytes_saved)} {'to save' if s.dry_run else 'saved'}, "
+              f"{s.errors} errors, {s.duration:.1f}s")
+    return EXIT_PARTIAL if s.errors else EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    paths = Paths.from_env()
+    guests = _guests(args, paths)
+    with ExitStack() as stack:
+        sp = _store_path(args, paths)
+        store = stack.enter_context(Store(sp, create=False)) if sp.is_dir() else None
+        trees = [stack.enter_context(GuestTree(g.root, g.name)) for g in guests]
+        rep = report.build(trees, store)
+    print(json.dumps(rep.as_dict(), indent=2) if args.json else report.format_table(rep))
+    return EXIT_OK
+
+
+def cmd_deunify(args: argparse.Namespace) -> int:
+    paths = Paths.from_env()
+    g = resolve_guest(args.guest, paths)
+    with ExitStack() as stack:
+        stack.enter_context(_locked(paths))
+        index = _index(stack, paths)
+        tree = stack.enter_context(GuestTree(g.root, g.name))
+        t = maintain.deunify(tree, args.paths, index, immutable=os.geteuid() == 0)
+    if args.json:
+        print(json.dumps({"files": t.files, "bytes": t.bytes, "errors": t.errors}))
+    else:
+        print(f"vsunify: {g.name}: {t.files} files made private ({human(t.bytes)}), "
+              f"{t.errors} errors")
+    return EXIT_PARTIAL if t.errors else EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    paths = Paths.from_env()
+    with ExitStack() as stack:
+        stack.enter_context(_locked(paths))
+        store = stack.enter_context(Store(_store_path(args, paths), create=False))
+        t = maintain.gc(store, immutable=os.geteuid() == 0, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps({"objects_removed": t.files, "bytes_freed": t.bytes,
+                          "errors": t.errors}))
+    else:
+        print(f"vsunify: gc: {t.files} unused objects {'would be ' if args.dry_run else ''}"
+              f"removed ({human(t.bytes)}), {t.errors} errors")
+    return EXIT_PARTIAL if t.errors else EXIT_OK
+
+
+def cmd_excludes(args: argparse.Namespace) -> int:
+    paths = Paths.from_env()
+    g = resolve_guest(args.guest, paths)
+    ex = _excludes(args, g, paths)
+    if args.json:
+        print(json.dumps([{"rule": r.text, "reason": r.reason} for r in ex.rules], indent=2))
+    else:
+        w = max((len(r.text) for r in ex.rules), default=4)
+        for r in ex.rules:
+            print(f"{r.text.ljust(w)}  {r.reason}")
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vsunify", description="Unify identical files across "
+                                "guests into a content-addressed store of shared, immutable "
+                                "inodes.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", metavar="DIR", help="store directory (default: "
+                        "$VSERVERS_ROOT/.hash); must be on the guests' filesystem")
+    common.add_argument("--json", action="store_true", help="print one JSON object")
+    common.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    common.add_argument("-v", "--verbose", action="store_true")
+    common.add_argument("-q", "--quiet", action="store_true", help="no summary, errors only")
+    exc = argparse.ArgumentParser(add_help=False)
+    exc.add_argument("--exclude", action="append", metavar="PATTERN",
+                     help="exclude rule (repeatable; '+PATTERN' includes); see README")
+    exc.add_argument("--no-default-excludes", action="store_true",
+                     help="drop the built-in list (/etc, /var, /home, ...)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", parents=[common, exc], help="unify guests")
+    r.add_argument("guests", nargs="*", metavar="GUEST", help="guest name or root path")
+    r.add_argument("--all", action="store_true", help="every configured guest")
+    r.add_argument("--dry-run", "-n", action="store_true", help="change nothing; report")
+    r.add_argument("--ignore-mtime", action="store_true",
+                   help="link files that differ only in mtime (they take the object's)")
+    r.add_argument("--min-size", type=int, default=16, metavar="BYTES",
+                   help="leave smaller files alone (default 16)")
+    r.add_argument("--no-immutable", action="store_true",
+                   help="do not set FS_IMMUTABLE_FL on shared inodes (marker only)")
+    r.add_argument("--jobs", "-j", type=int, default=4, help="hashing threads (default 4)")
+    r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("report", parents=[common], help="savings per guest and in total")
+    rp.add_argument("guests", nargs="*", metavar="GUEST")
+    rp.add_argument("--all", action="store_true")
+    rp.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("deunify", parents=[common], help="give a guest private copies again")
+    d.add_argument("guest", metavar="GUEST")
+    d.add_argument("paths", nargs="*", metavar="PATH", help="paths inside the guest")
+    d.set_defaults(func=cmd_deunify)
+
+    g = sub.add_parser("gc", parents=[common], help="remove store objects no guest links")
+    g.add_argument("--dry-run", "-n", action="store_true")
+    g.set_defaults(func=cmd_gc)
+
+    e = sub.add_parser("excludes", parents=[common, exc], help="the effective exclude list "
+                       "of a guest, with the reason for each rule")
+    e.add_argument("guest", metavar="GUEST")
+    e.set_defaults(func=cmd_excludes)
+
+    dm = sub.add_parser("demo", parents=[common], help="build demo guests in a temporary "
+                        "directory, unify them and print the savings")
+    dm.add_argument("--dir", metavar="DIR", help="where (default: a new directory in /var/tmp)")
+    dm.add_argument("--guests", type=int, default=4)
+    dm.add_argument("--keep", action="store_true", help="keep the demo tree afterwards")
+    dm.set_defaults(func=lambda a: __import__("unify.demo", fromlist=["main"]).main(a))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("vsunify", parser(), lambda a: a.func(a), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""A unification run: walk, exclude, look up, hash, group, link, record.  No argv here."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+from vsstore.config import Guest
+from vsstore.errors import ConfigError
+from vsstore.excludes import ExcludeList
+from vsstore.hashing import content_digest, meta_class, read_xattrs
+from vsstore.index import Index
+from vsstore.safetree import GuestTree
+from vsstore.store import Key, Store
+
+from . import apply, scan
+from .progress import Progress
+
+log = logging.getLogger("vsstore")
+
+
+@dataclass(slots=True)
+class Options:
+    min_size: int = 16
+    ignore_mtime: bool = False
+    immutable: bool = True
+    dry_run: bool = False
+    jobs: int = 4
+    link_limit: int | None = None  # tests only
+
+
+@dataclass(slots=True)
+class Summary:
+    guests: int = 0
+    files_scanned: int = 0
+    files_hashed: int = 0
+    bytes_hashed: int = 0
+    files_linked: int = 0
+    bytes_saved: int = 0
+    objects_created: int = 0
+    errors: int = 0
+    skipped_busy: int = 0
+    skipped_changed: int = 0
+    leftovers: int = 0
+    duration: float = 0.0
+    dry_run: bool = False
+    messages: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["messages"] = self.messages[:100]
+        return d
+
+
+def open_trees(guests: list[Guest], store: Store) -> list[GuestTree]:
+    """Open every guest root; refuse overlapping guests and guests off the store's fs."""
+    trees: list[GuestTree] = []
+    try:
+        seen: dict[str, Guest] = {}
+        for g in guests:
+            if g.name in seen:
+                raise ConfigError(f"guest {g.name!r} named twice ({seen[g.name].root}, {g.root})")
+            seen[g.name] = g
+            t = GuestTree(g.root, g.name)
+            trees.append(t)
+            store.check_guest(g.name, g.root, t.dev)
+        roots = sorted((t.root.resolve(), t.name) for t in trees)
+        for (a, an), (b, bn) in zip(roots, roots[1:], strict=False):
+            if b.is_relative_to(a):
+                raise ConfigError(f"guest {bn!r} ({b}) lies inside guest {an!r} ({a}); "
+                                  f"name each guest once")
+    except BaseException:
+        for t in trees:
+            t.close()
+        raise
+    return trees
+
+
+def _hash_one(rec: scan.InodeRec, ignore_mtime: bool) -> tuple[bytes, bytes] | str:
+    tree, rel = rec.names[0]
+    try:
+        fd = tree.open_beneath(rel, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        return f"{tree.name}:/{rel}: skipped: cannot open: {e.strerror}"
+    try:
+        st = os.fstat(fd)
+        if not rec.same_stat(st):
+            return f"{tree.name}:/{rel}: skipped: changed during the run"
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass
+        digest = content_digest(fd, rec.size)
+        meta = meta_class(st, read_xattrs(fd), ignore_mtime)
+        if not rec.same_stat(os.fstat(fd)):
+            return f"{tree.name}:/{rel}: skipped: changed while it was read"
+        return digest, meta
+    except OSError as e:
+        return f"{tree.name}:/{rel}: skipped: {e.strerror}"
+    finally:
+        os.close(fd)
+
+
+def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
+        index: Index, opts: Options, progress: Progress | None = None,
+        ) -> Summary:
+    """Unify ``guests`` into ``store``.  The caller holds the run lock."""
+    t0 = time.monotonic()
+    started = time.time()
+    prog = progress or Progress(False)
+    summ = Summary(guests=len(guests), dry_run=opts.dry_run)
+    if not opts.dry_run:
+        summ.messages += apply.recover(index, opts.immutable)
+    trees = open_trees(guests, store)
+    try:
+        # 1. Walk.
+        prog.phase("scan")
+        sc = scan.scan(trees, excludes, opts.min_size, tick=lambda n, b: prog.update(n, b))
+        summ.files_scanned = sc.files_scanned
+        summ.errors += sc.errors
+        summ.leftovers = len(sc.leftovers)
+        for name in sc.leftovers[:20]:
+            log.warning("%s: temporary name left by an interrupted run (no journal entry); "
+                        "its content equals the file it was meant to replace or a store "
+                        "object: check and remove it", name)
+        # 2. The store's objects, and which inodes are objects already.
+        objects = store.scan()
+        object_inos = {(store.dev, o.ino) for objs in objects.values() for o in objs}
+        store_sizes = {o.size for objs in objects.values() for o in objs}
+        # 3. What needs reading: only sizes shared with another inode or an object.
+        size_count = Counter(r.size for r in sc.inodes.values())
+        cache: dict[int, dict] = {}
+        to_hash: list[scan.InodeRec] = []
+        for rec in sc.inodes.values():
+            if size_count[rec.size] < 2 and rec.size not in store_sizes:
+                continue
+            rows = cache.get(rec.dev)
+            if rows is None:
+                rows = cache[rec.dev] = index.load(rec.dev)
+            c = rows.get(rec.ino)
+            if c is not None and c.size == rec.size and c.mtime_ns == rec.mtime_ns \
+                    and c.ctime_ns == rec.ctime_ns:
+                rec.digest, rec.meta = c.digest, c.meta
+            else:
+                to_hash.append(rec)
+        # 4. Hash, overlapping I/O and hashing in threads (xxhash releases the GIL).
+        prog.phase("hash", total_bytes=sum(r.size for r in to_hash))
+        new_rows = []
+        done_bytes = 0
+        with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+            for rec, res in zip(to_hash, pool.map(lambda r: _hash_one(r, opts.ignore_mtime),
+                                                  to_hash, chunksize=64), strict=True):
+                done_bytes += rec.size
+                if isinstance(res, str):
+                    summ.errors += 1
+                    summ.messages.append(res)
+                    log.warning("%s", res)
+                    continue
+                rec.digest, rec.meta = res
+                summ.files_hashed += 1
+                summ.bytes_hashed += rec.size
+                new_rows.append((rec.dev, rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns,
+                                 rec.digest, rec.meta))
+                prog.update(summ.files_hashed, done_bytes)
+        if not opts.dry_run:
+            index.store(new_rows)
+        # 5. Group by (content, metadata) and link.
+        groups: dict[Key, list[scan.InodeRec]] = {}
+        for rec in sc.inodes.values():
+            if rec.digest is not None and rec.meta is not None:
+                groups.setdefault((rec.digest, rec.meta), []).append(rec)
+        prog.phase("link", total_bytes=0)
+        stats = apply.LinkStats()
+        linker = apply.Linker(store, index, immutable=opts.immutable,
+                              ignore_mtime=opts.ignore_mtime, stats=stats,
+                              link_limit=opts.link_limit)
+        linker.known = sc.inodes
+        for key, members in groups.items():
+            objs = objects.get(key, [])
+            todo = [m for m in members if (m.dev, m.ino) not in object_inos]
+            if not todo or (not objs and len(todo) < 2):
+                continue
+            if opts.dry_run:
+                _dry(todo, objs, stats)
+                continue
+            try:
+                linker.unify(key, todo, objs)
+            except OSError as e:
+                stats.errors += 1
+                msg = f"{todo[0].names[0][0].name}:/{todo[0].names[0][1]}: group not linked: {e}"
+                stats.messages.append(msg)
+                log.warning("%s", msg)
+            prog.update(stats.files_linked, 0)
+        if not opts.dry_run:
+            index.store(linker.index_rows)
+            for dev in {d for d, _ in linker.forget}:
+                index.forget(dev, [i for d, i in linker.forget if d == dev])
+        summ.files_linked = stats.files_linked
+        summ.bytes_saved = stats.bytes_saved
+        summ.objects_created = stats.objects_created
+        summ.errors += stats.errors
+        summ.skipped_busy = stats.skipped_busy
+        summ.skipped_changed = stats.skipped_changed
+        summ.messages += stats.messages
+    finally:
+        prog.done()
+        for t in trees:
+            t.close()
+    summ.duration = time.monotonic() - t0
+    index.record_run(started, summ.duration, len(guests), asdict(summ), opts.dry_run)
+    return summ
+
+
+def _dry(todo: list[scan.InodeRec], objs: list, stats: apply.LinkStats) -> None:
+    """What a real run would do with this group, without touching anything."""
+    if not objs:
+        seeds = [m for m in todo if m.all_names_seen]
+        if not seeds:
+            return
+        seed = max(seeds, key=lambda m: len(m.names))
+        todo = [m for m in todo if m is not seed]
+        stats.objects_created += 1
+    for m in todo:
+        stats.files_linked += len(m.names)
+        if m.all_names_seen:
+            stats.bytes_saved += m.size
+
+
+def guest_excludes(guest: Guest, *, cli: list[str], use_default: bool, host_file,
+                   providers: list[Callable[[Guest], list]] = ()) -> ExcludeList:  # type: ignore[assignment]
+    from vsstore.excludes import build_excludes
+    provided = [r for p in providers for r in p(guest)]
+    return build_excludes(cli=cli, guest_file=guest.exclude_file, host_file=host_file,
+                          provided=provided, use_default=use_default)

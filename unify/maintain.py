@@ -1,0 +1,135 @@
+"""deunify (give a guest private copies again) and gc (drop objects nobody links)."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+
+from vsstore import attrs, syscalls
+from vsstore.index import Index
+from vsstore.safetree import GuestTree, split_rel
+from vsstore.store import Store
+
+from .apply import copy_file, tmp_name, unsealed
+
+log = logging.getLogger("vsstore")
+
+
+@dataclass(slots=True)
+class Tally:
+    files: int = 0
+    bytes: int = 0
+    errors: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    def error(self, msg: str) -> None:
+        self.errors += 1
+        self.messages.append(msg)
+        log.warning("%s", msg)
+
+
+def deunify(tree: GuestTree, paths: list[str], index: Index, immutable: bool) -> Tally:
+    """Replace every shared (iunlink-marked) file under ``paths`` (default: the whole guest)
+    by a private copy with the same content and metadata, atomically: copy to a temporary
+    name, fsync, swap with the name, check that the swap moved out the shared inode."""
+    tally = Tally()
+    starts = [p.strip("/") for p in paths] or [""]
+    for start in starts:
+        try:
+            fd = tree.open_beneath(start, os.O_RDONLY | os.O_NONBLOCK) if start else None
+        except OSError as e:
+            tally.error(f"{tree.name}:/{start}: {e.strerror}")
+            continue
+        if fd is not None:
+            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+            st = os.fstat(fd)
+            os.close(fd)
+            if not is_dir:
+                if st.st_nlink > 1:
+                    _deunify_one(tree, start, st, index, immutable, tally)
+                continue
+        for rel, st in tree.walk(start=start,
+                                 on_error=lambda r, e: tally.error(f"{tree.name}:/{r}: {e}")):
+            if st.st_nlink > 1:
+                _deunify_one(tree, rel, st, index, immutable, tally)
+    return tally
+
+
+def _deunify_one(tree: GuestTree, rel: str, st: os.stat_result, index: Index, immutable: bool,
+                 tally: Tally) -> None:
+    where = f"{tree.name}:/{rel}"
+    try:
+        dfd, base = tree.open_parent(rel)
+    except OSError as e:
+        tally.error(f"{where}: {e.strerror}")
+        return
+    try:
+        ofd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                      dir_fd=dfd)
+    except OSError as e:
+        os.close(dfd)
+        tally.error(f"{where}: {e.strerror}")
+        return
+    try:
+        ost = os.fstat(ofd)
+        if ost.st_ino != st.st_ino or not attrs.has_marker(ofd):
+            return  # not shared by us (a guest's own hardlink), or changed: leave it
+        leased = syscalls.take_read_lease(ofd)
+        tmp = tmp_name()
+        cfd = copy_file(ofd, dfd, tmp)
+        try:
+            cst = os.fstat(cfd)
+        finally:
+            os.close(cfd)
+        d = split_rel(rel)[0]
+        ids = index.journal_add([("deunify", str(tree.root), d, base, tmp, cst.st_ino,
+                                  ost.st_ino)])
+        with unsealed(ofd, immutable):
+            syscalls.renameat2(dfd, tmp, dfd, base, syscalls.RENAME_EXCHANGE)
+            out = os.stat(tmp, dir_fd=dfd, follow_symlinks=False)
+            if out.st_ino != ost.st_ino:
+                syscalls.renameat2(dfd, tmp, dfd, base, syscalls.RENAME_EXCHANGE)
+                tally.error(f"{where}: replaced while we copied it; left as it is")
+            else:
+                tally.files += 1
+                tally.bytes += ost.st_size
+            os.unlink(tmp, dir_fd=dfd)
+        if leased and not syscalls.lease_held(ofd):
+            tally.error(f"{where}: the shared inode was opened for writing during deunify; "
+                        f"check the other guests sharing it")
+        index.journal_done(ids)
+    except OSError as e:
+        tally.error(f"{where}: {e.strerror}")
+    finally:
+        os.close(ofd)
+        os.close(dfd)
+
+
+def gc(store: Store, immutable: bool, dry_run: bool = False) -> Tally:
+    """Remove store objects whose only name is the store's own."""
+    tally = Tally()
+    for objs in store.scan().values():
+        for obj in objs:
+            if obj.nlink != 1:
+                continue
+            try:
+                fd = store.open_object(obj)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    tally.error(f"store object {obj.name}: {e.strerror}")
+                continue
+            try:
+                if os.fstat(fd).st_nlink != 1:
+                    continue  # linked again meanwhile
+                tally.files += 1
+                tally.bytes += obj.size
+                if not dry_run:
+                    with unsealed(fd, immutable or attrs.is_immutable(fd)):
+                        store.unlink(obj)
+            except OSError as e:
+                tally.error(f"store object {obj.name}: {e.strerror}")
+            finally:
+                os.close(fd)
+    return tally

@@ -1,0 +1,46 @@
+"""What every vsstore command line shares: logging set-up and turning errors into exit codes."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+
+from .errors import EXIT_INTERNAL, VsError
+
+
+def setup_logging(prog: str, verbose: bool, quiet: bool = False) -> None:
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    root = logging.getLogger("vsstore")
+    root.handlers[:] = [h]
+    root.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
+    root.propagate = False
+
+
+def run_cli(prog: str, parser: argparse.ArgumentParser,
+            handler: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
+    """Parse, run, and map exceptions to exit codes: VsError -> its code and one line,
+    anything else -> 1 with a hint to use --debug (the traceback with it)."""
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    setup_logging(prog, getattr(args, "verbose", False), getattr(args, "quiet", False))
+    try:
+        return handler(args)
+    except VsError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug; keep the user's screen readable
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: internal error: {type(e).__name__}: {e} (run with --debug for the "
+              f"traceback, and please report it)", file=sys.stderr)
+        return EXIT_INTERNAL

@@ -1,0 +1,108 @@
+"""Host configuration in util-vserver's layout, with every root movable by environment.
+
+``/etc/vservers/NAME/`` holds one guest's configuration (one entry per file; ``vdir`` is the
+root tree, usually a symlink), ``/etc/vservers/.defaults/`` the host's defaults, ``/vservers/``
+the guest trees and ``/vservers/.hash/`` the store.  Tests and the demo move all of it into a
+temporary directory with VSERVERS_CONFDIR, VSERVERS_ROOT, VSSTORE_STATEDIR, VSSTORE_RUNDIR.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    """The host's roots."""
+
+    confdir: Path
+    vservers_root: Path
+    statedir: Path
+    rundir: Path
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Paths:
+        env = dict(os.environ if env is None else env)
+        confdir = Path(env.get("VSERVERS_CONFDIR", "/etc/vservers"))
+        root = env.get("VSERVERS_ROOT")
+        if root is None:
+            base = confdir / ".defaults" / "vdirbase"
+            root = str(base.resolve()) if base.exists() else "/vservers"
+        return cls(confdir=confdir, vservers_root=Path(root),
+                   statedir=Path(env.get("VSSTORE_STATEDIR", "/var/lib/vsstore")),
+                   rundir=Path(env.get("VSSTORE_RUNDIR", "/run/vsstore")))
+
+    @property
+    def defaults(self) -> Path:
+        return self.confdir / ".defaults"
+
+    @property
+    def default_store(self) -> Path:
+        return self.vservers_root / ".hash"
+
+    @property
+    def index_file(self) -> Path:
+        return self.statedir / "index.sqlite"
+
+    @property
+    def host_exclude_file(self) -> Path:
+        return self.defaults / "apps" / "vunify" / "exclude"
+
+
+@dataclass(frozen=True, slots=True)
+class Guest:
+    """A guest: its name, its root tree and (if configured) its configuration directory."""
+
+    name: str
+    root: Path
+    confdir: Path | None
+
+    @property
+    def exclude_file(self) -> Path | None:
+        return self.confdir / "apps" / "vunify" / "exclude" if self.confdir else None
+
+
+def valid_name(name: str) -> bool:
+    return bool(_NAME_RE.match(name))
+
+
+def resolve_guest(arg: str, paths: Paths) -> Guest:
+    """A guest named on the command line: a configured name, a tree under the vservers root,
+    or a path (anything with a '/')."""
+    if "/" in arg:
+        root = Path(arg).absolute()
+        if not root.is_dir():
+            raise ConfigError(f"guest path {arg}: not a directory; pass a guest's root tree")
+        name = root.name or "root"
+        conf = paths.confdir / name
+        return Guest(name=name, root=root, confdir=conf if conf.is_dir() else None)
+    if not valid_name(arg):
+        raise ConfigError(f"guest name {arg!r} is not valid: use letters, digits and '._+-'")
+    conf = paths.confdir / arg
+    if conf.is_dir():
+        vdir = conf / "vdir"
+        root = vdir.resolve() if vdir.exists() else paths.vservers_root / arg
+        if not root.is_dir():
+            raise ConfigError(f"guest {arg!r}: its root tree {root} does not exist; "
+                              f"fix {vdir} or build the guest")
+        return Guest(name=arg, root=root, confdir=conf)
+    root = paths.vservers_root / arg
+    if root.is_dir():
+        return Guest(name=arg, root=root, confdir=None)
+    raise ConfigError(f"guest {arg!r}: no configuration in {conf} and no tree at {root}; "
+                      f"name a configured guest or pass a path to its root tree")
+
+
+def configured_guests(paths: Paths) -> list[Guest]:
+    """Every guest with a configuration directory, in name order."""
+    if not paths.confdir.is_dir():
+        return []
+    names = sorted(p.name for p in paths.confdir.iterdir()
+                   if p.is_dir() and not p.name.startswith(".") and valid_name(p.name))
+    return [resolve_guest(n, paths) for n in names]

@@ -1,0 +1,50 @@
+"""Errors that reach the user: each carries a one-line message and a documented exit code.
+
+The CLIs print ``message`` without a traceback (``--debug`` shows it) and exit with
+``exit_code``.  Codes are stable, because monitoring keys on them.
+"""
+from __future__ import annotations
+
+# Exit codes (documented in README.md; keep both in step).
+EXIT_OK = 0
+EXIT_INTERNAL = 1      # a bug: unexpected exception
+EXIT_USAGE = 2         # bad command line (argparse's own code)
+EXIT_CONFIG = 3        # bad configuration or arguments naming things that do not work
+EXIT_UNSAFE = 4        # a guest tree is unsafe to work on
+EXIT_BUSY = 5          # another run holds the lock
+EXIT_PARTIAL = 6       # finished, but some files were skipped (see the errors count)
+EXIT_UNSUPPORTED = 7   # this kernel/filesystem/privilege lacks something needed
+
+
+class VsError(Exception):
+    """Base class: an error with a message meant for the user."""
+
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(VsError):
+    """Bad configuration, argument or input file; the message names it and the fix."""
+
+    exit_code = EXIT_CONFIG
+
+
+class UnsafeTreeError(VsError):
+    """A guest tree contains something we refuse to go through (symlink, other fs, ...)."""
+
+    exit_code = EXIT_UNSAFE
+
+
+class BusyError(VsError):
+    """Another process holds the lock."""
+
+    exit_code = EXIT_BUSY
+
+
+class UnsupportedError(VsError):
+    """The kernel, filesystem or our privileges lack a needed feature."""
+
+    exit_code = EXIT_UNSUPPORTED

@@ -1,0 +1,202 @@
+"""The incremental index: a cache of content hashes per inode, plus the link journal and
+the history of runs.  SQLite, one file, WAL mode.
+
+The index is only a cache: deleting it costs a re-read of every file, never a wrong link,
+because every link is confirmed against the file itself just before it happens.  The one
+thing it holds that is not derivable is the journal of links in flight, which lets the next
+run tidy temporary names a crash left behind; without it those names stay (their content is
+identical to the file beside them, so nothing is lost) and the walk reports them.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- One row per inode whose content was hashed.  A row is valid only while the inode's
+-- size, mtime_ns and ctime_ns still match (ctime cannot be set from user space).
+CREATE TABLE IF NOT EXISTS inode (
+    dev      INTEGER NOT NULL,
+    ino      INTEGER NOT NULL,
+    size     INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    digest   BLOB NOT NULL,      -- xxh3-128 of the content
+    meta     BLOB NOT NULL,      -- metadata class (mode, owner, xattrs[, mtime])
+    PRIMARY KEY (dev, ino)
+) WITHOUT ROWID;
+-- Links in flight: written before the first temporary name of a batch appears and deleted
+-- after the last is gone.  See unify/apply.py for how a leftover row is resolved.
+CREATE TABLE IF NOT EXISTS journal (
+    id       INTEGER PRIMARY KEY,
+    kind     TEXT NOT NULL,      -- 'join' (name -> object) or 'deunify' (name -> copy)
+    root     TEXT NOT NULL,      -- guest root (host path)
+    dir      TEXT NOT NULL,      -- directory of the name, relative to root
+    name     TEXT NOT NULL,      -- the guest's name being replaced
+    tmp      TEXT NOT NULL,      -- our temporary name beside it
+    orig_ino INTEGER NOT NULL,   -- join: inode the name held; deunify: the private copy
+    obj_ino  INTEGER NOT NULL    -- the store object's inode
+);
+-- One row per finished run, for reports and trends.
+CREATE TABLE IF NOT EXISTS run (
+    id            INTEGER PRIMARY KEY,
+    started       REAL NOT NULL,
+    duration      REAL NOT NULL,
+    guests        INTEGER NOT NULL,
+    files_scanned INTEGER NOT NULL,
+    files_hashed  INTEGER NOT NULL,
+    files_linked  INTEGER NOT NULL,
+    bytes_saved   INTEGER NOT NULL,
+    errors        INTEGER NOT NULL,
+    dry_run       INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Cached:
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    digest: bytes
+    meta: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRow:
+    id: int
+    kind: str
+    root: str
+    dir: str
+    name: str
+    tmp: str
+    orig_ino: int
+    obj_ino: int
+
+
+class Index:
+    """The index database.  Opening a corrupt file moves it aside and starts afresh."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.warning: str | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the state directory {path.parent}: {e.strerror}; "
+                              f"set VSSTORE_STATEDIR to a writable directory") from None
+        try:
+            self.db = self._open()
+        except sqlite3.DatabaseError as e:
+            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(path) + suffix)
+                if src.exists():
+                    os.replace(src, str(aside) + suffix)
+            self.warning = (f"index {path} was unreadable ({e}); moved it to {aside} and "
+                            f"started a new one (it is a cache: this run re-reads files)")
+            self.db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"schema version {row[0]}, expected {SCHEMA_VERSION}")
+            db.execute("SELECT count(*) FROM inode").fetchone()
+        except Exception:
+            db.close()
+            raise
+        return db
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- inode cache -------------------------------------------------------------------
+
+    def load(self, dev: int) -> dict[int, Cached]:
+        """All cached rows of one device, keyed by inode number."""
+        return {ino: Cached(size, mt, ct, dg, mc) for ino, size, mt, ct, dg, mc in
+                self.db.execute("SELECT ino, size, mtime_ns, ctime_ns, digest, meta "
+                                "FROM inode WHERE dev=?", (dev,))}
+
+    def store(self, rows: Iterable[tuple[int, int, int, int, int, bytes, bytes]]) -> None:
+        """Insert or replace (dev, ino, size, mtime_ns, ctime_ns, digest, meta) rows."""
+        with self.transaction():
+            self.db.executemany("INSERT OR REPLACE INTO inode VALUES (?,?,?,?,?,?,?)", rows)
+
+    def forget(self, dev: int, inos: Iterable[int]) -> None:
+        with self.transaction():
+            self.db.executemany("DELETE FROM inode WHERE dev=? AND ino=?",
+                                ((dev, i) for i in inos))
+
+    # -- journal -----------------------------------------------------------------------
+
+    def journal_add(self, rows: Iterable[tuple[str, str, str, str, str, int, int]]) -> list[int]:
+        ids = []
+        with self.transaction():
+            for r in rows:
+                cur = self.db.execute("INSERT INTO journal (kind, root, dir, name, tmp, "
+                                      "orig_ino, obj_ino) VALUES (?,?,?,?,?,?,?)", r)
+                ids.append(cur.lastrowid)
+        return ids  # type: ignore[return-value]
+
+    def journal_done(self, ids: Iterable[int]) -> None:
+        with self.transaction():
+            self.db.executemany("DELETE FROM journal WHERE id=?", ((i,) for i in ids))
+
+    def journal(self) -> list[JournalRow]:
+        return [JournalRow(*r) for r in self.db.execute(
+            "SELECT id, kind, root, dir, name, tmp, orig_ino, obj_ino FROM journal ORDER BY id")]
+
+    # -- runs --------------------------------------------------------------------------
+
+    def record_run(self, started: float, duration: float, guests: int, summary: dict[str, int],
+                   dry_run: bool) -> None:
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO run (started, duration, guests, files_scanned, files_hashed, "
+                "files_linked, bytes_saved, errors, dry_run) VALUES (?,?,?,?,?,?,?,?,?)",
+                (started, duration, guests, summary["files_scanned"], summary["files_hashed"],
+                 summary["files_linked"], summary["bytes_saved"], summary["errors"],
+                 int(dry_run)))
+
+    def runs(self, limit: int = 30) -> list[dict[str, float]]:
+        cur = self.db.execute("SELECT * FROM run ORDER BY id DESC LIMIT ?", (limit,))
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur]
+
+    # -- helpers -----------------------------------------------------------------------
+
+    class _Tx:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def __enter__(self) -> None:
+            self.db.execute("BEGIN IMMEDIATE")
+
+        def __exit__(self, exc_type: object, *_: object) -> None:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def transaction(self) -> Index._Tx:
+        return Index._Tx(self.db)
+
+    def __iter__(self) -> Iterator[tuple]:  # for tests and debugging
+        return iter(self.db.execute("SELECT * FROM inode"))

@@ -1,0 +1,172 @@
+"""Safe access to a guest's root tree: the one place where guest paths are resolved.
+
+A guest tree is hostile: any component may be a symlink pointing out of it (``var/lock ->
+/lib``), a directory may be swapped for a symlink between two calls, a mount may hide another
+filesystem.  So every path below the guest root is resolved by the kernel relative to a
+directory fd of the root, with ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV``
+(openat2), or, on kernels without openat2, one component at a time with ``O_NOFOLLOW`` and a
+device check.  Paths here are relative to the root, '/'-separated, without a leading slash.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from . import syscalls
+from .errors import ConfigError, UnsafeTreeError
+
+_STRICT = (syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS
+           | syscalls.RESOLVE_NO_MAGICLINKS | syscalls.RESOLVE_NO_XDEV)
+
+
+def split_rel(rel: str) -> tuple[str, str]:
+    """'usr/bin/ls' -> ('usr/bin', 'ls')."""
+    head, _, tail = rel.rpartition("/")
+    return head, tail
+
+
+class GuestTree:
+    """One guest root tree, held open as a directory fd for the object's lifetime."""
+
+    def __init__(self, root: str | os.PathLike[str], name: str | None = None) -> None:
+        self.root = Path(root)
+        self.name = name or self.root.name
+        try:
+            # The root path itself comes from the host's configuration (vdir may be a
+            # symlink there), so following it is fine; nothing below it is followed.
+            self.fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ConfigError(f"guest {self.name!r}: root tree {self.root} does not exist") from None
+        except NotADirectoryError:
+            raise ConfigError(f"guest {self.name!r}: {self.root} is not a directory") from None
+        st = os.fstat(self.fd)
+        self.dev = st.st_dev
+        self.ino = st.st_ino
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> GuestTree:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"GuestTree({self.name!r}, {str(self.root)!r})"
+
+    # -- resolution ---------------------------------------------------------------------
+
+    def open_beneath(self, rel: str, flags: int = os.O_RDONLY, mode: int = 0) -> int:
+        """Open ``rel`` below the root without following any symlink or leaving the
+        filesystem.  Raises OSError (ELOOP for a symlink, EXDEV for a mount crossing)."""
+        if not rel or rel == ".":
+            return os.open(".", flags | os.O_CLOEXEC, mode, dir_fd=self.fd)
+        if rel.startswith("/") or "\0" in rel:
+            raise OSError(errno.EINVAL, "not a relative guest path", rel)
+        if syscalls.have_openat2():
+            return syscalls.openat2(self.fd, rel, flags | os.O_NOFOLLOW, _STRICT, mode)
+        return self._open_by_components(rel, flags, mode)
+
+    def _open_by_components(self, rel: str, flags: int, mode: int) -> int:
+        parts = [p for p in rel.split("/") if p and p != "."]
+        if ".." in parts:
+            raise OSError(errno.EXDEV, "'..' in a guest path", rel)
+        fd = os.dup(self.fd)
+        try:
+            for part in parts[:-1]:
+                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+                if os.fstat(fd).st_dev != self.dev:
+                    raise OSError(errno.EXDEV, "crosses a mount point", rel)
+            res = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+        finally:
+            os.close(fd)
+        if os.fstat(res).st_dev != self.dev:
+            os.close(res)
+            raise OSError(errno.EXDEV, "crosses a mount point", rel)
+        return res
+
+    def open_in_root(self, rel: str, flags: int = os.O_RDONLY) -> int:
+        """Open ``rel`` as the guest itself would see it: symlinks are followed but resolved
+        as if the guest root were '/', so they can never lead out (RESOLVE_IN_ROOT)."""
+        if not syscalls.have_openat2():
+            raise UnsafeTreeError("this kernel lacks openat2; cannot resolve guest symlinks safely")
+        return syscalls.openat2(self.fd, rel.lstrip("/") or ".", flags,
+                                syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_MAGICLINKS)
+
+    def open_parent(self, rel: str) -> tuple[int, str]:
+        """Directory fd of ``rel``'s parent, and ``rel``'s last component."""
+        head, tail = split_rel(rel)
+        return self.open_beneath(head, os.O_RDONLY | os.O_DIRECTORY), tail
+
+    # -- walking ------------------------------------------------------------------------
+
+    def walk(self, prune_dir: Callable[[str], bool] | None = None,
+             on_error: Callable[[str, OSError], None] | None = None, start: str = "",
+             ) -> Iterator[tuple[str, os.stat_result]]:
+        """Yield (rel, lstat) for every regular file, depth first, never following a
+        symlink and never descending into another filesystem.  ``prune_dir(rel)`` may skip
+        a directory; ``on_error(rel, exc)`` hears about directories that could not be read.
+        ``start`` walks only that subtree."""
+        start = start.strip("/")
+        if start:
+            fd = self.open_beneath(start, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                ino = os.fstat(fd).st_ino
+            finally:
+                os.close(fd)
+        else:
+            ino = self.ino
+        stack: list[tuple[str, int]] = [(start, ino)]
+        while stack:
+            rel, ino = stack.pop()
+            try:
+                fd = self.open_beneath(rel, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError as e:
+                if on_error:
+                    on_error(rel, e)
+                continue
+            subdirs: list[tuple[str, int]] = []
+            try:
+                dst = os.fstat(fd)
+                if dst.st_ino != ino or dst.st_dev != self.dev:
+                    # Swapped for another directory between listing and opening: skip.
+                    if on_error:
+                        on_error(rel, OSError(errno.ESTALE, "directory changed during the walk", rel))
+                    continue
+                prefix = rel + "/" if rel else ""
+                with os.scandir(fd) as it:
+                    for entry in it:
+                        child = prefix + entry.name
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        except OSError as e:
+                            if on_error:
+                                on_error(child, e)
+                            continue
+                        mode = st.st_mode
+                        if stat.S_ISREG(mode):
+                            yield child, st
+                        elif stat.S_ISDIR(mode):
+                            if st.st_dev != self.dev:
+                                continue  # a mount point: another filesystem
+                            if prune_dir is not None and prune_dir(child):
+                                continue
+                            subdirs.append((child, st.st_ino))
+            except OSError as e:
+                if on_error:
+                    on_error(rel, e)
+            finally:
+                os.close(fd)
+            subdirs.reverse()
+            stack.extend(subdirs)

@@ -1,0 +1,159 @@
+"""The content-addressed store: one directory of shared inodes per filesystem.
+
+An object is a hardlink to an inode that guests share.  Its name encodes what may link to
+it: ``XX/<xxh3-128 hex>-<metadata class hex>[.N]`` (XX: the digest's first two hex digits;
+``.N``: a further generation when the first reached the filesystem's link limit, EMLINK).
+The store must be on the guests' filesystem (hardlinks cannot cross filesystems) and outside
+every guest tree (guests must not reach it).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import syscalls
+from .errors import ConfigError
+
+_NAME_RE = re.compile(r"^([0-9a-f]{32})-([0-9a-f]{16})(?:\.([1-9][0-9]{0,5}))?$")
+Key = tuple[bytes, bytes]  # (content digest, metadata class)
+
+
+@dataclass(slots=True)
+class StoreObject:
+    """One object: its key, generation, name in the store and its inode as last seen."""
+
+    key: Key
+    gen: int
+    name: str
+    ino: int
+    nlink: int
+    size: int
+    full: bool = False  # reached EMLINK this run
+
+
+def object_name(key: Key, gen: int) -> str:
+    d = key[0].hex()
+    return f"{d[:2]}/{d}-{key[1].hex()}" + (f".{gen}" if gen else "")
+
+
+class Store:
+    """The store directory, held open by fd."""
+
+    def __init__(self, path: Path, create: bool = True) -> None:
+        self.path = Path(path)
+        try:
+            if create:
+                self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ConfigError(f"store {self.path} does not exist; run `vsunify run` first or "
+                              f"pass --store") from None
+        except OSError as e:
+            raise ConfigError(f"store {self.path}: {e.strerror}; choose another with --store") from None
+        self.dev = os.fstat(self.fd).st_dev
+        self._subdirs: dict[str, int] = {}
+
+    def close(self) -> None:
+        for fd in self._subdirs.values():
+            os.close(fd)
+        self._subdirs.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_guest(self, name: str, root: Path, dev: int) -> None:
+        """Refuse guests on another filesystem, and a store inside a guest (or vice versa)."""
+        if dev != self.dev:
+            raise ConfigError(
+                f"store {self.path} is on another filesystem than guest {name!r} ({root}); "
+                f"hardlinks cannot cross filesystems: put the store on the guests' filesystem "
+                f"with --store DIR (one store per filesystem)")
+        s, r = self.path.resolve(), root.resolve()
+        if s == r or s.is_relative_to(r) or r.is_relative_to(s):
+            raise ConfigError(f"store {self.path} and guest {name!r} ({root}) overlap; the store "
+                              f"must lie outside every guest tree (default: /vservers/.hash)")
+
+    def subdir(self, prefix: str, create: bool = False) -> int:
+        fd = self._subdirs.get(prefix)
+        if fd is None:
+            if create:
+                try:
+                    os.mkdir(prefix, 0o700, dir_fd=self.fd)
+                except FileExistsError:
+                    pass
+            fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self.fd)
+            self._subdirs[prefix] = fd
+        return fd
+
+    def scan(self) -> dict[Key, list[StoreObject]]:
+        """Every object, by key, generations in order.  Foreign names are ignored."""
+        out: dict[Key, list[StoreObject]] = {}
+        with os.scandir(self.fd) as top:
+            prefixes = sorted(e.name for e in top if len(e.name) == 2 and
+                              e.is_dir(follow_symlinks=False))
+        for prefix in prefixes:
+            fd = self.subdir(prefix)
+            with os.scandir(fd) as it:
+                for e in it:
+                    m = _NAME_RE.match(e.name)
+                    if not m or m.group(1)[:2] != prefix:
+                        continue
+                    st = e.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    key = (bytes.fromhex(m.group(1)), bytes.fromhex(m.group(2)))
+                    gen = int(m.group(3) or 0)
+                    out.setdefault(key, []).append(StoreObject(
+                        key, gen, f"{prefix}/{e.name}", st.st_ino, st.st_nlink, st.st_size))
+        for objs in out.values():
+            objs.sort(key=lambda o: o.gen)
+        return out
+
+    def open_object(self, obj: StoreObject, flags: int = os.O_RDONLY) -> int:
+        prefix, name = obj.name.split("/")
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.subdir(prefix))
+
+    def dir_and_name(self, obj: StoreObject) -> tuple[int, str]:
+        prefix, name = obj.name.split("/")
+        return self.subdir(prefix), name
+
+    def add(self, fd: int, key: Key, taken: list[StoreObject]) -> StoreObject:
+        """Link the open file ``fd`` into the store as the next free generation of ``key``."""
+        gen = max((o.gen for o in taken), default=-1) + 1
+        while True:
+            name = object_name(key, gen)
+            prefix, base = name.split("/")
+            try:
+                syscalls.link_fd(fd, self.subdir(prefix, create=True), base)
+            except FileExistsError:
+                gen += 1
+                continue
+            st = os.fstat(fd)
+            return StoreObject(key, gen, name, st.st_ino, st.st_nlink, st.st_size)
+
+    def unlink(self, obj: StoreObject) -> None:
+        d, name = self.dir_and_name(obj)
+        try:
+            os.unlink(name, dir_fd=d)
+        except FileNotFoundError:
+            pass
+
+    def object_inode_exists(self, obj: StoreObject) -> bool:
+        d, name = self.dir_and_name(obj)
+        try:
+            return os.stat(name, dir_fd=d, follow_symlinks=False).st_ino == obj.ino
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
