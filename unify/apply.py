@@ -25,7 +25,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -40,6 +41,25 @@ from .scan import InodeRec
 log = logging.getLogger("vsstore")
 
 _BAD_FLAGS = syscalls.FS_IMMUTABLE_FL | syscalls.FS_APPEND_FL
+
+# Test seams: named points of the link protocol.  Tests register callables in HOOKS;
+# VSSTORE_CRASH_AT=POINT[:N] kills this process with SIGKILL the N-th time (default 1st) it
+# passes POINT, so the crash tests can stop a run inside every window.
+HOOKS: dict[str, Callable[..., None]] = {}
+_crash_at = os.environ.get("VSSTORE_CRASH_AT", "")
+_crash_point, _, _n = _crash_at.partition(":")
+_crash_left = int(_n or 1)
+
+
+def point(name: str, **kw: object) -> None:
+    global _crash_left
+    if name == _crash_point:
+        _crash_left -= 1
+        if _crash_left <= 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+    hook = HOOKS.get(name)
+    if hook is not None:
+        hook(**kw)
 
 
 def tmp_name() -> str:
@@ -114,7 +134,7 @@ class Linker:
         # Every name the walk saw per inode, so that a compromised object's names can be
         # moved to a fresh copy (evacuate).
         self.known: dict[tuple[int, int], InodeRec] = {}
-        self.index_rows: list[tuple[int, int, int, int, int, bytes, bytes]] = []
+        self.index_rows: list[tuple[int, int, int, int, int, bytes, bytes, bytes]] = []
         self.forget: list[tuple[int, int]] = []
 
     # -- messages ------------------------------------------------------------------------
@@ -246,8 +266,8 @@ class Linker:
                                 f"although the hashes match (hash collision?)")
                     continue
                 ready.append((j, jfd))
-            if not ready:
-                return []
+            if not ready and not (new and objs):
+                return []  # a new object is worth it alone only as the next generation
             if new:
                 obj = self.store.add(ofd, key, objs)
                 objs.append(obj)
@@ -273,9 +293,11 @@ class Linker:
                                 f"{e.strerror}")
                     continue
                 names.append(_Name(j, tree, rel, dfd, base, tmp_name()))
+        point("verified", obj=obj, names=[(n.tree, n.rel) for n in names])
         ids = self.index.journal_add(
             ("join", str(n.tree.root), split_rel(n.rel)[0], n.base, n.tmp, n.rec.ino, obj.ino)
             for n in names) if self.index else []
+        point("journaled")
 
         overflow: list[InodeRec] = []
         failed: set[int] = set()
@@ -305,6 +327,7 @@ class Linker:
                     else:
                         self._error(f"{n.tree.name}:/{n.rel}: not linked: {e.strerror}")
                         failed.add(n.rec.ino)
+            point("linked", obj=obj, names=[(n.tree, n.rel) for n in names])
             over = {r.ino for r in overflow}
             for n in names:  # a joiner goes whole or not at all
                 if n.state == "linked" and (n.rec.ino in over or n.rec.ino in failed):
@@ -330,6 +353,7 @@ class Linker:
                     failed.add(n.rec.ino)
                 else:
                     n.state = "swapped"
+            point("swapped", obj=obj, names=[(n.tree, n.rel) for n in names])
             # A joiner someone opened for writing meanwhile keeps its own inode.
             for j, jfd in ready:
                 if not syscalls.lease_held(jfd):
@@ -346,6 +370,7 @@ class Linker:
                     n.state = "done"
             attrs.seal(ofd, self.immutable)
             was_flagged = False
+            point("sealed", obj=obj)
             if not syscalls.lease_held(ofd):
                 self._breach(obj, ofd, new, names)
                 return []
@@ -359,6 +384,7 @@ class Linker:
                 os.unlink(n.tmp, dir_fd=n.dfd)
                 n.state = "done"
                 swapped_by_ino[n.rec.ino] = swapped_by_ino.get(n.rec.ino, 0) + 1
+        point("unlinked")
         if self.index:
             self.index.journal_done(ids)
         for j, _ in ready:
@@ -369,8 +395,10 @@ class Linker:
                 self.forget.append((j.dev, j.ino))
         st = os.fstat(ofd)
         obj.nlink = st.st_nlink
+        xattrs = read_xattrs(ofd)
         self.index_rows.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                                obj.key[0], obj.key[1]))
+                                obj.key[0], meta_class(st, xattrs, False),
+                                meta_class(st, xattrs, True)))
         return overflow
 
     def _breach(self, obj: StoreObject, ofd: int, new: bool, names: list[_Name]) -> None:

@@ -80,7 +80,7 @@ def open_trees(guests: list[Guest], store: Store) -> list[GuestTree]:
     return trees
 
 
-def _hash_one(rec: scan.InodeRec, ignore_mtime: bool) -> tuple[bytes, bytes] | str:
+def _hash_one(rec: scan.InodeRec) -> tuple[bytes, bytes, bytes] | str:
     tree, rel = rec.names[0]
     try:
         fd = tree.open_beneath(rel, os.O_RDONLY | os.O_NONBLOCK)
@@ -95,10 +95,10 @@ def _hash_one(rec: scan.InodeRec, ignore_mtime: bool) -> tuple[bytes, bytes] | s
         except OSError:
             pass
         digest = content_digest(fd, rec.size)
-        meta = meta_class(st, read_xattrs(fd), ignore_mtime)
+        xattrs = read_xattrs(fd)
         if not rec.same_stat(os.fstat(fd)):
             return f"{tree.name}:/{rel}: skipped: changed while it was read"
-        return digest, meta
+        return digest, meta_class(st, xattrs, False), meta_class(st, xattrs, True)
     except OSError as e:
         return f"{tree.name}:/{rel}: skipped: {e.strerror}"
     finally:
@@ -144,7 +144,7 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
             c = rows.get(rec.ino)
             if c is not None and c.size == rec.size and c.mtime_ns == rec.mtime_ns \
                     and c.ctime_ns == rec.ctime_ns:
-                rec.digest, rec.meta = c.digest, c.meta
+                rec.digest, rec.meta, rec.meta_any = c.digest, c.meta, c.meta_any
             else:
                 to_hash.append(rec)
         # 4. Hash, overlapping I/O and hashing in threads (xxhash releases the GIL).
@@ -152,27 +152,29 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
         new_rows = []
         done_bytes = 0
         with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
-            for rec, res in zip(to_hash, pool.map(lambda r: _hash_one(r, opts.ignore_mtime),
-                                                  to_hash, chunksize=64), strict=True):
+            for rec, res in zip(to_hash, pool.map(_hash_one, to_hash, chunksize=64),
+                                strict=True):
                 done_bytes += rec.size
                 if isinstance(res, str):
                     summ.errors += 1
                     summ.messages.append(res)
                     log.warning("%s", res)
                     continue
-                rec.digest, rec.meta = res
+                rec.digest, rec.meta, rec.meta_any = res
                 summ.files_hashed += 1
                 summ.bytes_hashed += rec.size
                 new_rows.append((rec.dev, rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns,
-                                 rec.digest, rec.meta))
+                                 rec.digest, rec.meta, rec.meta_any))
                 prog.update(summ.files_hashed, done_bytes)
         if not opts.dry_run:
             index.store(new_rows)
+        apply.point("hashed", inodes=sc.inodes)
         # 5. Group by (content, metadata) and link.
         groups: dict[Key, list[scan.InodeRec]] = {}
         for rec in sc.inodes.values():
-            if rec.digest is not None and rec.meta is not None:
-                groups.setdefault((rec.digest, rec.meta), []).append(rec)
+            meta = rec.meta_any if opts.ignore_mtime else rec.meta
+            if rec.digest is not None and meta is not None:
+                groups.setdefault((rec.digest, meta), []).append(rec)
         prog.phase("link", total_bytes=0)
         stats = apply.LinkStats()
         linker = apply.Linker(store, index, immutable=opts.immutable,

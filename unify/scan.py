@@ -31,7 +31,8 @@ class InodeRec:
     gid: int
     names: list[tuple[GuestTree, str]] = field(default_factory=list)
     digest: bytes | None = None
-    meta: bytes | None = None
+    meta: bytes | None = None      # metadata class with mtime
+    meta_any: bytes | None = None  # ... and without
 
     def same_stat(self, st: os.stat_result) -> bool:
         """Is ``st`` still the inode the walk saw, unchanged?  (ctime moves on any write,

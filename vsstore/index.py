@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS inode (
     mtime_ns INTEGER NOT NULL,
     ctime_ns INTEGER NOT NULL,
     digest   BLOB NOT NULL,      -- xxh3-128 of the content
-    meta     BLOB NOT NULL,      -- metadata class (mode, owner, xattrs[, mtime])
+    meta     BLOB NOT NULL,      -- metadata class: mode, owner, xattrs, mtime
+    meta_any BLOB NOT NULL,      -- the same without mtime (for --ignore-mtime)
     PRIMARY KEY (dev, ino)
 ) WITHOUT ROWID;
 -- Links in flight: written before the first temporary name of a batch appears and deleted
@@ -72,6 +73,7 @@ class Cached:
     ctime_ns: int
     digest: bytes
     meta: bytes
+    meta_any: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,14 +135,14 @@ class Index:
 
     def load(self, dev: int) -> dict[int, Cached]:
         """All cached rows of one device, keyed by inode number."""
-        return {ino: Cached(size, mt, ct, dg, mc) for ino, size, mt, ct, dg, mc in
-                self.db.execute("SELECT ino, size, mtime_ns, ctime_ns, digest, meta "
-                                "FROM inode WHERE dev=?", (dev,))}
+        return {r[0]: Cached(*r[1:]) for r in self.db.execute(
+            "SELECT ino, size, mtime_ns, ctime_ns, digest, meta, meta_any FROM inode "
+            "WHERE dev=?", (dev,))}
 
-    def store(self, rows: Iterable[tuple[int, int, int, int, int, bytes, bytes]]) -> None:
-        """Insert or replace (dev, ino, size, mtime_ns, ctime_ns, digest, meta) rows."""
+    def store(self, rows: Iterable[tuple[int, int, int, int, int, bytes, bytes, bytes]]) -> None:
+        """Insert or replace (dev, ino, size, mtime_ns, ctime_ns, digest, meta, meta_any)."""
         with self.transaction():
-            self.db.executemany("INSERT OR REPLACE INTO inode VALUES (?,?,?,?,?,?,?)", rows)
+            self.db.executemany("INSERT OR REPLACE INTO inode VALUES (?,?,?,?,?,?,?,?)", rows)
 
     def forget(self, dev: int, inos: Iterable[int]) -> None:
         with self.transaction():

@@ -1,0 +1,87 @@
+"""Layer 1: exclude rules, pure functions."""
+from __future__ import annotations
+
+import pytest
+
+from vsstore.errors import ConfigError
+from vsstore.excludes import ExcludeList, build_excludes, parse_rule, read_rules
+
+
+def rules(*lines: str) -> ExcludeList:
+    return ExcludeList(parse_rule(line, "test") for line in lines)
+
+
+def test_default_list_covers_the_config_and_state_directories():
+    ex = build_excludes()
+    for rel in ("etc/passwd", "var/lib/dpkg/status", "home/u/.bashrc", "root/.profile",
+                "tmp/x", "proc/1/maps", "sys/kernel/x", "dev/null", "run/utmp", "mnt/x",
+                "boot/vmlinuz"):
+        assert ex.excluded(rel), rel
+    for rel in ("usr/bin/ls", "lib/x86_64-linux-gnu/libc.so.6", "sbin/init", "etcetera/x",
+                "usr/share/var/x"):
+        assert not ex.excluded(rel), rel
+
+
+def test_no_default_excludes_means_no_rules():
+    ex = build_excludes(use_default=False)
+    assert not ex.excluded("etc/passwd")
+    assert ex.rules == []
+
+
+def test_first_matching_rule_decides_and_plus_includes():
+    ex = build_excludes(cli=["+/etc/ssl/certs/*"])
+    assert not ex.excluded("etc/ssl/certs/ca.pem")
+    assert ex.excluded("etc/ssl/private/key.pem")
+    assert ex.match("etc/ssl/certs/ca.pem").reason == "--exclude"
+    assert ex.match("etc/passwd").reason == "default list"
+
+
+def test_glob_and_basename_rules():
+    ex = rules("/usr/lib/*.pyc", "~*.conf", "-/opt/x?y")
+    assert ex.excluded("usr/lib/python3/a/b.pyc")     # '*' crosses '/' in path rules
+    assert ex.excluded("srv/app/site.conf")           # '~' matches the name anywhere
+    assert not ex.excluded("srv/app.conf.d/x")         # ... the name, not a directory
+    assert ex.excluded("opt/xay")
+    assert not ex.excluded("opt/xaay")
+
+
+def test_character_classes():
+    ex = rules("/usr/share/locale/[!e]*")
+    assert ex.excluded("usr/share/locale/de/x")
+    assert not ex.excluded("usr/share/locale/en/x")
+
+
+def test_prune_only_when_no_include_can_reach_below():
+    ex = build_excludes(cli=["+/var/lib/shared/*"])
+    assert ex.prune("etc")
+    assert ex.prune("var/log")
+    assert not ex.prune("var")               # an include lies below
+    assert not ex.prune("var/lib")
+    assert not ex.prune("usr")
+    assert not rules("+~*.so", "/usr").prune("usr")  # a '~' include can match anywhere
+
+
+@pytest.mark.parametrize("bad", ["etc/passwd", "~a/b", "/usr/[abc", "~"])
+def test_bad_rules_are_rejected(bad):
+    with pytest.raises(ValueError):
+        parse_rule(bad, "test")
+
+
+def test_bad_line_in_a_file_names_file_and_line(tmp_path):
+    f = tmp_path / "exclude"
+    f.write_text("# comment\n/usr/lib\nrelative/path\n")
+    with pytest.raises(ConfigError) as e:
+        read_rules(f, "guest list")
+    assert f"{f}:3" in e.value.message and "relative/path" in e.value.message
+
+
+def test_rules_file_order_and_reason(tmp_path):
+    g = tmp_path / "g"
+    h = tmp_path / "h"
+    g.write_text("+/etc/keep\n")
+    h.write_text("/usr/local\n")
+    ex = build_excludes(guest_file=g, host_file=h)
+    assert not ex.excluded("etc/keep")
+    assert ex.excluded("usr/local/bin/x")
+    assert ex.match("usr/local/bin/x").reason == f"host list {h}:1"
+    assert build_excludes(guest_file=tmp_path / "missing").excluded("etc/x")

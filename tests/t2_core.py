@@ -1,0 +1,136 @@
+"""Layer 2: attributes, index and store on a real filesystem."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+
+import pytest
+
+from vsstore import attrs
+from vsstore.errors import ConfigError
+from vsstore.hashing import content_digest, meta_class, read_xattrs, same_content
+from vsstore.index import Index
+from vsstore.store import Store, object_name
+
+
+def test_seal_sets_marker_and_immutable_and_immutable_forbids_writes(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"data" * 10)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        attrs.seal(fd, immutable=True)
+        a = attrs.read_attrs(fd)
+        assert (a.iunlink, a.immutable, a.letters()) == (True, True, "UIa")
+        assert os.getxattr(p, attrs.MARKER_TRUSTED) == b"1"
+        with pytest.raises(PermissionError):
+            open(p, "ab")
+        with pytest.raises(PermissionError):
+            os.unlink(p)
+        attrs.set_immutable(fd, False)
+        os.unlink(p)
+    finally:
+        os.close(fd)
+
+
+def test_meta_class_sees_mode_owner_xattrs_mtime_but_not_our_marker(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 32)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        def cls(ignore=False):
+            return meta_class(os.fstat(fd), read_xattrs(fd), ignore)
+        base = cls()
+        attrs.set_marker(fd)
+        assert cls() == base
+        os.setxattr(fd, "user.color", b"red")
+        with_x = cls()
+        assert with_x != base
+        os.removexattr(fd, "user.color")
+        os.fchmod(fd, 0o600)
+        assert cls() != base
+        os.fchmod(fd, 0o644)
+        os.fchown(fd, 1, 1)
+        assert cls() != base
+        os.fchown(fd, 0, 0)
+        before = cls(ignore=True)
+        os.utime(fd, (1, 1))
+        assert cls(ignore=True) == before and cls() != base
+    finally:
+        os.close(fd)
+
+
+def test_digest_and_byte_comparison(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    a.write_bytes(b"q" * 3_000_000)
+    b.write_bytes(b"q" * 3_000_000)
+    c.write_bytes(b"q" * 2_999_999 + b"r")
+    fa, fb, fc = (os.open(x, os.O_RDONLY) for x in (a, b, c))
+    try:
+        assert content_digest(fa, 3_000_000) == content_digest(fb, 3_000_000)
+        assert content_digest(fa, 3_000_000) != content_digest(fc, 3_000_000)
+        assert same_content(fa, fb, 3_000_000)
+        assert not same_content(fa, fc, 3_000_000)
+    finally:
+        for f in (fa, fb, fc):
+            os.close(f)
+
+
+def test_index_round_trip_and_corrupt_file_is_moved_aside(tmp_path):
+    path = tmp_path / "state" / "index.sqlite"
+    idx = Index(path)
+    idx.store([(1, 2, 3, 4, 5, b"d" * 16, b"m" * 8)])
+    assert idx.load(1)[2].digest == b"d" * 16
+    idx.close()
+    path.write_bytes(b"this is not a database" * 100)
+    for extra in ("-wal", "-shm"):
+        p = path.with_name(path.name + extra)
+        if p.exists():
+            p.unlink()
+    idx = Index(path)
+    assert idx.warning and "moved it to" in idx.warning
+    assert idx.load(1) == {}
+    assert any(p.name.startswith("index.sqlite.corrupt-") for p in path.parent.iterdir())
+    idx.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value='99' WHERE key='schema'")
+    db.commit()
+    db.close()
+    idx = Index(path)
+    assert idx.warning and "schema version 99" in idx.warning
+    idx.close()
+
+
+def test_store_names_scan_and_generations(tmp_path):
+    store = Store(tmp_path / "store")
+    f = tmp_path / "file"
+    f.write_bytes(b"z" * 100)
+    key = (bytes(range(16)), bytes(range(8)))
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        o0 = store.add(fd, key, [])
+        o1 = store.add(fd, key, [o0])
+    finally:
+        os.close(fd)
+    assert o0.name == object_name(key, 0) == "00/000102030405060708090a0b0c0d0e0f-0001020304050607"
+    assert o1.name.endswith(".1")
+    (tmp_path / "store" / "00" / "junk").write_text("not an object")
+    found = store.scan()
+    assert [o.gen for o in found[key]] == [0, 1]
+    assert found[key][0].nlink == 3
+    store.close()
+
+
+def test_store_refuses_other_filesystems_and_overlap(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], check=True)
+    try:
+        with Store(mnt / "store") as s:
+            with pytest.raises(ConfigError, match="another filesystem"):
+                s.check_guest("g", tmp_path, os.stat(tmp_path).st_dev)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    with Store(tmp_path / "g" / ".hash") as s:
+        with pytest.raises(ConfigError, match="overlap"):
+            s.check_guest("g", tmp_path / "g", os.stat(tmp_path).st_dev)

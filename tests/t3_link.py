@@ -1,0 +1,297 @@
+"""Layer 3: the unification engine in-process, with the link protocol's seams (HOOKS) used
+to make guests misbehave at exact moments.  Real files, real leases, real flags."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from conftest import inode, snapshot
+from unify import apply, engine
+from vsstore import attrs, hashing
+from vsstore.config import Paths, resolve_guest
+from vsstore.excludes import build_excludes
+from vsstore.index import Index
+from vsstore.store import Store
+
+BIN = b"\x7fELF" + bytes(range(256)) * 40
+
+
+def unify_run(host, *names, default_excludes=False, **kw) -> engine.Summary:
+    paths = Paths.from_env()
+    guests = [resolve_guest(n, paths) for n in names]
+    excl = {g.name: build_excludes(use_default=default_excludes) for g in guests}
+    idx = Index(paths.index_file)
+    store = Store(paths.default_store)
+    try:
+        return engine.run(guests, excl, store, idx, engine.Options(**kw))
+    finally:
+        store.close()
+        idx.close()
+
+
+@pytest.fixture(autouse=True)
+def clean_hooks():
+    yield
+    apply.HOOKS.clear()
+    hashing.digest_hook = None
+
+
+def test_identical_files_become_one_sealed_inode_in_the_store(host):
+    a = host.guest("a", {"usr/bin/x": BIN, "usr/bin/only-a": BIN + b"a"})
+    b = host.guest("b", {"usr/bin/x": BIN})
+    c = host.guest("c", {"usr/bin/x": BIN})
+    before = {g: snapshot(host.root / g) for g in "abc"}
+    s = unify_run(host, "a", "b", "c")
+    assert (s.files_linked, s.objects_created, s.errors) == (2, 1, 0)
+    assert s.bytes_saved == 2 * len(BIN)
+    ino = inode(a / "usr/bin/x")
+    assert inode(b / "usr/bin/x") == ino == inode(c / "usr/bin/x")
+    assert os.stat(a / "usr/bin/x").st_nlink == 4  # three guests and the store
+    assert os.stat(a / "usr/bin/only-a").st_nlink == 1
+    objs = [p for p in host.store.rglob("*") if p.is_file()]
+    assert [inode(p) for p in objs] == [ino]
+    fd = os.open(a / "usr/bin/x", os.O_RDONLY)
+    assert attrs.read_attrs(fd).letters() == "UIa"
+    os.close(fd)
+    assert {g: snapshot(host.root / g) for g in "abc"} == before  # content and metadata kept
+    assert not list(host.root.rglob(".vsu~*"))
+
+
+def test_metadata_mismatch_is_never_linked(host):
+    def spec(n, mode=0o755, uid=0, gid=0, mtime=1_600_000_000):
+        return (BIN + n.encode(), mode, uid, gid, mtime)
+    host.guest("a", {n: spec(n) for n in "mogxt"})
+    b = host.guest("b", {"m": spec("m", 0o700), "o": spec("o", uid=1000),
+                         "g": spec("g", gid=50), "x": spec("x"),
+                         "t": spec("t", mtime=1_500_000_000)})
+    os.setxattr(b / "x", "security.capability",
+                bytes.fromhex("0100000200200000000000000000000000000000"))
+    s = unify_run(host, "a", "b")
+    assert s.files_linked == 0
+    for name in "mogxt":
+        assert os.stat(b / name).st_nlink == 1, name
+    s = unify_run(host, "a", "b", ignore_mtime=True)
+    assert s.files_linked == 1
+    assert os.stat(b / "t").st_nlink == 3
+    for name in "mogx":
+        assert os.stat(b / name).st_nlink == 1, name
+
+
+def test_second_run_reads_and_links_nothing(host):
+    for g in "ab":
+        host.guest(g, {f"usr/lib/f{i}": BIN + bytes([i]) for i in range(20)})
+    first = unify_run(host, "a", "b")
+    assert first.files_hashed == 40 and first.files_linked == 20
+    again = unify_run(host, "a", "b")
+    assert (again.files_hashed, again.files_linked, again.errors) == (0, 0, 0)
+    host.guest("c", {f"usr/lib/f{i}": BIN + bytes([i]) for i in range(20)})
+    added = unify_run(host, "a", "b", "c")
+    assert added.files_hashed == 20 and added.files_linked == 20
+
+
+def test_symlinks_out_of_the_guest_are_never_followed(host):
+    outside = host.base / "hostlib"
+    outside.mkdir()
+    (outside / "x").write_bytes(BIN)
+    os.utime(outside / "x", (1_600_000_000, 1_600_000_000))
+    a = host.guest("a", {"usr/bin/x": BIN})
+    host.guest("b", {"usr/bin/x": BIN})
+    (a / "var/lock").mkdir(parents=True)
+    os.symlink(outside, a / "var/lock/subsys")
+    os.symlink(outside / "x", a / "usr/bin/link-to-host")
+    s = unify_run(host, "a", "b")
+    assert s.files_linked == 1
+    assert os.stat(outside / "x").st_nlink == 1
+    fd = os.open(outside / "x", os.O_RDONLY)
+    assert attrs.read_attrs(fd).letters() == "uia"
+    os.close(fd)
+
+
+def test_a_file_changed_between_hashing_and_linking_is_not_replaced(host):
+    host.guest("a", {"f": BIN})
+    b = host.guest("b", {"f": BIN})
+
+    def change(**_):
+        with open(b / "f", "r+b") as f:
+            f.write(b"CHANGED")
+    apply.HOOKS["hashed"] = change
+    s = unify_run(host, "a", "b")
+    assert s.files_linked == 0 and s.skipped_changed == 1 and s.errors >= 1
+    assert (b / "f").read_bytes() == b"CHANGED" + BIN[7:]
+
+
+def test_a_file_open_for_writing_is_left_alone(host):
+    host.guest("a", {"f": BIN})
+    b = host.guest("b", {"f": BIN})
+    w = os.open(b / "f", os.O_WRONLY)
+    try:
+        s = unify_run(host, "a", "b")
+    finally:
+        os.close(w)
+    assert s.files_linked == 0 and s.skipped_busy == 1
+    assert os.stat(b / "f").st_nlink == 1
+
+
+def _opener(path, flags, data=None):
+    """Open ``path`` in a thread (it blocks while we hold a lease), then maybe write."""
+    def go():
+        fd = os.open(path, flags)
+        try:
+            if data is not None:
+                os.write(fd, data)
+        except PermissionError:
+            pass  # ext4 also refuses write() once the inode is immutable again
+        finally:
+            os.close(fd)
+    t = threading.Thread(target=go)
+    t.start()
+    time.sleep(0.3)  # the open is now waiting for our lease to go
+    return t
+
+
+def test_a_writer_arriving_during_the_swap_keeps_its_own_file(host):
+    a = host.guest("a", {"f": BIN})
+    b = host.guest("b", {"f": BIN})
+    threads = []
+    apply.HOOKS["linked"] = lambda **_: threads.append(_opener(b / "f", os.O_WRONLY, b"MINE"))
+    s = unify_run(host, "a", "b")
+    threads[0].join()
+    assert s.files_linked == 0 and s.skipped_busy == 1
+    assert (b / "f").read_bytes() == b"MINE" + BIN[4:]
+    assert (a / "f").read_bytes() == BIN
+    assert not list(host.root.rglob(".vsu~*"))
+
+
+def test_a_name_replaced_during_the_swap_is_put_back(host):
+    host.guest("a", {"f": BIN})
+    b = host.guest("b", {"f": BIN})
+
+    def replace(**_):
+        (b / "new").write_bytes(b"guest's new file")
+        os.rename(b / "new", b / "f")
+    apply.HOOKS["linked"] = replace
+    s = unify_run(host, "a", "b")
+    assert s.files_linked == 0 and s.errors == 1
+    assert (b / "f").read_bytes() == b"guest's new file"
+    assert not list(host.root.rglob(".vsu~*"))
+
+
+def test_a_forced_hash_collision_never_links_different_contents(host):
+    other = bytes(reversed(BIN))
+    a = host.guest("a", {"same": BIN, "diff": BIN})
+    b = host.guest("b", {"same": BIN, "diff": other})
+    hashing.digest_hook = lambda d: b"\0" * 16  # every file "collides"
+    s = unify_run(host, "a", "b")
+    assert (b / "diff").read_bytes() == other and (a / "diff").read_bytes() == BIN
+    assert inode(a / "diff") != inode(b / "diff")
+    assert s.errors >= 1
+    assert any("content differs" in m for m in s.messages)
+
+
+def test_emlink_starts_another_generation_of_the_object(host):
+    for g in "abcde":
+        host.guest(g, {"f": BIN})
+    s = unify_run(host, "a", "b", "c", "d", "e", link_limit=3)
+    # Three links per object (the store's and two guests'): {a,b} {c,d} {e}.
+    assert s.files_linked == 2 and s.objects_created == 3 and s.errors == 0
+    objs = sorted(p.name for p in host.store.rglob("*") if p.is_file())
+    assert [o[-2:] for o in objs[1:]] == [".1", ".2"]
+    inos = [inode(host.root / g / "f") for g in "abcde"]
+    assert inos[0] == inos[1] and inos[2] == inos[3] and len(set(inos)) == 3
+    for g in "abcde":
+        assert (host.root / g / "f").read_bytes() == BIN
+
+
+def test_real_emlink_on_ext4(host):
+    a = host.guest("a", {"f": BIN})
+    host.guest("b", {"f": BIN})
+    unify_run(host, "a", "b", immutable=False)
+    many = a / "many"
+    many.mkdir()
+    n = os.stat(a / "f").st_nlink
+    try:
+        for i in range(70_000 - n):
+            os.link(a / "f", many / str(i))
+    except OSError as e:
+        assert e.errno == 31  # EMLINK: the object is full
+    c = host.guest("c", {"f": BIN}, configure=False)
+    d = host.guest("d", {"f": BIN}, configure=False)
+    s = unify_run(host, "b", str(c), str(d), immutable=False)
+    assert s.errors == 0 and s.files_linked == 1
+    # The full object takes no more names: c's file became generation 1 and d joined it.
+    assert inode(c / "f") != inode(a / "f") and inode(c / "f") == inode(d / "f")
+    gen1 = [p for p in host.store.rglob("*") if p.name.endswith(".1")]
+    assert len(gen1) == 1 and inode(gen1[0]) == inode(c / "f")
+    assert (c / "f").read_bytes() == BIN == (d / "f").read_bytes()
+
+
+def test_a_writer_on_the_object_while_it_is_unsealed_reaches_no_other_guest(host):
+    a = host.guest("a", {"f": BIN})
+    b = host.guest("b", {"f": BIN})
+    unify_run(host, "a", "b")
+    shared = inode(a / "f")
+    c = host.guest("c", {"f": BIN})
+    threads = []
+
+    def writer(**_):  # a's guest opens its (shared) file for writing in the window
+        threads.append(_opener(a / "f", os.O_WRONLY, b"EVIL"))
+    apply.HOOKS["linked"] = writer
+    s = unify_run(host, "a", "b", "c")
+    threads[0].join()
+    apply.HOOKS.clear()
+    assert s.errors >= 1
+    assert any("opened for writing while it was being linked" in m for m in s.messages)
+    for g in (b, c):
+        assert (g / "f").read_bytes() == BIN
+    assert inode(b / "f") != shared  # moved to a fresh copy
+    obj = next(p for p in host.store.rglob("*") if p.is_file())
+    assert obj.read_bytes() == BIN and inode(obj) != shared
+
+
+def test_a_writer_on_a_new_object_keeps_it_private(host):
+    a = host.guest("a", {"f": BIN})
+    b = host.guest("b", {"f": BIN})
+    threads = []
+    apply.HOOKS["linked"] = lambda **_: threads.append(_opener(a / "f", os.O_WRONLY, b"MINE"))
+    unify_run(host, "a", "b")
+    threads[0].join()
+    assert (a / "f").read_bytes() == b"MINE" + BIN[4:]
+    assert (b / "f").read_bytes() == BIN
+    assert os.stat(a / "f").st_nlink == 1 and os.stat(b / "f").st_nlink == 1
+    assert not [p for p in host.store.rglob("*") if p.is_file()]
+
+
+def test_hardlinks_inside_a_guest_move_together(host):
+    a = host.guest("a", {"usr/bin/perl": BIN})
+    os.link(a / "usr/bin/perl", a / "usr/bin/perl5.36")
+    b = host.guest("b", {"usr/bin/perl": BIN})
+    s = unify_run(host, "b", "a")
+    ino = inode(b / "usr/bin/perl")
+    assert inode(a / "usr/bin/perl") == ino == inode(a / "usr/bin/perl5.36")
+    assert s.bytes_saved == len(BIN)
+
+
+def test_an_inode_with_names_outside_the_scan_is_never_sealed(host):
+    a = host.guest("a", {"usr/share/x": BIN})
+    b = host.guest("b", {"usr/share/x": BIN})
+    for g in (a, b):
+        (g / "etc").mkdir()
+        os.link(g / "usr/share/x", g / "etc/x")  # /etc is excluded by default
+    s = unify_run(host, "a", "b", default_excludes=True)
+    assert s.files_linked == 0
+    for g in (a, b):
+        fd = os.open(g / "etc/x", os.O_RDONLY)
+        assert attrs.read_attrs(fd).letters() == "uia"
+        os.close(fd)
+
+
+def test_dry_run_changes_nothing(host):
+    host.guest("a", {"f": BIN})
+    b = host.guest("b", {"f": BIN})
+    s = unify_run(host, "a", "b", dry_run=True)
+    assert s.files_linked == 1 and s.bytes_saved == len(BIN)
+    assert os.stat(b / "f").st_nlink == 1
+    assert not [p for p in host.store.rglob("*") if p.is_file()]
