@@ -79,7 +79,7 @@ def test_digest_and_byte_comparison(tmp_path):
 def test_index_round_trip_and_corrupt_file_is_moved_aside(tmp_path):
     path = tmp_path / "state" / "index.sqlite"
     idx = Index(path)
-    idx.store([(1, 2, 3, 4, 5, b"d" * 16, b"m" * 8)])
+    idx.store([(1, 2, 3, 4, 5, b"d" * 16, b"m" * 8, b"a" * 8)])
     assert idx.load(1)[2].digest == b"d" * 16
     idx.close()
     path.write_bytes(b"this is not a database" * 100)
