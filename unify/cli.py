@@ -71,7 +71,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         stack.enter_context(_locked(paths))
         index = _index(stack, paths)
-        store = stack.enter_context(Store(_store_path(args, paths), create=not args.dry_run))
+        store = stack.enter_context(Store(_store_path(args, paths), create=not args.dry_run,
+                                          missing_ok=args.dry_run))
         prog = Progress(sys.stderr.isatty() and not args.json and not args.quiet)
         s = engine.run(guests, excl, store, index, opts, prog)
     if args.json:

@@ -61,13 +61,15 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
                 holders.setdefault(k, set()).add(t.name)
     for name, inos in per_guest_inodes.items():
         g = rep.guests[name]
+        saved = 0.0
         for k in inos:
             b = blocks[k]
             g.disk_bytes += b
             n = len(holders[k])
             if n > 1:
                 g.shared_bytes += b
-                g.saved_bytes += b * (n - 1) // n
+                saved += b * (n - 1) / n
+        g.saved_bytes = round(saved)
     tot = rep.total
     tot.files = sum(g.files for g in rep.guests.values())
     tot.apparent_bytes = sum(g.apparent_bytes for g in rep.guests.values())

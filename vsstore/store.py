@@ -43,8 +43,15 @@ def object_name(key: Key, gen: int) -> str:
 class Store:
     """The store directory, held open by fd."""
 
-    def __init__(self, path: Path, create: bool = True) -> None:
+    def __init__(self, path: Path, create: bool = True, missing_ok: bool = False) -> None:
         self.path = Path(path)
+        self._subdirs: dict[str, int] = {}
+        if missing_ok and not create and not self.path.exists():
+            # A dry run before the first run: an empty store on the parent's filesystem.
+            self.fd = -1
+            parent = next(p for p in self.path.parents if p.exists())
+            self.dev = os.stat(parent).st_dev
+            return
         try:
             if create:
                 self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -55,7 +62,6 @@ class Store:
         except OSError as e:
             raise ConfigError(f"store {self.path}: {e.strerror}; choose another with --store") from None
         self.dev = os.fstat(self.fd).st_dev
-        self._subdirs: dict[str, int] = {}
 
     def close(self) -> None:
         for fd in self._subdirs.values():
@@ -99,6 +105,8 @@ class Store:
     def scan(self) -> dict[Key, list[StoreObject]]:
         """Every object, by key, generations in order.  Foreign names are ignored."""
         out: dict[Key, list[StoreObject]] = {}
+        if self.fd < 0:
+            return out
         with os.scandir(self.fd) as top:
             prefixes = sorted(e.name for e in top if len(e.name) == 2 and
                               e.is_dir(follow_symlinks=False))

@@ -1,0 +1,208 @@
+"""Layer 4: the commands as a user runs them (subprocesses): output, exit codes, errors."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, inode, snapshot
+from vsstore import attrs
+from vsstore.errors import EXIT_BUSY, EXIT_CONFIG, EXIT_PARTIAL
+
+BIN = bytes(range(256)) * 64
+LIB = b"\x7fELF" + bytes(reversed(range(256))) * 100
+
+
+def distro(extra: bytes = b"") -> dict[str, bytes]:
+    return {"usr/bin/tool": BIN, "usr/lib/libx.so": LIB, "etc/config": BIN + b"conf",
+            "usr/share/doc/readme": b"read me " * 10 + extra}
+
+
+def test_run_json_reports_what_it_did(host):
+    for g in "ab":
+        host.guest(g, distro())
+    out = host.run_json("--all")
+    for k in ("files_scanned", "files_hashed", "files_linked", "bytes_saved", "errors"):
+        assert k in out
+    assert out["files_scanned"] == 6  # /etc/config is excluded by default
+    assert out["files_linked"] == 3 and out["errors"] == 0
+    assert out["bytes_saved"] == len(BIN) + len(LIB) + 80
+    assert os.stat(host.root / "a/etc/config").st_nlink == 1
+    again = host.run_json("a", "b")
+    assert (again["files_hashed"], again["files_linked"]) == (0, 0)
+
+
+def test_report_matches_an_independent_count(host):
+    for g in "abc":
+        host.guest(g, distro(g.encode()))
+    host.vsunify("run", "--all")
+    rep = json.loads(host.vsunify("report", "--json", "--all").stdout)
+    holders: dict[tuple[int, int], set[str]] = {}
+    blocks: dict[tuple[int, int], int] = {}
+    apparent = {}
+    for g in "abc":
+        apparent[g] = 0
+        for dirpath, _d, files in os.walk(host.root / g):
+            for f in files:
+                st = os.lstat(os.path.join(dirpath, f))
+                apparent[g] += st.st_size
+                blocks[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+                holders.setdefault((st.st_dev, st.st_ino), set()).add(g)
+    disk = {g: sum(b for k, b in blocks.items() if g in holders[k]) for g in "abc"}
+    for g in "abc":
+        assert rep["guests"][g]["apparent_bytes"] == apparent[g]
+        assert rep["guests"][g]["disk_bytes"] == disk[g]
+    assert rep["total"]["disk_bytes"] == sum(blocks.values())
+    assert rep["total"]["saved_bytes"] == sum(disk.values()) - sum(blocks.values())
+    assert rep["total"]["saved_bytes"] > 0
+    assert abs(sum(rep["guests"][g]["saved_bytes"] for g in "abc")
+               - rep["total"]["saved_bytes"]) <= 3
+    assert rep["store"]["objects"] == 2  # tool and lib; each readme differs
+    table = host.vsunify("report", "--all").stdout
+    assert "TOTAL" in table and "store" in table
+
+
+def test_deunify_gives_private_copies_and_gc_removes_unused_objects(host):
+    for g in "ab":
+        host.guest(g, distro())
+    host.vsunify("run", "a", "b")
+    before = snapshot(host.root / "a")
+    out = json.loads(host.vsunify("deunify", "--json", "a").stdout)
+    assert out == {"files": 3, "bytes": len(BIN) + len(LIB) + 80, "errors": 0}
+    assert snapshot(host.root / "a") == before
+    for rel in ("usr/bin/tool", "usr/lib/libx.so"):
+        p = host.root / "a" / rel
+        assert os.stat(p).st_nlink == 1
+        fd = os.open(p, os.O_RDONLY)
+        assert attrs.read_attrs(fd).letters() == "uia"
+        os.close(fd)
+        with open(p, "ab") as f:  # writable again, and private
+            f.write(b"mine")
+        assert (host.root / "b" / rel).read_bytes() in (BIN, LIB)
+    assert json.loads(host.vsunify("gc", "--json").stdout)["objects_removed"] == 0
+    host.vsunify("deunify", "b", "/usr/bin/tool")
+    assert os.stat(host.root / "b/usr/lib/libx.so").st_nlink == 2
+    assert json.loads(host.vsunify("gc", "--json").stdout)["objects_removed"] == 1
+    assert json.loads(host.vsunify("gc", "--json").stdout)["objects_removed"] == 0
+
+
+def test_excludes_command_and_lists(host):
+    host.guest("a", distro())
+    (host.conf / "a/apps/vunify").mkdir(parents=True)
+    (host.conf / "a/apps/vunify/exclude").write_text("/usr/share/doc\n")
+    host.guest("b", distro())
+    out = host.vsunify("excludes", "a").stdout
+    assert "/usr/share/doc" in out and "guest list" in out and "default list" in out
+    res = host.run_json("a", "b", "--exclude", "+/etc/config")
+    assert res["files_linked"] == 3  # tool, lib, and the re-included config; not the doc
+    assert os.stat(host.root / "a/usr/share/doc/readme").st_nlink == 1
+    assert inode(host.root / "a/etc/config") == inode(host.root / "b/etc/config")
+
+
+def _fails(p: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    for w in words:
+        assert w in p.stderr, (w, p.stderr)
+
+
+def test_bad_input_gives_clear_errors_and_distinct_codes(host):
+    host.guest("a", distro())
+    _fails(host.vsunify("run", "nosuch", check=False), EXIT_CONFIG, "nosuch", "no configuration")
+    _fails(host.vsunify("run", check=False), EXIT_CONFIG, "name at least one guest")
+    _fails(host.vsunify("run", "a", "--exclude", "relative", check=False), EXIT_CONFIG,
+           "--exclude", "absolute path")
+    _fails(host.vsunify("run", "a", "--min-size", "0", check=False), EXIT_CONFIG, "--min-size")
+    (host.conf / "a/apps/vunify").mkdir(parents=True)
+    bad = host.conf / "a/apps/vunify/exclude"
+    bad.write_text("/ok\n[broken\n")
+    _fails(host.vsunify("run", "a", check=False), EXIT_CONFIG, f"{bad}:2")
+    bad.unlink()
+    mnt = host.base / "othermnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], check=True)
+    try:
+        _fails(host.vsunify("run", "a", "--store", str(mnt / "store"), check=False),
+               EXIT_CONFIG, "another filesystem", "--store")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    _fails(host.vsunify("run", "a", "--store", str(host.root / "a/.hash"), check=False),
+           EXIT_CONFIG, "outside every guest tree")
+
+
+def test_a_second_run_is_refused_while_one_holds_the_lock(host):
+    host.guest("a", distro())
+    lock = host.base / "run" / "vsunify.lock"
+    lock.parent.mkdir(parents=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"4242\n")
+        _fails(host.vsunify("run", "a", check=False), EXIT_BUSY, "another vsunify run",
+               "4242")
+    finally:
+        os.close(fd)
+    host.vsunify("run", "a")
+
+
+def test_corrupt_or_missing_index_costs_only_time(host):
+    for g in "ab":
+        host.guest(g, distro())
+    host.vsunify("run", "a", "b")
+    host.index.write_bytes(b"garbage" * 1000)
+    for extra in ("-wal", "-shm"):
+        p = host.index.with_name(host.index.name + extra)
+        if p.exists():
+            p.unlink()
+    p = host.vsunify("run", "--json", "a", "b")
+    assert "moved it to" in p.stderr
+    out = json.loads(p.stdout)
+    assert out["files_hashed"] > 0 and out["files_linked"] == 0 and out["errors"] == 0
+    host.index.unlink()
+    out = host.run_json("a", "b")
+    assert out["files_linked"] == 0 and out["errors"] == 0
+
+
+def test_partial_success_has_its_own_exit_code(host):
+    host.guest("a", distro())
+    host.guest("b", distro())
+    w = os.open(host.root / "b/usr/bin/tool", os.O_WRONLY)
+    try:
+        p = host.vsunify("run", "--json", "a", "b", check=False)
+    finally:
+        os.close(w)
+    assert p.returncode == EXIT_PARTIAL
+    out = json.loads(p.stdout)
+    assert out["errors"] == 1 and out["files_linked"] == 2
+    assert "open for writing" in p.stderr
+
+
+def test_dry_run_reports_without_changing(host):
+    for g in "ab":
+        host.guest(g, distro())
+    out = host.run_json("--dry-run", "a", "b")
+    assert out["files_linked"] == 3 and out["dry_run"] is True
+    assert os.stat(host.root / "a/usr/bin/tool").st_nlink == 1
+    assert not host.store.exists() or not any(host.store.rglob("*/*"))
+
+
+def test_vsattr_show_set_clear(host, tmp_path):
+    f = host.base / "file"
+    f.write_bytes(b"x" * 20)
+    def vsattr(*a):
+        return subprocess.run([sys.executable, "-m", "vsstore.cli", *a], cwd=REPO,
+                              capture_output=True, text=True)
+    assert vsattr("show", str(f)).stdout.split()[0] == "uia"
+    assert vsattr("set", "--iunlink", str(f)).returncode == 0
+    assert vsattr("show", str(f)).stdout.split()[0] == "Uia"
+    assert vsattr("set", "--immutable", str(f)).returncode == 0
+    assert vsattr("show", str(f)).stdout.split()[0] == "UIa"
+    assert vsattr("clear", "--iunlink", str(f)).returncode == 0
+    assert vsattr("show", str(f)).stdout.split()[0] == "uIa"
+    assert vsattr("clear", str(f)).returncode == 0
+    assert vsattr("show", str(f)).stdout.split()[0] == "uia"
+    os.symlink(f, host.base / "link")
+    p = vsattr("show", str(host.base / "link"))
+    assert p.returncode == EXIT_PARTIAL and "symlink" in p.stderr
