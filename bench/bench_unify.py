@@ -292,13 +292,13 @@ def copy_guest(src: Path, dst: Path) -> None:
 
 def measure(tool: str, ctx: Context, rnd: Path, guests: list[Path], phase: str) -> Sample:
     """Time ``tool`` over ``guests`` (cold unless the phase is a warm one)."""
-    extra = [rnd / ".hash-vsunify"] if tool == "vsunify" else []
-    before = du(guests + extra)
+    store = [rnd / ".hash-vsunify"] if tool == "vsunify" else []
+    before = du(guests + [p for p in store if p.exists()])
     argv, env = tool_command(tool, ctx, rnd, guests)
     if COLD[phase]:
         drop_caches()
     wall, cpu, out = timed_run(argv, env, rnd / f"{tool}-{phase}.log")
-    after = du(guests + extra)
+    after = du(guests + store)
     names, inodes = count_files(guests)
     s = Sample(wall, cpu, before, after, names, inodes)
     if tool == "vsunify":

@@ -108,8 +108,10 @@ def test_store_names_scan_and_generations(tmp_path):
     key = (bytes(range(16)), bytes(range(8)))
     fd = os.open(f, os.O_RDONLY)
     try:
-        o0 = store.add(fd, key, [])
-        o1 = store.add(fd, key, [o0])
+        o0 = store.reserve(key, [], 0)
+        store.link(fd, o0)
+        o1 = store.reserve(key, [o0], 0)
+        store.link(fd, o1)
     finally:
         os.close(fd)
     assert o0.name == object_name(key, 0) == "00/000102030405060708090a0b0c0d0e0f-0001020304050607"

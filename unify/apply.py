@@ -269,19 +269,17 @@ class Linker:
             if not ready and not (new and objs):
                 return []  # a new object is worth it alone only as the next generation
             if new:
-                obj = self.store.add(ofd, key, objs)
-                objs.append(obj)
-                self.stats.objects_created += 1
+                assert seed is not None
+                obj = self.store.reserve(key, objs, seed.ino)
             assert obj is not None
-            return self._window(obj, ofd, new, seed, ready, dirs)
+            return self._window(obj, ofd, new, objs, ready, dirs)
         finally:
             dirs.close()
             for fd in held:
                 os.close(fd)  # closing also releases the leases
 
-    def _window(self, obj: StoreObject, ofd: int, new: bool, seed: InodeRec | None,
+    def _window(self, obj: StoreObject, ofd: int, new: bool, objs: list[StoreObject],
                 ready: list[tuple[InodeRec, int]], dirs: _Dirs) -> list[InodeRec]:
-        odir, obase = self.store.dir_and_name(obj)
         names: list[_Name] = []
         for j, _ in ready:
             for tree, rel in j.names:
@@ -294,10 +292,18 @@ class Linker:
                     continue
                 names.append(_Name(j, tree, rel, dfd, base, tmp_name()))
         point("verified", obj=obj, names=[(n.tree, n.rel) for n in names])
-        ids = self.index.journal_add(
-            ("join", str(n.tree.root), split_rel(n.rel)[0], n.base, n.tmp, n.rec.ino, obj.ino)
-            for n in names) if self.index else []
+        # The object's own row first: recovery seals (or drops) whatever object was in flight.
+        prefix, base = obj.name.split("/")
+        rows = [("object", str(self.store.path), prefix, base, "", obj.ino, obj.ino)]
+        rows += [("join", str(n.tree.root), split_rel(n.rel)[0], n.base, n.tmp, n.rec.ino,
+                  obj.ino) for n in names]
+        ids = self.index.journal_add(rows) if self.index else []
         point("journaled")
+        if new:
+            self.store.link(ofd, obj)
+            objs.append(obj)
+            self.stats.objects_created += 1
+        odir, obase = self.store.dir_and_name(obj)
 
         overflow: list[InodeRec] = []
         failed: set[int] = set()
@@ -489,11 +495,16 @@ def copy_file(src: int, dirfd: int, name: str) -> int:
     return fd
 
 
-def recover(index: Index, immutable: bool) -> list[str]:
+def recover(index: Index, store: Store, immutable: bool) -> list[str]:
     """Resolve journal rows a crashed run left behind.  Never removes a name unless the
-    content it held is still at the guest's own name (or was only our extra link)."""
+    content it held is still at the guest's own name (or was only our extra link); then
+    seal every object that was in flight, or drop it from the store if it no longer holds
+    what its name says."""
     notes: list[str] = []
-    for row in index.journal():
+    rows = index.journal()
+    for row in rows:
+        if row.kind == "object":
+            continue
         where = f"{row.root}/{row.dir + '/' if row.dir else ''}{row.name}"
         try:
             tree = GuestTree(row.root)
@@ -556,4 +567,37 @@ def recover(index: Index, immutable: bool) -> list[str]:
         finally:
             os.close(dfd)
             tree.close()
+    for row in rows:
+        if row.kind == "object":
+            _recover_object(store, row.dir + "/" + row.name, immutable, notes)
+            index.journal_done([row.id])
     return notes
+
+
+def _recover_object(store: Store, name: str, immutable: bool, notes: list[str]) -> None:
+    key = Store.parse_name(name)
+    prefix, base = name.split("/")
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=store.subdir(prefix))
+    except OSError:
+        return  # never linked, or gone
+    try:
+        if attrs.has_marker(fd) and (not immutable or attrs.is_immutable(fd)):
+            return
+        st = os.fstat(fd)
+        xattrs = read_xattrs(fd)
+        ok = key is not None and content_digest(fd, st.st_size) == key[0] and \
+            key[1] in (meta_class(st, xattrs, False), meta_class(st, xattrs, True))
+        if ok and syscalls.take_read_lease(fd):
+            attrs.seal(fd, immutable)
+            if syscalls.lease_held(fd):
+                return
+            attrs.set_immutable(fd, False)
+        with unsealed(fd, immutable):
+            os.unlink(base, dir_fd=store.subdir(prefix))
+        notes.append(f"store object {name}: interrupted before it was sealed and no longer "
+                     f"matches its name (or is in use for writing); removed from the store")
+        log.warning("%s", notes[-1])
+    finally:
+        os.close(fd)

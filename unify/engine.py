@@ -114,7 +114,7 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
     prog = progress or Progress(False)
     summ = Summary(guests=len(guests), dry_run=opts.dry_run)
     if not opts.dry_run:
-        summ.messages += apply.recover(index, opts.immutable)
+        summ.messages += apply.recover(index, store, opts.immutable)
     trees = open_trees(guests, store)
     try:
         # 1. Walk.

@@ -136,19 +136,23 @@ class Store:
         prefix, name = obj.name.split("/")
         return self.subdir(prefix), name
 
-    def add(self, fd: int, key: Key, taken: list[StoreObject]) -> StoreObject:
-        """Link the open file ``fd`` into the store as the next free generation of ``key``."""
+    def reserve(self, key: Key, taken: list[StoreObject], ino: int) -> StoreObject:
+        """Name the next generation of ``key`` for inode ``ino``, without linking it yet."""
         gen = max((o.gen for o in taken), default=-1) + 1
-        while True:
-            name = object_name(key, gen)
-            prefix, base = name.split("/")
-            try:
-                syscalls.link_fd(fd, self.subdir(prefix, create=True), base)
-            except FileExistsError:
-                gen += 1
-                continue
-            st = os.fstat(fd)
-            return StoreObject(key, gen, name, st.st_ino, st.st_nlink, st.st_size)
+        return StoreObject(key, gen, object_name(key, gen), ino, 0, 0)
+
+    def link(self, fd: int, obj: StoreObject) -> None:
+        """Link the open file ``fd`` into the store under ``obj``'s reserved name."""
+        prefix, base = obj.name.split("/")
+        syscalls.link_fd(fd, self.subdir(prefix, create=True), base)
+        st = os.fstat(fd)
+        obj.ino, obj.nlink, obj.size = st.st_ino, st.st_nlink, st.st_size
+
+    @staticmethod
+    def parse_name(name: str) -> Key | None:
+        """The key an object name ('ab/<digest>-<meta>[.N]') stands for, or None."""
+        m = _NAME_RE.match(name.rpartition("/")[2])
+        return (bytes.fromhex(m.group(1)), bytes.fromhex(m.group(2))) if m else None
 
     def unlink(self, obj: StoreObject) -> None:
         d, name = self.dir_and_name(obj)
