@@ -5,7 +5,6 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -230,11 +229,3 @@ def _dry(todo: list[scan.InodeRec], objs: list, stats: apply.LinkStats) -> None:
         stats.files_linked += len(m.names)
         if m.all_names_seen:
             stats.bytes_saved += m.size
-
-
-def guest_excludes(guest: Guest, *, cli: list[str], use_default: bool, host_file,
-                   providers: list[Callable[[Guest], list]] = ()) -> ExcludeList:  # type: ignore[assignment]
-    from vsstore.excludes import build_excludes
-    provided = [r for p in providers for r in p(guest)]
-    return build_excludes(cli=cli, guest_file=guest.exclude_file, host_file=host_file,
-                          provided=provided, use_default=use_default)

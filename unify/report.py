@@ -7,7 +7,6 @@ guests' savings add up to the host's.
 """
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 

@@ -1,0 +1,81 @@
+"""Layer 6: real Debian guests (debootstrap corpus, built by bench/corpus.sh and cached
+outside the checkout; scripts/setup test builds it).  Compares with util-linux hardlink."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import snapshot
+
+CORPUS = Path(os.environ.get("VSSTORE_BENCH_CACHE", "/var/cache/vsstore-bench")) / "debian"
+GUESTS = ["bookworm-minbase", "bookworm-services", "trixie-minbase"]
+
+pytestmark = pytest.mark.skipif(
+    not all((CORPUS / g / ".complete").exists() for g in GUESTS),
+    reason=f"no Debian corpus in {CORPUS}: run bench/corpus.sh (scripts/setup test does)")
+
+
+def du(*paths: Path) -> int:
+    out = subprocess.run(["du", "-s", "--block-size=1", *map(str, paths)], check=True,
+                         capture_output=True, text=True).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines())
+
+
+def test_debian_guests_save_what_hardlink_saves_and_keep_every_file(host):
+    ours = []
+    for g in GUESTS:
+        subprocess.run(["cp", "-a", str(CORPUS / g), str(host.root / g)], check=True)
+        ours.append(host.root / g)
+    theirs = host.base / "hardlink-copy"
+    theirs.mkdir()
+    for g in GUESTS:
+        subprocess.run(["cp", "-a", str(CORPUS / g), str(theirs / g)], check=True)
+    before = {g: snapshot(host.root / g) for g in GUESTS}
+    du_before = du(*ours)
+    assert du(*[theirs / g for g in GUESTS]) == du_before
+
+    out = host.run_json("--no-default-excludes", "--ignore-mtime", "--min-size", "1",
+                        *map(str, ours))
+    assert out["errors"] == 0 and out["files_linked"] > 1000
+    subprocess.run(["hardlink", "-c", "-q", *[str(theirs / g) for g in GUESTS]], check=True)
+    saved_ours = du_before - du(*ours)
+    saved_hardlink = du_before - du(*[theirs / g for g in GUESTS])
+    assert saved_hardlink > 0
+    assert abs(saved_ours - saved_hardlink) <= 0.01 * saved_hardlink, \
+        (saved_ours, saved_hardlink)
+
+    # Every file keeps content, mode, owner and xattrs (mtime may follow the object's:
+    # that is what --ignore-mtime asks for).
+    assert {g: snapshot(host.root / g) for g in GUESTS} == before
+
+    again = host.run_json("--no-default-excludes", "--ignore-mtime", "--min-size", "1",
+                          *map(str, ours))
+    assert again["files_linked"] == 0 and again["errors"] == 0
+    assert again["files_hashed"] <= 0.001 * out["files_hashed"] + 1
+    shutil.rmtree(theirs)
+
+
+def test_default_excludes_keep_etc_and_var_private_on_debian(host):
+    for g in GUESTS[:2]:
+        subprocess.run(["cp", "-a", str(CORPUS / g), str(host.root / g)], check=True)
+    out = host.run_json(*[str(host.root / g) for g in GUESTS[:2]])
+    assert out["errors"] == 0 and out["files_linked"] > 1000
+    shared = 0
+    for g in GUESTS[:2]:
+        for top in ("etc", "var", "root", "home"):
+            for dirpath, _d, files in os.walk(host.root / g / top):
+                for f in files:
+                    p = os.path.join(dirpath, f)
+                    if not os.path.islink(p):
+                        assert ".vsstore." not in "".join(os.listxattr(p)), p
+        for dirpath, _d, files in os.walk(host.root / g / "usr"):
+            for f in files:
+                p = os.path.join(dirpath, f)
+                if not os.path.islink(p) and "trusted.vsstore.iunlink" in os.listxattr(p):
+                    shared += 1
+    assert shared > 1000
