@@ -206,3 +206,28 @@ def test_vsattr_show_set_clear(host, tmp_path):
     os.symlink(f, host.base / "link")
     p = vsattr("show", str(host.base / "link"))
     assert p.returncode == EXIT_PARTIAL and "symlink" in p.stderr
+
+
+def test_progress_line_on_a_terminal_only(host):
+    import pty
+    for g in "ab":
+        host.guest(g, {f"usr/f{i}": BIN + bytes([i]) * 5000 for i in range(200)})
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "unify.cli", "run", "a", "b"], cwd=REPO,
+                         env={**os.environ, **host.env}, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    p.wait()
+    os.close(master)
+    assert p.returncode == 0
+    assert b"files" in seen and b"\r" in seen  # a live line, redrawn in place
+    quiet = host.vsunify("run", "a", "b")  # stderr is a pipe: no progress line
+    assert "\r" not in quiet.stderr

@@ -2,7 +2,6 @@
 outside the checkout; scripts/setup test builds it).  Compares with util-linux hardlink."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

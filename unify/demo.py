@@ -99,8 +99,7 @@ def main(args: argparse.Namespace) -> int:
             else:
                 os.environ[k] = v
         if args.keep:
-            print(f"\ndemo: kept {base} (remove it with: vsattr clear -R is not needed; "
-                  f"run `python -m unify.demo_clean {base}` or chattr -R -i then rm -rf)")
+            print(f"\ndemo: kept {base}; remove it with: chattr -R -i {base} && rm -rf {base}")
         else:
             unseal_tree(base)
             shutil.rmtree(base, ignore_errors=True)
