@@ -81,3 +81,19 @@ def test_walk_prunes_and_starts_below(tree):
     (tree.root / "etc/x").write_text("x")
     assert {r for r, _ in tree.walk(prune_dir=lambda d: d == "etc")} == {"usr/bin/ls"}
     assert {r for r, _ in tree.walk(start="etc")} == {"etc/x"}
+
+
+def test_open_regular_never_opens_a_device_or_fifo(tree):
+    os.mkfifo(tree.root / "usr/bin/fifo")  # opening a FIFO for reading would block
+    os.mknod(tree.root / "usr/bin/null", 0o644 | 0o020000, os.makedev(1, 3))
+    for rel in ("usr/bin/fifo", "usr/bin/null"):
+        with pytest.raises(OSError) as e:
+            tree.open_regular(rel)
+        assert e.value.errno == errno.ESTALE
+    ls = os.stat(tree.root / "usr/bin/ls")
+    fd = tree.open_regular("usr/bin/ls", expect=(ls.st_dev, ls.st_ino))
+    os.close(fd)
+    with pytest.raises(OSError):
+        tree.open_regular("usr/bin/ls", expect=(ls.st_dev, ls.st_ino + 1))
+    with pytest.raises(OSError):
+        tree.open_regular("var/lock/subsys/secret")

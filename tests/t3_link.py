@@ -295,3 +295,17 @@ def test_dry_run_changes_nothing(host):
     assert s.files_linked == 1 and s.bytes_saved == len(BIN)
     assert os.stat(b / "f").st_nlink == 1
     assert not [p for p in host.store.rglob("*") if p.is_file()]
+
+
+def test_a_sealed_inode_with_unseen_names_keeps_its_seal(host):
+    a = host.guest("a", {"f": BIN})
+    host.guest("b", {"f": BIN})
+    os.link(a / "f", host.base / "outside-name")  # a name no run will see
+    fd = os.open(a / "f", os.O_RDONLY)
+    attrs.seal(fd, immutable=True)
+    os.close(fd)
+    s = unify_run(host, "a", "b")
+    assert s.files_linked == 0
+    fd = os.open(a / "f", os.O_RDONLY)
+    assert attrs.read_attrs(fd).letters() == "UIa"
+    os.close(fd)

@@ -154,9 +154,13 @@ class Linker:
         """Open ``rec`` by its first name, leased and unchanged since the walk, or None."""
         tree, rel = rec.names[0]
         try:
-            fd = tree.open_beneath(rel, os.O_RDONLY | os.O_NONBLOCK)
+            fd = tree.open_regular(rel, expect=(rec.dev, rec.ino))
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # gone since the walk: nothing to do
         except OSError as e:
-            self._error(f"{self._where(rec)}: skipped: cannot open: {e.strerror}")
+            if e.errno == errno.ESTALE:
+                self.stats.skipped_changed += 1
+            self._error(f"{self._where(rec)}: skipped: {e.strerror}")
             return None
         ok = False
         try:
@@ -169,7 +173,7 @@ class Linker:
                 self._error(f"{self._where(rec)}: skipped: changed since it was hashed")
                 return None
             if syscalls.get_inode_flags(fd) & _BAD_FLAGS:
-                if not attrs.has_marker(fd):
+                if not attrs.has_marker(fd) or not rec.all_names_seen:
                     self._error(f"{self._where(rec)}: skipped: immutable or append-only "
                                 f"(flag set by someone else)")
                     return None

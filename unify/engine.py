@@ -1,6 +1,7 @@
 """A unification run: walk, exclude, look up, hash, group, link, record.  No argv here."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -79,11 +80,17 @@ def open_trees(guests: list[Guest], store: Store) -> list[GuestTree]:
     return trees
 
 
-def _hash_one(rec: scan.InodeRec) -> tuple[bytes, bytes, bytes] | str:
+def _hash_one(rec: scan.InodeRec) -> tuple[bytes, bytes, bytes] | str | None:
+    """Digest and metadata classes of one inode; a message if it could not be read; None if
+    it simply went away (a guest deleting or replacing files is no error)."""
     tree, rel = rec.names[0]
     try:
-        fd = tree.open_beneath(rel, os.O_RDONLY | os.O_NONBLOCK)
+        fd = tree.open_regular(rel, expect=(rec.dev, rec.ino))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     except OSError as e:
+        if e.errno == errno.ESTALE:
+            return None
         return f"{tree.name}:/{rel}: skipped: cannot open: {e.strerror}"
     try:
         st = os.fstat(fd)
@@ -154,6 +161,8 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
             for rec, res in zip(to_hash, pool.map(_hash_one, to_hash, chunksize=64),
                                 strict=True):
                 done_bytes += rec.size
+                if res is None:
+                    continue
                 if isinstance(res, str):
                     summ.errors += 1
                     summ.messages.append(res)

@@ -37,18 +37,20 @@ def deunify(tree: GuestTree, paths: list[str], index: Index, immutable: bool) ->
     tally = Tally()
     starts = [p.strip("/") for p in paths] or [""]
     for start in starts:
-        try:
-            fd = tree.open_beneath(start, os.O_RDONLY | os.O_NONBLOCK) if start else None
-        except OSError as e:
-            tally.error(f"{tree.name}:/{start}: {e.strerror}")
-            continue
-        if fd is not None:
-            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        if start:
+            try:
+                fd = tree.open_beneath(start, os.O_PATH)
+            except OSError as e:
+                tally.error(f"{tree.name}:/{start}: {e.strerror}")
+                continue
             st = os.fstat(fd)
             os.close(fd)
-            if not is_dir:
+            if stat.S_ISREG(st.st_mode):
                 if st.st_nlink > 1:
                     _deunify_one(tree, start, st, index, immutable, tally)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                tally.error(f"{tree.name}:/{start}: not a regular file or directory")
                 continue
         for rel, st in tree.walk(start=start,
                                  on_error=lambda r, e: tally.error(f"{tree.name}:/{r}: {e}")):
@@ -66,16 +68,16 @@ def _deunify_one(tree: GuestTree, rel: str, st: os.stat_result, index: Index, im
         tally.error(f"{where}: {e.strerror}")
         return
     try:
-        ofd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                      dir_fd=dfd)
+        ofd = tree.open_regular(base, expect=(st.st_dev, st.st_ino), dirfd=dfd)
     except OSError as e:
         os.close(dfd)
-        tally.error(f"{where}: {e.strerror}")
+        if e.errno not in (errno.ENOENT, errno.ESTALE):
+            tally.error(f"{where}: {e.strerror}")
         return
     try:
         ost = os.fstat(ofd)
-        if ost.st_ino != st.st_ino or not attrs.has_marker(ofd):
-            return  # not shared by us (a guest's own hardlink), or changed: leave it
+        if not attrs.has_marker(ofd):
+            return  # not shared by us (a guest's own hardlink): leave it
         leased = syscalls.take_read_lease(ofd)
         tmp = tmp_name()
         cfd = copy_file(ofd, dfd, tmp)

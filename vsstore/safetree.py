@@ -94,6 +94,27 @@ class GuestTree:
             raise OSError(errno.EXDEV, "crosses a mount point", rel)
         return res
 
+    def open_regular(self, rel: str, expect: tuple[int, int] | None = None,
+                     dirfd: int | None = None) -> int:
+        """Open a regular file for reading without ever opening anything else: the name is
+        first opened with O_PATH (which has no side effects, even on a device node a guest
+        swapped in), checked to be a regular file (and the inode ``expect``ed, if given), and
+        only then reopened for reading.  With ``dirfd``, ``rel`` is a name in that directory.
+        Raises OSError (ENOENT, ELOOP, EXDEV, or ESTALE for "not what was expected")."""
+        if dirfd is None:
+            pfd = self.open_beneath(rel, os.O_PATH)
+        else:
+            pfd = os.open(rel, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        try:
+            st = os.fstat(pfd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.ESTALE, "not a regular file any more", rel)
+            if expect is not None and (st.st_dev, st.st_ino) != expect:
+                raise OSError(errno.ESTALE, "replaced by another file", rel)
+            return os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        finally:
+            os.close(pfd)
+
     def open_in_root(self, rel: str, flags: int = os.O_RDONLY) -> int:
         """Open ``rel`` as the guest itself would see it: symlinks are followed but resolved
         as if the guest root were '/', so they can never lead out (RESOLVE_IN_ROOT)."""
