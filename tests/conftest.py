@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from vsstore import attrs
 from vsstore.attrs import unseal_tree
 
 TEST_TMP = os.environ.get("VSSTORE_TEST_TMP", "/var/tmp")
@@ -119,3 +120,12 @@ def snapshot(root: Path) -> dict[str, tuple]:
             out[str(p.relative_to(root))] = (p.read_bytes(), st.st_mode, st.st_uid, st.st_gid,
                                              xattrs)
     return out
+
+
+def flags(p: Path) -> str:
+    """vsattr's letters for a file: U/u iunlink marker, I/i immutable, A/a append-only."""
+    fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        return attrs.read_attrs(fd).letters()
+    finally:
+        os.close(fd)

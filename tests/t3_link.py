@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import inode, snapshot
+from conftest import flags, inode, snapshot
 from unify import apply, engine
 from vsstore import attrs, hashing
 from vsstore.config import Paths, resolve_guest
@@ -53,9 +53,7 @@ def test_identical_files_become_one_sealed_inode_in_the_store(host):
     assert os.stat(a / "usr/bin/only-a").st_nlink == 1
     objs = [p for p in host.store.rglob("*") if p.is_file()]
     assert [inode(p) for p in objs] == [ino]
-    fd = os.open(a / "usr/bin/x", os.O_RDONLY)
-    assert attrs.read_attrs(fd).letters() == "UIa"
-    os.close(fd)
+    assert flags(a / "usr/bin/x") == "UIa"
     assert {g: snapshot(host.root / g) for g in "abc"} == before  # content and metadata kept
     assert not list(host.root.rglob(".vsu~*"))
 
@@ -105,9 +103,7 @@ def test_symlinks_out_of_the_guest_are_never_followed(host):
     s = unify_run(host, "a", "b")
     assert s.files_linked == 1
     assert os.stat(outside / "x").st_nlink == 1
-    fd = os.open(outside / "x", os.O_RDONLY)
-    assert attrs.read_attrs(fd).letters() == "uia"
-    os.close(fd)
+    assert flags(outside / "x") == "uia"
 
 
 def test_a_file_changed_between_hashing_and_linking_is_not_replaced(host):
@@ -283,9 +279,7 @@ def test_an_inode_with_names_outside_the_scan_is_never_sealed(host):
     s = unify_run(host, "a", "b", default_excludes=True)
     assert s.files_linked == 0
     for g in (a, b):
-        fd = os.open(g / "etc/x", os.O_RDONLY)
-        assert attrs.read_attrs(fd).letters() == "uia"
-        os.close(fd)
+        assert flags(g / "etc/x") == "uia"
 
 
 def test_dry_run_changes_nothing(host):
@@ -306,6 +300,4 @@ def test_a_sealed_inode_with_unseen_names_keeps_its_seal(host):
     os.close(fd)
     s = unify_run(host, "a", "b")
     assert s.files_linked == 0
-    fd = os.open(a / "f", os.O_RDONLY)
-    assert attrs.read_attrs(fd).letters() == "UIa"
-    os.close(fd)
+    assert flags(a / "f") == "UIa"

@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO, snapshot
-from vsstore import attrs
+from conftest import REPO, flags, snapshot
 
 POINTS = ["verified", "journaled", "linked", "swapped", "sealed", "unlinked"]
 
@@ -41,9 +40,7 @@ def check_tidy(host):
     db.close()
     for obj in host.store.rglob("*"):
         if obj.is_file():
-            fd = os.open(obj, os.O_RDONLY)
-            assert attrs.read_attrs(fd).letters() == "UIa", obj
-            os.close(fd)
+            assert flags(obj) == "UIa", obj
     inodes = {os.stat(g / "usr/lib/f0").st_ino for g in host.root.glob("g*")}
     assert len(inodes) == 1
 
