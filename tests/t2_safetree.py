@@ -97,3 +97,11 @@ def test_open_regular_never_opens_a_device_or_fifo(tree):
         tree.open_regular("usr/bin/ls", expect=(ls.st_dev, ls.st_ino + 1))
     with pytest.raises(OSError):
         tree.open_regular("var/lock/subsys/secret")
+
+
+def test_walk_reports_known_inodes_without_a_stat(tree):
+    st = os.stat(tree.root / "usr/bin/ls")
+    marker = os.stat(tree.root)  # any stat object: proves it came from the mapping
+    got = dict(tree.walk(known={st.st_ino: marker}))
+    assert got["usr/bin/ls"] is marker
+    assert dict(tree.walk())["usr/bin/ls"].st_ino == st.st_ino

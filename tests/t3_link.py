@@ -301,3 +301,36 @@ def test_a_sealed_inode_with_unseen_names_keeps_its_seal(host):
     s = unify_run(host, "a", "b")
     assert s.files_linked == 0
     assert flags(a / "f") == "UIa"
+
+
+def test_a_forced_collision_with_an_existing_object_is_caught_by_blake3(host):
+    hashing.digest_hook = lambda d: b"\0" * 16
+    a = host.guest("a", {"f": BIN})
+    host.guest("b", {"f": BIN})
+    assert unify_run(host, "a", "b").files_linked == 1
+    other = bytes(reversed(BIN))
+    c = host.guest("c", {"f": other})
+    s = unify_run(host, "a", "b", "c")
+    assert s.files_linked == 0 and any("content differs" in m for m in s.messages)
+    assert (c / "f").read_bytes() == other and inode(c / "f") != inode(a / "f")
+
+
+def test_a_guest_replacing_a_shared_file_is_seen_by_the_next_run(host):
+    for g in "abc":
+        host.guest(g, {"usr/lib/f": BIN})
+    unify_run(host, "a", "b", "c")
+    new = BIN + b"upgraded"
+    for g in "ab":  # two guests upgrade the file the way dpkg does: new file, rename over
+        p = host.root / g / "usr/lib"
+        (p / "f.new").write_bytes(new)
+        os.utime(p / "f.new", (1_600_000_000, 1_600_000_000))
+        fd = os.open(p / "f", os.O_RDONLY)
+        attrs.set_immutable(fd, False)
+        os.rename(p / "f.new", p / "f")
+        os.close(fd)
+    s = unify_run(host, "a", "b", "c")
+    # The two new files, and the object (lifting its flag changed its ctime) ...
+    assert s.files_hashed == 3 and s.files_linked == 1
+    assert inode(host.root / "a/usr/lib/f") == inode(host.root / "b/usr/lib/f")
+    assert (host.root / "c/usr/lib/f").read_bytes() == BIN
+    assert flags(host.root / "c/usr/lib/f") == "UIa"  # ... which is sealed again

@@ -4,8 +4,10 @@ For one store object O and the guest files J that should become names of O:
 
 1. Each J is opened without following symlinks, a read lease is taken on it (the kernel
    grants one only while nobody has J open for writing, and breaks it as soon as anyone tries
-   to), its stat is compared with what was hashed (dev, ino, size, mtime, ctime), and its
-   bytes are compared with O's.  A hash collision or a change since hashing stops here.
+   to), and its stat is compared with what was hashed (dev, ino, size, mtime, ctime): so its
+   content is still what was hashed.  Its BLAKE3 digest must equal O's (known from the index
+   for a sealed O, whose content cannot change, else computed now).  A crafted xxh3
+   collision or a change since hashing stops here.
 2. The batch is written to the journal in the index; then, for each name of each J, O is
    linked to a temporary name ``.vsu~XXXXXXXXXXXXXXXX`` beside it and swapped with the name
    by ``renameat2(RENAME_EXCHANGE)``.  What the swap moved out must be J itself; if a guest
@@ -31,8 +33,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vsstore import attrs, syscalls
-from vsstore.hashing import content_digest, meta_class, read_xattrs, same_content
-from vsstore.index import Index
+from vsstore.hashing import content_digests, meta_class, read_xattrs
+from vsstore.index import Index, Row
 from vsstore.safetree import GuestTree, split_rel
 from vsstore.store import Key, Store, StoreObject
 
@@ -134,7 +136,7 @@ class Linker:
         # Every name the walk saw per inode, so that a compromised object's names can be
         # moved to a fresh copy (evacuate).
         self.known: dict[tuple[int, int], InodeRec] = {}
-        self.index_rows: list[tuple[int, int, int, int, int, bytes, bytes, bytes]] = []
+        self.index_rows: list[Row] = []
         self.forget: list[tuple[int, int]] = []
 
     # -- messages ------------------------------------------------------------------------
@@ -208,11 +210,13 @@ class Linker:
                             f"not linking to it (`vsunify gc` removes it once unused)")
                 obj.full = True
                 return None
-            if not attrs.has_marker(fd) and content_digest(fd, st.st_size) != obj.key[0]:
-                # Unsealed (a crash before its first seal) and changed since: not an object.
-                self._error(f"store object {obj.name}: unsealed and its content changed; "
+            if not attrs.has_marker(fd) or not self._object_strong(obj, fd, st):
+                # Unsealed (a crash before its first seal) and changed since, or content that
+                # no longer matches its name: not an object.
+                self._error(f"store object {obj.name}: its content does not match its name; "
                             f"removed from the store")
-                self.store.unlink(obj)
+                with unsealed(fd, self.immutable):
+                    self.store.unlink(obj)
                 obj.full = True
                 return None
             obj.ino, obj.nlink = st.st_ino, st.st_nlink
@@ -221,6 +225,46 @@ class Linker:
         finally:
             if not ok:
                 os.close(fd)
+
+    def _object_strong(self, obj: StoreObject, fd: int, st: os.stat_result) -> bool:
+        """Make sure ``obj.strong`` holds the BLAKE3 digest of the object's content: from the
+        run's records when the inode is unchanged since it was hashed, else by reading it
+        (and checking it against the name).  False if the content does not match the name."""
+        if obj.strong is not None:
+            return True
+        rec = self.known.get((st.st_dev, st.st_ino))
+        if rec is not None and rec.strong is not None and rec.digest == obj.key[0] and \
+                rec.size == st.st_size and rec.mtime_ns == st.st_mtime_ns and \
+                rec.ctime_ns == st.st_ctime_ns:
+            obj.strong = rec.strong
+            return True
+        digest, strong = content_digests(fd, st.st_size)
+        if digest != obj.key[0]:
+            return False
+        obj.strong = strong
+        return True
+
+    def reseal(self, obj: StoreObject, rec: InodeRec) -> None:
+        """An object whose inode changed since the last run (its flag was lifted by hand, or
+        it was touched while unsealed): seal it again if its content still matches its name;
+        otherwise say loudly that guests share changed content."""
+        if rec.digest != obj.key[0]:
+            self._error(f"store object {obj.name}: its content changed although guests share "
+                        f"it; run `vsunify deunify` on the guests that link it")
+            obj.full = True
+            return
+        try:
+            fd = self.store.open_object(obj)
+        except OSError as e:
+            self._error(f"store object {obj.name}: {e.strerror}")
+            return
+        try:
+            flags_ok = attrs.has_marker(fd) and (not self.immutable or attrs.is_immutable(fd))
+            if not flags_ok:
+                attrs.seal(fd, self.immutable)
+                log.info("store object %s: sealed again", obj.name)
+        finally:
+            os.close(fd)
 
     # -- the batch -----------------------------------------------------------------------
 
@@ -257,14 +301,14 @@ class Linker:
                 if ofd is None:
                     return joiners
             held.append(ofd)
-            size = os.fstat(ofd).st_size
+            o_strong = seed.strong if seed is not None else obj.strong  # type: ignore[union-attr]
             ready: list[tuple[InodeRec, int]] = []
             for j in joiners:
                 jfd = self._open_verified(j)
                 if jfd is None:
                     continue
                 held.append(jfd)
-                if not same_content(jfd, ofd, size):
+                if j.strong is None or j.strong != o_strong:
                     self._error(f"{self._where(j)}: not linked: content differs from "
                                 f"{'that of ' + self._where(seed) if seed else obj.name} "  # type: ignore[union-attr]
                                 f"although the hashes match (hash collision?)")
@@ -275,6 +319,7 @@ class Linker:
             if new:
                 assert seed is not None
                 obj = self.store.reserve(key, objs, seed.ino)
+                obj.strong = seed.strong
             assert obj is not None
             return self._window(obj, ofd, new, objs, ready, dirs)
         finally:
@@ -406,9 +451,10 @@ class Linker:
         st = os.fstat(ofd)
         obj.nlink = st.st_nlink
         xattrs = read_xattrs(ofd)
-        self.index_rows.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                                obj.key[0], meta_class(st, xattrs, False),
-                                meta_class(st, xattrs, True)))
+        if obj.strong is not None:
+            self.index_rows.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                    st.st_ctime_ns, obj.key[0], obj.strong,
+                                    meta_class(st, xattrs, False), meta_class(st, xattrs, True)))
         return overflow
 
     def _breach(self, obj: StoreObject, ofd: int, new: bool, names: list[_Name]) -> None:
@@ -591,7 +637,7 @@ def _recover_object(store: Store, name: str, immutable: bool, notes: list[str]) 
             return
         st = os.fstat(fd)
         xattrs = read_xattrs(fd)
-        ok = key is not None and content_digest(fd, st.st_size) == key[0] and \
+        ok = key is not None and content_digests(fd, st.st_size)[0] == key[0] and \
             key[1] in (meta_class(st, xattrs, False), meta_class(st, xattrs, True))
         if ok and syscalls.take_read_lease(fd):
             attrs.seal(fd, immutable)

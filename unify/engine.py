@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from vsstore.config import Guest
 from vsstore.errors import ConfigError
 from vsstore.excludes import ExcludeList
-from vsstore.hashing import content_digest, meta_class, read_xattrs
+from vsstore.hashing import content_digests, meta_class, read_xattrs
 from vsstore.index import Index
 from vsstore.safetree import GuestTree
 from vsstore.store import Key, Store
@@ -80,7 +80,15 @@ def open_trees(guests: list[Guest], store: Store) -> list[GuestTree]:
     return trees
 
 
-def _hash_one(rec: scan.InodeRec) -> tuple[bytes, bytes, bytes] | str | None:
+Hashed = tuple[bytes, bytes, bytes, bytes]  # xxh3, blake3, meta, meta_any
+CHUNK_FILES = 64  # files per hashing task: amortises the thread pool's per-task cost
+
+
+def _hash_chunk(recs: list[scan.InodeRec]) -> list[Hashed | str | None]:
+    return [_hash_one(r) for r in recs]
+
+
+def _hash_one(rec: scan.InodeRec) -> Hashed | str | None:
     """Digest and metadata classes of one inode; a message if it could not be read; None if
     it simply went away (a guest deleting or replacing files is no error)."""
     tree, rel = rec.names[0]
@@ -100,11 +108,11 @@ def _hash_one(rec: scan.InodeRec) -> tuple[bytes, bytes, bytes] | str | None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except OSError:
             pass
-        digest = content_digest(fd, rec.size)
+        digest, strong = content_digests(fd, rec.size)
         xattrs = read_xattrs(fd)
         if not rec.same_stat(os.fstat(fd)):
             return f"{tree.name}:/{rel}: skipped: changed while it was read"
-        return digest, meta_class(st, xattrs, False), meta_class(st, xattrs, True)
+        return digest, strong, meta_class(st, xattrs, False), meta_class(st, xattrs, True)
     except OSError as e:
         return f"{tree.name}:/{rel}: skipped: {e.strerror}"
     finally:
@@ -123,9 +131,16 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
         summ.messages += apply.recover(index, store, opts.immutable)
     trees = open_trees(guests, store)
     try:
-        # 1. Walk.
+        # 1. The store's objects.  Sealed objects cannot change, so guest names that point
+        # at them need no stat in the walk.
+        objects = store.scan()
+        object_inos = {(store.dev, o.ino) for objs in objects.values() for o in objs}
+        store_sizes = {o.size for objs in objects.values() for o in objs}
+        known = {o.ino: o.st for objs in objects.values() for o in objs if o.st is not None}
+        # 2. Walk.
         prog.phase("scan")
-        sc = scan.scan(trees, excludes, opts.min_size, tick=lambda n, b: prog.update(n, b))
+        sc = scan.scan(trees, excludes, opts.min_size, tick=lambda n, b: prog.update(n, b),
+                       known=known)
         summ.files_scanned = sc.files_scanned
         summ.errors += sc.errors
         summ.leftovers = len(sc.leftovers)
@@ -133,10 +148,6 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
             log.warning("%s: temporary name left by an interrupted run (no journal entry); "
                         "its content equals the file it was meant to replace or a store "
                         "object: check and remove it", name)
-        # 2. The store's objects, and which inodes are objects already.
-        objects = store.scan()
-        object_inos = {(store.dev, o.ino) for objs in objects.values() for o in objs}
-        store_sizes = {o.size for objs in objects.values() for o in objs}
         # 3. What needs reading: only sizes shared with another inode or an object.
         size_count = Counter(r.size for r in sc.inodes.values())
         cache: dict[int, dict] = {}
@@ -150,33 +161,46 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
             c = rows.get(rec.ino)
             if c is not None and c.size == rec.size and c.mtime_ns == rec.mtime_ns \
                     and c.ctime_ns == rec.ctime_ns:
-                rec.digest, rec.meta, rec.meta_any = c.digest, c.meta, c.meta_any
+                rec.digest, rec.strong = c.digest, c.strong
+                rec.meta, rec.meta_any = c.meta, c.meta_any
             else:
                 to_hash.append(rec)
         # 4. Hash, overlapping I/O and hashing in threads (xxhash releases the GIL).
         prog.phase("hash", total_bytes=sum(r.size for r in to_hash))
         new_rows = []
         done_bytes = 0
+        chunks = [to_hash[i:i + CHUNK_FILES] for i in range(0, len(to_hash), CHUNK_FILES)]
         with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
-            for rec, res in zip(to_hash, pool.map(_hash_one, to_hash, chunksize=64),
-                                strict=True):
-                done_bytes += rec.size
-                if res is None:
-                    continue
-                if isinstance(res, str):
-                    summ.errors += 1
-                    summ.messages.append(res)
-                    log.warning("%s", res)
-                    continue
-                rec.digest, rec.meta, rec.meta_any = res
-                summ.files_hashed += 1
-                summ.bytes_hashed += rec.size
-                new_rows.append((rec.dev, rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns,
-                                 rec.digest, rec.meta, rec.meta_any))
+            for chunk, results in zip(chunks, pool.map(_hash_chunk, chunks), strict=True):
+                for rec, res in zip(chunk, results, strict=True):
+                    done_bytes += rec.size
+                    if res is None:
+                        continue
+                    if isinstance(res, str):
+                        summ.errors += 1
+                        summ.messages.append(res)
+                        log.warning("%s", res)
+                        continue
+                    rec.digest, rec.strong, rec.meta, rec.meta_any = res
+                    summ.files_hashed += 1
+                    summ.bytes_hashed += rec.size
+                    new_rows.append((rec.dev, rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns,
+                                     rec.digest, rec.strong, rec.meta, rec.meta_any))
                 prog.update(summ.files_hashed, done_bytes)
         if not opts.dry_run:
             index.store(new_rows)
         apply.point("hashed", inodes=sc.inodes)
+        linker = apply.Linker(store, index, immutable=opts.immutable,
+                              ignore_mtime=opts.ignore_mtime, stats=apply.LinkStats(),
+                              link_limit=opts.link_limit)
+        linker.known = sc.inodes
+        # An object whose inode changed since it was indexed lost its seal somehow.
+        if not opts.dry_run:
+            by_ino = {o.ino: o for objs in objects.values() for o in objs}
+            for rec in to_hash:
+                obj = by_ino.get(rec.ino) if rec.dev == store.dev else None
+                if obj is not None and rec.digest is not None:
+                    linker.reseal(obj, rec)
         # 5. Group by (content, metadata) and link.
         groups: dict[Key, list[scan.InodeRec]] = {}
         for rec in sc.inodes.values():
@@ -184,11 +208,7 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
             if rec.digest is not None and meta is not None:
                 groups.setdefault((rec.digest, meta), []).append(rec)
         prog.phase("link", total_bytes=0)
-        stats = apply.LinkStats()
-        linker = apply.Linker(store, index, immutable=opts.immutable,
-                              ignore_mtime=opts.ignore_mtime, stats=stats,
-                              link_limit=opts.link_limit)
-        linker.known = sc.inodes
+        stats = linker.stats
         for key, members in groups.items():
             objs = objects.get(key, [])
             todo = [m for m in members if (m.dev, m.ino) not in object_inos]

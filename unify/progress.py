@@ -26,6 +26,7 @@ class Progress:
     def phase(self, name: str, total_bytes: int = 0) -> None:
         self.name, self.total = name, total_bytes
         self.t0 = time.monotonic()
+        self.last = 0.0  # the first update of a phase always shows
 
     def update(self, files: int, nbytes: int) -> None:
         if not self.enabled:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from vsstore.excludes import ExcludeList
@@ -30,7 +30,8 @@ class InodeRec:
     uid: int
     gid: int
     names: list[tuple[GuestTree, str]] = field(default_factory=list)
-    digest: bytes | None = None
+    digest: bytes | None = None    # xxh3-128
+    strong: bytes | None = None    # BLAKE3-256
     meta: bytes | None = None      # metadata class with mtime
     meta_any: bytes | None = None  # ... and without
 
@@ -55,8 +56,10 @@ class Scan:
 
 
 def scan(trees: list[GuestTree], excludes: dict[str, ExcludeList], min_size: int,
-         tick: Callable[[int, int], None] | None = None) -> Scan:
-    """Collect regular files of at least ``min_size`` bytes that no exclude rule covers."""
+         tick: Callable[[int, int], None] | None = None,
+         known: Mapping[int, os.stat_result] | None = None) -> Scan:
+    """Collect regular files of at least ``min_size`` bytes that no exclude rule covers.
+    ``known``: stats of sealed store objects, so their names need no stat (see walk)."""
     out = Scan()
     inodes = out.inodes
 
@@ -67,7 +70,7 @@ def scan(trees: list[GuestTree], excludes: dict[str, ExcludeList], min_size: int
     for tree in trees:
         ex = excludes[tree.name]
         count = 0
-        for rel, st in tree.walk(prune_dir=ex.prune,
+        for rel, st in tree.walk(prune_dir=ex.prune, known=known,
                                  on_error=lambda r, e, t=tree: on_error(t, r, e)):
             base = rel.rpartition("/")[2]
             if TMP_RE.match(base):

@@ -1,10 +1,12 @@
 """Content hashes, metadata classes and byte comparison.
 
 Files are grouped by (content digest, metadata class).  The digest is xxh3-128: fast, but
-not collision resistant, so it only proposes candidates; every link is confirmed by a byte
-comparison (``same_content``) just before it happens.  The metadata class covers everything
-a hardlink shares: mode, owner, all xattrs (capabilities, ACLs, labels) except our own
-marker, and mtime unless it is ignored.
+not collision resistant (a hostile guest can craft collisions), so it only proposes
+candidates.  The same read also computes BLAKE3-256, kept in the index; every link is
+confirmed by comparing those, for content unchanged since it was hashed (same size, mtime and
+ctime, and nobody writing it: see unify/apply.py).  The metadata class covers everything a
+hardlink shares: mode, owner, all xattrs (capabilities, ACLs, labels) except our own marker,
+and mtime unless it is ignored.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import struct
 from collections.abc import Callable
 
+import blake3
 import xxhash
 
 from .attrs import is_ours
@@ -23,18 +26,20 @@ CHUNK = 1 << 20
 digest_hook: Callable[[bytes], bytes] | None = None
 
 
-def content_digest(fd: int, size: int) -> bytes:
-    """xxh3-128 of the file's first ``size`` bytes (the size seen by the walk)."""
-    h = xxhash.xxh3_128()
+def content_digests(fd: int, size: int) -> tuple[bytes, bytes]:
+    """(xxh3-128, BLAKE3-256) of the file's first ``size`` bytes, in one read."""
+    fast = xxhash.xxh3_128()
+    strong = blake3.blake3()
     off = 0
     while off < size:
         data = os.pread(fd, min(CHUNK, size - off), off)
         if not data:
             break
-        h.update(data)
+        fast.update(data)
+        strong.update(data)
         off += len(data)
-    d = h.digest()
-    return digest_hook(d) if digest_hook is not None else d
+    d = fast.digest()
+    return (digest_hook(d) if digest_hook is not None else d), strong.digest()
 
 
 def read_xattrs(fd: int) -> list[tuple[str, bytes]]:
@@ -68,17 +73,3 @@ def meta_class(st: os.stat_result, xattrs: list[tuple[str, bytes]], ignore_mtime
         h.update(n)
         h.update(value)
     return h.digest()
-
-
-def same_content(fd_a: int, fd_b: int, size: int) -> bool:
-    """Byte comparison of two open files over ``size`` bytes, both exactly that long."""
-    if os.fstat(fd_a).st_size != size or os.fstat(fd_b).st_size != size:
-        return False
-    off = 0
-    while off < size:
-        a = os.pread(fd_a, CHUNK, off)
-        b = os.pread(fd_b, CHUNK, off)
-        if a != b or not a:
-            return False
-        off += len(a)
-    return True

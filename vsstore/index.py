@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS inode (
     size     INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     ctime_ns INTEGER NOT NULL,
-    digest   BLOB NOT NULL,      -- xxh3-128 of the content
+    digest   BLOB NOT NULL,      -- xxh3-128 of the content (groups, names objects)
+    strong   BLOB NOT NULL,      -- BLAKE3-256 of the content (confirms every link)
     meta     BLOB NOT NULL,      -- metadata class: mode, owner, xattrs, mtime
     meta_any BLOB NOT NULL,      -- the same without mtime (for --ignore-mtime)
     PRIMARY KEY (dev, ino)
@@ -66,12 +67,16 @@ CREATE TABLE IF NOT EXISTS run (
 """
 
 
+Row = tuple[int, int, int, int, int, bytes, bytes, bytes, bytes]
+
+
 @dataclass(frozen=True, slots=True)
 class Cached:
     size: int
     mtime_ns: int
     ctime_ns: int
     digest: bytes
+    strong: bytes
     meta: bytes
     meta_any: bytes
 
@@ -136,13 +141,14 @@ class Index:
     def load(self, dev: int) -> dict[int, Cached]:
         """All cached rows of one device, keyed by inode number."""
         return {r[0]: Cached(*r[1:]) for r in self.db.execute(
-            "SELECT ino, size, mtime_ns, ctime_ns, digest, meta, meta_any FROM inode "
+            "SELECT ino, size, mtime_ns, ctime_ns, digest, strong, meta, meta_any FROM inode "
             "WHERE dev=?", (dev,))}
 
-    def store(self, rows: Iterable[tuple[int, int, int, int, int, bytes, bytes, bytes]]) -> None:
-        """Insert or replace (dev, ino, size, mtime_ns, ctime_ns, digest, meta, meta_any)."""
+    def store(self, rows: Iterable[Row]) -> None:
+        """Insert or replace rows (dev, ino, size, mtime_ns, ctime_ns, digest, strong, meta,
+        meta_any)."""
         with self.transaction():
-            self.db.executemany("INSERT OR REPLACE INTO inode VALUES (?,?,?,?,?,?,?,?)", rows)
+            self.db.executemany("INSERT OR REPLACE INTO inode VALUES (?,?,?,?,?,?,?,?,?)", rows)
 
     def forget(self, dev: int, inos: Iterable[int]) -> None:
         with self.transaction():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from . import syscalls
@@ -132,11 +132,14 @@ class GuestTree:
 
     def walk(self, prune_dir: Callable[[str], bool] | None = None,
              on_error: Callable[[str, OSError], None] | None = None, start: str = "",
+             known: Mapping[int, os.stat_result] | None = None,
              ) -> Iterator[tuple[str, os.stat_result]]:
         """Yield (rel, lstat) for every regular file, depth first, never following a
         symlink and never descending into another filesystem.  ``prune_dir(rel)`` may skip
         a directory; ``on_error(rel, exc)`` hears about directories that could not be read.
-        ``start`` walks only that subtree."""
+        ``start`` walks only that subtree.  ``known`` maps inode numbers whose stat the caller
+        already has (sealed store objects, which cannot change): a regular file whose
+        directory entry names one of them is reported with that stat, without a syscall."""
         start = start.strip("/")
         if start:
             fd = self.open_beneath(start, os.O_RDONLY | os.O_DIRECTORY)
@@ -167,6 +170,11 @@ class GuestTree:
                 with os.scandir(fd) as it:
                     for entry in it:
                         child = prefix + entry.name
+                        if known is not None:
+                            kst = known.get(entry.inode())
+                            if kst is not None and entry.is_file(follow_symlinks=False):
+                                yield child, kst
+                                continue
                         try:
                             st = entry.stat(follow_symlinks=False)
                         except FileNotFoundError:

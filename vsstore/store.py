@@ -33,6 +33,8 @@ class StoreObject:
     nlink: int
     size: int
     full: bool = False  # reached EMLINK this run
+    st: os.stat_result | None = None  # as seen by scan()
+    strong: bytes | None = None  # BLAKE3 of the content, once known this run
 
 
 def object_name(key: Key, gen: int) -> str:
@@ -123,7 +125,8 @@ class Store:
                     key = (bytes.fromhex(m.group(1)), bytes.fromhex(m.group(2)))
                     gen = int(m.group(3) or 0)
                     out.setdefault(key, []).append(StoreObject(
-                        key, gen, f"{prefix}/{e.name}", st.st_ino, st.st_nlink, st.st_size))
+                        key, gen, f"{prefix}/{e.name}", st.st_ino, st.st_nlink, st.st_size,
+                        st=st))
         for objs in out.values():
             objs.sort(key=lambda o: o.gen)
         return out
