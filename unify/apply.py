@@ -136,6 +136,10 @@ class Linker:
         # Every name the walk saw per inode, so that a compromised object's names can be
         # moved to a fresh copy (evacuate).
         self.known: dict[tuple[int, int], InodeRec] = {}
+        # Journal planning of the current chunk (see unify_all).
+        self._planned: dict[tuple[int, str], tuple[str, int]] = {}
+        self._planned_objects: set[str] = set()
+        self._extra_ids: list[int] = []
         self.index_rows: list[Row] = []
         self.forget: list[tuple[int, int]] = []
 
@@ -268,6 +272,60 @@ class Linker:
 
     # -- the batch -----------------------------------------------------------------------
 
+    def unify_all(self, plans: list[tuple[Key, list[InodeRec], list[StoreObject]]],
+                  chunk: int = 128, tick: Callable[[], None] | None = None) -> None:
+        """Unify many groups.  The journal rows of a chunk of groups are written in one
+        transaction before any of them is touched, and removed in one after the chunk (two
+        commits per chunk instead of two per object).  A row whose temporary name never
+        appeared is simply dropped by recovery, so planning ahead costs nothing."""
+        for i in range(0, len(plans), chunk):
+            part = plans[i:i + chunk]
+            ids = self._plan(part)
+            clean = True
+            for key, members, objs in part:
+                try:
+                    self.unify(key, members, objs)
+                except OSError as e:
+                    clean = False  # leave this chunk's rows for recovery
+                    where = f"{members[0].names[0][0].name}:/{members[0].names[0][1]}"
+                    self._error(f"{where}: group not linked: {e}")
+                if tick is not None:
+                    tick()
+            ids += self._extra_ids
+            self._extra_ids = []
+            self._planned.clear()
+            self._planned_objects.clear()
+            if clean and self.index is not None:
+                self.index.journal_done(ids)
+
+    def _plan(self, part: list[tuple[Key, list[InodeRec], list[StoreObject]]]) -> list[int]:
+        """Journal what the chunk will most likely do: each group's object (the first with
+        room, or the next generation seeded by the member with most names) and a temporary
+        name for every member's every name."""
+        rows: list[tuple[str, str, str, str, str, int, int]] = []
+        for key, members, objs in part:
+            obj = next((o for o in objs if not o.full), None)
+            if obj is not None:
+                name, oino = obj.name, obj.ino
+            else:
+                seeds = [m for m in members if m.all_names_seen]
+                if not seeds:
+                    continue
+                oino = max(seeds, key=lambda m: len(m.names)).ino
+                name = self.store.reserve(key, objs, oino).name
+            prefix, base = name.split("/")
+            rows.append(("object", str(self.store.path), prefix, base, "", oino, oino))
+            self._planned_objects.add(name)
+            for m in members:
+                if m.ino == oino:
+                    continue
+                for tree, rel in m.names:
+                    tmp = tmp_name()
+                    self._planned[(id(tree), rel)] = (tmp, oino)
+                    rows.append(("join", str(tree.root), split_rel(rel)[0],
+                                 split_rel(rel)[1], tmp, m.ino, oino))
+        return self.index.journal_add(rows) if self.index is not None and rows else []
+
     def unify(self, key: Key, members: list[InodeRec], objs: list[StoreObject]) -> None:
         """Make every member a name of one object of ``key`` (creating it if needed)."""
         pending = list(members)
@@ -330,6 +388,10 @@ class Linker:
     def _window(self, obj: StoreObject, ofd: int, new: bool, objs: list[StoreObject],
                 ready: list[tuple[InodeRec, int]], dirs: _Dirs) -> list[InodeRec]:
         names: list[_Name] = []
+        rows: list[tuple[str, str, str, str, str, int, int]] = []
+        if obj.name not in self._planned_objects:  # recovery seals (or drops) it
+            prefix, base = obj.name.split("/")
+            rows.append(("object", str(self.store.path), prefix, base, "", obj.ino, obj.ino))
         for j, _ in ready:
             for tree, rel in j.names:
                 d, base = split_rel(rel)
@@ -339,14 +401,16 @@ class Linker:
                     self._error(f"{tree.name}:/{rel}: skipped: cannot open its directory: "
                                 f"{e.strerror}")
                     continue
-                names.append(_Name(j, tree, rel, dfd, base, tmp_name()))
+                planned = self._planned.get((id(tree), rel))
+                if planned is not None and planned[1] == obj.ino:
+                    tmp = planned[0]
+                else:  # not what the plan foresaw (another seed, another generation)
+                    tmp = tmp_name()
+                    rows.append(("join", str(tree.root), d, base, tmp, j.ino, obj.ino))
+                names.append(_Name(j, tree, rel, dfd, base, tmp))
         point("verified", obj=obj, names=[(n.tree, n.rel) for n in names])
-        # The object's own row first: recovery seals (or drops) whatever object was in flight.
-        prefix, base = obj.name.split("/")
-        rows = [("object", str(self.store.path), prefix, base, "", obj.ino, obj.ino)]
-        rows += [("join", str(n.tree.root), split_rel(n.rel)[0], n.base, n.tmp, n.rec.ino,
-                  obj.ino) for n in names]
-        ids = self.index.journal_add(rows) if self.index else []
+        if rows and self.index is not None:
+            self._extra_ids += self.index.journal_add(rows)
         point("journaled")
         if new:
             self.store.link(ofd, obj)
@@ -440,8 +504,6 @@ class Linker:
                 n.state = "done"
                 swapped_by_ino[n.rec.ino] = swapped_by_ino.get(n.rec.ino, 0) + 1
         point("unlinked")
-        if self.index:
-            self.index.journal_done(ids)
         for j, _ in ready:
             done = swapped_by_ino.get(j.ino, 0)
             self.stats.files_linked += done

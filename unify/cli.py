@@ -170,7 +170,8 @@ def parser() -> argparse.ArgumentParser:
                    help="leave smaller files alone (default 16)")
     r.add_argument("--no-immutable", action="store_true",
                    help="do not set FS_IMMUTABLE_FL on shared inodes (marker only)")
-    r.add_argument("--jobs", "-j", type=int, default=4, help="hashing threads (default 4)")
+    r.add_argument("--jobs", "-j", type=int, default=8,
+                   help="reading/hashing threads (default 8: more reads in flight)")
     r.set_defaults(func=cmd_run)
 
     rp = sub.add_parser("report", parents=[common], help="savings per guest and in total")

@@ -29,7 +29,7 @@ class Options:
     ignore_mtime: bool = False
     immutable: bool = True
     dry_run: bool = False
-    jobs: int = 4
+    jobs: int = 8
     link_limit: int | None = None  # tests only
 
 
@@ -209,6 +209,7 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
                 groups.setdefault((rec.digest, meta), []).append(rec)
         prog.phase("link", total_bytes=0)
         stats = linker.stats
+        plans = []
         for key, members in groups.items():
             objs = objects.get(key, [])
             todo = [m for m in members if (m.dev, m.ino) not in object_inos]
@@ -216,15 +217,9 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
                 continue
             if opts.dry_run:
                 _dry(todo, objs, stats)
-                continue
-            try:
-                linker.unify(key, todo, objs)
-            except OSError as e:
-                stats.errors += 1
-                msg = f"{todo[0].names[0][0].name}:/{todo[0].names[0][1]}: group not linked: {e}"
-                stats.messages.append(msg)
-                log.warning("%s", msg)
-            prog.update(stats.files_linked, 0)
+            else:
+                plans.append((key, todo, objs))
+        linker.unify_all(plans, tick=lambda: prog.update(stats.files_linked, 0))
         if not opts.dry_run:
             index.store(linker.index_rows)
             for dev in {d for d, _ in linker.forget}:
