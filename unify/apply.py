@@ -27,7 +27,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,6 +64,33 @@ def point(name: str, **kw: object) -> None:
     hook = HOOKS.get(name)
     if hook is not None:
         hook(**kw)
+
+
+class Closer:
+    """Closes finished fds in a background thread.  Closing our last fd on a replaced
+    duplicate is where the kernel frees its blocks; done here, that work overlaps with the
+    next batches instead of stalling them.  Bounded, so fds never pile up."""
+
+    def __init__(self, backlog: int = 32) -> None:
+        self.q: queue.Queue[list[int] | None] = queue.Queue(maxsize=backlog)
+        self.thread = threading.Thread(target=self._run, name="vsunify-closer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (fds := self.q.get()) is not None:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def close_later(self, fds: list[int]) -> None:
+        if fds:
+            self.q.put(fds)
+
+    def finish(self) -> None:
+        self.q.put(None)
+        self.thread.join()
 
 
 def tmp_name() -> str:
@@ -136,6 +165,7 @@ class Linker:
         # Every name the walk saw per inode, so that a compromised object's names can be
         # moved to a fresh copy (evacuate).
         self.known: dict[tuple[int, int], InodeRec] = {}
+        self.closer: Closer | None = None  # set by unify_all
         # Journal planning of the current chunk (see unify_all).
         self._planned: dict[tuple[int, str], tuple[str, int]] = {}
         self._planned_objects: set[str] = set()
@@ -278,25 +308,30 @@ class Linker:
         transaction before any of them is touched, and removed in one after the chunk (two
         commits per chunk instead of two per object).  A row whose temporary name never
         appeared is simply dropped by recovery, so planning ahead costs nothing."""
-        for i in range(0, len(plans), chunk):
-            part = plans[i:i + chunk]
-            ids = self._plan(part)
-            clean = True
-            for key, members, objs in part:
-                try:
-                    self.unify(key, members, objs)
-                except OSError as e:
-                    clean = False  # leave this chunk's rows for recovery
-                    where = f"{members[0].names[0][0].name}:/{members[0].names[0][1]}"
-                    self._error(f"{where}: group not linked: {e}")
-                if tick is not None:
-                    tick()
-            ids += self._extra_ids
-            self._extra_ids = []
-            self._planned.clear()
-            self._planned_objects.clear()
-            if clean and self.index is not None:
-                self.index.journal_done(ids)
+        self.closer = Closer()
+        try:
+            for i in range(0, len(plans), chunk):
+                part = plans[i:i + chunk]
+                ids = self._plan(part)
+                clean = True
+                for key, members, objs in part:
+                    try:
+                        self.unify(key, members, objs)
+                    except OSError as e:
+                        clean = False  # leave this chunk's rows for recovery
+                        where = f"{members[0].names[0][0].name}:/{members[0].names[0][1]}"
+                        self._error(f"{where}: group not linked: {e}")
+                    if tick is not None:
+                        tick()
+                ids += self._extra_ids
+                self._extra_ids = []
+                self._planned.clear()
+                self._planned_objects.clear()
+                if clean and self.index is not None:
+                    self.index.journal_done(ids)
+        finally:
+            self.closer.finish()
+            self.closer = None
 
     def _plan(self, part: list[tuple[Key, list[InodeRec], list[StoreObject]]]) -> list[int]:
         """Journal what the chunk will most likely do: each group's object (the first with
@@ -382,8 +417,13 @@ class Linker:
             return self._window(obj, ofd, new, objs, ready, dirs)
         finally:
             dirs.close()
-            for fd in held:
-                os.close(fd)  # closing also releases the leases
+            if self.closer is not None:
+                for fd in held:  # a waiting writer must not wait for the closer
+                    syscalls.release_lease(fd)
+                self.closer.close_later(held)
+            else:
+                for fd in held:
+                    os.close(fd)
 
     def _window(self, obj: StoreObject, ofd: int, new: bool, objs: list[StoreObject],
                 ready: list[tuple[InodeRec, int]], dirs: _Dirs) -> list[InodeRec]:

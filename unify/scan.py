@@ -72,8 +72,7 @@ def scan(trees: list[GuestTree], excludes: dict[str, ExcludeList], min_size: int
         count = 0
         for rel, st in tree.walk(prune_dir=ex.prune, known=known,
                                  on_error=lambda r, e, t=tree: on_error(t, r, e)):
-            base = rel.rpartition("/")[2]
-            if TMP_RE.match(base):
+            if ".vsu~" in rel and TMP_RE.match(rel.rpartition("/")[2]):
                 out.leftovers.append(f"{tree.name}:/{rel}")
                 continue
             if st.st_size < min_size or ex.excluded(rel):
