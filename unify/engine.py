@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -151,10 +152,12 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
         # 3. What needs reading: only sizes shared with another inode or an object.
         size_count = Counter(r.size for r in sc.inodes.values())
         cache: dict[int, dict] = {}
+        by_size: dict[int, list[scan.InodeRec]] = {}
         to_hash: list[scan.InodeRec] = []
         for rec in sc.inodes.values():
             if size_count[rec.size] < 2 and rec.size not in store_sizes:
                 continue
+            by_size.setdefault(rec.size, []).append(rec)
             rows = cache.get(rec.dev)
             if rows is None:
                 rows = cache[rec.dev] = index.load(rec.dev)
@@ -165,61 +168,49 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
                 rec.meta, rec.meta_any = c.meta, c.meta_any
             else:
                 to_hash.append(rec)
-        # 4. Hash, overlapping I/O and hashing in threads (xxhash releases the GIL).
-        prog.phase("hash", total_bytes=sum(r.size for r in to_hash))
-        new_rows = []
+        linker = apply.Linker(store, index, immutable=opts.immutable,
+                              ignore_mtime=opts.ignore_mtime, stats=apply.LinkStats(),
+                              link_limit=opts.link_limit)
+        linker.known = sc.inodes
+        stats = linker.stats
+        objects_by_ino = {o.ino: o for objs in objects.values() for o in objs}
+        pipe = _Pipeline(opts, linker, index, objects, object_inos, by_size, sc,
+                         tick=lambda: prog.update(stats.files_linked, 0))
+        # 4+5. Hash in threads (xxhash and blake3 release the GIL, so reads overlap) and,
+        # as soon as every inode of one size has its digests, group that size and link it
+        # in this thread while the readers go on.
+        remaining = Counter(r.size for r in to_hash)
+        for size in list(by_size):
+            if not remaining[size]:
+                pipe.size_ready(size)
+        prog.phase("hash+link", total_bytes=sum(r.size for r in to_hash))
         done_bytes = 0
         chunks = [to_hash[i:i + CHUNK_FILES] for i in range(0, len(to_hash), CHUNK_FILES)]
         with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
             for chunk, results in zip(chunks, pool.map(_hash_chunk, chunks), strict=True):
                 for rec, res in zip(chunk, results, strict=True):
                     done_bytes += rec.size
-                    if res is None:
-                        continue
                     if isinstance(res, str):
                         summ.errors += 1
                         summ.messages.append(res)
                         log.warning("%s", res)
-                        continue
-                    rec.digest, rec.strong, rec.meta, rec.meta_any = res
-                    summ.files_hashed += 1
-                    summ.bytes_hashed += rec.size
-                    new_rows.append((rec.dev, rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns,
-                                     rec.digest, rec.strong, rec.meta, rec.meta_any))
+                    elif res is not None:
+                        rec.digest, rec.strong, rec.meta, rec.meta_any = res
+                        summ.files_hashed += 1
+                        summ.bytes_hashed += rec.size
+                        pipe.new_rows.append((rec.dev, rec.ino, rec.size, rec.mtime_ns,
+                                              rec.ctime_ns, rec.digest, rec.strong, rec.meta,
+                                              rec.meta_any))
+                        obj = objects_by_ino.get(rec.ino) if rec.dev == store.dev else None
+                        if obj is not None and not opts.dry_run:
+                            # An object that changed since it was indexed lost its seal.
+                            linker.reseal(obj, rec)
+                    remaining[rec.size] -= 1
+                    if not remaining[rec.size]:
+                        pipe.size_ready(rec.size)
                 prog.update(summ.files_hashed, done_bytes)
-        if not opts.dry_run:
-            index.store(new_rows)
-        apply.point("hashed", inodes=sc.inodes)
-        linker = apply.Linker(store, index, immutable=opts.immutable,
-                              ignore_mtime=opts.ignore_mtime, stats=apply.LinkStats(),
-                              link_limit=opts.link_limit)
-        linker.known = sc.inodes
-        # An object whose inode changed since it was indexed lost its seal somehow.
-        if not opts.dry_run:
-            by_ino = {o.ino: o for objs in objects.values() for o in objs}
-            for rec in to_hash:
-                obj = by_ino.get(rec.ino) if rec.dev == store.dev else None
-                if obj is not None and rec.digest is not None:
-                    linker.reseal(obj, rec)
-        # 5. Group by (content, metadata) and link.
-        groups: dict[Key, list[scan.InodeRec]] = {}
-        for rec in sc.inodes.values():
-            meta = rec.meta_any if opts.ignore_mtime else rec.meta
-            if rec.digest is not None and meta is not None:
-                groups.setdefault((rec.digest, meta), []).append(rec)
-        prog.phase("link", total_bytes=0)
-        stats = linker.stats
-        plans = []
-        for key, members in groups.items():
-            objs = objects.get(key, [])
-            todo = [m for m in members if (m.dev, m.ino) not in object_inos]
-            if not todo or (not objs and len(todo) < 2):
-                continue
-            if opts.dry_run:
-                _dry(todo, objs, stats)
-            else:
-                plans.append((key, todo, objs))
-        linker.unify_all(plans, tick=lambda: prog.update(stats.files_linked, 0))
+                pipe.flush()
+        pipe.flush(force=True)
         if not opts.dry_run:
             index.store(linker.index_rows)
             for dev in {d for d, _ in linker.forget}:
@@ -238,6 +229,55 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
     summ.duration = time.monotonic() - t0
     index.record_run(started, summ.duration, len(guests), asdict(summ), opts.dry_run)
     return summ
+
+
+class _Pipeline:
+    """Groups one size class at a time, as soon as all its inodes are hashed, and hands
+    the groups to the linker in chunks (see Linker.unify_all)."""
+
+    FLUSH = 128
+
+    def __init__(self, opts: Options, linker: apply.Linker, index: Index,
+                 objects: dict[Key, list], object_inos: set[tuple[int, int]],
+                 by_size: dict[int, list[scan.InodeRec]], sc: scan.Scan,
+                 tick: Callable[[], None]) -> None:
+        self.opts, self.linker, self.index = opts, linker, index
+        self.objects, self.object_inos, self.by_size, self.sc = objects, object_inos, by_size, sc
+        self.tick = tick
+        self.plans: list[tuple[Key, list[scan.InodeRec], list]] = []
+        self.new_rows: list = []
+        self.hashed_point_passed = False
+
+    def size_ready(self, size: int) -> None:
+        groups: dict[Key, list[scan.InodeRec]] = {}
+        for rec in self.by_size.pop(size, []):
+            meta = rec.meta_any if self.opts.ignore_mtime else rec.meta
+            if rec.digest is not None and meta is not None:
+                groups.setdefault((rec.digest, meta), []).append(rec)
+        for key, members in groups.items():
+            objs = self.objects.get(key, [])
+            todo = [m for m in members if (m.dev, m.ino) not in self.object_inos]
+            if not todo or (not objs and len(todo) < 2):
+                continue
+            if self.opts.dry_run:
+                _dry(todo, objs, self.linker.stats)
+            else:
+                self.plans.append((key, todo, objs))
+
+    def flush(self, force: bool = False) -> None:
+        if not self.plans or (not force and len(self.plans) < self.FLUSH):
+            if force and not self.opts.dry_run and self.new_rows:
+                self.index.store(self.new_rows)
+                self.new_rows = []
+            return
+        if not self.opts.dry_run and self.new_rows:
+            self.index.store(self.new_rows)  # hashes survive a crash of what follows
+            self.new_rows = []
+        if not self.hashed_point_passed:
+            apply.point("hashed", inodes=self.sc.inodes)
+            self.hashed_point_passed = True
+        plans, self.plans = self.plans, []
+        self.linker.unify_all(plans, tick=self.tick)
 
 
 def _dry(todo: list[scan.InodeRec], objs: list, stats: apply.LinkStats) -> None:
