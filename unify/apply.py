@@ -25,6 +25,7 @@ For one store object O and the guest files J that should become names of O:
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import queue
@@ -93,8 +94,13 @@ class Closer:
         self.thread.join()
 
 
+_tmp_prefix = os.urandom(4).hex()
+_tmp_count = itertools.count()
+
+
 def tmp_name() -> str:
-    return ".vsu~" + os.urandom(8).hex()
+    """A fresh temporary name: a per-process random half and a counter."""
+    return f".vsu~{_tmp_prefix}{next(_tmp_count) & 0xFFFFFFFF:08x}"
 
 
 @dataclass(slots=True)
@@ -122,16 +128,23 @@ def unsealed(fd: int, immutable: bool) -> Iterator[None]:
 
 
 class _Dirs:
-    """Directory fds of one batch, keyed by (guest, directory)."""
+    """Directory fds keyed by (guest, directory), the least recently used closed beyond
+    ``limit``.  A held fd keeps meaning the same directory even if a guest renames it; every
+    swap is verified by inode anyway."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 512) -> None:
         self.fds: dict[tuple[int, str], int] = {}
+        self.limit = limit
 
     def get(self, tree: GuestTree, d: str) -> int:
         k = (id(tree), d)
-        fd = self.fds.get(k)
+        fd = self.fds.pop(k, None)
         if fd is None:
-            fd = self.fds[k] = tree.open_beneath(d, os.O_RDONLY | os.O_DIRECTORY)
+            fd = tree.open_beneath(d, os.O_RDONLY | os.O_DIRECTORY)
+            if len(self.fds) >= self.limit:
+                old = next(iter(self.fds))
+                os.close(self.fds.pop(old))
+        self.fds[k] = fd  # most recently used last
         return fd
 
     def close(self) -> None:
@@ -166,6 +179,7 @@ class Linker:
         # moved to a fresh copy (evacuate).
         self.known: dict[tuple[int, int], InodeRec] = {}
         self.closer: Closer | None = None  # set by unify_all
+        self.dirs = _Dirs()
         # Journal planning of the current chunk (see unify_all).
         self._planned: dict[tuple[int, str], tuple[str, int]] = {}
         self._planned_objects: set[str] = set()
@@ -239,7 +253,12 @@ class Linker:
                             f"not linking to it this run")
                 obj.full = True
                 return None
-            if meta_class(st, read_xattrs(fd), self.ignore_mtime) != obj.key[1]:
+            rec = self.known.get((st.st_dev, st.st_ino))
+            if rec is not None and rec.meta is not None and rec.ctime_ns == st.st_ctime_ns:
+                meta = rec.meta_any if self.ignore_mtime else rec.meta  # unchanged since hashed
+            else:
+                meta = meta_class(st, read_xattrs(fd), self.ignore_mtime)
+            if meta != obj.key[1]:
                 self._error(f"store object {obj.name}: its metadata no longer matches its name; "
                             f"not linking to it (`vsunify gc` removes it once unused)")
                 obj.full = True
@@ -330,6 +349,7 @@ class Linker:
                 if clean and self.index is not None:
                     self.index.journal_done(ids)
         finally:
+            self.dirs.close()
             self.closer.finish()
             self.closer = None
 
@@ -381,7 +401,7 @@ class Linker:
         """One object, one window.  Returns joiners left over (EMLINK)."""
         new = obj is None
         held: list[int] = []
-        dirs = _Dirs()
+        dirs = self.dirs
         try:
             if new:
                 assert seed is not None
@@ -416,11 +436,8 @@ class Linker:
             assert obj is not None
             return self._window(obj, ofd, new, objs, ready, dirs)
         finally:
-            dirs.close()
             if self.closer is not None:
-                for fd in held:  # a waiting writer must not wait for the closer
-                    syscalls.release_lease(fd)
-                self.closer.close_later(held)
+                self.closer.close_later(held)  # closing releases the leases too
             else:
                 for fd in held:
                     os.close(fd)
@@ -460,9 +477,11 @@ class Linker:
 
         overflow: list[InodeRec] = []
         failed: set[int] = set()
-        was_flagged = attrs.is_immutable(ofd)
+        oflags = syscalls.get_inode_flags(ofd)
+        was_flagged = bool(oflags & syscalls.FS_IMMUTABLE_FL)
         if was_flagged:
-            attrs.set_immutable(ofd, False)
+            oflags &= ~syscalls.FS_IMMUTABLE_FL
+            syscalls.set_inode_flags(ofd, oflags)
         try:
             # Link O beside each name.  EMLINK: this joiner and all after it wait for the
             # next generation of the object.
@@ -527,7 +546,7 @@ class Linker:
                 if n.state in ("reverted", "linked"):
                     os.unlink(n.tmp, dir_fd=n.dfd)  # an O link
                     n.state = "done"
-            attrs.seal(ofd, self.immutable)
+            attrs.seal(ofd, self.immutable, marked=None if new else True, flags=oflags)
             was_flagged = False
             point("sealed", obj=obj)
             if not syscalls.lease_held(ofd):
@@ -535,7 +554,7 @@ class Linker:
                 return []
         finally:
             if was_flagged:  # an exception inside the window: put the seal back
-                attrs.set_immutable(ofd, True)
+                syscalls.set_inode_flags(ofd, oflags | syscalls.FS_IMMUTABLE_FL)
         # Remove the verified duplicates that the swaps moved to the temporary names.
         swapped_by_ino: dict[int, int] = {}
         for n in names:
@@ -552,11 +571,13 @@ class Linker:
                 self.forget.append((j.dev, j.ino))
         st = os.fstat(ofd)
         obj.nlink = st.st_nlink
-        xattrs = read_xattrs(ofd)
-        if obj.strong is not None:
+        rec = self.known.get((st.st_dev, st.st_ino))
+        if obj.strong is not None and rec is not None and rec.meta is not None \
+                and rec.meta_any is not None:
+            # Linking and sealing changed the ctime, not the metadata class.
             self.index_rows.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                    st.st_ctime_ns, obj.key[0], obj.strong,
-                                    meta_class(st, xattrs, False), meta_class(st, xattrs, True)))
+                                    st.st_ctime_ns, obj.key[0], obj.strong, rec.meta,
+                                    rec.meta_any))
         return overflow
 
     def _breach(self, obj: StoreObject, ofd: int, new: bool, names: list[_Name]) -> None:

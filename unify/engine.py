@@ -105,10 +105,6 @@ def _hash_one(rec: scan.InodeRec) -> Hashed | str | None:
         st = os.fstat(fd)
         if not rec.same_stat(st):
             return f"{tree.name}:/{rel}: skipped: changed during the run"
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except OSError:
-            pass
         digest, strong = content_digests(fd, rec.size)
         xattrs = read_xattrs(fd)
         if not rec.same_stat(os.fstat(fd)):

@@ -5,6 +5,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from vsstore.excludes import ExcludeList
@@ -55,38 +56,51 @@ class Scan:
     leftovers: list[str] = field(default_factory=list)
 
 
+def _walk_one(tree: GuestTree, ex: ExcludeList, min_size: int,
+              known: Mapping[int, os.stat_result] | None,
+              ) -> tuple[list[tuple[str, os.stat_result]], list[str], list[str]]:
+    """One guest's candidates, leftover temporary names and error messages."""
+    found: list[tuple[str, os.stat_result]] = []
+    leftovers: list[str] = []
+    errors: list[str] = []
+
+    def on_error(rel: str, e: OSError) -> None:
+        errors.append(f"{tree.name}: /{rel}: skipped: {e.strerror or e}")
+
+    for rel, st in tree.walk(prune_dir=ex.prune, known=known, on_error=on_error):
+        if ".vsu~" in rel and TMP_RE.match(rel.rpartition("/")[2]):
+            leftovers.append(f"{tree.name}:/{rel}")
+        elif st.st_size >= min_size and not ex.excluded(rel):
+            found.append((rel, st))
+    return found, leftovers, errors
+
+
 def scan(trees: list[GuestTree], excludes: dict[str, ExcludeList], min_size: int,
          tick: Callable[[int, int], None] | None = None,
-         known: Mapping[int, os.stat_result] | None = None) -> Scan:
+         known: Mapping[int, os.stat_result] | None = None, jobs: int = 4) -> Scan:
     """Collect regular files of at least ``min_size`` bytes that no exclude rule covers.
-    ``known``: stats of sealed store objects, so their names need no stat (see walk)."""
+    ``known``: stats of sealed store objects, so their names need no stat (see walk).
+    Guests are walked in parallel threads: on a cold cache the walk waits on directory and
+    inode reads, and several guests keep several of them in flight."""
     out = Scan()
     inodes = out.inodes
-
-    def on_error(tree: GuestTree, rel: str, e: OSError) -> None:
-        out.errors += 1
-        log.warning("%s: /%s: skipped: %s", tree.name, rel, e.strerror or e)
-
-    for tree in trees:
-        ex = excludes[tree.name]
-        count = 0
-        for rel, st in tree.walk(prune_dir=ex.prune, known=known,
-                                 on_error=lambda r, e, t=tree: on_error(t, r, e)):
-            if ".vsu~" in rel and TMP_RE.match(rel.rpartition("/")[2]):
-                out.leftovers.append(f"{tree.name}:/{rel}")
-                continue
-            if st.st_size < min_size or ex.excluded(rel):
-                continue
-            count += 1
-            key = (st.st_dev, st.st_ino)
-            rec = inodes.get(key)
-            if rec is None:
-                rec = inodes[key] = InodeRec(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                             st.st_ctime_ns, st.st_nlink, st.st_mode,
-                                             st.st_uid, st.st_gid)
-            rec.names.append((tree, rel))
-            if tick is not None and count % 512 == 0:
-                tick(out.files_scanned + count, 0)
-        out.files[tree.name] = count
-        out.files_scanned += count
+    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(trees)))) as pool:
+        walks = pool.map(lambda t: _walk_one(t, excludes[t.name], min_size, known), trees)
+        for tree, (found, leftovers, errors) in zip(trees, walks, strict=True):
+            for msg in errors:
+                log.warning("%s", msg)
+            out.errors += len(errors)
+            out.leftovers += leftovers
+            for rel, st in found:
+                key = (st.st_dev, st.st_ino)
+                rec = inodes.get(key)
+                if rec is None:
+                    rec = inodes[key] = InodeRec(st.st_dev, st.st_ino, st.st_size,
+                                                 st.st_mtime_ns, st.st_ctime_ns, st.st_nlink,
+                                                 st.st_mode, st.st_uid, st.st_gid)
+                rec.names.append((tree, rel))
+            out.files[tree.name] = len(found)
+            out.files_scanned += len(found)
+            if tick is not None:
+                tick(out.files_scanned, 0)
     return out

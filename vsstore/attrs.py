@@ -19,9 +19,12 @@ MARKER_USER = "user.vsstore.iunlink"
 OUR_XATTR_PREFIXES = ("trusted.vsstore.", "user.vsstore.")
 
 
+_MARKER = MARKER_TRUSTED if os.geteuid() == 0 else MARKER_USER
+
+
 def marker_name() -> str:
     """The marker xattr used by this process: trusted.* needs CAP_SYS_ADMIN (root)."""
-    return MARKER_TRUSTED if os.geteuid() == 0 else MARKER_USER
+    return _MARKER
 
 
 def is_ours(xattr_name: str) -> bool:
@@ -88,13 +91,16 @@ def read_attrs(fd: int) -> Attrs:
                  append=bool(flags & syscalls.FS_APPEND_FL))
 
 
-def seal(fd: int, immutable: bool) -> None:
+def seal(fd: int, immutable: bool, marked: bool | None = None, flags: int | None = None) -> None:
     """Mark an inode shared: marker first, then (optionally) the immutable flag, because
-    a set immutable flag forbids further xattr changes."""
-    if not has_marker(fd):
+    a set immutable flag forbids further xattr changes.  ``marked``/``flags``: what the
+    caller already knows (saves the system calls that would ask again)."""
+    if not (has_marker(fd) if marked is None else marked):
         set_marker(fd)
     if immutable:
-        set_immutable(fd, True)
+        f = syscalls.get_inode_flags(fd) if flags is None else flags
+        if not f & syscalls.FS_IMMUTABLE_FL:
+            syscalls.set_inode_flags(fd, f | syscalls.FS_IMMUTABLE_FL)
 
 
 def unseal_tree(path: str | os.PathLike[str]) -> None:
