@@ -137,7 +137,7 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
         # 2. Walk.
         prog.phase("scan")
         sc = scan.scan(trees, excludes, opts.min_size, tick=lambda n, b: prog.update(n, b),
-                       known=known)
+                       known=known, jobs=2)
         summ.files_scanned = sc.files_scanned
         summ.errors += sc.errors
         summ.leftovers = len(sc.leftovers)
