@@ -334,3 +334,32 @@ def test_a_guest_replacing_a_shared_file_is_seen_by_the_next_run(host):
     assert inode(host.root / "a/usr/lib/f") == inode(host.root / "b/usr/lib/f")
     assert (host.root / "c/usr/lib/f").read_bytes() == BIN
     assert flags(host.root / "c/usr/lib/f") == "UIa"  # ... which is sealed again
+
+
+def test_an_unsealed_object_is_checked_then_used_and_sealed(host):
+    a = host.guest("a", {"f": BIN})
+    host.guest("b", {"f": BIN})
+    unify_run(host, "a", "b")
+    obj = next(p for p in host.store.rglob("*") if p.is_file())
+    fd = os.open(obj, os.O_RDONLY)
+    attrs.set_immutable(fd, False)
+    attrs.clear_marker(fd)  # as if sealing had never happened
+    os.close(fd)
+    c = host.guest("c", {"f": BIN})
+    s = unify_run(host, "a", "b", "c")
+    assert s.files_linked == 1 and s.errors == 0
+    assert inode(c / "f") == inode(a / "f") == inode(obj)
+    assert flags(obj) == "UIa"
+
+
+def test_an_object_whose_content_no_longer_matches_its_name_is_dropped(host):
+    a = host.guest("a", {"f": BIN})
+    host.guest("b", {"f": BIN})
+    unify_run(host, "a", "b", immutable=False)
+    with open(a / "f", "r+b") as f:  # without the immutable flag, a guest can do this
+        f.write(b"EVIL")
+    c = host.guest("c", {"f": BIN})
+    s = unify_run(host, "a", "b", "c", immutable=False)
+    assert any("content changed although guests share it" in m for m in s.messages)
+    assert (c / "f").read_bytes() == BIN
+    assert not any(p.is_file() and inode(p) == inode(a / "f") for p in host.store.rglob("*"))

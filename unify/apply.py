@@ -263,9 +263,10 @@ class Linker:
                             f"not linking to it (`vsunify gc` removes it once unused)")
                 obj.full = True
                 return None
-            if not attrs.has_marker(fd) or not self._object_strong(obj, fd, st):
-                # Unsealed (a crash before its first seal) and changed since, or content that
-                # no longer matches its name: not an object.
+            if not self._object_strong(obj, fd, st):
+                # Content that no longer matches its name (an object left unsealed and
+                # written to): not an object.  An unsealed one that still matches is used,
+                # and sealed at the end of the window.
                 self._error(f"store object {obj.name}: its content does not match its name; "
                             f"removed from the store")
                 with unsealed(fd, self.immutable):
@@ -301,17 +302,21 @@ class Linker:
         """An object whose inode changed since the last run (its flag was lifted by hand, or
         it was touched while unsealed): seal it again if its content still matches its name;
         otherwise say loudly that guests share changed content."""
-        if rec.digest != obj.key[0]:
-            self._error(f"store object {obj.name}: its content changed although guests share "
-                        f"it; run `vsunify deunify` on the guests that link it")
-            obj.full = True
-            return
         try:
             fd = self.store.open_object(obj)
         except OSError as e:
             self._error(f"store object {obj.name}: {e.strerror}")
             return
         try:
+            if rec.digest != obj.key[0]:
+                # The store's name must not lie: drop it (guests keep their names).
+                with unsealed(fd, self.immutable):
+                    self.store.unlink(obj)
+                obj.full = True
+                self._error(f"store object {obj.name}: its content changed although guests "
+                            f"share it; removed from the store; run `vsunify deunify` on the "
+                            f"guests that link it")
+                return
             flags_ok = attrs.has_marker(fd) and (not self.immutable or attrs.is_immutable(fd))
             if not flags_ok:
                 attrs.seal(fd, self.immutable)
