@@ -612,7 +612,7 @@ class Linker:
         st = os.fstat(ofd)
         tmp = tmp_name()
         cfd = copy_file(ofd, odir, tmp)
-        moved, left = 0, 0
+        moved = 0
         dirs = _Dirs()
         try:
             rec = self.known.get((st.st_dev, st.st_ino))
@@ -625,12 +625,10 @@ class Linker:
                     syscalls.renameat2(dfd, t, dfd, base, syscalls.RENAME_EXCHANGE)
                     if os.stat(t, dir_fd=dfd, follow_symlinks=False).st_ino != st.st_ino:
                         syscalls.renameat2(dfd, t, dfd, base, syscalls.RENAME_EXCHANGE)
-                        left += 1
                     else:
                         moved += 1
                     os.unlink(t, dir_fd=dfd)
                 except OSError as e:
-                    left += 1
                     log.warning("%s:/%s: could not move to a fresh copy: %s", tree.name, rel,
                                 e.strerror)
             os.rename(tmp, obase, src_dir_fd=odir, dst_dir_fd=odir)

@@ -8,12 +8,11 @@ All rules are compiled into one regular expression, so a file costs one match.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .config import Guest
 from .errors import ConfigError
 
 _GLOB_CHARS = "*?["
@@ -175,14 +174,11 @@ class ExcludeList:
         return False
 
 
-ExcludeProvider = Callable[[Guest], list[Rule]]
-"""Hook for rule sources computed per guest (package databases, next issue)."""
-
-
 def build_excludes(*, cli: Iterable[str] = (), guest_file: Path | None = None,
                    host_file: Path | None = None, provided: Iterable[Rule] = (),
                    use_default: bool = True) -> ExcludeList:
-    """Assemble the effective list in precedence order."""
+    """Assemble the effective list in precedence order.  ``provided``: rules computed per
+    guest, such as those from its package database (the hook for the next issue)."""
     rules: list[Rule] = []
     for text in cli:
         try:

@@ -186,11 +186,6 @@ class Index:
                  summary["files_linked"], summary["bytes_saved"], summary["errors"],
                  int(dry_run)))
 
-    def runs(self, limit: int = 30) -> list[dict[str, float]]:
-        cur = self.db.execute("SELECT * FROM run ORDER BY id DESC LIMIT ?", (limit,))
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur]
-
     # -- helpers -----------------------------------------------------------------------
 
     class _Tx:

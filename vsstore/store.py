@@ -8,7 +8,6 @@ every guest tree (guests must not reach it).
 """
 from __future__ import annotations
 
-import errno
 import os
 import re
 import stat
@@ -163,12 +162,3 @@ class Store:
             os.unlink(name, dir_fd=d)
         except FileNotFoundError:
             pass
-
-    def object_inode_exists(self, obj: StoreObject) -> bool:
-        d, name = self.dir_and_name(obj)
-        try:
-            return os.stat(name, dir_fd=d, follow_symlinks=False).st_ino == obj.ino
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                return False
-            raise

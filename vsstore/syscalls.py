@@ -149,10 +149,3 @@ def take_read_lease(fd: int) -> bool:
 def lease_held(fd: int) -> bool:
     """True while the read lease on ``fd`` has not been broken by a would-be writer."""
     return fcntl.fcntl(fd, F_GETLEASE) == fcntl.F_RDLCK
-
-
-def release_lease(fd: int) -> None:
-    try:
-        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
-    except OSError:
-        pass
