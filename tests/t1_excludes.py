@@ -85,3 +85,23 @@ def test_rules_file_order_and_reason(tmp_path):
     assert ex.excluded("usr/local/bin/x")
     assert ex.match("usr/local/bin/x").reason == f"host list {h}:1"
     assert build_excludes(guest_file=tmp_path / "missing").excluded("etc/x")
+
+
+def test_literal_rules_take_glob_characters_literally():
+    from vsstore.excludes import literal_rule
+    ex = ExcludeList([literal_rule("/etc/kept[1].conf", "pkg")])
+    assert ex.excluded("etc/kept[1].conf")
+    assert not ex.excluded("etc/kept1.conf")
+
+
+def test_many_literal_rules_keep_first_match_order():
+    from vsstore.excludes import literal_rule
+    pkg = [literal_rule(f"/usr/share/conf{i}", f"dpkg conffile (p{i})") for i in range(100)]
+    ex = ExcludeList([parse_rule("+/usr/share/conf7", "guest list"), *pkg,
+                      parse_rule("/usr/share", "default list")])
+    assert ex.match("usr/share/conf7") .reason == "guest list"      # before: include wins
+    assert ex.match("usr/share/conf8").reason == "dpkg conffile (p8)"
+    assert ex.match("usr/share/conf8/below").reason == "dpkg conffile (p8)"
+    assert ex.match("usr/share/other").reason == "default list"     # after: still reached
+    assert ex.prune("usr/share/conf9") and not ex.prune("usr/lib")
+    assert not ex.prune("usr")  # the include below /usr/share keeps /usr walkable

@@ -228,3 +228,40 @@ def test_progress_line_on_a_terminal_only(host):
     assert b"files" in seen and b"\r" in seen  # a live line, redrawn in place
     quiet = host.vsunify("run", "a", "b")  # stderr is a pipe: no progress line
     assert "\r" not in quiet.stderr
+
+
+DPKG_STATUS = """\
+Package: demo
+Status: install ok installed
+Conffiles:
+ /etc/demo.conf 0123456789abcdef0123456789abcdef
+ /usr/share/demo/defaults.conf 0123456789abcdef0123456789abcdef
+"""
+
+
+def test_package_database_excludes_by_default(host):
+    for g in "ab":
+        host.guest(g, {"usr/share/demo/defaults.conf": BIN, "usr/bin/tool": LIB,
+                       "var/lib/dpkg/status": DPKG_STATUS.encode()})
+    out = host.vsunify("excludes", "a").stdout
+    assert "/usr/share/demo/defaults.conf" in out and "dpkg conffile (demo)" in out
+    res = host.run_json("--no-default-excludes", "a", "b")
+    assert res["files_linked"] == 2  # the tool and the status file; never the conffile
+    assert os.stat(host.root / "a/usr/share/demo/defaults.conf").st_nlink == 1
+    assert "dpkg conffile" not in host.vsunify("excludes", "--no-pkgdb-excludes", "a").stdout
+    res = host.run_json("--no-default-excludes", "--no-pkgdb-excludes", "a", "b")
+    assert res["files_linked"] == 1
+    assert os.stat(host.root / "a/usr/share/demo/defaults.conf").st_nlink == 3
+
+
+def test_a_corrupt_package_database_warns_and_excludes_conservatively(host):
+    for g in "ab":
+        host.guest(g, {"etc/motd": BIN, "usr/bin/tool": LIB,
+                       "var/lib/dpkg/status": b"Package: x\nStatus: garbage\n"})
+    p = host.vsunify("run", "--json", "--no-default-excludes", "a", "b")
+    assert "/var/lib/dpkg/status" in p.stderr and "malformed Status" in p.stderr
+    assert "'a'" in p.stderr and "Traceback" not in p.stderr
+    assert os.stat(host.root / "a/etc/motd").st_nlink == 1      # /etc kept private
+    assert os.stat(host.root / "a/usr/bin/tool").st_nlink == 3  # the rest unified
+    out = host.vsunify("excludes", "a").stdout
+    assert "fallback: unreadable dpkg database" in out

@@ -78,3 +78,23 @@ def test_default_excludes_keep_etc_and_var_private_on_debian(host):
                 if not os.path.islink(p) and "trusted.vsstore.iunlink" in os.listxattr(p):
                     shared += 1
     assert shared > 1000
+
+
+def test_package_database_keeps_every_conffile_private_and_dpkg_verify_is_clean(host):
+    for g in GUESTS[:2]:
+        subprocess.run(["cp", "-a", str(CORPUS / g), str(host.root / g)], check=True)
+    ours = [str(host.root / g) for g in GUESTS[:2]]
+    out = host.run_json("--no-default-excludes", *ours)  # only the package databases protect
+    assert out["errors"] == 0 and out["files_linked"] > 1000
+    for g in GUESTS[:2]:
+        conffiles = set()
+        for f in (host.root / g / "var/lib/dpkg/info").glob("*.conffiles"):
+            conffiles |= {line.split()[0] for line in f.read_text().splitlines() if line}
+        assert len(conffiles) > 50
+        for c in conffiles:
+            p = host.root / g / c.lstrip("/")
+            if p.is_file() and not p.is_symlink():
+                assert "trusted.vsstore.iunlink" not in os.listxattr(p), c
+        v = subprocess.run(["dpkg", "--root", str(host.root / g), "--verify"],
+                           capture_output=True, text=True)
+        assert v.returncode == 0 and v.stdout == "", v.stdout[:2000]

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from vsstore import pkgdb
 from vsstore.clitools import run_cli
 from vsstore.config import Guest, Paths, configured_guests, resolve_guest
 from vsstore.errors import EXIT_OK, EXIT_PARTIAL, ConfigError
@@ -20,6 +22,8 @@ from vsstore.store import Store
 
 from . import engine, maintain, report
 from .progress import Progress, human
+
+log = logging.getLogger("vsstore")
 
 
 def _guests(args: argparse.Namespace, paths: Paths) -> list[Guest]:
@@ -40,8 +44,14 @@ def _store_path(args: argparse.Namespace, paths: Paths) -> Path:
 
 
 def _excludes(args: argparse.Namespace, g: Guest, paths: Paths) -> ExcludeList:
+    provided = []
+    if not args.no_pkgdb_excludes:
+        with GuestTree(g.root, g.name) as tree:
+            provided, warnings = pkgdb.config_rules(tree)
+        for w in warnings:
+            log.warning("%s", w)
     return build_excludes(cli=args.exclude or [], guest_file=g.exclude_file,
-                          host_file=paths.host_exclude_file,
+                          host_file=paths.host_exclude_file, provided=provided,
                           use_default=not args.no_default_excludes)
 
 
@@ -158,6 +168,9 @@ def parser() -> argparse.ArgumentParser:
                      help="exclude rule (repeatable; '+PATTERN' includes); see README")
     exc.add_argument("--no-default-excludes", action="store_true",
                      help="drop the built-in list (/etc, /var, /home, ...)")
+    exc.add_argument("--no-pkgdb-excludes", action="store_true",
+                     help="do not exclude the config files named by the guest's package "
+                     "database (dpkg conffiles, rpm %%config, apk, pacman backup)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", parents=[common, exc], help="unify guests")

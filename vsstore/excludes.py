@@ -26,6 +26,7 @@ class Rule:
     include: bool
     basename: bool
     reason: str
+    literal: bool = False  # a path from a package database: no glob characters, ever
 
     @property
     def text(self) -> str:
@@ -34,6 +35,8 @@ class Rule:
     @property
     def subtree(self) -> str | None:
         """The directory this rule covers wholly, if it is a plain or '/*' rule."""
+        if self.literal:
+            return self.pattern.rstrip("/") or "/"
         if self.basename:
             return None
         p = self.pattern[:-2] if self.pattern.endswith("/*") else self.pattern
@@ -43,6 +46,8 @@ class Rule:
 
     @property
     def literal_prefix(self) -> str:
+        if self.literal:
+            return self.pattern
         i = min((self.pattern.find(c) for c in _GLOB_CHARS if c in self.pattern),
                 default=len(self.pattern))
         return self.pattern[:i]
@@ -126,6 +131,11 @@ def _glob_regex(glob: str, basename: bool) -> str:
     return "".join(out)
 
 
+def literal_rule(path: str, reason: str) -> Rule:
+    """Exclude exactly ``path`` (and anything below it), whatever characters it holds."""
+    return Rule(pattern=path, include=False, basename=False, reason=reason, literal=True)
+
+
 def _rule_regex(rule: Rule) -> str:
     if rule.basename:
         return "(?:.*/)?" + _glob_regex(rule.pattern, True)
@@ -135,23 +145,66 @@ def _rule_regex(rule: Rule) -> str:
     return _glob_regex(rule.pattern, False)
 
 
+class _Block:
+    """Consecutive rules matched together: one regex, or (for many literal excludes in a
+    row, as package databases give) a dict looked up for the path and its parents."""
+
+    EXACT_MIN = 16
+
+    def __init__(self, rules: list[Rule], exact: bool) -> None:
+        self.rules = rules
+        self.exact = {r.subtree: r for r in rules} if exact else None
+        self.regex = None
+        if not exact:
+            alts = [f"(?P<r{i}>{_rule_regex(r)})" for i, r in enumerate(rules)]
+            self.regex = re.compile("(?s:" + "|".join(alts) + r")\Z")
+
+    def match(self, path: str) -> Rule | None:
+        if self.exact is not None:
+            p = path
+            while p:
+                r = self.exact.get(p)
+                if r is not None:
+                    return r
+                p = p.rpartition("/")[0]
+            return None
+        m = self.regex.match(path)  # type: ignore[union-attr]
+        return self.rules[int(m.lastgroup[1:])] if m else None  # type: ignore[index]
+
+
 class ExcludeList:
-    """An ordered rule list, compiled."""
+    """An ordered rule list, compiled; the first rule that matches decides."""
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         self.rules = list(rules)
-        alts = [f"(?P<r{i}>{_rule_regex(r)})" for i, r in enumerate(self.rules)]
-        self._re = re.compile("(?s:" + "|".join(alts) + r")\Z") if alts else None
+        self._blocks: list[_Block] = []
+        run: list[Rule] = []
+        i = 0
+        while i < len(self.rules):
+            j = i
+            while j < len(self.rules) and self.rules[j].literal and not self.rules[j].include:
+                j += 1
+            if j - i >= _Block.EXACT_MIN:
+                if run:
+                    self._blocks.append(_Block(run, exact=False))
+                    run = []
+                self._blocks.append(_Block(self.rules[i:j], exact=True))
+                i = j
+            else:
+                run.extend(self.rules[i:max(j, i + 1)])
+                i = max(j, i + 1)
+        if run:
+            self._blocks.append(_Block(run, exact=False))
         self._includes_anywhere = any(r.include and r.basename for r in self.rules)
 
     def match(self, rel: str) -> Rule | None:
         """The deciding rule for guest path ``rel`` ('usr/bin/ls'), or None."""
-        if self._re is None:
-            return None
-        m = self._re.match("/" + rel)
-        if m is None:
-            return None
-        return self.rules[int(m.lastgroup[1:])]  # type: ignore[index]
+        path = "/" + rel
+        for block in self._blocks:
+            r = block.match(path)
+            if r is not None:
+                return r
+        return None
 
     def excluded(self, rel: str) -> bool:
         r = self.match(rel)
@@ -163,14 +216,20 @@ class ExcludeList:
         if self._includes_anywhere:
             return False
         d = "/" + rel_dir
-        for r in self.rules:
-            sub = r.subtree
-            if sub is not None and (d == sub or d.startswith(sub.rstrip("/") + "/")):
-                return not r.include
-            if r.include:
-                lp = r.literal_prefix
-                if lp.startswith(d + "/") or (d + "/").startswith(lp):
-                    return False
+        for block in self._blocks:
+            if block.exact is not None:
+                r = block.match(d)
+                if r is not None:
+                    return True
+                continue
+            for r in block.rules:
+                sub = r.subtree
+                if sub is not None and (d == sub or d.startswith(sub.rstrip("/") + "/")):
+                    return not r.include
+                if r.include:
+                    lp = r.literal_prefix
+                    if lp.startswith(d + "/") or (d + "/").startswith(lp):
+                        return False
         return False
 
 
