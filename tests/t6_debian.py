@@ -78,6 +78,10 @@ def test_default_excludes_keep_etc_and_var_private_on_debian(host):
                 if not os.path.islink(p) and "trusted.vsstore.iunlink" in os.listxattr(p):
                     shared += 1
     assert shared > 1000
+    for g in GUESTS[:2]:
+        v = subprocess.run(["dpkg", "--root", str(host.root / g), "--verify"],
+                           capture_output=True, text=True)
+        assert v.returncode == 0 and v.stdout == "", v.stdout[:2000]
 
 
 def test_package_database_keeps_every_conffile_private_and_dpkg_verify_is_clean(host):

@@ -15,7 +15,7 @@ __all__ = ["Limits", "PackageFiles", "PkgDbError", "config_rules", "read_all"]
 
 log = logging.getLogger("vsstore")
 
-MANAGERS = ("dpkg", "apk", "pacman")  # TEMP until rpm lands
+MANAGERS = ("dpkg", "rpm", "apk", "pacman")
 REASON = {"dpkg": "dpkg conffile", "rpm": "rpm %config", "apk": "apk protected path",
           "pacman": "pacman backup file"}
 # Where distributions keep configuration.  A guest whose database cannot be read gets
