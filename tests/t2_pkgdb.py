@@ -200,3 +200,14 @@ def test_reading_never_runs_guest_code():
             "sys.exit(0 if f and not e else 1)")
     import sys
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_config_only_reading_skips_the_owned_lists(tmp_path):
+    t = guest(tmp_path, {"var/lib/dpkg/status": STATUS,
+                         "var/lib/dpkg/info/base-files:amd64.conffiles": "/etc/extra\n",
+                         "var/lib/dpkg/info/base-files:amd64.list": "/usr/bin/x\n"})
+    full = dpkg.read(Budget(t, Limits()))
+    lean = dpkg.read(Budget(t, Limits(), want_owned=False))
+    assert full is not None and lean is not None
+    assert lean.config == full.config and "/etc/extra" in lean.config
+    assert full.owned and not lean.owned

@@ -28,10 +28,11 @@ def _reader(manager: str) -> Callable[[Budget], PackageFiles | None]:
     return importlib.import_module(f"{__name__}.{manager}").read  # type: ignore[no-any-return]
 
 
-def read_all(tree: GuestTree, limits: Limits | None = None,
+def read_all(tree: GuestTree, limits: Limits | None = None, want_owned: bool = True,
              ) -> tuple[list[PackageFiles], list[tuple[str, str]]]:
-    """Every database the guest has, read; and (manager, message) for each that failed."""
-    budget = Budget(tree, limits or Limits())
+    """Every database the guest has, read; and (manager, message) for each that failed.
+    ``want_owned=False``: only config files are needed, owned-file lists may be skipped."""
+    budget = Budget(tree, limits or Limits(), want_owned)
     found: list[PackageFiles] = []
     failed: list[tuple[str, str]] = []
     for manager in MANAGERS:
@@ -53,7 +54,7 @@ def read_all(tree: GuestTree, limits: Limits | None = None,
 def config_rules(tree: GuestTree, limits: Limits | None = None) -> tuple[list[Rule], list[str]]:
     """Exclude rules for the guest's config files, and warnings.  A database that cannot
     be read yields the conservative fallback (CONFIG_DIRS) and a warning naming it."""
-    found, failed = read_all(tree, limits)
+    found, failed = read_all(tree, limits, want_owned=False)
     rules: list[Rule] = []
     warnings: list[str] = []
     for manager, message in failed:

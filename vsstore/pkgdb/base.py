@@ -51,9 +51,10 @@ class PackageFiles:
 class Budget:
     """Counts what one guest's readers consumed against the limits."""
 
-    def __init__(self, tree: GuestTree, limits: Limits) -> None:
+    def __init__(self, tree: GuestTree, limits: Limits, want_owned: bool = True) -> None:
         self.tree = tree
         self.limits = limits
+        self.want_owned = want_owned  # False: config files are enough (readers may skip work)
         self.bytes_read = 0
 
     def where(self, rel: str) -> str:

@@ -87,6 +87,8 @@ def _read_info(budget: Budget, res: PackageFiles, installed: dict[str, str]) -> 
         pkg = installed.get(stem)
         if pkg is None:
             continue  # leftovers of a package dpkg no longer lists
+        if not budget.want_owned:
+            exts = exts & {"conffiles"}
         if "conffiles" in exts:
             rel = f"{INFO}/{stem}.conffiles"
             for line in decode(budget.read(rel)).splitlines():
