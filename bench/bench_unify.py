@@ -209,8 +209,10 @@ def tool_command(tool: str, ctx: Context, rnd: Path, guests: list[Path],
                "VSSTORE_RUNDIR": str(rnd / "vsunify-run"),
                "VSERVERS_CONFDIR": str(rnd / "vsunify-conf"),
                "VSERVERS_ROOT": str(rnd / "vsunify")}
-        return [ctx.vsunify, "run", "--no-default-excludes", "--ignore-mtime", "--min-size",
-                "1", "--json", "--store", str(rnd / ".hash-vsunify"), *dirs], env
+        # No excludes at all, like the others: the content-only comparison.
+        return [ctx.vsunify, "run", "--no-default-excludes", "--no-pkgdb-excludes",
+                "--ignore-mtime", "--min-size", "1", "--json",
+                "--store", str(rnd / ".hash-vsunify"), *dirs], env
     if tool == "hardlink":
         return ["hardlink", "-c", *dirs], {}
     if tool == "rdfind":
