@@ -25,19 +25,18 @@ For one store object O and the guest files J that should become names of O:
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import os
 import queue
 import signal
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vsstore import attrs, syscalls
 from vsstore.hashing import content_digests, meta_class, read_xattrs
 from vsstore.index import Index, Row
+from vsstore.private import copy_file, tmp_name, unsealed
 from vsstore.safetree import GuestTree, split_rel
 from vsstore.store import Key, Store, StoreObject
 
@@ -94,15 +93,6 @@ class Closer:
         self.thread.join()
 
 
-_tmp_prefix = os.urandom(4).hex()
-_tmp_count = itertools.count()
-
-
-def tmp_name() -> str:
-    """A fresh temporary name: a per-process random half and a counter."""
-    return f".vsu~{_tmp_prefix}{next(_tmp_count) & 0xFFFFFFFF:08x}"
-
-
 @dataclass(slots=True)
 class LinkStats:
     files_linked: int = 0
@@ -112,19 +102,6 @@ class LinkStats:
     skipped_busy: int = 0
     skipped_changed: int = 0
     messages: list[str] = field(default_factory=list)
-
-
-@contextmanager
-def unsealed(fd: int, immutable: bool) -> Iterator[None]:
-    """Lift the immutable flag of an object for a moment (link/rename/unlink of its names)."""
-    was = immutable and attrs.is_immutable(fd)
-    if was:
-        attrs.set_immutable(fd, False)
-    try:
-        yield
-    finally:
-        if was:
-            attrs.set_immutable(fd, True)
 
 
 class _Dirs:
@@ -643,32 +620,6 @@ class Linker:
                     f"{remaining} other names still share the old inode"
                     + (": run `vsunify run --all` then `vsunify deunify` on those guests"
                        if remaining else ""))
-
-
-def copy_file(src: int, dirfd: int, name: str) -> int:
-    """Create ``name`` in ``dirfd`` as a private copy of open file ``src``: content, owner,
-    mode, xattrs (not ours) and times, fsynced.  Returns the new file's fd (read-only)."""
-    st = os.fstat(src)
-    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                 dir_fd=dirfd)
-    try:
-        off = 0
-        while off < st.st_size:
-            n = os.copy_file_range(src, fd, st.st_size - off, off, off)
-            if n == 0:
-                break
-            off += n
-        os.fchown(fd, st.st_uid, st.st_gid)
-        os.fchmod(fd, st.st_mode & 0o7777)
-        for xname, value in read_xattrs(src):
-            os.setxattr(fd, xname, value)
-        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(name, dir_fd=dirfd)
-        raise
-    return fd
 
 
 def recover(index: Index, store: Store, immutable: bool) -> list[str]:

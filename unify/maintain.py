@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 
 from vsstore import attrs, syscalls
 from vsstore.index import Index
+from vsstore.private import privatize, unsealed
 from vsstore.safetree import GuestTree, split_rel
 from vsstore.store import Store
-
-from .apply import copy_file, tmp_name, unsealed
 
 log = logging.getLogger("vsstore")
 
@@ -75,33 +74,18 @@ def _deunify_one(tree: GuestTree, rel: str, st: os.stat_result, index: Index, im
             tally.error(f"{where}: {e.strerror}")
         return
     try:
-        ost = os.fstat(ofd)
         if not attrs.has_marker(ofd):
             return  # not shared by us (a guest's own hardlink): leave it
         leased = syscalls.take_read_lease(ofd)
-        tmp = tmp_name()
-        cfd = copy_file(ofd, dfd, tmp)
-        try:
-            cst = os.fstat(cfd)
-        finally:
-            os.close(cfd)
-        d = split_rel(rel)[0]
-        ids = index.journal_add([("deunify", str(tree.root), d, base, tmp, cst.st_ino,
-                                  ost.st_ino)])
-        with unsealed(ofd, immutable):
-            syscalls.renameat2(dfd, tmp, dfd, base, syscalls.RENAME_EXCHANGE)
-            out = os.stat(tmp, dir_fd=dfd, follow_symlinks=False)
-            if out.st_ino != ost.st_ino:
-                syscalls.renameat2(dfd, tmp, dfd, base, syscalls.RENAME_EXCHANGE)
-                tally.error(f"{where}: replaced while we copied it; left as it is")
-            else:
-                tally.files += 1
-                tally.bytes += ost.st_size
-            os.unlink(tmp, dir_fd=dfd)
+        if privatize(str(tree.root), split_rel(rel)[0], dfd, base, ofd, index,
+                     immutable) is None:
+            tally.error(f"{where}: replaced while we copied it; left as it is")
+        else:
+            tally.files += 1
+            tally.bytes += st.st_size
         if leased and not syscalls.lease_held(ofd):
             tally.error(f"{where}: the shared inode was opened for writing during deunify; "
                         f"check the other guests sharing it")
-        index.journal_done(ids)
     except OSError as e:
         tally.error(f"{where}: {e.strerror}")
     finally:
