@@ -85,6 +85,22 @@ class Host:
         return json.loads(p.stdout)
 
 
+def _sweep_test_mounts() -> None:
+    """Unmount overlays a crashed test run left below TEST_TMP (lazily: nothing may hang)."""
+    with open("/proc/self/mountinfo") as f:
+        stale = [line.split()[4] for line in f
+                 if " - fuse.vscow " in line and line.split()[4].startswith(TEST_TMP)]
+    for m in stale:
+        subprocess.run(["fusermount3", "-u", "-z", m], check=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sweep_mounts() -> Iterator[None]:
+    _sweep_test_mounts()
+    yield
+    _sweep_test_mounts()
+
+
 @pytest.fixture
 def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
     base = Path(tempfile.mkdtemp(prefix="vsstore-test-", dir=TEST_TMP))

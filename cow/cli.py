@@ -1,0 +1,123 @@
+"""vscow: mount the copy-on-write overlay for guests, unmount it, show what is mounted."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from vsstore.clitools import run_cli
+from vsstore.config import Paths, resolve_guest
+from vsstore.errors import EXIT_OK, ConfigError
+
+
+def _mounts() -> list[tuple[str, str]]:
+    """(mountpoint, source) of every vscow mount."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fstype, source = right.split()[:2]
+            if fstype == "fuse.vscow":
+                out.append((left.split()[4], source))
+    return out
+
+
+def _pidfile(paths: Paths, at: str) -> str:
+    """Where the daemon serving mount point ``at`` records its pid."""
+    return os.path.join(paths.rundir, "vscow", at.strip("/").replace("/", "_") + ".pid")
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    paths = Paths.from_env()
+    guests = {}
+    for arg in args.guests:
+        g = resolve_guest(arg, paths)
+        guests[g.name] = str(g.root)
+    at = os.path.abspath(args.at)
+    if not os.path.isdir(at):
+        raise ConfigError(f"--at {at}: not a directory; create the mount point first")
+    if any(m == at for m, _ in _mounts()):
+        raise ConfigError(f"{at}: a vscow overlay is mounted there already")
+    immutable = os.geteuid() == 0
+    if args.foreground:
+        from .mount import serve
+        serve(at, guests, immutable)
+        return EXIT_OK
+    r, w = os.pipe()
+    cmd = [sys.executable, "-c", "import sys, json; from cow.mount import serve; "
+           "serve(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == '1', int(sys.argv[4]))",
+           at, __import__("json").dumps(guests), "1" if immutable else "0", str(w)]
+    log = open(args.log, "ab") if args.log else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=log, start_new_session=True)
+    os.close(w)
+    ready = os.read(r, 16)
+    os.close(r)
+    if ready != b"ok\n":
+        proc.wait(timeout=10)
+        raise ConfigError(f"the overlay did not come up at {at} (exit {proc.returncode}); "
+                          f"see --log")
+    pidfile = _pidfile(paths, at)
+    os.makedirs(os.path.dirname(pidfile), exist_ok=True)
+    with open(pidfile, "w") as f:
+        f.write(f"{proc.pid}\n")
+    return EXIT_OK
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    at = os.path.abspath(args.at)
+    if not any(m == at for m, _ in _mounts()):
+        raise ConfigError(f"{at}: no vscow overlay is mounted there")
+    subprocess.run(["fusermount3", "-u", at], check=True)
+    pidfile = _pidfile(Paths.from_env(), at)
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        pid = 0
+    for _ in range(200):  # the daemon ends once the kernel has let go of the mount
+        gone = not any(m == at for m, _ in _mounts()) and \
+            (not pid or not os.path.exists(f"/proc/{pid}"))
+        if gone:
+            if pid:
+                os.unlink(pidfile)
+            return EXIT_OK
+        time.sleep(0.05)
+    raise ConfigError(f"{at}: still mounted or its daemon (pid {pid}) still running; "
+                      f"is something using it?")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    for m, src in _mounts():
+        print(f"{m}\t{src}")
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vscow", description="The copy-on-write overlay: guests "
+                                "see a writable tree; writes to shared files give the guest its "
+                                "own copy; memory stays shared for what is not written.")
+    p.add_argument("--debug", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("mount", help="mount one overlay serving the guests")
+    m.add_argument("--at", required=True, metavar="DIR")
+    m.add_argument("--foreground", action="store_true", help="stay in the foreground")
+    m.add_argument("--log", metavar="FILE", help="the daemon's log")
+    m.add_argument("guests", nargs="+", metavar="GUEST")
+    m.set_defaults(func=cmd_mount)
+    u = sub.add_parser("umount", help="unmount an overlay")
+    u.add_argument("at", metavar="DIR")
+    u.set_defaults(func=cmd_umount)
+    s = sub.add_parser("status", help="what is mounted")
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("vscow", parser(), lambda a: a.func(a), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,584 @@
+"""The cow overlay's filesystem: pyfuse3 Operations over the guests' own trees.
+
+One mount serves every guest: its root lists the guests, ``/NAME`` is guest NAME's tree.
+FUSE node ids come from backing inodes, so an inode shared by several guests is one FUSE
+inode, and the kernel keeps one page cache for it (memory stays shared).
+
+Writes never reach a shared inode.  Opening one for writing, truncating it, or changing its
+metadata first gives the writing guest its own copy (``vsstore.private.privatize``: copy,
+fsync, swap atomically), then works on the copy through a ``direct_io`` handle, so the
+shared inode's page cache is never touched; the kernel's entry for the name is invalidated,
+so the next lookup finds the copy.  A FUSE open carries an inode, not a path, so the writing
+guest is found from the caller: a process chrooted into ``/NAME`` is that guest's; otherwise
+the guest of the name this thread looked up last (shared files get no entry caching, so
+every path walk to them comes through ``lookup``).
+
+All backing access goes through ``GuestTree`` (no symlink followed, no mount crossed).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+from vsstore import attrs, syscalls
+from vsstore.private import privatize, unsealed
+from vsstore.safetree import GuestTree
+
+log = logging.getLogger("vsstore.cow")
+
+ROOT = pyfuse3.ROOT_INODE
+Name = tuple[str, str]  # (guest, path relative to its root; '' for the root)
+
+
+@dataclass(slots=True)
+class Node:
+    id: int
+    dev: int
+    ino: int
+    names: dict[Name, None] = field(default_factory=dict)  # an ordered set
+    lookups: int = 0
+
+
+def _err(e: OSError) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(e.errno or errno.EIO)
+
+
+def _join(rel: str, name: str) -> str:
+    return f"{rel}/{name}" if rel else name
+
+
+class CowFS(pyfuse3.Operations):
+    """The overlay.  ``guests`` maps a name to its root tree."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, guests: dict[str, str], immutable: bool = True) -> None:
+        super().__init__()
+        self.trees: dict[str, GuestTree] = {}
+        self.immutable = immutable
+        self.nodes: dict[int, Node] = {}
+        self.by_inode: dict[tuple[int, int], int] = {}
+        self.next_id = 1 << 48  # for inode numbers that collide (another filesystem)
+        self.recent: dict[tuple[int, int], Name] = {}  # (tid, node) -> name last looked up
+        self.dir_handles: dict[int, tuple[Name, list[tuple[str, os.stat_result]]]] = {}
+        self.next_dh = 1
+        self.root_st = os.stat("/")
+        for name, root in guests.items():
+            self.add_guest(name, root)
+
+    # -- guests ----------------------------------------------------------------------
+
+    def add_guest(self, name: str, root: str) -> None:
+        if name in self.trees or "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"guest name {name!r} is taken or not valid")
+        self.trees[name] = GuestTree(root, name)
+
+    def remove_guest(self, name: str) -> None:
+        tree = self.trees.pop(name)
+        for node in self.nodes.values():
+            for n in [n for n in node.names if n[0] == name]:
+                del node.names[n]
+        tree.close()
+
+    def close(self) -> None:
+        for t in self.trees.values():
+            t.close()
+        self.trees.clear()
+
+    # -- nodes -----------------------------------------------------------------------
+
+    def _node(self, st: os.stat_result, name: Name) -> Node:
+        key = (st.st_dev, st.st_ino)
+        nid = self.by_inode.get(key)
+        if nid is None:
+            nid = st.st_ino if st.st_ino not in self.nodes and st.st_ino != ROOT else \
+                self._fresh_id()
+            self.by_inode[key] = nid
+            self.nodes[nid] = Node(nid, st.st_dev, st.st_ino)
+        node = self.nodes[nid]
+        node.names[name] = None
+        return node
+
+    def _fresh_id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    def _get(self, nid: int) -> Node:
+        node = self.nodes.get(nid)
+        if node is None or not node.names:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
+    def _some_name(self, node: Node) -> Name:
+        for n in node.names:
+            if n[0] in self.trees:
+                return n
+        raise pyfuse3.FUSEError(errno.ESTALE)
+
+    def _dir_of(self, nid: int) -> Name:
+        """The (guest, rel) of a directory node (directories have one name)."""
+        return self._some_name(self._get(nid))
+
+    def _open_dir(self, name: Name) -> int:
+        tree = self.trees[name[0]]
+        try:
+            return tree.open_beneath(name[1], os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise _err(e) from None
+
+    def _lstat(self, name: Name) -> os.stat_result:
+        tree = self.trees.get(name[0])
+        if tree is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if not name[1]:
+            return os.fstat(tree.fd)
+        head, _, tail = name[1].rpartition("/")
+        dfd = self._open_dir((name[0], head))
+        try:
+            return os.stat(tail, dir_fd=dfd, follow_symlinks=False)
+        except OSError as e:
+            raise _err(e) from None
+        finally:
+            os.close(dfd)
+
+    def _shared(self, node: Node, st: os.stat_result) -> bool:
+        """Does a write to this inode need a copy-up first?"""
+        return stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and (
+            len({g for g, _ in node.names}) > 1 or self._marked(node))
+
+    def _marked(self, node: Node) -> bool:
+        try:
+            fd = self.trees[self._some_name(node)[0]].open_regular(self._some_name(node)[1])
+        except OSError:
+            return False
+        try:
+            return attrs.has_marker(fd)
+        finally:
+            os.close(fd)
+
+    def _attr(self, node_id: int, st: os.stat_result, shared: bool = False,
+              ) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node_id
+        a.generation = 0
+        a.entry_timeout = 0 if shared else 1
+        a.attr_timeout = 1
+        for f in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
+                  "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
+            setattr(a, f, getattr(st, f))
+        a.st_blksize = 4096
+        a.st_blocks = st.st_blocks
+        return a
+
+    def _root_attr(self) -> pyfuse3.EntryAttributes:
+        a = self._attr(ROOT, self.root_st)
+        a.st_mode = stat.S_IFDIR | 0o755
+        a.st_nlink = 2 + len(self.trees)
+        return a
+
+    # -- which guest is writing ---------------------------------------------------------
+
+    def _guest_of(self, ctx: pyfuse3.RequestContext, node: Node) -> Name:
+        guests = {g for g, _ in node.names if g in self.trees}
+        if len(guests) == 1:
+            g = guests.pop()
+            return next(n for n in node.names if n[0] == g)
+        try:
+            root = os.readlink(f"/proc/{ctx.pid}/root")
+        except OSError:
+            root = "/"
+        for g in guests:
+            if os.path.realpath(self.trees[g].root) == root:
+                return next(n for n in node.names if n[0] == g)
+        recent = self.recent.get((ctx.pid, node.id))
+        if recent is not None and recent in node.names:
+            return recent
+        log.warning("write to shared inode %d by pid %d: cannot tell which guest", node.ino,
+                    ctx.pid)
+        raise pyfuse3.FUSEError(errno.EIO)
+
+    def _copy_up(self, node: Node, name: Name) -> os.stat_result:
+        """Give ``name`` its own copy of ``node``'s inode; returns the copy's stat."""
+        guest, rel = name
+        tree = self.trees[guest]
+        head, _, base = rel.rpartition("/")
+        dfd = self._open_dir((guest, head))
+        try:
+            ofd = tree.open_regular(base, dirfd=dfd)
+            try:
+                cst = privatize(str(tree.root), head, dfd, base, ofd, None, self.immutable)
+            finally:
+                os.close(ofd)
+        except OSError as e:
+            raise _err(e) from None
+        finally:
+            os.close(dfd)
+        if cst is None:
+            raise pyfuse3.FUSEError(errno.EAGAIN)
+        node.names.pop(name, None)
+        self._node(cst, name)
+        parent = self.by_inode.get(self._dir_key((guest, head)))
+        if parent is not None:
+            pyfuse3.invalidate_entry_async(parent, os.fsencode(base))
+        return cst
+
+    def _dir_key(self, name: Name) -> tuple[int, int]:
+        st = self._lstat(name)
+        return (st.st_dev, st.st_ino)
+
+    # -- lookups and attributes -----------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
+                     ) -> pyfuse3.EntryAttributes:
+        n = os.fsdecode(name)
+        if parent_inode == ROOT:
+            if n not in self.trees:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            child: Name = (n, "")
+        else:
+            g, rel = self._dir_of(parent_inode)
+            if n in (".", ".."):
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            child = (g, _join(rel, n))
+        st = self._lstat(child)
+        node = self._node(st, child)
+        node.lookups += 1
+        shared = stat.S_ISREG(st.st_mode) and st.st_nlink > 1
+        if shared:
+            self.recent[(ctx.pid, node.id)] = child
+        return self._attr(node.id, st, shared)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for nid, n in inode_list:
+            node = self.nodes.get(nid)
+            if node is None:
+                continue
+            node.lookups -= n
+            if node.lookups <= 0:
+                del self.nodes[nid]
+                self.by_inode.pop((node.dev, node.ino), None)
+                for k in [k for k in self.recent if k[1] == nid]:
+                    del self.recent[k]
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None,
+                      ) -> pyfuse3.EntryAttributes:
+        if inode == ROOT:
+            return self._root_attr()
+        node = self._get(inode)
+        return self._attr(inode, self._lstat(self._some_name(node)))
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._get(inode)
+        name = self._some_name(node)
+        st = self._lstat(name)
+        if self._shared(node, st):
+            name = self._guest_of(ctx, node)
+            self._copy_up(node, name)
+        guest, rel = name
+        head, _, base = rel.rpartition("/")
+        dfd = self._open_dir((guest, head)) if rel else os.dup(self.trees[guest].fd)
+        try:
+            target: str | int = base if rel else dfd
+            kw = {"dir_fd": dfd, "follow_symlinks": False} if rel else {}
+            if fields.update_size:
+                if fh is not None:
+                    os.ftruncate(fh, attr.st_size)
+                else:
+                    fd = self.trees[guest].open_regular(rel)
+                    os.close(fd)
+                    fd = os.open(base, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                    try:
+                        os.ftruncate(fd, attr.st_size)
+                    finally:
+                        os.close(fd)
+            if fields.update_mode:
+                if rel and stat.S_ISLNK(st.st_mode):
+                    raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+                os.chmod(target, stat.S_IMODE(attr.st_mode), **kw)
+            if fields.update_uid or fields.update_gid:
+                os.chown(target, attr.st_uid if fields.update_uid else -1,
+                         attr.st_gid if fields.update_gid else -1, **kw)
+            if fields.update_atime or fields.update_mtime:
+                cur = self._lstat(name)
+                os.utime(target, ns=(attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
+                                     attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns),
+                         **kw)
+        except OSError as e:
+            raise _err(e) from None
+        finally:
+            os.close(dfd)
+        new = self._lstat(name)
+        return self._attr(inode, new)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        guest, rel = self._some_name(self._get(inode))
+        head, _, base = rel.rpartition("/")
+        dfd = self._open_dir((guest, head))
+        try:
+            return os.fsencode(os.readlink(base, dir_fd=dfd))
+        except OSError as e:
+            raise _err(e) from None
+        finally:
+            os.close(dfd)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        tree = next(iter(self.trees.values()), None)
+        s = os.statvfs(tree.root if tree else "/")
+        d = pyfuse3.StatvfsData()
+        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                  "f_ffree", "f_favail", "f_namemax"):
+            setattr(d, f, getattr(s, f))
+        return d
+
+    # -- directories -----------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode == ROOT:
+            entries = [(g, os.fstat(t.fd)) for g, t in sorted(self.trees.items())]
+            name: Name = ("", "")
+        else:
+            name = self._dir_of(inode)
+            dfd = self._open_dir(name)
+            entries = []
+            try:
+                with os.scandir(dfd) as it:
+                    for e in it:
+                        try:
+                            entries.append((e.name, e.stat(follow_symlinks=False)))
+                        except OSError:
+                            continue
+            finally:
+                os.close(dfd)
+            entries.sort()
+        fh = self.next_dh
+        self.next_dh += 1
+        self.dir_handles[fh] = (name, entries)
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        name, entries = self.dir_handles[fh]
+        for i in range(start_id, len(entries)):
+            n, st = entries[i]
+            child: Name = (n, "") if not name[0] else (name[0], _join(name[1], n))
+            node = self._node(st, child)
+            shared = stat.S_ISREG(st.st_mode) and st.st_nlink > 1
+            if not pyfuse3.readdir_reply(token, os.fsencode(n), self._attr(node.id, st, shared),
+                                         i + 1):
+                return
+            node.lookups += 1
+
+    async def releasedir(self, fh: int) -> None:
+        self.dir_handles.pop(fh, None)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._make(parent_inode, name, ctx,
+                                lambda n, d: os.mkdir(n, mode & ~ctx.umask, dir_fd=d))
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._make(parent_inode, name, ctx,
+                                lambda n, d: os.symlink(os.fsdecode(target), n, dir_fd=d))
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if not stat.S_ISFIFO(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)  # only fifos: no devices in guests
+        return await self._make(parent_inode, name, ctx,
+                                lambda n, d: os.mkfifo(n, mode & 0o7777 & ~ctx.umask, dir_fd=d))
+
+    async def _make(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
+                    make) -> pyfuse3.EntryAttributes:  # type: ignore[no-untyped-def]
+        if parent_inode == ROOT:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        guest, rel = self._dir_of(parent_inode)
+        n = os.fsdecode(name)
+        dfd = self._open_dir((guest, rel))
+        try:
+            make(n, dfd)
+            os.chown(n, ctx.uid, ctx.gid, dir_fd=dfd, follow_symlinks=False)
+            st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
+        except OSError as e:
+            raise _err(e) from None
+        finally:
+            os.close(dfd)
+        node = self._node(st, (guest, _join(rel, n)))
+        node.lookups += 1
+        return self._attr(node.id, st)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._remove(parent_inode, name, directory=True)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._remove(parent_inode, name, directory=False)
+
+    async def _remove(self, parent_inode: int, name: bytes, directory: bool) -> None:
+        if parent_inode == ROOT:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        guest, rel = self._dir_of(parent_inode)
+        n = os.fsdecode(name)
+        dfd = self._open_dir((guest, rel))
+        try:
+            st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
+            if directory:
+                os.rmdir(n, dir_fd=dfd)
+            elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                # A shared inode: only this guest's name goes; the seal is lifted for the
+                # unlink and put back (FS_IMMUTABLE_FL forbids unlink).
+                fd = self.trees[guest].open_regular(n, dirfd=dfd)
+                try:
+                    with unsealed(fd, self.immutable):
+                        os.unlink(n, dir_fd=dfd)
+                finally:
+                    os.close(fd)
+            else:
+                os.unlink(n, dir_fd=dfd)
+        except OSError as e:
+            raise _err(e) from None
+        finally:
+            os.close(dfd)
+        nid = self.by_inode.get((st.st_dev, st.st_ino))
+        if nid is not None:
+            self.nodes[nid].names.pop((guest, _join(rel, n)), None)
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        if ROOT in (parent_inode_old, parent_inode_new):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        g1, r1 = self._dir_of(parent_inode_old)
+        g2, r2 = self._dir_of(parent_inode_new)
+        if g1 != g2:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        a, b = os.fsdecode(name_old), os.fsdecode(name_new)
+        d1, d2 = self._open_dir((g1, r1)), self._open_dir((g2, r2))
+        try:
+            src = os.stat(a, dir_fd=d1, follow_symlinks=False)
+            held: list[int] = []
+            sealed: list[int] = []
+            try:  # a shared inode on either side must be unsealed for the rename
+                for d, n in ((d1, a), (d2, b)):
+                    try:
+                        st = os.stat(n, dir_fd=d, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                        held.append(self.trees[g1].open_regular(n, dirfd=d))
+                sealed = [fd for fd in held if attrs.is_immutable(fd)]
+                for fd in sealed:
+                    attrs.set_immutable(fd, False)
+                syscalls.renameat2(d1, a, d2, b, flags)
+            finally:
+                for fd in held:
+                    if fd in sealed:
+                        attrs.set_immutable(fd, True)
+                    os.close(fd)
+        except OSError as e:
+            raise _err(e) from None
+        finally:
+            os.close(d1)
+            os.close(d2)
+        nid = self.by_inode.get((src.st_dev, src.st_ino))
+        if nid is not None:
+            node = self.nodes[nid]
+            node.names.pop((g1, _join(r1, a)), None)
+            node.names[(g2, _join(r2, b))] = None
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._get(inode)
+        g, rel = self._dir_of(new_parent_inode)
+        src = next((n for n in node.names if n[0] == g), None)
+        if src is None:
+            raise pyfuse3.FUSEError(errno.EXDEV)  # no hardlinks across guests
+        sh, _, sb = src[1].rpartition("/")
+        d1, d2 = self._open_dir((g, sh)), self._open_dir((g, rel))
+        n = os.fsdecode(new_name)
+        try:
+            fd = self.trees[g].open_regular(sb, dirfd=d1)
+            try:
+                with unsealed(fd, self.immutable):
+                    os.link(sb, n, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
+            finally:
+                os.close(fd)
+            st = os.stat(n, dir_fd=d2, follow_symlinks=False)
+        except OSError as e:
+            raise _err(e) from None
+        finally:
+            os.close(d1)
+            os.close(d2)
+        node.names[(g, _join(rel, n))] = None
+        node.lookups += 1
+        return self._attr(inode, st)
+
+    # -- files -------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._get(inode)
+        name = self._some_name(node)
+        st = self._lstat(name)
+        writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND)
+        direct = False
+        if writing and self._shared(node, st):
+            name = self._guest_of(ctx, node)
+            self._copy_up(node, name)
+            direct = True  # the shared inode's page cache must never see this file's data
+        guest, rel = name
+        head, _, base = rel.rpartition("/")
+        dfd = self._open_dir((guest, head))
+        try:
+            fd = os.open(base, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
+                         | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError as e:
+            raise _err(e) from None
+        finally:
+            os.close(dfd)
+        return pyfuse3.FileInfo(fh=fd, direct_io=direct, keep_cache=not writing)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if parent_inode == ROOT:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        guest, rel = self._dir_of(parent_inode)
+        n = os.fsdecode(name)
+        dfd = self._open_dir((guest, rel))
+        try:
+            fd = os.open(n, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         mode & 0o7777 & ~ctx.umask, dir_fd=dfd)
+            os.fchown(fd, ctx.uid, ctx.gid)
+            st = os.fstat(fd)
+        except OSError as e:
+            raise _err(e) from None
+        finally:
+            os.close(dfd)
+        node = self._node(st, (guest, _join(rel, n)))
+        node.lookups += 1
+        return pyfuse3.FileInfo(fh=fd), self._attr(node.id, st)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        try:
+            return os.pread(fh, size, off)
+        except OSError as e:
+            raise _err(e) from None
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        try:
+            return os.pwrite(fh, buf, off)
+        except OSError as e:
+            raise _err(e) from None
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        try:
+            (os.fdatasync if datasync else os.fsync)(fh)
+        except OSError as e:
+            raise _err(e) from None
+
+    async def release(self, fh: int) -> None:
+        os.close(fh)

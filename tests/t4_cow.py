@@ -1,0 +1,132 @@
+"""Layer 4: the cow overlay mounted for real (FUSE), guests sharing unified files."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, flags, inode
+
+SHARED = b"shared library content " * 100
+
+
+def mounts() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if " - fuse.vscow " in line]
+
+
+@pytest.fixture
+def cow(host):
+    """Guests a and b sharing usr/lib/libx.so (unified), mounted at host.base/mnt."""
+    for g in "ab":
+        host.guest(g, {"usr/lib/libx.so": SHARED, f"usr/own-{g}": b"own " * 10})
+    host.vsunify("run", "--all", "--no-default-excludes")
+    mnt = host.base / "mnt"
+    mnt.mkdir()
+    p = subprocess.run([sys.executable, "-m", "cow.cli", "mount", "--at", str(mnt), "--log",
+                        str(host.base / "cow.log"), "a", "b"], cwd=REPO,
+                       env={**os.environ, **host.env}, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    try:
+        yield mnt
+    finally:
+        if str(mnt) in mounts():
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        for _ in range(100):
+            if str(mnt) not in mounts():
+                break
+            time.sleep(0.05)
+
+
+def test_guests_appear_and_a_shared_file_is_one_inode(cow, host):
+    assert sorted(os.listdir(cow)) == ["a", "b"]
+    assert (cow / "a/usr/lib/libx.so").read_bytes() == SHARED
+    assert inode(cow / "a/usr/lib/libx.so") == inode(cow / "b/usr/lib/libx.so")
+    assert sorted(os.listdir(cow / "b/usr")) == ["lib", "own-b"]
+
+
+def test_a_write_gives_only_that_guest_a_copy(cow, host):
+    with open(cow / "a/usr/lib/libx.so", "ab") as f:
+        f.write(b"patched")
+    assert (cow / "a/usr/lib/libx.so").read_bytes() == SHARED + b"patched"
+    assert (cow / "b/usr/lib/libx.so").read_bytes() == SHARED
+    assert (host.root / "b/usr/lib/libx.so").read_bytes() == SHARED
+    obj = next(p for p in host.store.rglob("*") if p.is_file())
+    assert obj.read_bytes() == SHARED and flags(obj) == "UIa"
+    assert inode(host.root / "b/usr/lib/libx.so") == inode(obj)
+    copy = host.root / "a/usr/lib/libx.so"
+    assert flags(copy) == "uia" and os.stat(copy).st_nlink == 1
+    assert os.stat(copy).st_mode == os.stat(obj).st_mode
+
+
+def test_a_chrooted_writer_is_told_apart_by_its_root(cow, host):
+    shutil.copy("/bin/busybox", host.root / "b/busybox")
+    p = subprocess.run(["chroot", str(cow / "b"), "/busybox", "sh", "-c",
+                        "echo from-b >> /usr/lib/libx.so"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert (host.root / "b/usr/lib/libx.so").read_bytes() == SHARED + b"from-b\n"
+    assert (host.root / "a/usr/lib/libx.so").read_bytes() == SHARED
+
+
+def test_truncate_and_chmod_of_a_shared_file_copy_up(cow, host):
+    os.truncate(cow / "a/usr/lib/libx.so", 10)
+    os.chmod(cow / "b/usr/lib/libx.so", 0o600)
+    assert (host.root / "a/usr/lib/libx.so").read_bytes() == SHARED[:10]
+    assert os.stat(host.root / "b/usr/lib/libx.so").st_mode & 0o777 == 0o600
+    obj = next(p for p in host.store.rglob("*") if p.is_file())
+    assert obj.read_bytes() == SHARED and os.stat(obj).st_mode & 0o777 == 0o644
+
+
+def test_unlink_and_rename_of_a_shared_file_touch_only_the_name(cow, host):
+    os.rename(cow / "a/usr/lib/libx.so", cow / "a/usr/lib/libx.so.old")
+    os.unlink(cow / "b/usr/lib/libx.so")
+    assert not (cow / "b/usr/lib/libx.so").exists()
+    assert (cow / "a/usr/lib/libx.so.old").read_bytes() == SHARED
+    obj = next(p for p in host.store.rglob("*") if p.is_file())
+    assert flags(obj) == "UIa" and os.stat(obj).st_nlink == 2
+
+
+def test_ordinary_posix_operations_and_their_errors(cow):
+    d = cow / "a/work"
+    d.mkdir()
+    (d / "f").write_bytes(b"hello")
+    with open(d / "f", "r+b") as f:
+        f.seek(2)
+        f.write(b"LL")
+    assert (d / "f").read_bytes() == b"heLLo"
+    os.symlink("f", d / "link")
+    assert os.readlink(d / "link") == "f" and (d / "link").read_bytes() == b"heLLo"
+    os.link(d / "f", d / "hard")
+    assert os.stat(d / "hard").st_nlink == 2
+    os.rename(d / "f", d / "g")
+    os.mkfifo(d / "fifo")
+    assert sorted(os.listdir(d)) == ["fifo", "g", "hard", "link"]
+    with pytest.raises(FileExistsError):
+        os.open(d / "g", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    with pytest.raises(OSError) as e:
+        os.rmdir(d)
+    assert e.value.errno == errno.ENOTEMPTY
+    with pytest.raises(FileNotFoundError):
+        os.stat(d / "nope")
+    with pytest.raises(OSError) as e:
+        os.rename(d / "g", cow / "b/g")
+    assert e.value.errno == errno.EXDEV
+    for n in ("g", "hard", "link", "fifo"):
+        os.unlink(d / n)
+    os.rmdir(d)
+    assert not d.exists()
+    assert os.statvfs(cow / "a").f_blocks > 0
+
+
+def test_umount_leaves_nothing_behind(cow, host):
+    assert str(cow) in mounts()
+    p = subprocess.run([sys.executable, "-m", "cow.cli", "umount", str(cow)], cwd=REPO,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert str(cow) not in mounts()
+    assert not subprocess.run(["pgrep", "-f", f"serve.*{cow}"]).returncode == 0
