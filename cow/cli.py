@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from vsstore.clitools import run_cli
 from vsstore.config import Paths, resolve_guest
 from vsstore.errors import EXIT_OK, ConfigError
+from vsstore.runtime import cow_state_file
 
 
 def _mounts() -> list[tuple[str, str]]:
@@ -22,11 +24,6 @@ def _mounts() -> list[tuple[str, str]]:
             if fstype == "fuse.vscow":
                 out.append((left.split()[4], source))
     return out
-
-
-def _pidfile(paths: Paths, at: str) -> str:
-    """Where the daemon serving mount point ``at`` records its pid."""
-    return os.path.join(paths.rundir, "vscow", at.strip("/").replace("/", "_") + ".pid")
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -48,7 +45,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     r, w = os.pipe()
     cmd = [sys.executable, "-c", "import sys, json; from cow.mount import serve; "
            "serve(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == '1', int(sys.argv[4]))",
-           at, __import__("json").dumps(guests), "1" if immutable else "0", str(w)]
+           at, json.dumps(guests), "1" if immutable else "0", str(w)]
     log = open(args.log, "ab") if args.log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=log,
                             stderr=log, start_new_session=True)
@@ -59,10 +56,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         proc.wait(timeout=10)
         raise ConfigError(f"the overlay did not come up at {at} (exit {proc.returncode}); "
                           f"see --log")
-    pidfile = _pidfile(paths, at)
+    pidfile = cow_state_file(paths, at)
     os.makedirs(os.path.dirname(pidfile), exist_ok=True)
     with open(pidfile, "w") as f:
-        f.write(f"{proc.pid}\n")
+        json.dump({"pid": proc.pid, "mountpoint": at, "guests": guests}, f)
     return EXIT_OK
 
 
@@ -71,11 +68,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if not any(m == at for m, _ in _mounts()):
         raise ConfigError(f"{at}: no vscow overlay is mounted there")
     subprocess.run(["fusermount3", "-u", at], check=True)
-    pidfile = _pidfile(Paths.from_env(), at)
+    pidfile = cow_state_file(Paths.from_env(), at)
     try:
         with open(pidfile) as f:
-            pid = int(f.read().strip() or 0)
-    except (OSError, ValueError):
+            pid = int(json.load(f)["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
         pid = 0
     for _ in range(200):  # the daemon ends once the kernel has let go of the mount
         gone = not any(m == at for m, _ in _mounts()) and \

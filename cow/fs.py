@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import pyfuse3
 
 from vsstore import attrs, syscalls
-from vsstore.private import privatize, unsealed
+from vsstore.attrs import is_ours
+from vsstore.private import privatize, tmp_name, unsealed
 from vsstore.safetree import GuestTree
 
 log = logging.getLogger("vsstore.cow")
@@ -222,11 +223,50 @@ class CowFS(pyfuse3.Operations):
         if cst is None:
             raise pyfuse3.FUSEError(errno.EAGAIN)
         node.names.pop(name, None)
-        self._node(cst, name)
-        parent = self.by_inode.get(self._dir_key((guest, head)))
-        if parent is not None:
-            pyfuse3.invalidate_entry_async(parent, os.fsencode(base))
+        copy = self._node(cst, name)
+        self._invalidate((guest, head), base)
+        # The guest's other names of the shared inode were one file for it: they follow.
+        for other in [n for n in node.names if n[0] == guest]:
+            self._relink(node, other, name, copy)
         return cst
+
+    def _invalidate(self, parent: Name, base: str) -> None:
+        nid = self.by_inode.get(self._dir_key(parent))
+        if nid is not None:
+            pyfuse3.invalidate_entry_async(nid, os.fsencode(base))
+
+    def _relink(self, node: Node, other: Name, copied: Name, copy: Node) -> None:
+        """Point ``other`` (a name of ``node`` in the same guest) at the copy made for
+        ``copied``: link, swap, check, as for every replacement."""
+        guest, rel = other
+        tree = self.trees[guest]
+        head, _, base = rel.rpartition("/")
+        chead, _, cbase = copied[1].rpartition("/")
+        dfd, cdfd = self._open_dir((guest, head)), self._open_dir((guest, chead))
+        try:
+            ofd = tree.open_regular(base, dirfd=dfd)
+            try:
+                if (os.fstat(ofd).st_dev, os.fstat(ofd).st_ino) != (node.dev, node.ino):
+                    return
+                t = tmp_name()
+                os.link(cbase, t, src_dir_fd=cdfd, dst_dir_fd=dfd, follow_symlinks=False)
+                with unsealed(ofd, self.immutable):
+                    syscalls.renameat2(dfd, t, dfd, base, syscalls.RENAME_EXCHANGE)
+                    if os.stat(t, dir_fd=dfd, follow_symlinks=False).st_ino != node.ino:
+                        syscalls.renameat2(dfd, t, dfd, base, syscalls.RENAME_EXCHANGE)
+                    else:
+                        node.names.pop(other, None)
+                        copy.names[other] = None
+                    os.unlink(t, dir_fd=dfd)
+            finally:
+                os.close(ofd)
+        except OSError as e:
+            log.warning("%s:/%s: could not follow its hardlink's copy-up: %s", guest, rel,
+                        e.strerror)
+        finally:
+            os.close(dfd)
+            os.close(cdfd)
+        self._invalidate((guest, head), base)
 
     def _dir_key(self, name: Name) -> tuple[int, int]:
         st = self._lstat(name)
@@ -517,6 +557,79 @@ class CowFS(pyfuse3.Operations):
         node.names[(g, _join(rel, n))] = None
         node.lookups += 1
         return self._attr(inode, st)
+
+    # -- extended attributes -----------------------------------------------------------
+    # Our own marker (trusted/user.vsstore.*) is invisible and untouchable through the
+    # overlay; changing any other xattr of a shared inode copies it up first.
+
+    def _xattr_fd(self, name: Name) -> int:
+        tree = self.trees[name[0]]
+        try:
+            fd = tree.open_beneath(name[1], os.O_PATH) if name[1] else os.dup(tree.fd)
+            try:
+                mode = os.fstat(fd).st_mode
+            finally:
+                os.close(fd)
+            if stat.S_ISDIR(mode):
+                return tree.open_beneath(name[1], os.O_RDONLY | os.O_DIRECTORY)
+            if stat.S_ISREG(mode):
+                return tree.open_regular(name[1])
+        except OSError as e:
+            raise _err(e) from None
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # symlinks, fifos: no xattrs here
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        n = os.fsdecode(name)
+        if is_ours(n) or inode == ROOT:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        fd = self._xattr_fd(self._some_name(self._get(inode)))
+        try:
+            return os.getxattr(fd, n)
+        except OSError as e:
+            raise _err(e) from None
+        finally:
+            os.close(fd)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if inode == ROOT:
+            return []
+        fd = self._xattr_fd(self._some_name(self._get(inode)))
+        try:
+            return [os.fsencode(n) for n in os.listxattr(fd) if not is_ours(n)]
+        except OSError as e:
+            raise _err(e) from None
+        finally:
+            os.close(fd)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        await self._change_xattr(inode, os.fsdecode(name), value, ctx)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._change_xattr(inode, os.fsdecode(name), None, ctx)
+
+    async def _change_xattr(self, inode: int, n: str, value: bytes | None,
+                            ctx: pyfuse3.RequestContext) -> None:
+        if is_ours(n) or inode == ROOT:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        node = self._get(inode)
+        name = self._some_name(node)
+        if self._shared(node, self._lstat(name)):
+            name = self._guest_of(ctx, node)
+            self._copy_up(node, name)
+        fd = self._xattr_fd(name)
+        try:
+            if value is None:
+                os.removexattr(fd, n)
+            else:
+                os.setxattr(fd, n, value)
+        except OSError as e:
+            raise _err(e) from None
+        finally:
+            os.close(fd)
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return True  # mounted with default_permissions: the kernel checks modes itself
 
     # -- files -------------------------------------------------------------------------
 

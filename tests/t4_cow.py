@@ -11,6 +11,8 @@ import time
 import pytest
 
 from conftest import REPO, flags, inode
+from vsstore.errors import EXIT_BUSY
+from vsstore.private import unsealed
 
 SHARED = b"shared library content " * 100
 
@@ -130,3 +132,39 @@ def test_umount_leaves_nothing_behind(cow, host):
     assert p.returncode == 0, p.stderr
     assert str(cow) not in mounts()
     assert not subprocess.run(["pgrep", "-f", f"serve.*{cow}"]).returncode == 0
+
+
+def test_vsunify_refuses_guests_mounted_through_the_overlay(cow, host):
+    p = host.vsunify("run", "a", "b", check=False)
+    assert p.returncode == EXIT_BUSY and "mounted through the cow overlay" in p.stderr
+    assert "vscow umount" in p.stderr and "Traceback" not in p.stderr
+    assert host.vsunify("deunify", "a", check=False).returncode == EXIT_BUSY
+    assert host.vsunify("run", "--dry-run", "a", "b", check=False).returncode == 0
+
+
+def test_xattrs_through_the_overlay_copy_up_and_hide_our_marker(cow, host):
+    f = cow / "a/usr/lib/libx.so"
+    assert "trusted.vsstore.iunlink" not in os.listxattr(f)
+    with pytest.raises(OSError) as e:
+        os.getxattr(f, "trusted.vsstore.iunlink")
+    assert e.value.errno == errno.ENODATA
+    with pytest.raises(PermissionError):
+        os.removexattr(f, "trusted.vsstore.iunlink")
+    os.setxattr(f, "user.color", b"red")
+    assert os.getxattr(f, "user.color") == b"red"
+    assert "user.color" not in os.listxattr(cow / "b/usr/lib/libx.so")
+    assert flags(host.root / "b/usr/lib/libx.so") == "UIa"
+
+
+def test_a_guests_own_hardlinks_stay_one_file_after_copy_up(cow, host):
+    a = host.root / "a/usr/lib"
+    fd = os.open(a / "libx.so", os.O_RDONLY)
+    with unsealed(fd, True):  # a second name in guest a for the shared inode
+        os.link(a / "libx.so", a / "libx.so.1")
+    os.close(fd)
+    os.stat(cow / "a/usr/lib/libx.so.1")  # the overlay learns both names
+    with open(cow / "a/usr/lib/libx.so", "ab") as f:
+        f.write(b"!")
+    assert (cow / "a/usr/lib/libx.so.1").read_bytes() == SHARED + b"!"
+    assert inode(a / "libx.so") == inode(a / "libx.so.1")
+    assert (cow / "b/usr/lib/libx.so").read_bytes() == SHARED

@@ -13,10 +13,11 @@ from pathlib import Path
 from vsstore import pkgdb
 from vsstore.clitools import run_cli
 from vsstore.config import Guest, Paths, configured_guests, resolve_guest
-from vsstore.errors import EXIT_OK, EXIT_PARTIAL, ConfigError
+from vsstore.errors import EXIT_OK, EXIT_PARTIAL, BusyError, ConfigError
 from vsstore.excludes import ExcludeList, build_excludes
 from vsstore.index import Index
 from vsstore.lock import exclusive
+from vsstore.runtime import cow_served
 from vsstore.safetree import GuestTree
 from vsstore.store import Store
 
@@ -37,6 +38,16 @@ def _guests(args: argparse.Namespace, paths: Paths) -> list[Guest]:
     if not names:
         raise ConfigError("name at least one guest (a configured name or a path), or use --all")
     return [resolve_guest(n, paths) for n in names]
+
+
+def _refuse_mounted(guests: list[Guest], paths: Paths) -> None:
+    """Relinking under a running cow overlay would leave its view stale: refuse."""
+    served = cow_served(paths)
+    for g in guests:
+        at = served.get(os.path.realpath(g.root))
+        if at is not None:
+            raise BusyError(f"guest {g.name!r} ({g.root}) is mounted through the cow overlay "
+                            f"at {at}; unify it while it is not: `vscow umount {at}` first")
 
 
 def _store_path(args: argparse.Namespace, paths: Paths) -> Path:
@@ -74,6 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.min_size < 1:
         raise ConfigError("--min-size must be at least 1")
     guests = _guests(args, paths)
+    if not args.dry_run:
+        _refuse_mounted(guests, paths)
     excl = {g.name: _excludes(args, g, paths) for g in guests}
     opts = engine.Options(min_size=args.min_size, ignore_mtime=args.ignore_mtime,
                           immutable=not args.no_immutable and os.geteuid() == 0,
@@ -111,6 +124,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_deunify(args: argparse.Namespace) -> int:
     paths = Paths.from_env()
     g = resolve_guest(args.guest, paths)
+    _refuse_mounted([g], paths)
     with ExitStack() as stack:
         stack.enter_context(_locked(paths))
         index = _index(stack, paths)
