@@ -43,6 +43,7 @@ class Node:
     ino: int
     names: dict[Name, None] = field(default_factory=dict)  # an ordered set
     lookups: int = 0
+    st: os.stat_result | None = None  # last seen: answers getattr once no name is left
 
 
 def _err(e: OSError) -> pyfuse3.FUSEError:
@@ -59,8 +60,10 @@ class CowFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, guests: dict[str, str], immutable: bool = True) -> None:
+    def __init__(self, guests: dict[str, str], immutable: bool = True,
+                 mountpoint: str = "") -> None:
         super().__init__()
+        self.mountpoint = os.path.realpath(mountpoint) if mountpoint else ""
         self.trees: dict[str, GuestTree] = {}
         self.immutable = immutable
         self.nodes: dict[int, Node] = {}
@@ -112,14 +115,28 @@ class CowFS(pyfuse3.Operations):
 
     def _get(self, nid: int) -> Node:
         node = self.nodes.get(nid)
-        if node is None or not node.names:
+        if node is None:
             raise pyfuse3.FUSEError(errno.ESTALE)
         return node
 
     def _some_name(self, node: Node) -> Name:
-        for n in node.names:
-            if n[0] in self.trees:
-                return n
+        return self._resolve(node)[0]
+
+    def _resolve(self, node: Node) -> tuple[Name, os.stat_result]:
+        """A name of ``node`` that still holds its inode, and its stat.  Names that now
+        hold something else (copied up, replaced) are dropped on the way."""
+        for n in list(node.names):
+            if n[0] not in self.trees:
+                continue
+            try:
+                st = self._lstat(n)
+            except pyfuse3.FUSEError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == (node.dev, node.ino):
+                node.st = st
+                return n, st
+            del node.names[n]
+        log.debug("node %d (inode %d): no name holds it any more", node.id, node.ino)
         raise pyfuse3.FUSEError(errno.ESTALE)
 
     def _dir_of(self, nid: int) -> Name:
@@ -185,24 +202,47 @@ class CowFS(pyfuse3.Operations):
 
     # -- which guest is writing ---------------------------------------------------------
 
-    def _guest_of(self, ctx: pyfuse3.RequestContext, node: Node) -> Name:
-        guests = {g for g, _ in node.names if g in self.trees}
-        if len(guests) == 1:
-            g = guests.pop()
-            return next(n for n in node.names if n[0] == g)
+    def _caller_name(self, ctx: pyfuse3.RequestContext, node: Node) -> Name:
+        """The name through which the calling guest reached ``node``: the name this thread
+        looked up last (shared files are always looked up), checked against the caller's
+        root directory when the caller lives in a guest.  Never guessed by elimination: a
+        write attributed to the wrong guest would reach that guest's file."""
+        recent = self.recent.get((ctx.pid, node.id))
         try:
             root = os.readlink(f"/proc/{ctx.pid}/root")
         except OSError:
             root = "/"
-        for g in guests:
-            if os.path.realpath(self.trees[g].root) == root:
-                return next(n for n in node.names if n[0] == g)
-        recent = self.recent.get((ctx.pid, node.id))
-        if recent is not None and recent in node.names:
+        if root != "/":
+            guest = next((g for g, t in self.trees.items()
+                          if root in (os.path.realpath(t.root),
+                                      os.path.join(self.mountpoint, g))), None)
+            if guest is None:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            if recent is not None and recent[0] == guest:
+                return recent
+            mine = next((n for n in node.names if n[0] == guest), None)
+            if mine is None:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            return mine
+        if recent is not None:
             return recent
         log.warning("write to shared inode %d by pid %d: cannot tell which guest", node.ino,
                     ctx.pid)
         raise pyfuse3.FUSEError(errno.EIO)
+
+    def _writable_name(self, ctx: pyfuse3.RequestContext, node: Node,
+                       ) -> tuple[Name, bool]:
+        """The caller's own name for writing to ``node``: copied up first if it still
+        holds the shared inode.  Returns (name, copied) where copied means the kernel's
+        inode for this open is the shared one, so the handle must bypass its cache."""
+        name = self._caller_name(ctx, node)
+        if name in node.names:
+            st = self._lstat(name)
+            if (st.st_dev, st.st_ino) == (node.dev, node.ino):
+                self._copy_up(node, name)
+                return name, True
+            del node.names[name]
+        return name, True  # copied up before (the kernel still holds the shared inode)
 
     def _copy_up(self, node: Node, name: Name) -> os.stat_result:
         """Give ``name`` its own copy of ``node``'s inode; returns the copy's stat."""
@@ -289,6 +329,7 @@ class CowFS(pyfuse3.Operations):
         st = self._lstat(child)
         node = self._node(st, child)
         node.lookups += 1
+        node.st = st
         shared = stat.S_ISREG(st.st_mode) and st.st_nlink > 1
         if shared:
             self.recent[(ctx.pid, node.id)] = child
@@ -311,17 +352,31 @@ class CowFS(pyfuse3.Operations):
         if inode == ROOT:
             return self._root_attr()
         node = self._get(inode)
-        return self._attr(inode, self._lstat(self._some_name(node)))
+        try:
+            return self._attr(inode, self._resolve(node)[1])
+        except pyfuse3.FUSEError:
+            # Every guest copied this shared inode up while the kernel still holds it (its
+            # open files write to the copies): its last known attributes.
+            if node.st is None:
+                raise
+            return self._attr(inode, node.st)
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._get(inode)
-        name = self._some_name(node)
-        st = self._lstat(name)
-        if self._shared(node, st):
-            name = self._guest_of(ctx, node)
-            self._copy_up(node, name)
+        if fh is not None and fields.update_size and not (
+                fields.update_mode or fields.update_uid or fields.update_gid
+                or fields.update_atime or fields.update_mtime):
+            try:  # ftruncate on an open file: the handle already is the right file
+                os.ftruncate(fh, attr.st_size)
+                return self._attr(inode, os.fstat(fh))
+            except OSError as e:
+                raise _err(e) from None
+        name, st = self._resolve(node) if node.names else (None, None)
+        if name is None or self._shared(node, st):  # type: ignore[arg-type]
+            name, _ = self._writable_name(ctx, node)
+            st = self._lstat(name)
         guest, rel = name
         head, _, base = rel.rpartition("/")
         dfd = self._open_dir((guest, head)) if rel else os.dup(self.trees[guest].fd)
@@ -355,8 +410,7 @@ class CowFS(pyfuse3.Operations):
             raise _err(e) from None
         finally:
             os.close(dfd)
-        new = self._lstat(name)
-        return self._attr(inode, new)
+        return self._attr(inode, self._lstat(name))
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         guest, rel = self._some_name(self._get(inode))
@@ -501,6 +555,10 @@ class CowFS(pyfuse3.Operations):
         d1, d2 = self._open_dir((g1, r1)), self._open_dir((g2, r2))
         try:
             src = os.stat(a, dir_fd=d1, follow_symlinks=False)
+            try:
+                dst: os.stat_result | None = os.stat(b, dir_fd=d2, follow_symlinks=False)
+            except FileNotFoundError:
+                dst = None
             held: list[int] = []
             sealed: list[int] = []
             try:  # a shared inode on either side must be unsealed for the rename
@@ -525,11 +583,16 @@ class CowFS(pyfuse3.Operations):
         finally:
             os.close(d1)
             os.close(d2)
-        nid = self.by_inode.get((src.st_dev, src.st_ino))
-        if nid is not None:
-            node = self.nodes[nid]
-            node.names.pop((g1, _join(r1, a)), None)
-            node.names[(g2, _join(r2, b))] = None
+        old, new = (g1, _join(r1, a)), (g2, _join(r2, b))
+        dnode = self.nodes.get(self.by_inode.get((dst.st_dev, dst.st_ino), -1)) if dst else None
+        if dnode is not None:  # replaced, or (RENAME_EXCHANGE) moved to the old name
+            dnode.names.pop(new, None)
+            if flags & syscalls.RENAME_EXCHANGE:
+                dnode.names[old] = None
+        snode = self.nodes.get(self.by_inode.get((src.st_dev, src.st_ino), -1))
+        if snode is not None:
+            snode.names.pop(old, None)
+            snode.names[new] = None
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -613,10 +676,9 @@ class CowFS(pyfuse3.Operations):
         if is_ours(n) or inode == ROOT:
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self._get(inode)
-        name = self._some_name(node)
-        if self._shared(node, self._lstat(name)):
-            name = self._guest_of(ctx, node)
-            self._copy_up(node, name)
+        name, st = self._resolve(node)
+        if self._shared(node, st):
+            name, _ = self._writable_name(ctx, node)
         fd = self._xattr_fd(name)
         try:
             if value is None:
@@ -634,15 +696,23 @@ class CowFS(pyfuse3.Operations):
     # -- files -------------------------------------------------------------------------
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        node = self._get(inode)
-        name = self._some_name(node)
-        st = self._lstat(name)
+        node = self.nodes.get(inode)
+        if node is None:
+            log.debug("open of node %d: not known (forgotten)", inode)
+            raise pyfuse3.FUSEError(errno.ESTALE)
         writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND)
         direct = False
-        if writing and self._shared(node, st):
-            name = self._guest_of(ctx, node)
-            self._copy_up(node, name)
-            direct = True  # the shared inode's page cache must never see this file's data
+        name: Name | None = None
+        if node.names:
+            try:
+                name, st = self._resolve(node)
+            except pyfuse3.FUSEError:
+                name = None
+        if name is None or (writing and self._shared(node, st)):
+            if not writing and name is None:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            # The shared inode's page cache must never see this file's data: direct_io.
+            name, direct = self._writable_name(ctx, node)
         guest, rel = name
         head, _, base = rel.rpartition("/")
         dfd = self._open_dir((guest, head))

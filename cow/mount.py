@@ -19,8 +19,10 @@ def serve(mountpoint: str, guests: dict[str, str], immutable: bool = True,
           ready_fd: int | None = None) -> None:
     """Mount at ``mountpoint`` and serve until unmounted or signalled.  ``ready_fd`` is
     written to (and closed) once the mount is up, for a parent waiting to return."""
+    if os.environ.get("VSCOW_DEBUG"):
+        logging.basicConfig(level=logging.DEBUG, format="vscow: %(message)s")
     with ExitStack() as stack:
-        fs = CowFS(guests, immutable=immutable)
+        fs = CowFS(guests, immutable=immutable, mountpoint=mountpoint)
         stack.callback(fs.close)
         options = set(pyfuse3.default_options)
         options |= {"fsname=vscow", "subtype=vscow", "default_permissions", "allow_other"}
