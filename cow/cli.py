@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -43,9 +44,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         serve(at, guests, immutable)
         return EXIT_OK
     r, w = os.pipe()
+    state = cow_state_file(paths, at)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    control = str(state.with_suffix(".sock"))
     cmd = [sys.executable, "-c", "import sys, json; from cow.mount import serve; "
-           "serve(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == '1', int(sys.argv[4]))",
-           at, json.dumps(guests), "1" if immutable else "0", str(w)]
+           "serve(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == '1', int(sys.argv[4]), "
+           "sys.argv[5])", at, json.dumps(guests), "1" if immutable else "0", str(w), control]
     log = open(args.log, "ab") if args.log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=log,
                             stderr=log, start_new_session=True)
@@ -56,10 +60,44 @@ def cmd_mount(args: argparse.Namespace) -> int:
         proc.wait(timeout=10)
         raise ConfigError(f"the overlay did not come up at {at} (exit {proc.returncode}); "
                           f"see --log")
-    pidfile = cow_state_file(paths, at)
-    os.makedirs(os.path.dirname(pidfile), exist_ok=True)
-    with open(pidfile, "w") as f:
-        json.dump({"pid": proc.pid, "mountpoint": at, "guests": guests}, f)
+    state.write_text(json.dumps({"pid": proc.pid, "mountpoint": at, "guests": guests,
+                                 "control": control}))
+    return EXIT_OK
+
+
+def _ask(at: str, request: dict[str, str]) -> dict[str, object]:
+    """Send one request to the daemon serving ``at``; its state file says where."""
+    paths = Paths.from_env()
+    state_file = cow_state_file(paths, os.path.abspath(at))
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{at}: no vscow overlay of ours is mounted there") from None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        try:
+            s.connect(state["control"])
+            s.sendall(json.dumps(request).encode() + b"\n")
+            answer = json.loads(s.makefile("rb").readline())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{at}: the overlay's daemon does not answer ({e})") from None
+    if not answer.get("ok"):
+        raise ConfigError(f"{at}: {answer.get('error')}")
+    return state
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    g = resolve_guest(args.guest, Paths.from_env())
+    state = _ask(args.at, {"op": "add", "name": g.name, "root": str(g.root)})
+    state["guests"][g.name] = str(g.root)  # type: ignore[index]
+    cow_state_file(Paths.from_env(), os.path.abspath(args.at)).write_text(json.dumps(state))
+    return EXIT_OK
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    state = _ask(args.at, {"op": "remove", "name": args.name})
+    state["guests"].pop(args.name, None)  # type: ignore[union-attr]
+    cow_state_file(Paths.from_env(), os.path.abspath(args.at)).write_text(json.dumps(state))
     return EXIT_OK
 
 
@@ -107,6 +145,14 @@ def parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="unmount an overlay")
     u.add_argument("at", metavar="DIR")
     u.set_defaults(func=cmd_umount)
+    a = sub.add_parser("add", help="serve one more guest in a running overlay")
+    a.add_argument("at", metavar="DIR")
+    a.add_argument("guest", metavar="GUEST")
+    a.set_defaults(func=cmd_add)
+    r = sub.add_parser("remove", help="stop serving a guest")
+    r.add_argument("at", metavar="DIR")
+    r.add_argument("name", metavar="NAME")
+    r.set_defaults(func=cmd_remove)
     s = sub.add_parser("status", help="what is mounted")
     s.set_defaults(func=cmd_status)
     return p

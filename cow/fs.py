@@ -82,13 +82,24 @@ class CowFS(pyfuse3.Operations):
         if name in self.trees or "/" in name or name in ("", ".", ".."):
             raise ValueError(f"guest name {name!r} is taken or not valid")
         self.trees[name] = GuestTree(root, name)
+        self._root_changed(name)
 
     def remove_guest(self, name: str) -> None:
-        tree = self.trees.pop(name)
+        tree = self.trees.pop(name, None)
+        if tree is None:
+            raise ValueError(f"no guest {name!r} in this overlay")
         for node in self.nodes.values():
             for n in [n for n in node.names if n[0] == name]:
                 del node.names[n]
         tree.close()
+        self._root_changed(name)
+
+    def _root_changed(self, name: str) -> None:
+        """Make the kernel forget what it knows of the root listing and of ``name``."""
+        try:  # asynchronous: the synchronous call would wait on this very loop
+            pyfuse3.invalidate_entry_async(ROOT, os.fsencode(name))
+        except (OSError, RuntimeError):
+            pass  # not mounted (tests of the bare operations) or nothing cached
 
     def close(self) -> None:
         for t in self.trees.values():

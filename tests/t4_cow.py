@@ -279,3 +279,24 @@ def test_rename_noreplace_and_exchange(cow):
     finally:
         os.close(fd)
     assert (d / "x").read_bytes() == b"y" and (d / "y").read_bytes() == b"x"
+
+
+def test_guests_can_be_added_to_and_removed_from_a_running_overlay(cow, host):
+    host.guest("c", {"usr/lib/libx.so": SHARED, "etc/hostname": b"c\n"})
+    env = {**os.environ, **host.env}
+
+    def vscow(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cow.cli", *a], cwd=REPO, env=env,
+                              capture_output=True, text=True)
+    assert vscow("add", str(cow), "c").returncode == 0
+    assert sorted(os.listdir(cow)) == ["a", "b", "c"]
+    assert (cow / "c/etc/hostname").read_bytes() == b"c\n"
+    assert host.vsunify("run", "c", check=False).returncode == EXIT_BUSY  # now served
+    p = vscow("add", str(cow), "c")
+    assert p.returncode == 3 and "taken" in p.stderr
+    assert vscow("remove", str(cow), "c").returncode == 0
+    assert sorted(os.listdir(cow)) == ["a", "b"]
+    assert not (cow / "c").exists()
+    assert host.vsunify("run", "c", check=False).returncode == 0
+    p = vscow("remove", str(cow), "nosuch")
+    assert p.returncode == 3 and "no guest 'nosuch'" in p.stderr
