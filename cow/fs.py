@@ -18,6 +18,7 @@ All backing access goes through ``GuestTree`` (no symlink followed, no mount cro
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
@@ -54,6 +55,24 @@ def _join(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
 
+def _guarded(handler):  # type: ignore[no-untyped-def]
+    """A request handler that can fail only with a FUSEError.  pyfuse3 ends its main loop
+    (and so the mount of every guest) on any other exception: an OSError becomes its errno,
+    anything else is logged and becomes EIO."""
+    @functools.wraps(handler)
+    async def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return run
+
+
 class CowFS(pyfuse3.Operations):
     """The overlay.  ``guests`` maps a name to its root tree."""
 
@@ -64,6 +83,7 @@ class CowFS(pyfuse3.Operations):
                  mountpoint: str = "") -> None:
         super().__init__()
         self.mountpoint = os.path.realpath(mountpoint) if mountpoint else ""
+        self.mounted = False  # set by the daemon once the FUSE session is up
         self.trees: dict[str, GuestTree] = {}
         self.immutable = immutable
         self.nodes: dict[int, Node] = {}
@@ -96,6 +116,8 @@ class CowFS(pyfuse3.Operations):
 
     def _root_changed(self, name: str) -> None:
         """Make the kernel forget what it knows of the root listing and of ``name``."""
+        if not self.mounted:
+            return  # nothing cached yet (and no session to notify)
         try:  # asynchronous: the synchronous call would wait on this very loop
             pyfuse3.invalidate_entry_async(ROOT, os.fsencode(name))
         except (OSError, RuntimeError):
@@ -436,7 +458,7 @@ class CowFS(pyfuse3.Operations):
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         tree = next(iter(self.trees.values()), None)
-        s = os.statvfs(tree.root if tree else "/")
+        s = os.statvfs(tree.fd) if tree else os.statvfs("/")  # by fd: the path may have moved
         d = pyfuse3.StatvfsData()
         for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                   "f_ffree", "f_favail", "f_namemax"):
@@ -776,3 +798,11 @@ class CowFS(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         os.close(fh)
+
+
+# Every request handler of the overlay goes through _guarded.
+for _name, _attr in list(vars(CowFS).items()):
+    if not _name.startswith("_") and hasattr(pyfuse3.Operations, _name) and \
+            callable(_attr) and getattr(_attr, "__code__", None) is not None and \
+            _attr.__code__.co_flags & 0x80:  # CO_COROUTINE
+        setattr(CowFS, _name, _guarded(_attr))

@@ -78,6 +78,7 @@ def serve(mountpoint: str, guests: dict[str, str], immutable: bool = True,
         options |= {"fsname=vscow", "subtype=vscow", "default_permissions", "allow_other"}
         pyfuse3.init(fs, mountpoint, options)
         stack.callback(pyfuse3.close, unmount=True)
+        fs.mounted = True
 
         async def ready() -> None:
             if ready_fd is not None:

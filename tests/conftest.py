@@ -89,7 +89,8 @@ def _sweep_test_mounts() -> None:
     """Unmount overlays a crashed test run left below TEST_TMP (lazily: nothing may hang)."""
     with open("/proc/self/mountinfo") as f:
         stale = [line.split()[4] for line in f
-                 if " - fuse.vscow " in line and line.split()[4].startswith(TEST_TMP)]
+                 if " - fuse.vscow " in line
+                 and line.split()[4].startswith(os.path.join(TEST_TMP, "vsstore-test-"))]
     for m in stale:
         subprocess.run(["fusermount3", "-u", "-z", m], check=False)
 

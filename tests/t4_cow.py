@@ -305,3 +305,18 @@ def test_guests_can_be_added_to_and_removed_from_a_running_overlay(cow, host):
     assert host.vsunify("run", "c", check=False).returncode == 0
     p = vscow("remove", str(cow), "nosuch")
     assert p.returncode == 3 and "no guest 'nosuch'" in p.stderr
+
+
+def test_a_failing_request_never_takes_the_mount_down(cow, host):
+    os.rename(host.root / "a", host.root / "a-moved")  # a guest tree vanishes under us
+    try:
+        assert os.statvfs(cow).f_blocks > 0
+        assert os.statvfs(cow / "b").f_blocks > 0
+        try:
+            os.listdir(cow / "a/usr")
+        except OSError:
+            pass  # an error for this guest is fine; the mount must stay
+        assert str(cow) in mounts()
+        assert (cow / "b/usr/lib/libx.so").read_bytes() == SHARED
+    finally:
+        os.rename(host.root / "a-moved", host.root / "a")
