@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
-from bench_unify import BenchError, drop_caches, machine_facts, remove_tree, sh, table
+from bench_unify import BenchError, drop_caches, machine_facts, remove_tree, sh, source_state, table
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -493,25 +493,6 @@ class Sampler(threading.Thread):
 # -- versions and source state -----------------------------------------------------------
 
 
-def source_state() -> str:
-    """The commit, and whether the cow daemon's source in the working tree matches it.
-    Read-only git commands only."""
-    files = sorted(str(p.relative_to(REPO)) for d in SOURCE_DIRS for p in (REPO / d).rglob("*")
-                   if p.is_file() and "__pycache__" not in p.parts)
-    try:
-        blobs = sh(["git", "-C", REPO, "hash-object", "--", *files]).split()
-        head = sh(["git", "-C", REPO, "rev-parse", "--short", "HEAD"]).strip()
-        listed = sh(["git", "-C", REPO, "ls-tree", "-r", "HEAD", "--", *SOURCE_DIRS])
-    except (BenchError, OSError):
-        return "not a git checkout"
-    work = dict(zip(files, blobs, strict=True))
-    committed = {ln.split("\t", 1)[1]: ln.split()[2] for ln in listed.splitlines()}
-    fp = hashlib.sha256(repr(sorted(work.items())).encode()).hexdigest()[:12]
-    state = "identical to it" if work == committed else "WITH UNCOMMITTED CHANGES"
-    return f"commit {head}, {'/ '.join(SOURCE_DIRS)}/ in the working tree {state} " \
-           f"(fingerprint {fp})"
-
-
 def first_line(argv: Sequence[str]) -> str:
     res = subprocess.run(argv, capture_output=True, text=True, check=False)
     return (res.stdout or res.stderr).strip().splitlines()[0]
@@ -722,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
                       [Contender(n, work / n, mnt / n, cow_env if n == "cow" else {})
                        for n in CONTENDERS])
         facts = machine_facts(work)
-        versions = tool_versions(source_state())
+        versions = tool_versions(source_state(SOURCE_DIRS)[0])
         prepare(ctx, corpus)
         mounts: dict[str, str] = {}
         for c in ctx.contenders:

@@ -255,23 +255,24 @@ def parse_hardlink_summary(out: str) -> dict[str, object]:
 SOURCE_DIRS = ("vsstore", "unify")  # what vsunify runs, edited by others meanwhile
 
 
-def source_state() -> tuple[str, str]:
-    """(description, fingerprint) of vsunify's source in the checkout: the commit, and
-    whether the working tree matches it.  Read-only git commands only."""
-    files = sorted(str(p.relative_to(REPO)) for d in SOURCE_DIRS for p in (REPO / d).rglob("*")
+def source_state(dirs: Sequence[str] = SOURCE_DIRS) -> tuple[str, str]:
+    """(description, fingerprint) of the benchmarked source (``dirs`` of the checkout): the
+    commit, and whether the working tree matches it.  Read-only git commands only."""
+    files = sorted(str(p.relative_to(REPO)) for d in dirs for p in (REPO / d).rglob("*")
                    if p.is_file() and "__pycache__" not in p.parts)
     try:
         blobs = sh(["git", "-C", REPO, "hash-object", "--", *files]).split()
         head = sh(["git", "-C", REPO, "rev-parse", "--short", "HEAD"]).strip()
-        listed = sh(["git", "-C", REPO, "ls-tree", "-r", "HEAD", "--", *SOURCE_DIRS])
+        listed = sh(["git", "-C", REPO, "ls-tree", "-r", "HEAD", "--", *dirs])
     except (BenchError, OSError):
         data = b"".join(f.encode() + (REPO / f).read_bytes() for f in files)
         return "not a git checkout", hashlib.sha256(data).hexdigest()[:12]
     work = dict(zip(files, blobs, strict=True))
     committed = {ln.split("\t", 1)[1]: ln.split()[2] for ln in listed.splitlines()}
     fp = hashlib.sha256(repr(sorted(work.items())).encode()).hexdigest()[:12]
-    state = "identical to it" if work == committed else "with uncommitted changes"
-    return f"commit {head}, working tree {state} (source fingerprint {fp})", fp
+    state = "identical to it" if work == committed else "WITH UNCOMMITTED CHANGES"
+    return (f"commit {head}, {'/ '.join(dirs)}/ in the working tree {state} "
+            f"(source fingerprint {fp})"), fp
 
 
 def tool_versions(ctx: Context, source: str) -> dict[str, str]:
