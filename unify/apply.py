@@ -317,7 +317,7 @@ class Linker:
                 clean = True
                 for key, members, objs in part:
                     try:
-                        self.unify(key, members, objs)
+                        self._unify(key, members, objs)
                     except OSError as e:
                         clean = False  # leave this chunk's rows for recovery
                         where = f"{members[0].names[0][0].name}:/{members[0].names[0][1]}"
@@ -363,7 +363,7 @@ class Linker:
                                  split_rel(rel)[1], tmp, m.ino, oino))
         return self.index.journal_add(rows) if self.index is not None and rows else []
 
-    def unify(self, key: Key, members: list[InodeRec], objs: list[StoreObject]) -> None:
+    def _unify(self, key: Key, members: list[InodeRec], objs: list[StoreObject]) -> None:
         """Make every member a name of one object of ``key`` (creating it if needed)."""
         pending = list(members)
         while pending:
