@@ -77,6 +77,7 @@ class CowFS(pyfuse3.Operations):
     """The overlay.  ``guests`` maps a name to its root tree."""
 
     supports_dot_lookup = False
+    RECENT_MAX = 1 << 16  # remembered (thread, shared node) lookups
     enable_writeback_cache = False
 
     def __init__(self, guests: dict[str, str], immutable: bool = True,
@@ -198,14 +199,15 @@ class CowFS(pyfuse3.Operations):
         finally:
             os.close(dfd)
 
-    def _shared(self, node: Node, st: os.stat_result) -> bool:
-        """Does a write to this inode need a copy-up first?"""
+    def _shared(self, node: Node, name: Name, st: os.stat_result) -> bool:
+        """Does a write to this inode (reached as ``name``, with stat ``st``) need a copy-up
+        first?"""
         return stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and (
-            len({g for g, _ in node.names}) > 1 or self._marked(node))
+            len({g for g, _ in node.names}) > 1 or self._marked(name))
 
-    def _marked(self, node: Node) -> bool:
+    def _marked(self, name: Name) -> bool:
         try:
-            fd = self.trees[self._some_name(node)[0]].open_regular(self._some_name(node)[1])
+            fd = self.trees[name[0]].open_regular(name[1])
         except OSError:
             return False
         try:
@@ -365,7 +367,10 @@ class CowFS(pyfuse3.Operations):
         node.st = st
         shared = stat.S_ISREG(st.st_mode) and st.st_nlink > 1
         if shared:
-            self.recent[(ctx.pid, node.id)] = child
+            self.recent.pop((ctx.pid, node.id), None)
+            self.recent[(ctx.pid, node.id)] = child  # newest last
+            if len(self.recent) > self.RECENT_MAX:
+                del self.recent[next(iter(self.recent))]  # the oldest lookup
         return self._attr(node.id, st, shared)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -407,7 +412,7 @@ class CowFS(pyfuse3.Operations):
             except OSError as e:
                 raise _err(e) from None
         name, st = self._resolve(node) if node.names else (None, None)
-        if name is None or self._shared(node, st):  # type: ignore[arg-type]
+        if name is None or self._shared(node, name, st):  # type: ignore[arg-type]
             name, _ = self._writable_name(ctx, node)
             st = self._lstat(name)
         guest, rel = name
@@ -420,9 +425,7 @@ class CowFS(pyfuse3.Operations):
                 if fh is not None:
                     os.ftruncate(fh, attr.st_size)
                 else:
-                    fd = self.trees[guest].open_regular(rel)
-                    os.close(fd)
-                    fd = os.open(base, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                    fd = self.trees[guest].open_regular(base, dirfd=dfd, flags=os.O_WRONLY)
                     try:
                         os.ftruncate(fd, attr.st_size)
                     finally:
@@ -522,13 +525,17 @@ class CowFS(pyfuse3.Operations):
         return await self._make(parent_inode, name, ctx,
                                 lambda n, d: os.mkfifo(n, mode & 0o7777 & ~ctx.umask, dir_fd=d))
 
-    async def _make(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
-                    make) -> pyfuse3.EntryAttributes:  # type: ignore[no-untyped-def]
+    def _in_dir(self, parent_inode: int, name: bytes) -> tuple[str, str, str, int]:
+        """(guest, directory, name, directory fd) for an operation on ``name`` in a guest
+        directory; the overlay's root (the list of guests) cannot be changed."""
         if parent_inode == ROOT:
             raise pyfuse3.FUSEError(errno.EPERM)
         guest, rel = self._dir_of(parent_inode)
-        n = os.fsdecode(name)
-        dfd = self._open_dir((guest, rel))
+        return guest, rel, os.fsdecode(name), self._open_dir((guest, rel))
+
+    async def _make(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
+                    make) -> pyfuse3.EntryAttributes:  # type: ignore[no-untyped-def]
+        guest, rel, n, dfd = self._in_dir(parent_inode, name)
         try:
             make(n, dfd)
             os.chown(n, ctx.uid, ctx.gid, dir_fd=dfd, follow_symlinks=False)
@@ -548,11 +555,7 @@ class CowFS(pyfuse3.Operations):
         await self._remove(parent_inode, name, directory=False)
 
     async def _remove(self, parent_inode: int, name: bytes, directory: bool) -> None:
-        if parent_inode == ROOT:
-            raise pyfuse3.FUSEError(errno.EPERM)
-        guest, rel = self._dir_of(parent_inode)
-        n = os.fsdecode(name)
-        dfd = self._open_dir((guest, rel))
+        guest, rel, n, dfd = self._in_dir(parent_inode, name)
         try:
             st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
             if directory:
@@ -710,7 +713,7 @@ class CowFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self._get(inode)
         name, st = self._resolve(node)
-        if self._shared(node, st):
+        if self._shared(node, name, st):
             name, _ = self._writable_name(ctx, node)
         fd = self._xattr_fd(name)
         try:
@@ -741,30 +744,22 @@ class CowFS(pyfuse3.Operations):
                 name, st = self._resolve(node)
             except pyfuse3.FUSEError:
                 name = None
-        if name is None or (writing and self._shared(node, st)):
+        if name is None or (writing and self._shared(node, name, st)):
             if not writing and name is None:
                 raise pyfuse3.FUSEError(errno.ESTALE)
             # The shared inode's page cache must never see this file's data: direct_io.
             name, direct = self._writable_name(ctx, node)
-        guest, rel = name
-        head, _, base = rel.rpartition("/")
-        dfd = self._open_dir((guest, head))
+        # Unless copied up just now, the name must still hold this node's inode.
+        expect = None if direct else (node.dev, node.ino)
         try:
-            fd = os.open(base, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
-                         | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            fd = self.trees[name[0]].open_regular(name[1], expect=expect, flags=flags)
         except OSError as e:
             raise _err(e) from None
-        finally:
-            os.close(dfd)
         return pyfuse3.FileInfo(fh=fd, direct_io=direct, keep_cache=not writing)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        if parent_inode == ROOT:
-            raise pyfuse3.FUSEError(errno.EPERM)
-        guest, rel = self._dir_of(parent_inode)
-        n = os.fsdecode(name)
-        dfd = self._open_dir((guest, rel))
+        guest, rel, n, dfd = self._in_dir(parent_inode, name)
         try:
             fd = os.open(n, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                          mode & 0o7777 & ~ctx.umask, dir_fd=dfd)

@@ -95,12 +95,13 @@ class GuestTree:
         return res
 
     def open_regular(self, rel: str, expect: tuple[int, int] | None = None,
-                     dirfd: int | None = None) -> int:
-        """Open a regular file for reading without ever opening anything else: the name is
-        first opened with O_PATH (which has no side effects, even on a device node a guest
-        swapped in), checked to be a regular file (and the inode ``expect``ed, if given), and
-        only then reopened for reading.  With ``dirfd``, ``rel`` is a name in that directory.
-        Raises OSError (ENOENT, ELOOP, EXDEV, or ESTALE for "not what was expected")."""
+                     dirfd: int | None = None, flags: int = os.O_RDONLY) -> int:
+        """Open a regular file without ever opening anything else: the name is first opened
+        with O_PATH (which has no side effects, even on a device node a guest swapped in),
+        checked to be a regular file (and the inode ``expect``ed, if given), and only then
+        reopened with ``flags`` (O_CREAT/O_EXCL make no sense here and are dropped).  With
+        ``dirfd``, ``rel`` is a name in that directory.  Raises OSError (ENOENT, ELOOP,
+        EXDEV, or ESTALE for "not what was expected")."""
         if dirfd is None:
             pfd = self.open_beneath(rel, os.O_PATH)
         else:
@@ -111,7 +112,8 @@ class GuestTree:
                 raise OSError(errno.ESTALE, "not a regular file any more", rel)
             if expect is not None and (st.st_dev, st.st_ino) != expect:
                 raise OSError(errno.ESTALE, "replaced by another file", rel)
-            return os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECTORY)
+            return os.open(f"/proc/self/fd/{pfd}", flags | os.O_NONBLOCK | os.O_CLOEXEC)
         finally:
             os.close(pfd)
 
