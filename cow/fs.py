@@ -21,7 +21,9 @@ import errno
 import functools
 import logging
 import os
+import queue
 import stat
+import threading
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -78,6 +80,12 @@ class CowFS(pyfuse3.Operations):
 
     supports_dot_lookup = False
     RECENT_MAX = 1 << 16  # remembered (thread, shared node) lookups
+    # The daemon is the only writer through the mount, so the kernel may keep what it
+    # learns for long; where the daemon changes something behind the kernel (copy-up,
+    # add/remove) it invalidates.  Shared files get no entry caching at all: every path
+    # walk to them must come through lookup, which tells the writing guest.
+    ENTRY_TIMEOUT = 3600.0
+    ATTR_TIMEOUT = 3600.0
     enable_writeback_cache = False
 
     def __init__(self, guests: dict[str, str], immutable: bool = True,
@@ -92,6 +100,8 @@ class CowFS(pyfuse3.Operations):
         self.next_id = 1 << 48  # for inode numbers that collide (another filesystem)
         self.recent: dict[tuple[int, int], Name] = {}  # (tid, node) -> name last looked up
         self.dir_handles: dict[int, tuple[Name, list[tuple[str, os.stat_result]]]] = {}
+        self.copy_handles: set[int] = set()  # open on a copy, reached through a shared node
+        self._stale: queue.SimpleQueue[int] | None = None  # node ids whose attrs changed
         self.next_dh = 1
         self.root_st = os.stat("/")
         for name, root in guests.items():
@@ -125,6 +135,8 @@ class CowFS(pyfuse3.Operations):
             pass  # not mounted (tests of the bare operations) or nothing cached
 
     def close(self) -> None:
+        if self._stale is not None:
+            self._stale.put(-1)
         for t in self.trees.values():
             t.close()
         self.trees.clear()
@@ -220,8 +232,8 @@ class CowFS(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = node_id
         a.generation = 0
-        a.entry_timeout = 0 if shared else 1
-        a.attr_timeout = 1
+        a.entry_timeout = 0 if shared else self.ENTRY_TIMEOUT
+        a.attr_timeout = self.ATTR_TIMEOUT
         for f in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
                   "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
             setattr(a, f, getattr(st, f))
@@ -289,6 +301,7 @@ class CowFS(pyfuse3.Operations):
             ofd = tree.open_regular(base, dirfd=dfd)
             try:
                 cst = privatize(str(tree.root), head, dfd, base, ofd, None, self.immutable)
+                node.st = os.fstat(ofd)  # answers for it once no guest's name holds it
             finally:
                 os.close(ofd)
         except OSError as e:
@@ -297,18 +310,45 @@ class CowFS(pyfuse3.Operations):
             os.close(dfd)
         if cst is None:
             raise pyfuse3.FUSEError(errno.EAGAIN)
+        log.info("copy-up %s:/%s (inode %d -> %d)", guest, rel, node.ino, cst.st_ino)
         node.names.pop(name, None)
         copy = self._node(cst, name)
         self._invalidate((guest, head), base)
+        self._attrs_changed(node.id)  # one link fewer, for every guest that caches it
         # The guest's other names of the shared inode were one file for it: they follow.
         for other in [n for n in node.names if n[0] == guest]:
             self._relink(node, other, name, copy)
         return cst
 
     def _invalidate(self, parent: Name, base: str) -> None:
+        if not self.mounted:
+            return
         nid = self.by_inode.get(self._dir_key(parent))
         if nid is not None:
             pyfuse3.invalidate_entry_async(nid, os.fsencode(base))
+
+    def _attrs_changed(self, nid: int) -> None:
+        """Make the kernel ask again for node ``nid``'s attributes.  Sent from a thread of
+        its own, after the current request is answered: a notification written while the
+        kernel waits on this loop could wait on the loop itself."""
+        if not self.mounted:
+            return
+        if self._stale is None:
+            self._stale = queue.SimpleQueue()
+            threading.Thread(target=self._notify_attrs, args=(self._stale,), daemon=True,
+                             name="vscow-inval").start()
+        self._stale.put(nid)
+
+    @staticmethod
+    def _notify_attrs(stale: queue.SimpleQueue[int]) -> None:
+        while True:
+            nid = stale.get()
+            if nid < 0:
+                return
+            try:
+                pyfuse3.invalidate_inode(nid, attr_only=True)
+            except (OSError, RuntimeError) as e:  # forgotten meanwhile, or unmounted
+                log.debug("invalidate attributes of node %d: %s", nid, e)
 
     def _relink(self, node: Node, other: Name, copied: Name, copy: Node) -> None:
         """Point ``other`` (a name of ``node`` in the same guest) at the copy made for
@@ -408,11 +448,14 @@ class CowFS(pyfuse3.Operations):
                 or fields.update_atime or fields.update_mtime):
             try:  # ftruncate on an open file: the handle already is the right file
                 os.ftruncate(fh, attr.st_size)
+                if fh in self.copy_handles:
+                    return self._shared_attr(node)
                 return self._attr(inode, os.fstat(fh))
             except OSError as e:
                 raise _err(e) from None
         name, st = self._resolve(node) if node.names else (None, None)
-        if name is None or self._shared(node, name, st):  # type: ignore[arg-type]
+        copied = name is None or self._shared(node, name, st)  # type: ignore[arg-type]
+        if copied:
             name, _ = self._writable_name(ctx, node)
             st = self._lstat(name)
         guest, rel = name
@@ -446,7 +489,22 @@ class CowFS(pyfuse3.Operations):
             raise _err(e) from None
         finally:
             os.close(dfd)
+        if copied:
+            # The kernel applies the answer to ``inode``, the shared inode every guest
+            # sees: it gets the shared inode's attributes; the caller's name now leads
+            # to the changed copy (its entry was invalidated).
+            return self._shared_attr(node)
         return self._attr(inode, self._lstat(name))
+
+    def _shared_attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        """Attributes of a shared node after a copy-up: its own inode's, as far as a name
+        still holds it, else the last seen."""
+        try:
+            return self._attr(node.id, self._resolve(node)[1], True)
+        except pyfuse3.FUSEError:
+            if node.st is None:
+                raise
+            return self._attr(node.id, node.st, True)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         guest, rel = self._some_name(self._get(inode))
@@ -755,6 +813,8 @@ class CowFS(pyfuse3.Operations):
             fd = self.trees[name[0]].open_regular(name[1], expect=expect, flags=flags)
         except OSError as e:
             raise _err(e) from None
+        if direct:
+            self.copy_handles.add(fd)
         return pyfuse3.FileInfo(fh=fd, direct_io=direct, keep_cache=not writing)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -792,6 +852,7 @@ class CowFS(pyfuse3.Operations):
             raise _err(e) from None
 
     async def release(self, fh: int) -> None:
+        self.copy_handles.discard(fh)
         os.close(fh)
 
 

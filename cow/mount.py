@@ -53,8 +53,10 @@ async def _answer(fs: CowFS, stream: trio.SocketStream) -> None:
         req = json.loads(data)
         if req["op"] == "add":
             fs.add_guest(str(req["name"]), str(req["root"]))
+            log.info("guest %s added (%s)", req["name"], req["root"])
         elif req["op"] == "remove":
             fs.remove_guest(str(req["name"]))
+            log.info("guest %s removed", req["name"])
         else:
             raise ValueError(f"unknown operation {req['op']!r}")
         answer: dict[str, object] = {"ok": True}
@@ -69,16 +71,21 @@ def serve(mountpoint: str, guests: dict[str, str], immutable: bool = True,
     """Mount at ``mountpoint`` and serve until unmounted or signalled.  ``ready_fd`` is
     written to (and closed) once the mount is up, for a parent waiting to return;
     ``control`` is the unix socket for add/remove."""
-    if os.environ.get("VSCOW_DEBUG"):
-        logging.basicConfig(level=logging.DEBUG, format="vscow: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if os.environ.get("VSCOW_DEBUG") else logging.INFO,
+                        format=f"%(asctime)s vscow[{os.getpid()}] %(levelname)s %(message)s")
     with ExitStack() as stack:
         fs = CowFS(guests, immutable=immutable, mountpoint=mountpoint)
         stack.callback(fs.close)
         options = set(pyfuse3.default_options)
         options |= {"fsname=vscow", "subtype=vscow", "default_permissions", "allow_other"}
         pyfuse3.init(fs, mountpoint, options)
-        stack.callback(pyfuse3.close, unmount=True)
+
+        def unmount() -> None:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", mountpoint)
+        stack.callback(unmount)
         fs.mounted = True
+        log.info("mounted at %s: %s", mountpoint, ", ".join(f"{g}={r}" for g, r in guests.items()))
 
         async def ready() -> None:
             if ready_fd is not None:

@@ -107,7 +107,8 @@ def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
     base = Path(tempfile.mkdtemp(prefix="vsstore-test-", dir=TEST_TMP))
     env = {"VSERVERS_CONFDIR": str(base / "etc" / "vservers"),
            "VSERVERS_ROOT": str(base / "vservers"),
-           "VSSTORE_STATEDIR": str(base / "state"), "VSSTORE_RUNDIR": str(base / "run")}
+           "VSSTORE_STATEDIR": str(base / "state"), "VSSTORE_RUNDIR": str(base / "run"),
+           "VSSTORE_LOGDIR": str(base / "log")}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     (base / "vservers").mkdir()

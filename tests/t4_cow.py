@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,11 +25,11 @@ def mounts() -> list[str]:
         return [line.split()[4] for line in f if " - fuse.vscow " in line]
 
 
-@pytest.fixture
-def cow(host):
+@contextmanager
+def mounted(host, shared: bytes = SHARED) -> Iterator[Path]:
     """Guests a and b sharing usr/lib/libx.so (unified), mounted at host.base/mnt."""
     for g in "ab":
-        host.guest(g, {"usr/lib/libx.so": SHARED, f"usr/own-{g}": b"own " * 10})
+        host.guest(g, {"usr/lib/libx.so": shared, f"usr/own-{g}": b"own " * 10})
     host.vsunify("run", "--all", "--no-default-excludes")
     mnt = host.base / "mnt"
     mnt.mkdir()
@@ -46,6 +48,12 @@ def cow(host):
             time.sleep(0.05)
 
 
+@pytest.fixture
+def cow(host):
+    with mounted(host) as mnt:
+        yield mnt
+
+
 def test_guests_appear_and_a_shared_file_is_one_inode(cow, host):
     assert sorted(os.listdir(cow)) == ["a", "b"]
     assert (cow / "a/usr/lib/libx.so").read_bytes() == SHARED
@@ -57,6 +65,7 @@ def test_a_write_gives_only_that_guest_a_copy(cow, host):
     with open(cow / "a/usr/lib/libx.so", "ab") as f:
         f.write(b"patched")
     assert (cow / "a/usr/lib/libx.so").read_bytes() == SHARED + b"patched"
+    assert "copy-up a:/usr/lib/libx.so" in (host.base / "cow.log").read_text()
     assert (cow / "b/usr/lib/libx.so").read_bytes() == SHARED
     assert (host.root / "b/usr/lib/libx.so").read_bytes() == SHARED
     obj = next(p for p in host.store.rglob("*") if p.is_file())
@@ -128,11 +137,32 @@ def test_ordinary_posix_operations_and_their_errors(cow):
 
 def test_umount_leaves_nothing_behind(cow, host):
     assert str(cow) in mounts()
+    p = subprocess.run([sys.executable, "-m", "cow.cli", "status"], cwd=REPO, text=True,
+                       env={**os.environ, **host.env}, capture_output=True, check=True)
+    assert f"{cow}\tpid " in p.stdout and "guests: a b" in p.stdout
     p = subprocess.run([sys.executable, "-m", "cow.cli", "umount", str(cow)], cwd=REPO,
-                       capture_output=True, text=True)
+                       env={**os.environ, **host.env}, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert str(cow) not in mounts()
     assert not subprocess.run(["pgrep", "-f", f"serve.*{cow}"]).returncode == 0
+    assert not list((host.base / "run" / "vscow").iterdir())  # no state, no socket
+    log = (host.base / "cow.log").read_text()
+    assert f"mounted at {cow}" in log and f"unmounted {cow}" in log
+
+
+def test_the_daemon_logs_to_the_log_directory_by_default(host):
+    host.guest("a", {"f": b"x"})
+    mnt = host.base / "mnt"
+    mnt.mkdir()
+    env = {**os.environ, **host.env}
+    subprocess.run([sys.executable, "-m", "cow.cli", "mount", "--at", str(mnt), "a"],
+                   cwd=REPO, env=env, check=True)
+    try:
+        assert (mnt / "a/f").read_bytes() == b"x"
+    finally:
+        subprocess.run([sys.executable, "-m", "cow.cli", "umount", str(mnt)], cwd=REPO,
+                       env=env, check=True)
+    assert f"mounted at {mnt}: a=" in (host.base / "log" / "vscow.log").read_text()
 
 
 def test_vsunify_refuses_guests_mounted_through_the_overlay(cow, host):
@@ -320,3 +350,98 @@ def test_a_failing_request_never_takes_the_mount_down(cow, host):
         assert (cow / "b/usr/lib/libx.so").read_bytes() == SHARED
     finally:
         os.rename(host.root / "a-moved", host.root / "a")
+
+
+def _eventually(check, seconds: float = 10.0) -> bool:
+    """Poll ``check`` until true (a notification travels through a thread of the daemon)."""
+    end = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_kernel_caches_follow_a_copy_up_in_every_guest(cow, host):
+    a, b = cow / "a/usr/lib/libx.so", cow / "b/usr/lib/libx.so"
+    fa, fb = os.open(a, os.O_RDONLY), os.open(b, os.O_RDONLY)  # both on the shared inode
+    try:
+        assert os.fstat(fb).st_nlink == 3  # cached by the kernel for every guest
+        with open(a, "ab") as f:  # copy-up by an open for writing
+            f.write(b"A")
+        assert _eventually(lambda: os.fstat(fb).st_nlink == 2)
+        os.chmod(b, 0o600)  # copy-up by a change of metadata
+        st = os.fstat(fa)
+        assert st.st_mode & 0o777 == 0o644 and st.st_nlink == 1
+        assert os.stat(b).st_mode & 0o777 == 0o600
+        os.chmod(b, 0o644)
+        with open(a, "r+b") as f:  # ftruncate through a handle on a copy
+            f.truncate(5)
+        assert os.fstat(fb).st_size == len(SHARED)
+        assert os.pread(fb, len(SHARED) + 1, 0) == SHARED
+    finally:
+        os.close(fa)
+        os.close(fb)
+    assert a.read_bytes() == SHARED[:5] and b.read_bytes() == SHARED
+    obj = next(p for p in host.store.rglob("*") if p.is_file())
+    assert obj.read_bytes() == SHARED and os.stat(obj).st_nlink == 1
+
+
+@pytest.fixture
+def small_host(host):
+    """``host`` with its guests and store on a 4 MiB tmpfs (filled up by the test)."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "vsstore-test", str(host.root)],
+                   check=True)
+    try:
+        yield host
+    finally:
+        subprocess.run(["umount", "-l", str(host.root)], check=False)
+
+
+def test_a_guest_filling_the_disk_gets_enospc_and_the_overlay_goes_on(small_host):
+    host = small_host
+    big = os.urandom(1 << 20)
+    with mounted(host, big) as cow:
+        fill = cow / "a/fill"
+        with pytest.raises(OSError) as e, open(fill, "wb") as f:
+            while True:
+                f.write(b"x" * 65536)
+                f.flush()
+        assert e.value.errno == errno.ENOSPC
+        with pytest.raises(OSError) as e:  # the copy-up does not fit either
+            with open(cow / "b/usr/lib/libx.so", "ab") as f:
+                f.write(b"!")
+        assert e.value.errno == errno.ENOSPC
+        b = host.root / "b/usr/lib"
+        assert sorted(os.listdir(b)) == ["libx.so"]  # no half copy left behind
+        assert (b / "libx.so").read_bytes() == big and flags(b / "libx.so") == "UIa"
+        assert (cow / "b/usr/lib/libx.so").read_bytes() == big
+        os.unlink(fill)
+        with open(cow / "b/usr/lib/libx.so", "ab") as f:
+            f.write(b"!")
+        assert (b / "libx.so").read_bytes() == big + b"!"
+        assert (cow / "a/usr/lib/libx.so").read_bytes() == big
+
+
+def test_a_writer_killed_mid_write_leaves_the_overlay_and_other_guests_intact(cow, host):
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import os, sys
+fd = os.open({str(cow / "a/usr/lib/libx.so")!r}, os.O_WRONLY | os.O_APPEND)
+print("open", flush=True)
+while True:
+    os.write(fd, b"w" * 4096)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "open\n"
+        time.sleep(0.3)
+    finally:
+        writer.kill()
+        writer.wait()
+    data = (host.root / "a/usr/lib/libx.so").read_bytes()
+    assert data.startswith(SHARED) and len(data) > len(SHARED)
+    assert set(data[len(SHARED):]) == {ord("w")}
+    assert (cow / "a/usr/lib/libx.so").read_bytes() == data
+    assert (cow / "b/usr/lib/libx.so").read_bytes() == SHARED
+    assert flags(host.root / "b/usr/lib/libx.so") == "UIa"
+    assert sorted(os.listdir(host.root / "a/usr/lib")) == ["libx.so"]
+    assert str(cow) in mounts()

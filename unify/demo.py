@@ -77,7 +77,8 @@ def main(args: argparse.Namespace) -> int:
                                                                  dir="/var/tmp"))
     base.mkdir(parents=True, exist_ok=True)
     env = {"VSERVERS_CONFDIR": base / "etc" / "vservers", "VSERVERS_ROOT": base / "vservers",
-           "VSSTORE_STATEDIR": base / "state", "VSSTORE_RUNDIR": base / "run"}
+           "VSSTORE_STATEDIR": base / "state", "VSSTORE_RUNDIR": base / "run",
+           "VSSTORE_LOGDIR": base / "log"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update({k: str(v) for k, v in env.items()})
     try:

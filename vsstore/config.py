@@ -3,7 +3,8 @@
 ``/etc/vservers/NAME/`` holds one guest's configuration (one entry per file; ``vdir`` is the
 root tree, usually a symlink), ``/etc/vservers/.defaults/`` the host's defaults, ``/vservers/``
 the guest trees and ``/vservers/.hash/`` the store.  Tests and the demo move all of it into a
-temporary directory with VSERVERS_CONFDIR, VSERVERS_ROOT, VSSTORE_STATEDIR, VSSTORE_RUNDIR.
+temporary directory with VSERVERS_CONFDIR, VSERVERS_ROOT, VSSTORE_STATEDIR, VSSTORE_RUNDIR
+and VSSTORE_LOGDIR.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class Paths:
     vservers_root: Path
     statedir: Path
     rundir: Path
+    logdir: Path
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Paths:
@@ -36,7 +38,8 @@ class Paths:
             root = str(base.resolve()) if base.exists() else "/vservers"
         return cls(confdir=confdir, vservers_root=Path(root),
                    statedir=Path(env.get("VSSTORE_STATEDIR", "/var/lib/vsstore")),
-                   rundir=Path(env.get("VSSTORE_RUNDIR", "/run/vsstore")))
+                   rundir=Path(env.get("VSSTORE_RUNDIR", "/run/vsstore")),
+                   logdir=Path(env.get("VSSTORE_LOGDIR", "/var/log/vsstore")))
 
     @property
     def defaults(self) -> Path:

@@ -1,0 +1,135 @@
+"""Start, stop and steer overlay daemons: the Python API that ``vscow`` and the lifecycle
+share.  Each mount has a state file in the run directory (pid, mount point, guests, control
+socket; see ``vsstore.runtime``), so any later command finds the daemon serving it."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from vsstore.config import Paths
+from vsstore.errors import ConfigError
+from vsstore.runtime import cow_state_file
+
+
+def mounts() -> list[tuple[str, str]]:
+    """(mountpoint, source) of every vscow mount."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fstype, source = right.split()[:2]
+            if fstype == "fuse.vscow":
+                out.append((left.split()[4], source))
+    return out
+
+
+def is_mounted(at: str) -> bool:
+    at = os.path.abspath(at)
+    return any(m == at for m, _ in mounts())
+
+
+def state(paths: Paths, at: str) -> dict[str, Any] | None:
+    """The state file of the overlay at ``at``, or None when it has none."""
+    try:
+        return json.loads(cow_state_file(paths, os.path.abspath(at)).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mount(paths: Paths, at: str, guests: dict[str, str], log: str | None = None) -> dict[str, Any]:
+    """Mount one overlay at ``at`` serving ``guests`` (name -> root) and return once it is
+    ready; the daemon stays in the background, logging to ``log`` (default: vscow.log in
+    the log directory).  Returns the state written for it."""
+    at = os.path.abspath(at)
+    if not os.path.isdir(at):
+        raise ConfigError(f"--at {at}: not a directory; create the mount point first")
+    if is_mounted(at):
+        raise ConfigError(f"{at}: a vscow overlay is mounted there already")
+    if log is None:
+        paths.logdir.mkdir(parents=True, exist_ok=True)
+        log = str(paths.logdir / "vscow.log")
+    immutable = os.geteuid() == 0
+    r, w = os.pipe()
+    state_file = cow_state_file(paths, at)
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    control = str(state_file.with_suffix(".sock"))
+    cmd = [sys.executable, "-c", "import sys, json; from cow.mount import serve; "
+           "serve(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == '1', int(sys.argv[4]), "
+           "sys.argv[5])", at, json.dumps(guests), "1" if immutable else "0", str(w), control]
+    try:
+        logf = open(log, "ab")
+    except OSError as e:
+        raise ConfigError(f"--log {log}: {e.strerror}; give a writable file") from None
+    with logf:
+        proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=logf, start_new_session=True, cwd="/")
+    os.close(w)
+    ready = os.read(r, 16)
+    os.close(r)
+    if ready != b"ok\n":
+        proc.wait(timeout=10)
+        raise ConfigError(f"the overlay did not come up at {at} (exit {proc.returncode}); "
+                          f"see its log {log}")
+    st = {"pid": proc.pid, "mountpoint": at, "guests": guests, "control": control,
+          "log": log}
+    state_file.write_text(json.dumps(st))
+    return st
+
+
+def _ask(paths: Paths, at: str, request: dict[str, str]) -> dict[str, Any]:
+    """Send one request to the daemon serving ``at``; its state file says where."""
+    st = state(paths, at)
+    if st is None:
+        raise ConfigError(f"{at}: no vscow overlay of ours is mounted there")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        try:
+            s.connect(st["control"])
+            s.sendall(json.dumps(request).encode() + b"\n")
+            answer = json.loads(s.makefile("rb").readline())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{at}: the overlay's daemon does not answer ({e})") from None
+    if not answer.get("ok"):
+        raise ConfigError(f"{at}: {answer.get('error')}")
+    return st
+
+
+def add(paths: Paths, at: str, name: str, root: str) -> None:
+    """Serve one more guest in the running overlay at ``at``."""
+    st = _ask(paths, at, {"op": "add", "name": name, "root": root})
+    st["guests"][name] = root
+    cow_state_file(paths, os.path.abspath(at)).write_text(json.dumps(st))
+
+
+def remove(paths: Paths, at: str, name: str) -> dict[str, str]:
+    """Stop serving guest ``name``; returns the guests still served."""
+    st = _ask(paths, at, {"op": "remove", "name": name})
+    st["guests"].pop(name, None)
+    cow_state_file(paths, os.path.abspath(at)).write_text(json.dumps(st))
+    return dict(st["guests"])
+
+
+def umount(paths: Paths, at: str, lazy: bool = False) -> None:
+    """Unmount the overlay at ``at`` and wait for its daemon to end."""
+    at = os.path.abspath(at)
+    if not is_mounted(at):
+        raise ConfigError(f"{at}: no vscow overlay is mounted there")
+    p = subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), at],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise ConfigError(f"{at}: cannot unmount ({p.stderr.strip()}); is something using "
+                          f"it? (fuser -vm {at})")
+    st = state(paths, at)
+    pid = int(st.get("pid", 0)) if st else 0
+    for _ in range(200):  # the daemon ends once the kernel has let go of the mount
+        if not is_mounted(at) and (not pid or not os.path.exists(f"/proc/{pid}")):
+            cow_state_file(paths, at).unlink(missing_ok=True)
+            return
+        time.sleep(0.05)
+    raise ConfigError(f"{at}: still mounted or its daemon (pid {pid}) still running; "
+                      f"is something using it?")
