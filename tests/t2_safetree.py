@@ -99,6 +99,16 @@ def test_open_regular_never_opens_a_device_or_fifo(tree):
         tree.open_regular("var/lock/subsys/secret")
 
 
+def test_open_regular_takes_the_callers_open_flags(tree):
+    """O_NOFOLLOW (tar, rsync, find open every file with it) holds for the name, and
+    must not make the reopen fail; O_TRUNC and O_WRONLY reach the file."""
+    fd = tree.open_regular("usr/bin/ls", flags=os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY)
+    os.close(fd)
+    fd = tree.open_regular("usr/bin/ls", flags=os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+    os.close(fd)
+    assert os.stat(tree.root / "usr/bin/ls").st_size == 0
+
+
 def test_walk_reports_known_inodes_without_a_stat(tree):
     st = os.stat(tree.root / "usr/bin/ls")
     marker = os.stat(tree.root)  # any stat object: proves it came from the mapping

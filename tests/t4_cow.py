@@ -107,6 +107,9 @@ def test_ordinary_posix_operations_and_their_errors(cow):
     d = cow / "a/work"
     d.mkdir()
     (d / "f").write_bytes(b"hello")
+    fd = os.open(d / "f", os.O_RDONLY | os.O_NOFOLLOW)  # as tar and rsync open files
+    assert os.read(fd, 5) == b"hello"
+    os.close(fd)
     with open(d / "f", "r+b") as f:
         f.seek(2)
         f.write(b"LL")

@@ -14,6 +14,7 @@ EXIT_UNSAFE = 4        # a guest tree is unsafe to work on
 EXIT_BUSY = 5          # another run holds the lock
 EXIT_PARTIAL = 6       # finished, but some files were skipped (see the errors count)
 EXIT_UNSUPPORTED = 7   # this kernel/filesystem/privilege lacks something needed
+EXIT_STATE = 8         # the guest is not in the state the command needs (running/stopped)
 
 
 class VsError(Exception):
@@ -48,3 +49,9 @@ class UnsupportedError(VsError):
     """The kernel, filesystem or our privileges lack a needed feature."""
 
     exit_code = EXIT_UNSUPPORTED
+
+
+class StateError(VsError):
+    """The guest is running where it must be stopped, or the other way round."""
+
+    exit_code = EXIT_STATE

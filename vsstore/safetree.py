@@ -112,7 +112,9 @@ class GuestTree:
                 raise OSError(errno.ESTALE, "not a regular file any more", rel)
             if expect is not None and (st.st_dev, st.st_ino) != expect:
                 raise OSError(errno.ESTALE, "replaced by another file", rel)
-            flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECTORY)
+            # O_NOFOLLOW was honoured by the O_PATH open; on the reopen through the magic
+            # link it would only fail with ELOOP.
+            flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECTORY | os.O_NOFOLLOW)
             return os.open(f"/proc/self/fd/{pfd}", flags | os.O_NONBLOCK | os.O_CLOEXEC)
         finally:
             os.close(pfd)

@@ -1,0 +1,230 @@
+"""A guest's run-time configuration in util-vserver's layout, read and checked up front.
+
+``/etc/vservers/NAME/``: ``context`` (a number), ``uts/nodename``, ``fstab`` (fstab(5)
+lines; targets are paths inside the guest), ``interfaces/N/{ip,prefix|mask,dev,name,
+hostip}``, ``bcapabilities`` (one capability per line: ``CAP_X`` keeps one the default set
+drops, ``!CAP_X`` drops one more), ``apps/init/style`` (``plain`` or ``sysv``),
+``apps/init/cmd.start`` / ``cmd.stop`` (one argument per line), ``apps/init/stop-signal``,
+``apps/init/stop-timeout``, ``cow`` (present: mount the guest through the overlay).
+Everything is read before anything is started, and a bad entry is an error naming its file.
+"""
+from __future__ import annotations
+
+import ipaddress
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import ns
+from .config import Guest
+from .errors import ConfigError
+
+# What a guest may never do by default (util-vserver's reduced set, plus what later
+# kernels added): mount, load modules, raw I/O, set the clock, make devices, configure the
+# host's network, lift immutable flags (the store's protection), open by handle, reboot...
+DEFAULT_DROP = {"SYS_ADMIN", "SYS_MODULE", "SYS_RAWIO", "SYS_TIME", "MKNOD", "NET_ADMIN",
+                "LINUX_IMMUTABLE", "DAC_READ_SEARCH", "SYS_BOOT", "SYS_PTRACE", "SYS_PACCT",
+                "SYS_TTY_CONFIG", "SYS_RESOURCE", "SYS_NICE", "MAC_ADMIN", "MAC_OVERRIDE",
+                "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_CONTROL", "AUDIT_READ",
+                "BPF", "PERFMON", "CHECKPOINT_RESTORE", "LEASE", "IPC_OWNER", "NET_BROADCAST"}
+
+MOUNT_FLAGS = {"ro": ns.MS_RDONLY, "nosuid": ns.MS_NOSUID, "nodev": ns.MS_NODEV,
+               "noexec": ns.MS_NOEXEC, "bind": ns.MS_BIND, "rbind": ns.MS_BIND | ns.MS_REC}
+IGNORED_OPTIONS = {"defaults", "rw", "auto", "noauto", "nofail", "suid", "dev", "exec",
+                   "user", "nouser", "_netdev"}
+
+
+@dataclass(frozen=True, slots=True)
+class FstabEntry:
+    source: str
+    target: str  # inside the guest
+    fstype: str
+    flags: int
+    data: str
+    where: str  # "file:line", for messages
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+    name: str  # inside the guest
+    host_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    where: str
+
+
+@dataclass(frozen=True, slots=True)
+class GuestConfig:
+    guest: Guest
+    context: int | None
+    nodename: str
+    fstab: list[FstabEntry] = field(default_factory=list)
+    interfaces: list[Interface] = field(default_factory=list)
+    keep_caps: frozenset[int] = frozenset()
+    init: list[str] = field(default_factory=list)
+    stop: list[str] | None = None  # a command run inside, else stop_signal to init
+    stop_signal: int = signal.SIGTERM
+    stop_timeout: float = 10.0
+    cow: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.guest.name
+
+
+def _read(p: Path, limit: int = 1 << 16) -> str | None:
+    try:
+        with open(p, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
+    if len(data) > limit:
+        raise ConfigError(f"{p}: longer than {limit} bytes; is it the right file?")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+
+
+def _lines(p: Path) -> list[str] | None:
+    text = _read(p)
+    if text is None:
+        return None
+    return [ln.strip() for ln in text.splitlines()
+            if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def _number(p: Path, default: float | None, what: str) -> float | None:
+    text = _read(p)
+    if text is None or not text.strip():
+        return default
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ConfigError(f"{p}: {text.strip()!r} is not a number; write {what}") from None
+
+
+def parse_mount_options(opts: str, where: str) -> tuple[int, str]:
+    flags, data = 0, []
+    for o in opts.split(","):
+        if o in MOUNT_FLAGS:
+            flags |= MOUNT_FLAGS[o]
+        elif o in IGNORED_OPTIONS or not o:
+            continue
+        else:
+            data.append(o)
+    return flags, ",".join(data)
+
+
+def _fstab(p: Path) -> list[FstabEntry]:
+    out = []
+    text = _read(p)
+    for i, line in enumerate((text or "").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{p}:{i}"
+        parts = line.split()
+        if len(parts) < 3:
+            raise ConfigError(f"{where}: {line!r}: want 'SOURCE TARGET TYPE [OPTIONS]'")
+        src, target, fstype = (s.replace("\\040", " ") for s in parts[:3])
+        if not target.startswith("/"):
+            raise ConfigError(f"{where}: target {target!r} must be an absolute path inside "
+                              f"the guest")
+        if any(c in ("..",) for c in target.split("/")):
+            raise ConfigError(f"{where}: target {target!r} must not contain '..'")
+        flags, data = parse_mount_options(parts[3] if len(parts) > 3 else "defaults", where)
+        if fstype in ("none", "bind") and not flags & ns.MS_BIND:
+            flags |= ns.MS_BIND
+        out.append(FstabEntry(src, target, fstype, flags, data, where))
+    return out
+
+
+def _interfaces(d: Path) -> list[Interface]:
+    if not d.is_dir():
+        return []
+    default_prefix = _read(d / "prefix")
+    out: list[Interface] = []
+    for sub in sorted(p for p in d.iterdir() if p.is_dir()):
+        ip = (_read(sub / "ip") or "").strip()
+        if not ip:
+            raise ConfigError(f"{sub}/ip: missing; each interface needs its address")
+        prefix = (_read(sub / "prefix") or default_prefix or "").strip()
+        mask = (_read(sub / "mask") or "").strip()
+        try:
+            addr = ipaddress.ip_interface(f"{ip}/{prefix or mask or ('24' if ':' not in ip else '64')}")
+        except ValueError as e:
+            raise ConfigError(f"{sub}: {e}; write an address to ip and a prefix length to "
+                              f"prefix") from None
+        host_ip = (_read(sub / "hostip") or "").strip()
+        try:
+            hip = ipaddress.ip_address(host_ip) if host_ip else None
+        except ValueError as e:
+            raise ConfigError(f"{sub}/hostip: {e}") from None
+        name = (_read(sub / "name") or "").strip() or f"eth{len(out)}"
+        if len(name) > 15 or "/" in name or " " in name:
+            raise ConfigError(f"{sub}/name: {name!r} is not a valid interface name")
+        out.append(Interface(addr, name, hip, str(sub)))
+    return out
+
+
+def _caps(p: Path) -> frozenset[int]:
+    keep = {i for i, n in enumerate(ns.CAPS) if n not in DEFAULT_DROP}
+    for line in _lines(p) or []:
+        drop = line[0] in "!~^"
+        name = line[1:] if drop else line
+        try:
+            n = ns.cap_number(name)
+        except ValueError:
+            raise ConfigError(f"{p}: unknown capability {name!r}; use names like "
+                              f"CAP_NET_ADMIN (see capabilities(7))") from None
+        (keep.discard if drop else keep.add)(n)
+    return frozenset(keep)
+
+
+def _signal(p: Path) -> int:
+    text = (_read(p) or "").strip()
+    if not text:
+        return signal.SIGTERM
+    try:
+        return int(text) if text.isdigit() else int(signal.Signals[
+            text.upper() if text.upper().startswith("SIG") else "SIG" + text.upper()])
+    except KeyError:
+        raise ConfigError(f"{p}: {text!r} is not a signal; write e.g. SIGTERM or "
+                          f"SIGPWR") from None
+
+
+def load(guest: Guest) -> GuestConfig:
+    """Read and check everything ``start`` and ``stop`` will need."""
+    c = guest.confdir
+    if c is None:
+        raise ConfigError(f"guest {guest.name!r} has no configuration directory; build it "
+                          f"with 'vserver {guest.name} build' first")
+    ctx = _number(c / "context", None, "the guest's context number")
+    if ctx is not None and (ctx != int(ctx) or not 1 < ctx < 65535):
+        raise ConfigError(f"{c / 'context'}: {ctx:g} is not a context number (2..65534)")
+    nodename = (_read(c / "uts" / "nodename") or "").strip() or guest.name
+    if len(nodename) > 64:
+        raise ConfigError(f"{c / 'uts' / 'nodename'}: longer than 64 characters")
+    style = (_read(c / "apps" / "init" / "style") or "plain").strip()
+    start = _lines(c / "apps" / "init" / "cmd.start")
+    stop = _lines(c / "apps" / "init" / "cmd.stop")
+    if start is None:
+        if style == "plain":
+            start = ["/sbin/init"]
+        elif style == "sysv":
+            start = ["/etc/init.d/rc", "3"]
+            stop = stop if stop is not None else ["/etc/init.d/rc", "0"]
+        else:
+            raise ConfigError(f"{c / 'apps/init/style'}: unknown style {style!r}; use plain "
+                              f"or sysv, or write the command to apps/init/cmd.start")
+    if not start:
+        raise ConfigError(f"{c / 'apps/init/cmd.start'}: empty; one argument per line")
+    timeout = _number(c / "apps" / "init" / "stop-timeout", 10.0, "seconds")
+    return GuestConfig(
+        guest=guest, context=int(ctx) if ctx is not None else None, nodename=nodename,
+        fstab=_fstab(c / "fstab"), interfaces=_interfaces(c / "interfaces"),
+        keep_caps=_caps(c / "bcapabilities"), init=start, stop=stop or None,
+        stop_signal=_signal(c / "apps" / "init" / "stop-signal"),
+        stop_timeout=float(timeout or 10.0), cow=(c / "cow").exists())
