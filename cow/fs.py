@@ -9,7 +9,8 @@ metadata first gives the writing guest its own copy (``vsstore.private.privatize
 fsync, swap atomically), then works on the copy through a ``direct_io`` handle, so the
 shared inode's page cache is never touched; the kernel's entry for the name is invalidated,
 so the next lookup finds the copy.  A FUSE open carries an inode, not a path, so the writing
-guest is found from the caller: a process chrooted into ``/NAME`` is that guest's; otherwise
+guest is found from the caller: a process chrooted into ``/NAME``, or a started guest whose
+root mount is ``/NAME`` of this mount (its mountinfo says so), is that guest's; otherwise
 the guest of the name this thread looked up last (shared files get no entry caching, so
 every path walk to them comes through ``lookup``).
 
@@ -57,6 +58,19 @@ def _join(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
 
+def _mount_dev(mountpoint: str, mountinfo: str) -> str | None:
+    """major:minor of the vscow mount at ``mountpoint``, from a mountinfo file."""
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == mountpoint and " - fuse.vscow " in line:
+                    return fields[2]
+    except OSError:
+        pass
+    return None
+
+
 def _guarded(handler):  # type: ignore[no-untyped-def]
     """A request handler that can fail only with a FUSEError.  pyfuse3 ends its main loop
     (and so the mount of every guest) on any other exception: an OSError becomes its errno,
@@ -100,6 +114,7 @@ class CowFS(pyfuse3.Operations):
         self.next_id = 1 << 48  # for inode numbers that collide (another filesystem)
         self.recent: dict[tuple[int, int], Name] = {}  # (tid, node) -> name last looked up
         self.dir_handles: dict[int, tuple[Name, list[tuple[str, os.stat_result]]]] = {}
+        self.fuse_dev: str | None = None  # major:minor of this mount, once known
         self.copy_handles: set[int] = set()  # open on a copy, reached through a shared node
         self._stale: queue.SimpleQueue[int] | None = None  # node ids whose attrs changed
         self.next_dh = 1
@@ -259,6 +274,10 @@ class CowFS(pyfuse3.Operations):
             root = os.readlink(f"/proc/{ctx.pid}/root")
         except OSError:
             root = "/"
+        if root == "/":  # the host, or a guest pivoted into its subtree of this mount
+            pivoted = self._pivoted_guest(ctx.pid)
+            if pivoted is not None:
+                root = os.path.join(self.mountpoint, pivoted)
         if root != "/":
             guest = next((g for g, t in self.trees.items()
                           if root in (os.path.realpath(t.root),
@@ -276,6 +295,25 @@ class CowFS(pyfuse3.Operations):
         log.warning("write to shared inode %d by pid %d: cannot tell which guest", node.ino,
                     ctx.pid)
         raise pyfuse3.FUSEError(errno.EIO)
+
+    def _pivoted_guest(self, pid: int) -> str | None:
+        """The guest whose subtree of this mount is ``pid``'s root mount (a started guest:
+        pivot_root makes its root read "/"), from the process's own mountinfo: no request
+        to this filesystem is made (it would wait on this very loop)."""
+        if self.fuse_dev is None:
+            self.fuse_dev = _mount_dev(self.mountpoint, "/proc/self/mountinfo")
+        try:
+            with open(f"/proc/{pid}/mountinfo") as f:
+                for line in f:
+                    left, _, right = line.partition(" - ")
+                    fields = left.split()
+                    if fields[4] == "/" and right.startswith("fuse.vscow ") and \
+                            fields[2] == self.fuse_dev:
+                        guest = fields[3].strip("/").split("/")[0]
+                        return guest if guest in self.trees else None
+        except OSError:
+            pass
+        return None
 
     def _writable_name(self, ctx: pyfuse3.RequestContext, node: Node,
                        ) -> tuple[Name, bool]:
