@@ -65,6 +65,8 @@ class GuestConfig:
     stop_signal: int = signal.SIGTERM
     stop_timeout: float = 10.0
     cow: bool = False
+    style: str = "plain"  # sysv: the start command runs under a pid 1 of ours (it exits);
+    # none: that pid 1 alone
 
     @property
     def name(self) -> str:
@@ -216,10 +218,12 @@ def load(guest: Guest) -> GuestConfig:
         elif style == "sysv":
             start = ["/etc/init.d/rc", "3"]
             stop = stop if stop is not None else ["/etc/init.d/rc", "0"]
+        elif style == "none":
+            start = []  # pid 1 is ours and runs nothing; services come by 'exec'
         else:
-            raise ConfigError(f"{c / 'apps/init/style'}: unknown style {style!r}; use plain "
-                              f"or sysv, or write the command to apps/init/cmd.start")
-    if not start:
+            raise ConfigError(f"{c / 'apps/init/style'}: unknown style {style!r}; use plain, "
+                              f"sysv or none, or write the command to apps/init/cmd.start")
+    if not start and style != "none":
         raise ConfigError(f"{c / 'apps/init/cmd.start'}: empty; one argument per line")
     timeout = _number(c / "apps" / "init" / "stop-timeout", 10.0, "seconds")
     return GuestConfig(
@@ -227,4 +231,4 @@ def load(guest: Guest) -> GuestConfig:
         fstab=_fstab(c / "fstab"), interfaces=_interfaces(c / "interfaces"),
         keep_caps=_caps(c / "bcapabilities"), init=start, stop=stop or None,
         stop_signal=_signal(c / "apps" / "init" / "stop-signal"),
-        stop_timeout=float(timeout or 10.0), cow=(c / "cow").exists())
+        stop_timeout=float(timeout or 10.0), cow=(c / "cow").exists(), style=style)

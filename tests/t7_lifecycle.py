@@ -1,0 +1,386 @@
+"""Layer 7: guests started for real (namespaces, mounts, pivot_root, capabilities), small
+skeleton guests running Debian's busybox-static; stopped and checked for leftovers."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, flags, inode
+from vsstore.errors import EXIT_CONFIG, EXIT_STATE
+
+BUSYBOX = "/bin/busybox"
+APPLETS = ["sh", "sleep", "ps", "mount", "mknod", "hostname", "cat", "ls", "echo", "id",
+           "true", "grep", "wc", "head", "stat"]
+IDLE = 'trap "exit 0" TERM; while :; do sleep 1 & wait; done'
+
+
+class Vserver:
+    def __init__(self, host) -> None:  # type: ignore[no-untyped-def]
+        self.host = host
+        self.env = {**os.environ, **host.env}
+
+    def __call__(self, cmd: str, name: str, *args: str, check: bool = True,
+                 input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """``vserver NAME CMD ARGS...``"""
+        args = (name, cmd, *args)
+        p = subprocess.run([sys.executable, "-m", "vsstore.vserver_cli", *args], cwd=REPO,
+                           env=self.env, capture_output=True, text=True, timeout=120,
+                           input=input)
+        if check and p.returncode != 0:
+            raise AssertionError(f"vserver {' '.join(args)} -> {p.returncode}\n{p.stdout}\n"
+                                 f"{p.stderr}")
+        return p
+
+    def stat(self) -> list[dict]:
+        p = subprocess.run([sys.executable, "-c", "import sys; from vsstore.vserver_cli import "
+                            "stat_main; sys.exit(stat_main(['--json']))"], cwd=REPO,
+                           env=self.env, capture_output=True, text=True, check=True)
+        return json.loads(p.stdout)
+
+    def guest(self, name: str, init: str = IDLE, files: dict[str, bytes] | None = None,
+              conf: dict[str, str] | None = None) -> Path:
+        """A skeleton guest with busybox; ``init`` is its /bin/sh -c script."""
+        self("build", name, "-m", "skeleton")
+        root = self.host.root / name
+        shutil.copy2(BUSYBOX, root / "bin" / "busybox")  # same mtime in every guest
+        for a in APPLETS:
+            os.symlink("busybox", root / "bin" / a)
+        for rel, data in (files or {}).items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+            os.utime(root / rel, (1_600_000_000, 1_600_000_000))
+        c = self.host.conf / name
+        (c / "apps/init/cmd.start").write_text(f"/bin/sh\n-c\n{init}\n")
+        for rel, text in (conf or {}).items():
+            (c / rel).parent.mkdir(parents=True, exist_ok=True)
+            (c / rel).write_text(text)
+        return root
+
+    def state(self, name: str) -> dict | None:
+        f = self.host.base / "run" / "guests" / f"{name}.json"
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def exec(self, name: str, *cmd: str) -> str:
+        return self("exec", name, *cmd).stdout  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def vs(host):
+    v = Vserver(host)
+    try:
+        yield v
+    finally:  # whatever a failing test left: stop, kill, unmount
+        for c in sorted(host.conf.glob("*")) if host.conf.exists() else []:
+            st = v.state(c.name)
+            if st is None:
+                continue
+            v("stop", c.name, check=False)
+            for pid in (st["init_pid"], st["monitor_pid"]):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        cow = host.base / "run" / "cow"
+        if cow.exists() and str(cow) in _host_mounts():
+            subprocess.run(["fusermount3", "-u", "-z", str(cow)], check=False)
+
+
+def _host_mounts() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f]
+
+
+def _pid_ns(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _gone(pid: int) -> bool:
+    """Ended (a zombie waiting for whichever process adopted it counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _procs_in_ns(ns_ino: int) -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit() and _pid_ns(int(d)) == ns_ino]
+
+
+def _eventually(check, seconds: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# -- build ------------------------------------------------------------------------------
+
+def test_build_skeleton_makes_tree_and_configuration(vs, host):
+    vs("build", "web", "-m", "skeleton", "--hostname", "web.example", "--context", "42")
+    root, conf = host.root / "web", host.conf / "web"
+    assert {"bin", "dev", "etc", "proc", "tmp", "usr", "var"} <= set(os.listdir(root))
+    assert os.stat(root / "tmp").st_mode & 0o7777 == 0o1777
+    assert (conf / "context").read_text() == "42\n"
+    assert (conf / "uts/nodename").read_text() == "web.example\n"
+    assert os.readlink(conf / "vdir") == str(root)
+    p = vs("build", "web", "-m", "skeleton", check=False)
+    assert p.returncode == EXIT_STATE and "exists already" in p.stderr
+    vs("build", "second", "-m", "skeleton")
+    assert (host.conf / "second/context").read_text() == "43\n"  # the next free one
+    p = vs("build", "third", "-m", "nosuch", check=False)
+    assert p.returncode == EXIT_CONFIG and "unknown" in p.stderr
+    assert not (host.conf / "third").exists() and not (host.root / "third").exists()
+
+
+def test_clone_links_what_the_source_shares_and_copies_the_rest(vs, host):
+    lib = b"a shared library " * 500
+    for g in ("g0", "g1"):
+        vs.guest(g, files={"usr/lib/libx.so": lib, f"etc/own-{g}": g.encode()})
+    host.vsunify("run", "g0", "g1")
+    vs("build", "g2", "-m", "clone", "--", "--source", "g1")
+    new = host.root / "g2"
+    assert inode(new / "usr/lib/libx.so") == inode(host.root / "g1/usr/lib/libx.so")
+    assert flags(new / "usr/lib/libx.so") == "UIa"
+    assert (new / "etc/own-g1").read_bytes() == b"g1"
+    assert inode(new / "etc/own-g1") != inode(host.root / "g1/etc/own-g1")
+    assert (host.conf / "g2/apps/init/cmd.start").read_text().startswith("/bin/sh")
+    assert os.readlink(new / "bin/sh") == "busybox"
+    assert inode(new / "bin/busybox") == inode(host.root / "g1/bin/busybox")
+    vs("delete", "g2", "--force")
+    assert not new.exists() and not (host.conf / "g2").exists()
+    assert (host.root / "g1/usr/lib/libx.so").read_bytes() == lib
+    assert flags(host.root / "g1/usr/lib/libx.so") == "UIa"
+
+
+# -- start, exec, stop ------------------------------------------------------------------
+
+def test_a_started_guest_sees_its_own_processes_hostname_and_mounts(vs, host):
+    vs.guest("g1", conf={"uts/nodename": "g1.inside\n"})
+    vs("start", "g1")
+    ps = vs.exec("g1", "ps", "-o", "pid,args")
+    lines = [ln.split(None, 1) for ln in ps.strip().splitlines()[1:]]
+    assert lines[0] == ["1", f"/bin/sh -c {IDLE}"]
+    assert all(int(pid) < 50 for pid, _ in lines)  # no host process in sight
+    assert vs.exec("g1", "hostname").strip() == "g1.inside"
+    mounts = [ln.split()[1] for ln in vs.exec("g1", "cat", "/proc/mounts").splitlines()]
+    assert mounts[0] == "/" and "/proc" in mounts and "/dev/pts" in mounts
+    assert not any(str(host.base) in m for m in mounts)
+    assert sorted(vs.exec("g1", "ls", "/dev").split()) == sorted(
+        ["full", "null", "ptmx", "pts", "random", "shm", "tty", "urandom", "zero", "fd",
+         "stdin", "stdout", "stderr"])
+    st = vs.state("g1")
+    assert _procs_in_ns(_pid_ns(st["init_pid"]))  # the guest's processes, seen from the host
+    assert "is running" in vs("status", "g1").stdout
+    assert vs("running", "g1").returncode == 0
+
+
+def test_the_host_filesystem_is_out_of_reach(vs, host):
+    secret = host.base / "secret"
+    secret.write_text("host only")
+    vs.guest("g1")
+    vs("start", "g1")
+    for path in (str(secret), f"/proc/1/root{secret}", f"/proc/1/cwd{secret}"):
+        p = vs("exec", "g1", "cat", path, check=False)
+        assert p.returncode != 0 and "host only" not in p.stdout
+    assert sorted(vs.exec("g1", "ls", "/").split()) == sorted(os.listdir(host.root / "g1"))
+    p = vs("exec", "g1", "cat", "/proc/sys/kernel/hostname")
+    assert p.stdout.strip() == "g1"
+    p = vs("exec", "g1", "sh", "-c", "echo x > /proc/sys/kernel/hostname", check=False)
+    assert p.returncode != 0  # /proc/sys is read-only
+
+
+def test_an_fstab_target_behind_a_symlink_is_mounted_inside_the_guest(vs, host):
+    outside = host.base / "outside"
+    outside.mkdir()
+    root = vs.guest("g1", conf={"fstab": "none /mnt/escape tmpfs size=1m 0 0\n"})
+    (root / "mnt").mkdir()
+    os.symlink(str(outside), root / "mnt/escape")  # absolute: leads out, if followed naively
+    (root / str(outside).lstrip("/")).mkdir(parents=True)  # where it leads inside the guest
+    vs("start", "g1")
+    assert str(outside) not in _host_mounts()
+    inside = [ln.split()[1] for ln in vs.exec("g1", "cat", "/proc/mounts").splitlines()]
+    assert str(outside) in inside  # resolved as the guest sees it: in its own tree
+    vs.exec("g1", "sh", "-c", "echo in-tmpfs > /mnt/escape/f")
+    assert not (outside / "f").exists() and not (root / str(outside).lstrip("/") / "f").exists()
+
+
+def test_a_missing_fstab_target_fails_clearly_and_starts_nothing(vs, host):
+    vs.guest("g1", conf={"fstab": "none /nosuch tmpfs size=1m 0 0\n"})
+    p = vs("start", "g1", check=False)
+    assert p.returncode == EXIT_CONFIG
+    assert "fstab:1" in p.stderr and "/nosuch" in p.stderr and "Traceback" not in p.stderr
+    assert vs.state("g1") is None and vs("running", "g1", check=False).returncode == 1
+
+
+def test_dropped_capabilities_are_really_gone(vs, host):
+    vs.guest("g1")
+    vs("start", "g1")
+    status = vs.exec("g1", "cat", "/proc/self/status")
+    bnd = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("CapBnd")), 16)
+    eff = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("CapEff")), 16)
+    for cap in (21, 27, 16, 9, 2):  # SYS_ADMIN, MKNOD, SYS_MODULE, LINUX_IMMUTABLE, DAC_READ_SEARCH
+        assert not bnd & (1 << cap) and not eff & (1 << cap)
+    assert eff & 1 and eff & (1 << 1)  # CHOWN, DAC_OVERRIDE kept: root in its own tree
+    p = vs("exec", "g1", "mknod", "/tmp/null", "c", "1", "3", check=False)
+    assert p.returncode != 0 and "not permitted" in p.stderr
+    p = vs("exec", "g1", "mount", "-t", "tmpfs", "none", "/tmp", check=False)
+    assert p.returncode != 0
+    init_status = vs.exec("g1", "cat", "/proc/1/status")
+    assert "CapBnd:\t" + f"{bnd:016x}" in init_status
+
+
+def test_bcapabilities_give_a_guest_one_more(vs, host):
+    vs.guest("g1", conf={"bcapabilities": "CAP_MKNOD\n!CAP_CHOWN\n"})
+    vs("start", "g1")
+    vs.exec("g1", "mknod", "/tmp/null", "c", "1", "3")
+    eff = vs.exec("g1", "grep", "CapEff", "/proc/self/status").split()[1]
+    assert not int(eff, 16) & 1
+
+
+def test_a_bad_capability_name_is_a_clear_error_before_anything_starts(vs, host):
+    vs.guest("g1", conf={"bcapabilities": "CAP_BOGUS\n"})
+    p = vs("start", "g1", check=False)
+    assert p.returncode == EXIT_CONFIG
+    assert "bcapabilities" in p.stderr and "CAP_BOGUS" in p.stderr
+    assert vs.state("g1") is None
+
+
+def test_exec_and_enter_pass_the_exit_code_through(vs, host):
+    vs.guest("g1")
+    vs("start", "g1")
+    assert vs("exec", "g1", "sh", "-c", "exit 7", check=False).returncode == 7
+    assert vs("exec", "g1", "sh", "-c", "kill -9 $$", check=False).returncode == 137
+    p = vs("exec", "g1", "/nosuch", check=False)
+    assert p.returncode == EXIT_CONFIG and "cannot run /nosuch" in p.stderr
+    p = vs("enter", "g1", input="echo inside $(hostname)\nexit 3\n", check=False)
+    assert p.returncode == 3 and "inside g1" in p.stdout
+
+
+def test_start_twice_and_stop_twice_give_clear_messages(vs, host):
+    vs.guest("g1")
+    vs("start", "g1")
+    p = vs("start", "g1", check=False)
+    assert p.returncode == EXIT_STATE and "already running" in p.stderr
+    vs("stop", "g1")
+    p = vs("stop", "g1", check=False)
+    assert p.returncode == EXIT_STATE and "not running" in p.stderr
+    p = vs("exec", "g1", "true", check=False)
+    assert p.returncode == EXIT_STATE and "not running" in p.stderr
+    assert vs("status", "g1", check=False).returncode == 3
+
+
+def test_stop_leaves_no_process_and_no_mount_even_if_init_ignores_sigterm(vs, host):
+    vs.guest("g1", init='trap "" TERM; sleep 1000 & sh -c "trap \\"\\" TERM; sleep 1000" & '
+                        'while :; do sleep 1; done',
+             conf={"apps/init/stop-timeout": "1\n"})
+    vs("start", "g1")
+    st = vs.state("g1")
+    ns_ino = _pid_ns(st["init_pid"])
+    assert len(_procs_in_ns(ns_ino)) >= 4
+    vs("stop", "g1")
+    assert _procs_in_ns(ns_ino) == []
+    assert _gone(st["monitor_pid"])
+    assert not any(str(host.root) in m for m in _host_mounts())
+    assert vs.state("g1") is None
+    vs("start", "g1")  # and it starts again
+    assert vs("running", "g1").returncode == 0
+
+
+def test_a_guest_whose_init_exits_is_cleaned_up(vs, host):
+    vs.guest("g1", init="sleep 1")
+    vs("start", "g1")
+    st = vs.state("g1")
+    assert _eventually(lambda: vs.state("g1") is None)
+    assert _gone(st["monitor_pid"])
+    assert "init ended (exit 0)" in (host.base / "log/vserver-g1.log").read_text()
+
+
+def test_sysv_style_keeps_the_guest_up_after_rc_returns(vs, host):
+    root = vs.guest("g1", conf={"apps/init/style": "sysv\n"})
+    os.unlink(host.conf / "g1/apps/init/cmd.start")
+    (root / "etc/init.d").mkdir(parents=True)
+    (root / "etc/init.d/rc").write_text("#!/bin/sh\necho rc $1 >> /var/log/rc.log\n")
+    os.chmod(root / "etc/init.d/rc", 0o755)
+    vs("start", "g1")
+    assert _eventually(lambda: (root / "var/log/rc.log").exists())
+    assert vs("running", "g1").returncode == 0  # rc 3 returned; the guest stays
+    vs("stop", "g1")
+    assert (root / "var/log/rc.log").read_text() == "rc 3\nrc 0\n"
+
+
+def test_vserver_stat_agrees_with_an_independent_count(vs, host):
+    vs.guest("g1", init="sleep 1000 & sleep 1000 & " + IDLE)
+    vs.guest("g2")
+    vs("start", "g1")
+    vs("start", "g2")
+    rows = {r["name"]: r for r in vs.stat()}
+    assert set(rows) == {"g1", "g2"}
+    for name, row in rows.items():
+        procs = _procs_in_ns(_pid_ns(vs.state(name)["init_pid"]))
+        assert row["processes"] == len(procs)
+        rss = 0
+        for pid in procs:
+            with open(f"/proc/{pid}/status") as f:
+                rss += next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) * 1024
+        assert abs(row["rss"] - rss) <= 0.1 * rss
+    assert rows["g1"]["processes"] >= 3
+
+
+# -- through the overlay -----------------------------------------------------------------
+
+def test_a_cow_guest_changes_a_shared_file_while_another_still_sees_the_original(vs, host):
+    shared = b"the same data in every guest\n" * 50
+    for g in ("g1", "g2"):
+        vs.guest(g, files={"usr/share/data": shared})
+    host.vsunify("run", "g1", "g2")
+    obj = host.root / "g2/usr/share/data"
+    assert os.stat(obj).st_nlink == 3
+    (host.conf / "g1/cow").touch()
+    vs("start", "g1")
+    vs("start", "g2")
+    assert vs.state("g1")["cow"] == str(host.base / "run/cow")
+    vs.exec("g1", "sh", "-c", "echo changed-in-g1 >> /usr/share/data")
+    assert vs.exec("g1", "cat", "/usr/share/data").endswith("changed-in-g1\n")
+    assert vs.exec("g2", "cat", "/usr/share/data").encode() == shared
+    assert obj.read_bytes() == shared and flags(obj) == "UIa"
+    assert (host.root / "g1/usr/share/data").read_bytes() == shared + b"changed-in-g1\n"
+    assert "copy-up g1:/usr/share/data" in (host.base / "log/vscow.log").read_text()
+    p = host.vsunify("run", "g1", check=False)
+    assert p.returncode != 0 and "cow overlay" in p.stderr
+    vs("stop", "g1")
+    assert str(host.base / "run/cow") not in _host_mounts()  # nobody else used it
+    assert vs.exec("g2", "cat", "/usr/share/data").encode() == shared
+
+
+def test_a_configured_interface_is_a_veth_pair_reaching_the_guest(vs, host):
+    vs.guest("g1", conf={"interfaces/0/ip": "10.231.7.2\n", "interfaces/0/prefix": "24\n",
+                         "interfaces/0/hostip": "10.231.7.1\n", "context": "77\n"})
+    (host.root / "g1/bin/ip").symlink_to("busybox")
+    vs("start", "g1")
+    links = vs.exec("g1", "ip", "-o", "link")
+    assert {ln.split(":")[1].strip().split("@")[0] for ln in links.splitlines()} == \
+        {"lo", "eth0"}  # the host's interfaces are not there
+    assert "10.231.7.2/24" in vs.exec("g1", "ip", "addr", "show", "eth0")
+    hostside = subprocess.run(["ip", "-o", "addr", "show", "vs77g1.0"], capture_output=True,
+                              text=True, check=True).stdout
+    assert "10.231.7.1/24" in hostside
+    p = subprocess.run([BUSYBOX, "ping", "-c", "1", "-W", "5", "10.231.7.2"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    vs("stop", "g1")
+    assert subprocess.run(["ip", "link", "show", "vs77g1.0"],
+                          capture_output=True).returncode != 0

@@ -1,0 +1,670 @@
+"""Start, stop, enter and watch guests: the core behind ``vserver``.
+
+Start (the order nspawn, LXC and bubblewrap agree on)::
+
+    vserver start ── lock, overlay (cow), fork ─▶ monitor (host namespaces, subreaper)
+        monitor ── fork ─▶ setup: unshare mnt/uts/ipc(/net: the monitor adds the veth,
+                             setup configures it); / rslave; bind the root; fstab
+                             targets resolved in the root (RESOLVE_IN_ROOT) and mounted
+                             through their fds; hostname; unshare pid
+            setup ── fork ─▶ init (pid 1): /proc (masked), /dev, pivot_root, capabilities
+                             cut to the guest's set, setsid, closed fds, exec the guest's init
+        setup exits; init is the monitor's child (subreaper), and the monitor stays to clean
+        up (state, overlay) when init ends, by stop or by itself.
+
+The monitor never enters the guest's namespaces, so no host-side process holds them.
+A run-state file (``$VSSTORE_RUNDIR/guests/NAME.json``) keeps init's pid with its start
+time, so a reused pid is never taken for the guest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import ns
+from .config import Paths
+from .errors import BusyError, ConfigError, StateError, UnsafeTreeError, VsError
+from .guestconf import GuestConfig
+from .lock import exclusive
+from .safetree import GuestTree
+
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEVICES = [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+           ("urandom", 1, 9), ("tty", 5, 0)]
+DEV_LINKS = [("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")]
+PROC_MASKED = ["kcore", "keys", "sysrq-trigger", "timer_list", "sched_debug", "latency_stats",
+               "kallsyms", "kmsg"]
+PROC_READONLY = ["sys", "irq", "bus", "fs"]
+
+
+# -- run state ---------------------------------------------------------------------------
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None  # ended; only its parent has not collected it yet
+    return int(fields[19])
+
+
+def alive(pid: int, started: int) -> bool:
+    """Is ``pid`` still the process that started at ``started`` (and not a zombie)?"""
+    t = _start_time(pid)
+    return t is not None and t == started
+
+
+@dataclass
+class RunState:
+    name: str
+    init_pid: int
+    init_start: int
+    monitor_pid: int
+    monitor_start: int
+    root: str
+    cow: str | None
+    started: float
+    context: int | None
+
+    @property
+    def running(self) -> bool:
+        return alive(self.init_pid, self.init_start)
+
+    @property
+    def monitoring(self) -> bool:
+        return alive(self.monitor_pid, self.monitor_start)
+
+
+def state_file(paths: Paths, name: str) -> Path:
+    return paths.rundir / "guests" / f"{name}.json"
+
+
+def read_state(paths: Paths, name: str) -> RunState | None:
+    try:
+        return RunState(**json.loads(state_file(paths, name).read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{state_file(paths, name)}: unreadable run state ({e}); remove "
+                          f"it if guest {name} is not running") from None
+
+
+def write_state(paths: Paths, st: RunState) -> None:
+    f = state_file(paths, st.name)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(st.__dict__))
+    os.replace(tmp, f)
+
+
+def running(paths: Paths, name: str) -> RunState | None:
+    st = read_state(paths, name)
+    return st if st is not None and st.running else None
+
+
+def guest_pids(st: RunState) -> list[int]:
+    """Every process in the guest's pid namespace (host pids)."""
+    want = ns.ns_id(st.init_pid, "pid")
+    if want is None or not st.running:
+        return []
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and ns.ns_id(d, "pid") == want:
+            out.append(int(d))
+    return out
+
+
+def cow_mountpoint(paths: Paths) -> Path:
+    """The host's one overlay for guests configured with ``cow``."""
+    return paths.rundir / "cow"
+
+
+# -- start -------------------------------------------------------------------------------
+
+def _lock(paths: Paths, name: str):  # type: ignore[no-untyped-def]
+    return exclusive(paths.rundir / "guests" / f"{name}.lock", f"command on guest {name}")
+
+
+def start(paths: Paths, cfg: GuestConfig) -> RunState:
+    """Start the guest; returns once its init runs (or raises, leaving nothing behind)."""
+    with _lock(paths, cfg.name):
+        old = read_state(paths, cfg.name)
+        if old is not None:
+            if old.running:
+                raise StateError(f"guest {cfg.name} is already running (init pid "
+                                 f"{old.init_pid}); 'vserver {cfg.name} stop' first")
+            if old.monitoring:
+                raise BusyError(f"guest {cfg.name} is still stopping (monitor pid "
+                                f"{old.monitor_pid}); try again in a moment")
+            cleanup(paths, old)
+        root = cfg.guest.root
+        if not root.is_dir():
+            raise ConfigError(f"guest {cfg.name}: its root {root} is not a directory; fix "
+                              f"{cfg.guest.confdir}/vdir")
+        with ExitStack() as undo:
+            cow_at = None
+            source = str(root)
+            if cfg.cow:
+                cow_at = str(cow_mountpoint(paths))
+                _cow_add(paths, cow_at, cfg.name, str(root))
+                undo.callback(_cow_remove, paths, cow_at, cfg.name)
+                source = os.path.join(cow_at, cfg.name)
+            st = _spawn(paths, cfg, source, cow_at)
+            undo.pop_all()
+        return st
+
+
+def _cow_add(paths: Paths, at: str, name: str, root: str) -> None:
+    from cow import control
+    if control.is_mounted(at):
+        control.add(paths, at, name, root)
+    else:
+        os.makedirs(at, exist_ok=True)
+        control.mount(paths, at, {name: root})
+
+
+def _cow_remove(paths: Paths, at: str, name: str) -> None:
+    """Stop serving the guest; unmount the overlay once it serves nobody."""
+    from cow import control
+    if not control.is_mounted(at):
+        return
+    try:
+        left = control.remove(paths, at, name)
+    except ConfigError:
+        st = control.state(paths, at) or {}
+        left = {g: r for g, r in st.get("guests", {}).items() if g != name}
+    if not left:
+        control.umount(paths, at)
+
+
+def _log_file(paths: Paths, name: str) -> Path:
+    paths.logdir.mkdir(parents=True, exist_ok=True)
+    return paths.logdir / f"vserver-{name}.log"
+
+
+def _spawn(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None) -> RunState:
+    """Fork the monitor (detached), and wait for its report: init runs, or why not."""
+    log = _log_file(paths, cfg.name)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(r)
+        try:
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            _monitor(paths, cfg, source, cow_at, w, log)
+        except BaseException:
+            traceback.print_exc()
+        os._exit(1)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        report = f.readline()
+    try:
+        msg = json.loads(report)
+    except ValueError:
+        raise VsError(f"guest {cfg.name} did not start; see {log}") from None
+    if "error" in msg:
+        cls = {"config": ConfigError, "unsafe": UnsafeTreeError}.get(msg.get("kind"), VsError)
+        raise cls(f"guest {cfg.name} did not start: {msg['error']}")
+    return RunState(**msg["state"])
+
+
+def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, report: int,
+             log: Path) -> None:  # pragma: no cover - runs in a forked child
+    """The guest's host-side parent: starts it, reports, waits for init, cleans up."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    keep = {0, 1, 2, report}
+    for n in os.listdir("/proc/self/fd"):  # the caller's locks and files are not ours
+        if int(n) not in keep:
+            try:
+                os.close(int(n))
+            except OSError:
+                pass
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = sys.stdout
+    ns.prctl(ns.PR_SET_CHILD_SUBREAPER, 1)
+
+    def say(text: str) -> None:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} vserver {cfg.name}: {text}", flush=True)
+
+    def fail(kind: str, text: str) -> None:
+        say(f"start failed: {text}")
+        os.write(report, json.dumps({"error": text, "kind": kind}).encode() + b"\n")
+        os.close(report)
+        os._exit(1)
+
+    up_r, up_w = os.pipe()      # setup -> monitor: unshared (netns ready for veth); init pid
+    go_r, go_w = os.pipe()      # monitor -> setup: network configured
+    ex_r, ex_w = os.pipe2(os.O_CLOEXEC)  # init -> monitor: why exec failed (EOF: it ran)
+    setup = os.fork()
+    if setup == 0:
+        for f in (up_r, go_w, ex_r, report):
+            os.close(f)
+        _setup(cfg, source, up_w, go_r, ex_w)
+        os._exit(0)
+    for f in (up_w, go_r, ex_w):
+        os.close(f)
+    up = os.fdopen(up_r, "rb")
+    first = json.loads(up.readline() or b'{"error": "setup died"}')
+    if "error" in first:
+        os.waitpid(setup, 0)
+        fail(first.get("kind", "config"), first["error"])
+    hostside: list[str] = []
+    try:
+        hostside = _network_host(cfg, first["pid"])
+        os.write(go_w, b"go\n")
+    except VsError as e:
+        os.kill(first["pid"], signal.SIGKILL)
+        os.waitpid(setup, 0)
+        fail("config", e.message)
+    os.close(go_w)
+    second = json.loads(up.readline() or b'{"error": "setup died"}')
+    os.waitpid(setup, 0)
+    if "error" in second:
+        fail(second.get("kind", "config"), second["error"])
+    init = int(second["init"])
+    why = b""
+    while chunk := os.read(ex_r, 4096):
+        why += chunk
+    os.close(ex_r)
+    if why:
+        os.waitpid(init, 0)
+        fail("config", why.decode(errors="replace"))
+    st = RunState(name=cfg.name, init_pid=init, init_start=_start_time(init) or 0,
+                  monitor_pid=os.getpid(), monitor_start=_start_time(os.getpid()) or 0,
+                  root=str(cfg.guest.root), cow=cow_at, started=time.time(),
+                  context=cfg.context)
+    write_state(paths, st)
+    say(f"started: init pid {init} ({' '.join(cfg.init)})")
+    os.write(report, json.dumps({"state": st.__dict__}).encode() + b"\n")
+    os.close(report)
+    status = 0
+    while True:  # reap: init, and whatever else a subreaper inherits
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid == init:
+            break
+    code = os.waitstatus_to_exitcode(status)
+    say(f"init ended ({'signal ' + str(-code) if code < 0 else 'exit ' + str(code)}); "
+        f"cleaning up")
+    for dev in hostside:
+        subprocess.run(["ip", "link", "del", dev], capture_output=True)
+    cleanup(paths, st)
+    say("stopped")
+
+
+def _setup(cfg: GuestConfig, source: str, up: int, go: int, exec_fd: int,
+           ) -> None:  # pragma: no cover - runs in a forked child
+    """In new namespaces: mounts, network, hostname; then fork init."""
+    def tell(msg: dict[str, Any]) -> None:
+        os.write(up, json.dumps(msg).encode() + b"\n")
+
+    # The pid namespace comes last, just before init is forked: the first child forked
+    # after it becomes its pid 1 (the network set-up runs the host's ip before that).
+    flags = ns.CLONE_NEWNS | ns.CLONE_NEWUTS | ns.CLONE_NEWIPC
+    if cfg.interfaces:
+        flags |= ns.CLONE_NEWNET
+    try:
+        ns.unshare(flags)
+        ns.mount(None, "/", None, ns.MS_REC | ns.MS_SLAVE)
+    except OSError as e:
+        tell({"error": f"cannot create namespaces: {e}", "kind": "unsupported"})
+        return
+    tell({"pid": os.getpid()})
+    if os.read(go, 16) != b"go\n":
+        return  # the monitor gave up
+    try:
+        _network_guest(cfg)
+        ns.mount(source, source, None, ns.MS_BIND | ns.MS_REC)
+        tree = GuestTree(source, cfg.name)
+        for e in cfg.fstab:
+            _mount_in(tree, e.source, e.target, e.fstype, e.flags, e.data, e.where)
+        socket.sethostname(cfg.nodename)
+        ns.unshare(ns.CLONE_NEWPID)
+    except (OSError, VsError) as e:
+        tell({"error": getattr(e, "message", None) or str(e),
+              "kind": "unsafe" if isinstance(e, UnsafeTreeError) else "config"})
+        return
+    init = os.fork()
+    if init == 0:
+        os.close(up)
+        try:
+            _init(cfg, tree, exec_fd)
+        except BaseException as e:  # noqa: BLE001 - reported to the monitor
+            os.write(exec_fd, (getattr(e, "message", None) or str(e)).encode())
+        os._exit(127)
+    tell({"init": init})
+
+
+def _mount_in(tree: GuestTree, source: str | None, target: str, fstype: str | None,
+              flags: int, data: str, where: str) -> None:
+    """Mount on ``target`` as the guest sees it: symlinks resolved inside its root, never
+    out of it; the mount goes through an fd of what was resolved, so nothing can swap the
+    path in between."""
+    try:
+        fd = tree.open_in_root(target, os.O_PATH | os.O_DIRECTORY)
+    except OSError as e:
+        raise ConfigError(f"{where}: mount target {target} in guest {tree.name}: "
+                          f"{e.strerror}; create it inside the guest") from None
+    try:
+        remount = flags & ns.MS_RDONLY and flags & ns.MS_BIND
+        ns.mount(source, f"/proc/self/fd/{fd}", fstype,
+                 flags & ~ns.MS_RDONLY if remount else flags, data or None)
+        if remount:  # a bind mount takes ro only on a remount, of the new mount itself
+            os.close(fd)
+            fd = tree.open_in_root(target, os.O_PATH | os.O_DIRECTORY)
+            ns.mount(None, f"/proc/self/fd/{fd}", None,
+                     ns.MS_BIND | ns.MS_REMOUNT | ns.MS_RDONLY |
+                     (flags & (ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC)), None)
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot mount {source} on {target}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int) -> None:  # pragma: no cover
+    """pid 1 of the guest: /proc, /dev, pivot_root, capabilities, exec."""
+    for d in ("proc", "dev"):
+        try:
+            fd = tree.open_beneath(d, os.O_PATH | os.O_DIRECTORY)
+            os.close(fd)
+        except FileNotFoundError:
+            os.mkdir(d, 0o755, dir_fd=tree.fd)
+        except OSError as e:
+            raise UnsafeTreeError(f"/{d} in guest {cfg.name}: {e.strerror} (a symlink or "
+                                  f"not a directory?); make it a plain directory") from None
+    _mount_in(tree, "proc", "/proc", "proc", ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC, "",
+              "/proc")
+    proc = tree.open_in_root("proc", os.O_PATH | os.O_DIRECTORY)
+    for name in PROC_MASKED:
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=proc)
+        except OSError:
+            continue
+        ns.mount("/dev/null", f"/proc/self/fd/{fd}", None, ns.MS_BIND)
+        os.close(fd)
+    for name in PROC_READONLY:
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY, dir_fd=proc)
+        except OSError:
+            continue
+        ns.mount(f"/proc/self/fd/{fd}", f"/proc/self/fd/{fd}", None, ns.MS_BIND | ns.MS_REC)
+        os.close(fd)
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY, dir_fd=proc)  # the bind
+        ns.mount(None, f"/proc/self/fd/{fd}", None,
+                 ns.MS_BIND | ns.MS_REMOUNT | ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NODEV |
+                 ns.MS_NOEXEC)
+        os.close(fd)
+    os.close(proc)
+    _mount_in(tree, "tmpfs", "/dev", "tmpfs", ns.MS_NOSUID | ns.MS_NOEXEC, "mode=755,size=64k",
+              "/dev")
+    dev = tree.open_in_root("dev", os.O_RDONLY | os.O_DIRECTORY)
+    for name, major, minor in DEVICES:
+        os.mknod(name, 0o666 | 0o020000, os.makedev(major, minor), dir_fd=dev)
+        os.chmod(name, 0o666, dir_fd=dev)
+    for name, target in DEV_LINKS:
+        os.symlink(target, name, dir_fd=dev)
+    for d in ("pts", "shm"):
+        os.mkdir(d, 0o755, dir_fd=dev)
+    os.close(dev)
+    _mount_in(tree, "devpts", "/dev/pts", "devpts", ns.MS_NOSUID | ns.MS_NOEXEC,
+              "newinstance,ptmxmode=0666,mode=620,gid=5", "/dev/pts")
+    _mount_in(tree, "shm", "/dev/shm", "tmpfs", ns.MS_NOSUID | ns.MS_NODEV,
+              "mode=1777", "/dev/shm")
+    os.fchdir(tree.fd)
+    tree.close()
+    ns.pivot_root(".", ".")
+    ns.umount(".", ns.MNT_DETACH)
+    os.chdir("/")
+    ns.limit_capabilities(set(cfg.keep_caps))
+    os.setsid()
+    _close_fds_but(exec_fd)
+    if cfg.style == "none":
+        os.close(exec_fd)
+        _reaper()
+    if cfg.style == "sysv" and os.fork() != 0:
+        os.close(exec_fd)
+        _reaper()
+    env = {"PATH": GUEST_PATH, "container": "vserver", "HOME": "/", "TERM": "linux"}
+    try:
+        os.execve(cfg.init[0], cfg.init, env)
+    except OSError as e:
+        os.write(exec_fd, f"cannot run {cfg.init[0]} inside the guest: {e.strerror}; "
+                          f"fix apps/init/cmd.start or apps/init/style".encode())
+        os._exit(127)
+
+
+def _reaper() -> None:  # pragma: no cover - pid 1 of a sysv-style guest
+    """pid 1 for a guest whose start command exits (``/etc/init.d/rc 3`` starts services
+    and returns): reap orphans until told to stop.  It is already inside the guest (root,
+    capabilities), and runs nothing: only waitpid and signals."""
+    def on_signal(signum: int, frame: object) -> None:
+        os._exit(0)  # the kernel then ends every process of the guest
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGPWR):
+        signal.signal(sig, on_signal)
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            signal.pause()
+
+
+def _close_fds_but(*keep: int) -> None:
+    for n in os.listdir("/proc/self/fd"):
+        fd = int(n)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# -- network -----------------------------------------------------------------------------
+
+def _ip(*args: str) -> None:
+    p = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise ConfigError(f"ip {' '.join(args)}: {p.stderr.strip()}")
+
+
+def _host_dev(cfg: GuestConfig, i: int) -> str:
+    base = f"vs{cfg.context or ''}{cfg.name}"[:11]
+    return f"{base}.{i}"
+
+
+def _network_host(cfg: GuestConfig, pid: int) -> list[str]:
+    """The host's side of each configured interface: a veth pair, its peer moved into the
+    guest's network namespace, a route to the guest's address (and the host address)."""
+    made = []
+    try:
+        for i, itf in enumerate(cfg.interfaces):
+            host, peer = _host_dev(cfg, i), f"vsp{pid}.{i}"[:15]
+            _ip("link", "add", host, "type", "veth", "peer", "name", peer)
+            made.append(host)
+            _ip("link", "set", peer, "netns", str(pid))
+            if itf.host_ip is not None:
+                _ip("addr", "add", f"{itf.host_ip}/{itf.ip.network.prefixlen}", "dev", host)
+            _ip("link", "set", host, "up")
+            if itf.host_ip is None:
+                _ip("route", "add", str(itf.ip.ip), "dev", host)
+    except ConfigError:
+        for d in made:
+            subprocess.run(["ip", "link", "del", d], capture_output=True)
+        raise
+    return made
+
+
+def _network_guest(cfg: GuestConfig) -> None:
+    """Inside the new network namespace (the host's ``ip``, never the guest's)."""
+    if not cfg.interfaces:
+        return
+    _ip("link", "set", "lo", "up")
+    for i, itf in enumerate(cfg.interfaces):
+        peer = f"vsp{os.getpid()}.{i}"[:15]
+        _ip("link", "set", peer, "name", itf.name)
+        _ip("addr", "add", str(itf.ip), "dev", itf.name)
+        _ip("link", "set", itf.name, "up")
+        if itf.host_ip is not None and i == 0:
+            _ip("route", "add", "default", "via", str(itf.host_ip))
+
+
+# -- stop --------------------------------------------------------------------------------
+
+def _wait_gone(pid: int, started: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` for a process (not our child) to end."""
+    try:
+        pfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        if not alive(pid, started):
+            return True
+        select.select([pfd], [], [], timeout)
+        return not alive(pid, started)
+    finally:
+        os.close(pfd)
+
+
+def stop(paths: Paths, cfg: GuestConfig) -> None:
+    """Stop the guest: its stop command or signal, then after the timeout SIGKILL to its
+    init (which takes every process of the pid namespace with it); then the monitor's
+    clean-up (done here if the monitor is gone)."""
+    with _lock(paths, cfg.name):
+        st = read_state(paths, cfg.name)
+        if st is None or not st.running:
+            if st is not None and not st.monitoring:
+                cleanup(paths, st)
+            raise StateError(f"guest {cfg.name} is not running")
+        deadline = time.monotonic() + cfg.stop_timeout
+        if cfg.stop:
+            try:
+                run_in(paths, cfg, st, cfg.stop, timeout=cfg.stop_timeout)
+            except VsError:
+                pass  # a failing stop command: the signal and the kill still follow
+            if st.running:
+                os.kill(st.init_pid, cfg.stop_signal)
+        else:
+            os.kill(st.init_pid, cfg.stop_signal)
+        if not _wait_gone(st.init_pid, st.init_start, max(0.0, deadline - time.monotonic())):
+            if st.running:
+                os.kill(st.init_pid, signal.SIGKILL)
+            _wait_gone(st.init_pid, st.init_start, 30)
+        if not _wait_gone(st.monitor_pid, st.monitor_start, 30) and st.monitoring:
+            os.kill(st.monitor_pid, signal.SIGKILL)
+        if read_state(paths, cfg.name) is not None:
+            cleanup(paths, st)
+
+
+def cleanup(paths: Paths, st: RunState) -> None:
+    """What is left of a guest whose init has ended: its overlay share and run state."""
+    if st.cow:
+        try:
+            _cow_remove(paths, st.cow, st.name)
+        except VsError as e:
+            print(f"vserver {st.name}: {e.message}", file=sys.stderr)
+    cur = read_state(paths, st.name)
+    if cur is not None and cur.init_pid == st.init_pid:
+        state_file(paths, st.name).unlink(missing_ok=True)
+
+
+# -- exec / enter ------------------------------------------------------------------------
+
+def run_in(paths: Paths, cfg: GuestConfig, st: RunState, argv: list[str],
+           timeout: float | None = None, tty: bool = False) -> int:
+    """Run ``argv`` inside the running guest: its namespaces, root and reduced capabilities,
+    a new session.  Returns its exit code (128+N for a signal)."""
+    if not argv:
+        raise ConfigError("no command given; vserver NAME exec COMMAND [ARGS...]")
+    fds = {}
+    try:
+        for kind in ("ipc", "uts", "net", "pid", "mnt"):
+            fds[kind] = os.open(f"/proc/{st.init_pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+        rootfd = os.open(f"/proc/{st.init_pid}/root", os.O_RDONLY | os.O_DIRECTORY |
+                         os.O_CLOEXEC)
+    except OSError as e:
+        for fd in fds.values():
+            os.close(fd)
+        raise StateError(f"guest {cfg.name}: cannot join it ({e.strerror}); is it "
+                         f"running?") from None
+    if not st.running:  # the pid could have been reused between read and open
+        raise StateError(f"guest {cfg.name} is not running")
+    ex_r, ex_w = os.pipe2(os.O_CLOEXEC)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        try:
+            os.close(ex_r)
+            for kind in ("ipc", "uts", "net", "pid", "mnt"):
+                ns.setns(fds[kind])
+            os.fchdir(rootfd)
+            os.chroot(".")
+            os.chdir("/")
+            grandchild = os.fork()
+            if grandchild == 0:
+                os.setsid()
+                if tty and os.isatty(0):
+                    import fcntl
+                    import termios
+                    fcntl.ioctl(0, termios.TIOCSCTTY, 1)
+                ns.limit_capabilities(set(cfg.keep_caps))
+                _close_fds_but(ex_w)
+                env = {"PATH": GUEST_PATH, "HOME": "/root", "container": "vserver",
+                       "TERM": os.environ.get("TERM", "dumb")}
+                try:
+                    os.execvpe(argv[0], argv, env)
+                except OSError as e:
+                    os.write(ex_w, f"cannot run {argv[0]} inside guest {cfg.name}: "
+                                   f"{e.strerror}".encode())
+                os._exit(127)
+            os.close(ex_w)
+            _, status = os.waitpid(grandchild, 0)
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(128 - code if code < 0 else code)
+        except BaseException as e:  # noqa: BLE001
+            try:
+                os.write(ex_w, f"cannot enter guest {cfg.name}: {e}".encode())
+            finally:
+                os._exit(127)
+    for fd in (*fds.values(), rootfd, ex_w):
+        os.close(fd)
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        pid, status = os.waitpid(child, os.WNOHANG if end else 0)
+        if pid:
+            break
+        if time.monotonic() > end:  # type: ignore[operator]
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            os.close(ex_r)
+            raise StateError(f"guest {cfg.name}: {argv[0]} took longer than {timeout:g} s")
+        time.sleep(0.05)
+    why = os.read(ex_r, 4096)
+    os.close(ex_r)
+    if why:
+        raise ConfigError(why.decode(errors="replace"))
+    return os.waitstatus_to_exitcode(status)
