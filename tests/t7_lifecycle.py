@@ -146,6 +146,18 @@ def test_build_skeleton_makes_tree_and_configuration(vs, host):
     assert not (host.conf / "third").exists() and not (host.root / "third").exists()
 
 
+def test_a_failed_build_leaves_nothing_behind(vs, host):
+    p = vs("build", "deb", "-m", "debootstrap", "--", "--variant=minbase", check=False)
+    assert p.returncode == EXIT_CONFIG and "-d bookworm" in p.stderr  # names the fix
+    p = vs("build", "deb", "-m", "debootstrap", "--", "-d", "nosuchsuite", "-m",
+           "file:///nonexistent", check=False)
+    assert p.returncode == EXIT_CONFIG and "debootstrap" in p.stderr
+    p = vs("build", "c", "-m", "clone", "--", "--source", "nosuch", check=False)
+    assert p.returncode == EXIT_CONFIG and "nosuch" in p.stderr
+    for name in ("deb", "c"):
+        assert not (host.conf / name).exists() and not (host.root / name).exists()
+
+
 def test_clone_links_what_the_source_shares_and_copies_the_rest(vs, host):
     lib = b"a shared library " * 500
     for g in ("g0", "g1"):
@@ -384,3 +396,42 @@ def test_a_configured_interface_is_a_veth_pair_reaching_the_guest(vs, host):
     vs("stop", "g1")
     assert subprocess.run(["ip", "link", "show", "vs77g1.0"],
                           capture_output=True).returncode != 0
+
+
+CORPUS = Path(os.environ.get("VSSTORE_BENCH_CACHE", "/var/cache/vsstore-bench")) / "debian"
+
+
+@pytest.mark.skipif(not (CORPUS / "bookworm-minbase/.complete").exists(),
+                    reason=f"no Debian corpus in {CORPUS}: run bench/corpus.sh "
+                           f"(scripts/setup test does)")
+def test_unified_debian_guests_run_one_through_cow_one_directly(vs, host):
+    for g in ("deb1", "deb2"):
+        subprocess.run(["cp", "-a", str(CORPUS / "bookworm-minbase"), str(host.root / g)],
+                       check=True)
+        c = host.conf / g
+        (c / "apps/init").mkdir(parents=True)
+        os.symlink(host.root / g, c / "vdir")
+        (c / "apps/init/style").write_text("none\n")  # no systemd: services come by exec
+    (host.conf / "deb1/cow").touch()
+    host.vsunify("run", "deb1", "deb2")
+    doc = "usr/share/doc/base-files/README"
+    original = (host.root / "deb2" / doc).read_bytes()
+    assert flags(host.root / "deb2" / doc) == "UIa"
+    vs("start", "deb1")
+    vs("start", "deb2")
+    for g in ("deb1", "deb2"):
+        assert 'VERSION_CODENAME=bookworm' in vs.exec(g, "cat", "/etc/os-release")
+        assert vs.exec(g, "dpkg-query", "-W", "-f", "${Status}", "base-files") == \
+            "install ok installed"
+        vs.exec(g, "dpkg", "--verify", "base-files")  # every shared file reads right
+    vs.exec("deb1", "sed", "-i", "s/Debian/Changed/", "/" + doc)  # new file, rename over
+    assert "Changed" in vs.exec("deb1", "cat", "/" + doc)
+    assert vs.exec("deb2", "cat", "/" + doc).encode() == original
+    assert (host.root / "deb2" / doc).read_bytes() == original
+    assert flags(host.root / "deb2" / doc) == "UIa"
+    st1, st2 = vs.state("deb1"), vs.state("deb2")
+    vs("stop", "deb1")
+    vs("stop", "deb2")
+    for st in (st1, st2):
+        assert _gone(st["init_pid"]) and _gone(st["monitor_pid"])
+    assert not any(str(host.base) in m for m in _host_mounts())
