@@ -45,6 +45,12 @@ class Vserver:
                            env=self.env, capture_output=True, text=True, check=True)
         return json.loads(p.stdout)
 
+    def stat_memory(self) -> dict:
+        p = subprocess.run([sys.executable, "-c", "import sys; from vsstore.vserver_cli import "
+                            "stat_main; sys.exit(stat_main(['--json', '--memory']))"], cwd=REPO,
+                           env=self.env, capture_output=True, text=True, check=True)
+        return json.loads(p.stdout)
+
     def guest(self, name: str, init: str = IDLE, files: dict[str, bytes] | None = None,
               conf: dict[str, str] | None = None) -> Path:
         """A skeleton guest with busybox; ``init`` is its /bin/sh -c script."""
@@ -435,3 +441,33 @@ def test_unified_debian_guests_run_one_through_cow_one_directly(vs, host):
     for st in (st1, st2):
         assert _gone(st["init_pid"]) and _gone(st["monitor_pid"])
     assert not any(str(host.base) in m for m in _host_mounts())
+
+
+def _mapped_inodes(pid: int) -> set[tuple[str, int]]:
+    with open(f"/proc/{pid}/maps") as f:
+        return {(ln.split()[3], int(ln.split()[4])) for ln in f if int(ln.split()[4])}
+
+
+def test_memory_of_two_running_guests_sharing_a_binary_is_shared(vs, host):
+    for g in ("g1", "g2"):
+        vs.guest(g)
+    host.vsunify("run", "g1", "g2", "--no-default-excludes")  # busybox becomes one inode
+    vs("start", "g1")
+    vs("start", "g2")
+    inits = [vs.state(g)["init_pid"] for g in ("g1", "g2")]
+    common = _mapped_inodes(inits[0]) & _mapped_inodes(inits[1])
+    assert common  # independently: both inits map the same inode
+    rep = json.loads(host.vsunify("report", "--json", "--memory", "--no-record", "g1",
+                                  "g2").stdout)
+    mem = rep["memory"]
+    for g in ("g1", "g2"):
+        assert mem["guests"][g]["shared_rss"] > 0
+        assert mem["guests"][g]["shared_rss"] <= mem["guests"][g]["file_rss"]
+    t = mem["total"]
+    assert t["without_unification"] > t["with_unification"] > 0
+    assert t["saved"] == t["without_unification"] - t["with_unification"]
+    assert mem["top_shared"][0]["path"].endswith("/bin/busybox")
+    assert mem["top_shared"][0]["guests"] == 2
+    st = vs.stat_memory()
+    assert {r["name"] for r in st["guests"]} == {"g1", "g2"}
+    assert all(r["shared_file_rss"] > 0 for r in st["guests"])

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -21,7 +23,7 @@ from vsstore.runtime import cow_served
 from vsstore.safetree import GuestTree
 from vsstore.store import Store
 
-from . import engine, maintain, report
+from . import engine, htmlreport, maintain, prom, report
 from .progress import Progress, human
 
 log = logging.getLogger("vsstore")
@@ -98,15 +100,37 @@ def cmd_run(args: argparse.Namespace) -> int:
                                           missing_ok=args.dry_run))
         prog = Progress(sys.stderr.isatty() and not args.json and not args.quiet)
         s = engine.run(guests, excl, store, index, opts, prog)
+    verb = "would link" if s.dry_run else "linked"
+    line = (f"vsunify: {s.guests} guests, {s.files_scanned} files scanned, {s.files_hashed} "
+            f"hashed ({human(s.bytes_hashed)}), {s.files_linked} {verb}, "
+            f"{human(s.bytes_saved)} {'to save' if s.dry_run else 'saved'}, "
+            f"{s.errors} errors, {s.duration:.1f}s")
+    code = EXIT_PARTIAL if s.errors else EXIT_OK
     if args.json:
         print(json.dumps(s.as_dict(), indent=2))
     elif not args.quiet:
-        verb = "would link" if s.dry_run else "linked"
-        print(f"vsunify: {s.guests} guests, {s.files_scanned} files scanned, {s.files_hashed} "
-              f"hashed ({human(s.bytes_hashed)}), {s.files_linked} {verb}, "
-              f"{human(s.bytes_saved)} {'to save' if s.dry_run else 'saved'}, "
-              f"{s.errors} errors, {s.duration:.1f}s")
-    return EXIT_PARTIAL if s.errors else EXIT_OK
+        print(line)
+    _log_summary(args, line, code)
+    if args.prom:
+        prom.run_metrics(s.as_dict(), time.time(), code).write(args.prom)
+    return code
+
+
+def _log_summary(args: argparse.Namespace, line: str, code: int) -> None:
+    """The run's summary line for the operator's logs: a file and/or syslog (journal)."""
+    text = f"{line} (exit {code})"
+    if args.log:
+        try:
+            Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.log, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        except OSError as e:
+            raise ConfigError(f"--log {args.log}: {e.strerror}; give a writable file") from None
+    if args.syslog:
+        import syslog
+        syslog.openlog("vsunify", 0, syslog.LOG_DAEMON)
+        syslog.syslog(syslog.LOG_WARNING if code else syslog.LOG_INFO, text)
+        syslog.closelog()
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -117,8 +141,40 @@ def cmd_report(args: argparse.Namespace) -> int:
         store = stack.enter_context(Store(sp, create=False)) if sp.is_dir() else None
         trees = [stack.enter_context(GuestTree(g.root, g.name)) for g in guests]
         rep = report.build(trees, store)
-    print(json.dumps(rep.as_dict(), indent=2) if args.json else report.format_table(rep))
+        index = _index(stack, paths)
+        if not args.no_record:
+            d = rep.as_dict()
+            index.record_snapshot(rep.taken, d["total"],  # type: ignore[arg-type]
+                                  {n: (g.disk_bytes, g.saved_bytes) for n, g in rep.guests.items()})
+        rep.history = {"runs": index.runs(), "snapshots": index.snapshots()}
+    if args.memory:
+        from vsstore.memory import measure_running
+        rep.memory = measure_running(paths)
+    d = rep.as_dict()
+    if args.html:
+        _write_text(args.html, htmlreport.render(d), "--html")
+    if args.prom:
+        prom.report_metrics(d).write(args.prom)
+    if args.json:
+        print(json.dumps(d, indent=2))
+    elif not args.quiet:
+        print(report.format_table(rep))
+        if rep.memory:
+            print(report.format_memory(rep.memory))
     return EXIT_OK
+
+
+def _write_text(path: str, text: str, option: str) -> None:
+    """Write a file whole: a temporary name beside it, then rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ConfigError(f"{option} {path}: {e.strerror}; give a writable file") from None
 
 
 def cmd_deunify(args: argparse.Namespace) -> int:
@@ -199,11 +255,23 @@ def parser() -> argparse.ArgumentParser:
                    help="do not set FS_IMMUTABLE_FL on shared inodes (marker only)")
     r.add_argument("--jobs", "-j", type=int, default=8,
                    help="reading/hashing threads (default 8: more reads in flight)")
+    r.add_argument("--prom", metavar="FILE", help="write the run's figures in the "
+                   "Prometheus text format (node_exporter's textfile collector)")
+    r.add_argument("--log", metavar="FILE", help="append the summary line to FILE")
+    r.add_argument("--syslog", action="store_true", help="send the summary line to syslog "
+                   "(the journal on systemd hosts)")
     r.set_defaults(func=cmd_run)
 
-    rp = sub.add_parser("report", parents=[common], help="savings per guest and in total")
+    rp = sub.add_parser("report", parents=[common], help="savings per guest and in total, "
+                        "the store, the most saving files, the trend")
     rp.add_argument("guests", nargs="*", metavar="GUEST")
     rp.add_argument("--all", action="store_true")
+    rp.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
+    rp.add_argument("--prom", metavar="FILE", help="also write the figures for Prometheus")
+    rp.add_argument("--memory", action="store_true", help="also measure the file-backed "
+                    "memory running guests share")
+    rp.add_argument("--no-record", action="store_true", help="do not add this report to the "
+                    "history (the trend)")
     rp.set_defaults(func=cmd_report)
 
     d = sub.add_parser("deunify", parents=[common], help="give a guest private copies again")

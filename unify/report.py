@@ -7,11 +7,15 @@ guests' savings add up to the host's.
 """
 from __future__ import annotations
 
+import heapq
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 from vsstore.safetree import GuestTree
 from vsstore.store import Store
+
+TOP_SHARED = 20  # files listed in "top_shared"
 
 
 @dataclass(slots=True)
@@ -21,11 +25,27 @@ class GuestFigures:
     disk_bytes: int = 0
     shared_bytes: int = 0
     saved_bytes: int = 0
+    # bytes on disk of this guest's inodes that k other guests share too: {k: bytes}
+    shared_with: dict[int, int] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, float]:
-        d = {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
+    def as_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {k: getattr(self, k) for k in self.__slots__  # type: ignore[attr-defined]
+                                if k != "shared_with"}
         d["share_ratio"] = round(self.shared_bytes / self.disk_bytes, 4) if self.disk_bytes else 0.0
+        d["shared_with"] = {str(k): v for k, v in sorted(self.shared_with.items())}
         return d
+
+
+@dataclass(slots=True)
+class SharedFile:
+    path: str  # one of its names: "guest:/rel"
+    guests: int
+    size: int  # on disk
+    saved: int  # (guests - 1) * size
+
+    def as_dict(self) -> dict[str, object]:
+        return {"path": self.path, "guests": self.guests, "disk_bytes": self.size,
+                "saved_bytes": self.saved}
 
 
 @dataclass(slots=True)
@@ -33,24 +53,34 @@ class Report:
     guests: dict[str, GuestFigures] = field(default_factory=dict)
     total: GuestFigures = field(default_factory=GuestFigures)
     store: dict[str, object] = field(default_factory=dict)
+    top_shared: list[SharedFile] = field(default_factory=list)
+    taken: float = 0.0
+    history: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+    memory: dict[str, object] | None = None
 
     def as_dict(self) -> dict[str, object]:
         total = self.total.as_dict()
         before = sum(g.disk_bytes for g in self.guests.values())
         total["share_ratio"] = round(self.total.saved_bytes / before, 4) if before else 0.0
-        return {"guests": {n: g.as_dict() for n, g in self.guests.items()},
-                "total": total, "store": self.store}
+        d: dict[str, object] = {
+            "taken": self.taken, "guests": {n: g.as_dict() for n, g in self.guests.items()},
+            "total": total, "store": self.store,
+            "top_shared": [f.as_dict() for f in self.top_shared], "history": self.history}
+        if self.memory is not None:
+            d["memory"] = self.memory
+        return d
 
 
 def build(trees: list[GuestTree], store: Store | None) -> Report:
-    rep = Report()
+    rep = Report(taken=time.time())
     holders: dict[tuple[int, int], set[str]] = {}
     blocks: dict[tuple[int, int], int] = {}
+    first_name: dict[tuple[int, int], str] = {}
     per_guest_inodes: dict[str, set[tuple[int, int]]] = {}
     for t in trees:
         g = rep.guests[t.name] = GuestFigures()
         inos = per_guest_inodes[t.name] = set()
-        for _rel, st in t.walk():
+        for rel, st in t.walk():
             g.files += 1
             g.apparent_bytes += st.st_size
             k = (st.st_dev, st.st_ino)
@@ -58,6 +88,7 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
                 inos.add(k)
                 blocks[k] = st.st_blocks * 512
                 holders.setdefault(k, set()).add(t.name)
+                first_name.setdefault(k, f"{t.name}:/{rel}")
     for name, inos in per_guest_inodes.items():
         g = rep.guests[name]
         saved = 0.0
@@ -67,8 +98,13 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
             n = len(holders[k])
             if n > 1:
                 g.shared_bytes += b
+                g.shared_with[n - 1] = g.shared_with.get(n - 1, 0) + b
                 saved += b * (n - 1) / n
         g.saved_bytes = round(saved)
+    top = heapq.nlargest(TOP_SHARED, ((blocks[k] * (len(h) - 1), k) for k, h in holders.items()
+                                      if len(h) > 1))
+    rep.top_shared = [SharedFile(first_name[k], len(holders[k]), blocks[k], saved)
+                      for saved, k in top]
     tot = rep.total
     tot.files = sum(g.files for g in rep.guests.values())
     tot.apparent_bytes = sum(g.apparent_bytes for g in rep.guests.values())
@@ -110,4 +146,34 @@ def format_table(rep: Report) -> str:
         s = rep.store
         lines.append(f"store {s['path']}: {s['objects']} objects, {human(s['bytes'])}"  # type: ignore[arg-type]
                      f"; unused {s['unused_objects']} ({human(s['unused_bytes'])})")  # type: ignore[arg-type]
+    if rep.top_shared:
+        lines.append("")
+        lines.append("most saving shared files (one name; guests holding it; saved):")
+        for f in rep.top_shared[:10]:
+            lines.append(f"  {human(f.saved):>9}  {f.guests:>3} guests  {f.path}")
+    snaps = rep.history.get("snapshots", [])
+    if len(snaps) > 1:
+        lines.append("")
+        lines.append("saved over time (reports):")
+        for sn in snaps[-8:]:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(sn["taken"]))  # type: ignore[arg-type]
+            lines.append(f"  {when}  {human(sn['saved_bytes']):>9}  "  # type: ignore[arg-type]
+                         f"{sn['guests']} guests")
+    return "\n".join(lines)
+
+
+def format_memory(mem: dict[str, object]) -> str:
+    """The memory figures as text (``report --memory``)."""
+    from .progress import human
+    t: dict[str, int] = mem["total"]  # type: ignore[assignment]
+    guests: dict[str, dict[str, int]] = mem["guests"]  # type: ignore[assignment]
+    if not guests:
+        return "\nmemory: no guest is running"
+    lines = ["", "file-backed memory of running guests:",
+             f"  {'guest':<16} {'procs':>5} {'mapped':>9} {'shared':>9}"]
+    for n, g in guests.items():
+        lines.append(f"  {n:<16} {g['processes']:>5} {human(g['file_rss']):>9} "
+                     f"{human(g['shared_rss']):>9}")
+    lines.append(f"  host: {human(t['with_unification'])} with unification, "
+                 f"{human(t['without_unification'])} without ({human(t['saved'])} saved)")
     return "\n".join(lines)

@@ -64,7 +64,25 @@ CREATE TABLE IF NOT EXISTS run (
     errors        INTEGER NOT NULL,
     dry_run       INTEGER NOT NULL
 );
+-- One row per report (the savings trend), and the guests' figures in it.
+CREATE TABLE IF NOT EXISTS snapshot (
+    id             INTEGER PRIMARY KEY,
+    taken          REAL NOT NULL,
+    guests         INTEGER NOT NULL,
+    files          INTEGER NOT NULL,
+    apparent_bytes INTEGER NOT NULL,
+    disk_bytes     INTEGER NOT NULL,
+    saved_bytes    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshot_guest (
+    snapshot    INTEGER NOT NULL REFERENCES snapshot(id) ON DELETE CASCADE,
+    guest       TEXT NOT NULL,
+    disk_bytes  INTEGER NOT NULL,
+    saved_bytes INTEGER NOT NULL
+);
 """
+
+HISTORY_KEEP = 400  # rows of run and snapshot history kept (more than a year of nights)
 
 
 Row = tuple[int, int, int, int, int, bytes, bytes, bytes, bytes]
@@ -185,6 +203,49 @@ class Index:
                 (started, duration, guests, summary["files_scanned"], summary["files_hashed"],
                  summary["files_linked"], summary["bytes_saved"], summary["errors"],
                  int(dry_run)))
+
+    def runs(self, limit: int = HISTORY_KEEP) -> list[dict[str, float]]:
+        """The last ``limit`` real (not dry) runs, oldest first."""
+        cols = ("started", "duration", "guests", "files_scanned", "files_hashed",
+                "files_linked", "bytes_saved", "errors")
+        rows = self.db.execute(f"SELECT {', '.join(cols)} FROM run WHERE dry_run = 0 "
+                               f"ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [dict(zip(cols, r, strict=True)) for r in reversed(rows)]
+
+    def record_snapshot(self, taken: float, total: dict[str, int],
+                        guests: dict[str, tuple[int, int]]) -> None:
+        """Keep a report's figures (total, and (disk, saved) per guest) for the trend;
+        the oldest beyond HISTORY_KEEP go, as do runs beyond it."""
+        with self.transaction():
+            cur = self.db.execute(
+                "INSERT INTO snapshot (taken, guests, files, apparent_bytes, disk_bytes, "
+                "saved_bytes) VALUES (?,?,?,?,?,?)",
+                (taken, len(guests), total["files"], total["apparent_bytes"],
+                 total["disk_bytes"], total["saved_bytes"]))
+            sid = cur.lastrowid
+            self.db.executemany("INSERT INTO snapshot_guest VALUES (?,?,?,?)",
+                                [(sid, g, d, s) for g, (d, s) in sorted(guests.items())])
+            for table in ("snapshot", "run"):
+                self.db.execute(f"DELETE FROM {table} WHERE id <= (SELECT max(id) FROM "
+                                f"{table}) - ?", (HISTORY_KEEP,))
+            self.db.execute("DELETE FROM snapshot_guest WHERE snapshot NOT IN "
+                            "(SELECT id FROM snapshot)")
+
+    def snapshots(self, limit: int = HISTORY_KEEP) -> list[dict[str, object]]:
+        """Report snapshots, oldest first, each with its per-guest figures."""
+        cols = ("id", "taken", "guests", "files", "apparent_bytes", "disk_bytes",
+                "saved_bytes")
+        rows = self.db.execute(f"SELECT {', '.join(cols)} FROM snapshot ORDER BY id DESC "
+                               f"LIMIT ?", (limit,)).fetchall()
+        out: list[dict[str, object]] = []
+        for r in reversed(rows):
+            d: dict[str, object] = dict(zip(cols, r, strict=True))
+            d["per_guest"] = {g: {"disk_bytes": db_, "saved_bytes": sv} for g, db_, sv in
+                              self.db.execute("SELECT guest, disk_bytes, saved_bytes FROM "
+                                              "snapshot_guest WHERE snapshot = ?", (r[0],))}
+            del d["id"]
+            out.append(d)
+        return out
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -192,16 +192,27 @@ def stat_main(argv: list[str] | None = None) -> int:
                                 description="Running guests: processes, memory, CPU, uptime.")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--memory", action="store_true", help="also the file-backed memory each "
+                   "guest maps and how much of it other guests share (unified inodes)")
 
     def run(args: argparse.Namespace) -> int:
         paths = Paths.from_env()
         rows = []
+        pids = {}
         for g in configured_guests(paths):
             st = lifecycle.running(paths, g.name)
             if st is not None:
                 rows.append(guest_usage(st))
+                pids[g.name] = lifecycle.guest_pids(st)
+        mem = None
+        if args.memory:
+            from .memory import measure
+            mem = measure(pids)
+            for r in rows:
+                m = mem["guests"][r["name"]]  # type: ignore[index]
+                r["file_rss"], r["shared_file_rss"] = m["file_rss"], m["shared_rss"]
         if args.json:
-            print(json.dumps(rows, indent=2))
+            print(json.dumps({"guests": rows, "memory": mem} if mem else rows, indent=2))
             return EXIT_OK
         print(f"{'CTX':>5} {'PROC':>5} {'VSZ':>7} {'RSS':>7} {'userTIME':>9} "
               f"{'sysTIME':>9} {'UPTIME':>9} NAME")
@@ -210,6 +221,12 @@ def stat_main(argv: list[str] | None = None) -> int:
                   f"{r['processes']:>5} {_human(r['vsz']):>7} "  # type: ignore[arg-type]
                   f"{_human(r['rss']):>7} {r['utime_s']:>8.2f}s {r['stime_s']:>8.2f}s "  # type: ignore[arg-type]
                   f"{_uptime(time.time() - r['uptime_s']):>9} {r['name']}")  # type: ignore[operator]
+        if mem:
+            t = mem["total"]
+            print(f"file-backed memory: {_human(t['with_unification'])} with unification, "  # type: ignore[index]
+                  f"{_human(t['without_unification'])} without; per guest (mapped/shared): "  # type: ignore[index]
+                  + ", ".join(f"{r['name']} {_human(r['file_rss'])}/"  # type: ignore[arg-type]
+                              f"{_human(r['shared_file_rss'])}" for r in rows))  # type: ignore[arg-type]
         return EXIT_OK
     return run_cli("vserver-stat", p, run, argv)
 

@@ -1,0 +1,210 @@
+"""Layer 4: vsunify report's host view (shared-with counts, top files, trend), its HTML page,
+Prometheus files and the run's log line, checked against independent computations."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from html.parser import HTMLParser
+
+from unify.progress import human
+
+BIG = b"B" * 300_000      # in all four guests
+MID = b"M" * 100_000      # in two
+OWN = b"own file "        # private, differs per guest
+
+
+def _setup(host) -> dict:  # type: ignore[no-untyped-def]
+    for i, g in enumerate("abcd"):
+        files = {"usr/lib/big.so": BIG, f"usr/share/own-{g}": OWN * (10 + i)}
+        if g in "ab":
+            files["usr/lib/mid.so"] = MID
+        host.guest(g, files)
+    host.vsunify("run", "--all", "--no-default-excludes")
+    return json.loads(host.vsunify("report", "--json", "--all").stdout)
+
+
+def _independent(host) -> tuple[dict, dict]:  # type: ignore[no-untyped-def]
+    holders: dict[tuple[int, int], set[str]] = {}
+    blocks: dict[tuple[int, int], int] = {}
+    for g in "abcd":
+        for dirpath, _d, files in os.walk(host.root / g):
+            for f in files:
+                st = os.lstat(os.path.join(dirpath, f))
+                blocks[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+                holders.setdefault((st.st_dev, st.st_ino), set()).add(g)
+    return holders, blocks
+
+
+def test_report_counts_how_many_guests_share_each_byte(host):
+    rep = _setup(host)
+    holders, blocks = _independent(host)
+    for g in "abcd":
+        want: dict[str, int] = {}
+        for k, hs in holders.items():
+            if g in hs and len(hs) > 1:
+                want[str(len(hs) - 1)] = want.get(str(len(hs) - 1), 0) + blocks[k]
+        assert rep["guests"][g]["shared_with"] == want
+    big = next(k for k, hs in holders.items() if len(hs) == 4)
+    mid = next(k for k, hs in holders.items() if len(hs) == 2)
+    assert rep["guests"]["c"]["shared_with"] == {"3": blocks[big]}
+    top = rep["top_shared"]
+    assert [(t["guests"], t["saved_bytes"]) for t in top] == [(4, 3 * blocks[big]),
+                                                                (2, blocks[mid])]
+    assert top[0]["path"].endswith(":/usr/lib/big.so")
+    assert rep["total"]["disk_bytes"] == sum(blocks.values())
+
+
+def test_each_report_adds_to_the_trend_and_runs_are_listed(host):
+    rep = _setup(host)
+    assert len(rep["history"]["snapshots"]) == 1
+    assert rep["history"]["runs"][-1]["files_linked"] == 4  # big: 3 join the first; mid: 1
+    host.guest("e", {"usr/lib/big.so": BIG})
+    host.vsunify("run", "--all", "--no-default-excludes")
+    rep2 = json.loads(host.vsunify("report", "--json", "--all").stdout)
+    snaps = rep2["history"]["snapshots"]
+    assert len(snaps) == 2 and len(rep2["history"]["runs"]) == 2
+    assert snaps[0]["saved_bytes"] == rep["total"]["saved_bytes"]
+    assert snaps[1]["saved_bytes"] == rep2["total"]["saved_bytes"] > snaps[0]["saved_bytes"]
+    assert set(snaps[1]["per_guest"]) == set("abcde")
+    host.vsunify("report", "--all", "--no-record")
+    rep3 = json.loads(host.vsunify("report", "--json", "--all", "--no-record").stdout)
+    assert len(rep3["history"]["snapshots"]) == 2
+    table = host.vsunify("report", "--all", "--no-record").stdout
+    assert "most saving shared files" in table and "saved over time" in table
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[tuple[str, dict]] = []
+        self.svgs: dict[str, list[tuple[str, dict]]] = {}
+        self.cells: list[str] = []
+        self.saved = ""
+        self._in: str | None = None
+
+    def handle_starttag(self, tag, attrs):  # type: ignore[no-untyped-def]
+        a = dict(attrs)
+        if tag == "svg":
+            self.svgs[a.get("id", "")] = []
+            self._svg = a.get("id", "")
+        elif self.svgs and tag in ("polyline", "rect", "circle"):
+            self.svgs[self._svg].append((tag, a))
+        if tag == "td" or (tag == "span" and a.get("id") == "saved"):
+            self._in = tag if tag == "td" else "saved"
+
+    def handle_data(self, data):  # type: ignore[no-untyped-def]
+        if self._in == "td":
+            self.cells.append(data)
+        elif self._in == "saved":
+            self.saved += data
+
+    def handle_endtag(self, tag):  # type: ignore[no-untyped-def]
+        if tag in ("td", "span"):
+            self._in = None
+
+
+def test_the_html_report_is_one_page_with_both_charts(host):
+    _setup(host)
+    out = host.base / "report.html"
+    host.vsunify("report", "--all", "--html", str(out))  # a second snapshot
+    rep = json.loads(host.vsunify("report", "--json", "--all", "--no-record").stdout)
+    text = out.read_text()
+    assert "<script" not in text and "http" not in text  # self-contained
+    page = _Page()
+    page.feed(text)
+    assert page.saved == human(rep["total"]["saved_bytes"])
+    trend = page.svgs["trend"]
+    points = next(a["points"] for t, a in trend if t == "polyline").split()
+    assert len(points) == 2  # two reports so far
+    bars = [a for t, a in page.svgs["guests"] if t == "rect" and a.get("class") == "saved"]
+    assert len(bars) == 4
+    widths = {float(a["width"]) for a in bars}
+    assert len(widths) == 2  # a and b save more than c and d
+    for g in "abcd":
+        assert g in page.cells
+    assert any(c.endswith(":/usr/lib/big.so") for c in page.cells)
+
+
+_SAMPLE = re.compile(r'^([a-z_]+)(\{([a-z]+="[^"]*")(,[a-z]+="[^"]*")*\})? (-?[0-9.e+]+)$')
+
+
+def _prom(path) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            assert re.match(r"^# (HELP|TYPE) [a-z_]+ .+$", line), line
+            continue
+        m = _SAMPLE.match(line)
+        assert m, line
+        out[line.rsplit(" ", 1)[0]] = float(m.group(5))
+    return out
+
+
+def test_prometheus_files_for_the_run_and_the_report(host):
+    for g in "ab":
+        host.guest(g, {"usr/lib/big.so": BIG})
+    run_prom = host.base / "run.prom"
+    s = json.loads(host.vsunify("run", "--all", "--no-default-excludes", "--json", "--prom",
+                                str(run_prom)).stdout)
+    m = _prom(run_prom)
+    assert m["vsstore_run_files_linked"] == s["files_linked"] == 1  # b joins a's inode
+    assert m["vsstore_run_exit_code"] == 0
+    assert m["vsstore_run_bytes_saved"] == s["bytes_saved"]
+    rep_prom = host.base / "report.prom"
+    rep = json.loads(host.vsunify("report", "--all", "--json", "--prom", str(rep_prom)).stdout)
+    m = _prom(rep_prom)
+    assert m['vsstore_guest_saved_bytes{guest="a"}'] == rep["guests"]["a"]["saved_bytes"]
+    assert m["vsstore_host_saved_bytes"] == rep["total"]["saved_bytes"]
+    assert m["vsstore_store_objects"] == 1
+    assert sorted(p.name for p in host.base.iterdir() if ".prom" in p.name) == \
+        ["report.prom", "run.prom"]  # written whole: no temporary left
+    p = host.vsunify("report", "--all", "--prom", str(host.base / "nodir" / "x.prom"),
+                     check=False)
+    assert p.returncode == 3 and "--prom" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_run_summary_goes_to_a_log_file_and_syslog(host):
+    host.guest("a", {"usr/lib/big.so": BIG})
+    log = host.base / "vsunify.log"
+    host.vsunify("run", "a", "--log", str(log), "--syslog", "-q")
+    host.vsunify("run", "a", "--log", str(log), "-q")
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2
+    assert all(re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d vsunify: 1 guests, 1 files "
+                        r"scanned, .* \(exit 0\)$", ln) for ln in lines)
+
+
+def _shipped_commands(host) -> list[list[str]]:  # type: ignore[no-untyped-def]
+    """The vsunify commands of contrib/ (systemd unit and cron line), with the host's
+    paths moved into the test's directory."""
+    from conftest import REPO
+    cmds = []
+    unit = (REPO / "contrib/vsunify.service").read_text()
+    cron = (REPO / "contrib/vsunify.cron").read_text()
+    lines = [ln.split("=", 1)[1] for ln in unit.splitlines() if ln.startswith("ExecStart=")]
+    entry = next(ln for ln in cron.splitlines() if ln and not ln.startswith("#"))
+    lines += [c.strip() for c in entry.split(None, 6)[6].split(";")]
+    for line in lines:
+        words = line.split()
+        assert words[0] == "/usr/local/bin/vsunify"
+        cmds.append([w.replace("/var/lib/prometheus/node-exporter", str(host.base / "prom"))
+                     .replace("/var/lib/vsstore", str(host.base / "state"))
+                     .replace("/var/log/vsstore", str(host.base / "log"))
+                     for w in words[1:]])
+    return cmds
+
+
+def test_the_shipped_nightly_commands_work(host):
+    for g in "ab":
+        host.guest(g, {"usr/lib/big.so": BIG})
+    (host.base / "prom").mkdir()
+    cmds = _shipped_commands(host)
+    assert len(cmds) == 4 and [c[0] for c in cmds] == ["run", "report", "run", "report"]
+    for c in cmds:
+        p = host.vsunify(*c)
+        assert p.stdout == ""  # quiet: the summary goes to syslog or the log file
+    assert _prom(host.base / "prom/vsstore_run.prom")["vsstore_run_exit_code"] == 0
+    assert "vsstore_host_saved_bytes" in (host.base / "prom/vsstore_report.prom").read_text()
+    assert (host.base / "state/report.html").read_text().startswith("<!DOCTYPE html>")
+    assert "(exit 0)" in (host.base / "log/vsunify.log").read_text()

@@ -1,0 +1,145 @@
+"""The report as one self-contained HTML page (inline CSS and SVG, no script, nothing
+fetched): savings over time, per guest, the most saving shared files, the store, runs."""
+from __future__ import annotations
+
+import time
+from html import escape
+
+from .progress import human
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;max-width:70em}
+h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em}
+table{border-collapse:collapse}td,th{padding:.2em .8em;border-bottom:1px solid #ddd}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+.big{font-size:2em;font-weight:600}.muted{color:#777}
+svg text{font:11px system-ui,sans-serif;fill:#444}
+"""
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def _table(head: list[str], rows: list[list[str]], numeric: set[int]) -> str:
+    h = "".join(f'<th class="n">{escape(c)}</th>' if i in numeric else f"<th>{escape(c)}</th>"
+                for i, c in enumerate(head))
+    body = "".join("<tr>" + "".join(
+        f'<td class="n">{escape(c)}</td>' if i in numeric else f"<td>{escape(c)}</td>"
+        for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _trend_svg(snaps: list[dict[str, object]], w: int = 640, h: int = 200) -> str:
+    """Line of saved bytes over the report snapshots."""
+    if not snaps:
+        return '<p class="muted">No history yet: every report adds a point.</p>'
+    pad = 40
+    ys = [float(s["saved_bytes"]) for s in snaps]  # type: ignore[arg-type]
+    top = max(ys) or 1.0
+    n = len(ys)
+
+    def x(i: int) -> float:
+        return pad + (w - 2 * pad) * (i / (n - 1) if n > 1 else 0.5)
+
+    def y(v: float) -> float:
+        return h - pad - (h - 2 * pad) * v / top
+    pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(ys))
+    dots = "".join(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="#2a7">'
+                   f"<title>{escape(_when(float(snaps[i]['taken'])))}: {human(int(v))}</title>"  # type: ignore[arg-type]
+                   f"</circle>" for i, v in enumerate(ys))
+    first, last = _when(float(snaps[0]["taken"])), _when(float(snaps[-1]["taken"]))  # type: ignore[arg-type]
+    return (f'<svg id="trend" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+            f'aria-label="saved bytes over time">'
+            f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#999"/>'
+            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#999"/>'
+            f'<polyline points="{pts}" fill="none" stroke="#2a7" stroke-width="2"/>{dots}'
+            f'<text x="{pad}" y="{pad - 8}">{escape(human(int(top)))} saved</text>'
+            f'<text x="{pad}" y="{h - pad + 16}">{escape(first)}</text>'
+            f'<text x="{w - pad}" y="{h - pad + 16}" text-anchor="end">{escape(last)}</text>'
+            f"</svg>")
+
+
+def _guest_svg(guests: dict[str, dict[str, object]], w: int = 640) -> str:
+    """Per guest: a bar of what it would cost alone, the saved part in green."""
+    if not guests:
+        return ""
+    bar, gap, left = 18, 6, 140
+    top = max(int(g["disk_bytes"]) for g in guests.values()) or 1  # type: ignore[call-overload]
+    h = len(guests) * (bar + gap) + 10
+    parts = []
+    for i, (name, g) in enumerate(sorted(guests.items())):
+        disk, saved = int(g["disk_bytes"]), int(g["saved_bytes"])  # type: ignore[call-overload]
+        y = 5 + i * (bar + gap)
+        full = (w - left - 10) * disk / top
+        part = (w - left - 10) * saved / top
+        parts.append(
+            f'<text x="{left - 6}" y="{y + bar - 5}" text-anchor="end">{escape(name)}</text>'
+            f'<rect class="disk" x="{left}" y="{y}" width="{full:.1f}" height="{bar}" '
+            f'fill="#ccd"><title>{escape(name)}: {human(disk)} on disk</title></rect>'
+            f'<rect class="saved" x="{left}" y="{y}" width="{part:.1f}" height="{bar}" '
+            f'fill="#2a7"><title>{escape(name)}: {human(saved)} saved</title></rect>')
+    return (f'<svg id="guests" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+            f'aria-label="per guest: on disk and saved">{"".join(parts)}</svg>')
+
+
+def render(rep: dict[str, object]) -> str:
+    guests: dict[str, dict[str, object]] = rep["guests"]  # type: ignore[assignment]
+    total: dict[str, object] = rep["total"]  # type: ignore[assignment]
+    history: dict[str, list[dict[str, object]]] = rep.get("history") or {}  # type: ignore[assignment]
+    out = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+           f"<title>vsstore report {escape(_when(float(rep['taken'])))}</title>"  # type: ignore[arg-type]
+           f"<style>{_CSS}</style></head><body>",
+           f"<h1>vsstore: disk sharing across {len(guests)} guests</h1>",
+           f'<p class="muted">report of {escape(_when(float(rep["taken"])))}</p>',  # type: ignore[arg-type]
+           f'<p><span class="big" id="saved">{escape(human(int(total["saved_bytes"])))}</span>'  # type: ignore[call-overload]
+           f" saved: the guests take {escape(human(int(total['disk_bytes'])))} on disk "  # type: ignore[call-overload]
+           f"together, {escape(human(int(total['disk_bytes']) + int(total['saved_bytes'])))} "  # type: ignore[call-overload]
+           f"alone ({float(total['share_ratio']):.0%} saved).</p>",  # type: ignore[arg-type]
+           "<h2>Saved over time</h2>", _trend_svg(history.get("snapshots", [])),
+           "<h2>Per guest</h2>", _guest_svg(guests)]
+    rows = [[n, str(g["files"]), human(int(g["apparent_bytes"])), human(int(g["disk_bytes"])),  # type: ignore[call-overload]
+             human(int(g["shared_bytes"])), human(int(g["saved_bytes"])),  # type: ignore[call-overload]
+             f"{float(g['share_ratio']):.0%}",  # type: ignore[arg-type]
+             ", ".join(f"{k}: {human(v)}" for k, v in g["shared_with"].items())]  # type: ignore[attr-defined]
+            for n, g in sorted(guests.items())]
+    rows.append(["TOTAL", str(total["files"]), human(int(total["apparent_bytes"])),  # type: ignore[call-overload]
+                 human(int(total["disk_bytes"])), human(int(total["shared_bytes"])),  # type: ignore[call-overload]
+                 human(int(total["saved_bytes"])), f"{float(total['share_ratio']):.0%}", ""])  # type: ignore[call-overload, arg-type]
+    out.append(_table(["guest", "files", "apparent", "on disk", "shared", "saved", "share",
+                       "shared with k others"], rows, {1, 2, 3, 4, 5, 6}))
+    top: list[dict[str, object]] = rep.get("top_shared") or []  # type: ignore[assignment]
+    if top:
+        out.append("<h2>Most saving shared files</h2>")
+        out.append(_table(["file (one name)", "guests", "size", "saved"],
+                          [[str(f["path"]), str(f["guests"]), human(int(f["disk_bytes"])),  # type: ignore[call-overload]
+                            human(int(f["saved_bytes"]))] for f in top], {1, 2, 3}))  # type: ignore[call-overload]
+    store: dict[str, object] = rep.get("store") or {}  # type: ignore[assignment]
+    if store:
+        out.append("<h2>Store</h2>")
+        out.append(f"<p>{escape(str(store['path']))}: {store['objects']} objects, "
+                   f"{escape(human(int(store['bytes'])))}; {store['unused_objects']} unused "  # type: ignore[call-overload]
+                   f"({escape(human(int(store['unused_bytes'])))}, removed by "  # type: ignore[call-overload]
+                   f"<code>vsunify gc</code>).</p>")
+    mem: dict[str, object] | None = rep.get("memory")  # type: ignore[assignment]
+    if mem:
+        t: dict[str, int] = mem["total"]  # type: ignore[assignment]
+        out.append("<h2>Memory of running guests (file-backed)</h2>")
+        out.append(f"<p>{escape(human(t['with_unification']))} in page cache for the "
+                   f"guests' mapped files; {escape(human(t['without_unification']))} without "
+                   f"unification ({escape(human(t['saved']))} saved).</p>")
+        out.append(_table(["guest", "processes", "file-backed", "of it shared"],
+                          [[n, str(g["processes"]), human(g["file_rss"]), human(g["shared_rss"])]
+                           for n, g in mem["guests"].items()], {1, 2, 3}))  # type: ignore[attr-defined]
+    runs = history.get("runs", [])
+    if runs:
+        out.append("<h2>Recent runs</h2>")
+        out.append(_table(["started", "guests", "scanned", "hashed", "linked", "saved",
+                           "errors", "seconds"],
+                          [[_when(float(r["started"])), str(r["guests"]),  # type: ignore[arg-type]
+                            str(r["files_scanned"]), str(r["files_hashed"]),
+                            str(r["files_linked"]), human(int(r["bytes_saved"])),  # type: ignore[call-overload]
+                            str(r["errors"]), f"{float(r['duration']):.1f}"]  # type: ignore[arg-type]
+                           for r in reversed(runs[-20:])], {1, 2, 3, 4, 5, 6, 7}))
+    out.append("</body></html>\n")
+    return "".join(out)
