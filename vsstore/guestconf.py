@@ -67,6 +67,7 @@ class GuestConfig:
     cow: bool = False
     style: str = "plain"  # sysv: the start command runs under a pid 1 of ours (it exits);
     # none: that pid 1 alone
+    reaper: str | None = None  # that pid 1's program (vsstore.reaper), set by start
 
     @property
     def name(self) -> str:

@@ -18,6 +18,7 @@ time, so a reused pid is never taken for the guest.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
@@ -81,6 +82,7 @@ class RunState:
     cow: str | None
     started: float
     context: int | None
+    reaper: bool = False  # pid 1 is our reaping process (style sysv/none), not the guest's
 
     @property
     def running(self) -> bool:
@@ -118,8 +120,9 @@ def running(paths: Paths, name: str) -> RunState | None:
     return st if st is not None and st.running else None
 
 
-def guest_pids(st: RunState) -> list[int]:
-    """Every process in the guest's pid namespace (host pids)."""
+def guest_pids(st: RunState, own: bool = True) -> list[int]:
+    """Every process in the guest's pid namespace (host pids); ``own=False`` leaves out a
+    pid 1 of ours (the reaper of sysv/none guests: our code, not the guest's)."""
     want = ns.ns_id(st.init_pid, "pid")
     if want is None or not st.running:
         return []
@@ -127,6 +130,8 @@ def guest_pids(st: RunState) -> list[int]:
     for d in os.listdir("/proc"):
         if d.isdigit() and ns.ns_id(d, "pid") == want:
             out.append(int(d))
+    if not own and st.reaper:
+        out = [p for p in out if p != st.init_pid]
     return out
 
 
@@ -165,6 +170,10 @@ def start(paths: Paths, cfg: GuestConfig) -> RunState:
                 _cow_add(paths, cow_at, cfg.name, str(root))
                 undo.callback(_cow_remove, paths, cow_at, cfg.name)
                 source = os.path.join(cow_at, cfg.name)
+            if cfg.style in ("sysv", "none"):
+                from .reaper import reaper_binary
+                r = reaper_binary(paths.statedir)
+                cfg = dataclasses.replace(cfg, reaper=str(r) if r else None)
             st = _spawn(paths, cfg, source, cow_at)
             undo.pop_all()
         return st
@@ -295,7 +304,7 @@ def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, re
     st = RunState(name=cfg.name, init_pid=init, init_start=_start_time(init) or 0,
                   monitor_pid=os.getpid(), monitor_start=_start_time(os.getpid()) or 0,
                   root=str(cfg.guest.root), cow=cow_at, started=time.time(),
-                  context=cfg.context)
+                  context=cfg.context, reaper=cfg.style in ("sysv", "none"))
     write_state(paths, st)
     say(f"started: init pid {init} ({' '.join(cfg.init)})")
     os.write(report, json.dumps({"state": st.__dict__}).encode() + b"\n")
@@ -437,6 +446,7 @@ def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int) -> None:  # pragma: n
               "newinstance,ptmxmode=0666,mode=620,gid=5", "/dev/pts")
     _mount_in(tree, "shm", "/dev/shm", "tmpfs", ns.MS_NOSUID | ns.MS_NODEV,
               "mode=1777", "/dev/shm")
+    rfd = os.open(cfg.reaper, os.O_RDONLY | os.O_CLOEXEC) if cfg.reaper else -1
     os.fchdir(tree.fd)
     tree.close()
     ns.pivot_root(".", ".")
@@ -444,13 +454,14 @@ def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int) -> None:  # pragma: n
     os.chdir("/")
     ns.limit_capabilities(set(cfg.keep_caps))
     os.setsid()
-    _close_fds_but(exec_fd)
-    if cfg.style == "none":
+    _close_fds_but(exec_fd, rfd)
+    if cfg.style == "none" or (cfg.style == "sysv" and os.fork() != 0):
         os.close(exec_fd)
+        if rfd >= 0:  # our static reaper, by descriptor: nothing of it is in the guest
+            os.execve(rfd, ["vsreaper"], {})
         _reaper()
-    if cfg.style == "sysv" and os.fork() != 0:
-        os.close(exec_fd)
-        _reaper()
+    if rfd >= 0:
+        os.close(rfd)
     env = {"PATH": GUEST_PATH, "container": "vserver", "HOME": "/", "TERM": "linux"}
     try:
         os.execve(cfg.init[0], cfg.init, env)
@@ -461,7 +472,8 @@ def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int) -> None:  # pragma: n
 
 
 def _reaper() -> None:  # pragma: no cover - pid 1 of a sysv-style guest
-    """pid 1 for a guest whose start command exits (``/etc/init.d/rc 3`` starts services
+    """(Fallback for vsstore.reaper's static program, without a C compiler.)
+    pid 1 for a guest whose start command exits (``/etc/init.d/rc 3`` starts services
     and returns): reap orphans until told to stop.  It is already inside the guest (root,
     capabilities), and runs nothing: only waitpid and signals."""
     def on_signal(signum: int, frame: object) -> None:

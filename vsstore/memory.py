@@ -83,12 +83,13 @@ def measure(pids_by_guest: dict[str, list[int]], top: int = 10) -> dict[str, obj
 
 
 def measure_running(paths) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    """``measure`` over every configured guest that runs now."""
+    """``measure`` over every configured guest that runs now (the guest's own processes: a
+    reaping pid 1 of ours is the host's Python, not the guest's programs)."""
     from . import lifecycle
     from .config import configured_guests
     pids: dict[str, list[int]] = {}
     for g in configured_guests(paths):
         st = lifecycle.running(paths, g.name)
         if st is not None:
-            pids[g.name] = lifecycle.guest_pids(st)
+            pids[g.name] = lifecycle.guest_pids(st, own=False)
     return measure(pids)

@@ -203,7 +203,7 @@ def stat_main(argv: list[str] | None = None) -> int:
             st = lifecycle.running(paths, g.name)
             if st is not None:
                 rows.append(guest_usage(st))
-                pids[g.name] = lifecycle.guest_pids(st)
+                pids[g.name] = lifecycle.guest_pids(st, own=False)
         mem = None
         if args.memory:
             from .memory import measure
