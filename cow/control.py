@@ -127,9 +127,23 @@ def umount(paths: Paths, at: str, lazy: bool = False) -> None:
     st = state(paths, at)
     pid = int(st.get("pid", 0)) if st else 0
     for _ in range(200):  # the daemon ends once the kernel has let go of the mount
-        if not is_mounted(at) and (not pid or not os.path.exists(f"/proc/{pid}")):
+        if not is_mounted(at) and (not pid or _ended(pid)):
             cow_state_file(paths, at).unlink(missing_ok=True)
             return
         time.sleep(0.05)
     raise ConfigError(f"{at}: still mounted or its daemon (pid {pid}) still running; "
                       f"is something using it?")
+
+
+def _ended(pid: int) -> bool:
+    """Has the daemon ended?  It may be our own child (mounted by this process, as
+    ``vserver`` does): then collect it, or it would stay a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not ours
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True

@@ -48,6 +48,7 @@ class Node:
     names: dict[Name, None] = field(default_factory=dict)  # an ordered set
     lookups: int = 0
     st: os.stat_result | None = None  # last seen: answers getattr once no name is left
+    fhs: set[int] = field(default_factory=set)  # open handles on this very inode
 
 
 def _err(e: OSError) -> pyfuse3.FUSEError:
@@ -116,6 +117,7 @@ class CowFS(pyfuse3.Operations):
         self.dir_handles: dict[int, tuple[Name, list[tuple[str, os.stat_result]]]] = {}
         self.fuse_dev: str | None = None  # major:minor of this mount, once known
         self.copy_handles: set[int] = set()  # open on a copy, reached through a shared node
+        self.handle_node: dict[int, Node] = {}  # open handle -> the node it is open on
         self._stale: queue.SimpleQueue[int] | None = None  # node ids whose attrs changed
         self.next_dh = 1
         self.root_st = os.stat("/")
@@ -471,8 +473,15 @@ class CowFS(pyfuse3.Operations):
         try:
             return self._attr(inode, self._resolve(node)[1])
         except pyfuse3.FUSEError:
-            # Every guest copied this shared inode up while the kernel still holds it (its
-            # open files write to the copies): its last known attributes.
+            # No name holds the inode any more: unlinked while open (its handles know
+            # it), or every guest copied this shared inode up while the kernel still
+            # holds it (its open files write to the copies): its last known attributes.
+            for fh in node.fhs:
+                try:
+                    node.st = os.fstat(fh)
+                    break
+                except OSError:
+                    continue
             if node.st is None:
                 raise
             return self._attr(inode, node.st)
@@ -674,6 +683,7 @@ class CowFS(pyfuse3.Operations):
         nid = self.by_inode.get((st.st_dev, st.st_ino))
         if nid is not None:
             self.nodes[nid].names.pop((guest, _join(rel, n)), None)
+            self.nodes[nid].st = st
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
@@ -853,6 +863,9 @@ class CowFS(pyfuse3.Operations):
             raise _err(e) from None
         if direct:
             self.copy_handles.add(fd)
+        else:
+            node.fhs.add(fd)
+            self.handle_node[fd] = node
         return pyfuse3.FileInfo(fh=fd, direct_io=direct, keep_cache=not writing)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -869,6 +882,9 @@ class CowFS(pyfuse3.Operations):
             os.close(dfd)
         node = self._node(st, (guest, _join(rel, n)))
         node.lookups += 1
+        node.st = st
+        node.fhs.add(fd)
+        self.handle_node[fd] = node
         return pyfuse3.FileInfo(fh=fd), self._attr(node.id, st)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -891,6 +907,9 @@ class CowFS(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         self.copy_handles.discard(fh)
+        node = self.handle_node.pop(fh, None)
+        if node is not None:
+            node.fhs.discard(fh)
         os.close(fh)
 
 

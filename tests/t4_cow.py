@@ -110,6 +110,11 @@ def test_ordinary_posix_operations_and_their_errors(cow):
     fd = os.open(d / "f", os.O_RDONLY | os.O_NOFOLLOW)  # as tar and rsync open files
     assert os.read(fd, 5) == b"hello"
     os.close(fd)
+    fd = os.open(d / "anon", os.O_CREAT | os.O_RDWR, 0o600)  # apt's unlinked temp files
+    os.unlink(d / "anon")
+    os.write(fd, b"abc")
+    assert os.fstat(fd).st_size == 3 and os.fstat(fd).st_nlink == 0
+    os.close(fd)
     with open(d / "f", "r+b") as f:
         f.seek(2)
         f.write(b"LL")

@@ -49,7 +49,25 @@ def _refuse_mounted(guests: list[Guest], paths: Paths) -> None:
         at = served.get(os.path.realpath(g.root))
         if at is not None:
             raise BusyError(f"guest {g.name!r} ({g.root}) is mounted through the cow overlay "
-                            f"at {at}; unify it while it is not: `vscow umount {at}` first")
+                            f"at {at}; unify it while it is not (`vserver {g.name} stop`, or "
+                            f"`vscow umount {at}`), or leave it out")
+
+
+def _skip_package_managers(guests: list[Guest]) -> tuple[list[Guest], list[str]]:
+    """Leave out guests in which a package manager holds its lock now (their files are
+    changing); returns the others and a message per guest left out."""
+    from vsstore.pkgdb.locks import held
+    keep, skipped = [], []
+    for g in guests:
+        with GuestTree(g.root, g.name) as t:
+            locks = held(t)
+        if locks:
+            rel, pid = locks[0]
+            skipped.append(f"guest {g.name!r} skipped: a package manager (pid {pid}) holds "
+                           f"/{rel}; it is unified on the next run")
+        else:
+            keep.append(g)
+    return keep, skipped
 
 
 def _store_path(args: argparse.Namespace, paths: Paths) -> Path:
@@ -89,6 +107,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     guests = _guests(args, paths)
     if not args.dry_run:
         _refuse_mounted(guests, paths)
+    guests, skipped = _skip_package_managers(guests)
+    for msg in skipped:
+        print(f"vsunify: {msg}", file=sys.stderr)
+    if skipped and not guests:
+        raise BusyError("every guest named has a package manager at work; try again later")
     excl = {g.name: _excludes(args, g, paths) for g in guests}
     opts = engine.Options(min_size=args.min_size, ignore_mtime=args.ignore_mtime,
                           immutable=not args.no_immutable and os.geteuid() == 0,
@@ -105,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"hashed ({human(s.bytes_hashed)}), {s.files_linked} {verb}, "
             f"{human(s.bytes_saved)} {'to save' if s.dry_run else 'saved'}, "
             f"{s.errors} errors, {s.duration:.1f}s")
-    code = EXIT_PARTIAL if s.errors else EXIT_OK
+    code = EXIT_PARTIAL if s.errors or skipped else EXIT_OK
     if args.json:
         print(json.dumps(s.as_dict(), indent=2))
     elif not args.quiet:

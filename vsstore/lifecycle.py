@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -350,10 +351,7 @@ def _setup(cfg: GuestConfig, source: str, up: int, go: int, exec_fd: int,
         return  # the monitor gave up
     try:
         _network_guest(cfg)
-        ns.mount(source, source, None, ns.MS_BIND | ns.MS_REC)
-        tree = GuestTree(source, cfg.name)
-        for e in cfg.fstab:
-            _mount_in(tree, e.source, e.target, e.fstype, e.flags, e.data, e.where)
+        tree = _bind_root(cfg, source)
         socket.sethostname(cfg.nodename)
         ns.unshare(ns.CLONE_NEWPID)
     except (OSError, VsError) as e:
@@ -369,6 +367,16 @@ def _setup(cfg: GuestConfig, source: str, up: int, go: int, exec_fd: int,
             os.write(exec_fd, (getattr(e, "message", None) or str(e)).encode())
         os._exit(127)
     tell({"init": init})
+
+
+def _bind_root(cfg: GuestConfig, source: str) -> GuestTree:
+    """In a new mount namespace: the guest's root bound onto itself (a mount point for
+    pivot_root) and its fstab entries mounted in it."""
+    ns.mount(source, source, None, ns.MS_BIND | ns.MS_REC)
+    tree = GuestTree(source, cfg.name)
+    for e in cfg.fstab:
+        _mount_in(tree, e.source, e.target, e.fstype, e.flags, e.data, e.where)
+    return tree
 
 
 def _mount_in(tree: GuestTree, source: str | None, target: str, fstype: str | None,
@@ -399,6 +407,30 @@ def _mount_in(tree: GuestTree, source: str | None, target: str, fstype: str | No
 
 def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int) -> None:  # pragma: no cover
     """pid 1 of the guest: /proc, /dev, pivot_root, capabilities, exec."""
+    rfd = os.open(cfg.reaper, os.O_RDONLY | os.O_CLOEXEC) if cfg.reaper else -1
+    _enter_root(cfg, tree)
+    ns.limit_capabilities(set(cfg.keep_caps))
+    os.setsid()
+    _close_fds_but(exec_fd, rfd)
+    if cfg.style == "none" or (cfg.style == "sysv" and os.fork() != 0):
+        os.close(exec_fd)
+        if rfd >= 0:  # our static reaper, by descriptor: nothing of it is in the guest
+            os.execve(rfd, ["vsreaper"], {})
+        _reaper()
+    if rfd >= 0:
+        os.close(rfd)
+    env = {"PATH": GUEST_PATH, "container": "vserver", "HOME": "/", "TERM": "linux"}
+    try:
+        os.execve(cfg.init[0], cfg.init, env)
+    except OSError as e:
+        os.write(exec_fd, f"cannot run {cfg.init[0]} inside the guest: {e.strerror}; "
+                          f"fix apps/init/cmd.start or apps/init/style".encode())
+        os._exit(127)
+
+
+def _enter_root(cfg: GuestConfig, tree: GuestTree) -> None:  # pragma: no cover
+    """For a process in the guest's pid namespace and a mount namespace of its own: /proc
+    (masked), a minimal /dev, then pivot_root into the tree (the old root detached)."""
     for d in ("proc", "dev"):
         try:
             fd = tree.open_beneath(d, os.O_PATH | os.O_DIRECTORY)
@@ -446,29 +478,11 @@ def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int) -> None:  # pragma: n
               "newinstance,ptmxmode=0666,mode=620,gid=5", "/dev/pts")
     _mount_in(tree, "shm", "/dev/shm", "tmpfs", ns.MS_NOSUID | ns.MS_NODEV,
               "mode=1777", "/dev/shm")
-    rfd = os.open(cfg.reaper, os.O_RDONLY | os.O_CLOEXEC) if cfg.reaper else -1
     os.fchdir(tree.fd)
     tree.close()
     ns.pivot_root(".", ".")
     ns.umount(".", ns.MNT_DETACH)
     os.chdir("/")
-    ns.limit_capabilities(set(cfg.keep_caps))
-    os.setsid()
-    _close_fds_but(exec_fd, rfd)
-    if cfg.style == "none" or (cfg.style == "sysv" and os.fork() != 0):
-        os.close(exec_fd)
-        if rfd >= 0:  # our static reaper, by descriptor: nothing of it is in the guest
-            os.execve(rfd, ["vsreaper"], {})
-        _reaper()
-    if rfd >= 0:
-        os.close(rfd)
-    env = {"PATH": GUEST_PATH, "container": "vserver", "HOME": "/", "TERM": "linux"}
-    try:
-        os.execve(cfg.init[0], cfg.init, env)
-    except OSError as e:
-        os.write(exec_fd, f"cannot run {cfg.init[0]} inside the guest: {e.strerror}; "
-                          f"fix apps/init/cmd.start or apps/init/style".encode())
-        os._exit(127)
 
 
 def _reaper() -> None:  # pragma: no cover - pid 1 of a sysv-style guest
@@ -680,3 +694,152 @@ def run_in(paths: Paths, cfg: GuestConfig, st: RunState, argv: list[str],
     if why:
         raise ConfigError(why.decode(errors="replace"))
     return os.waitstatus_to_exitcode(status)
+
+
+# -- exec --cow ----------------------------------------------------------------------------
+
+_TEMP_SHARE = re.compile(r"^(?P<guest>.+)~(?P<pid>\d+)$")
+
+
+def _sweep_temporary(paths: Paths, cow_at: str) -> None:
+    """Remove overlay shares of earlier ``exec --cow`` runs whose vserver process is gone
+    (killed before it could clean up)."""
+    from cow import control
+    st = control.state(paths, cow_at) if control.is_mounted(cow_at) else None
+    for name in list((st or {}).get("guests", {})):
+        m = _TEMP_SHARE.match(name)
+        if m and not os.path.exists(f"/proc/{m['pid']}"):
+            try:
+                _cow_remove(paths, cow_at, name)
+            except VsError as e:
+                print(f"vserver: {e.message}", file=sys.stderr)
+
+
+def run_cow(paths: Paths, cfg: GuestConfig, argv: list[str], tty: bool = False) -> int:
+    """Run ``argv`` in the guest with its root seen through the cow overlay for the
+    duration: every shared file it writes, replaces, removes or links becomes the guest's
+    own (or loses only the guest's name), and nothing else changes.  The changes land in
+    the guest's own tree.  A running guest lends its ipc, uts, net and pid namespaces; a
+    stopped one gets new ones (and the host's network).  The temporary share in the
+    overlay is removed afterwards, also when the command fails or is killed."""
+    if not argv:
+        raise ConfigError("no command given; vserver NAME exec --cow COMMAND [ARGS...]")
+    st = running(paths, cfg.name)
+    if st is not None and st.cow:
+        return run_in(paths, cfg, st, argv, tty=tty)  # it runs through the overlay already
+    cow_at = str(cow_mountpoint(paths))
+    share = f"{cfg.name}~{os.getpid()}"
+    with ExitStack() as stack:
+        _sweep_temporary(paths, cow_at)
+        _cow_add(paths, cow_at, share, str(cfg.guest.root))
+
+        def remove_share() -> None:
+            try:
+                _cow_remove(paths, cow_at, share)
+            except VsError as e:
+                print(f"vserver: {e.message}", file=sys.stderr)
+        stack.callback(remove_share)
+        return _run_temporary(cfg, st, os.path.join(cow_at, share), argv, tty)
+
+
+def _run_temporary(cfg: GuestConfig, st: RunState | None, source: str, argv: list[str],
+                   tty: bool) -> int:
+    fds: dict[str, int] = {}
+    if st is not None:
+        try:
+            for kind in ("ipc", "uts", "net", "pid"):
+                fds[kind] = os.open(f"/proc/{st.init_pid}/ns/{kind}",
+                                    os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            for fd in fds.values():
+                os.close(fd)
+            raise StateError(f"guest {cfg.name}: cannot join it ({e.strerror})") from None
+        if not st.running:
+            raise StateError(f"guest {cfg.name} stopped meanwhile")
+    ex_r, ex_w = os.pipe2(os.O_CLOEXEC)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        try:
+            os.close(ex_r)
+            if st is not None:
+                for kind in ("ipc", "uts", "net", "pid"):
+                    ns.setns(fds[kind])
+            else:
+                ns.unshare(ns.CLONE_NEWUTS | ns.CLONE_NEWIPC)
+                socket.sethostname(cfg.nodename)
+                ns.unshare(ns.CLONE_NEWPID)
+            ns.unshare(ns.CLONE_NEWNS)
+            ns.mount(None, "/", None, ns.MS_REC | ns.MS_SLAVE)
+            tree = _bind_root(cfg, source)
+            leader = os.fork()  # in the guest's pid namespace (or pid 1 of a new one)
+            if leader == 0:
+                _enter_root(cfg, tree)
+                _lead(cfg, argv, tty, ex_w)
+            os.close(ex_w)
+            os._exit(_wait_passing_signals(leader))
+        except BaseException as e:  # noqa: BLE001
+            try:
+                os.write(ex_w, f"cannot enter guest {cfg.name}: "
+                               f"{getattr(e, 'message', None) or e}".encode())
+            finally:
+                os._exit(127)
+    for fd in (*fds.values(), ex_w):
+        os.close(fd)
+    old = {sig: signal.signal(sig, lambda signum, _f: os.kill(child, signum))
+           for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                _, status = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    why = os.read(ex_r, 4096)
+    os.close(ex_r)
+    if why:
+        raise ConfigError(why.decode(errors="replace"))
+    return os.waitstatus_to_exitcode(status)
+
+
+def _wait_passing_signals(pid: int, reap_all: bool = False) -> int:  # pragma: no cover
+    """Wait for child ``pid`` while passing SIGTERM/SIGINT/SIGHUP on to it; its exit code
+    (128+N for a signal).  ``reap_all``: also collect whatever else is adopted (pid 1)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _f: os.kill(pid, signum))
+    while True:
+        try:
+            got, status = os.waitpid(-1 if reap_all else pid, 0)
+        except InterruptedError:
+            continue
+        if got == pid:
+            code = os.waitstatus_to_exitcode(status)
+            return 128 - code if code < 0 else code
+
+
+def _lead(cfg: GuestConfig, argv: list[str], tty: bool, ex_w: int) -> None:  # pragma: no cover
+    """Inside the guest's root: run the command as a child (never as a pid 1, which would
+    ignore signals), pass signals on, reap, exit with its code."""
+    worker = os.fork()
+    if worker == 0:
+        os.setsid()
+        if tty and os.isatty(0):
+            import fcntl
+            import termios
+            fcntl.ioctl(0, termios.TIOCSCTTY, 1)
+        ns.limit_capabilities(set(cfg.keep_caps))
+        _close_fds_but(ex_w)
+        env = {"PATH": GUEST_PATH, "HOME": "/root", "container": "vserver",
+               "TERM": os.environ.get("TERM", "dumb")}
+        try:
+            os.execvpe(argv[0], argv, env)
+        except OSError as e:
+            os.write(ex_w, f"cannot run {argv[0]} inside guest {cfg.name}: "
+                           f"{e.strerror}".encode())
+        os._exit(127)
+    os.close(ex_w)
+    ns.limit_capabilities(set(cfg.keep_caps))
+    _close_fds_but()
+    os._exit(_wait_passing_signals(worker, reap_all=os.getpid() == 1))

@@ -70,14 +70,23 @@ def cmd_restart(args: argparse.Namespace, paths: Paths) -> int:
 def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
     cfg = _cfg(paths, args.name)
     st = lifecycle.running(paths, cfg.name)
+    if not cfg.cow:  # how to change its packages (shared files are immutable here)
+        hint = (f"upgrade packages with 'vapt-get {cfg.name} -- ARGS' (or 'vserver {cfg.name} "
+                f"exec --cow COMMAND'): a package manager run directly fails on shared files")
+    else:
+        hint = ""
     if st is None:
         print(f"Vserver '{cfg.name}' is stopped")
+        if hint:
+            print(hint)
         return EXIT_STOPPED
     ctx = f" at context '{st.context}'" if st.context is not None else ""
     mode = f"through the cow overlay at {st.cow}" if st.cow else "directly"
     print(f"Vserver '{cfg.name}' is running{ctx}: init pid {st.init_pid}, "
           f"{len(lifecycle.guest_pids(st))} processes, up {_uptime(st.started)}, "
           f"root {st.root} mounted {mode}")
+    if hint and not st.cow:
+        print(hint)
     return EXIT_OK
 
 
@@ -93,15 +102,119 @@ def _running_cfg(paths: Paths, name: str) -> tuple[guestconf.GuestConfig, lifecy
     return cfg, st
 
 
+def _cow_flag(rest: list[str]) -> tuple[bool, list[str]]:
+    """(--cow given, the rest) for exec/enter; '--' ends our options."""
+    cow = False
+    while rest and rest[0] in ("--cow", "--"):
+        if rest.pop(0) == "--":
+            break
+        cow = True
+    return cow, rest
+
+
 def cmd_exec(args: argparse.Namespace, paths: Paths) -> int:
-    argv = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    cow, argv = _cow_flag(list(args.rest))
+    if cow:
+        return lifecycle.run_cow(paths, _cfg(paths, args.name), argv)
     cfg, st = _running_cfg(paths, args.name)
     return lifecycle.run_in(paths, cfg, st, argv)
 
 
 def cmd_enter(args: argparse.Namespace, paths: Paths) -> int:
+    cow, rest = _cow_flag(list(args.rest))
+    if rest:
+        raise ConfigError(f"enter: unknown arguments {' '.join(rest)}; only --cow")
+    if cow:
+        return lifecycle.run_cow(paths, _cfg(paths, args.name), ["/bin/sh", "-l"], tty=True)
     cfg, st = _running_cfg(paths, args.name)
     return lifecycle.run_in(paths, cfg, st, ["/bin/sh", "-l"], tty=True)
+
+
+# -- package management ------------------------------------------------------------------
+
+def _unify_after(paths: Paths, name: str) -> int:
+    """An incremental vsunify run of this guest together with every other configured
+    guest it can be compared with (not served by a running overlay), so files that are
+    now the same as another guest's are shared again at once."""
+    from unify.cli import main as vsunify
+    from vsstore.runtime import cow_served
+    served = cow_served(paths)
+    names = [g.name for g in configured_guests(paths)
+             if os.path.realpath(g.root) not in served]
+    if name not in names:
+        print(f"vserver: {name} runs through the cow overlay; its files are unified when "
+              f"it is stopped (vsunify run {name})", file=sys.stderr)
+        return EXIT_OK
+    return vsunify(["run", "-q", *names])
+
+
+def package_command(paths: Paths, name: str, argv: list[str], unify: bool = True) -> int:
+    """Run a package manager through the overlay, then re-unify (vapt-get, vrpm, pkg)."""
+    code = lifecycle.run_cow(paths, _cfg(paths, name), argv)
+    if code == EXIT_OK and unify:
+        ucode = _unify_after(paths, name)
+        if ucode not in (EXIT_OK,):
+            print(f"vserver: the package command succeeded; vsunify afterwards exited "
+                  f"{ucode}", file=sys.stderr)
+    return code
+
+
+def _split_no_unify(rest: list[str]) -> tuple[bool, list[str]]:
+    unify = True
+    out = []
+    for i, a in enumerate(rest):
+        if a == "--no-unify":
+            unify = False
+        elif a == "--":
+            out.extend(rest[i + 1:])
+            break
+        else:
+            out.append(a)
+    return unify, out
+
+
+def cmd_apt_get(args: argparse.Namespace, paths: Paths) -> int:
+    unify, rest = _split_no_unify(list(args.rest))
+    return package_command(paths, args.name, ["apt-get", *rest], unify)
+
+
+def cmd_rpm(args: argparse.Namespace, paths: Paths) -> int:
+    unify, rest = _split_no_unify(list(args.rest))
+    return package_command(paths, args.name, ["rpm", *rest], unify)
+
+
+def _manager(root) -> str:  # type: ignore[no-untyped-def]
+    """apt (dpkg), dnf/yum (rpm): from what the guest's tree holds (nothing is run)."""
+    for rel, kind in (("var/lib/dpkg/status", "apt"), ("usr/bin/dnf", "dnf"),
+                      ("usr/bin/yum", "yum"), ("var/lib/rpm", "rpm")):
+        if os.path.lexists(os.path.join(root, rel)):
+            return kind
+    raise ConfigError(f"cannot tell the guest's package manager (no dpkg status, dnf, yum "
+                      f"or rpm database in {root}); use 'vserver NAME exec --cow ...'")
+
+
+PKG_ACTIONS = {
+    "apt": {"install": ["apt-get", "install", "-y"], "remove": ["apt-get", "remove", "-y"],
+            "update": ["apt-get", "update"], "upgrade": ["apt-get", "upgrade", "-y"]},
+    "dnf": {"install": ["dnf", "install", "-y"], "remove": ["dnf", "remove", "-y"],
+            "update": ["dnf", "makecache"], "upgrade": ["dnf", "upgrade", "-y"]},
+    "yum": {"install": ["yum", "install", "-y"], "remove": ["yum", "remove", "-y"],
+            "update": ["yum", "makecache"], "upgrade": ["yum", "update", "-y"]},
+    "rpm": {"install": ["rpm", "-U"], "remove": ["rpm", "-e"], "upgrade": ["rpm", "-U"]},
+}
+
+
+def cmd_pkg(args: argparse.Namespace, paths: Paths) -> int:
+    unify, rest = _split_no_unify(list(args.rest))
+    if not rest or rest[0] not in ("install", "remove", "update", "upgrade"):
+        raise ConfigError("pkg: say install, remove, update or upgrade, then the packages")
+    g = resolve_guest(args.name, paths)
+    kind = _manager(g.root)
+    base = PKG_ACTIONS[kind].get(rest[0])
+    if base is None:
+        raise ConfigError(f"pkg {rest[0]}: not for a plain rpm guest; use 'vserver "
+                          f"{g.name} rpm ...'")
+    return package_command(paths, g.name, [*base, *rest[1:]], unify)
 
 
 def cmd_delete(args: argparse.Namespace, paths: Paths) -> int:
@@ -124,7 +237,8 @@ def cmd_delete(args: argparse.Namespace, paths: Paths) -> int:
 
 COMMANDS = {"build": cmd_build, "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart,
             "status": cmd_status, "running": cmd_running, "exec": cmd_exec,
-            "enter": cmd_enter, "delete": cmd_delete}
+            "enter": cmd_enter, "delete": cmd_delete, "apt-get": cmd_apt_get, "rpm": cmd_rpm,
+            "pkg": cmd_pkg}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -145,6 +259,29 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     return run_cli("vserver", parser(),
                    lambda a: COMMANDS[a.command](a, Paths.from_env()), argv)
+
+
+def _wrapper_main(prog: str, manager: str, argv: list[str] | None) -> int:
+    """vapt-get NAME [--no-unify] -- ARGS... / vrpm NAME [--no-unify] -- ARGS..."""
+    p = argparse.ArgumentParser(prog=prog, description=f"{manager} inside a guest, through "
+                                "the cow overlay, then vsunify (util-vserver's wrapper).")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--no-unify", action="store_true")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- ARGS")
+
+    def run(a: argparse.Namespace) -> int:
+        rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
+        return package_command(Paths.from_env(), a.name, [manager, *rest], not a.no_unify)
+    return run_cli(prog, p, run, argv)
+
+
+def vapt_get_main(argv: list[str] | None = None) -> int:
+    return _wrapper_main("vapt-get", "apt-get", argv)
+
+
+def vrpm_main(argv: list[str] | None = None) -> int:
+    return _wrapper_main("vrpm", "rpm", argv)
 
 
 # -- vserver-stat ------------------------------------------------------------------------
