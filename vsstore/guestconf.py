@@ -11,11 +11,13 @@ Everything is read before anything is started, and a bad entry is an error namin
 from __future__ import annotations
 
 import ipaddress
+import resource
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import ns
+from .cgroups import Limits, read_limits
 from .config import Guest
 from .errors import ConfigError
 
@@ -68,6 +70,11 @@ class GuestConfig:
     style: str = "plain"  # sysv: the start command runs under a pid 1 of ours (it exits);
     # none: that pid 1 alone
     reaper: str | None = None  # that pid 1's program (vsstore.reaper), set by start
+    rlimits: dict[int, tuple[int, int]] = field(default_factory=dict)  # resource -> soft, hard
+    nice: int | None = None
+    cgroup: Limits = field(default_factory=Limits)
+    cgroup_parent: str | None = None  # beneath which the guest's cgroup is made
+    cgroup_dirs: dict[str, str] = field(default_factory=dict)  # the guest's cgroup, by start
 
     @property
     def name(self) -> str:
@@ -198,6 +205,57 @@ def _signal(p: Path) -> int:
                           f"SIGPWR") from None
 
 
+RLIMITS = {"as": resource.RLIMIT_AS, "core": resource.RLIMIT_CORE, "cpu": resource.RLIMIT_CPU,
+           "data": resource.RLIMIT_DATA, "fsize": resource.RLIMIT_FSIZE,
+           "locks": getattr(resource, "RLIMIT_LOCKS", 10), "memlock": resource.RLIMIT_MEMLOCK,
+           "msgqueue": resource.RLIMIT_MSGQUEUE, "nice": resource.RLIMIT_NICE,
+           "nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC,
+           "rss": resource.RLIMIT_RSS, "rtprio": resource.RLIMIT_RTPRIO,
+           "rttime": resource.RLIMIT_RTTIME, "sigpending": resource.RLIMIT_SIGPENDING,
+           "stack": resource.RLIMIT_STACK}
+
+
+def _rlimits(d: Path) -> dict[int, tuple[int, int]]:
+    """``rlimits/NAME`` (soft and hard), ``NAME.soft``, ``NAME.hard``: a number or inf."""
+    if not d.is_dir():
+        return {}
+    vals: dict[str, dict[str, int]] = {}
+    for f in sorted(d.iterdir()):
+        base, _, kind = f.name.partition(".")
+        if base not in RLIMITS or kind not in ("", "soft", "hard"):
+            raise ConfigError(f"{f}: unknown resource limit; use one of "
+                              f"{', '.join(sorted(RLIMITS))}, optionally with .soft or .hard")
+        text = (_read(f) or "").strip()
+        if text in ("inf", "infinity", "unlimited", "-1"):
+            v = resource.RLIM_INFINITY
+        else:
+            try:
+                v = int(text)
+                if v < 0:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"{f}: {text!r} is not a limit; write a number or inf") \
+                    from None
+        for k in (("soft", "hard") if not kind else (kind,)):
+            vals.setdefault(base, {})[k] = v
+    inf = resource.RLIM_INFINITY
+
+    def key(x: int) -> float:
+        return float("inf") if x == inf else x
+    out = {}
+    for base, v in vals.items():
+        cur_soft, cur_hard = resource.getrlimit(RLIMITS[base])
+        soft, hard = v.get("soft"), v.get("hard")
+        if hard is None:
+            hard = cur_hard if soft is None or key(soft) <= key(cur_hard) else soft
+        if soft is None:
+            soft = cur_soft if key(cur_soft) <= key(hard) else hard
+        if key(soft) > key(hard):
+            raise ConfigError(f"{d}/{base}.soft: {soft} is above the hard limit {hard}")
+        out[RLIMITS[base]] = (soft, hard)
+    return out
+
+
 def load(guest: Guest) -> GuestConfig:
     """Read and check everything ``start`` and ``stop`` will need."""
     c = guest.confdir
@@ -227,9 +285,15 @@ def load(guest: Guest) -> GuestConfig:
     if not start and style != "none":
         raise ConfigError(f"{c / 'apps/init/cmd.start'}: empty; one argument per line")
     timeout = _number(c / "apps" / "init" / "stop-timeout", 10.0, "seconds")
+    nice = _number(c / "nice", None, "a nice level, -20..19")
+    if nice is not None and (nice != int(nice) or not -20 <= nice <= 19):
+        raise ConfigError(f"{c / 'nice'}: {nice:g} is not a nice level (-20..19)")
+    parent = (_read(c.parent / ".defaults" / "cgroup" / "parent") or "").strip() or None
     return GuestConfig(
         guest=guest, context=int(ctx) if ctx is not None else None, nodename=nodename,
         fstab=_fstab(c / "fstab"), interfaces=_interfaces(c / "interfaces"),
         keep_caps=_caps(c / "bcapabilities"), init=start, stop=stop or None,
         stop_signal=_signal(c / "apps" / "init" / "stop-signal"),
-        stop_timeout=float(timeout or 10.0), cow=(c / "cow").exists(), style=style)
+        stop_timeout=float(timeout or 10.0), cow=(c / "cow").exists(), style=style,
+        rlimits=_rlimits(c / "rlimits"), nice=int(nice) if nice is not None else None,
+        cgroup=read_limits(c / "cgroup"), cgroup_parent=parent)

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import re
+import resource
 import select
 import signal
 import socket
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import ns
+from . import cgroups, ns
 from .config import Paths
 from .errors import BusyError, ConfigError, StateError, UnsafeTreeError, VsError
 from .guestconf import GuestConfig
@@ -84,6 +85,7 @@ class RunState:
     started: float
     context: int | None
     reaper: bool = False  # pid 1 is our reaping process (style sysv/none), not the guest's
+    cgroup: dict[str, str] = dataclasses.field(default_factory=dict)  # its directories
 
     @property
     def running(self) -> bool:
@@ -175,9 +177,48 @@ def start(paths: Paths, cfg: GuestConfig) -> RunState:
                 from .reaper import reaper_binary
                 r = reaper_binary(paths.statedir)
                 cfg = dataclasses.replace(cfg, reaper=str(r) if r else None)
+            cg = _make_cgroup(cfg)
+            if cg is not None:
+                undo.callback(cg.remove)
+                undo.callback(cg.kill)
+                cfg = dataclasses.replace(cfg, cgroup_dirs={k: str(v) for k, v in
+                                                            cg.dirs.items()})
             st = _spawn(paths, cfg, source, cow_at)
             undo.pop_all()
         return st
+
+
+def _make_cgroup(cfg: GuestConfig) -> cgroups.GuestCgroup | None:
+    """The guest's cgroup with its settings, or None (with a warning) where the host has
+    no usable controller: then rlimits alone apply."""
+    layout = cgroups.detect()
+    if layout.version == 0:
+        print(f"vserver {cfg.name}: warning: {layout.why}; starting without a cgroup "
+              f"(rlimits only{', cgroup/ settings ignored' if not cfg.cgroup.empty() else ''})",
+              file=sys.stderr)
+        return None
+    old = cgroups.existing(layout, cfg.name, cfg.cgroup_parent)
+    if old is not None:  # left by a crash
+        if old.pids():
+            raise BusyError(f"guest {cfg.name}'s cgroup {next(iter(old.dirs.values()))} still "
+                            f"has processes; stop them first")
+        old.remove()
+    return cgroups.create(layout, cfg.name, cfg.cgroup_parent, cfg.cgroup)
+
+
+def guest_cgroup(dirs: dict[str, str]) -> cgroups.GuestCgroup | None:
+    if not dirs:
+        return None
+    return cgroups.GuestCgroup(cgroups.Layout(2 if "unified" in dirs else 1),
+                               {k: Path(v) for k, v in dirs.items()})
+
+
+def _apply_limits(cfg: GuestConfig) -> None:  # pragma: no cover - in a forked child
+    """rlimits and nice, for a process about to exec inside the guest."""
+    for res, (soft, hard) in cfg.rlimits.items():
+        resource.setrlimit(res, (soft, hard))
+    if cfg.nice is not None:
+        os.setpriority(os.PRIO_PROCESS, 0, cfg.nice)
 
 
 def _cow_add(paths: Paths, at: str, name: str, root: str) -> None:
@@ -305,7 +346,8 @@ def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, re
     st = RunState(name=cfg.name, init_pid=init, init_start=_start_time(init) or 0,
                   monitor_pid=os.getpid(), monitor_start=_start_time(os.getpid()) or 0,
                   root=str(cfg.guest.root), cow=cow_at, started=time.time(),
-                  context=cfg.context, reaper=cfg.style in ("sysv", "none"))
+                  context=cfg.context, reaper=cfg.style in ("sysv", "none"),
+                  cgroup=dict(cfg.cgroup_dirs))
     write_state(paths, st)
     say(f"started: init pid {init} ({' '.join(cfg.init)})")
     os.write(report, json.dumps({"state": st.__dict__}).encode() + b"\n")
@@ -353,6 +395,9 @@ def _setup(cfg: GuestConfig, source: str, up: int, go: int, exec_fd: int,
         _network_guest(cfg)
         tree = _bind_root(cfg, source)
         socket.sethostname(cfg.nodename)
+        cg = guest_cgroup(cfg.cgroup_dirs)
+        if cg is not None:
+            cg.join()  # init and everything it starts are charged to the guest
         ns.unshare(ns.CLONE_NEWPID)
     except (OSError, VsError) as e:
         tell({"error": getattr(e, "message", None) or str(e),
@@ -409,6 +454,7 @@ def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int) -> None:  # pragma: n
     """pid 1 of the guest: /proc, /dev, pivot_root, capabilities, exec."""
     rfd = os.open(cfg.reaper, os.O_RDONLY | os.O_CLOEXEC) if cfg.reaper else -1
     _enter_root(cfg, tree)
+    _apply_limits(cfg)
     ns.limit_capabilities(set(cfg.keep_caps))
     os.setsid()
     _close_fds_but(exec_fd, rfd)
@@ -597,10 +643,15 @@ def stop(paths: Paths, cfg: GuestConfig) -> None:
                 os.kill(st.init_pid, cfg.stop_signal)
         else:
             os.kill(st.init_pid, cfg.stop_signal)
+        cg = guest_cgroup(st.cgroup)
         if not _wait_gone(st.init_pid, st.init_start, max(0.0, deadline - time.monotonic())):
+            if cg is not None:
+                cg.kill()  # every process of the guest, wherever it went
             if st.running:
                 os.kill(st.init_pid, signal.SIGKILL)
             _wait_gone(st.init_pid, st.init_start, 30)
+        if cg is not None:
+            cg.kill()  # whatever outlived its init
         if not _wait_gone(st.monitor_pid, st.monitor_start, 30) and st.monitoring:
             os.kill(st.monitor_pid, signal.SIGKILL)
         if read_state(paths, cfg.name) is not None:
@@ -608,7 +659,15 @@ def stop(paths: Paths, cfg: GuestConfig) -> None:
 
 
 def cleanup(paths: Paths, st: RunState) -> None:
-    """What is left of a guest whose init has ended: its overlay share and run state."""
+    """What is left of a guest whose init has ended: its processes (by its cgroup), its
+    cgroup, its overlay share and run state."""
+    cg = guest_cgroup(st.cgroup)
+    if cg is not None:
+        try:
+            cg.kill()
+            cg.remove()
+        except OSError as e:
+            print(f"vserver {st.name}: cannot remove its cgroup: {e}", file=sys.stderr)
     if st.cow:
         try:
             _cow_remove(paths, st.cow, st.name)
@@ -645,6 +704,9 @@ def run_in(paths: Paths, cfg: GuestConfig, st: RunState, argv: list[str],
     if child == 0:  # pragma: no cover - child
         try:
             os.close(ex_r)
+            cg = guest_cgroup(st.cgroup)
+            if cg is not None:
+                cg.join()  # charged to the guest, ended with it
             for kind in ("ipc", "uts", "net", "pid", "mnt"):
                 ns.setns(fds[kind])
             os.fchdir(rootfd)
@@ -657,6 +719,7 @@ def run_in(paths: Paths, cfg: GuestConfig, st: RunState, argv: list[str],
                     import fcntl
                     import termios
                     fcntl.ioctl(0, termios.TIOCSCTTY, 1)
+                _apply_limits(cfg)
                 ns.limit_capabilities(set(cfg.keep_caps))
                 _close_fds_but(ex_w)
                 env = {"PATH": GUEST_PATH, "HOME": "/root", "container": "vserver",
@@ -762,6 +825,9 @@ def _run_temporary(cfg: GuestConfig, st: RunState | None, source: str, argv: lis
         try:
             os.close(ex_r)
             if st is not None:
+                cg = guest_cgroup(st.cgroup)
+                if cg is not None:
+                    cg.join()
                 for kind in ("ipc", "uts", "net", "pid"):
                     ns.setns(fds[kind])
             else:
@@ -829,6 +895,7 @@ def _lead(cfg: GuestConfig, argv: list[str], tty: bool, ex_w: int) -> None:  # p
             import fcntl
             import termios
             fcntl.ioctl(0, termios.TIOCSCTTY, 1)
+        _apply_limits(cfg)
         ns.limit_capabilities(set(cfg.keep_caps))
         _close_fds_but(ex_w)
         env = {"PATH": GUEST_PATH, "HOME": "/root", "container": "vserver",

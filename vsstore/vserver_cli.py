@@ -311,9 +311,15 @@ def guest_usage(st: lifecycle.RunState) -> dict[str, object]:
         stime += int(fields[12])
         vsz += int(fields[20])
         rss += int(fields[21]) * page
-    return {"name": st.name, "context": st.context, "processes": len(pids), "vsz": vsz,
-            "rss": rss, "utime_s": utime / tick, "stime_s": stime / tick,
-            "uptime_s": time.time() - st.started, "init_pid": st.init_pid}
+    row: dict[str, object] = {
+        "name": st.name, "context": st.context, "processes": len(pids), "vsz": vsz,
+        "rss": rss, "utime_s": utime / tick, "stime_s": stime / tick,
+        "uptime_s": time.time() - st.started, "init_pid": st.init_pid}
+    cg = lifecycle.guest_cgroup(st.cgroup)
+    if cg is not None:  # what the kernel charges the guest, and its limits
+        u = cg.usage()
+        row["cgroup"] = {"processes": len(cg.pids()), **u}
+    return row
 
 
 def _human(n: float) -> str:
@@ -322,6 +328,17 @@ def _human(n: float) -> str:
             return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
         n /= 1024
     return f"{n:.1f}P"
+
+
+def _cg_cols(cg: object) -> str:
+    def h(v: object) -> str:
+        return "-" if v is None else _human(v)  # type: ignore[arg-type]
+    if not isinstance(cg, dict):
+        return f"{'-':>8} {'-':>7} {'-':>7} {'-':>8} {'-':>8}"
+    pm = cg.get("pids_max")
+    return (f"{h(cg.get('memory')):>8} {h(cg.get('memory_file')):>7} "
+            f"{h(cg.get('memory_anon')):>7} {h(cg.get('memory_max')):>8} "
+            f"{'-' if pm is None else pm:>8}")
 
 
 def stat_main(argv: list[str] | None = None) -> int:
@@ -352,12 +369,14 @@ def stat_main(argv: list[str] | None = None) -> int:
             print(json.dumps({"guests": rows, "memory": mem} if mem else rows, indent=2))
             return EXIT_OK
         print(f"{'CTX':>5} {'PROC':>5} {'VSZ':>7} {'RSS':>7} {'userTIME':>9} "
-              f"{'sysTIME':>9} {'UPTIME':>9} NAME")
+              f"{'sysTIME':>9} {'UPTIME':>9} {'CHARGED':>8} {'FILE':>7} {'ANON':>7} "
+              f"{'MEM.MAX':>8} {'PIDS.MAX':>8} NAME")
         for r in rows:
             print(f"{r['context'] if r['context'] is not None else '-':>5} "
                   f"{r['processes']:>5} {_human(r['vsz']):>7} "  # type: ignore[arg-type]
                   f"{_human(r['rss']):>7} {r['utime_s']:>8.2f}s {r['stime_s']:>8.2f}s "  # type: ignore[arg-type]
-                  f"{_uptime(time.time() - r['uptime_s']):>9} {r['name']}")  # type: ignore[operator]
+                  f"{_uptime(time.time() - r['uptime_s']):>9} "  # type: ignore[operator]
+                  f"{_cg_cols(r.get('cgroup'))} {r['name']}")
         if mem:
             t = mem["total"]
             print(f"file-backed memory: {_human(t['with_unification'])} with unification, "  # type: ignore[index]
