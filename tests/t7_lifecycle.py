@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, flags, inode
+from vsstore import cgroups
 from vsstore.errors import EXIT_CONFIG, EXIT_STATE
 
 BUSYBOX = "/bin/busybox"
@@ -473,6 +474,9 @@ def test_memory_of_two_running_guests_sharing_a_binary_is_shared(vs, host):
     assert t["saved"] == t["without_unification"] - t["with_unification"]
     assert mem["top_shared"][0]["path"].endswith("/bin/busybox")
     assert mem["top_shared"][0]["guests"] == 2
+    if cgroups.detect().version:  # the cgroup's charge, as vserver-stat shows it
+        for g in ("g1", "g2"):
+            assert mem["guests"][g]["cgroup"]["memory"] > 0
     st = vs.stat_memory()
     assert {r["name"] for r in st["guests"]} == {"g1", "g2"}
     assert all(r["shared_file_rss"] > 0 for r in st["guests"])

@@ -88,8 +88,15 @@ def measure_running(paths) -> dict[str, object]:  # type: ignore[no-untyped-def]
     from . import lifecycle
     from .config import configured_guests
     pids: dict[str, list[int]] = {}
+    charged: dict[str, dict[str, int | None]] = {}
     for g in configured_guests(paths):
         st = lifecycle.running(paths, g.name)
         if st is not None:
             pids[g.name] = lifecycle.guest_pids(st, own=False)
-    return measure(pids)
+            cg = lifecycle.guest_cgroup(st.cgroup)
+            if cg is not None:  # what the kernel charges it, as vserver-stat shows
+                charged[g.name] = cg.usage()
+    out = measure(pids)
+    for name, usage in charged.items():
+        out["guests"][name]["cgroup"] = usage  # type: ignore[index]
+    return out
