@@ -33,7 +33,7 @@ import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import cgroups, ns
 from .config import Paths
@@ -712,28 +712,11 @@ def run_in(paths: Paths, cfg: GuestConfig, st: RunState, argv: list[str],
             os.fchdir(rootfd)
             os.chroot(".")
             os.chdir("/")
-            grandchild = os.fork()
+            grandchild = os.fork()  # into the guest's pid namespace
             if grandchild == 0:
-                os.setsid()
-                if tty and os.isatty(0):
-                    import fcntl
-                    import termios
-                    fcntl.ioctl(0, termios.TIOCSCTTY, 1)
-                _apply_limits(cfg)
-                ns.limit_capabilities(set(cfg.keep_caps))
-                _close_fds_but(ex_w)
-                env = {"PATH": GUEST_PATH, "HOME": "/root", "container": "vserver",
-                       "TERM": os.environ.get("TERM", "dumb")}
-                try:
-                    os.execvpe(argv[0], argv, env)
-                except OSError as e:
-                    os.write(ex_w, f"cannot run {argv[0]} inside guest {cfg.name}: "
-                                   f"{e.strerror}".encode())
-                os._exit(127)
+                _exec_command(cfg, argv, tty, ex_w)
             os.close(ex_w)
-            _, status = os.waitpid(grandchild, 0)
-            code = os.waitstatus_to_exitcode(status)
-            os._exit(128 - code if code < 0 else code)
+            os._exit(_wait_passing_signals(grandchild))
         except BaseException as e:  # noqa: BLE001
             try:
                 os.write(ex_w, f"cannot enter guest {cfg.name}: {e}".encode())
@@ -890,23 +873,30 @@ def _lead(cfg: GuestConfig, argv: list[str], tty: bool, ex_w: int) -> None:  # p
     ignore signals), pass signals on, reap, exit with its code."""
     worker = os.fork()
     if worker == 0:
-        os.setsid()
-        if tty and os.isatty(0):
-            import fcntl
-            import termios
-            fcntl.ioctl(0, termios.TIOCSCTTY, 1)
-        _apply_limits(cfg)
-        ns.limit_capabilities(set(cfg.keep_caps))
-        _close_fds_but(ex_w)
-        env = {"PATH": GUEST_PATH, "HOME": "/root", "container": "vserver",
-               "TERM": os.environ.get("TERM", "dumb")}
-        try:
-            os.execvpe(argv[0], argv, env)
-        except OSError as e:
-            os.write(ex_w, f"cannot run {argv[0]} inside guest {cfg.name}: "
-                           f"{e.strerror}".encode())
-        os._exit(127)
+        _exec_command(cfg, argv, tty, ex_w)
     os.close(ex_w)
     ns.limit_capabilities(set(cfg.keep_caps))
     _close_fds_but()
     os._exit(_wait_passing_signals(worker, reap_all=os.getpid() == 1))
+
+
+def _exec_command(cfg: GuestConfig, argv: list[str], tty: bool,
+                  ex_w: int) -> NoReturn:  # pragma: no cover - in a forked child
+    """Become the command, inside the guest already: a new session (the terminal as its
+    controlling tty for enter), the guest's limits and capabilities, no inherited fds.
+    Why exec failed goes to ``ex_w`` (close-on-exec: empty means it ran)."""
+    os.setsid()
+    if tty and os.isatty(0):
+        import fcntl
+        import termios
+        fcntl.ioctl(0, termios.TIOCSCTTY, 1)
+    _apply_limits(cfg)
+    ns.limit_capabilities(set(cfg.keep_caps))
+    _close_fds_but(ex_w)
+    env = {"PATH": GUEST_PATH, "HOME": "/root", "container": "vserver",
+           "TERM": os.environ.get("TERM", "dumb")}
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as e:
+        os.write(ex_w, f"cannot run {argv[0]} inside guest {cfg.name}: {e.strerror}".encode())
+    os._exit(127)
