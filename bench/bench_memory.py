@@ -16,41 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-CORPUS = Path(os.environ.get("VSSTORE_BENCH_CACHE", "/var/cache/vsstore-bench")) / "debian"
+from benchhost import CORPUS, Host, drop_caches, emit, log
+
 SOURCE = "bookworm-services"
 PROGRAMS = [["/usr/sbin/nginx"], ["/usr/sbin/rsyslogd"]]
 SETTLE = 3.0
 
-
-def log(msg: str) -> None:
-    print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-
-class Host:
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.env = {**os.environ, "VSERVERS_CONFDIR": str(base / "etc"),
-                    "VSERVERS_ROOT": str(base / "vservers"),
-                    "VSSTORE_STATEDIR": str(base / "state"), "VSSTORE_RUNDIR": str(base / "run"),
-                    "VSSTORE_LOGDIR": str(base / "log")}
-
-    def cli(self, module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=self.env,
-                           capture_output=True, text=True, timeout=600)
-        if check and p.returncode != 0:
-            raise RuntimeError(f"{module} {' '.join(args)}: exit {p.returncode}: {p.stderr}")
-        return p
-
-    def vserver(self, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.cli("vsstore.vserver_cli", name, *args, check=check)
 
 
 def meminfo() -> dict[str, int]:
@@ -61,11 +38,6 @@ def meminfo() -> dict[str, int]:
             out[k] = int(v.split()[0]) * 1024
     return out
 
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def make_guests(host: Host, n: int) -> list[str]:
@@ -171,16 +143,10 @@ def main() -> int:
     finally:
         for g in sorted((base / "etc").glob("*")) if (base / "etc").exists() else []:
             host.vserver(g.name, "stop", check=False)
-        subprocess.run(["fusermount3", "-u", "-z", str(base / "run/cow")],
-                       capture_output=True)
-        from vsstore.attrs import unseal_tree
-        unseal_tree(base)
-        shutil.rmtree(base, ignore_errors=True)
+        host.remove()
     cmd = "python bench/bench_memory.py " + " ".join(sys.argv[1:])
     md = markdown(results, args.guests, cmd.strip(), time.monotonic() - t0)
-    print(md)
-    if args.markdown:
-        Path(args.markdown).write_text(md)
+    emit(md, args.markdown)
     return 0
 
 

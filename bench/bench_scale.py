@@ -16,42 +16,17 @@ import argparse
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-CORPUS = Path(os.environ.get("VSSTORE_BENCH_CACHE", "/var/cache/vsstore-bench")) / "debian"
+from benchhost import CORPUS, Host, drop_caches, emit, log
+
 SOURCE = "bookworm-minbase"
 
 
-def log(msg: str) -> None:
-    print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-class Host:
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.env = {**os.environ, "VSERVERS_CONFDIR": str(base / "etc"),
-                    "VSERVERS_ROOT": str(base / "vservers"),
-                    "VSSTORE_STATEDIR": str(base / "state"), "VSSTORE_RUNDIR": str(base / "run"),
-                    "VSSTORE_LOGDIR": str(base / "log")}
-
-    def cli(self, module: str, *args: str) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=self.env,
-                           capture_output=True, text=True, timeout=3600)
-        if p.returncode != 0:
-            raise RuntimeError(f"{module} {' '.join(args)}: exit {p.returncode}: {p.stderr}")
-        return p
 
 
 def make_guest(host: Host, name: str, i: int) -> None:
@@ -118,9 +93,7 @@ def one_size(n: int) -> dict[str, object]:
         log(f"size {n}: {res}")
         return res
     finally:
-        from vsstore.attrs import unseal_tree
-        unseal_tree(base)
-        shutil.rmtree(base, ignore_errors=True)
+        host.remove()
 
 
 SIZES = [5, 10, 20, 30]
@@ -168,9 +141,7 @@ def main() -> int:
     rows = [one_size(n) for n in SIZES]
     md = markdown(rows, ("python bench/bench_scale.py " + " ".join(sys.argv[1:])).strip(),
                   time.monotonic() - t0)
-    print(md)
-    if args.markdown:
-        Path(args.markdown).write_text(md)
+    emit(md, args.markdown)
     return 0
 
 
