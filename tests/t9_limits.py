@@ -157,3 +157,15 @@ def test_a_bad_limit_is_a_clear_error_and_nothing_starts(vs, host, rel, text, wo
     assert "Traceback" not in p.stderr
     assert vs.state("g1") is None
     assert cgroups.existing(LAYOUT, "g1", None) is None
+
+
+def test_without_cgroups_start_warns_and_applies_rlimits_alone(vs, host):
+    vs.guest("g1", conf={"rlimits/nofile": "222\n", "cgroup/pids.max": "30\n"})
+    vs.env["VSSTORE_CGROUPS"] = "none"
+    p = vs("start", "g1")
+    assert "warning" in p.stderr and "VSSTORE_CGROUPS=none" in p.stderr
+    assert "cgroup/ settings ignored" in p.stderr
+    assert vs.state("g1")["cgroup"] == {}
+    assert cgroups.existing(LAYOUT, "g1", None) is None
+    assert vs.exec("g1", "sh", "-c", "ulimit -n").strip() == "222"
+    vs("stop", "g1")

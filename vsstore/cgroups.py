@@ -172,6 +172,10 @@ def _self_cgroups(text: str) -> tuple[str | None, dict[str, str]]:
 
 
 def detect(mountinfo: str | None = None, self_cgroup: str | None = None) -> Layout:
+    """The host's layout.  VSSTORE_CGROUPS=none makes guests run without cgroups (rlimits
+    alone), for hosts where another manager owns the hierarchy."""
+    if mountinfo is None and os.environ.get("VSSTORE_CGROUPS") == "none":
+        return Layout(0, why="cgroups switched off (VSSTORE_CGROUPS=none)")
     mountinfo = mountinfo if mountinfo is not None else Path("/proc/self/mountinfo").read_text()
     self_cgroup = self_cgroup if self_cgroup is not None else Path("/proc/self/cgroup").read_text()
     my2, my1 = _self_cgroups(self_cgroup)
