@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, flags, inode
-from vsstore import cgroups
+from vsstore import attrs, cgroups
 from vsstore.errors import EXIT_CONFIG, EXIT_STATE
 
 BUSYBOX = "/bin/busybox"
@@ -179,6 +179,10 @@ def test_clone_links_what_the_source_shares_and_copies_the_rest(vs, host):
     assert (host.conf / "g2/apps/init/cmd.start").read_text().startswith("/bin/sh")
     assert os.readlink(new / "bin/sh") == "busybox"
     assert inode(new / "bin/busybox") == inode(host.root / "g1/bin/busybox")
+    private = new / "etc/own-g1"
+    fd = os.open(private, os.O_RDONLY)
+    attrs.set_immutable(fd, True)  # a guest's own immutable file goes too
+    os.close(fd)
     vs("delete", "g2", "--force")
     assert not new.exists() and not (host.conf / "g2").exists()
     assert (host.root / "g1/usr/lib/libx.so").read_bytes() == lib

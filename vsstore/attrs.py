@@ -114,10 +114,15 @@ def unseal_tree(path: str | os.PathLike[str]) -> None:
             except OSError:
                 continue
             try:
-                if syscalls.get_inode_flags(fd) & (syscalls.FS_IMMUTABLE_FL | syscalls.FS_APPEND_FL):
-                    syscalls.set_inode_flags(fd, syscalls.get_inode_flags(fd) &
-                                             ~(syscalls.FS_IMMUTABLE_FL | syscalls.FS_APPEND_FL))
+                clear_flags(fd)
             except OSError:
                 pass
             finally:
                 os.close(fd)
+
+
+def clear_flags(fd: int) -> None:
+    """Clear the immutable and append-only flags (both forbid unlink) of an open file."""
+    flags = syscalls.get_inode_flags(fd)
+    if flags & (syscalls.FS_IMMUTABLE_FL | syscalls.FS_APPEND_FL):
+        syscalls.set_inode_flags(fd, flags & ~(syscalls.FS_IMMUTABLE_FL | syscalls.FS_APPEND_FL))

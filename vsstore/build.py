@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import attrs
-from .attrs import unseal_tree
 from .config import Guest, Paths, configured_guests, valid_name
 from .errors import ConfigError, StateError
 from .private import copy_file, unsealed
@@ -254,8 +253,12 @@ def remove_guest_tree(root: Path) -> None:
                 else:
                     try:
                         os.unlink(f, dir_fd=dfd)
-                    except PermissionError:  # an immutable private file
-                        unseal_tree(Path(dirpath) / f)
+                    except PermissionError:  # an immutable or append-only private file
+                        fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+                        try:
+                            attrs.clear_flags(fd)
+                        finally:
+                            os.close(fd)
                         os.unlink(f, dir_fd=dfd)
             for d in dirnames:
                 try:
