@@ -211,7 +211,6 @@ def detect(mountinfo: str | None = None, self_cgroup: str | None = None) -> Layo
 class GuestCgroup:
     """The directories of one guest's cgroup: one on v2, one per controller on v1."""
 
-    layout: Layout
     dirs: dict[str, Path]  # "unified" -> dir (v2), or controller -> dir (v1)
 
     def procs_files(self) -> list[Path]:
@@ -376,12 +375,12 @@ def create(layout: Layout, name: str, parent: str | None, lim: Limits) -> GuestC
             except OSError:
                 pass
         raise
-    return GuestCgroup(layout, {k: v for k, v in dirs.items() if v in made})
+    return GuestCgroup({k: v for k, v in dirs.items() if v in made})
 
 
 def existing(layout: Layout, name: str, parent: str | None) -> GuestCgroup | None:
     dirs = {k: v for k, v in guest_dirs(layout, name, parent).items() if v.is_dir()}
-    return GuestCgroup(layout, dirs) if dirs else None
+    return GuestCgroup(dirs) if dirs else None
 
 
 def _write(p: Path, value: str) -> None:

@@ -19,6 +19,7 @@ time, so a reused pid is never taken for the guest.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -209,8 +210,7 @@ def _make_cgroup(cfg: GuestConfig) -> cgroups.GuestCgroup | None:
 def guest_cgroup(dirs: dict[str, str]) -> cgroups.GuestCgroup | None:
     if not dirs:
         return None
-    return cgroups.GuestCgroup(cgroups.Layout(2 if "unified" in dirs else 1),
-                               {k: Path(v) for k, v in dirs.items()})
+    return cgroups.GuestCgroup({k: Path(v) for k, v in dirs.items()})
 
 
 def _apply_limits(cfg: GuestConfig) -> None:  # pragma: no cover - in a forked child
@@ -286,13 +286,7 @@ def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, re
     os.dup2(null, 0)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    keep = {0, 1, 2, report}
-    for n in os.listdir("/proc/self/fd"):  # the caller's locks and files are not ours
-        if int(n) not in keep:
-            try:
-                os.close(int(n))
-            except OSError:
-                pass
+    _close_fds_but(report)  # the caller's locks and files are not ours
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
     sys.stderr = sys.stdout
     ns.prctl(ns.PR_SET_CHILD_SUBREAPER, 1)
@@ -680,36 +674,49 @@ def cleanup(paths: Paths, st: RunState) -> None:
 
 # -- exec / enter ------------------------------------------------------------------------
 
+def _open_guest(cfg: GuestConfig, st: RunState, kinds: tuple[str, ...]) -> dict[str, int]:
+    """Descriptors of the running guest's namespaces ``kinds`` (and "root": its root
+    directory), opened before forking and checked to be its still (a pid may be reused)."""
+    fds: dict[str, int] = {}
+    try:
+        for kind in kinds:
+            where = "root" if kind == "root" else f"ns/{kind}"
+            fds[kind] = os.open(f"/proc/{st.init_pid}/{where}", os.O_RDONLY | os.O_CLOEXEC)
+        if not st.running:
+            raise ProcessLookupError(errno.ESRCH, "its init is gone")
+    except OSError as e:
+        for fd in fds.values():
+            os.close(fd)
+        raise StateError(f"guest {cfg.name}: cannot join it ({e.strerror}); is it "
+                         f"running?") from None
+    return fds
+
+
+def _join_guest(st: RunState, fds: dict[str, int]) -> None:  # pragma: no cover - child
+    """Join the guest's cgroup (charged to it, ended with it) and then the namespaces in
+    ``fds``; pid takes effect for the children."""
+    cg = guest_cgroup(st.cgroup)
+    if cg is not None:
+        cg.join()
+    for kind in ("ipc", "uts", "net", "pid", "mnt"):
+        if kind in fds:
+            ns.setns(fds[kind])
+
+
 def run_in(paths: Paths, cfg: GuestConfig, st: RunState, argv: list[str],
            timeout: float | None = None, tty: bool = False) -> int:
     """Run ``argv`` inside the running guest: its namespaces, root and reduced capabilities,
     a new session.  Returns its exit code (128+N for a signal)."""
     if not argv:
         raise ConfigError("no command given; vserver NAME exec COMMAND [ARGS...]")
-    fds = {}
-    try:
-        for kind in ("ipc", "uts", "net", "pid", "mnt"):
-            fds[kind] = os.open(f"/proc/{st.init_pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
-        rootfd = os.open(f"/proc/{st.init_pid}/root", os.O_RDONLY | os.O_DIRECTORY |
-                         os.O_CLOEXEC)
-    except OSError as e:
-        for fd in fds.values():
-            os.close(fd)
-        raise StateError(f"guest {cfg.name}: cannot join it ({e.strerror}); is it "
-                         f"running?") from None
-    if not st.running:  # the pid could have been reused between read and open
-        raise StateError(f"guest {cfg.name} is not running")
+    fds = _open_guest(cfg, st, ("ipc", "uts", "net", "pid", "mnt", "root"))
     ex_r, ex_w = os.pipe2(os.O_CLOEXEC)
     child = os.fork()
     if child == 0:  # pragma: no cover - child
         try:
             os.close(ex_r)
-            cg = guest_cgroup(st.cgroup)
-            if cg is not None:
-                cg.join()  # charged to the guest, ended with it
-            for kind in ("ipc", "uts", "net", "pid", "mnt"):
-                ns.setns(fds[kind])
-            os.fchdir(rootfd)
+            _join_guest(st, fds)
+            os.fchdir(fds["root"])
             os.chroot(".")
             os.chdir("/")
             grandchild = os.fork()  # into the guest's pid namespace
@@ -722,7 +729,7 @@ def run_in(paths: Paths, cfg: GuestConfig, st: RunState, argv: list[str],
                 os.write(ex_w, f"cannot enter guest {cfg.name}: {e}".encode())
             finally:
                 os._exit(127)
-    for fd in (*fds.values(), rootfd, ex_w):
+    for fd in (*fds.values(), ex_w):
         os.close(fd)
     end = None if timeout is None else time.monotonic() + timeout
     while True:
@@ -790,29 +797,14 @@ def run_cow(paths: Paths, cfg: GuestConfig, argv: list[str], tty: bool = False) 
 
 def _run_temporary(cfg: GuestConfig, st: RunState | None, source: str, argv: list[str],
                    tty: bool) -> int:
-    fds: dict[str, int] = {}
-    if st is not None:
-        try:
-            for kind in ("ipc", "uts", "net", "pid"):
-                fds[kind] = os.open(f"/proc/{st.init_pid}/ns/{kind}",
-                                    os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            for fd in fds.values():
-                os.close(fd)
-            raise StateError(f"guest {cfg.name}: cannot join it ({e.strerror})") from None
-        if not st.running:
-            raise StateError(f"guest {cfg.name} stopped meanwhile")
+    fds = _open_guest(cfg, st, ("ipc", "uts", "net", "pid")) if st is not None else {}
     ex_r, ex_w = os.pipe2(os.O_CLOEXEC)
     child = os.fork()
     if child == 0:  # pragma: no cover - child
         try:
             os.close(ex_r)
             if st is not None:
-                cg = guest_cgroup(st.cgroup)
-                if cg is not None:
-                    cg.join()
-                for kind in ("ipc", "uts", "net", "pid"):
-                    ns.setns(fds[kind])
+                _join_guest(st, fds)
             else:
                 ns.unshare(ns.CLONE_NEWUTS | ns.CLONE_NEWIPC)
                 socket.sethostname(cfg.nodename)

@@ -153,7 +153,7 @@ def package_command(paths: Paths, name: str, argv: list[str], unify: bool = True
     code = lifecycle.run_cow(paths, _cfg(paths, name), argv)
     if code == EXIT_OK and unify:
         ucode = _unify_after(paths, name)
-        if ucode not in (EXIT_OK,):
+        if ucode != EXIT_OK:
             print(f"vserver: the package command succeeded; vsunify afterwards exited "
                   f"{ucode}", file=sys.stderr)
     return code
