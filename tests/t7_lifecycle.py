@@ -420,14 +420,21 @@ CORPUS = Path(os.environ.get("VSSTORE_BENCH_CACHE", "/var/cache/vsstore-bench"))
 @pytest.mark.skipif(not (CORPUS / "bookworm-minbase/.complete").exists(),
                     reason=f"no Debian corpus in {CORPUS}: run bench/corpus.sh "
                            f"(scripts/setup test does)")
+def debian_guest(host, name: str) -> Path:  # type: ignore[no-untyped-def]
+    """A configured guest copied from the cached corpus (bookworm minbase), of style none
+    (no systemd: services come by exec)."""
+    root = host.root / name
+    subprocess.run(["cp", "-a", str(CORPUS / "bookworm-minbase"), str(root)], check=True)
+    c = host.conf / name
+    (c / "apps/init").mkdir(parents=True)
+    os.symlink(root, c / "vdir")
+    (c / "apps/init/style").write_text("none\n")
+    return root
+
+
 def test_unified_debian_guests_run_one_through_cow_one_directly(vs, host):
     for g in ("deb1", "deb2"):
-        subprocess.run(["cp", "-a", str(CORPUS / "bookworm-minbase"), str(host.root / g)],
-                       check=True)
-        c = host.conf / g
-        (c / "apps/init").mkdir(parents=True)
-        os.symlink(host.root / g, c / "vdir")
-        (c / "apps/init/style").write_text("none\n")  # no systemd: services come by exec
+        debian_guest(host, g)
     (host.conf / "deb1/cow").touch()
     host.vsunify("run", "deb1", "deb2")
     doc = "usr/share/doc/base-files/README"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, flags, inode
-from t7_lifecycle import CORPUS, Vserver, _host_mounts
+from t7_lifecycle import CORPUS, Vserver, _eventually, _host_mounts, debian_guest
 
 pytestmark = pytest.mark.skipif(
     not (CORPUS / "bookworm-minbase/.complete").exists(),
@@ -54,12 +54,7 @@ def debs(host):  # type: ignore[no-untyped-def]
     work.mkdir()
     pkgs = {"1.0": _deb(work, "1.0", V1), "2.0": _deb(work, "2.0", V2)}
     for g in ("a", "b"):
-        subprocess.run(["cp", "-a", str(CORPUS / "bookworm-minbase"), str(host.root / g)],
-                       check=True)
-        c = host.conf / g
-        (c / "apps/init").mkdir(parents=True)
-        os.symlink(host.root / g, c / "vdir")
-        (c / "apps/init/style").write_text("none\n")
+        debian_guest(host, g)
         for p in pkgs.values():
             (host.root / g / "root" / p.name).write_bytes(p.read_bytes())
         r = vs("exec", g, "--cow", "dpkg", "-i", f"/root/{pkgs['1.0'].name}")
@@ -154,30 +149,33 @@ def test_a_killed_upgrade_leaves_no_mount_behind(debs, host):
     p = debs("exec", "a", "--cow", "sh", "-c", "kill -9 $$", check=False)
     assert p.returncode == 137
     assert cow not in _host_mounts()
-    # the vserver process itself killed: its share is swept by the next exec --cow
-    proc = subprocess.Popen([sys.executable, "-m", "vsstore.vserver_cli", "a", "exec",
-                             "--cow", "sleep", "60"], cwd=REPO, env=debs.env)
-    for _ in range(200):
-        if cow in _host_mounts():
-            break
-        time.sleep(0.05)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)  # passed on to the command; the share goes
-    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    # the vserver process itself signalled, then killed outright
+    proc = _exec_cow_in_background(debs, cow, "sleep", "60")
+    try:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # passed on to the command; the share goes
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
     assert cow not in _host_mounts()
-    proc = subprocess.Popen([sys.executable, "-m", "vsstore.vserver_cli", "a", "exec",
-                             "--cow", "sleep", "2"], cwd=REPO, env=debs.env)
-    for _ in range(200):
-        if cow in _host_mounts():
-            break
-        time.sleep(0.05)
-    proc.kill()  # no clean-up at all
+    proc = _exec_cow_in_background(debs, cow, "sleep", "2")
+    proc.kill()  # no clean-up at all: its share is swept by the next exec --cow
     proc.wait()
     time.sleep(2.5)  # the command ends by itself
     state = json.loads(next((host.base / "run/vscow").glob("*.json")).read_text())
     assert f"a~{proc.pid}" in state["guests"]
     assert debs("exec", "b", "--cow", "true").returncode == 0  # sweeps the stale share
     assert cow not in _host_mounts()
+
+
+def _exec_cow_in_background(vs, cow: str, *cmd: str) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+    """``vserver a exec --cow CMD`` started, returned once the overlay is mounted."""
+    proc = subprocess.Popen([sys.executable, "-m", "vsstore.vserver_cli", "a", "exec",
+                             "--cow", *cmd], cwd=REPO, env=vs.env)
+    if not _eventually(lambda: cow in _host_mounts()):
+        proc.kill()
+        raise AssertionError("the overlay never came up")
+    return proc
 
 
 def test_vsunify_leaves_out_a_guest_whose_package_manager_holds_its_lock(debs, host):

@@ -14,6 +14,7 @@ from conftest import REPO
 from t7_lifecycle import IDLE, Vserver, _eventually, _gone, _pid_ns, _procs_in_ns
 from vsstore import cgroups
 from vsstore.errors import EXIT_CONFIG
+from vsstore.lifecycle import guest_cgroup
 
 LAYOUT = cgroups.detect()
 pytestmark = pytest.mark.skipif(LAYOUT.version == 0, reason=f"no cgroups here: {LAYOUT.why}")
@@ -31,10 +32,8 @@ def vs(host):  # type: ignore[no-untyped-def]
 
 
 def _cg(vs, name: str) -> cgroups.GuestCgroup:  # type: ignore[no-untyped-def]
-    st = vs.state(name)
-    cg = cgroups.GuestCgroup(LAYOUT, {k: __import__("pathlib").Path(v)
-                                      for k, v in st["cgroup"].items()})
-    assert cg.dirs and all(d.is_dir() for d in cg.dirs.values())
+    cg = guest_cgroup(vs.state(name)["cgroup"])
+    assert cg is not None and all(d.is_dir() for d in cg.dirs.values())
     return cg
 
 
