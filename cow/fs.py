@@ -25,14 +25,16 @@ import os
 import queue
 import stat
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import pyfuse3
 
 from vsstore import attrs, syscalls
 from vsstore.attrs import is_ours
-from vsstore.private import privatize, tmp_name, unsealed
+from vsstore.private import privatize, tmp_name
 from vsstore.safetree import GuestTree
+from vsstore.window import unsealed
 
 log = logging.getLogger("vsstore.cow")
 
@@ -405,7 +407,7 @@ class CowFS(pyfuse3.Operations):
                     return
                 t = tmp_name()
                 os.link(cbase, t, src_dir_fd=cdfd, dst_dir_fd=dfd, follow_symlinks=False)
-                with unsealed(ofd, self.immutable):
+                with unsealed(ofd, self.immutable, what=f"{guest}:/{rel}"):
                     syscalls.renameat2(dfd, t, dfd, base, syscalls.RENAME_EXCHANGE)
                     if os.stat(t, dir_fd=dfd, follow_symlinks=False).st_ino != node.ino:
                         syscalls.renameat2(dfd, t, dfd, base, syscalls.RENAME_EXCHANGE)
@@ -638,6 +640,15 @@ class CowFS(pyfuse3.Operations):
         guest, rel = self._dir_of(parent_inode)
         return guest, rel, os.fsdecode(name), self._open_dir((guest, rel))
 
+    def _open_shared(self, guest: str, n: str, dfd: int) -> int:
+        """Open a file with several names whose seal a name operation must lift: only an
+        inode sealed by us (marked); an immutable flag set by someone else stays."""
+        fd = self.trees[guest].open_regular(n, dirfd=dfd)
+        if self.immutable and attrs.is_immutable(fd) and not attrs.has_marker(fd):
+            os.close(fd)
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return fd
+
     async def _make(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
                     make) -> pyfuse3.EntryAttributes:  # type: ignore[no-untyped-def]
         guest, rel, n, dfd = self._in_dir(parent_inode, name)
@@ -668,9 +679,9 @@ class CowFS(pyfuse3.Operations):
             elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                 # A shared inode: only this guest's name goes; the seal is lifted for the
                 # unlink and put back (FS_IMMUTABLE_FL forbids unlink).
-                fd = self.trees[guest].open_regular(n, dirfd=dfd)
+                fd = self._open_shared(guest, n, dfd)
                 try:
-                    with unsealed(fd, self.immutable):
+                    with unsealed(fd, self.immutable, what=f"{guest}:/{_join(rel, n)}"):
                         os.unlink(n, dir_fd=dfd)
                 finally:
                     os.close(fd)
@@ -701,25 +712,18 @@ class CowFS(pyfuse3.Operations):
                 dst: os.stat_result | None = os.stat(b, dir_fd=d2, follow_symlinks=False)
             except FileNotFoundError:
                 dst = None
-            held: list[int] = []
-            sealed: list[int] = []
-            try:  # a shared inode on either side must be unsealed for the rename
-                for d, n in ((d1, a), (d2, b)):
+            with ExitStack() as windows:  # a shared inode on either side: unsealed for it
+                for d, rel, n in ((d1, r1, a), (d2, r2, b)):
                     try:
                         st = os.stat(n, dir_fd=d, follow_symlinks=False)
                     except FileNotFoundError:
                         continue
                     if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                        held.append(self.trees[g1].open_regular(n, dirfd=d))
-                sealed = [fd for fd in held if attrs.is_immutable(fd)]
-                for fd in sealed:
-                    attrs.set_immutable(fd, False)
+                        fd = self._open_shared(g1, n, d)
+                        windows.callback(os.close, fd)
+                        windows.enter_context(unsealed(fd, self.immutable,
+                                                       what=f"{g1}:/{_join(rel, n)}"))
                 syscalls.renameat2(d1, a, d2, b, flags)
-            finally:
-                for fd in held:
-                    if fd in sealed:
-                        attrs.set_immutable(fd, True)
-                    os.close(fd)
         except OSError as e:
             raise _err(e) from None
         finally:
@@ -747,9 +751,9 @@ class CowFS(pyfuse3.Operations):
         d1, d2 = self._open_dir((g, sh)), self._open_dir((g, rel))
         n = os.fsdecode(new_name)
         try:
-            fd = self.trees[g].open_regular(sb, dirfd=d1)
+            fd = self._open_shared(g, sb, d1)
             try:
-                with unsealed(fd, self.immutable):
+                with unsealed(fd, self.immutable, what=f"{g}:/{src[1]}"):
                     os.link(sb, n, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
             finally:
                 os.close(fd)

@@ -16,9 +16,12 @@ For one store object O and the guest files J that should become names of O:
 3. If a J's lease was broken (someone opened J for writing meanwhile), J's names are swapped
    back, so the writer's data lands where it expects.
 4. O is sealed (iunlink marker, immutable flag).  FS_IMMUTABLE_FL forbids link and rename, so
-   O is unsealed for the batch while we hold a read lease on it; if that lease was broken
-   (a guest opened O for writing in that window), the whole batch is undone and O's other
-   names are moved to a fresh copy (``evacuate``), so no other guest sees the write.
+   O is unsealed for the batch inside a ``vsstore.window``: our read lease on O keeps any
+   writer out (one arriving in the window is stopped and meets the seal when it goes on),
+   and O's metadata is checked against what its name says (restored if a guest changed it
+   meanwhile) before the index records it.  Only where a writer still got O open on a
+   filesystem that lets it write despite the seal is the batch undone and O's other names
+   moved to a fresh copy (``evacuate``).
 5. The temporary names, which now hold the verified duplicates, are removed; the journal
    rows go.  A crash anywhere leaves rows that ``recover`` resolves on the next run.
 """
@@ -36,9 +39,10 @@ from dataclasses import dataclass, field
 from vsstore import attrs, syscalls
 from vsstore.hashing import content_digests, meta_class, read_xattrs
 from vsstore.index import Index, Row
-from vsstore.private import copy_file, tmp_name, unsealed
+from vsstore.private import copy_file, tmp_name
 from vsstore.safetree import GuestTree, split_rel
 from vsstore.store import Key, Store, StoreObject
+from vsstore.window import Meta, unsealed
 
 from .scan import InodeRec
 
@@ -230,11 +234,9 @@ class Linker:
                             f"not linking to it this run")
                 obj.full = True
                 return None
-            rec = self.known.get((st.st_dev, st.st_ino))
-            if rec is not None and rec.meta is not None and rec.ctime_ns == st.st_ctime_ns:
-                meta = rec.meta_any if self.ignore_mtime else rec.meta  # unchanged since hashed
-            else:
-                meta = meta_class(st, read_xattrs(fd), self.ignore_mtime)
+            xattrs = read_xattrs(fd)
+            st = os.fstat(fd)  # after the xattrs: a change to them moves the ctime
+            meta = meta_class(st, xattrs, self.ignore_mtime)
             if meta != obj.key[1]:
                 self._error(f"store object {obj.name}: its metadata no longer matches its name; "
                             f"not linking to it (`vsunify gc` removes it once unused)")
@@ -246,11 +248,13 @@ class Linker:
                 # and sealed at the end of the window.
                 self._error(f"store object {obj.name}: its content does not match its name; "
                             f"removed from the store")
-                with unsealed(fd, self.immutable):
+                with unsealed(fd, self.immutable, what=f"store object {obj.name}"):
                     self.store.unlink(obj)
                 obj.full = True
                 return None
             obj.ino, obj.nlink = st.st_ino, st.st_nlink
+            # What the window must leave on it: the metadata its name says it has.
+            obj.expect = Meta.parts(st, xattrs, syscalls.get_inode_flags(fd))
             ok = True
             return fd
         finally:
@@ -287,7 +291,7 @@ class Linker:
         try:
             if rec.digest != obj.key[0]:
                 # The store's name must not lie: drop it (guests keep their names).
-                with unsealed(fd, self.immutable):
+                with unsealed(fd, self.immutable, what=f"store object {obj.name}"):
                     self.store.unlink(obj)
                 obj.full = True
                 self._error(f"store object {obj.name}: its content changed although guests "
@@ -413,8 +417,12 @@ class Linker:
                 return []  # a new object is worth it alone only as the next generation
             if new:
                 assert seed is not None
+                expect = self._seed_meta(seed, ofd)
+                if expect is None:
+                    return joiners
                 obj = self.store.reserve(key, objs, seed.ino)
                 obj.strong = seed.strong
+                obj.expect = expect
             assert obj is not None
             return self._window(obj, ofd, new, objs, ready, dirs)
         finally:
@@ -423,6 +431,17 @@ class Linker:
             else:
                 for fd in held:
                     os.close(fd)
+
+    def _seed_meta(self, seed: InodeRec, fd: int) -> Meta | None:
+        """The metadata a new object must keep: the seed's as it was hashed (its ctime has
+        not moved since, so neither have its mode, owner or xattrs)."""
+        xattrs = read_xattrs(fd)
+        st = os.fstat(fd)  # after the xattrs: a change to them moves the ctime
+        if not seed.same_stat(st):
+            self.stats.skipped_changed += 1
+            self._error(f"{self._where(seed)}: skipped: changed since it was hashed")
+            return None
+        return Meta.parts(st, xattrs, syscalls.get_inode_flags(fd))
 
     def _window(self, obj: StoreObject, ofd: int, new: bool, objs: list[StoreObject],
                 ready: list[tuple[InodeRec, int]], dirs: _Dirs) -> list[InodeRec]:
@@ -455,65 +474,19 @@ class Linker:
             self.store.link(ofd, obj)
             objs.append(obj)
             self.stats.objects_created += 1
-        odir, obase = self.store.dir_and_name(obj)
 
         overflow: list[InodeRec] = []
         failed: set[int] = set()
-        oflags = syscalls.get_inode_flags(ofd)
-        was_flagged = bool(oflags & syscalls.FS_IMMUTABLE_FL)
-        if was_flagged:
-            oflags &= ~syscalls.FS_IMMUTABLE_FL
-            syscalls.set_inode_flags(ofd, oflags)
-        try:
-            # Link O beside each name.  EMLINK: this joiner and all after it wait for the
-            # next generation of the object.
-            nlink = obj.nlink
-            for n in names:
-                if n.rec.ino in failed or overflow:
-                    if overflow and n.rec not in overflow:
-                        overflow.append(n.rec)
-                    continue
-                try:
-                    if self.link_limit is not None and nlink >= self.link_limit:
-                        raise OSError(errno.EMLINK, os.strerror(errno.EMLINK))
-                    os.link(obase, n.tmp, src_dir_fd=odir, dst_dir_fd=n.dfd,
-                            follow_symlinks=False)
-                    nlink += 1
-                    n.state = "linked"
-                except OSError as e:
-                    if e.errno == errno.EMLINK:
-                        obj.full = True
-                        overflow.append(n.rec)
-                    else:
-                        self._error(f"{n.tree.name}:/{n.rel}: not linked: {e.strerror}")
-                        failed.add(n.rec.ino)
-            point("linked", obj=obj, names=[(n.tree, n.rel) for n in names])
-            over = {r.ino for r in overflow}
-            for n in names:  # a joiner goes whole or not at all
-                if n.state == "linked" and (n.rec.ino in over or n.rec.ino in failed):
-                    os.unlink(n.tmp, dir_fd=n.dfd)
-                    n.state = "new"
-            # Swap each name with its O link; check what came out.
-            for n in names:
-                if n.state != "linked":
-                    continue
-                try:
-                    syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
-                except OSError as e:
-                    self._error(f"{n.tree.name}:/{n.rel}: not linked: {e.strerror}")
-                    n.state = "reverted"
-                    failed.add(n.rec.ino)
-                    continue
-                out = os.stat(n.tmp, dir_fd=n.dfd, follow_symlinks=False)
-                if out.st_ino != n.rec.ino or out.st_dev != n.rec.dev:
-                    syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
-                    self._error(f"{n.tree.name}:/{n.rel}: not linked: replaced by another "
-                                f"file while we linked it")
-                    n.state = "reverted"
-                    failed.add(n.rec.ino)
-                else:
-                    n.state = "swapped"
-            point("swapped", obj=obj, names=[(n.tree, n.rel) for n in names])
+        breached: list[bool] = []
+
+        def on_writer(fd: int) -> None:  # a writer got through on a lax filesystem
+            breached.append(True)
+            self._breach(obj, fd, new, names)
+        # Link and rename need O's seal off: the window keeps our lease on O (a writer is
+        # refused), puts back its verified metadata and seals it (marker, immutable).
+        with unsealed(ofd, self.immutable, what=f"store object {obj.name}", seal=True,
+                      expect=obj.expect, on_writer=on_writer):
+            self._link_names(obj, names, overflow, failed)
             # A joiner someone opened for writing meanwhile keeps its own inode.
             for j, jfd in ready:
                 if not syscalls.lease_held(jfd):
@@ -528,15 +501,9 @@ class Linker:
                 if n.state in ("reverted", "linked"):
                     os.unlink(n.tmp, dir_fd=n.dfd)  # an O link
                     n.state = "done"
-            attrs.seal(ofd, self.immutable, marked=None if new else True, flags=oflags)
-            was_flagged = False
-            point("sealed", obj=obj)
-            if not syscalls.lease_held(ofd):
-                self._breach(obj, ofd, new, names)
-                return []
-        finally:
-            if was_flagged:  # an exception inside the window: put the seal back
-                syscalls.set_inode_flags(ofd, oflags | syscalls.FS_IMMUTABLE_FL)
+        point("sealed", obj=obj)
+        if breached:
+            return []
         # Remove the verified duplicates that the swaps moved to the temporary names.
         swapped_by_ino: dict[int, int] = {}
         for n in names:
@@ -562,10 +529,64 @@ class Linker:
                                     rec.meta_any))
         return overflow
 
+    def _link_names(self, obj: StoreObject, names: list[_Name], overflow: list[InodeRec],
+                    failed: set[int]) -> None:
+        """Inside O's window: link O beside each name, then swap each name with its link and
+        check what came out.  EMLINK: this joiner and all after it wait for the next
+        generation of the object."""
+        odir, obase = self.store.dir_and_name(obj)
+        nlink = obj.nlink
+        for n in names:
+            if n.rec.ino in failed or overflow:
+                if overflow and n.rec not in overflow:
+                    overflow.append(n.rec)
+                continue
+            try:
+                if self.link_limit is not None and nlink >= self.link_limit:
+                    raise OSError(errno.EMLINK, os.strerror(errno.EMLINK))
+                os.link(obase, n.tmp, src_dir_fd=odir, dst_dir_fd=n.dfd, follow_symlinks=False)
+                nlink += 1
+                n.state = "linked"
+            except OSError as e:
+                if e.errno == errno.EMLINK:
+                    obj.full = True
+                    overflow.append(n.rec)
+                else:
+                    self._error(f"{n.tree.name}:/{n.rel}: not linked: {e.strerror}")
+                    failed.add(n.rec.ino)
+        point("linked", obj=obj, names=[(n.tree, n.rel) for n in names])
+        over = {r.ino for r in overflow}
+        for n in names:  # a joiner goes whole or not at all
+            if n.state == "linked" and (n.rec.ino in over or n.rec.ino in failed):
+                os.unlink(n.tmp, dir_fd=n.dfd)
+                n.state = "new"
+        for n in names:
+            if n.state != "linked":
+                continue
+            try:
+                syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
+            except OSError as e:
+                self._error(f"{n.tree.name}:/{n.rel}: not linked: {e.strerror}")
+                n.state = "reverted"
+                failed.add(n.rec.ino)
+                continue
+            out = os.stat(n.tmp, dir_fd=n.dfd, follow_symlinks=False)
+            if out.st_ino != n.rec.ino or out.st_dev != n.rec.dev:
+                syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
+                self._error(f"{n.tree.name}:/{n.rel}: not linked: replaced by another "
+                            f"file while we linked it")
+                n.state = "reverted"
+                failed.add(n.rec.ino)
+            else:
+                n.state = "swapped"
+        point("swapped", obj=obj, names=[(n.tree, n.rel) for n in names])
+
     def _breach(self, obj: StoreObject, ofd: int, new: bool, names: list[_Name]) -> None:
-        """O's lease broke while it was unsealed: someone opened it for writing and will get
-        a writable file once we let go.  Undo the batch, and give O's other names a fresh
-        copy, so that whatever the writer writes reaches only what it already owned."""
+        """A writer got O open for writing during its window, on a filesystem that lets it
+        write despite the seal (the window keeps every other writer out).  Undo the batch,
+        and give O's other names a fresh copy, so that whatever the writer writes reaches
+        only what it already owned.  The seal is lifted without a lease here: a lease is
+        impossible while the writer holds O, and it can write anyway."""
         self._error(f"store object {obj.name}: opened for writing while it was being linked; "
                     f"batch undone")
         attrs.set_immutable(ofd, False)
@@ -664,7 +685,7 @@ def recover(index: Index, store: Store, immutable: bool) -> list[str]:
                     keep_ino = row.orig_ino
                 if t.st_ino == row.obj_ino:
                     # Only our extra link to the object: the name is whatever it is.
-                    with unsealed(tfd, immutable):
+                    with unsealed(tfd, immutable, what=where):
                         os.unlink(row.tmp, dir_fd=dfd)
                 elif row.kind == "join" and t.st_ino == keep_ino and n_ino == row.obj_ino:
                     os.unlink(row.tmp, dir_fd=dfd)  # swapped: a verified duplicate of O
@@ -675,7 +696,7 @@ def recover(index: Index, store: Store, immutable: bool) -> list[str]:
                     ofd = os.open(row.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                                   dir_fd=dfd)
                     try:
-                        with unsealed(ofd, immutable):
+                        with unsealed(ofd, immutable, what=where):
                             syscalls.renameat2(dfd, row.tmp, dfd, row.name,
                                                syscalls.RENAME_EXCHANGE)
                             os.unlink(row.tmp, dir_fd=dfd)
@@ -721,7 +742,7 @@ def _recover_object(store: Store, name: str, immutable: bool, notes: list[str]) 
             if syscalls.lease_held(fd):
                 return
             attrs.set_immutable(fd, False)
-        with unsealed(fd, immutable):
+        with unsealed(fd, immutable, what=f"store object {name}"):
             os.unlink(base, dir_fd=store.subdir(prefix))
         notes.append(f"store object {name}: interrupted before it was sealed and no longer "
                      f"matches its name (or is in use for writing); removed from the store")

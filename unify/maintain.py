@@ -7,11 +7,12 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from vsstore import attrs, syscalls
+from vsstore import attrs
 from vsstore.index import Index
-from vsstore.private import privatize, unsealed
+from vsstore.private import privatize
 from vsstore.safetree import GuestTree, split_rel
 from vsstore.store import Store
+from vsstore.window import unsealed
 
 log = logging.getLogger("vsstore")
 
@@ -76,16 +77,12 @@ def _deunify_one(tree: GuestTree, rel: str, st: os.stat_result, index: Index, im
     try:
         if not attrs.has_marker(ofd):
             return  # not shared by us (a guest's own hardlink): leave it
-        leased = syscalls.take_read_lease(ofd)
         if privatize(str(tree.root), split_rel(rel)[0], dfd, base, ofd, index,
                      immutable) is None:
             tally.error(f"{where}: replaced while we copied it; left as it is")
         else:
             tally.files += 1
             tally.bytes += st.st_size
-        if leased and not syscalls.lease_held(ofd):
-            tally.error(f"{where}: the shared inode was opened for writing during deunify; "
-                        f"check the other guests sharing it")
     except OSError as e:
         tally.error(f"{where}: {e.strerror}")
     finally:
@@ -112,7 +109,7 @@ def gc(store: Store, immutable: bool, dry_run: bool = False) -> Tally:
                 tally.files += 1
                 tally.bytes += obj.size
                 if not dry_run:
-                    with unsealed(fd, immutable or attrs.is_immutable(fd)):
+                    with unsealed(fd, what=f"store object {obj.name}"):
                         store.unlink(obj)
             except OSError as e:
                 tally.error(f"store object {obj.name}: {e.strerror}")

@@ -15,10 +15,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import attrs
+from . import attrs, syscalls
 from .config import Guest, Paths, configured_guests, valid_name
 from .errors import ConfigError, StateError
-from .private import copy_file, unsealed
+from .private import copy_file
+from .window import unsealed
 
 SKELETON_DIRS = [("bin", 0o755), ("dev", 0o755), ("etc", 0o755), ("home", 0o755),
                  ("lib", 0o755), ("proc", 0o555), ("root", 0o700), ("run", 0o755),
@@ -218,8 +219,8 @@ def _copy_dir(sfd: int, dfd: int, rel: str, droot: int, seen: dict[tuple[int, in
                     os.link(seen[key], n, src_dir_fd=droot, dst_dir_fd=dfd,
                             follow_symlinks=False)
                 elif st.st_nlink > 1 and attrs.has_marker(fd):  # shared: one more name
-                    with unsealed(fd, attrs.is_immutable(fd)):
-                        os.link(f"/proc/self/fd/{fd}", n, dst_dir_fd=dfd, follow_symlinks=True)
+                    with unsealed(fd, what=f"{rel}{n}"):
+                        syscalls.link_fd(fd, dfd, n)
                 else:
                     os.close(copy_file(fd, dfd, n))
                     if st.st_nlink > 1:
@@ -246,7 +247,7 @@ def remove_guest_tree(root: Path) -> None:
                 if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                     fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
                     try:
-                        with unsealed(fd, attrs.is_immutable(fd)):
+                        with unsealed(fd, what=os.path.join(dirpath, f)):
                             os.unlink(f, dir_fd=dfd)
                     finally:
                         os.close(fd)

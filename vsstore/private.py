@@ -3,20 +3,19 @@ copy-up and package upgrades all need, done one way.
 
 The copy (content, owner, mode, xattrs except ours, times) is written to a temporary name
 beside the shared one and fsynced; then, in a short window in which the shared inode's
-immutable flag is lifted (it forbids rename), the two names are swapped with
-RENAME_EXCHANGE and what came out is checked to be the shared inode, else the swap is
-undone.  The shared inode itself never changes, so no other guest sees anything.
+immutable flag is lifted (it forbids rename; ``vsstore.window`` guards that moment), the
+two names are swapped with RENAME_EXCHANGE and what came out is checked to be the shared
+inode, else the swap is undone.  The shared inode itself never changes, so no other guest sees anything.
 """
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-from . import attrs, syscalls
+from . import syscalls
 from .hashing import read_xattrs
 from .index import Index
+from .window import unsealed
 
 _tmp_prefix = os.urandom(4).hex()
 _tmp_count = itertools.count()
@@ -25,19 +24,6 @@ _tmp_count = itertools.count()
 def tmp_name() -> str:
     """A fresh temporary name: a per-process random half and a counter."""
     return f".vsu~{_tmp_prefix}{next(_tmp_count) & 0xFFFFFFFF:08x}"
-
-
-@contextmanager
-def unsealed(fd: int, immutable: bool) -> Iterator[None]:
-    """Lift the immutable flag of an object for a moment (link/rename/unlink of its names)."""
-    was = immutable and attrs.is_immutable(fd)
-    if was:
-        attrs.set_immutable(fd, False)
-    try:
-        yield
-    finally:
-        if was:
-            attrs.set_immutable(fd, True)
 
 
 def copy_file(src: int, dirfd: int, name: str) -> int:
@@ -81,7 +67,7 @@ def privatize(root: str, d: str, dfd: int, base: str, ofd: int, index: Index | N
     ids = index.journal_add([("deunify", root, d, base, tmp, cst.st_ino, ost.st_ino)]) \
         if index is not None else []
     done = True
-    with unsealed(ofd, immutable):
+    with unsealed(ofd, immutable, what=f"{root}/{d + '/' if d else ''}{base}"):
         syscalls.renameat2(dfd, tmp, dfd, base, syscalls.RENAME_EXCHANGE)
         if os.stat(tmp, dir_fd=dfd, follow_symlinks=False).st_ino != ost.st_ino:
             syscalls.renameat2(dfd, tmp, dfd, base, syscalls.RENAME_EXCHANGE)

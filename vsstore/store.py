@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import syscalls
 from .errors import ConfigError
+from .window import Meta
 
 _NAME_RE = re.compile(r"^([0-9a-f]{32})-([0-9a-f]{16})(?:\.([1-9][0-9]{0,5}))?$")
 Key = tuple[bytes, bytes]  # (content digest, metadata class)
@@ -34,6 +35,7 @@ class StoreObject:
     full: bool = False  # reached EMLINK this run
     st: os.stat_result | None = None  # as seen by scan()
     strong: bytes | None = None  # BLAKE3 of the content, once known this run
+    expect: Meta | None = None  # its metadata as verified against its name this run
 
 
 def object_name(key: Key, gen: int) -> str:

@@ -125,18 +125,22 @@ def set_inode_flags(fd: int, flags: int) -> None:
 _lease_signal_ready = False
 
 
+def ignore_lease_signal() -> None:
+    """A broken lease sends SIGIO, whose default action ends the process.  Lease holders
+    poll the lease state instead, so the signal itself is ignored (main thread only)."""
+    global _lease_signal_ready
+    if not _lease_signal_ready:
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
+        _lease_signal_ready = True
+
+
 def take_read_lease(fd: int) -> bool:
     """Take a read lease on ``fd`` (opened read-only).  The kernel grants it only while no
     one has the file open for writing, and breaks it the moment someone tries to open it for
     writing or to truncate it; that opener then waits until we let go.  So: lease taken and
     still held afterwards = nobody wrote the file meanwhile.  Returns False when the file is
     open for writing now (EAGAIN) or leases are not possible (EACCES, EINVAL)."""
-    global _lease_signal_ready
-    if not _lease_signal_ready:
-        # A broken lease sends SIGIO, whose default action ends the process.  We poll the
-        # lease state instead, so the signal itself is ignored.
-        signal.signal(signal.SIGIO, signal.SIG_IGN)
-        _lease_signal_ready = True
+    ignore_lease_signal()
     try:
         fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
     except OSError as e:
@@ -149,3 +153,12 @@ def take_read_lease(fd: int) -> bool:
 def lease_held(fd: int) -> bool:
     """True while the read lease on ``fd`` has not been broken by a would-be writer."""
     return fcntl.fcntl(fd, F_GETLEASE) == fcntl.F_RDLCK
+
+
+def fs_type(fd: int) -> int:
+    """statfs(2)'s f_type (the filesystem's magic number) of an open file; 0 if unknown.
+    ``os.fstatvfs`` does not return it."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type (a long) comes first
+    if _libc.fstatfs(ctypes.c_int(fd), buf) != 0:
+        return 0
+    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], "little")
