@@ -31,6 +31,7 @@ import pyfuse3
 
 from vsstore import attrs, syscalls
 from vsstore.attrs import is_ours
+from vsstore.names import shown
 from vsstore.private import privatize, tmp_name, unsealed
 from vsstore.safetree import GuestTree
 
@@ -350,7 +351,7 @@ class CowFS(pyfuse3.Operations):
             os.close(dfd)
         if cst is None:
             raise pyfuse3.FUSEError(errno.EAGAIN)
-        log.info("copy-up %s:/%s (inode %d -> %d)", guest, rel, node.ino, cst.st_ino)
+        log.info("copy-up %s:/%s (inode %d -> %d)", guest, shown(rel), node.ino, cst.st_ino)
         node.names.pop(name, None)
         copy = self._node(cst, name)
         self._invalidate((guest, head), base)
@@ -416,7 +417,7 @@ class CowFS(pyfuse3.Operations):
             finally:
                 os.close(ofd)
         except OSError as e:
-            log.warning("%s:/%s: could not follow its hardlink's copy-up: %s", guest, rel,
+            log.warning("%s:/%s: could not follow its hardlink's copy-up: %s", guest, shown(rel),
                         e.strerror)
         finally:
             os.close(dfd)

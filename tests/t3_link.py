@@ -363,3 +363,42 @@ def test_an_object_whose_content_no_longer_matches_its_name_is_dropped(host):
     assert any("content changed although guests share it" in m for m in s.messages)
     assert (c / "f").read_bytes() == BIN
     assert not any(p.is_file() and inode(p) == inode(a / "f") for p in host.store.rglob("*"))
+
+
+# Names a guest may hold: not UTF-8, control characters, an option's look.
+HOSTILE = [os.fsdecode(b"\xff\xfe"), "new\nline", "tab\tx", "-rf", "--help", "a\\xff"]
+HOSTILE_SHOWN = ["\\xff\\xfe", "new\\nline", "tab\\tx", "-rf", "--help", "a\\\\xff"]
+
+
+def test_hostile_names_are_linked_in_one_run(host):
+    files = {f"usr/lib/{n}": BIN + os.fsencode(n) for n in HOSTILE}
+    a = host.guest("a", files)
+    b = host.guest("b", files)
+    before = {g: snapshot(host.root / g) for g in "ab"}
+    s = unify_run(host, "a", "b")
+    assert (s.files_linked, s.objects_created, s.errors) == (len(HOSTILE), len(HOSTILE), 0)
+    for n in HOSTILE:
+        assert inode(a / "usr/lib" / n) == inode(b / "usr/lib" / n), n
+        assert flags(a / "usr/lib" / n) == "UIa"
+    assert {g: snapshot(host.root / g) for g in "ab"} == before
+    assert not list(host.root.rglob(".vsu~*"))
+    again = unify_run(host, "a", "b")  # the index found them by inode: nothing to read
+    assert (again.files_hashed, again.files_linked, again.errors) == (0, 0, 0)
+
+
+def test_messages_show_hostile_names_escaped(host):
+    files = {f"usr/lib/{n}": BIN + os.fsencode(n) for n in HOSTILE}
+    host.guest("a", files)
+    b = host.guest("b", files)
+    writers = [os.open(b / "usr/lib" / n, os.O_WRONLY) for n in HOSTILE]
+    try:
+        s = unify_run(host, "a", "b")
+    finally:
+        for w in writers:
+            os.close(w)
+    assert s.files_linked == 0 and s.errors == len(HOSTILE)
+    for shown_name in HOSTILE_SHOWN:
+        assert f"b:/usr/lib/{shown_name}: skipped: open for writing by another process" \
+            in s.messages, (shown_name, s.messages)
+    for m in s.messages:
+        assert m.isprintable(), m  # no newline, tab or undecodable byte in any message

@@ -265,3 +265,69 @@ def test_a_corrupt_package_database_warns_and_excludes_conservatively(host):
     assert os.stat(host.root / "a/usr/bin/tool").st_nlink == 3  # the rest unified
     out = host.vsunify("excludes", "a").stdout
     assert "fallback: unreadable dpkg database" in out
+
+
+HOSTILE = [os.fsdecode(b"\xff\xfe"), "new\nline", "tab\tx", "-rf", "--help", "esc\x1b[2J"]
+HOSTILE_SHOWN = ["\\xff\\xfe", "new\\nline", "tab\\tx", "-rf", "--help", "esc\\x1b[2J"]
+
+
+def test_hostile_names_through_every_command(host):
+    """Duplicates named with undecodable bytes, newline, tab, escape sequences or like an
+    option are linked in one run; every message, table and JSON value shows them escaped,
+    so nothing fails to print and no name can forge a line."""
+    files = {f"usr/lib/{n}": LIB + os.fsencode(n) for n in HOSTILE}
+    files["-rf"] = BIN
+    for g in "ab":
+        host.guest(g, files)
+    before = snapshot(host.root / "b")
+    w = os.open(host.root / "b/usr/lib/new\nline", os.O_WRONLY)  # one is busy: a message
+    try:
+        p = host.vsunify("run", "--json", "--all", check=False)
+    finally:
+        os.close(w)
+    assert p.returncode == EXIT_PARTIAL, p.stderr
+    out = json.loads(p.stdout)
+    assert out["files_linked"] == len(files) - 1 and out["errors"] == 1
+    assert out["messages"] == ["b:/usr/lib/new\\nline: skipped: open for writing by another "
+                               "process"]
+    assert "b:/usr/lib/new\\nline: skipped" in p.stderr and "Traceback" not in p.stderr
+    assert not any(line.startswith("line") for line in p.stderr.splitlines())
+    out = host.run_json("--all")
+    assert out["files_linked"] == 1 and out["errors"] == 0
+    for rel in [f"usr/lib/{n}" for n in HOSTILE] + ["-rf"]:
+        assert inode(host.root / "a" / rel) == inode(host.root / "b" / rel), rel
+    assert snapshot(host.root / "b") == before
+
+    rep = json.loads(host.vsunify("report", "--json", "--all").stdout)
+    tops = {f["path"] for f in rep["top_shared"]}
+    for s in HOSTILE_SHOWN:
+        assert f"a:/usr/lib/{s}" in tops, (s, tops)
+    table = host.vsunify("report", "--all").stdout
+    assert "a:/usr/lib/\\xff\\xfe" in table and "a:/usr/lib/esc\\x1b[2J" in table
+    assert "\x1b" not in table
+
+    p = host.vsunify("deunify", "--json", "b", "--", "-rf", "/usr/lib/" + HOSTILE[0])
+    assert json.loads(p.stdout) == {"files": 2, "bytes": len(BIN) + len(LIB) + 2, "errors": 0}
+    assert os.stat(host.root / "b/-rf").st_nlink == 1
+    assert os.stat(host.root / "b/usr/lib" / HOSTILE[0]).st_nlink == 1
+    assert os.stat(host.root / "b/usr/lib/tab\tx").st_nlink == 3
+    assert snapshot(host.root / "b") == before
+    p = host.vsunify("deunify", "b")
+    assert p.stdout.startswith("vsunify: b: 5 files made private")
+
+
+def test_excludes_show_hostile_package_database_entries_escaped(host):
+    status = (b"Package: evil\x1b[2J\nStatus: install ok installed\nConffiles:\n"
+              b" /usr/share/evil/\xff\xfe.conf 0123456789abcdef0123456789abcdef\n")
+    for g in "ab":
+        host.guest(g, {"usr/share/evil/" + os.fsdecode(b"\xff\xfe.conf"): BIN,
+                       "var/lib/dpkg/status": status})
+    p = host.vsunify("excludes", "a")
+    assert "/usr/share/evil/\\xff\\xfe.conf  dpkg conffile (evil\\x1b[2J)" in p.stdout
+    assert "\x1b" not in p.stdout
+    rules = json.loads(host.vsunify("excludes", "--json", "a").stdout)
+    assert {"rule": "/usr/share/evil/\\xff\\xfe.conf",
+            "reason": "dpkg conffile (evil\\x1b[2J)"} in rules
+    res = host.run_json("--no-default-excludes", "a", "b")
+    assert res["files_linked"] == 1 and res["errors"] == 0  # the status file, not the conffile
+    assert os.stat(host.root / "a/usr/share/evil" / os.fsdecode(b"\xff\xfe.conf")).st_nlink == 1

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from vsstore import attrs, syscalls
 from vsstore.hashing import content_digests, meta_class, read_xattrs
 from vsstore.index import Index, Row
+from vsstore.names import shown
 from vsstore.private import copy_file, tmp_name, unsealed
 from vsstore.safetree import GuestTree, split_rel
 from vsstore.store import Key, Store, StoreObject
@@ -173,7 +174,7 @@ class Linker:
 
     def _where(self, rec: InodeRec) -> str:
         tree, rel = rec.names[0]
-        return f"{tree.name}:/{rel}"
+        return tree.where(rel)
 
     # -- opening -------------------------------------------------------------------------
 
@@ -320,8 +321,8 @@ class Linker:
                         self._unify(key, members, objs)
                     except OSError as e:
                         clean = False  # leave this chunk's rows for recovery
-                        where = f"{members[0].names[0][0].name}:/{members[0].names[0][1]}"
-                        self._error(f"{where}: group not linked: {e}")
+                        self._error(f"{self._where(members[0])}: group not linked: "
+                                    f"{e.strerror or e}")
                     if tick is not None:
                         tick()
                 ids += self._extra_ids
@@ -437,7 +438,7 @@ class Linker:
                 try:
                     dfd = dirs.get(tree, d)
                 except OSError as e:
-                    self._error(f"{tree.name}:/{rel}: skipped: cannot open its directory: "
+                    self._error(f"{tree.where(rel)}: skipped: cannot open its directory: "
                                 f"{e.strerror}")
                     continue
                 planned = self._planned.get((id(tree), rel))
@@ -485,7 +486,7 @@ class Linker:
                         obj.full = True
                         overflow.append(n.rec)
                     else:
-                        self._error(f"{n.tree.name}:/{n.rel}: not linked: {e.strerror}")
+                        self._error(f"{n.tree.where(n.rel)}: not linked: {e.strerror}")
                         failed.add(n.rec.ino)
             point("linked", obj=obj, names=[(n.tree, n.rel) for n in names])
             over = {r.ino for r in overflow}
@@ -500,14 +501,14 @@ class Linker:
                 try:
                     syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
                 except OSError as e:
-                    self._error(f"{n.tree.name}:/{n.rel}: not linked: {e.strerror}")
+                    self._error(f"{n.tree.where(n.rel)}: not linked: {e.strerror}")
                     n.state = "reverted"
                     failed.add(n.rec.ino)
                     continue
                 out = os.stat(n.tmp, dir_fd=n.dfd, follow_symlinks=False)
                 if out.st_ino != n.rec.ino or out.st_dev != n.rec.dev:
                     syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
-                    self._error(f"{n.tree.name}:/{n.rel}: not linked: replaced by another "
+                    self._error(f"{n.tree.where(n.rel)}: not linked: replaced by another "
                                 f"file while we linked it")
                     n.state = "reverted"
                     failed.add(n.rec.ino)
@@ -606,7 +607,7 @@ class Linker:
                         moved += 1
                     os.unlink(t, dir_fd=dfd)
                 except OSError as e:
-                    log.warning("%s:/%s: could not move to a fresh copy: %s", tree.name, rel,
+                    log.warning("%s: could not move to a fresh copy: %s", tree.where(rel),
                                 e.strerror)
             os.rename(tmp, obase, src_dir_fd=odir, dst_dir_fd=odir)
             attrs.seal(cfd, self.immutable)
@@ -632,7 +633,7 @@ def recover(index: Index, store: Store, immutable: bool) -> list[str]:
     for row in rows:
         if row.kind == "object":
             continue
-        where = f"{row.root}/{row.dir + '/' if row.dir else ''}{row.name}"
+        where = shown(os.path.join(row.root, row.dir, row.name))
         try:
             tree = GuestTree(row.root)
         except Exception:

@@ -19,6 +19,7 @@ from vsstore.errors import EXIT_OK, EXIT_PARTIAL, BusyError, ConfigError
 from vsstore.excludes import ExcludeList, build_excludes
 from vsstore.index import Index
 from vsstore.lock import exclusive
+from vsstore.names import shown
 from vsstore.runtime import cow_served
 from vsstore.safetree import GuestTree
 from vsstore.store import Store
@@ -48,9 +49,10 @@ def _refuse_mounted(guests: list[Guest], paths: Paths) -> None:
     for g in guests:
         at = served.get(os.path.realpath(g.root))
         if at is not None:
-            raise BusyError(f"guest {g.name!r} ({g.root}) is mounted through the cow overlay "
-                            f"at {at}; unify it while it is not (`vserver {g.name} stop`, or "
-                            f"`vscow umount {at}`), or leave it out")
+            raise BusyError(f"guest '{shown(g.name)}' ({shown(g.root)}) is mounted through the "
+                            f"cow overlay at {shown(at)}; unify it while it is not (`vserver "
+                            f"{shown(g.name)} stop`, or `vscow umount {shown(at)}`), or leave "
+                            f"it out")
 
 
 def _skip_package_managers(guests: list[Guest]) -> tuple[list[Guest], list[str]]:
@@ -63,8 +65,8 @@ def _skip_package_managers(guests: list[Guest]) -> tuple[list[Guest], list[str]]
             locks = held(t)
         if locks:
             rel, pid = locks[0]
-            skipped.append(f"guest {g.name!r} skipped: a package manager (pid {pid}) holds "
-                           f"/{rel}; it is unified on the next run")
+            skipped.append(f"guest '{shown(g.name)}' skipped: a package manager (pid {pid}) "
+                           f"holds /{shown(rel)}; it is unified on the next run")
         else:
             keep.append(g)
     return keep, skipped
@@ -212,7 +214,7 @@ def cmd_deunify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"files": t.files, "bytes": t.bytes, "errors": t.errors}))
     else:
-        print(f"vsunify: {g.name}: {t.files} files made private ({human(t.bytes)}), "
+        print(f"vsunify: {shown(g.name)}: {t.files} files made private ({human(t.bytes)}), "
               f"{t.errors} errors")
     return EXIT_PARTIAL if t.errors else EXIT_OK
 
@@ -236,12 +238,14 @@ def cmd_excludes(args: argparse.Namespace) -> int:
     paths = Paths.from_env()
     g = resolve_guest(args.guest, paths)
     ex = _excludes(args, g, paths)
+    # Rules and reasons may come from a guest's package database: shown, never raw.
+    rows = [(shown(r.text), shown(r.reason)) for r in ex.rules]
     if args.json:
-        print(json.dumps([{"rule": r.text, "reason": r.reason} for r in ex.rules], indent=2))
+        print(json.dumps([{"rule": t, "reason": why} for t, why in rows], indent=2))
     else:
-        w = max((len(r.text) for r in ex.rules), default=4)
-        for r in ex.rules:
-            print(f"{r.text.ljust(w)}  {r.reason}")
+        w = max((len(t) for t, _ in rows), default=4)
+        for t, why in rows:
+            print(f"{t.ljust(w)}  {why}")
     return EXIT_OK
 
 

@@ -40,7 +40,7 @@ def deunify(tree: GuestTree, paths: list[str], index: Index, immutable: bool) ->
             try:
                 fd = tree.open_beneath(start, os.O_PATH)
             except OSError as e:
-                tally.error(f"{tree.name}:/{start}: {e.strerror}")
+                tally.error(f"{tree.where(start)}: {e.strerror}")
                 continue
             st = os.fstat(fd)
             os.close(fd)
@@ -49,10 +49,11 @@ def deunify(tree: GuestTree, paths: list[str], index: Index, immutable: bool) ->
                     _deunify_one(tree, start, st, index, immutable, tally)
                 continue
             if not stat.S_ISDIR(st.st_mode):
-                tally.error(f"{tree.name}:/{start}: not a regular file or directory")
+                tally.error(f"{tree.where(start)}: not a regular file or directory")
                 continue
         for rel, st in tree.walk(start=start,
-                                 on_error=lambda r, e: tally.error(f"{tree.name}:/{r}: {e}")):
+                                 on_error=lambda r, e: tally.error(
+                                     f"{tree.where(r)}: {e.strerror or e}")):
             if st.st_nlink > 1:
                 _deunify_one(tree, rel, st, index, immutable, tally)
     return tally
@@ -60,7 +61,7 @@ def deunify(tree: GuestTree, paths: list[str], index: Index, immutable: bool) ->
 
 def _deunify_one(tree: GuestTree, rel: str, st: os.stat_result, index: Index, immutable: bool,
                  tally: Tally) -> None:
-    where = f"{tree.name}:/{rel}"
+    where = tree.where(rel)
     try:
         dfd, base = tree.open_parent(rel)
     except OSError as e:

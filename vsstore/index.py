@@ -18,9 +18,25 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: journal path columns are bytes (BLOB), as names are on disk
 
-_SCHEMA = """
+# Links in flight: written before the first temporary name of a batch appears and deleted
+# after the last is gone.  See unify/apply.py for how a leftover row is resolved.  Paths are
+# bytes (os.fsencode): a guest's names need not be UTF-8.
+_JOURNAL = """
+CREATE TABLE IF NOT EXISTS {table} (
+    id       INTEGER PRIMARY KEY,
+    kind     TEXT NOT NULL,      -- 'join' (name -> object), 'deunify' (name -> copy), 'object'
+    root     BLOB NOT NULL,      -- guest root (host path); 'object': the store
+    dir      BLOB NOT NULL,      -- directory of the name, relative to root
+    name     BLOB NOT NULL,      -- the guest's name being replaced
+    tmp      BLOB NOT NULL,      -- our temporary name beside it
+    orig_ino INTEGER NOT NULL,   -- join: inode the name held; deunify: the private copy
+    obj_ino  INTEGER NOT NULL    -- the store object's inode
+);
+"""
+
+_SCHEMA = _JOURNAL.format(table="journal") + """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -39,18 +55,6 @@ CREATE TABLE IF NOT EXISTS inode (
     meta_any BLOB NOT NULL,      -- the same without mtime (for --ignore-mtime)
     PRIMARY KEY (dev, ino)
 ) WITHOUT ROWID;
--- Links in flight: written before the first temporary name of a batch appears and deleted
--- after the last is gone.  See unify/apply.py for how a leftover row is resolved.
-CREATE TABLE IF NOT EXISTS journal (
-    id       INTEGER PRIMARY KEY,
-    kind     TEXT NOT NULL,      -- 'join' (name -> object) or 'deunify' (name -> copy)
-    root     TEXT NOT NULL,      -- guest root (host path)
-    dir      TEXT NOT NULL,      -- directory of the name, relative to root
-    name     TEXT NOT NULL,      -- the guest's name being replaced
-    tmp      TEXT NOT NULL,      -- our temporary name beside it
-    orig_ino INTEGER NOT NULL,   -- join: inode the name held; deunify: the private copy
-    obj_ino  INTEGER NOT NULL    -- the store object's inode
-);
 -- One row per finished run, for reports and trends.
 CREATE TABLE IF NOT EXISTS run (
     id            INTEGER PRIMARY KEY,
@@ -143,6 +147,8 @@ class Index:
             row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif row[0] == "3":
+                _migrate_3(db)
             elif int(row[0]) != SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"schema version {row[0]}, expected {SCHEMA_VERSION}")
             db.execute("SELECT count(*) FROM inode").fetchone()
@@ -176,11 +182,16 @@ class Index:
     # -- journal -----------------------------------------------------------------------
 
     def journal_add(self, rows: Iterable[tuple[str, str, str, str, str, int, int]]) -> list[int]:
+        """Rows (kind, root, dir, name, tmp, orig_ino, obj_ino), committed together; their
+        ids.  Paths go in as bytes, whatever they hold."""
         ids = []
+        fse = os.fsencode
         with self.transaction():
-            for r in rows:
+            for kind, root, d, name, tmp, orig_ino, obj_ino in rows:
                 cur = self.db.execute("INSERT INTO journal (kind, root, dir, name, tmp, "
-                                      "orig_ino, obj_ino) VALUES (?,?,?,?,?,?,?)", r)
+                                      "orig_ino, obj_ino) VALUES (?,?,?,?,?,?,?)",
+                                      (kind, fse(root), fse(d), fse(name), fse(tmp), orig_ino,
+                                       obj_ino))
                 ids.append(cur.lastrowid)
         return ids  # type: ignore[return-value]
 
@@ -189,8 +200,12 @@ class Index:
             self.db.executemany("DELETE FROM journal WHERE id=?", ((i,) for i in ids))
 
     def journal(self) -> list[JournalRow]:
-        return [JournalRow(*r) for r in self.db.execute(
-            "SELECT id, kind, root, dir, name, tmp, orig_ino, obj_ino FROM journal ORDER BY id")]
+        """Every row, oldest first, paths decoded as ``os`` does (surrogate escapes)."""
+        fsd = os.fsdecode
+        return [JournalRow(i, kind, fsd(root), fsd(d), fsd(name), fsd(tmp), orig, obj)
+                for i, kind, root, d, name, tmp, orig, obj in self.db.execute(
+                    "SELECT id, kind, root, dir, name, tmp, orig_ino, obj_ino FROM journal "
+                    "ORDER BY id")]
 
     # -- runs --------------------------------------------------------------------------
 
@@ -264,3 +279,20 @@ class Index:
 
     def __iter__(self) -> Iterator[tuple]:  # for tests and debugging
         return iter(self.db.execute("SELECT * FROM inode"))
+
+
+def _migrate_3(db: sqlite3.Connection) -> None:
+    """Version 3 kept journal paths as TEXT (UTF-8 names only).  Its rows (a crashed run's
+    links in flight) and the inode cache are kept: the paths become their UTF-8 bytes."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(_JOURNAL.format(table="journal4"))
+        db.execute("INSERT INTO journal4 SELECT id, kind, CAST(root AS BLOB), CAST(dir AS BLOB), "
+                   "CAST(name AS BLOB), CAST(tmp AS BLOB), orig_ino, obj_ino FROM journal")
+        db.execute("DROP TABLE journal")
+        db.execute("ALTER TABLE journal4 RENAME TO journal")
+        db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
