@@ -70,9 +70,10 @@ class Host:
         return tree
 
     def vsunify(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
-                ) -> subprocess.CompletedProcess[str]:
-        """Run vsunify in a subprocess, as a user would."""
-        p = subprocess.run([sys.executable, "-m", "unify.cli", *args], cwd=REPO,
+                wrap: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        """Run vsunify in a subprocess, as a user would (``wrap``: a command that runs it,
+        such as prlimit)."""
+        p = subprocess.run([*wrap, sys.executable, "-m", "unify.cli", *args], cwd=REPO,
                            env={**os.environ, **self.env, **(env or {})},
                            capture_output=True, text=True, timeout=600)
         if check and p.returncode != 0:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 from conftest import REPO, flags, inode, snapshot
 from vsstore.errors import EXIT_BUSY, EXIT_CONFIG, EXIT_PARTIAL
@@ -331,3 +332,53 @@ def test_excludes_show_hostile_package_database_entries_escaped(host):
     res = host.run_json("--no-default-excludes", "a", "b")
     assert res["files_linked"] == 1 and res["errors"] == 0  # the status file, not the conffile
     assert os.stat(host.root / "a/usr/share/evil" / os.fsdecode(b"\xff\xfe.conf")).st_nlink == 1
+
+
+def _copies(top, n: int, per_dir: int, data: bytes) -> list[str]:
+    """``n`` separate files with the same content and mtime, ``per_dir`` to a directory."""
+    rels = []
+    for i in range(n):
+        d = top / f"d{i // per_dir}"
+        if i % per_dir == 0:
+            d.mkdir(parents=True)
+        fd = os.open(d / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.utime(fd, (1_600_000_000, 1_600_000_000))
+        finally:
+            os.close(fd)
+        rels.append(f"d{i // per_dir}/f{i}")
+    return rels
+
+
+def test_a_group_larger_than_the_open_file_limit_is_linked_in_one_run(host):
+    """66,002 identical files with the run's open-file limit at 1024 (hard 4096): the soft
+    limit is raised, the group is linked a window at a time, and when the object reaches
+    ext4's 65,000 links the rest become its next generation, all in one run."""
+    a = host.guest("a", {})
+    small = b"one small file, many copies\n"
+    rels = _copies(a / "usr/share/many", 66_002, 1000, small)
+    p = host.vsunify("run", "--json", "-v", "a", wrap=("prlimit", "--nofile=1024:4096"))
+    assert "open files: soft limit raised from 1024 to 4096" in p.stderr
+    out = json.loads(p.stdout)
+    assert (out["files_linked"], out["objects_created"], out["errors"]) == (66_000, 2, 0)
+    objs = sorted(q for q in host.store.rglob("*") if q.is_file())
+    assert [q.name[-2:] for q in objs][1:] == [".1"]
+    first, second = (os.stat(q) for q in objs)
+    assert first.st_nlink == 65_000                    # the store's name and 64,999 guest names
+    assert second.st_nlink == 66_002 - 64_999 + 1      # the rest, and the store's name
+    held = Counter(os.lstat(a / "usr/share/many" / r).st_ino for r in rels)
+    assert held == {first.st_ino: 64_999, second.st_ino: 66_002 - 64_999}
+    assert (a / "usr/share/many" / rels[-1]).read_bytes() == small
+
+
+def test_a_run_fits_a_low_hard_open_file_limit(host):
+    """With the hard limit at 64 nothing can be raised: windows and the directory cache
+    shrink to fit, and a group of 3,000 files, each in its own directory, is linked."""
+    a = host.guest("a", {})
+    rels = _copies(a / "usr/share/many", 3000, 1, LIB)
+    p = host.vsunify("run", "--json", "a", wrap=("prlimit", "--nofile=64:64"))
+    out = json.loads(p.stdout)
+    assert (out["files_linked"], out["objects_created"], out["errors"]) == (2999, 1, 0)
+    inos = {os.lstat(a / "usr/share/many" / r).st_ino for r in rels}
+    assert len(inos) == 1 and os.stat(a / "usr/share/many" / rels[0]).st_nlink == 3001

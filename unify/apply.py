@@ -28,6 +28,7 @@ import errno
 import logging
 import os
 import queue
+import resource
 import signal
 import threading
 from collections.abc import Callable
@@ -67,13 +68,31 @@ def point(name: str, **kw: object) -> None:
         hook(**kw)
 
 
+WINDOW_NAMES = 256  # guest names linked in one window at most (each joiner holds an fd)
+DIR_FDS = 512       # directory fds kept open between windows at most
+
+
+def fds_free() -> int:
+    """How many more files this process may open now: the soft RLIMIT_NOFILE less what is
+    open."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return soft - len(os.listdir("/proc/self/fd"))
+
+
 class Closer:
     """Closes finished fds in a background thread.  Closing our last fd on a replaced
     duplicate is where the kernel frees its blocks; done here, that work overlaps with the
-    next batches instead of stalling them.  Bounded, so fds never pile up."""
+    next batches instead of stalling them.  Bounded by the number of fds waiting (at most
+    ``max_fds``, or one batch when a batch is larger), so they never pile up towards the
+    process's open-file limit."""
 
-    def __init__(self, backlog: int = 32) -> None:
-        self.q: queue.Queue[list[int] | None] = queue.Queue(maxsize=backlog)
+    def __init__(self, max_fds: int = 1024) -> None:
+        self.q: queue.SimpleQueue[list[int] | None] = queue.SimpleQueue()
+        self.max_fds = max_fds
+        self.waiting = 0
+        self.cv = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="vsunify-closer", daemon=True)
         self.thread.start()
 
@@ -84,10 +103,18 @@ class Closer:
                     os.close(fd)
                 except OSError:
                     pass
+            with self.cv:
+                self.waiting -= len(fds)
+                self.cv.notify_all()
 
     def close_later(self, fds: list[int]) -> None:
-        if fds:
-            self.q.put(fds)
+        if not fds:
+            return
+        with self.cv:
+            while self.waiting and self.waiting + len(fds) > self.max_fds:
+                self.cv.wait()
+            self.waiting += len(fds)
+        self.q.put(fds)
 
     def finish(self) -> None:
         self.q.put(None)
@@ -106,11 +133,12 @@ class LinkStats:
 
 
 class _Dirs:
-    """Directory fds keyed by (guest, directory), the least recently used closed beyond
-    ``limit``.  A held fd keeps meaning the same directory even if a guest renames it; every
-    swap is verified by inode anyway."""
+    """Directory fds keyed by (guest, directory); ``trim`` closes the least recently used
+    beyond ``limit``.  Only between windows: an fd handed out stays open (and keeps meaning
+    the same directory, even if a guest renames it) until the window using it is over.
+    Every swap is verified by inode anyway."""
 
-    def __init__(self, limit: int = 512) -> None:
+    def __init__(self, limit: int = DIR_FDS) -> None:
         self.fds: dict[tuple[int, str], int] = {}
         self.limit = limit
 
@@ -119,11 +147,12 @@ class _Dirs:
         fd = self.fds.pop(k, None)
         if fd is None:
             fd = tree.open_beneath(d, os.O_RDONLY | os.O_DIRECTORY)
-            if len(self.fds) >= self.limit:
-                old = next(iter(self.fds))
-                os.close(self.fds.pop(old))
         self.fds[k] = fd  # most recently used last
         return fd
+
+    def trim(self) -> None:
+        while len(self.fds) > self.limit:
+            os.close(self.fds.pop(next(iter(self.fds))))
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -146,18 +175,27 @@ class Linker:
     """Applies link plans; one per run."""
 
     def __init__(self, store: Store, index: Index | None, *, immutable: bool,
-                 ignore_mtime: bool, stats: LinkStats, link_limit: int | None = None) -> None:
+                 ignore_mtime: bool, stats: LinkStats, link_limit: int | None = None,
+                 fds: int | None = None) -> None:
         self.store = store
         self.index = index
         self.immutable = immutable
         self.ignore_mtime = ignore_mtime
         self.stats = stats
         self.link_limit = link_limit  # tests: pretend the filesystem's limit is this
+        # Files this linker may hold open at once (default: what the open-file limit leaves
+        # free now).  A window holds one fd per joiner plus its directories, the closer up
+        # to a window's worth more, the directory cache the rest: a group of any size is
+        # linked in windows that fit.
+        room = max(fds if fds is not None else fds_free() - 32, 20)
+        self.window = min(WINDOW_NAMES, room // 5)
+        self.closer_fds = self.window
+        self.dir_fds = min(DIR_FDS, room // 5)
         # Every name the walk saw per inode, so that a compromised object's names can be
         # moved to a fresh copy (evacuate).
         self.known: dict[tuple[int, int], InodeRec] = {}
         self.closer: Closer | None = None  # set by unify_all
-        self.dirs = _Dirs()
+        self.dirs = _Dirs(self.dir_fds)
         # Journal planning of the current chunk (see unify_all).
         self._planned: dict[tuple[int, str], tuple[str, int]] = {}
         self._planned_objects: set[str] = set()
@@ -310,7 +348,7 @@ class Linker:
         transaction before any of them is touched, and removed in one after the chunk (two
         commits per chunk instead of two per object).  A row whose temporary name never
         appeared is simply dropped by recovery, so planning ahead costs nothing."""
-        self.closer = Closer()
+        self.closer = Closer(self.closer_fds)
         try:
             for i in range(0, len(plans), chunk):
                 part = plans[i:i + chunk]
@@ -365,19 +403,25 @@ class Linker:
         return self.index.journal_add(rows) if self.index is not None and rows else []
 
     def _unify(self, key: Key, members: list[InodeRec], objs: list[StoreObject]) -> None:
-        """Make every member a name of one object of ``key`` (creating it if needed)."""
+        """Make every member a name of one object of ``key`` (creating it if needed), a
+        window of at most ``self.window`` names at a time, so that a group of any size needs
+        a bounded number of open files."""
         pending = list(members)
         while pending:
             obj = next((o for o in objs if not o.full), None)
+            seed = None
             if obj is None:
                 seeds = [m for m in pending if m.all_names_seen]
                 if not seeds:
                     return  # every inode also has names we did not scan: cannot seal one
                 seed = max(seeds, key=lambda m: len(m.names))
                 pending.remove(seed)
-                pending = self._batch(key, None, seed, pending, objs)
-            else:
-                pending = self._batch(key, obj, None, pending, objs)
+            n, names = 0, 0
+            while n < len(pending) and (n == 0 or names + len(pending[n].names) <= self.window):
+                names += len(pending[n].names)
+                n += 1
+            # What the window leaves (EMLINK: for the next generation) goes first again.
+            pending = self._batch(key, obj, seed, pending[:n], objs) + pending[n:]
 
     def _batch(self, key: Key, obj: StoreObject | None, seed: InodeRec | None,
                joiners: list[InodeRec], objs: list[StoreObject]) -> list[InodeRec]:
@@ -424,6 +468,7 @@ class Linker:
             else:
                 for fd in held:
                     os.close(fd)
+            dirs.trim()
 
     def _window(self, obj: StoreObject, ofd: int, new: bool, objs: list[StoreObject],
                 ready: list[tuple[InodeRec, int]], dirs: _Dirs) -> list[InodeRec]:
@@ -606,6 +651,7 @@ class Linker:
                     else:
                         moved += 1
                     os.unlink(t, dir_fd=dfd)
+                    dirs.trim()
                 except OSError as e:
                     log.warning("%s: could not move to a fresh copy: %s", tree.where(rel),
                                 e.strerror)

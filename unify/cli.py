@@ -13,7 +13,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from vsstore import pkgdb
-from vsstore.clitools import run_cli
+from vsstore.clitools import raise_open_files_limit, run_cli
 from vsstore.config import Guest, Paths, configured_guests, resolve_guest
 from vsstore.errors import EXIT_OK, EXIT_PARTIAL, BusyError, ConfigError
 from vsstore.excludes import ExcludeList, build_excludes
@@ -103,6 +103,7 @@ def _index(stack: ExitStack, paths: Paths) -> Index:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    raise_open_files_limit()
     paths = Paths.from_env()
     if args.min_size < 1:
         raise ConfigError("--min-size must be at least 1")

@@ -168,7 +168,8 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
                 to_hash.append(rec)
         linker = apply.Linker(store, index, immutable=opts.immutable,
                               ignore_mtime=opts.ignore_mtime, stats=apply.LinkStats(),
-                              link_limit=opts.link_limit)
+                              link_limit=opts.link_limit,
+                              fds=apply.fds_free() - 2 * max(1, opts.jobs) - 32)
         linker.known = sc.inodes
         stats = linker.stats
         objects_by_ino = {o.ino: o for objs in objects.values() for o in objs}
