@@ -636,7 +636,7 @@ class Linker:
         tmp = tmp_name()
         cfd = copy_file(ofd, odir, tmp)
         moved = 0
-        dirs = _Dirs()
+        dirs = _Dirs(self.dir_fds)
         try:
             rec = self.known.get((st.st_dev, st.st_ino))
             for tree, rel in (rec.names if rec else []):
