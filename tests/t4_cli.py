@@ -8,8 +8,8 @@ import subprocess
 import sys
 from collections import Counter
 
-from conftest import REPO, flags, inode, snapshot
-from vsstore.errors import EXIT_BUSY, EXIT_CONFIG, EXIT_PARTIAL
+from conftest import REPO, fill, flags, inode, small_fs, snapshot
+from vsstore.errors import EXIT_BUSY, EXIT_CONFIG, EXIT_NOSPACE, EXIT_PARTIAL
 
 BIN = bytes(range(256)) * 64
 LIB = b"\x7fELF" + bytes(reversed(range(256))) * 100
@@ -382,3 +382,45 @@ def test_a_run_fits_a_low_hard_open_file_limit(host):
     assert (out["files_linked"], out["objects_created"], out["errors"]) == (2999, 1, 0)
     inos = {os.lstat(a / "usr/share/many" / r).st_ino for r in rels}
     assert len(inos) == 1 and os.stat(a / "usr/share/many" / rels[0]).st_nlink == 3001
+
+
+def test_a_full_index_filesystem_is_its_own_exit_code_and_changes_nothing(host):
+    with small_fs(host.base / "state", 1) as state:
+        for g in "ab":
+            host.guest(g, distro())
+        host.vsunify("run", "--all")  # an index that knows a and b
+        host.guest("c", distro())
+        before = {g: snapshot(host.root / g) for g in "abc"}
+        filler = fill(state)
+        p = host.vsunify("run", "--all", check=False)
+        _fails(p, EXIT_NOSPACE, f"no space left on {state} for the index {host.index}",
+               f"free space on {state} and run again")
+        assert {g: snapshot(host.root / g) for g in "abc"} == before
+        assert os.stat(host.root / "c/usr/bin/tool").st_nlink == 1
+        assert not list(host.root.rglob(".vsu~*"))
+        assert not [q for q in state.iterdir() if "corrupt" in q.name]  # never moved aside
+        _fails(host.vsunify("report", "--all", check=False), EXIT_NOSPACE, "no space left")
+        filler.unlink()
+        out = host.run_json("--all")
+        # Only c's files are read: the index (a cache, but a costly one) came through whole.
+        assert (out["files_hashed"], out["files_linked"], out["errors"]) == (3, 3, 0)
+        assert inode(host.root / "c/usr/bin/tool") == inode(host.root / "a/usr/bin/tool")
+
+
+def test_deunify_on_a_full_guest_filesystem_stops_cleanly(host):
+    with small_fs(host.root, 16, "ext4") as root:
+        for g in "ab":
+            host.guest(g, distro())
+        host.vsunify("run", "--all")
+        before = snapshot(root / "a")
+        filler = fill(root)
+        p = host.vsunify("deunify", "a", check=False)
+        _fails(p, EXIT_NOSPACE, f"no space left on {root} for a private copy of a:/",
+               "0 files were made private")
+        assert snapshot(root / "a") == before
+        assert not list(root.rglob(".vsu~*"))
+        assert os.stat(root / "a/usr/bin/tool").st_nlink == 3
+        filler.unlink()
+        assert json.loads(host.vsunify("deunify", "--json", "a").stdout)["files"] == 3
+        assert os.stat(root / "a/usr/bin/tool").st_nlink == 1
+

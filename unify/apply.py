@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vsstore import attrs, syscalls
+from vsstore.errors import NOSPACE_ERRNOS, NoSpaceError
 from vsstore.hashing import content_digests, meta_class, read_xattrs
 from vsstore.index import Index, Row
 from vsstore.names import shown
@@ -359,6 +360,8 @@ class Linker:
                         self._unify(key, members, objs)
                     except OSError as e:
                         clean = False  # leave this chunk's rows for recovery
+                        if e.errno in NOSPACE_ERRNOS:  # no use going on: stop, as a crash would
+                            raise self._no_space(self._where(members[0])) from None
                         self._error(f"{self._where(members[0])}: group not linked: "
                                     f"{e.strerror or e}")
                     if tick is not None:
@@ -373,6 +376,12 @@ class Linker:
             self.dirs.close()
             self.closer.finish()
             self.closer = None
+
+    def _no_space(self, where: str) -> NoSpaceError:
+        """The guests' (and the store's) filesystem is full."""
+        return NoSpaceError.on(self.store.path, f"linking {where}",
+                               "what is linked stays linked; the next run tidies up what "
+                               "this one left in flight and goes on")
 
     def _plan(self, part: list[tuple[Key, list[InodeRec], list[StoreObject]]]) -> list[int]:
         """Journal what the chunk will most likely do: each group's object (the first with
@@ -505,6 +514,7 @@ class Linker:
 
         overflow: list[InodeRec] = []
         failed: set[int] = set()
+        nospace: _Name | None = None
         oflags = syscalls.get_inode_flags(ofd)
         was_flagged = bool(oflags & syscalls.FS_IMMUTABLE_FL)
         if was_flagged:
@@ -512,9 +522,13 @@ class Linker:
             syscalls.set_inode_flags(ofd, oflags)
         try:
             # Link O beside each name.  EMLINK: this joiner and all after it wait for the
-            # next generation of the object.
+            # next generation of the object.  ENOSPC: no name after it is linked; the window
+            # finishes what it linked (which frees the duplicates' space), then the run stops.
             nlink = obj.nlink
             for n in names:
+                if nospace is not None:
+                    failed.add(n.rec.ino)
+                    continue
                 if n.rec.ino in failed or overflow:
                     if overflow and n.rec not in overflow:
                         overflow.append(n.rec)
@@ -530,6 +544,9 @@ class Linker:
                     if e.errno == errno.EMLINK:
                         obj.full = True
                         overflow.append(n.rec)
+                    elif e.errno in NOSPACE_ERRNOS:
+                        nospace = n
+                        failed.add(n.rec.ino)
                     else:
                         self._error(f"{n.tree.where(n.rel)}: not linked: {e.strerror}")
                         failed.add(n.rec.ino)
@@ -606,6 +623,8 @@ class Linker:
             self.index_rows.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                                     st.st_ctime_ns, obj.key[0], obj.strong, rec.meta,
                                     rec.meta_any))
+        if nospace is not None:
+            raise self._no_space(nospace.tree.where(nospace.rel))
         return overflow
 
     def _breach(self, obj: StoreObject, ofd: int, new: bool, names: list[_Name]) -> None:
@@ -625,7 +644,12 @@ class Linker:
             attrs.clear_marker(ofd)
             obj.full = True
             return
-        self.evacuate(obj, ofd)
+        try:
+            self.evacuate(obj, ofd)
+        except OSError:
+            # No fresh copy (a full disk): sealed again, the writer's fd cannot write either.
+            attrs.seal(ofd, self.immutable)
+            raise
 
     def evacuate(self, obj: StoreObject, ofd: int) -> None:
         """Move every name of ``obj`` that this run knows (the store's and the guests') to a

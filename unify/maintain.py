@@ -8,6 +8,7 @@ import stat
 from dataclasses import dataclass, field
 
 from vsstore import attrs, syscalls
+from vsstore.errors import NOSPACE_ERRNOS, NoSpaceError
 from vsstore.index import Index
 from vsstore.private import privatize, unsealed
 from vsstore.safetree import GuestTree, split_rel
@@ -88,6 +89,9 @@ def _deunify_one(tree: GuestTree, rel: str, st: os.stat_result, index: Index, im
             tally.error(f"{where}: the shared inode was opened for writing during deunify; "
                         f"check the other guests sharing it")
     except OSError as e:
+        if e.errno in NOSPACE_ERRNOS:  # every further copy would fail too: stop here
+            raise NoSpaceError.on(tree.root, f"a private copy of {where}",
+                                  f"{tally.files} files were made private before it") from None
         tally.error(f"{where}: {e.strerror}")
     finally:
         os.close(ofd)

@@ -16,7 +16,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import NOSPACE_ERRNOS, ConfigError, NoSpaceError
+from .names import shown
 
 SCHEMA_VERSION = 4  # 4: journal path columns are bytes (BLOB), as names are on disk
 
@@ -115,8 +116,15 @@ class JournalRow:
     obj_ino: int
 
 
+class _ForeignVersion(sqlite3.DatabaseError):
+    """The file is an index of another schema version."""
+
+
 class Index:
-    """The index database.  Opening a corrupt file moves it aside and starts afresh."""
+    """The index database.  Opening a corrupt or foreign file moves it aside and starts
+    afresh.  A write the filesystem has no room for raises NoSpaceError (and leaves the
+    database as it was before that transaction); so does opening it on a full disk, which
+    never moves a good file aside."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -124,11 +132,20 @@ class Index:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
+            if e.errno in NOSPACE_ERRNOS:
+                raise self._no_space() from None
             raise ConfigError(f"cannot create the state directory {path.parent}: {e.strerror}; "
                               f"set VSSTORE_STATEDIR to a writable directory") from None
         try:
             self.db = self._open()
         except sqlite3.DatabaseError as e:
+            failure = self._failure(e)
+            if failure is not e:
+                raise failure from e
+            code = getattr(e, "sqlite_errorcode", None)
+            if not isinstance(e, _ForeignVersion) and code is not None and \
+                    code & 0xFF not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                raise  # not the file's fault: moving it aside would not help
             aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
             for suffix in ("", "-wal", "-shm"):
                 src = Path(str(path) + suffix)
@@ -150,7 +167,7 @@ class Index:
             elif row[0] == "3":
                 _migrate_3(db)
             elif int(row[0]) != SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(f"schema version {row[0]}, expected {SCHEMA_VERSION}")
+                raise _ForeignVersion(f"schema version {row[0]}, expected {SCHEMA_VERSION}")
             db.execute("SELECT count(*) FROM inode").fetchone()
         except Exception:
             db.close()
@@ -159,6 +176,36 @@ class Index:
 
     def close(self) -> None:
         self.db.close()
+
+    # -- failures ----------------------------------------------------------------------
+
+    def _no_space(self) -> NoSpaceError:
+        return NoSpaceError.on(self.path.parent, f"the index {shown(self.path)}",
+                               "nothing was changed that the index could not record; the "
+                               "next run tidies up after this one")
+
+    def _failure(self, e: sqlite3.Error) -> Exception:
+        """What a failed statement means for the user: no space (NoSpaceError), an index we
+        may not open or write (ConfigError), or else ``e`` itself (corruption, a bug)."""
+        code = getattr(e, "sqlite_errorcode", None)
+        primary = code & 0xFF if code is not None else None
+        if primary == sqlite3.SQLITE_FULL or (primary == sqlite3.SQLITE_IOERR
+                                              and self._fs_full()):
+            return self._no_space()
+        if primary in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM):
+            return ConfigError(f"index {shown(self.path)}: {e}; make it and its directory "
+                               f"writable, or set VSSTORE_STATEDIR to a writable directory")
+        return e
+
+    def _fs_full(self) -> bool:
+        """Whether the index's filesystem is (as good as) full: an I/O error on a write
+        there is then ENOSPC (SQLite reports a failed write to the -shm file that way)."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return False
+        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+        return free < (1 << 20) or st.f_favail == 0
 
     # -- inode cache -------------------------------------------------------------------
 
@@ -265,17 +312,43 @@ class Index:
     # -- helpers -----------------------------------------------------------------------
 
     class _Tx:
-        def __init__(self, db: sqlite3.Connection) -> None:
-            self.db = db
+        """One write transaction: committed whole, or rolled back with the error turned
+        into what it means for the user (Index._failure)."""
+
+        def __init__(self, index: Index) -> None:
+            self.index = index
+            self.db = index.db
 
         def __enter__(self) -> None:
-            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                failure = self.index._failure(e)
+                if failure is e:
+                    raise
+                raise failure from e
 
-        def __exit__(self, exc_type: object, *_: object) -> None:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        def __exit__(self, exc_type: object, exc: BaseException | None, _tb: object) -> None:
+            if exc is None:
+                try:
+                    self.db.execute("COMMIT")
+                    return
+                except sqlite3.Error as e:
+                    exc = e
+            if self.db.in_transaction:
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the first error says more
+            if isinstance(exc, sqlite3.Error):
+                failure = self.index._failure(exc)
+                if failure is not exc:
+                    raise failure from exc
+            if exc_type is None:
+                raise exc  # the commit failed
 
     def transaction(self) -> Index._Tx:
-        return Index._Tx(self.db)
+        return Index._Tx(self)
 
     def __iter__(self) -> Iterator[tuple]:  # for tests and debugging
         return iter(self.db.execute("SELECT * FROM inode"))

@@ -78,8 +78,12 @@ def privatize(root: str, d: str, dfd: int, base: str, ofd: int, index: Index | N
         cst = os.fstat(cfd)
     finally:
         os.close(cfd)
-    ids = index.journal_add([("deunify", root, d, base, tmp, cst.st_ino, ost.st_ino)]) \
-        if index is not None else []
+    try:
+        ids = index.journal_add([("deunify", root, d, base, tmp, cst.st_ino, ost.st_ino)]) \
+            if index is not None else []
+    except BaseException:  # not journaled (a full index): the copy must not stay behind
+        os.unlink(tmp, dir_fd=dfd)
+        raise
     done = True
     with unsealed(ofd, immutable):
         syscalls.renameat2(dfd, tmp, dfd, base, syscalls.RENAME_EXCHANGE)

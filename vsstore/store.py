@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import syscalls
-from .errors import ConfigError
+from .errors import NOSPACE_ERRNOS, ConfigError, NoSpaceError
 from .names import shown
 
 _NAME_RE = re.compile(r"^([0-9a-f]{32})-([0-9a-f]{16})(?:\.([1-9][0-9]{0,5}))?$")
@@ -62,6 +62,8 @@ class Store:
             raise ConfigError(f"store {self.path} does not exist; run `vsunify run` first or "
                               f"pass --store") from None
         except OSError as e:
+            if e.errno in NOSPACE_ERRNOS:
+                raise NoSpaceError.on(self.path, f"the store {shown(self.path)}") from None
             raise ConfigError(f"store {self.path}: {e.strerror}; choose another with --store") from None
         self.dev = os.fstat(self.fd).st_dev
 
