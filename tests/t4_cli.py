@@ -424,3 +424,22 @@ def test_deunify_on_a_full_guest_filesystem_stops_cleanly(host):
         assert json.loads(host.vsunify("deunify", "--json", "a").stdout)["files"] == 3
         assert os.stat(root / "a/usr/bin/tool").st_nlink == 1
 
+
+def test_a_dangling_vdir_does_not_stop_the_other_guests(host):
+    for g in "ab":
+        host.guest(g, distro())
+    broken = host.conf / "gone"
+    broken.mkdir(parents=True)
+    os.symlink(host.base / "nowhere", broken / "vdir")
+    host.guest("gone", distro(), configure=False)  # the default tree must not stand in for it
+    p = host.vsunify("run", "--json", "--all", check=False)
+    assert p.returncode == EXIT_PARTIAL and "Traceback" not in p.stderr
+    assert f"left out: guest 'gone': its vdir {broken / 'vdir'} leads to " \
+           f"{host.base / 'nowhere'}, which is not a directory" in p.stderr
+    out = json.loads(p.stdout)
+    assert (out["guests"], out["files_linked"], out["errors"]) == (2, 3, 0)
+    assert inode(host.root / "a/usr/bin/tool") == inode(host.root / "b/usr/bin/tool")
+    assert os.stat(host.root / "gone/usr/bin/tool").st_nlink == 1
+    rep = host.vsunify("report", "--json", "--all")
+    assert set(json.loads(rep.stdout)["guests"]) == {"a", "b"} and "'gone'" in rep.stderr
+    _fails(host.vsunify("run", "gone", check=False), EXIT_CONFIG, "'gone'", "vdir")

@@ -30,17 +30,25 @@ from .progress import Progress, human
 log = logging.getLogger("vsstore")
 
 
-def _guests(args: argparse.Namespace, paths: Paths) -> list[Guest]:
+def _guests(args: argparse.Namespace, paths: Paths) -> tuple[list[Guest], list[str]]:
+    """The guests named (or --all), and a message for each configured guest --all left out
+    because its root tree cannot be found (a dangling vdir): one broken guest must not stop
+    the others.  A guest named explicitly that cannot be found is an error."""
     names = list(getattr(args, "guests", []) or [])
     if getattr(args, "all", False):
-        found = configured_guests(paths)
-        if not found:
+        broken: list[ConfigError] = []
+        found = configured_guests(paths, broken)
+        if not found and not broken:
             raise ConfigError(f"--all: no guests configured in {paths.confdir}; "
                               f"name guests or set VSERVERS_CONFDIR")
-        return found + [resolve_guest(n, paths) for n in names]
+        left_out = [f"left out: {e.message}" for e in broken]
+        if not found:
+            raise ConfigError("--all: no configured guest has its root tree: "
+                              + "; ".join(e.message for e in broken))
+        return found + [resolve_guest(n, paths) for n in names], left_out
     if not names:
         raise ConfigError("name at least one guest (a configured name or a path), or use --all")
-    return [resolve_guest(n, paths) for n in names]
+    return [resolve_guest(n, paths) for n in names], []
 
 
 def _refuse_mounted(guests: list[Guest], paths: Paths) -> None:
@@ -107,10 +115,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     paths = Paths.from_env()
     if args.min_size < 1:
         raise ConfigError("--min-size must be at least 1")
-    guests = _guests(args, paths)
+    guests, left_out = _guests(args, paths)
     if not args.dry_run:
         _refuse_mounted(guests, paths)
     guests, skipped = _skip_package_managers(guests)
+    skipped = left_out + skipped
     for msg in skipped:
         print(f"vsunify: {msg}", file=sys.stderr)
     if skipped and not guests:
@@ -161,7 +170,9 @@ def _log_summary(args: argparse.Namespace, line: str, code: int) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     paths = Paths.from_env()
-    guests = _guests(args, paths)
+    guests, left_out = _guests(args, paths)
+    for msg in left_out:
+        print(f"vsunify: {msg}", file=sys.stderr)
     with ExitStack() as stack:
         sp = _store_path(args, paths)
         store = stack.enter_context(Store(sp, create=False)) if sp.is_dir() else None

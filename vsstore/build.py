@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import attrs
-from .config import Guest, Paths, configured_guests, valid_name
+from .config import Guest, Paths, configured_names, valid_name
 from .errors import ConfigError, StateError
 from .private import copy_file, unsealed
 
@@ -37,10 +37,12 @@ class BuildOptions:
 
 
 def _free_context(paths: Paths) -> int:
+    """One more than the highest context configured (a guest whose tree is missing still
+    holds its number)."""
     used = set()
-    for g in configured_guests(paths):
+    for name in configured_names(paths):
         try:
-            used.add(int((g.confdir / "context").read_text().strip()))  # type: ignore[operator]
+            used.add(int((paths.confdir / name / "context").read_text().strip()))
         except (OSError, ValueError):
             continue
     return max(used | {1}) + 1
