@@ -120,6 +120,11 @@ class _ForeignVersion(sqlite3.DatabaseError):
     """The file is an index of another schema version."""
 
 
+# Failures that are not the file's: a corrupt or foreign index is moved aside, these not.
+_NOT_THE_FILE = (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED,
+                 sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_INTERRUPT)
+
+
 class Index:
     """The index database.  Opening a corrupt or foreign file moves it aside and starts
     afresh.  A write the filesystem has no room for raises NoSpaceError (and leaves the
@@ -143,9 +148,8 @@ class Index:
             if failure is not e:
                 raise failure from e
             code = getattr(e, "sqlite_errorcode", None)
-            if not isinstance(e, _ForeignVersion) and code is not None and \
-                    code & 0xFF not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-                raise  # not the file's fault: moving it aside would not help
+            if code is not None and code & 0xFF in _NOT_THE_FILE:
+                raise  # moving the file aside would not help (and would lose its journal)
             aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
             for suffix in ("", "-wal", "-shm"):
                 src = Path(str(path) + suffix)
