@@ -32,6 +32,7 @@ import pyfuse3
 
 from vsstore import attrs, syscalls
 from vsstore.attrs import is_ours
+from vsstore.names import shown
 from vsstore.private import privatize, tmp_name
 from vsstore.safetree import GuestTree
 from vsstore.window import unsealed
@@ -352,7 +353,7 @@ class CowFS(pyfuse3.Operations):
             os.close(dfd)
         if cst is None:
             raise pyfuse3.FUSEError(errno.EAGAIN)
-        log.info("copy-up %s:/%s (inode %d -> %d)", guest, rel, node.ino, cst.st_ino)
+        log.info("copy-up %s:/%s (inode %d -> %d)", guest, shown(rel), node.ino, cst.st_ino)
         node.names.pop(name, None)
         copy = self._node(cst, name)
         self._invalidate((guest, head), base)
@@ -407,7 +408,7 @@ class CowFS(pyfuse3.Operations):
                     return
                 t = tmp_name()
                 os.link(cbase, t, src_dir_fd=cdfd, dst_dir_fd=dfd, follow_symlinks=False)
-                with unsealed(ofd, self.immutable, what=f"{guest}:/{rel}"):
+                with unsealed(ofd, self.immutable, what=self.trees[guest].where(rel)):
                     syscalls.renameat2(dfd, t, dfd, base, syscalls.RENAME_EXCHANGE)
                     if os.stat(t, dir_fd=dfd, follow_symlinks=False).st_ino != node.ino:
                         syscalls.renameat2(dfd, t, dfd, base, syscalls.RENAME_EXCHANGE)
@@ -418,7 +419,7 @@ class CowFS(pyfuse3.Operations):
             finally:
                 os.close(ofd)
         except OSError as e:
-            log.warning("%s:/%s: could not follow its hardlink's copy-up: %s", guest, rel,
+            log.warning("%s:/%s: could not follow its hardlink's copy-up: %s", guest, shown(rel),
                         e.strerror)
         finally:
             os.close(dfd)
@@ -681,7 +682,7 @@ class CowFS(pyfuse3.Operations):
                 # unlink and put back (FS_IMMUTABLE_FL forbids unlink).
                 fd = self._open_shared(guest, n, dfd)
                 try:
-                    with unsealed(fd, self.immutable, what=f"{guest}:/{_join(rel, n)}"):
+                    with unsealed(fd, self.immutable, what=self.trees[guest].where(_join(rel, n))):
                         os.unlink(n, dir_fd=dfd)
                 finally:
                     os.close(fd)
@@ -722,7 +723,7 @@ class CowFS(pyfuse3.Operations):
                         fd = self._open_shared(g1, n, d)
                         windows.callback(os.close, fd)
                         windows.enter_context(unsealed(fd, self.immutable,
-                                                       what=f"{g1}:/{_join(rel, n)}"))
+                                                       what=self.trees[g1].where(_join(rel, n))))
                 syscalls.renameat2(d1, a, d2, b, flags)
         except OSError as e:
             raise _err(e) from None
@@ -753,7 +754,7 @@ class CowFS(pyfuse3.Operations):
         try:
             fd = self._open_shared(g, sb, d1)
             try:
-                with unsealed(fd, self.immutable, what=f"{g}:/{src[1]}"):
+                with unsealed(fd, self.immutable, what=self.trees[g].where(src[1])):
                     os.link(sb, n, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
             finally:
                 os.close(fd)

@@ -6,6 +6,7 @@ when the test fails.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,9 +72,10 @@ class Host:
         return tree
 
     def vsunify(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
-                ) -> subprocess.CompletedProcess[str]:
-        """Run vsunify in a subprocess, as a user would."""
-        p = subprocess.run([sys.executable, "-m", "unify.cli", *args], cwd=REPO,
+                wrap: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        """Run vsunify in a subprocess, as a user would (``wrap``: a command that runs it,
+        such as prlimit)."""
+        p = subprocess.run([*wrap, sys.executable, "-m", "unify.cli", *args], cwd=REPO,
                            env={**os.environ, **self.env, **(env or {})},
                            capture_output=True, text=True, timeout=600)
         if check and p.returncode != 0:
@@ -117,6 +120,45 @@ def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
     finally:
         unseal_tree(base)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def small_fs(at: Path, size_mib: int, kind: str = "tmpfs") -> Iterator[Path]:
+    """A small filesystem mounted at ``at``: tmpfs, or ``ext4`` on a loop image beside it.
+    Unmounted afterwards, also when the test fails."""
+    at.mkdir(parents=True, exist_ok=True)
+    if kind == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(at)],
+                       check=True)
+    else:
+        img = at.with_name(at.name + ".img")
+        with open(img, "wb") as f:
+            f.truncate(size_mib << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(img)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(img), str(at)], check=True)
+    try:
+        yield at
+    finally:
+        unseal_tree(at)
+        subprocess.run(["umount", str(at)], check=True)
+
+
+def fill(d: Path) -> Path:
+    """Fill the filesystem holding directory ``d`` to its last block; returns the filler
+    file (remove it to free the space again)."""
+    f = d / ".filler"
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for chunk in (1 << 20, 1 << 16, 4096, 1024):
+            try:
+                while True:
+                    os.write(fd, bytes(chunk))
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(fd)
+    return f
 
 
 def inode(p: Path) -> int:

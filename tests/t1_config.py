@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from vsstore.config import Paths, configured_guests, resolve_guest
+from vsstore.config import Paths, configured_guests, configured_names, resolve_guest
 from vsstore.errors import ConfigError
 
 
@@ -38,3 +38,20 @@ def test_guest_by_name_path_and_vdir(tmp_path):
         resolve_guest("-rf", paths)
     with pytest.raises(ConfigError, match="not a directory"):
         resolve_guest(str(tmp_path / "missing"), paths)
+
+
+def test_a_dangling_vdir_is_an_error_for_that_guest_only(tmp_path):
+    paths = Paths.from_env({"VSERVERS_CONFDIR": str(tmp_path / "conf"),
+                            "VSERVERS_ROOT": str(tmp_path / "vs")})
+    for name in ("ok", "gone"):
+        (tmp_path / "conf" / name).mkdir(parents=True)
+        (tmp_path / "vs" / name).mkdir(parents=True)  # the default tree must not stand in
+    os.symlink(tmp_path / "nowhere", tmp_path / "conf" / "gone" / "vdir")
+    with pytest.raises(ConfigError, match="vdir .* leads to .*nowhere, which is not a dir"):
+        resolve_guest("gone", paths)
+    with pytest.raises(ConfigError, match="'gone'"):
+        configured_guests(paths)
+    broken: list[ConfigError] = []
+    assert [g.name for g in configured_guests(paths, broken)] == ["ok"]
+    assert len(broken) == 1 and str(tmp_path / "conf" / "gone" / "vdir") in broken[0].message
+    assert configured_names(paths) == ["gone", "ok"]

@@ -101,6 +101,57 @@ def test_index_round_trip_and_corrupt_file_is_moved_aside(tmp_path):
     idx.close()
 
 
+HOSTILE = [os.fsdecode(b"\xff\xfe"), "new\nline", "tab\tx", "-rf"]
+
+
+def test_journal_keeps_names_as_bytes(tmp_path):
+    """Names need not be UTF-8: the journal stores and gives back their bytes."""
+    idx = Index(tmp_path / "index.sqlite")
+    root = os.fsdecode(b"/guests/\xe9t\xe9")
+    rows = [("join", root, os.fsdecode(b"usr/\x80"), n, ".vsu~00000000000000aa", 5, 7)
+            for n in HOSTILE]
+    ids = idx.journal_add(rows)
+    assert [(r.kind, r.root, r.dir, r.name, r.tmp, r.orig_ino, r.obj_ino)
+            for r in idx.journal()] == rows
+    raw = idx.db.execute("SELECT typeof(name), name, root FROM journal ORDER BY id").fetchall()
+    assert raw[0] == ("blob", b"\xff\xfe", b"/guests/\xe9t\xe9")
+    idx.journal_done(ids)
+    assert idx.journal() == []
+    idx.close()
+
+
+def test_a_version_3_index_keeps_its_journal_and_cache(tmp_path):
+    """Version 3 kept journal paths as TEXT; opening it converts them, nothing is lost
+    (the rows of a crashed run are what lets the next run tidy up)."""
+    path = tmp_path / "index.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '3');
+        CREATE TABLE inode (dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, digest BLOB NOT NULL,
+            strong BLOB NOT NULL, meta BLOB NOT NULL, meta_any BLOB NOT NULL,
+            PRIMARY KEY (dev, ino)) WITHOUT ROWID;
+        CREATE TABLE journal (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, root TEXT NOT NULL,
+            dir TEXT NOT NULL, name TEXT NOT NULL, tmp TEXT NOT NULL, orig_ino INTEGER NOT NULL,
+            obj_ino INTEGER NOT NULL);
+        INSERT INTO inode VALUES (1, 2, 3, 4, 5, x'64', x'73', x'6d', x'61');
+        INSERT INTO journal VALUES (9, 'join', '/vservers/a', 'usr/lib', 'grüße',
+                                    '.vsu~0123456789abcdef', 11, 12);
+    """)
+    db.commit()
+    db.close()
+    idx = Index(path)
+    assert idx.warning is None
+    assert idx.load(1)[2].digest == b"d"
+    [row] = idx.journal()
+    assert (row.id, row.root, row.dir, row.name, row.tmp, row.orig_ino, row.obj_ino) == \
+        (9, "/vservers/a", "usr/lib", "grüße", ".vsu~0123456789abcdef", 11, 12)
+    assert idx.db.execute("SELECT typeof(name) FROM journal").fetchone() == ("blob",)
+    assert idx.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("4",)
+    idx.close()
+
+
 def test_store_names_scan_and_generations(tmp_path):
     store = Store(tmp_path / "store")
     f = tmp_path / "file"

@@ -9,10 +9,11 @@ import time
 
 import pytest
 
-from conftest import flags, inode, snapshot
+from conftest import fill, flags, inode, small_fs, snapshot
 from unify import apply, engine
 from vsstore import attrs, hashing
 from vsstore.config import Paths, resolve_guest
+from vsstore.errors import NoSpaceError
 from vsstore.excludes import build_excludes
 from vsstore.index import Index
 from vsstore.store import Store
@@ -402,3 +403,120 @@ def test_an_object_whose_content_no_longer_matches_its_name_is_dropped(host):
     assert any("content changed although guests share it" in m for m in s.messages)
     assert (c / "f").read_bytes() == BIN
     assert not any(p.is_file() and inode(p) == inode(a / "f") for p in host.store.rglob("*"))
+
+
+# Names a guest may hold: not UTF-8, control characters, an option's look.
+HOSTILE = [os.fsdecode(b"\xff\xfe"), "new\nline", "tab\tx", "-rf", "--help", "a\\xff"]
+HOSTILE_SHOWN = ["\\xff\\xfe", "new\\nline", "tab\\tx", "-rf", "--help", "a\\\\xff"]
+
+
+def test_hostile_names_are_linked_in_one_run(host):
+    files = {f"usr/lib/{n}": BIN + os.fsencode(n) for n in HOSTILE}
+    a = host.guest("a", files)
+    b = host.guest("b", files)
+    before = {g: snapshot(host.root / g) for g in "ab"}
+    s = unify_run(host, "a", "b")
+    assert (s.files_linked, s.objects_created, s.errors) == (len(HOSTILE), len(HOSTILE), 0)
+    for n in HOSTILE:
+        assert inode(a / "usr/lib" / n) == inode(b / "usr/lib" / n), n
+        assert flags(a / "usr/lib" / n) == "UIa"
+    assert {g: snapshot(host.root / g) for g in "ab"} == before
+    assert not list(host.root.rglob(".vsu~*"))
+    again = unify_run(host, "a", "b")  # the index found them by inode: nothing to read
+    assert (again.files_hashed, again.files_linked, again.errors) == (0, 0, 0)
+
+
+def test_messages_show_hostile_names_escaped(host):
+    files = {f"usr/lib/{n}": BIN + os.fsencode(n) for n in HOSTILE}
+    host.guest("a", files)
+    b = host.guest("b", files)
+    writers = [os.open(b / "usr/lib" / n, os.O_WRONLY) for n in HOSTILE]
+    try:
+        s = unify_run(host, "a", "b")
+    finally:
+        for w in writers:
+            os.close(w)
+    assert s.files_linked == 0 and s.errors == len(HOSTILE)
+    for shown_name in HOSTILE_SHOWN:
+        assert f"b:/usr/lib/{shown_name}: skipped: open for writing by another process" \
+            in s.messages, (shown_name, s.messages)
+    for m in s.messages:
+        assert m.isprintable(), m  # no newline, tab or undecodable byte in any message
+
+
+def _journal_rows(host) -> int:
+    idx = Index(host.index)
+    try:
+        return len(idx.journal())
+    finally:
+        idx.close()
+
+
+def test_a_journal_that_cannot_be_written_stops_the_run_before_any_link(host):
+    """The index's filesystem fills up after hashing: the run stops with NoSpaceError
+    before its first link (nothing is linked that is not journaled); once space is free,
+    the next run does the work."""
+    files = {f"usr/lib/f{i}": BIN + bytes([i]) for i in range(20)}
+    with small_fs(host.base / "state", 1) as state:
+        for g in "ab":
+            host.guest(g, files)
+        before = {g: snapshot(host.root / g) for g in "ab"}
+        filler = []
+        apply.HOOKS["hashed"] = lambda **_: filler.append(fill(state))
+        with pytest.raises(NoSpaceError, match=f"no space left on {state} for the index"):
+            unify_run(host, "a", "b")
+        assert filler  # the disk filled between hashing and linking
+        assert {g: snapshot(host.root / g) for g in "ab"} == before
+        assert all(os.stat(host.root / g / rel).st_nlink == 1 for g in "ab" for rel in files)
+        assert not list(host.root.rglob(".vsu~*"))
+        apply.HOOKS.clear()
+        filler[0].unlink()
+        s = unify_run(host, "a", "b")
+        assert (s.files_linked, s.errors) == (20, 0)
+        assert _journal_rows(host) == 0
+        assert {g: snapshot(host.root / g) for g in "ab"} == before
+
+
+def test_a_full_guest_filesystem_stops_the_run_after_finishing_its_window(host):
+    """The guests' filesystem fills up while a window links: no name is linked after the
+    first ENOSPC, what was linked is finished (sealed, duplicates removed), and the run
+    stops with NoSpaceError naming the filesystem; the next run tidies up and goes on."""
+    files = {f"usr/lib/f{i}": BIN + bytes([i]) for i in range(20)}
+    with small_fs(host.root, 16, "ext4") as root:
+        for g in "ab":
+            host.guest(g, files)
+        before = {g: snapshot(root / g) for g in "ab"}
+        for i in range(256):  # the store's directories exist: only the guests' can fill
+            (root / ".hash" / f"{i:02x}").mkdir(parents=True)
+        stuffing: list = []
+
+        def full(**_):
+            if stuffing:
+                return
+            stuffing.append(fill(root))
+            for g in "ab":  # and their directory blocks: no room for a temporary name
+                for i in range(10_000):
+                    try:
+                        os.close(os.open(root / g / f"usr/lib/stuff{i:05d}", os.O_CREAT))
+                    except OSError as e:
+                        assert e.errno == 28  # ENOSPC
+                        break
+                    stuffing.append(root / g / f"usr/lib/stuff{i:05d}")
+        apply.HOOKS["journaled"] = full
+        with pytest.raises(NoSpaceError, match=f"no space left on {root} for linking "
+                                                f"[ab]:/usr/lib/f"):
+            unify_run(host, "a", "b")
+        assert not list(root.rglob(".vsu~*"))
+        # The window got as far as the store: its object is sealed, its seed the only name.
+        [obj] = [p for p in (root / ".hash").rglob("*") if p.is_file()]
+        assert os.stat(obj).st_nlink == 2 and flags(obj) == "UIa"
+        assert _journal_rows(host) > 0  # the chunk's rows: the next run resolves them
+        apply.HOOKS.clear()
+        for p in stuffing:
+            p.unlink()
+        assert {g: snapshot(root / g) for g in "ab"} == before
+        s = unify_run(host, "a", "b")
+        assert s.errors == 0
+        assert all(inode(root / "a" / rel) == inode(root / "b" / rel) for rel in files)
+        assert _journal_rows(host) == 0
+        assert {g: snapshot(root / g) for g in "ab"} == before

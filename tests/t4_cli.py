@@ -6,9 +6,10 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
-from conftest import REPO, flags, inode, snapshot
-from vsstore.errors import EXIT_BUSY, EXIT_CONFIG, EXIT_PARTIAL
+from conftest import REPO, fill, flags, inode, small_fs, snapshot
+from vsstore.errors import EXIT_BUSY, EXIT_CONFIG, EXIT_NOSPACE, EXIT_PARTIAL
 
 BIN = bytes(range(256)) * 64
 LIB = b"\x7fELF" + bytes(reversed(range(256))) * 100
@@ -265,3 +266,180 @@ def test_a_corrupt_package_database_warns_and_excludes_conservatively(host):
     assert os.stat(host.root / "a/usr/bin/tool").st_nlink == 3  # the rest unified
     out = host.vsunify("excludes", "a").stdout
     assert "fallback: unreadable dpkg database" in out
+
+
+HOSTILE = [os.fsdecode(b"\xff\xfe"), "new\nline", "tab\tx", "-rf", "--help", "esc\x1b[2J"]
+HOSTILE_SHOWN = ["\\xff\\xfe", "new\\nline", "tab\\tx", "-rf", "--help", "esc\\x1b[2J"]
+
+
+def test_hostile_names_through_every_command(host):
+    """Duplicates named with undecodable bytes, newline, tab, escape sequences or like an
+    option are linked in one run; every message, table and JSON value shows them escaped,
+    so nothing fails to print and no name can forge a line."""
+    files = {f"usr/lib/{n}": LIB + os.fsencode(n) for n in HOSTILE}
+    files["-rf"] = BIN
+    for g in "ab":
+        host.guest(g, files)
+    before = snapshot(host.root / "b")
+    w = os.open(host.root / "b/usr/lib/new\nline", os.O_WRONLY)  # one is busy: a message
+    try:
+        p = host.vsunify("run", "--json", "--all", check=False)
+    finally:
+        os.close(w)
+    assert p.returncode == EXIT_PARTIAL, p.stderr
+    out = json.loads(p.stdout)
+    assert out["files_linked"] == len(files) - 1 and out["errors"] == 1
+    assert out["messages"] == ["b:/usr/lib/new\\nline: skipped: open for writing by another "
+                               "process"]
+    assert "b:/usr/lib/new\\nline: skipped" in p.stderr and "Traceback" not in p.stderr
+    assert not any(line.startswith("line") for line in p.stderr.splitlines())
+    out = host.run_json("--all")
+    assert out["files_linked"] == 1 and out["errors"] == 0
+    for rel in [f"usr/lib/{n}" for n in HOSTILE] + ["-rf"]:
+        assert inode(host.root / "a" / rel) == inode(host.root / "b" / rel), rel
+    assert snapshot(host.root / "b") == before
+
+    rep = json.loads(host.vsunify("report", "--json", "--all").stdout)
+    tops = {f["path"] for f in rep["top_shared"]}
+    for s in HOSTILE_SHOWN:
+        assert f"a:/usr/lib/{s}" in tops, (s, tops)
+    table = host.vsunify("report", "--all").stdout
+    assert "a:/usr/lib/\\xff\\xfe" in table and "a:/usr/lib/esc\\x1b[2J" in table
+    assert "\x1b" not in table
+
+    p = host.vsunify("deunify", "--json", "b", "--", "-rf", "/usr/lib/" + HOSTILE[0])
+    assert json.loads(p.stdout) == {"files": 2, "bytes": len(BIN) + len(LIB) + 2, "errors": 0}
+    assert os.stat(host.root / "b/-rf").st_nlink == 1
+    assert os.stat(host.root / "b/usr/lib" / HOSTILE[0]).st_nlink == 1
+    assert os.stat(host.root / "b/usr/lib/tab\tx").st_nlink == 3
+    assert snapshot(host.root / "b") == before
+    p = host.vsunify("deunify", "b")
+    assert p.stdout.startswith("vsunify: b: 5 files made private")
+
+
+def test_excludes_show_hostile_package_database_entries_escaped(host):
+    status = (b"Package: evil\x1b[2J\nStatus: install ok installed\nConffiles:\n"
+              b" /usr/share/evil/\xff\xfe.conf 0123456789abcdef0123456789abcdef\n")
+    for g in "ab":
+        host.guest(g, {"usr/share/evil/" + os.fsdecode(b"\xff\xfe.conf"): BIN,
+                       "var/lib/dpkg/status": status})
+    p = host.vsunify("excludes", "a")
+    assert "/usr/share/evil/\\xff\\xfe.conf  dpkg conffile (evil\\x1b[2J)" in p.stdout
+    assert "\x1b" not in p.stdout
+    rules = json.loads(host.vsunify("excludes", "--json", "a").stdout)
+    assert {"rule": "/usr/share/evil/\\xff\\xfe.conf",
+            "reason": "dpkg conffile (evil\\x1b[2J)"} in rules
+    res = host.run_json("--no-default-excludes", "a", "b")
+    assert res["files_linked"] == 1 and res["errors"] == 0  # the status file, not the conffile
+    assert os.stat(host.root / "a/usr/share/evil" / os.fsdecode(b"\xff\xfe.conf")).st_nlink == 1
+
+
+def _copies(top, n: int, per_dir: int, data: bytes) -> list[str]:
+    """``n`` separate files with the same content and mtime, ``per_dir`` to a directory."""
+    rels = []
+    for i in range(n):
+        d = top / f"d{i // per_dir}"
+        if i % per_dir == 0:
+            d.mkdir(parents=True)
+        fd = os.open(d / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.utime(fd, (1_600_000_000, 1_600_000_000))
+        finally:
+            os.close(fd)
+        rels.append(f"d{i // per_dir}/f{i}")
+    return rels
+
+
+def test_a_group_larger_than_the_open_file_limit_is_linked_in_one_run(host):
+    """66,002 identical files with the run's open-file limit at 1024 (hard 4096): the soft
+    limit is raised, the group is linked a window at a time, and when the object reaches
+    ext4's 65,000 links the rest become its next generation, all in one run."""
+    a = host.guest("a", {})
+    small = b"one small file, many copies\n"
+    rels = _copies(a / "usr/share/many", 66_002, 1000, small)
+    p = host.vsunify("run", "--json", "-v", "a", wrap=("prlimit", "--nofile=1024:4096"))
+    assert "open files: soft limit raised from 1024 to 4096" in p.stderr
+    out = json.loads(p.stdout)
+    assert (out["files_linked"], out["objects_created"], out["errors"]) == (66_000, 2, 0)
+    objs = sorted(q for q in host.store.rglob("*") if q.is_file())
+    assert [q.name[-2:] for q in objs][1:] == [".1"]
+    first, second = (os.stat(q) for q in objs)
+    assert first.st_nlink == 65_000                    # the store's name and 64,999 guest names
+    assert second.st_nlink == 66_002 - 64_999 + 1      # the rest, and the store's name
+    held = Counter(os.lstat(a / "usr/share/many" / r).st_ino for r in rels)
+    assert held == {first.st_ino: 64_999, second.st_ino: 66_002 - 64_999}
+    assert (a / "usr/share/many" / rels[-1]).read_bytes() == small
+
+
+def test_a_run_fits_a_low_hard_open_file_limit(host):
+    """With the hard limit at 64 nothing can be raised: windows and the directory cache
+    shrink to fit, and a group of 3,000 files, each in its own directory, is linked."""
+    a = host.guest("a", {})
+    rels = _copies(a / "usr/share/many", 3000, 1, LIB)
+    p = host.vsunify("run", "--json", "a", wrap=("prlimit", "--nofile=64:64"))
+    out = json.loads(p.stdout)
+    assert (out["files_linked"], out["objects_created"], out["errors"]) == (2999, 1, 0)
+    inos = {os.lstat(a / "usr/share/many" / r).st_ino for r in rels}
+    assert len(inos) == 1 and os.stat(a / "usr/share/many" / rels[0]).st_nlink == 3001
+
+
+def test_a_full_index_filesystem_is_its_own_exit_code_and_changes_nothing(host):
+    with small_fs(host.base / "state", 1) as state:
+        for g in "ab":
+            host.guest(g, distro())
+        host.vsunify("run", "--all")  # an index that knows a and b
+        host.guest("c", distro())
+        before = {g: snapshot(host.root / g) for g in "abc"}
+        filler = fill(state)
+        p = host.vsunify("run", "--all", check=False)
+        _fails(p, EXIT_NOSPACE, f"no space left on {state} for the index {host.index}",
+               f"free space on {state} and run again")
+        assert {g: snapshot(host.root / g) for g in "abc"} == before
+        assert os.stat(host.root / "c/usr/bin/tool").st_nlink == 1
+        assert not list(host.root.rglob(".vsu~*"))
+        assert not [q for q in state.iterdir() if "corrupt" in q.name]  # never moved aside
+        _fails(host.vsunify("report", "--all", check=False), EXIT_NOSPACE, "no space left")
+        filler.unlink()
+        out = host.run_json("--all")
+        # Only c's files are read: the index (a cache, but a costly one) came through whole.
+        assert (out["files_hashed"], out["files_linked"], out["errors"]) == (3, 3, 0)
+        assert inode(host.root / "c/usr/bin/tool") == inode(host.root / "a/usr/bin/tool")
+
+
+def test_deunify_on_a_full_guest_filesystem_stops_cleanly(host):
+    with small_fs(host.root, 16, "ext4") as root:
+        for g in "ab":
+            host.guest(g, distro())
+        host.vsunify("run", "--all")
+        before = snapshot(root / "a")
+        filler = fill(root)
+        p = host.vsunify("deunify", "a", check=False)
+        _fails(p, EXIT_NOSPACE, f"no space left on {root} for a private copy of a:/",
+               "0 files were made private")
+        assert snapshot(root / "a") == before
+        assert not list(root.rglob(".vsu~*"))
+        assert os.stat(root / "a/usr/bin/tool").st_nlink == 3
+        filler.unlink()
+        assert json.loads(host.vsunify("deunify", "--json", "a").stdout)["files"] == 3
+        assert os.stat(root / "a/usr/bin/tool").st_nlink == 1
+
+
+def test_a_dangling_vdir_does_not_stop_the_other_guests(host):
+    for g in "ab":
+        host.guest(g, distro())
+    broken = host.conf / "gone"
+    broken.mkdir(parents=True)
+    os.symlink(host.base / "nowhere", broken / "vdir")
+    host.guest("gone", distro(), configure=False)  # the default tree must not stand in for it
+    p = host.vsunify("run", "--json", "--all", check=False)
+    assert p.returncode == EXIT_PARTIAL and "Traceback" not in p.stderr
+    assert f"left out: guest 'gone': its vdir {broken / 'vdir'} leads to " \
+           f"{host.base / 'nowhere'}, which is not a directory" in p.stderr
+    out = json.loads(p.stdout)
+    assert (out["guests"], out["files_linked"], out["errors"]) == (2, 3, 0)
+    assert inode(host.root / "a/usr/bin/tool") == inode(host.root / "b/usr/bin/tool")
+    assert os.stat(host.root / "gone/usr/bin/tool").st_nlink == 1
+    rep = host.vsunify("report", "--json", "--all")
+    assert set(json.loads(rep.stdout)["guests"]) == {"a", "b"} and "'gone'" in rep.stderr
+    _fails(host.vsunify("run", "gone", check=False), EXIT_CONFIG, "'gone'", "vdir")

@@ -68,3 +68,32 @@ def test_kill_at_random_positions_again_and_again(host):
     host.vsunify("run", "--all")
     check_nothing_lost(host, before)
     check_tidy(host)
+
+
+HOSTILE = [os.fsdecode(b"\xff\xfe"), "new\nline", "tab\tx", "-rf"]
+
+
+@pytest.mark.parametrize("point", ["linked", "swapped", "sealed"])
+def test_kill_with_hostile_names_in_flight(host, point):
+    """The journal holds names that are not UTF-8 (or hold a newline) as bytes, so the next
+    run finds and resolves exactly those names."""
+    rnd = random.Random(3)
+    common = {f"usr/lib/{n}": rnd.randbytes(3000) for n in HOSTILE}
+    for g in ("g0", "g1"):
+        host.guest(g, common)
+    before = {g: snapshot(host.root / g) for g in ("g0", "g1")}
+    p = host.vsunify("run", "--all", check=False, env={"VSSTORE_CRASH_AT": point})
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)
+    db = sqlite3.connect(host.index)
+    names = {r[0] for r in db.execute("SELECT name FROM journal WHERE kind='join'")}
+    db.close()
+    assert names == {os.fsencode(n) for n in HOSTILE}
+    assert list(host.root.rglob(".vsu~*"))  # the crash left temporary names
+    check_nothing_lost(host, before)
+    host.vsunify("run", "--all")
+    check_nothing_lost(host, before)
+    assert not list(host.root.rglob(".vsu~*"))
+    for n in HOSTILE:
+        assert os.stat(host.root / "g0/usr/lib" / n).st_ino == \
+            os.stat(host.root / "g1/usr/lib" / n).st_ino
+        assert flags(host.root / "g0/usr/lib" / n) == "UIa"

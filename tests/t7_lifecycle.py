@@ -15,7 +15,9 @@ import pytest
 
 from conftest import REPO, flags, inode
 from vsstore import attrs, cgroups
+from vsstore.config import Paths
 from vsstore.errors import EXIT_CONFIG, EXIT_STATE
+from vsstore.vserver_cli import _unify_after
 
 BUSYBOX = "/bin/busybox"
 APPLETS = ["sh", "sleep", "ps", "mount", "mknod", "hostname", "cat", "ls", "echo", "id",
@@ -366,6 +368,29 @@ def test_vserver_stat_agrees_with_an_independent_count(vs, host):
                 rss += next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) * 1024
         assert abs(row["rss"] - rss) <= 0.1 * rss
     assert rows["g1"]["processes"] >= 3
+
+
+def test_a_dangling_vdir_breaks_neither_build_nor_stat_nor_unify_of_other_guests(vs, host,
+                                                                                 capsys):
+    gone = host.conf / "gone"
+    gone.mkdir(parents=True)
+    (gone / "context").write_text("77\n")
+    os.symlink(host.base / "nowhere", gone / "vdir")
+    vs.guest("g1")
+    assert (host.conf / "g1/context").read_text() == "78\n"  # its context stays taken
+    vs.guest("g2")
+    assert _unify_after(Paths.from_env(host.env), "g1") == 0  # what vapt-get runs afterwards
+    assert "left out of vsunify: guest 'gone'" in capsys.readouterr().err
+    assert inode(host.root / "g1/bin/busybox") == inode(host.root / "g2/bin/busybox")
+    vs("start", "g1")
+    assert [r["name"] for r in vs.stat()] == ["g1"]
+    p = subprocess.run([sys.executable, "-c", "import sys; from vsstore.vserver_cli import "
+                        "stat_main; sys.exit(stat_main([]))"], cwd=REPO, env=vs.env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.rstrip().endswith(" g1"), p
+    p = vs("status", "gone", check=False)  # that guest alone gets the error
+    assert p.returncode == EXIT_CONFIG and str(gone / "vdir") in p.stderr
+    vs("stop", "g1")
 
 
 # -- through the overlay -----------------------------------------------------------------

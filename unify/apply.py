@@ -31,14 +31,17 @@ import errno
 import logging
 import os
 import queue
+import resource
 import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vsstore import attrs, syscalls
+from vsstore.errors import NOSPACE_ERRNOS, NoSpaceError
 from vsstore.hashing import content_digests, meta_class, read_xattrs
 from vsstore.index import Index, Row
+from vsstore.names import shown
 from vsstore.private import copy_file, tmp_name
 from vsstore.safetree import GuestTree, split_rel
 from vsstore.store import Key, Store, StoreObject
@@ -70,13 +73,31 @@ def point(name: str, **kw: object) -> None:
         hook(**kw)
 
 
+WINDOW_NAMES = 256  # guest names linked in one window at most (each joiner holds an fd)
+DIR_FDS = 512       # directory fds kept open between windows at most
+
+
+def fds_free() -> int:
+    """How many more files this process may open now: the soft RLIMIT_NOFILE less what is
+    open."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return soft - len(os.listdir("/proc/self/fd"))
+
+
 class Closer:
     """Closes finished fds in a background thread.  Closing our last fd on a replaced
     duplicate is where the kernel frees its blocks; done here, that work overlaps with the
-    next batches instead of stalling them.  Bounded, so fds never pile up."""
+    next batches instead of stalling them.  Bounded by the number of fds waiting (at most
+    ``max_fds``, or one batch when a batch is larger), so they never pile up towards the
+    process's open-file limit."""
 
-    def __init__(self, backlog: int = 32) -> None:
-        self.q: queue.Queue[list[int] | None] = queue.Queue(maxsize=backlog)
+    def __init__(self, max_fds: int = 1024) -> None:
+        self.q: queue.SimpleQueue[list[int] | None] = queue.SimpleQueue()
+        self.max_fds = max_fds
+        self.waiting = 0
+        self.cv = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="vsunify-closer", daemon=True)
         self.thread.start()
 
@@ -87,10 +108,18 @@ class Closer:
                     os.close(fd)
                 except OSError:
                     pass
+            with self.cv:
+                self.waiting -= len(fds)
+                self.cv.notify_all()
 
     def close_later(self, fds: list[int]) -> None:
-        if fds:
-            self.q.put(fds)
+        if not fds:
+            return
+        with self.cv:
+            while self.waiting and self.waiting + len(fds) > self.max_fds:
+                self.cv.wait()
+            self.waiting += len(fds)
+        self.q.put(fds)
 
     def finish(self) -> None:
         self.q.put(None)
@@ -109,11 +138,12 @@ class LinkStats:
 
 
 class _Dirs:
-    """Directory fds keyed by (guest, directory), the least recently used closed beyond
-    ``limit``.  A held fd keeps meaning the same directory even if a guest renames it; every
-    swap is verified by inode anyway."""
+    """Directory fds keyed by (guest, directory); ``trim`` closes the least recently used
+    beyond ``limit``.  Only between windows: an fd handed out stays open (and keeps meaning
+    the same directory, even if a guest renames it) until the window using it is over.
+    Every swap is verified by inode anyway."""
 
-    def __init__(self, limit: int = 512) -> None:
+    def __init__(self, limit: int = DIR_FDS) -> None:
         self.fds: dict[tuple[int, str], int] = {}
         self.limit = limit
 
@@ -122,11 +152,12 @@ class _Dirs:
         fd = self.fds.pop(k, None)
         if fd is None:
             fd = tree.open_beneath(d, os.O_RDONLY | os.O_DIRECTORY)
-            if len(self.fds) >= self.limit:
-                old = next(iter(self.fds))
-                os.close(self.fds.pop(old))
         self.fds[k] = fd  # most recently used last
         return fd
+
+    def trim(self) -> None:
+        while len(self.fds) > self.limit:
+            os.close(self.fds.pop(next(iter(self.fds))))
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -149,18 +180,27 @@ class Linker:
     """Applies link plans; one per run."""
 
     def __init__(self, store: Store, index: Index | None, *, immutable: bool,
-                 ignore_mtime: bool, stats: LinkStats, link_limit: int | None = None) -> None:
+                 ignore_mtime: bool, stats: LinkStats, link_limit: int | None = None,
+                 fds: int | None = None) -> None:
         self.store = store
         self.index = index
         self.immutable = immutable
         self.ignore_mtime = ignore_mtime
         self.stats = stats
         self.link_limit = link_limit  # tests: pretend the filesystem's limit is this
+        # Files this linker may hold open at once (default: what the open-file limit leaves
+        # free now).  A window holds one fd per joiner plus its directories, the closer up
+        # to a window's worth more, the directory cache the rest: a group of any size is
+        # linked in windows that fit.
+        room = max(fds if fds is not None else fds_free() - 32, 20)
+        self.window = min(WINDOW_NAMES, room // 5)
+        self.closer_fds = self.window
+        self.dir_fds = min(DIR_FDS, room // 5)
         # Every name the walk saw per inode, so that a compromised object's names can be
         # moved to a fresh copy (evacuate).
         self.known: dict[tuple[int, int], InodeRec] = {}
         self.closer: Closer | None = None  # set by unify_all
-        self.dirs = _Dirs()
+        self.dirs = _Dirs(self.dir_fds)
         # Journal planning of the current chunk (see unify_all).
         self._planned: dict[tuple[int, str], tuple[str, int]] = {}
         self._planned_objects: set[str] = set()
@@ -177,7 +217,7 @@ class Linker:
 
     def _where(self, rec: InodeRec) -> str:
         tree, rel = rec.names[0]
-        return f"{tree.name}:/{rel}"
+        return tree.where(rel)
 
     # -- opening -------------------------------------------------------------------------
 
@@ -313,7 +353,7 @@ class Linker:
         transaction before any of them is touched, and removed in one after the chunk (two
         commits per chunk instead of two per object).  A row whose temporary name never
         appeared is simply dropped by recovery, so planning ahead costs nothing."""
-        self.closer = Closer()
+        self.closer = Closer(self.closer_fds)
         try:
             for i in range(0, len(plans), chunk):
                 part = plans[i:i + chunk]
@@ -324,8 +364,10 @@ class Linker:
                         self._unify(key, members, objs)
                     except OSError as e:
                         clean = False  # leave this chunk's rows for recovery
-                        where = f"{members[0].names[0][0].name}:/{members[0].names[0][1]}"
-                        self._error(f"{where}: group not linked: {e}")
+                        if e.errno in NOSPACE_ERRNOS:  # no use going on: stop, as a crash would
+                            raise self._no_space(self._where(members[0])) from None
+                        self._error(f"{self._where(members[0])}: group not linked: "
+                                    f"{e.strerror or e}")
                     if tick is not None:
                         tick()
                 ids += self._extra_ids
@@ -338,6 +380,12 @@ class Linker:
             self.dirs.close()
             self.closer.finish()
             self.closer = None
+
+    def _no_space(self, where: str) -> NoSpaceError:
+        """The guests' (and the store's) filesystem is full."""
+        return NoSpaceError.on(self.store.path, f"linking {where}",
+                               "what is linked stays linked; the next run tidies up what "
+                               "this one left in flight and goes on")
 
     def _plan(self, part: list[tuple[Key, list[InodeRec], list[StoreObject]]]) -> list[int]:
         """Journal what the chunk will most likely do: each group's object (the first with
@@ -368,19 +416,25 @@ class Linker:
         return self.index.journal_add(rows) if self.index is not None and rows else []
 
     def _unify(self, key: Key, members: list[InodeRec], objs: list[StoreObject]) -> None:
-        """Make every member a name of one object of ``key`` (creating it if needed)."""
+        """Make every member a name of one object of ``key`` (creating it if needed), a
+        window of at most ``self.window`` names at a time, so that a group of any size needs
+        a bounded number of open files."""
         pending = list(members)
         while pending:
             obj = next((o for o in objs if not o.full), None)
+            seed = None
             if obj is None:
                 seeds = [m for m in pending if m.all_names_seen]
                 if not seeds:
                     return  # every inode also has names we did not scan: cannot seal one
                 seed = max(seeds, key=lambda m: len(m.names))
                 pending.remove(seed)
-                pending = self._batch(key, None, seed, pending, objs)
-            else:
-                pending = self._batch(key, obj, None, pending, objs)
+            n, names = 0, 0
+            while n < len(pending) and (n == 0 or names + len(pending[n].names) <= self.window):
+                names += len(pending[n].names)
+                n += 1
+            # What the window leaves (EMLINK: for the next generation) goes first again.
+            pending = self._batch(key, obj, seed, pending[:n], objs) + pending[n:]
 
     def _batch(self, key: Key, obj: StoreObject | None, seed: InodeRec | None,
                joiners: list[InodeRec], objs: list[StoreObject]) -> list[InodeRec]:
@@ -431,6 +485,7 @@ class Linker:
             else:
                 for fd in held:
                     os.close(fd)
+            dirs.trim()
 
     def _seed_meta(self, seed: InodeRec, fd: int) -> Meta | None:
         """The metadata a new object must keep: the seed's as it was hashed (its ctime has
@@ -456,7 +511,7 @@ class Linker:
                 try:
                     dfd = dirs.get(tree, d)
                 except OSError as e:
-                    self._error(f"{tree.name}:/{rel}: skipped: cannot open its directory: "
+                    self._error(f"{tree.where(rel)}: skipped: cannot open its directory: "
                                 f"{e.strerror}")
                     continue
                 planned = self._planned.get((id(tree), rel))
@@ -486,7 +541,7 @@ class Linker:
         # refused), puts back its verified metadata and seals it (marker, immutable).
         with unsealed(ofd, self.immutable, what=f"store object {obj.name}", seal=True,
                       expect=obj.expect, on_writer=on_writer):
-            self._link_names(obj, names, overflow, failed)
+            nospace = self._link_names(obj, names, overflow, failed)
             # A joiner someone opened for writing meanwhile keeps its own inode.
             for j, jfd in ready:
                 if not syscalls.lease_held(jfd):
@@ -527,16 +582,24 @@ class Linker:
             self.index_rows.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                                     st.st_ctime_ns, obj.key[0], obj.strong, rec.meta,
                                     rec.meta_any))
+        if nospace is not None:
+            raise self._no_space(nospace.tree.where(nospace.rel))
         return overflow
 
     def _link_names(self, obj: StoreObject, names: list[_Name], overflow: list[InodeRec],
-                    failed: set[int]) -> None:
+                    failed: set[int]) -> _Name | None:
         """Inside O's window: link O beside each name, then swap each name with its link and
         check what came out.  EMLINK: this joiner and all after it wait for the next
-        generation of the object."""
+        generation of the object.  ENOSPC: no name after it is linked; the window finishes
+        what it linked (which frees the duplicates' space), then the run stops: the name
+        where space ran out is returned."""
         odir, obase = self.store.dir_and_name(obj)
         nlink = obj.nlink
+        nospace: _Name | None = None
         for n in names:
+            if nospace is not None:
+                failed.add(n.rec.ino)
+                continue
             if n.rec.ino in failed or overflow:
                 if overflow and n.rec not in overflow:
                     overflow.append(n.rec)
@@ -551,8 +614,11 @@ class Linker:
                 if e.errno == errno.EMLINK:
                     obj.full = True
                     overflow.append(n.rec)
+                elif e.errno in NOSPACE_ERRNOS:
+                    nospace = n
+                    failed.add(n.rec.ino)
                 else:
-                    self._error(f"{n.tree.name}:/{n.rel}: not linked: {e.strerror}")
+                    self._error(f"{n.tree.where(n.rel)}: not linked: {e.strerror}")
                     failed.add(n.rec.ino)
         point("linked", obj=obj, names=[(n.tree, n.rel) for n in names])
         over = {r.ino for r in overflow}
@@ -566,20 +632,21 @@ class Linker:
             try:
                 syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
             except OSError as e:
-                self._error(f"{n.tree.name}:/{n.rel}: not linked: {e.strerror}")
+                self._error(f"{n.tree.where(n.rel)}: not linked: {e.strerror}")
                 n.state = "reverted"
                 failed.add(n.rec.ino)
                 continue
             out = os.stat(n.tmp, dir_fd=n.dfd, follow_symlinks=False)
             if out.st_ino != n.rec.ino or out.st_dev != n.rec.dev:
                 syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
-                self._error(f"{n.tree.name}:/{n.rel}: not linked: replaced by another "
+                self._error(f"{n.tree.where(n.rel)}: not linked: replaced by another "
                             f"file while we linked it")
                 n.state = "reverted"
                 failed.add(n.rec.ino)
             else:
                 n.state = "swapped"
         point("swapped", obj=obj, names=[(n.tree, n.rel) for n in names])
+        return nospace
 
     def _breach(self, obj: StoreObject, ofd: int, new: bool, names: list[_Name]) -> None:
         """A writer got O open for writing during its window, on a filesystem that lets it
@@ -600,7 +667,12 @@ class Linker:
             attrs.clear_marker(ofd)
             obj.full = True
             return
-        self.evacuate(obj, ofd)
+        try:
+            self.evacuate(obj, ofd)
+        except OSError:
+            # No fresh copy (a full disk): sealed again, the writer's fd cannot write either.
+            attrs.seal(ofd, self.immutable)
+            raise
 
     def evacuate(self, obj: StoreObject, ofd: int) -> None:
         """Move every name of ``obj`` that this run knows (the store's and the guests') to a
@@ -611,7 +683,7 @@ class Linker:
         tmp = tmp_name()
         cfd = copy_file(ofd, odir, tmp)
         moved = 0
-        dirs = _Dirs()
+        dirs = _Dirs(self.dir_fds)
         try:
             rec = self.known.get((st.st_dev, st.st_ino))
             for tree, rel in (rec.names if rec else []):
@@ -626,8 +698,9 @@ class Linker:
                     else:
                         moved += 1
                     os.unlink(t, dir_fd=dfd)
+                    dirs.trim()
                 except OSError as e:
-                    log.warning("%s:/%s: could not move to a fresh copy: %s", tree.name, rel,
+                    log.warning("%s: could not move to a fresh copy: %s", tree.where(rel),
                                 e.strerror)
             os.rename(tmp, obase, src_dir_fd=odir, dst_dir_fd=odir)
             attrs.seal(cfd, self.immutable)
@@ -653,7 +726,7 @@ def recover(index: Index, store: Store, immutable: bool) -> list[str]:
     for row in rows:
         if row.kind == "object":
             continue
-        where = f"{row.root}/{row.dir + '/' if row.dir else ''}{row.name}"
+        where = shown(os.path.join(row.root, row.dir, row.name))
         try:
             tree = GuestTree(row.root)
         except Exception:

@@ -13,12 +13,13 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from vsstore import pkgdb
-from vsstore.clitools import run_cli
+from vsstore.clitools import raise_open_files_limit, run_cli
 from vsstore.config import Guest, Paths, configured_guests, resolve_guest
 from vsstore.errors import EXIT_OK, EXIT_PARTIAL, BusyError, ConfigError
 from vsstore.excludes import ExcludeList, build_excludes
 from vsstore.index import Index
 from vsstore.lock import exclusive
+from vsstore.names import shown
 from vsstore.runtime import cow_served
 from vsstore.safetree import GuestTree
 from vsstore.store import Store
@@ -29,17 +30,25 @@ from .progress import Progress, human
 log = logging.getLogger("vsstore")
 
 
-def _guests(args: argparse.Namespace, paths: Paths) -> list[Guest]:
+def _guests(args: argparse.Namespace, paths: Paths) -> tuple[list[Guest], list[str]]:
+    """The guests named (or --all), and a message for each configured guest --all left out
+    because its root tree cannot be found (a dangling vdir): one broken guest must not stop
+    the others.  A guest named explicitly that cannot be found is an error."""
     names = list(getattr(args, "guests", []) or [])
     if getattr(args, "all", False):
-        found = configured_guests(paths)
-        if not found:
+        broken: list[ConfigError] = []
+        found = configured_guests(paths, broken)
+        if not found and not broken:
             raise ConfigError(f"--all: no guests configured in {paths.confdir}; "
                               f"name guests or set VSERVERS_CONFDIR")
-        return found + [resolve_guest(n, paths) for n in names]
+        left_out = [f"left out: {e.message}" for e in broken]
+        if not found:
+            raise ConfigError("--all: no configured guest has its root tree: "
+                              + "; ".join(e.message for e in broken))
+        return found + [resolve_guest(n, paths) for n in names], left_out
     if not names:
         raise ConfigError("name at least one guest (a configured name or a path), or use --all")
-    return [resolve_guest(n, paths) for n in names]
+    return [resolve_guest(n, paths) for n in names], []
 
 
 def _refuse_mounted(guests: list[Guest], paths: Paths) -> None:
@@ -48,9 +57,10 @@ def _refuse_mounted(guests: list[Guest], paths: Paths) -> None:
     for g in guests:
         at = served.get(os.path.realpath(g.root))
         if at is not None:
-            raise BusyError(f"guest {g.name!r} ({g.root}) is mounted through the cow overlay "
-                            f"at {at}; unify it while it is not (`vserver {g.name} stop`, or "
-                            f"`vscow umount {at}`), or leave it out")
+            raise BusyError(f"guest '{shown(g.name)}' ({shown(g.root)}) is mounted through the "
+                            f"cow overlay at {shown(at)}; unify it while it is not (`vserver "
+                            f"{shown(g.name)} stop`, or `vscow umount {shown(at)}`), or leave "
+                            f"it out")
 
 
 def _skip_package_managers(guests: list[Guest]) -> tuple[list[Guest], list[str]]:
@@ -63,8 +73,8 @@ def _skip_package_managers(guests: list[Guest]) -> tuple[list[Guest], list[str]]
             locks = held(t)
         if locks:
             rel, pid = locks[0]
-            skipped.append(f"guest {g.name!r} skipped: a package manager (pid {pid}) holds "
-                           f"/{rel}; it is unified on the next run")
+            skipped.append(f"guest '{shown(g.name)}' skipped: a package manager (pid {pid}) "
+                           f"holds /{shown(rel)}; it is unified on the next run")
         else:
             keep.append(g)
     return keep, skipped
@@ -101,13 +111,15 @@ def _index(stack: ExitStack, paths: Paths) -> Index:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    raise_open_files_limit()
     paths = Paths.from_env()
     if args.min_size < 1:
         raise ConfigError("--min-size must be at least 1")
-    guests = _guests(args, paths)
+    guests, left_out = _guests(args, paths)
     if not args.dry_run:
         _refuse_mounted(guests, paths)
     guests, skipped = _skip_package_managers(guests)
+    skipped = left_out + skipped
     for msg in skipped:
         print(f"vsunify: {msg}", file=sys.stderr)
     if skipped and not guests:
@@ -158,7 +170,9 @@ def _log_summary(args: argparse.Namespace, line: str, code: int) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     paths = Paths.from_env()
-    guests = _guests(args, paths)
+    guests, left_out = _guests(args, paths)
+    for msg in left_out:
+        print(f"vsunify: {msg}", file=sys.stderr)
     with ExitStack() as stack:
         sp = _store_path(args, paths)
         store = stack.enter_context(Store(sp, create=False)) if sp.is_dir() else None
@@ -212,7 +226,7 @@ def cmd_deunify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"files": t.files, "bytes": t.bytes, "errors": t.errors}))
     else:
-        print(f"vsunify: {g.name}: {t.files} files made private ({human(t.bytes)}), "
+        print(f"vsunify: {shown(g.name)}: {t.files} files made private ({human(t.bytes)}), "
               f"{t.errors} errors")
     return EXIT_PARTIAL if t.errors else EXIT_OK
 
@@ -236,12 +250,14 @@ def cmd_excludes(args: argparse.Namespace) -> int:
     paths = Paths.from_env()
     g = resolve_guest(args.guest, paths)
     ex = _excludes(args, g, paths)
+    # Rules and reasons may come from a guest's package database: shown, never raw.
+    rows = [(shown(r.text), shown(r.reason)) for r in ex.rules]
     if args.json:
-        print(json.dumps([{"rule": r.text, "reason": r.reason} for r in ex.rules], indent=2))
+        print(json.dumps([{"rule": t, "reason": why} for t, why in rows], indent=2))
     else:
-        w = max((len(r.text) for r in ex.rules), default=4)
-        for r in ex.rules:
-            print(f"{r.text.ljust(w)}  {r.reason}")
+        w = max((len(t) for t, _ in rows), default=4)
+        for t, why in rows:
+            print(f"{t.ljust(w)}  {why}")
     return EXIT_OK
 
 

@@ -15,6 +15,7 @@ from vsstore.errors import ConfigError
 from vsstore.excludes import ExcludeList
 from vsstore.hashing import content_digests, meta_class, read_xattrs
 from vsstore.index import Index
+from vsstore.names import shown
 from vsstore.safetree import GuestTree
 from vsstore.store import Key, Store
 
@@ -64,7 +65,8 @@ def open_trees(guests: list[Guest], store: Store) -> list[GuestTree]:
         seen: dict[str, Guest] = {}
         for g in guests:
             if g.name in seen:
-                raise ConfigError(f"guest {g.name!r} named twice ({seen[g.name].root}, {g.root})")
+                raise ConfigError(f"guest '{shown(g.name)}' named twice "
+                                  f"({shown(seen[g.name].root)}, {shown(g.root)})")
             seen[g.name] = g
             t = GuestTree(g.root, g.name)
             trees.append(t)
@@ -72,8 +74,8 @@ def open_trees(guests: list[Guest], store: Store) -> list[GuestTree]:
         roots = sorted((t.root.resolve(), t.name) for t in trees)
         for (a, an), (b, bn) in zip(roots, roots[1:], strict=False):
             if b.is_relative_to(a):
-                raise ConfigError(f"guest {bn!r} ({b}) lies inside guest {an!r} ({a}); "
-                                  f"name each guest once")
+                raise ConfigError(f"guest '{shown(bn)}' ({shown(b)}) lies inside guest "
+                                  f"'{shown(an)}' ({shown(a)}); name each guest once")
     except BaseException:
         for t in trees:
             t.close()
@@ -100,18 +102,18 @@ def _hash_one(rec: scan.InodeRec) -> Hashed | str | None:
     except OSError as e:
         if e.errno == errno.ESTALE:
             return None
-        return f"{tree.name}:/{rel}: skipped: cannot open: {e.strerror}"
+        return f"{tree.where(rel)}: skipped: cannot open: {e.strerror}"
     try:
         st = os.fstat(fd)
         if not rec.same_stat(st):
-            return f"{tree.name}:/{rel}: skipped: changed during the run"
+            return f"{tree.where(rel)}: skipped: changed during the run"
         digest, strong = content_digests(fd, rec.size)
         xattrs = read_xattrs(fd)
         if not rec.same_stat(os.fstat(fd)):
-            return f"{tree.name}:/{rel}: skipped: changed while it was read"
+            return f"{tree.where(rel)}: skipped: changed while it was read"
         return digest, strong, meta_class(st, xattrs, False), meta_class(st, xattrs, True)
     except OSError as e:
-        return f"{tree.name}:/{rel}: skipped: {e.strerror}"
+        return f"{tree.where(rel)}: skipped: {e.strerror}"
     finally:
         os.close(fd)
 
@@ -166,7 +168,8 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
                 to_hash.append(rec)
         linker = apply.Linker(store, index, immutable=opts.immutable,
                               ignore_mtime=opts.ignore_mtime, stats=apply.LinkStats(),
-                              link_limit=opts.link_limit)
+                              link_limit=opts.link_limit,
+                              fds=apply.fds_free() - 2 * max(1, opts.jobs) - 32)
         linker.known = sc.inodes
         stats = linker.stats
         objects_by_ino = {o.ino: o for objs in objects.values() for o in objs}

@@ -8,6 +8,7 @@ import stat
 from dataclasses import dataclass, field
 
 from vsstore import attrs
+from vsstore.errors import NOSPACE_ERRNOS, NoSpaceError
 from vsstore.index import Index
 from vsstore.private import privatize
 from vsstore.safetree import GuestTree, split_rel
@@ -41,7 +42,7 @@ def deunify(tree: GuestTree, paths: list[str], index: Index, immutable: bool) ->
             try:
                 fd = tree.open_beneath(start, os.O_PATH)
             except OSError as e:
-                tally.error(f"{tree.name}:/{start}: {e.strerror}")
+                tally.error(f"{tree.where(start)}: {e.strerror}")
                 continue
             st = os.fstat(fd)
             os.close(fd)
@@ -50,10 +51,11 @@ def deunify(tree: GuestTree, paths: list[str], index: Index, immutable: bool) ->
                     _deunify_one(tree, start, st, index, immutable, tally)
                 continue
             if not stat.S_ISDIR(st.st_mode):
-                tally.error(f"{tree.name}:/{start}: not a regular file or directory")
+                tally.error(f"{tree.where(start)}: not a regular file or directory")
                 continue
         for rel, st in tree.walk(start=start,
-                                 on_error=lambda r, e: tally.error(f"{tree.name}:/{r}: {e}")):
+                                 on_error=lambda r, e: tally.error(
+                                     f"{tree.where(r)}: {e.strerror or e}")):
             if st.st_nlink > 1:
                 _deunify_one(tree, rel, st, index, immutable, tally)
     return tally
@@ -61,7 +63,7 @@ def deunify(tree: GuestTree, paths: list[str], index: Index, immutable: bool) ->
 
 def _deunify_one(tree: GuestTree, rel: str, st: os.stat_result, index: Index, immutable: bool,
                  tally: Tally) -> None:
-    where = f"{tree.name}:/{rel}"
+    where = tree.where(rel)
     try:
         dfd, base = tree.open_parent(rel)
     except OSError as e:
@@ -84,6 +86,9 @@ def _deunify_one(tree: GuestTree, rel: str, st: os.stat_result, index: Index, im
             tally.files += 1
             tally.bytes += st.st_size
     except OSError as e:
+        if e.errno in NOSPACE_ERRNOS:  # every further copy would fail too: stop here
+            raise NoSpaceError.on(tree.root, f"a private copy of {where}",
+                                  f"{tally.files} files were made private before it") from None
         tally.error(f"{where}: {e.strerror}")
     finally:
         os.close(ofd)

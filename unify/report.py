@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from vsstore.names import shown
 from vsstore.safetree import GuestTree
 from vsstore.store import Store
 
@@ -38,7 +39,7 @@ class GuestFigures:
 
 @dataclass(slots=True)
 class SharedFile:
-    path: str  # one of its names: "guest:/rel"
+    path: str  # one of its names: "guest:/rel", shown (vsstore.names)
     guests: int
     size: int  # on disk
     saved: int  # (guests - 1) * size
@@ -78,8 +79,9 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
     first_name: dict[tuple[int, int], str] = {}
     per_guest_inodes: dict[str, set[tuple[int, int]]] = {}
     for t in trees:
-        g = rep.guests[t.name] = GuestFigures()
-        inos = per_guest_inodes[t.name] = set()
+        gname = shown(t.name)  # as every figure and table names the guest
+        g = rep.guests[gname] = GuestFigures()
+        inos = per_guest_inodes[gname] = set()
         for rel, st in t.walk():
             g.files += 1
             g.apparent_bytes += st.st_size
@@ -87,8 +89,8 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
             if k not in inos:
                 inos.add(k)
                 blocks[k] = st.st_blocks * 512
-                holders.setdefault(k, set()).add(t.name)
-                first_name.setdefault(k, f"{t.name}:/{rel}")
+                holders.setdefault(k, set()).add(gname)
+                first_name.setdefault(k, t.where(rel))
     for name, inos in per_guest_inodes.items():
         g = rep.guests[name]
         saved = 0.0
@@ -116,7 +118,7 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
         links = Counter(o.nlink - 1 for o in objs)
         unused = [o for o in objs if o.nlink <= 1]
         rep.store = {
-            "path": str(store.path),
+            "path": shown(store.path),
             "objects": len(objs),
             "bytes": sum(o.size for o in objs),
             "unused_objects": len(unused),

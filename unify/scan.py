@@ -65,11 +65,11 @@ def _walk_one(tree: GuestTree, ex: ExcludeList, min_size: int,
     errors: list[str] = []
 
     def on_error(rel: str, e: OSError) -> None:
-        errors.append(f"{tree.name}: /{rel}: skipped: {e.strerror or e}")
+        errors.append(f"{tree.where(rel)}: skipped: {e.strerror or e}")
 
     for rel, st in tree.walk(prune_dir=ex.prune, known=known, on_error=on_error):
         if ".vsu~" in rel and TMP_RE.match(rel.rpartition("/")[2]):
-            leftovers.append(f"{tree.name}:/{rel}")
+            leftovers.append(tree.where(rel))
         elif st.st_size >= min_size and not ex.excluded(rel):
             found.append((rel, st))
     return found, leftovers, errors

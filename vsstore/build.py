@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import attrs, syscalls
-from .config import Guest, Paths, configured_guests, valid_name
+from .config import Guest, Paths, configured_names, valid_name
 from .errors import ConfigError, StateError
+from .names import shown
 from .private import copy_file
 from .window import unsealed
 
@@ -38,10 +39,12 @@ class BuildOptions:
 
 
 def _free_context(paths: Paths) -> int:
+    """One more than the highest context configured (a guest whose tree is missing still
+    holds its number)."""
     used = set()
-    for g in configured_guests(paths):
+    for name in configured_names(paths):
         try:
-            used.add(int((g.confdir / "context").read_text().strip()))  # type: ignore[operator]
+            used.add(int((paths.confdir / name / "context").read_text().strip()))
         except (OSError, ValueError):
             continue
     return max(used | {1}) + 1
@@ -219,7 +222,7 @@ def _copy_dir(sfd: int, dfd: int, rel: str, droot: int, seen: dict[tuple[int, in
                     os.link(seen[key], n, src_dir_fd=droot, dst_dir_fd=dfd,
                             follow_symlinks=False)
                 elif st.st_nlink > 1 and attrs.has_marker(fd):  # shared: one more name
-                    with unsealed(fd, what=f"{rel}{n}"):
+                    with unsealed(fd, what=shown(f"{rel}{n}")):
                         syscalls.link_fd(fd, dfd, n)
                 else:
                     os.close(copy_file(fd, dfd, n))
@@ -247,7 +250,7 @@ def remove_guest_tree(root: Path) -> None:
                 if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                     fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
                     try:
-                        with unsealed(fd, what=os.path.join(dirpath, f)):
+                        with unsealed(fd, what=shown(os.path.join(dirpath, f))):
                             os.unlink(f, dir_fd=dfd)
                     finally:
                         os.close(fd)

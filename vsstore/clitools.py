@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import sys
 import traceback
 from collections.abc import Callable
@@ -17,6 +18,21 @@ def setup_logging(prog: str, verbose: bool, quiet: bool = False) -> None:
     root.handlers[:] = [h]
     root.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
     root.propagate = False
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (the soft one is often 1024): a run
+    holds a file per joiner of a window, directories, hashing threads.  Work is still cut
+    to fit whatever limit remains (unify.apply.fds_free)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:
+            logging.getLogger("vsstore").debug("open files: soft limit %d kept (%s)", soft, e)
+            return
+        logging.getLogger("vsstore").debug("open files: soft limit raised from %d to %d",
+                                           soft, hard)
 
 
 def run_cli(prog: str, parser: argparse.ArgumentParser,

@@ -90,10 +90,17 @@ def resolve_guest(arg: str, paths: Paths) -> Guest:
     conf = paths.confdir / arg
     if conf.is_dir():
         vdir = conf / "vdir"
-        root = vdir.resolve() if vdir.exists() else paths.vservers_root / arg
+        if os.path.lexists(vdir):  # a dangling vdir is an error, never a fallback
+            root = vdir.resolve()
+            if not root.is_dir():
+                raise ConfigError(f"guest {arg!r}: its vdir {vdir} leads to {root}, which is "
+                                  f"not a directory; point {vdir} at the guest's root tree, "
+                                  f"or remove {conf} if the guest is gone")
+            return Guest(name=arg, root=root, confdir=conf)
+        root = paths.vservers_root / arg
         if not root.is_dir():
-            raise ConfigError(f"guest {arg!r}: its root tree {root} does not exist; "
-                              f"fix {vdir} or build the guest")
+            raise ConfigError(f"guest {arg!r}: its root tree {root} does not exist; create "
+                              f"it, link it as {vdir}, or remove {conf} if the guest is gone")
         return Guest(name=arg, root=root, confdir=conf)
     root = paths.vservers_root / arg
     if root.is_dir():
@@ -102,10 +109,26 @@ def resolve_guest(arg: str, paths: Paths) -> Guest:
                       f"name a configured guest or pass a path to its root tree")
 
 
-def configured_guests(paths: Paths) -> list[Guest]:
-    """Every guest with a configuration directory, in name order."""
+def configured_names(paths: Paths) -> list[str]:
+    """The name of every guest with a configuration directory, in order (whether or not
+    its root tree is there: what only needs the name, such as run state, asks this)."""
     if not paths.confdir.is_dir():
         return []
-    names = sorted(p.name for p in paths.confdir.iterdir()
-                   if p.is_dir() and not p.name.startswith(".") and valid_name(p.name))
-    return [resolve_guest(n, paths) for n in names]
+    return sorted(p.name for p in paths.confdir.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and valid_name(p.name))
+
+
+def configured_guests(paths: Paths, broken: list[ConfigError] | None = None) -> list[Guest]:
+    """Every configured guest, in name order.  One whose root tree cannot be resolved (a
+    dangling ``vdir``) raises ConfigError; with ``broken`` given it is left out and its
+    error appended there instead, so that one broken guest does not stop a command about
+    the others (the caller says so)."""
+    out = []
+    for n in configured_names(paths):
+        try:
+            out.append(resolve_guest(n, paths))
+        except ConfigError as e:
+            if broken is None:
+                raise
+            broken.append(e)
+    return out

@@ -5,6 +5,11 @@ The CLIs print ``message`` without a traceback (``--debug`` shows it) and exit w
 """
 from __future__ import annotations
 
+import errno
+import os
+
+from .names import shown
+
 # Exit codes (documented in README.md; keep both in step).
 EXIT_OK = 0
 EXIT_INTERNAL = 1      # a bug: unexpected exception
@@ -15,6 +20,9 @@ EXIT_BUSY = 5          # another run holds the lock
 EXIT_PARTIAL = 6       # finished, but some files were skipped (see the errors count)
 EXIT_UNSUPPORTED = 7   # this kernel/filesystem/privilege lacks something needed
 EXIT_STATE = 8         # the guest is not in the state the command needs (running/stopped)
+EXIT_NOSPACE = 9       # a filesystem we must write to is full (the index's, the guests')
+
+NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class VsError(Exception):
@@ -55,3 +63,32 @@ class StateError(VsError):
     """The guest is running where it must be stopped, or the other way round."""
 
     exit_code = EXIT_STATE
+
+
+class NoSpaceError(VsError):
+    """A filesystem we must write to is full (or a quota is reached); the message names it
+    and says to free space there."""
+
+    exit_code = EXIT_NOSPACE
+
+    @classmethod
+    def on(cls, path: str | os.PathLike[str], what: str, after: str = "") -> NoSpaceError:
+        """``no space left on FS for WHAT: free space on FS and run again[; AFTER]``, FS
+        being the mount point of ``path``."""
+        fs = shown(mount_point(path))
+        return cls(f"no space left on {fs} for {what}: free space on {fs} and run again"
+                   + (f"; {after}" if after else ""))
+
+
+def mount_point(path: str | os.PathLike[str]) -> str:
+    """The mount point of the filesystem holding ``path`` (or its nearest existing parent)."""
+    p = os.path.realpath(path)
+    while not os.path.exists(p) and p != "/":
+        p = os.path.dirname(p)
+    dev = os.stat(p).st_dev
+    while p != "/":
+        parent = os.path.dirname(p)
+        if os.stat(parent).st_dev != dev:
+            break
+        p = parent
+    return p

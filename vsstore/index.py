@@ -16,11 +16,28 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import NOSPACE_ERRNOS, ConfigError, NoSpaceError
+from .names import shown
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: journal path columns are bytes (BLOB), as names are on disk
 
-_SCHEMA = """
+# Links in flight: written before the first temporary name of a batch appears and deleted
+# after the last is gone.  See unify/apply.py for how a leftover row is resolved.  Paths are
+# bytes (os.fsencode): a guest's names need not be UTF-8.
+_JOURNAL = """
+CREATE TABLE IF NOT EXISTS {table} (
+    id       INTEGER PRIMARY KEY,
+    kind     TEXT NOT NULL,      -- 'join' (name -> object), 'deunify' (name -> copy), 'object'
+    root     BLOB NOT NULL,      -- guest root (host path); 'object': the store
+    dir      BLOB NOT NULL,      -- directory of the name, relative to root
+    name     BLOB NOT NULL,      -- the guest's name being replaced
+    tmp      BLOB NOT NULL,      -- our temporary name beside it
+    orig_ino INTEGER NOT NULL,   -- join: inode the name held; deunify: the private copy
+    obj_ino  INTEGER NOT NULL    -- the store object's inode
+);
+"""
+
+_SCHEMA = _JOURNAL.format(table="journal") + """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -39,18 +56,6 @@ CREATE TABLE IF NOT EXISTS inode (
     meta_any BLOB NOT NULL,      -- the same without mtime (for --ignore-mtime)
     PRIMARY KEY (dev, ino)
 ) WITHOUT ROWID;
--- Links in flight: written before the first temporary name of a batch appears and deleted
--- after the last is gone.  See unify/apply.py for how a leftover row is resolved.
-CREATE TABLE IF NOT EXISTS journal (
-    id       INTEGER PRIMARY KEY,
-    kind     TEXT NOT NULL,      -- 'join' (name -> object) or 'deunify' (name -> copy)
-    root     TEXT NOT NULL,      -- guest root (host path)
-    dir      TEXT NOT NULL,      -- directory of the name, relative to root
-    name     TEXT NOT NULL,      -- the guest's name being replaced
-    tmp      TEXT NOT NULL,      -- our temporary name beside it
-    orig_ino INTEGER NOT NULL,   -- join: inode the name held; deunify: the private copy
-    obj_ino  INTEGER NOT NULL    -- the store object's inode
-);
 -- One row per finished run, for reports and trends.
 CREATE TABLE IF NOT EXISTS run (
     id            INTEGER PRIMARY KEY,
@@ -111,8 +116,20 @@ class JournalRow:
     obj_ino: int
 
 
+class _ForeignVersion(sqlite3.DatabaseError):
+    """The file is an index of another schema version."""
+
+
+# Failures that are not the file's: a corrupt or foreign index is moved aside, these not.
+_NOT_THE_FILE = (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED,
+                 sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_INTERRUPT)
+
+
 class Index:
-    """The index database.  Opening a corrupt file moves it aside and starts afresh."""
+    """The index database.  Opening a corrupt or foreign file moves it aside and starts
+    afresh.  A write the filesystem has no room for raises NoSpaceError (and leaves the
+    database as it was before that transaction); so does opening it on a full disk, which
+    never moves a good file aside."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -120,11 +137,19 @@ class Index:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
+            if e.errno in NOSPACE_ERRNOS:
+                raise self._no_space() from None
             raise ConfigError(f"cannot create the state directory {path.parent}: {e.strerror}; "
                               f"set VSSTORE_STATEDIR to a writable directory") from None
         try:
             self.db = self._open()
         except sqlite3.DatabaseError as e:
+            failure = self._failure(e)
+            if failure is not e:
+                raise failure from e
+            code = getattr(e, "sqlite_errorcode", None)
+            if code is not None and code & 0xFF in _NOT_THE_FILE:
+                raise  # moving the file aside would not help (and would lose its journal)
             aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
             for suffix in ("", "-wal", "-shm"):
                 src = Path(str(path) + suffix)
@@ -143,8 +168,10 @@ class Index:
             row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif row[0] == "3":
+                _migrate_3(db)
             elif int(row[0]) != SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(f"schema version {row[0]}, expected {SCHEMA_VERSION}")
+                raise _ForeignVersion(f"schema version {row[0]}, expected {SCHEMA_VERSION}")
             db.execute("SELECT count(*) FROM inode").fetchone()
         except Exception:
             db.close()
@@ -153,6 +180,36 @@ class Index:
 
     def close(self) -> None:
         self.db.close()
+
+    # -- failures ----------------------------------------------------------------------
+
+    def _no_space(self) -> NoSpaceError:
+        return NoSpaceError.on(self.path.parent, f"the index {shown(self.path)}",
+                               "nothing was changed that the index could not record; the "
+                               "next run tidies up after this one")
+
+    def _failure(self, e: sqlite3.Error) -> Exception:
+        """What a failed statement means for the user: no space (NoSpaceError), an index we
+        may not open or write (ConfigError), or else ``e`` itself (corruption, a bug)."""
+        code = getattr(e, "sqlite_errorcode", None)
+        primary = code & 0xFF if code is not None else None
+        if primary == sqlite3.SQLITE_FULL or (primary == sqlite3.SQLITE_IOERR
+                                              and self._fs_full()):
+            return self._no_space()
+        if primary in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM):
+            return ConfigError(f"index {shown(self.path)}: {e}; make it and its directory "
+                               f"writable, or set VSSTORE_STATEDIR to a writable directory")
+        return e
+
+    def _fs_full(self) -> bool:
+        """Whether the index's filesystem is (as good as) full: an I/O error on a write
+        there is then ENOSPC (SQLite reports a failed write to the -shm file that way)."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return False
+        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+        return free < (1 << 20) or st.f_favail == 0
 
     # -- inode cache -------------------------------------------------------------------
 
@@ -176,11 +233,16 @@ class Index:
     # -- journal -----------------------------------------------------------------------
 
     def journal_add(self, rows: Iterable[tuple[str, str, str, str, str, int, int]]) -> list[int]:
+        """Rows (kind, root, dir, name, tmp, orig_ino, obj_ino), committed together; their
+        ids.  Paths go in as bytes, whatever they hold."""
         ids = []
+        fse = os.fsencode
         with self.transaction():
-            for r in rows:
+            for kind, root, d, name, tmp, orig_ino, obj_ino in rows:
                 cur = self.db.execute("INSERT INTO journal (kind, root, dir, name, tmp, "
-                                      "orig_ino, obj_ino) VALUES (?,?,?,?,?,?,?)", r)
+                                      "orig_ino, obj_ino) VALUES (?,?,?,?,?,?,?)",
+                                      (kind, fse(root), fse(d), fse(name), fse(tmp), orig_ino,
+                                       obj_ino))
                 ids.append(cur.lastrowid)
         return ids  # type: ignore[return-value]
 
@@ -189,8 +251,12 @@ class Index:
             self.db.executemany("DELETE FROM journal WHERE id=?", ((i,) for i in ids))
 
     def journal(self) -> list[JournalRow]:
-        return [JournalRow(*r) for r in self.db.execute(
-            "SELECT id, kind, root, dir, name, tmp, orig_ino, obj_ino FROM journal ORDER BY id")]
+        """Every row, oldest first, paths decoded as ``os`` does (surrogate escapes)."""
+        fsd = os.fsdecode
+        return [JournalRow(i, kind, fsd(root), fsd(d), fsd(name), fsd(tmp), orig, obj)
+                for i, kind, root, d, name, tmp, orig, obj in self.db.execute(
+                    "SELECT id, kind, root, dir, name, tmp, orig_ino, obj_ino FROM journal "
+                    "ORDER BY id")]
 
     # -- runs --------------------------------------------------------------------------
 
@@ -250,17 +316,60 @@ class Index:
     # -- helpers -----------------------------------------------------------------------
 
     class _Tx:
-        def __init__(self, db: sqlite3.Connection) -> None:
-            self.db = db
+        """One write transaction: committed whole, or rolled back with the error turned
+        into what it means for the user (Index._failure)."""
+
+        def __init__(self, index: Index) -> None:
+            self.index = index
+            self.db = index.db
 
         def __enter__(self) -> None:
-            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                failure = self.index._failure(e)
+                if failure is e:
+                    raise
+                raise failure from e
 
-        def __exit__(self, exc_type: object, *_: object) -> None:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        def __exit__(self, exc_type: object, exc: BaseException | None, _tb: object) -> None:
+            if exc is None:
+                try:
+                    self.db.execute("COMMIT")
+                    return
+                except sqlite3.Error as e:
+                    exc = e
+            if self.db.in_transaction:
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the first error says more
+            if isinstance(exc, sqlite3.Error):
+                failure = self.index._failure(exc)
+                if failure is not exc:
+                    raise failure from exc
+            if exc_type is None:
+                raise exc  # the commit failed
 
     def transaction(self) -> Index._Tx:
-        return Index._Tx(self.db)
+        return Index._Tx(self)
 
     def __iter__(self) -> Iterator[tuple]:  # for tests and debugging
         return iter(self.db.execute("SELECT * FROM inode"))
+
+
+def _migrate_3(db: sqlite3.Connection) -> None:
+    """Version 3 kept journal paths as TEXT (UTF-8 names only).  Its rows (a crashed run's
+    links in flight) and the inode cache are kept: the paths become their UTF-8 bytes."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(_JOURNAL.format(table="journal4"))
+        db.execute("INSERT INTO journal4 SELECT id, kind, CAST(root AS BLOB), CAST(dir AS BLOB), "
+                   "CAST(name AS BLOB), CAST(tmp AS BLOB), orig_ino, obj_ino FROM journal")
+        db.execute("DROP TABLE journal")
+        db.execute("ALTER TABLE journal4 RENAME TO journal")
+        db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

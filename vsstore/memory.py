@@ -86,16 +86,16 @@ def measure_running(paths) -> dict[str, object]:  # type: ignore[no-untyped-def]
     """``measure`` over every configured guest that runs now (the guest's own processes: a
     reaping pid 1 of ours is the host's Python, not the guest's programs)."""
     from . import lifecycle
-    from .config import configured_guests
+    from .config import configured_names
     pids: dict[str, list[int]] = {}
     charged: dict[str, dict[str, int | None]] = {}
-    for g in configured_guests(paths):
-        st = lifecycle.running(paths, g.name)
+    for name in configured_names(paths):  # the run state needs no root tree
+        st = lifecycle.running(paths, name)
         if st is not None:
-            pids[g.name] = lifecycle.guest_pids(st, own=False)
+            pids[name] = lifecycle.guest_pids(st, own=False)
             cg = lifecycle.guest_cgroup(st.cgroup)
             if cg is not None:  # what the kernel charges it, as vserver-stat shows
-                charged[g.name] = cg.usage()
+                charged[name] = cg.usage()
     out = measure(pids)
     for name, usage in charged.items():
         out["guests"][name]["cgroup"] = usage  # type: ignore[index]

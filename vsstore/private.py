@@ -15,6 +15,7 @@ import os
 from . import syscalls
 from .hashing import read_xattrs
 from .index import Index
+from .names import shown
 from .window import unsealed
 
 _tmp_prefix = os.urandom(4).hex()
@@ -64,10 +65,14 @@ def privatize(root: str, d: str, dfd: int, base: str, ofd: int, index: Index | N
         cst = os.fstat(cfd)
     finally:
         os.close(cfd)
-    ids = index.journal_add([("deunify", root, d, base, tmp, cst.st_ino, ost.st_ino)]) \
-        if index is not None else []
+    try:
+        ids = index.journal_add([("deunify", root, d, base, tmp, cst.st_ino, ost.st_ino)]) \
+            if index is not None else []
+    except BaseException:  # not journaled (a full index): the copy must not stay behind
+        os.unlink(tmp, dir_fd=dfd)
+        raise
     done = True
-    with unsealed(ofd, immutable, what=f"{root}/{d + '/' if d else ''}{base}"):
+    with unsealed(ofd, immutable, what=shown(f"{root}/{d + '/' if d else ''}{base}")):
         syscalls.renameat2(dfd, tmp, dfd, base, syscalls.RENAME_EXCHANGE)
         if os.stat(tmp, dir_fd=dfd, follow_symlinks=False).st_ino != ost.st_ino:
             syscalls.renameat2(dfd, tmp, dfd, base, syscalls.RENAME_EXCHANGE)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import syscalls
 from .errors import ConfigError, UnsafeTreeError
+from .names import shown
 
 _STRICT = (syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS
            | syscalls.RESOLVE_NO_MAGICLINKS | syscalls.RESOLVE_NO_XDEV)
@@ -39,9 +40,11 @@ class GuestTree:
             # symlink there), so following it is fine; nothing below it is followed.
             self.fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise ConfigError(f"guest {self.name!r}: root tree {self.root} does not exist") from None
+            raise ConfigError(f"guest '{shown(self.name)}': root tree {shown(self.root)} does "
+                              f"not exist") from None
         except NotADirectoryError:
-            raise ConfigError(f"guest {self.name!r}: {self.root} is not a directory") from None
+            raise ConfigError(f"guest '{shown(self.name)}': {shown(self.root)} is not a "
+                              f"directory") from None
         st = os.fstat(self.fd)
         self.dev = st.st_dev
         self.ino = st.st_ino
@@ -59,6 +62,11 @@ class GuestTree:
 
     def __repr__(self) -> str:
         return f"GuestTree({self.name!r}, {str(self.root)!r})"
+
+    def where(self, rel: str) -> str:
+        """``NAME:/REL``: how messages name a file of this guest (``names.shown``, so a
+        hostile name can neither break a line nor fail to print)."""
+        return f"{shown(self.name)}:/{shown(rel)}"
 
     # -- resolution ---------------------------------------------------------------------
 

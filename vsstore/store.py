@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import syscalls
-from .errors import ConfigError
+from .errors import NOSPACE_ERRNOS, ConfigError, NoSpaceError
+from .names import shown
 from .window import Meta
 
 _NAME_RE = re.compile(r"^([0-9a-f]{32})-([0-9a-f]{16})(?:\.([1-9][0-9]{0,5}))?$")
@@ -63,6 +64,8 @@ class Store:
             raise ConfigError(f"store {self.path} does not exist; run `vsunify run` first or "
                               f"pass --store") from None
         except OSError as e:
+            if e.errno in NOSPACE_ERRNOS:
+                raise NoSpaceError.on(self.path, f"the store {shown(self.path)}") from None
             raise ConfigError(f"store {self.path}: {e.strerror}; choose another with --store") from None
         self.dev = os.fstat(self.fd).st_dev
 
@@ -84,13 +87,14 @@ class Store:
         """Refuse guests on another filesystem, and a store inside a guest (or vice versa)."""
         if dev != self.dev:
             raise ConfigError(
-                f"store {self.path} is on another filesystem than guest {name!r} ({root}); "
-                f"hardlinks cannot cross filesystems: put the store on the guests' filesystem "
-                f"with --store DIR (one store per filesystem)")
+                f"store {shown(self.path)} is on another filesystem than guest '{shown(name)}' "
+                f"({shown(root)}); hardlinks cannot cross filesystems: put the store on the "
+                f"guests' filesystem with --store DIR (one store per filesystem)")
         s, r = self.path.resolve(), root.resolve()
         if s == r or s.is_relative_to(r) or r.is_relative_to(s):
-            raise ConfigError(f"store {self.path} and guest {name!r} ({root}) overlap; the store "
-                              f"must lie outside every guest tree (default: /vservers/.hash)")
+            raise ConfigError(f"store {shown(self.path)} and guest '{shown(name)}' "
+                              f"({shown(root)}) overlap; the store must lie outside every "
+                              f"guest tree (default: /vservers/.hash)")
 
     def subdir(self, prefix: str, create: bool = False) -> int:
         fd = self._subdirs.get(prefix)

@@ -11,7 +11,7 @@ import time
 from . import build as buildmod
 from . import guestconf, lifecycle
 from .clitools import run_cli
-from .config import Paths, configured_guests, resolve_guest
+from .config import Paths, configured_guests, configured_names, resolve_guest
 from .errors import EXIT_OK, ConfigError, StateError
 
 EXIT_STOPPED = 3  # status: not running (LSB's code for it)
@@ -139,8 +139,11 @@ def _unify_after(paths: Paths, name: str) -> int:
     from unify.cli import main as vsunify
     from vsstore.runtime import cow_served
     served = cow_served(paths)
-    names = [g.name for g in configured_guests(paths)
+    broken: list[ConfigError] = []
+    names = [g.name for g in configured_guests(paths, broken)
              if os.path.realpath(g.root) not in served]
+    for e in broken:
+        print(f"vserver: warning: left out of vsunify: {e.message}", file=sys.stderr)
     if name not in names:
         print(f"vserver: {name} runs through the cow overlay; its files are unified when "
               f"it is stopped (vsunify run {name})", file=sys.stderr)
@@ -353,11 +356,11 @@ def stat_main(argv: list[str] | None = None) -> int:
         paths = Paths.from_env()
         rows = []
         pids = {}
-        for g in configured_guests(paths):
-            st = lifecycle.running(paths, g.name)
+        for name in configured_names(paths):  # the run state needs no root tree
+            st = lifecycle.running(paths, name)
             if st is not None:
                 rows.append(guest_usage(st))
-                pids[g.name] = lifecycle.guest_pids(st, own=False)
+                pids[name] = lifecycle.guest_pids(st, own=False)
         mem = None
         if args.memory:
             from .memory import measure

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 
 from ..excludes import Rule, literal_rule
+from ..names import shown
 from ..safetree import GuestTree
 from .base import Budget, Limits, PackageFiles, PkgDbError
 
@@ -43,8 +44,8 @@ def read_all(tree: GuestTree, limits: Limits | None = None, want_owned: bool = T
             continue
         except (RecursionError, MemoryError, ValueError, KeyError, IndexError, TypeError,
                 OverflowError, UnicodeError) as e:  # a reader bug must not sink the run
-            failed.append((manager, f"guest {tree.name!r}: {manager} database: unreadable "
-                                    f"({type(e).__name__}: {e})"))
+            failed.append((manager, f"guest '{shown(tree.name)}': {manager} database: "
+                                    f"unreadable ({type(e).__name__}: {shown(str(e))})"))
             continue
         if res is not None:
             found.append(res)

@@ -14,6 +14,7 @@ import stat
 from dataclasses import dataclass, field
 
 from ..errors import UnsafeTreeError
+from ..names import shown
 from ..safetree import GuestTree
 
 
@@ -58,7 +59,7 @@ class Budget:
         self.bytes_read = 0
 
     def where(self, rel: str) -> str:
-        return f"guest {self.tree.name!r}: /{rel}"
+        return f"guest '{shown(self.tree.name)}': /{shown(rel)}"
 
     def fail(self, rel: str, what: str) -> PkgDbError:
         return PkgDbError(f"{self.where(rel)}: {what}")

@@ -3,6 +3,7 @@
 ``cat /var/lib/dpkg/info/*.conffiles`` run inside the guest."""
 from __future__ import annotations
 
+from ..names import shown
 from .base import Budget, PackageFiles, PkgDbError, decode
 
 STATUS = "var/lib/dpkg/status"
@@ -56,7 +57,7 @@ def read(budget: Budget) -> PackageFiles | None:
             raise budget.fail(STATUS, "a stanza without a Package field")
         words = st.get("status", "").split()
         if len(words) != 3:
-            raise budget.fail(STATUS, f"package {pkg[:100]}: malformed Status field")
+            raise budget.fail(STATUS, f"package {shown(pkg[:100])}: malformed Status field")
         if words[2] not in _ON_DISK:
             continue
         arch = st.get("architecture", "")
