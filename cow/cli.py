@@ -7,7 +7,7 @@ import sys
 
 from vsstore.clitools import run_cli
 from vsstore.config import Paths, resolve_guest
-from vsstore.errors import EXIT_OK
+from vsstore.errors import EXIT_OK, ConfigError
 
 from . import control
 
@@ -35,6 +35,19 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_remove(args: argparse.Namespace) -> int:
     control.remove(Paths.from_env(), args.at, args.name)
+    return EXIT_OK
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    try:
+        fd = os.open(f"/proc/{args.pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"--pid {args.pid}: {e.strerror}; give a running process of the "
+                          f"guest") from None
+    try:
+        control.attach(Paths.from_env(), args.at, args.name, fd)
+    finally:
+        os.close(fd)
     return EXIT_OK
 
 
@@ -76,6 +89,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("at", metavar="DIR")
     r.add_argument("name", metavar="NAME")
     r.set_defaults(func=cmd_remove)
+    t = sub.add_parser("attach", help="writes from the pid namespace of process PID (and "
+                       "namespaces nested in it) are guest NAME's (vserver does this for the "
+                       "guests it starts; any other process of a guest is refused writes to "
+                       "shared files)")
+    t.add_argument("at", metavar="DIR")
+    t.add_argument("name", metavar="NAME")
+    t.add_argument("--pid", type=int, required=True)
+    t.set_defaults(func=cmd_attach)
     s = sub.add_parser("status", help="what is mounted")
     s.set_defaults(func=cmd_status)
     return p

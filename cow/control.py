@@ -81,8 +81,10 @@ def mount(paths: Paths, at: str, guests: dict[str, str], log: str | None = None)
     return st
 
 
-def _ask(paths: Paths, at: str, request: dict[str, str]) -> dict[str, Any]:
-    """Send one request to the daemon serving ``at``; its state file says where."""
+def _ask(paths: Paths, at: str, request: dict[str, str], fds: tuple[int, ...] = ()
+         ) -> dict[str, Any]:
+    """Send one request to the daemon serving ``at`` (with ``fds`` passed along); its state
+    file says where."""
     st = state(paths, at)
     if st is None:
         raise ConfigError(f"{at}: no vscow overlay of ours is mounted there")
@@ -90,13 +92,24 @@ def _ask(paths: Paths, at: str, request: dict[str, str]) -> dict[str, Any]:
         s.settimeout(10)
         try:
             s.connect(st["control"])
-            s.sendall(json.dumps(request).encode() + b"\n")
+            line = json.dumps(request).encode() + b"\n"
+            if fds:
+                socket.send_fds(s, [line], list(fds))
+            else:
+                s.sendall(line)
             answer = json.loads(s.makefile("rb").readline())
         except (OSError, ValueError) as e:
             raise ConfigError(f"{at}: the overlay's daemon does not answer ({e})") from None
     if not answer.get("ok"):
         raise ConfigError(f"{at}: {answer.get('error')}")
     return st
+
+
+def attach(paths: Paths, at: str, name: str, pidns_fd: int) -> None:
+    """Tell the overlay at ``at`` that processes in the pid namespace ``pidns_fd`` (and
+    in namespaces nested in it) are guest ``name``'s: the only thing by which it tells
+    guests apart (a path a process reports can be shaped by the guest)."""
+    _ask(paths, at, {"op": "attach", "name": name}, (pidns_fd,))
 
 
 def add(paths: Paths, at: str, name: str, root: str) -> None:

@@ -19,6 +19,7 @@ All backing access goes through ``GuestTree`` (no symlink followed, no mount cro
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -54,25 +55,34 @@ class Node:
     fhs: set[int] = field(default_factory=set)  # open handles on this very inode
 
 
+@dataclass(slots=True)
+class PidNs:
+    """A guest's pid namespace, attached to one or more of the overlay's guests."""
+
+    fd: int
+    guests: set[str] = field(default_factory=set)
+
+
+NS_GET_PARENT = 0xB702  # linux/nsfs.h: _IO(0xb7, 0x2)
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
+CLONE_NEWPID = 0x20000000
+MAX_PIDNS_DEPTH = 32  # the kernel's limit on nested pid namespaces
+
+
+def _ns_key(pid: int | str, kind: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/ns/{kind}")
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def _err(e: OSError) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(e.errno or errno.EIO)
 
 
 def _join(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
-
-
-def _mount_dev(mountpoint: str, mountinfo: str) -> str | None:
-    """major:minor of the vscow mount at ``mountpoint``, from a mountinfo file."""
-    try:
-        with open(mountinfo) as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] == mountpoint and " - fuse.vscow " in line:
-                    return fields[2]
-    except OSError:
-        pass
-    return None
 
 
 def _guarded(handler):  # type: ignore[no-untyped-def]
@@ -107,9 +117,8 @@ class CowFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, guests: dict[str, str], immutable: bool = True,
-                 mountpoint: str = "") -> None:
+                 ) -> None:
         super().__init__()
-        self.mountpoint = os.path.realpath(mountpoint) if mountpoint else ""
         self.mounted = False  # set by the daemon once the FUSE session is up
         self.trees: dict[str, GuestTree] = {}
         self.immutable = immutable
@@ -118,7 +127,10 @@ class CowFS(pyfuse3.Operations):
         self.next_id = 1 << 48  # for inode numbers that collide (another filesystem)
         self.recent: dict[tuple[int, int], Name] = {}  # (tid, node) -> name last looked up
         self.dir_handles: dict[int, tuple[Name, list[tuple[str, os.stat_result]]]] = {}
-        self.fuse_dev: str | None = None  # major:minor of this mount, once known
+        # Which guest a caller is: the pid namespaces that start and exec --cow gave their
+        # processes, attached by the lifecycle (held open, so a number is never reused).
+        self.pidns: dict[tuple[int, int], PidNs] = {}
+        self.own_ns = (_ns_key("self", "pid"), _ns_key("self", "mnt"))
         self.copy_handles: set[int] = set()  # open on a copy, reached through a shared node
         self.handle_node: dict[int, Node] = {}  # open handle -> the node it is open on
         self._stale: queue.SimpleQueue[int] | None = None  # node ids whose attrs changed
@@ -135,10 +147,37 @@ class CowFS(pyfuse3.Operations):
         self.trees[name] = GuestTree(root, name)
         self._root_changed(name)
 
+    def attach(self, name: str, nsfd: int) -> None:
+        """Processes in the pid namespace ``nsfd`` (or in one nested in it) are guest
+        ``name``'s: they write to its names only.  Takes ``nsfd`` over."""
+        try:
+            if name not in self.trees:
+                raise ValueError(f"no guest {name!r} in this overlay")
+            if fcntl.ioctl(nsfd, NS_GET_NSTYPE) != CLONE_NEWPID:
+                raise ValueError("not a pid namespace")
+            st = os.fstat(nsfd)
+            key = (st.st_dev, st.st_ino)
+            if key == self.own_ns[0]:
+                raise ValueError("the host's own pid namespace cannot be a guest's")
+        except BaseException:
+            os.close(nsfd)
+            raise
+        ns = self.pidns.get(key)
+        if ns is None:
+            self.pidns[key] = ns = PidNs(nsfd)
+        else:
+            os.close(nsfd)
+        ns.guests.add(name)
+
     def remove_guest(self, name: str) -> None:
         tree = self.trees.pop(name, None)
         if tree is None:
             raise ValueError(f"no guest {name!r} in this overlay")
+        for key, ns in list(self.pidns.items()):
+            ns.guests.discard(name)
+            if not ns.guests:
+                os.close(ns.fd)
+                del self.pidns[key]
         for node in self.nodes.values():
             for n in [n for n in node.names if n[0] == name]:
                 del node.names[n]
@@ -157,6 +196,9 @@ class CowFS(pyfuse3.Operations):
     def close(self) -> None:
         if self._stale is not None:
             self._stale.put(-1)
+        for ns in self.pidns.values():
+            os.close(ns.fd)
+        self.pidns.clear()
         for t in self.trees.values():
             t.close()
         self.trees.clear()
@@ -269,56 +311,78 @@ class CowFS(pyfuse3.Operations):
 
     # -- which guest is writing ---------------------------------------------------------
 
-    def _caller_name(self, ctx: pyfuse3.RequestContext, node: Node) -> Name:
-        """The name through which the calling guest reached ``node``: the name this thread
-        looked up last (shared files are always looked up), checked against the caller's
-        root directory when the caller lives in a guest.  Never guessed by elimination: a
-        write attributed to the wrong guest would reach that guest's file."""
-        recent = self.recent.get((ctx.pid, node.id))
+    def _caller(self, pid: int) -> frozenset[str] | None:
+        """Who is calling: None for the host (its pid and mount namespaces, its root "/");
+        else the guests attached to the caller's pid namespace or the nearest one it is
+        nested in (empty: nobody we know, e.g. a chrooted host process).  Only what the
+        kernel gave the process counts, never a path it can shape (a guest may chroot)."""
         try:
-            root = os.readlink(f"/proc/{ctx.pid}/root")
+            fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            root = "/"
-        if root == "/":  # the host, or a guest pivoted into its subtree of this mount
-            pivoted = self._pivoted_guest(ctx.pid)
-            if pivoted is not None:
-                root = os.path.join(self.mountpoint, pivoted)
-        if root != "/":
-            guest = next((g for g, t in self.trees.items()
-                          if root in (os.path.realpath(t.root),
-                                      os.path.join(self.mountpoint, g))), None)
-            if guest is None:
-                raise pyfuse3.FUSEError(errno.EACCES)
-            if recent is not None and recent[0] == guest:
-                return recent
-            mine = next((n for n in node.names if n[0] == guest), None)
-            if mine is None:
-                raise pyfuse3.FUSEError(errno.ESTALE)
-            return mine
-        if recent is not None:
-            return recent
-        log.warning("write to shared inode %d by pid %d: cannot tell which guest", node.ino,
-                    ctx.pid)
-        raise pyfuse3.FUSEError(errno.EIO)
+            return frozenset()
+        try:
+            for _ in range(MAX_PIDNS_DEPTH + 1):
+                st = os.fstat(fd)
+                ns = self.pidns.get((st.st_dev, st.st_ino))
+                if ns is not None:
+                    return frozenset(ns.guests)
+                if (st.st_dev, st.st_ino) == self.own_ns[0]:
+                    try:
+                        root = os.readlink(f"/proc/{pid}/root")
+                    except OSError:
+                        return frozenset()
+                    host = root == "/" and _ns_key(pid, "mnt") == self.own_ns[1]
+                    return None if host else frozenset()
+                try:
+                    parent = fcntl.ioctl(fd, NS_GET_PARENT)
+                except OSError:
+                    return frozenset()
+                os.close(fd)
+                fd = parent
+            return frozenset()
+        finally:
+            os.close(fd)
 
-    def _pivoted_guest(self, pid: int) -> str | None:
-        """The guest whose subtree of this mount is ``pid``'s root mount (a started guest:
-        pivot_root makes its root read "/"), from the process's own mountinfo: no request
-        to this filesystem is made (it would wait on this very loop)."""
-        if self.fuse_dev is None:
-            self.fuse_dev = _mount_dev(self.mountpoint, "/proc/self/mountinfo")
-        try:
-            with open(f"/proc/{pid}/mountinfo") as f:
-                for line in f:
-                    left, _, right = line.partition(" - ")
-                    fields = left.split()
-                    if fields[4] == "/" and right.startswith("fuse.vscow ") and \
-                            fields[2] == self.fuse_dev:
-                        guest = fields[3].strip("/").split("/")[0]
-                        return guest if guest in self.trees else None
-        except OSError:
-            pass
-        return None
+    def _check_caller(self, ctx: pyfuse3.RequestContext, guest: str) -> None:
+        """A change in ``guest``'s tree: refused (EACCES) to a process of another guest or
+        of nobody we know.  (A guest cannot reach another's tree through its own root;
+        this holds even if it could.)"""
+        who = self._caller(ctx.pid)
+        if who is not None and not self._mine(guest, who):
+            log.warning("pid %d (guests %s) may not change guest %s's tree", ctx.pid,
+                        ", ".join(sorted(who)) or "none", guest)
+            raise pyfuse3.FUSEError(errno.EACCES)
+
+    def _mine(self, guest: str, who: frozenset[str]) -> bool:
+        """Is ``guest`` one of ``who``, or the same tree served under another name (two
+        exec --cow shares of one guest)?"""
+        if guest in who:
+            return True
+        tree = self.trees.get(guest)
+        return tree is not None and any(
+            (t := self.trees.get(g)) is not None and (t.dev, t.ino) == (tree.dev, tree.ino) for g in who)
+
+    def _caller_name(self, ctx: pyfuse3.RequestContext, node: Node) -> Name:
+        """The name through which the calling guest reached ``node``, a shared inode: one
+        of its own guest's names (the one it looked up last, if it did); for the host, the
+        name this thread looked up last.  A caller we cannot attribute is refused: a write
+        attributed to the wrong guest would reach that guest's file."""
+        recent = self.recent.get((ctx.pid, node.id))
+        who = self._caller(ctx.pid)
+        if who is None:  # the host: the name it walked
+            if recent is not None:
+                return recent
+            log.warning("write to shared inode %d by host pid %d: no lookup of it seen",
+                        node.ino, ctx.pid)
+            raise pyfuse3.FUSEError(errno.EACCES)
+        if recent is not None and self._mine(recent[0], who):
+            return recent
+        mine = next((n for n in node.names if self._mine(n[0], who)), None)
+        if mine is None:
+            log.warning("write to shared inode %d by pid %d (guests %s): none of its names",
+                        node.ino, ctx.pid, ", ".join(sorted(who)) or "none")
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return mine
 
     def _writable_name(self, ctx: pyfuse3.RequestContext, node: Node,
                        ) -> tuple[Name, bool]:
@@ -508,6 +572,8 @@ class CowFS(pyfuse3.Operations):
         if copied:
             name, _ = self._writable_name(ctx, node)
             st = self._lstat(name)
+        else:
+            self._check_caller(ctx, name[0])
         guest, rel = name
         head, _, base = rel.rpartition("/")
         dfd = self._open_dir((guest, head)) if rel else os.dup(self.trees[guest].fd)
@@ -633,12 +699,15 @@ class CowFS(pyfuse3.Operations):
         return await self._make(parent_inode, name, ctx,
                                 lambda n, d: os.mkfifo(n, mode & 0o7777 & ~ctx.umask, dir_fd=d))
 
-    def _in_dir(self, parent_inode: int, name: bytes) -> tuple[str, str, str, int]:
-        """(guest, directory, name, directory fd) for an operation on ``name`` in a guest
-        directory; the overlay's root (the list of guests) cannot be changed."""
+    def _in_dir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
+                ) -> tuple[str, str, str, int]:
+        """(guest, directory, name, directory fd) for a change of ``name`` in a guest
+        directory, by a caller allowed to change that guest; the overlay's root (the list
+        of guests) cannot be changed."""
         if parent_inode == ROOT:
             raise pyfuse3.FUSEError(errno.EPERM)
         guest, rel = self._dir_of(parent_inode)
+        self._check_caller(ctx, guest)
         return guest, rel, os.fsdecode(name), self._open_dir((guest, rel))
 
     def _open_shared(self, guest: str, n: str, dfd: int) -> int:
@@ -652,7 +721,7 @@ class CowFS(pyfuse3.Operations):
 
     async def _make(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
                     make) -> pyfuse3.EntryAttributes:  # type: ignore[no-untyped-def]
-        guest, rel, n, dfd = self._in_dir(parent_inode, name)
+        guest, rel, n, dfd = self._in_dir(parent_inode, name, ctx)
         try:
             make(n, dfd)
             os.chown(n, ctx.uid, ctx.gid, dir_fd=dfd, follow_symlinks=False)
@@ -666,13 +735,14 @@ class CowFS(pyfuse3.Operations):
         return self._attr(node.id, st)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._remove(parent_inode, name, directory=True)
+        await self._remove(parent_inode, name, ctx, directory=True)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._remove(parent_inode, name, directory=False)
+        await self._remove(parent_inode, name, ctx, directory=False)
 
-    async def _remove(self, parent_inode: int, name: bytes, directory: bool) -> None:
-        guest, rel, n, dfd = self._in_dir(parent_inode, name)
+    async def _remove(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
+                      directory: bool) -> None:
+        guest, rel, n, dfd = self._in_dir(parent_inode, name, ctx)
         try:
             st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
             if directory:
@@ -705,6 +775,7 @@ class CowFS(pyfuse3.Operations):
         g2, r2 = self._dir_of(parent_inode_new)
         if g1 != g2:
             raise pyfuse3.FUSEError(errno.EXDEV)
+        self._check_caller(ctx, g1)
         a, b = os.fsdecode(name_old), os.fsdecode(name_new)
         d1, d2 = self._open_dir((g1, r1)), self._open_dir((g2, r2))
         try:
@@ -745,6 +816,7 @@ class CowFS(pyfuse3.Operations):
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._get(inode)
         g, rel = self._dir_of(new_parent_inode)
+        self._check_caller(ctx, g)
         src = next((n for n in node.names if n[0] == g), None)
         if src is None:
             raise pyfuse3.FUSEError(errno.EXDEV)  # no hardlinks across guests
@@ -826,6 +898,8 @@ class CowFS(pyfuse3.Operations):
         name, st = self._resolve(node)
         if self._shared(node, name, st):
             name, _ = self._writable_name(ctx, node)
+        else:
+            self._check_caller(ctx, name[0])
         fd = self._xattr_fd(name)
         try:
             if value is None:
@@ -860,6 +934,8 @@ class CowFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ESTALE)
             # The shared inode's page cache must never see this file's data: direct_io.
             name, direct = self._writable_name(ctx, node)
+        elif writing:
+            self._check_caller(ctx, name[0])
         # Unless copied up just now, the name must still hold this node's inode.
         expect = None if direct else (node.dev, node.ino)
         try:
@@ -875,7 +951,7 @@ class CowFS(pyfuse3.Operations):
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        guest, rel, n, dfd = self._in_dir(parent_inode, name)
+        guest, rel, n, dfd = self._in_dir(parent_inode, name, ctx)
         try:
             fd = os.open(n, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                          mode & 0o7777 & ~ctx.umask, dir_fd=dfd)

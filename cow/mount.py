@@ -2,14 +2,18 @@
 (ExitStack): the mount is always unmounted and the guest trees closed, also on errors."""
 from __future__ import annotations
 
+import array
 import json
 import logging
 import os
 import signal
+import socket
 from contextlib import ExitStack
 
 import pyfuse3
 import trio
+
+from vsstore.names import shown
 
 from .fs import CowFS
 
@@ -17,9 +21,11 @@ log = logging.getLogger("vsstore.cow")
 
 
 async def _control(fs: CowFS, path: str, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
-    """Serve ``vscow add/remove`` on a unix socket (root only: 0600 in the run directory).
-    One JSON request per connection: {"op": "add", "name": N, "root": R} or {"op":
-    "remove", "name": N}; the answer is {"ok": true} or {"ok": false, "error": text}."""
+    """Serve ``vscow add/remove/attach`` on a unix socket (root only: 0600 in the run
+    directory).  One JSON request per connection: {"op": "add", "name": N, "root": R},
+    {"op": "remove", "name": N}, or {"op": "attach", "name": N} with a pid namespace's
+    descriptor passed along (SCM_RIGHTS); the answer is {"ok": true} or {"ok": false,
+    "error": text}."""
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     if os.path.exists(path):
         os.unlink(path)
@@ -30,40 +36,59 @@ async def _control(fs: CowFS, path: str, task_status=trio.TASK_STATUS_IGNORED) -
     try:
         while True:
             conn, _ = await sock.accept()
-            stream = trio.SocketStream(conn)
-            try:
-                async with stream:
-                    await _answer(fs, stream)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                log.warning("control connection failed: %s", e)  # the client's problem
+            with conn:
+                try:
+                    await _answer(fs, conn)
+                except OSError as e:
+                    log.warning("control connection failed: %s", e)  # the client's problem
     finally:
         sock.close()
         if os.path.exists(path):
             os.unlink(path)
 
 
-async def _answer(fs: CowFS, stream: trio.SocketStream) -> None:
-    data = b""
+async def _receive(conn: trio.socket.SocketType) -> tuple[bytes, list[int]]:
+    """One request line and the descriptors that came with it."""
+    data, fds = b"", []
+    space = socket.CMSG_SPACE(4 * array.array("i").itemsize)
     while not data.endswith(b"\n") and len(data) < 65536:
-        chunk = await stream.receive_some(4096)
+        chunk, anc, _flags, _addr = await conn.recvmsg(4096, space)
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(payload[:len(payload) - len(payload) % a.itemsize])
+                fds.extend(a)
         if not chunk:
             break
         data += chunk
+    return data, fds
+
+
+async def _answer(fs: CowFS, conn: trio.socket.SocketType) -> None:
+    data, fds = await _receive(conn)
     try:
         req = json.loads(data)
         if req["op"] == "add":
             fs.add_guest(str(req["name"]), str(req["root"]))
-            log.info("guest %s added (%s)", req["name"], req["root"])
+            log.info("guest %s added (%s)", shown(req["name"]), shown(req["root"]))
         elif req["op"] == "remove":
             fs.remove_guest(str(req["name"]))
-            log.info("guest %s removed", req["name"])
+            log.info("guest %s removed", shown(req["name"]))
+        elif req["op"] == "attach":
+            if len(fds) != 1:
+                raise ValueError("attach: pass exactly one pid namespace descriptor")
+            fs.attach(str(req["name"]), fds.pop())
+            log.info("guest %s: pid namespace attached", shown(req["name"]))
         else:
             raise ValueError(f"unknown operation {req['op']!r}")
         answer: dict[str, object] = {"ok": True}
     except Exception as e:  # noqa: BLE001 - no request may end the daemon
         log.warning("control request %r failed: %s", data[:200], e)
         answer = {"ok": False, "error": str(getattr(e, "message", e))}
-    await stream.send_all(json.dumps(answer).encode() + b"\n")
+    finally:
+        for fd in fds:  # not taken over
+            os.close(fd)
+    await conn.send(json.dumps(answer).encode() + b"\n")
 
 
 def serve(mountpoint: str, guests: dict[str, str], immutable: bool = True,
@@ -74,7 +99,7 @@ def serve(mountpoint: str, guests: dict[str, str], immutable: bool = True,
     logging.basicConfig(level=logging.DEBUG if os.environ.get("VSCOW_DEBUG") else logging.INFO,
                         format=f"%(asctime)s vscow[{os.getpid()}] %(levelname)s %(message)s")
     with ExitStack() as stack:
-        fs = CowFS(guests, immutable=immutable, mountpoint=mountpoint)
+        fs = CowFS(guests, immutable=immutable)
         stack.callback(fs.close)
         options = set(pyfuse3.default_options)
         options |= {"fsname=vscow", "subtype=vscow", "default_permissions", "allow_other"}

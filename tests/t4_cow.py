@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, flags, inode
-from vsstore.errors import EXIT_BUSY
-from vsstore.private import unsealed
+from cow import control
+from vsstore.config import Paths
+from vsstore.errors import EXIT_BUSY, ConfigError
+from vsstore.window import unsealed
 
 SHARED = b"shared library content " * 100
 
@@ -76,13 +78,94 @@ def test_a_write_gives_only_that_guest_a_copy(cow, host):
     assert os.stat(copy).st_mode == os.stat(obj).st_mode
 
 
-def test_a_chrooted_writer_is_told_apart_by_its_root(cow, host):
+def _in_new_pidns(cow, host, guest: str, script: str) -> subprocess.Popen:
+    """A busybox shell in a pid namespace of its own, chrooted into ``guest``'s subtree of
+    the overlay; it waits for a line on stdin before running ``script``."""
+    shutil.copy("/bin/busybox", host.root / guest / "busybox")
+    return subprocess.Popen(["unshare", "--pid", "--fork", "chroot", str(cow / guest),
+                             "/busybox", "sh", "-c", f"read go; {script}"],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def attach_children_ns(cow, name: str, pid: int) -> None:
+    """Attach the pid namespace that ``unshare --pid --fork`` (process ``pid``) made for
+    its child, once it has made it."""
+    own = os.stat("/proc/self/ns/pid").st_ino
+    for _ in range(500):
+        if os.stat(f"/proc/{pid}/ns/pid_for_children").st_ino != own:
+            break
+        time.sleep(0.01)
+    fd = os.open(f"/proc/{pid}/ns/pid_for_children", os.O_RDONLY)
+    try:
+        control.attach(Paths.from_env(), str(cow), name, fd)
+    finally:
+        os.close(fd)
+
+
+def test_a_writer_is_told_apart_by_its_attached_pid_namespace(cow, host):
+    p = _in_new_pidns(cow, host, "b", "echo from-b >> /usr/lib/libx.so")
+    try:
+        attach_children_ns(cow, "b", p.pid)
+        _, err = p.communicate("go\n", timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    assert (host.root / "b/usr/lib/libx.so").read_bytes() == SHARED + b"from-b\n"
+    assert (host.root / "a/usr/lib/libx.so").read_bytes() == SHARED
+
+
+def test_a_writer_nobody_attached_is_refused_whatever_its_root(cow, host):
+    """A chroot is a path the process shapes itself (a guest keeps CAP_SYS_CHROOT): it
+    names no guest.  Unattributed writes to shared files are refused, never guessed."""
     shutil.copy("/bin/busybox", host.root / "b/busybox")
     p = subprocess.run(["chroot", str(cow / "b"), "/busybox", "sh", "-c",
                         "echo from-b >> /usr/lib/libx.so"], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    assert (host.root / "b/usr/lib/libx.so").read_bytes() == SHARED + b"from-b\n"
-    assert (host.root / "a/usr/lib/libx.so").read_bytes() == SHARED
+    assert p.returncode != 0 and "Permission denied" in p.stderr
+    q = _in_new_pidns(cow, host, "b", "echo from-b >> /usr/lib/libx.so")  # not attached
+    _, err = q.communicate("go\n", timeout=30)
+    assert q.returncode != 0 and "Permission denied" in err
+    for g in "ab":
+        assert (host.root / g / "usr/lib/libx.so").read_bytes() == SHARED
+    obj = next(p for p in host.store.rglob("*") if p.is_file())
+    assert obj.read_bytes() == SHARED and os.stat(obj).st_nlink == 3
+
+
+def test_a_guests_process_cannot_change_another_guests_tree(cow, host):
+    """Attached to a, a process that reaches b's tree (here simply by its path) can change
+    nothing there: no copy-up, no new file, no rename, no unlink."""
+    script = ("for c in 'echo x >> b/usr/lib/libx.so' 'echo x > b/usr/new' "
+              "'mv b/usr/own-b b/usr/moved' 'rm b/usr/own-b' 'chmod 777 b/usr/own-b' "
+              "'mkdir b/usr/d' 'ln b/usr/lib/libx.so b/usr/l2' 'touch b/usr/own-b'; do "
+              "sh -c \"$c\" 2>/dev/null && echo \"ALLOWED: $c\"; done; true")
+    p = subprocess.Popen(["unshare", "--pid", "--fork", "--", "/bin/busybox", "sh", "-c",
+                          f"read go; cd {cow}; {script}"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        attach_children_ns(cow, "a", p.pid)
+        out, _ = p.communicate("go\n", timeout=30)
+    finally:
+        p.kill()
+    assert "ALLOWED" not in out, out
+    assert sorted(os.listdir(host.root / "b/usr")) == ["lib", "own-b"]
+    assert (host.root / "b/usr/lib/libx.so").read_bytes() == SHARED
+    assert os.stat(host.root / "b/usr/own-b").st_mode & 0o777 == 0o644
+
+
+def test_attach_takes_only_a_pid_namespace_of_a_served_guest(cow, host):
+    paths = Paths.from_env()
+    for kind, name in (("mnt", "b"), ("pid", "nobody")):
+        fd = os.open(f"/proc/self/ns/{kind}", os.O_RDONLY)
+        try:
+            with pytest.raises(ConfigError):
+                control.attach(paths, str(cow), name, fd)
+        finally:
+            os.close(fd)
+    fd = os.open("/proc/self/ns/pid", os.O_RDONLY)  # the host's own
+    try:
+        with pytest.raises(ConfigError, match="host"):
+            control.attach(paths, str(cow), "b", fd)
+    finally:
+        os.close(fd)
 
 
 def test_truncate_and_chmod_of_a_shared_file_copy_up(cow, host):

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +231,18 @@ def _cow_add(paths: Paths, at: str, name: str, root: str) -> None:
         control.mount(paths, at, {name: root})
 
 
+def _cow_attach(paths: Paths, at: str, name: str, pid: int) -> None:
+    """Tell the overlay that the processes of ``pid``'s pid namespace are guest ``name``'s:
+    the overlay tells the writing guest by nothing else.  ``pid`` is held at a gate, so it
+    is still the process we forked."""
+    from cow import control
+    fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        control.attach(paths, at, name, fd)
+    finally:
+        os.close(fd)
+
+
 def _cow_remove(paths: Paths, at: str, name: str) -> None:
     """Stop serving the guest; unmount the overlay once it serves nobody."""
     from cow import control
@@ -303,13 +316,14 @@ def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, re
     up_r, up_w = os.pipe()      # setup -> monitor: unshared (netns ready for veth); init pid
     go_r, go_w = os.pipe()      # monitor -> setup: network configured
     ex_r, ex_w = os.pipe2(os.O_CLOEXEC)  # init -> monitor: why exec failed (EOF: it ran)
+    gate_r, gate_w = os.pipe2(os.O_CLOEXEC)  # monitor -> init: go on (the overlay knows it)
     setup = os.fork()
     if setup == 0:
-        for f in (up_r, go_w, ex_r, report):
+        for f in (up_r, go_w, ex_r, report, gate_w):
             os.close(f)
-        _setup(cfg, source, up_w, go_r, ex_w)
+        _setup(cfg, source, up_w, go_r, ex_w, gate_r)
         os._exit(0)
-    for f in (up_w, go_r, ex_w):
+    for f in (up_w, go_r, ex_w, gate_r):
         os.close(f)
     up = os.fdopen(up_r, "rb")
     first = json.loads(up.readline() or b'{"error": "setup died"}')
@@ -330,6 +344,17 @@ def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, re
     if "error" in second:
         fail(second.get("kind", "config"), second["error"])
     init = int(second["init"])
+    try:  # init waits at its gate: a cow guest's pid namespace is attached first
+        if cow_at is not None:
+            _cow_attach(paths, cow_at, cfg.name, init)
+        os.write(gate_w, b"1")
+    except (OSError, VsError) as e:
+        os.kill(init, signal.SIGKILL)
+        os.waitpid(init, 0)
+        fail("config", f"cannot attach it to the overlay: "
+                       f"{getattr(e, 'message', None) or e}")
+    finally:
+        os.close(gate_w)
     why = b""
     while chunk := os.read(ex_r, 4096):
         why += chunk
@@ -365,7 +390,7 @@ def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, re
     say("stopped")
 
 
-def _setup(cfg: GuestConfig, source: str, up: int, go: int, exec_fd: int,
+def _setup(cfg: GuestConfig, source: str, up: int, go: int, exec_fd: int, gate: int,
            ) -> None:  # pragma: no cover - runs in a forked child
     """In new namespaces: mounts, network, hostname; then fork init."""
     def tell(msg: dict[str, Any]) -> None:
@@ -400,6 +425,9 @@ def _setup(cfg: GuestConfig, source: str, up: int, go: int, exec_fd: int,
     init = os.fork()
     if init == 0:
         os.close(up)
+        if os.read(gate, 1) != b"1":  # the monitor attaches our pid namespace first
+            os._exit(127)
+        os.close(gate)
         try:
             _init(cfg, tree, exec_fd)
         except BaseException as e:  # noqa: BLE001 - reported to the monitor
@@ -792,11 +820,15 @@ def run_cow(paths: Paths, cfg: GuestConfig, argv: list[str], tty: bool = False) 
             except VsError as e:
                 print(f"vserver: {e.message}", file=sys.stderr)
         stack.callback(remove_share)
-        return _run_temporary(cfg, st, os.path.join(cow_at, share), argv, tty)
+        return _run_temporary(cfg, st, os.path.join(cow_at, share), argv, tty,
+                              lambda pid: _cow_attach(paths, cow_at, share, pid))
 
 
 def _run_temporary(cfg: GuestConfig, st: RunState | None, source: str, argv: list[str],
-                   tty: bool) -> int:
+                   tty: bool, attach: Callable[[int], None]) -> int:
+    """The command in the guest's (or new) namespaces, its root the overlay's share
+    ``source``; ``attach(pid)`` tells the overlay that ``pid``'s pid namespace is the
+    share's, before anything runs in it."""
     fds = _open_guest(cfg, st, ("ipc", "uts", "net", "pid")) if st is not None else {}
     ex_r, ex_w = os.pipe2(os.O_CLOEXEC)
     child = os.fork()
@@ -812,10 +844,21 @@ def _run_temporary(cfg: GuestConfig, st: RunState | None, source: str, argv: lis
             ns.unshare(ns.CLONE_NEWNS)
             ns.mount(None, "/", None, ns.MS_REC | ns.MS_SLAVE)
             tree = _bind_root(cfg, source)
+            gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
             leader = os.fork()  # in the guest's pid namespace (or pid 1 of a new one)
             if leader == 0:
+                os.close(gate_w)
+                if os.read(gate_r, 1) != b"1":  # attached to the overlay first
+                    os._exit(127)
+                os.close(gate_r)
                 _enter_root(cfg, tree)
                 _lead(cfg, argv, tty, ex_w)
+            os.close(gate_r)
+            try:
+                attach(leader)
+                os.write(gate_w, b"1")
+            finally:
+                os.close(gate_w)
             os.close(ex_w)
             os._exit(_wait_passing_signals(leader))
         except BaseException as e:  # noqa: BLE001
