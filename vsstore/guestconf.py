@@ -179,8 +179,13 @@ def _interfaces(d: Path) -> list[Interface]:
     return out
 
 
+def default_caps() -> frozenset[int]:
+    """The capabilities a guest keeps when its bcapabilities say nothing."""
+    return frozenset(i for i, n in enumerate(ns.CAPS) if n not in DEFAULT_DROP)
+
+
 def _caps(p: Path) -> frozenset[int]:
-    keep = {i for i, n in enumerate(ns.CAPS) if n not in DEFAULT_DROP}
+    keep = set(default_caps())
     for line in _lines(p) or []:
         drop = line[0] in "!~^"
         name = line[1:] if drop else line

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import cgroups, ns
-from .config import Paths
+from .config import Guest, Paths
 from .errors import BusyError, ConfigError, StateError, UnsafeTreeError, VsError
-from .guestconf import GuestConfig
+from .guestconf import GuestConfig, default_caps
 from .lock import exclusive
 from .safetree import GuestTree
 
@@ -87,6 +87,15 @@ class RunState:
     context: int | None
     reaper: bool = False  # pid 1 is our reaping process (style sysv/none), not the guest's
     cgroup: dict[str, str] = dataclasses.field(default_factory=dict)  # its directories
+    # What stop needs, as the guest was started: stop works from the run state alone,
+    # whatever the configuration says now (run states written before these fields
+    # existed get the defaults).
+    stop: list[str] | None = None  # the stop command, run inside; else stop_signal to init
+    stop_signal: int = int(signal.SIGTERM)
+    stop_timeout: float = 10.0
+    keep_caps: list[int] | None = None  # capabilities the stop command keeps (None: default)
+    rlimits: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # res: soft, hard
+    nice: int | None = None
 
     @property
     def running(self) -> bool:
@@ -95,6 +104,18 @@ class RunState:
     @property
     def monitoring(self) -> bool:
         return alive(self.monitor_pid, self.monitor_start)
+
+
+def stop_config(st: RunState) -> GuestConfig:
+    """The configuration ``stop`` works with (and ``run_in``, for the stop command): what
+    the run state recorded at start, not what the configuration files say now (they may
+    have changed, or broken, since)."""
+    keep = frozenset(st.keep_caps) if st.keep_caps is not None else default_caps()
+    return GuestConfig(
+        guest=Guest(st.name, Path(st.root), None), context=st.context, nodename=st.name,
+        keep_caps=keep, stop=st.stop, stop_signal=st.stop_signal,
+        stop_timeout=st.stop_timeout, nice=st.nice, cgroup_dirs=dict(st.cgroup),
+        rlimits={int(k): (int(v[0]), int(v[1])) for k, v in st.rlimits.items()})
 
 
 def state_file(paths: Paths, name: str) -> Path:
@@ -341,7 +362,10 @@ def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, re
                   monitor_pid=os.getpid(), monitor_start=_start_time(os.getpid()) or 0,
                   root=str(cfg.guest.root), cow=cow_at, started=time.time(),
                   context=cfg.context, reaper=cfg.style in ("sysv", "none"),
-                  cgroup=dict(cfg.cgroup_dirs))
+                  cgroup=dict(cfg.cgroup_dirs), stop=cfg.stop,
+                  stop_signal=int(cfg.stop_signal), stop_timeout=cfg.stop_timeout,
+                  keep_caps=sorted(cfg.keep_caps), nice=cfg.nice,
+                  rlimits={str(k): list(v) for k, v in cfg.rlimits.items()})
     write_state(paths, st)
     say(f"started: init pid {init} ({' '.join(cfg.init)})")
     os.write(report, json.dumps({"state": st.__dict__}).encode() + b"\n")
@@ -617,38 +641,76 @@ def _wait_gone(pid: int, started: int, timeout: float) -> bool:
         os.close(pfd)
 
 
-def stop(paths: Paths, cfg: GuestConfig) -> None:
+def _signal(pid: int, started: int, sig: int) -> None:
+    """Send ``sig`` to ``pid`` if it is still the process that started at ``started``
+    (through a pidfd: a pid that ended and was reused meanwhile is never signalled)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if alive(pid, started):
+            signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        pass  # ended just now
+    finally:
+        os.close(fd)
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Has process ``pid`` a handler for ``sig`` (SigCgt in /proc/PID/status)?"""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
+def _wait_handler(pid: int, started: int, sig: int, deadline: float) -> None:
+    """Wait (up to ``deadline``) until init has a handler for ``sig``: a pid namespace's
+    init never gets a signal it has no handler for, not even from the host, and right
+    after start it may not have installed it yet (a signal sent then would be lost, and
+    stop would wait for its whole timeout)."""
+    while alive(pid, started) and not _catches(pid, sig) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def stop(paths: Paths, name: str) -> None:
     """Stop the guest: its stop command or signal, then after the timeout SIGKILL to its
     init (which takes every process of the pid namespace with it); then the monitor's
-    clean-up (done here if the monitor is gone)."""
-    with _lock(paths, cfg.name):
-        st = read_state(paths, cfg.name)
+    clean-up (its cgroup ends whatever is left; done here if the monitor is gone).
+    Everything comes from the run state, so a configuration changed or broken since the
+    start never keeps a running guest from stopping."""
+    with _lock(paths, name):
+        st = read_state(paths, name)
         if st is None or not st.running:
             if st is not None and not st.monitoring:
                 cleanup(paths, st)
-            raise StateError(f"guest {cfg.name} is not running")
+            raise StateError(f"guest {name} is not running")
+        cfg = stop_config(st)
         deadline = time.monotonic() + cfg.stop_timeout
         if cfg.stop:
             try:
                 run_in(paths, cfg, st, cfg.stop, timeout=cfg.stop_timeout)
             except VsError:
                 pass  # a failing stop command: the signal and the kill still follow
-            if st.running:
-                os.kill(st.init_pid, cfg.stop_signal)
-        else:
-            os.kill(st.init_pid, cfg.stop_signal)
-        cg = guest_cgroup(st.cgroup)
+        _wait_handler(st.init_pid, st.init_start, cfg.stop_signal, deadline)
+        _signal(st.init_pid, st.init_start, cfg.stop_signal)
         if not _wait_gone(st.init_pid, st.init_start, max(0.0, deadline - time.monotonic())):
+            cg = guest_cgroup(st.cgroup)
             if cg is not None:
                 cg.kill()  # every process of the guest, wherever it went
-            if st.running:
-                os.kill(st.init_pid, signal.SIGKILL)
+            _signal(st.init_pid, st.init_start, signal.SIGKILL)
             _wait_gone(st.init_pid, st.init_start, 30)
-        if cg is not None:
-            cg.kill()  # whatever outlived its init
-        if not _wait_gone(st.monitor_pid, st.monitor_start, 30) and st.monitoring:
-            os.kill(st.monitor_pid, signal.SIGKILL)
-        if read_state(paths, cfg.name) is not None:
+        # The monitor reaps init and cleans up: its cgroup's kill ends whatever outlived
+        # init (one killer at a time: the monitor's, or ours below when it is gone).
+        if not _wait_gone(st.monitor_pid, st.monitor_start, 30):
+            _signal(st.monitor_pid, st.monitor_start, signal.SIGKILL)
+            _wait_gone(st.monitor_pid, st.monitor_start, 5)
+        if read_state(paths, name) is not None:
             cleanup(paths, st)
 
 

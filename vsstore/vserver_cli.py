@@ -11,7 +11,7 @@ import time
 from . import build as buildmod
 from . import guestconf, lifecycle
 from .clitools import run_cli
-from .config import Paths, configured_guests, resolve_guest
+from .config import Paths, configured_guests, resolve_guest, valid_name
 from .errors import EXIT_OK, ConfigError, StateError
 
 EXIT_STOPPED = 3  # status: not running (LSB's code for it)
@@ -55,14 +55,19 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
-    lifecycle.stop(paths, _cfg(paths, args.name))
+    """From the run state alone: the configuration is not read (it may have changed or
+    broken since the guest started)."""
+    if not valid_name(args.name):
+        raise ConfigError(f"guest name {args.name!r} is not valid: stop takes a guest's "
+                          f"name (letters, digits and '._+-')")
+    lifecycle.stop(paths, args.name)
     return EXIT_OK
 
 
 def cmd_restart(args: argparse.Namespace, paths: Paths) -> int:
     cfg = _cfg(paths, args.name)
     if lifecycle.running(paths, cfg.name):
-        lifecycle.stop(paths, cfg)
+        lifecycle.stop(paths, cfg.name)
     lifecycle.start(paths, cfg)
     return EXIT_OK
 
