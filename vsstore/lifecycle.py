@@ -3,8 +3,9 @@
 Start (the order nspawn, LXC and bubblewrap agree on)::
 
     vserver start ── lock, overlay (cow), fork ─▶ monitor (host namespaces, subreaper)
-        monitor ── fork ─▶ setup: unshare mnt/uts/ipc(/net: the monitor adds the veth,
-                             setup configures it); / rslave; bind the root; fstab
+        monitor ── fork ─▶ setup: unshare mnt/uts/ipc/net (lo up; the monitor adds the
+                             veths, setup configures them; spaces/hostnet: the
+                             host's net instead); / rslave; bind the root; fstab
                              targets resolved in the root (RESOLVE_IN_ROOT) and mounted
                              through their fds; hostname; unshare pid
             setup ── fork ─▶ init (pid 1): /proc (masked), /dev, pivot_root, capabilities
@@ -167,6 +168,10 @@ def cow_mountpoint(paths: Paths) -> Path:
 
 # -- start -------------------------------------------------------------------------------
 
+_HOSTNET = ("spaces/hostnet: the guest shares the host's network namespace (its "
+            "interfaces, services on 127.0.0.1, abstract unix sockets); remove the file "
+            "to give it a network of its own")
+
 def _lock(paths: Paths, name: str):  # type: ignore[no-untyped-def]
     return exclusive(paths.rundir / "guests" / f"{name}.lock", f"command on guest {name}")
 
@@ -183,6 +188,8 @@ def start(paths: Paths, cfg: GuestConfig) -> RunState:
                 raise BusyError(f"guest {cfg.name} is still stopping (monitor pid "
                                 f"{old.monitor_pid}); try again in a moment")
             cleanup(paths, old)
+        if cfg.hostnet:
+            print(f"vserver {cfg.name}: warning: {_HOSTNET}", file=sys.stderr)
         root = cfg.guest.root
         if not root.is_dir():
             raise ConfigError(f"guest {cfg.name}: its root {root} is not a directory; fix "
@@ -368,6 +375,8 @@ def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, re
                   rlimits={str(k): list(v) for k, v in cfg.rlimits.items()})
     write_state(paths, st)
     say(f"started: init pid {init} ({' '.join(cfg.init)})")
+    if cfg.hostnet:
+        say(f"warning: {_HOSTNET}")
     os.write(report, json.dumps({"state": st.__dict__}).encode() + b"\n")
     os.close(report)
     status = 0
@@ -397,11 +406,8 @@ def _setup(cfg: GuestConfig, source: str, up: int, go: int, exec_fd: int,
 
     # The pid namespace comes last, just before init is forked: the first child forked
     # after it becomes its pid 1 (the network set-up runs the host's ip before that).
-    flags = ns.CLONE_NEWNS | ns.CLONE_NEWUTS | ns.CLONE_NEWIPC
-    if cfg.interfaces:
-        flags |= ns.CLONE_NEWNET
     try:
-        ns.unshare(flags)
+        _unshare(cfg, ns.CLONE_NEWNS | ns.CLONE_NEWUTS | ns.CLONE_NEWIPC)
         ns.mount(None, "/", None, ns.MS_REC | ns.MS_SLAVE)
     except OSError as e:
         tell({"error": f"cannot create namespaces: {e}", "kind": "unsupported"})
@@ -430,6 +436,17 @@ def _setup(cfg: GuestConfig, source: str, up: int, go: int, exec_fd: int,
             os.write(exec_fd, (getattr(e, "message", None) or str(e)).encode())
         os._exit(127)
     tell({"init": init})
+
+
+def _unshare(cfg: GuestConfig, flags: int) -> None:  # pragma: no cover - in a child
+    """Unshare ``flags`` and a network namespace of the guest's own, its loopback up
+    (interfaces come later), unless the configuration asks for the host's network
+    (spaces/hostnet)."""
+    if cfg.hostnet:
+        ns.unshare(flags)
+        return
+    ns.unshare(flags | ns.CLONE_NEWNET)
+    ns.link_up("lo")
 
 
 def _bind_root(cfg: GuestConfig, source: str) -> GuestTree:
@@ -612,9 +629,6 @@ def _network_host(cfg: GuestConfig, pid: int) -> list[str]:
 
 def _network_guest(cfg: GuestConfig) -> None:
     """Inside the new network namespace (the host's ``ip``, never the guest's)."""
-    if not cfg.interfaces:
-        return
-    _ip("link", "set", "lo", "up")
     for i, itf in enumerate(cfg.interfaces):
         peer = f"vsp{os.getpid()}.{i}"[:15]
         _ip("link", "set", peer, "name", itf.name)
@@ -835,7 +849,8 @@ def run_cow(paths: Paths, cfg: GuestConfig, argv: list[str], tty: bool = False) 
     duration: every shared file it writes, replaces, removes or links becomes the guest's
     own (or loses only the guest's name), and nothing else changes.  The changes land in
     the guest's own tree.  A running guest lends its ipc, uts, net and pid namespaces; a
-    stopped one gets new ones (and the host's network).  The temporary share in the
+    stopped one gets new ones (a network of its own with loopback only, unless
+    spaces/hostnet asks for the host's).  The temporary share in the
     overlay is removed afterwards, also when the command fails or is killed."""
     if not argv:
         raise ConfigError("no command given; vserver NAME exec --cow COMMAND [ARGS...]")
@@ -868,7 +883,7 @@ def _run_temporary(cfg: GuestConfig, st: RunState | None, source: str, argv: lis
             if st is not None:
                 _join_guest(st, fds)
             else:
-                ns.unshare(ns.CLONE_NEWUTS | ns.CLONE_NEWIPC)
+                _unshare(cfg, ns.CLONE_NEWUTS | ns.CLONE_NEWIPC)
                 socket.sethostname(cfg.nodename)
                 ns.unshare(ns.CLONE_NEWPID)
             ns.unshare(ns.CLONE_NEWNS)
