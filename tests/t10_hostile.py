@@ -9,12 +9,15 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO, flags
 from t7_lifecycle import IDLE, Vserver, _gone, _host_mounts, _pid_ns, _procs_in_ns
 from vsstore import cgroups
 from vsstore.errors import EXIT_CONFIG
@@ -359,3 +362,202 @@ def _eventually_true(check, seconds: float = 10.0) -> bool:  # type: ignore[no-u
             return False
         time.sleep(0.02)
     return True
+
+
+# -- item 7: delete removes a configured guest's tree below the guests' root, nothing else --
+
+# Runs `vserver ARGS` in a mount namespace of its own in which every mount is read-only
+# but the test's directory: a delete that goes wrong cannot harm the host running the
+# tests (the refusals below would otherwise be tried on '/' itself).
+SANDBOX = r"""
+import ctypes, json, os, sys
+from vsstore import ns
+libc = ctypes.CDLL(None, use_errno=True)
+class MountAttr(ctypes.Structure):
+    _fields_ = [("set", ctypes.c_uint64), ("clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+def readonly(path, ro):
+    a = MountAttr(1 if ro else 0, 0 if ro else 1, 0, 0)  # MOUNT_ATTR_RDONLY, recursively:
+    if libc.syscall(ctypes.c_long(442), ctypes.c_int(-100), path.encode(),  # AT_RECURSIVE
+                    ctypes.c_uint(0x8000), ctypes.byref(a), ctypes.c_size_t(32)) != 0:
+        raise OSError(ctypes.get_errno(), "mount_setattr", path)
+ns.unshare(ns.CLONE_NEWNS)
+ns.mount(None, "/", None, ns.MS_REC | (1 << 18))  # MS_PRIVATE
+writable = sys.argv[1]
+ns.mount(writable, writable, None, ns.MS_BIND | ns.MS_REC)
+readonly("/", True)
+readonly(writable, False)
+for src, dst in json.loads(os.environ.get("T10_BINDS", "[]")):
+    ns.mount(src, dst, None, ns.MS_BIND)  # the sandbox's own mounts (one on another, too)
+from vsstore.vserver_cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _sandboxed(vs, host, *args: str,  # type: ignore[no-untyped-def]
+               binds: list[tuple[str, str]] = ()) -> subprocess.CompletedProcess[str]:
+    """``vserver ARGS`` with the whole host read-only but the test's directory (and
+    ``binds`` mounted in that namespace first)."""
+    env = {**vs.env, "T10_BINDS": json.dumps(list(binds))}
+    return subprocess.run([sys.executable, "-B", "-c", SANDBOX, str(host.base), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _tree(p: Path) -> dict[str, tuple]:
+    """Every name below ``p`` (not following symlinks): type, inode, content of files."""
+    out = {}
+    for dirpath, dirs, files in os.walk(p):
+        for n in dirs + files:
+            q = Path(dirpath) / n
+            st = os.lstat(q)
+            data = q.read_bytes() if stat.S_ISREG(st.st_mode) else None
+            out[str(q.relative_to(p))] = (stat.S_IFMT(st.st_mode), st.st_ino, data)
+    return out
+
+
+@pytest.fixture
+def hostdir(host) -> Path:  # type: ignore[no-untyped-def]
+    """A host directory outside the guests' root that no delete may touch."""
+    d = host.base / "hostdir"
+    (d / "sub").mkdir(parents=True)
+    (d / "precious").write_text("host data\n")
+    (d / "sub/more").write_text("more host data\n")
+    return d
+
+
+def _check_probe_runs(vs, host):  # type: ignore[no-untyped-def]
+    p = _sandboxed(vs, host, "nosuch", "running")
+    if "mount_setattr" in p.stderr:
+        pytest.skip(f"no mount_setattr here for the read-only sandbox: {p.stderr[-200:]}")
+
+
+@pytest.mark.parametrize("arg", ["/", "HOSTDIR", "ROOT", "ROOT/g1", "ROOT/.hash", "unconfigured",
+                                 "../g1", "g1/", "."])
+def test_delete_takes_a_configured_guest_name_only(vs, host, hostdir, arg):
+    _check_probe_runs(vs, host)
+    vs.guest("g1")
+    (host.root / "unconfigured/etc").mkdir(parents=True)  # a tree without configuration
+    (host.root / ".hash").mkdir(exist_ok=True)
+    before = _tree(host.base)
+    arg = arg.replace("HOSTDIR", str(hostdir)).replace("ROOT", str(host.root))
+    for args in ((arg, "delete", "--force"), (arg, "delete")):
+        p = _sandboxed(vs, host, *args)
+        assert p.returncode == EXIT_CONFIG, p.stdout + p.stderr
+        assert "configured guest" in p.stderr and "Traceback" not in p.stderr
+    assert _tree(host.base) == before  # nothing removed, not even a lock file made
+
+
+@pytest.mark.parametrize("target", ["/", "/etc", "HOSTDIR", "ROOT", "ROOT/", "ROOT/.hash",
+                                    "ROOT/g2", "ROOT/g2/etc", "ROOT/link-to-root",
+                                    "ROOT/link-to-hostdir", "ROOT/g1/../..", "ROOT/g2-link"])
+def test_delete_refuses_a_vdir_that_leaves_the_guests_root(vs, host, hostdir, target):
+    _check_probe_runs(vs, host)
+    vs.guest("g1")
+    vs.guest("g2")
+    (host.root / ".hash").mkdir(exist_ok=True)
+    os.symlink("/", host.root / "link-to-root")
+    os.symlink(hostdir, host.root / "link-to-hostdir")
+    os.symlink(host.root / "g2", host.root / "g2-link")
+    vdir = host.conf / "g1/vdir"
+    vdir.unlink()
+    os.symlink(target.replace("HOSTDIR", str(hostdir)).replace("ROOT", str(host.root)), vdir)
+    before = _tree(host.base)
+    p = _sandboxed(vs, host, "g1", "delete", "--force")
+    assert p.returncode == EXIT_CONFIG, p.stdout + p.stderr
+    assert str(vdir) in p.stderr and "Traceback" not in p.stderr  # names the file to fix
+    assert _tree(host.base) == before
+
+
+def _hostile_tree(vs, host, hostdir: Path) -> Path:  # type: ignore[no-untyped-def]
+    """Guest g1 sharing a store object with g2, its tree full of what a hostile guest
+    leaves: symlinks out, mount points (empty here), a fifo, a device node, a tree deeper
+    than PATH_MAX, an immutable file and an immutable directory of its own."""
+    shared = b"a file two guests share " * 100
+    root = vs.guest("g1", files={"usr/lib/shared": shared})
+    vs.guest("g2", files={"usr/lib/shared": shared})
+    host.vsunify("run", "g1", "g2")
+    assert os.stat(root / "usr/lib/shared").st_nlink == 3
+    os.symlink(hostdir, root / "etc/hostdir")
+    os.symlink(hostdir / "precious", root / "etc/precious")
+    (root / "mnt/host").mkdir(parents=True)
+    (root / "mnt/deep/er").mkdir(parents=True)
+    (root / "etc/mounted").write_text("a file another is mounted on\n")
+    os.mkfifo(root / "run/fifo")
+    os.mknod(root / "dev/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    d = root / "var/deep"
+    d.mkdir(parents=True)
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(300):  # 300 * 21 bytes: walked by descriptors, not by paths
+        os.mkdir("d" * 20, dir_fd=fd)
+        nfd = os.open("d" * 20, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.close(fd)
+    (root / "etc/own").write_text("immutable, the guest's own\n")
+    (root / "srv/locked").mkdir(parents=True)
+    (root / "srv/locked/f").write_text("in an immutable directory\n")
+    subprocess.run(["chattr", "+i", str(root / "etc/own"), str(root / "srv/locked")],
+                   check=True)
+    subprocess.run(["chattr", "+i", str(hostdir / "precious")], check=True)  # no flag of it
+    return root                                                              # may change
+
+
+def _unlock(root: Path, hostdir: Path) -> None:
+    """Clear the immutable flags the test set (also where a failed delete left them), so
+    the host fixture can remove everything."""
+    for d in (root, hostdir):
+        for dirpath, dirs, files in os.walk(d):
+            for n in dirs + files:
+                if not os.path.islink(os.path.join(dirpath, n)):
+                    subprocess.run(["chattr", "-i", os.path.join(dirpath, n)],
+                                   capture_output=True)
+
+
+def _binds(root: Path, hostdir: Path) -> list[tuple[str, str]]:
+    """Host directories (and a host file, immutable) bound into the tree."""
+    return [(str(hostdir), str(root / "mnt/host")), (str(hostdir / "sub"),
+            str(root / "mnt/deep/er")), (str(hostdir / "precious"), str(root / "etc/mounted"))]
+
+
+def _outside(host, hostdir: Path) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    return {"host": _tree(hostdir), "g2": _tree(host.root / "g2"),
+            "flags": (flags(hostdir / "precious"), flags(host.root / "g2/usr/lib/shared")),
+            "store": {p: p.read_bytes() for p in host.store.rglob("*") if p.is_file()}}
+
+
+def test_delete_removes_a_hostile_tree_with_host_mounts_and_nothing_outside_it(
+        vs, host, hostdir):
+    root = _hostile_tree(vs, host, hostdir)
+    before = _outside(host, hostdir)
+    mounted = []
+    try:
+        for src, dst in _binds(root, hostdir):
+            subprocess.run(["mount", "--bind", src, dst], check=True)
+            mounted.append(dst)
+        vs("delete", "g1", "--force")
+        assert not root.exists() and not (host.conf / "g1").exists()
+        assert not [m for m in _host_mounts() if m.startswith(str(root))]
+        assert _outside(host, hostdir) == before
+    finally:
+        for m in reversed(mounted):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+        _unlock(root, hostdir)
+    assert os.stat(host.root / "g2/usr/lib/shared").st_nlink == 2  # g2's and the store's
+
+
+def test_delete_of_a_tree_with_a_symlink_to_slash_and_stacked_mounts_in_a_sandbox(
+        vs, host, hostdir):
+    _check_probe_runs(vs, host)
+    root = _hostile_tree(vs, host, hostdir)
+    os.symlink("/", root / "etc/slash")
+    os.symlink("../../../../../../../../..", root / "etc/up")
+    binds = _binds(root, hostdir) + [(str(hostdir / "sub"), str(root / "mnt/host"))]
+    before = _outside(host, hostdir)
+    try:
+        p = _sandboxed(vs, host, "g1", "delete", "--force",
+                       binds=binds)  # mounted in the sandbox: gone with it
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert not root.exists() and not (host.conf / "g1").exists()
+        assert _outside(host, hostdir) == before
+    finally:
+        _unlock(root, hostdir)

@@ -172,13 +172,15 @@ _HOSTNET = ("spaces/hostnet: the guest shares the host's network namespace (its 
             "interfaces, services on 127.0.0.1, abstract unix sockets); remove the file "
             "to give it a network of its own")
 
-def _lock(paths: Paths, name: str):  # type: ignore[no-untyped-def]
+
+def guest_lock(paths: Paths, name: str):  # type: ignore[no-untyped-def]
+    """One command at a time on a guest: start, stop, delete (BusyError otherwise)."""
     return exclusive(paths.rundir / "guests" / f"{name}.lock", f"command on guest {name}")
 
 
 def start(paths: Paths, cfg: GuestConfig) -> RunState:
     """Start the guest; returns once its init runs (or raises, leaving nothing behind)."""
-    with _lock(paths, cfg.name):
+    with guest_lock(paths, cfg.name):
         old = read_state(paths, cfg.name)
         if old is not None:
             if old.running:
@@ -698,7 +700,7 @@ def stop(paths: Paths, name: str) -> None:
     clean-up (its cgroup ends whatever is left; done here if the monitor is gone).
     Everything comes from the run state, so a configuration changed or broken since the
     start never keeps a running guest from stopping."""
-    with _lock(paths, name):
+    with guest_lock(paths, name):
         st = read_state(paths, name)
         if st is None or not st.running:
             if st is not None and not st.monitoring:
