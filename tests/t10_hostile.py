@@ -129,6 +129,17 @@ def test_stop_works_from_the_run_state_whatever_the_configuration_says_now(
     assert (root / "var/log/stop-ran").read_text() == "stopped\n"  # the command it started with
 
 
+def test_stop_with_sigkill_as_stop_signal_needs_no_handler_and_no_timeout(vs, host):
+    vs.guest("g1", conf={"apps/init/stop-signal": "SIGKILL\n",
+                         "apps/init/stop-timeout": "3600\n"})  # waiting would hang here
+    vs("start", "g1")
+    st = vs.state("g1")
+    ns_ino = _pid_ns(st["init_pid"])
+    vs("stop", "g1")
+    assert _leftovers(host, st, ns_ino) == []
+    assert "init ended (signal 9)" in (host.base / "log/vserver-g1.log").read_text()
+
+
 def test_stop_works_with_the_configuration_gone_and_an_old_run_state(vs, host):
     vs.guest("g1", init=IDLE)
     vs("start", "g1")

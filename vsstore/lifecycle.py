@@ -689,7 +689,9 @@ def _wait_handler(pid: int, started: int, sig: int, deadline: float) -> None:
     """Wait (up to ``deadline``) until init has a handler for ``sig``: a pid namespace's
     init never gets a signal it has no handler for, not even from the host, and right
     after start it may not have installed it yet (a signal sent then would be lost, and
-    stop would wait for its whole timeout)."""
+    stop would wait for its whole timeout).  SIGKILL and SIGSTOP need no handler."""
+    if sig in (signal.SIGKILL, signal.SIGSTOP):
+        return
     while alive(pid, started) and not _catches(pid, sig) and time.monotonic() < deadline:
         time.sleep(0.01)
 
