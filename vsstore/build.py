@@ -6,6 +6,7 @@ guest shares through the store is linked, not copied: a clone costs almost no di
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import shutil
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import attrs, syscalls
-from .config import Guest, Paths, configured_names, valid_name
-from .errors import ConfigError, StateError
+from .config import Guest, Paths, configured_names, deletable_guest, valid_name
+from .errors import ConfigError, StateError, UnsafeTreeError
 from .names import shown
 from .private import copy_file
+from .safetree import mount_id, open_child_dir, open_regular_at
 from .window import unsealed
 
 SKELETON_DIRS = [("bin", 0o755), ("dev", 0o755), ("etc", 0o755), ("home", 0o755),
@@ -90,7 +92,7 @@ def build(paths: Paths, opts: BuildOptions) -> Guest:
         conf.mkdir(parents=True)
         undo.callback(shutil.rmtree, conf, True)
         root.mkdir(parents=True, exist_ok=True)
-        undo.callback(_remove_tree, root)
+        undo.callback(_remove_tree, root, paths.vservers_root)
         _write(conf / "context", f"{opts.context or _free_context(paths)}\n")
         _write(conf / "uts" / "nodename", f"{opts.hostname or opts.name}\n")
         _write(conf / "fstab", "none /tmp tmpfs size=16m,mode=1777 0 0\n")
@@ -110,9 +112,9 @@ def build(paths: Paths, opts: BuildOptions) -> Guest:
     return Guest(opts.name, root, conf)
 
 
-def _remove_tree(root: Path) -> None:
+def _remove_tree(root: Path, base: Path) -> None:
     if root.exists():
-        remove_guest_tree(root)
+        remove_guest_tree(root, base)
 
 
 def _skeleton(root: Path, hostname: str) -> None:
@@ -239,36 +241,244 @@ def _copy_dir(sfd: int, dfd: int, rel: str, droot: int, seen: dict[tuple[int, in
         # sockets are not copied: they belong to a running process
 
 
-def remove_guest_tree(root: Path) -> None:
-    """Remove a guest tree.  Its names of shared store objects go one by one, each object
-    unsealed only for its own unlink: other guests' files stay protected."""
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
-        dfd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+def delete(paths: Paths, name: str) -> Guest:
+    """``vserver NAME delete --force``: remove a stopped, configured guest's tree and its
+    configuration.  Only a tree strictly below the guests' root qualifies
+    (``config.deletable_guest``); the guest's lock is held throughout, so nothing starts
+    it meanwhile."""
+    from . import lifecycle
+    from .runtime import cow_served
+    g = deletable_guest(name, paths)
+    with lifecycle.guest_lock(paths, g.name):
+        st = lifecycle.read_state(paths, g.name)
+        if st is not None and (st.running or st.monitoring):
+            raise StateError(f"guest {g.name} is running; 'vserver {g.name} stop' first")
+        at = cow_served(paths).get(str(g.root))
+        if at is not None:
+            raise StateError(f"guest {g.name}'s tree {g.root} is served by the cow overlay "
+                             f"at {at} (an 'exec --cow' running?); wait for it to end")
+        if st is not None:
+            lifecycle.cleanup(paths, st)  # what a guest that ended by itself left
+        if os.path.lexists(g.root):
+            remove_guest_tree(g.root, paths.vservers_root)
+        shutil.rmtree(g.confdir)  # type: ignore[arg-type]
+    return g
+
+
+def remove_guest_tree(root: Path, base: Path) -> None:
+    """Remove guest tree ``root``, which must lie strictly below ``base`` (the guests'
+    root) and is reached from it without following any symlink.  Its names of shared
+    store objects go one by one, each object unsealed only for its own unlink: other
+    guests' files stay protected.
+
+    The tree is hostile: it is walked by directory descriptors, each entry opened
+    without following a symlink or crossing into a mount, and only names inside it are
+    unlinked.  A mount met on the way (a host directory bound into the tree, too) is
+    detached (lazily, through a descriptor of the mount itself, so nothing outside the
+    tree is touched) before its mount point is removed; nothing on it is.  ".." leads
+    back up, checked against the inode that led down, so any depth takes a few
+    descriptors."""
+    real_base = os.path.realpath(base)
+    rel = os.path.relpath(os.path.realpath(root), real_base)
+    if rel in (".", "..") or rel.startswith("../"):
+        raise UnsafeTreeError(f"{root} is not below the guests' root {real_base}; "
+                              f"not removed")
+    head, name = os.path.split(rel)
+    where = str(Path(real_base, rel))
+    bfd = os.open(real_base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
         try:
-            for f in filenames:
-                st = os.stat(f, dir_fd=dfd, follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                    fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
-                    try:
-                        with unsealed(fd, what=shown(os.path.join(dirpath, f))):
-                            os.unlink(f, dir_fd=dfd)
-                    finally:
-                        os.close(fd)
-                else:
-                    try:
-                        os.unlink(f, dir_fd=dfd)
-                    except PermissionError:  # an immutable or append-only private file
-                        fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
-                        try:
-                            attrs.clear_flags(fd)
-                        finally:
-                            os.close(fd)
-                        os.unlink(f, dir_fd=dfd)
-            for d in dirnames:
-                try:
-                    os.rmdir(d, dir_fd=dfd)
-                except NotADirectoryError:  # a symlink os.walk listed as a directory
-                    os.unlink(d, dir_fd=dfd)
+            pfd = syscalls.openat2(bfd, head or ".", os.O_RDONLY | os.O_DIRECTORY,
+                                   syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS |
+                                   syscalls.RESOLVE_NO_MAGICLINKS)
+        except OSError as e:
+            raise UnsafeTreeError(f"{where}: cannot reach it below {real_base} without a "
+                                  f"symlink ({e.strerror}); not removed") from None
+    finally:
+        os.close(bfd)
+    try:
+        try:
+            rfd = open_child_dir(pfd, name)
+        except OSError as e:
+            why = ("a mount point: unmount it first" if e.errno == errno.EXDEV else
+                   "a symlink or not a directory" if e.errno in (errno.ELOOP, errno.ENOTDIR)
+                   else e.strerror)
+            raise UnsafeTreeError(f"{where}: {why}; not removed") from None
+        try:
+            rst = os.fstat(rfd)
+            _empty_tree(rfd, where)
         finally:
-            os.close(dfd)
-    os.rmdir(root)
+            os.close(rfd)
+        cur = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        if (cur.st_dev, cur.st_ino) != (rst.st_dev, rst.st_ino):
+            raise UnsafeTreeError(f"{where} was replaced while it was being removed")
+        _rmdir(pfd, name, where)
+    finally:
+        os.close(pfd)
+
+
+def _detach(dfd: int, name: str, where: str) -> bool:
+    """Detach whatever is mounted on entry ``name`` of ``dfd`` (mounts stacked there
+    too), through a descriptor of each mount: the mount inside the tree, never a path.
+    False: nothing is mounted there."""
+    from . import ns
+    detached = False
+    for _ in range(64):
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            if mount_id(fd) == mount_id(dfd):
+                return detached
+            ns.umount(f"/proc/self/fd/{fd}", ns.MNT_DETACH)
+            detached = True
+        except OSError as e:
+            raise UnsafeTreeError(f"{where}: cannot detach what is mounted there "
+                                  f"({e.strerror}); unmount it and delete again") from None
+        finally:
+            os.close(fd)
+    raise UnsafeTreeError(f"{where}: more than 64 mounts on one another; unmount them "
+                          f"and delete again")
+
+
+def _open_subdir(dfd: int, name: str, where: str) -> int:
+    """Open subdirectory ``name`` of ``dfd``, a mount on it detached first."""
+    for _ in range(2):
+        try:
+            return open_child_dir(dfd, name)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise UnsafeTreeError(f"{where}: {e.strerror} (changed meanwhile?); "
+                                      f"removal stopped there") from None
+        _detach(dfd, name, where)
+    raise UnsafeTreeError(f"{where}: still a mount point; unmount it and delete again")
+
+
+class _Dir:
+    """A directory on the way down: its name in its parent, its inode, its subdirectories
+    not yet removed."""
+
+    __slots__ = ("name", "ino", "subdirs")
+
+    def __init__(self, name: str, ino: int, subdirs: list[str]) -> None:
+        self.name, self.ino, self.subdirs = name, ino, subdirs
+
+
+def _empty_tree(rfd: int, root: str) -> None:
+    """Remove everything below directory ``rfd`` (see ``remove_guest_tree``)."""
+    rst = os.fstat(rfd)
+    cur = os.dup(rfd)
+    try:
+        stack = [_Dir("", rst.st_ino, _clear_dir(cur, root))]
+        path = [root]
+        while stack:
+            top = stack[-1]
+            if top.subdirs:
+                name = top.subdirs.pop()
+                where = f"{path[-1]}/{name}"
+                nfd = _open_subdir(cur, name, where)
+                os.close(cur)
+                cur = nfd
+                path.append(where)
+                stack.append(_Dir(name, os.fstat(cur).st_ino, _clear_dir(cur, where)))
+                continue
+            stack.pop()
+            if not stack:
+                return
+            pfd = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=cur)
+            pst = os.fstat(pfd)
+            if (pst.st_dev, pst.st_ino) != (rst.st_dev, stack[-1].ino):
+                os.close(pfd)
+                raise UnsafeTreeError(f"{path[-1]}: moved while being removed; removal "
+                                      f"stopped there")
+            os.close(cur)
+            cur = pfd
+            _rmdir(cur, top.name, path.pop())
+    finally:
+        os.close(cur)
+
+
+def _clear_dir(dfd: int, where: str) -> list[str]:
+    """Unlink every entry of directory ``dfd`` but its subdirectories, whose names it
+    returns."""
+    subdirs = []
+    with os.scandir(dfd) as it:
+        names = [e.name for e in it]
+    for n in names:
+        try:
+            st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            subdirs.append(n)
+        else:
+            _unlink(dfd, n, st, f"{where}/{n}")
+    return subdirs
+
+
+def _unlink(dfd: int, name: str, st: os.stat_result, where: str) -> None:
+    """Unlink one name.  A shared inode (a store object) is unsealed only for this unlink
+    and sealed again; an immutable or append-only file or directory of the guest's own has
+    its flags cleared first.  A file mounted on the name is detached first: no flag of
+    anything outside the tree is ever touched."""
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        if _detach(dfd, name, where):
+            return _unlink(dfd, name, os.stat(name, dir_fd=dfd, follow_symlinks=False), where)
+        fd = open_regular_at(dfd, name, (st.st_dev, st.st_ino))
+        try:
+            with unsealed(fd, what=where):
+                _retry_unsealed(dfd, lambda: os.unlink(name, dir_fd=dfd))
+        finally:
+            os.close(fd)
+        return None
+    try:
+        _retry_unsealed(dfd, lambda: os.unlink(name, dir_fd=dfd))
+        return None
+    except OSError as e:
+        if e.errno not in (errno.EBUSY, errno.EPERM):
+            raise
+    if _detach(dfd, name, where):
+        return _unlink(dfd, name, os.stat(name, dir_fd=dfd, follow_symlinks=False), where)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeTreeError(f"{where}: cannot remove it (an immutable special file?); "
+                              f"chattr -i it and delete again")
+    fd = open_regular_at(dfd, name, (st.st_dev, st.st_ino))
+    try:
+        attrs.clear_flags(fd)
+    finally:
+        os.close(fd)
+    os.unlink(name, dir_fd=dfd)
+    return None
+
+
+def _retry_unsealed(dfd: int, op) -> None:  # type: ignore[no-untyped-def]
+    """Run ``op`` (an unlink or rmdir in ``dfd``); on EPERM clear the directory's own
+    immutable/append-only flags (a directory of the guest's, being removed) and retry."""
+    try:
+        op()
+    except PermissionError:
+        if not syscalls.get_inode_flags(dfd) & (syscalls.FS_IMMUTABLE_FL |
+                                                syscalls.FS_APPEND_FL):
+            raise
+        attrs.clear_flags(dfd)
+        op()
+
+
+def _rmdir(dfd: int, name: str, where: str) -> None:
+    """Remove the (emptied) directory ``name`` of ``dfd``."""
+    try:
+        _retry_unsealed(dfd, lambda: os.rmdir(name, dir_fd=dfd))
+    except PermissionError:  # the directory itself immutable or append-only
+        fd = open_child_dir(dfd, name)
+        try:
+            attrs.clear_flags(fd)
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=dfd)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise UnsafeTreeError(f"{where}: a mount point; unmount it and delete "
+                                  f"again") from None
+        if e.errno == errno.ENOTEMPTY:
+            raise UnsafeTreeError(f"{where}: changed while being removed; delete "
+                                  f"again") from None
+        raise

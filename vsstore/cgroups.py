@@ -27,6 +27,9 @@ V1_NAMES = {"memory.limit_in_bytes": "memory.max", "memory.soft_limit_in_bytes":
             "cpu.cfs_period_us": "cpu.max"}
 CONTROLLERS = ("memory", "pids", "cpu")
 _SIZE = re.compile(r"^(\d+)([KMGT]?)$", re.I)
+# A cgroup removed while we use it: its files are gone (ENOENT) or, opened before the
+# removal, answer ENODEV.
+GONE = (errno.ENOENT, errno.ENODEV)
 
 
 # -- settings: read, check, translate -------------------------------------------------------
@@ -226,52 +229,91 @@ class GuestCgroup:
         if d is None:
             return []
         try:
-            return [int(x) for x in (d / "cgroup.procs").read_text().split()]
-        except FileNotFoundError:
-            return []
+            return [int(x) for x in _read(d / "cgroup.procs").split()]
+        except OSError as e:
+            if e.errno in GONE:
+                return []  # removed meanwhile: nobody is left in it
+            raise
 
     def kill(self, timeout: float = 10.0) -> None:
         """End every process in the cgroup: cgroup.kill on v2; freeze, SIGKILL, thaw on v1
-        (a frozen process cannot fork a new one meanwhile).  A cgroup already removed
-        (by whoever cleaned up first) has nothing left to kill."""
+        (a frozen process cannot fork a new one meanwhile), in rounds until it is empty or
+        ``timeout`` has passed.  Another process may end the guest at the same time (the
+        monitor cleans up while ``stop`` kills) and remove the cgroup: ENOENT or ENODEV on
+        any of its files means "already gone", never an error."""
         try:
             self._kill(timeout)
-        except FileNotFoundError:
-            pass
+        except OSError as e:
+            if e.errno not in GONE:
+                raise
 
     def _kill(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
         d2 = self.dirs.get("unified")
-        if d2 is not None and (d2 / "cgroup.kill").exists():
-            (d2 / "cgroup.kill").write_text("1\n")
-        else:
-            fz = self.dirs.get("freezer")
-            if fz is not None:
-                (fz / "freezer.state").write_text("FROZEN\n")
-                end = time.monotonic() + timeout
-                while (fz / "freezer.state").read_text().strip() != "FROZEN" and \
-                        time.monotonic() < end:
-                    time.sleep(0.01)
+        fz = self.dirs.get("freezer")
+        while True:
+            if d2 is not None and (d2 / "cgroup.kill").exists():
+                _write_file(d2 / "cgroup.kill", "1")
+            else:
+                if fz is not None:
+                    self._freeze(fz, end)
+                try:
+                    self._signal_all(signal.SIGKILL)
+                finally:
+                    if fz is not None:  # a killed process ends only once thawed
+                        _write_file(fz / "freezer.state", "THAWED")
+            settle = min(end, time.monotonic() + 0.5)
+            while self.pids() and time.monotonic() < settle:
+                time.sleep(0.01)
+            if not self.pids() or time.monotonic() >= end:
+                return
+
+    @staticmethod
+    def _freeze(fz: Path, end: float) -> None:
+        """Freeze the v1 freezer cgroup ``fz`` and wait until it is (or ``end``: a task
+        stuck in the kernel does not freeze; it is killed all the same).  Whoever else
+        kills the guest at the same time may thaw it meanwhile: then freeze it again."""
+        while True:
+            state = _read(fz / "freezer.state").strip()
+            if state == "FROZEN" or time.monotonic() >= end:
+                return
+            if state == "THAWED":
+                _write_file(fz / "freezer.state", "FROZEN")
+            time.sleep(0.005)
+
+    def _signal_all(self, sig: int) -> None:
+        """Send ``sig`` to every process in the cgroup, through pidfds opened first and
+        confirmed by a second reading of the cgroup, so that a pid the guest's process
+        gave up meanwhile (and the host reused) is never signalled."""
+        fds: dict[int, int] = {}
+        try:
             for pid in self.pids():
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    fds[pid] = os.pidfd_open(pid)
                 except ProcessLookupError:
                     pass
-            if fz is not None:
-                (fz / "freezer.state").write_text("THAWED\n")
-        end = time.monotonic() + timeout
-        while self.pids() and time.monotonic() < end:
-            time.sleep(0.02)
+            still = set(self.pids())
+            for pid, fd in fds.items():
+                if pid in still:
+                    try:
+                        signal.pidfd_send_signal(fd, sig)
+                    except ProcessLookupError:
+                        pass
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def remove(self) -> None:
-        """Remove the (empty) directories."""
+        """Remove the (empty) directories; one removed already (by whoever cleaned up
+        first) is fine."""
         for d in self.dirs.values():
             for _ in range(100):
                 try:
                     d.rmdir()
                     break
-                except FileNotFoundError:
-                    break
                 except OSError as e:
+                    if e.errno in GONE:
+                        break
                     if e.errno != errno.EBUSY:
                         raise
                     time.sleep(0.02)  # the last exits are being accounted
@@ -303,6 +345,17 @@ class GuestCgroup:
         if p is not None:
             out["pids_max"] = _read_int(p / "pids.max")
         return out
+
+
+def _read(p: Path) -> str:
+    with open(p) as f:
+        return f.read()
+
+
+def _write_file(p: Path, value: str) -> None:
+    """Write a cgroup control file (one write: the kernel takes it whole)."""
+    with open(p, "w") as f:
+        f.write(value + "\n")
 
 
 def _read_int(p: Path) -> int | None:

@@ -109,6 +109,57 @@ def resolve_guest(arg: str, paths: Paths) -> Guest:
                       f"name a configured guest or pass a path to its root tree")
 
 
+def _configured_root(paths: Paths, name: str) -> str:
+    """Real path of configured guest ``name``'s root tree: its ``vdir`` with every symlink
+    resolved (whether or not the tree exists), else the default below the guests' root."""
+    vdir = paths.confdir / name / "vdir"
+    return os.path.realpath(vdir if os.path.lexists(vdir) else paths.vservers_root / name)
+
+
+def deletable_guest(arg: str, paths: Paths) -> Guest:
+    """The guest ``vserver NAME delete`` may remove: a configured guest's name (never a
+    path, never a tree without configuration) whose root tree, every symlink of ``vdir``
+    resolved, lies strictly below the real guests' root: not that root itself, not ``/``,
+    not outside, not in the store or another dot directory there, and not another
+    configured guest's tree (nor above or below one).  Its root may be missing (then only
+    the configuration goes)."""
+    if "/" in arg or not valid_name(arg):
+        raise ConfigError(f"delete takes the name of a configured guest, not {arg!r}; a "
+                          f"tree without configuration is removed by hand")
+    conf = paths.confdir / arg
+    if conf.is_symlink() or not conf.is_dir():
+        why = "is a symlink" if conf.is_symlink() else "does not exist"
+        raise ConfigError(f"guest {arg!r}: its configuration {conf} {why}; delete removes "
+                          f"configured guests only (a configuration directory of their own)")
+    base = os.path.realpath(paths.vservers_root)
+    if base == "/":
+        raise ConfigError(f"the guests' root {paths.vservers_root} is '/'; set vdirbase "
+                          f"(or VSERVERS_ROOT) to the directory holding the guest trees")
+    vdir = conf / "vdir"
+    root = _configured_root(paths, arg)
+    rel = os.path.relpath(root, base)
+    where = f"{vdir} (leading to {root})" if os.path.lexists(vdir) else root
+    if rel == "." or rel == ".." or rel.startswith("../"):
+        raise ConfigError(f"guest {arg!r}: its root tree {where} is not below the guests' "
+                          f"root {base}; delete removes only a tree in there: point vdir at "
+                          f"{base}/{arg} (ln -sfn {base}/{arg} {vdir}), or remove the tree "
+                          f"by hand")
+    if rel.startswith("."):
+        raise ConfigError(f"guest {arg!r}: its root tree {where} lies in {base}/"
+                          f"{rel.split('/')[0]} (the store or another directory of ours); "
+                          f"fix {vdir}")
+    for other in sorted(paths.confdir.iterdir()):
+        if other.name == arg or other.name.startswith(".") or not valid_name(other.name) \
+                or not other.is_dir():
+            continue
+        theirs = _configured_root(paths, other.name)
+        if theirs == root or theirs.startswith(root + "/") or root.startswith(theirs + "/"):
+            raise ConfigError(f"guest {arg!r}: its root tree {where} is, holds or lies in "
+                              f"guest {other.name}'s tree {theirs}; fix {vdir} or "
+                              f"{other / 'vdir'}")
+    return Guest(name=arg, root=Path(root), confdir=conf)
+
+
 def configured_names(paths: Paths) -> list[str]:
     """The name of every guest with a configuration directory, in order (whether or not
     its root tree is there: what only needs the name, such as run state, asks this)."""

@@ -5,8 +5,17 @@ lines; targets are paths inside the guest), ``interfaces/N/{ip,prefix|mask,dev,n
 hostip}``, ``bcapabilities`` (one capability per line: ``CAP_X`` keeps one the default set
 drops, ``!CAP_X`` drops one more), ``apps/init/style`` (``plain`` or ``sysv``),
 ``apps/init/cmd.start`` / ``cmd.stop`` (one argument per line), ``apps/init/stop-signal``,
-``apps/init/stop-timeout``, ``cow`` (present: mount the guest through the overlay).
+``apps/init/stop-timeout``, ``cow`` (present: mount the guest through the overlay),
+``spaces/hostnet`` (present: the guest shares the host's network namespace; see below).
 Everything is read before anything is started, and a bad entry is an error naming its file.
+
+Network: every guest gets a network namespace of its own, with its loopback up and the
+veth pairs of ``interfaces/`` (none: loopback only), so it cannot see the host's
+interfaces, open packet sockets on them, reach services bound to the host's 127.0.0.1 or
+the host's abstract unix sockets.  ``spaces/hostnet`` (util-vserver's ``nonamespace``
+spirit: an explicit per-guest flag file) keeps the host's network instead; it excludes
+``interfaces/``, ``start`` warns about it, and such a guest loses CAP_NET_RAW (raw and
+packet sockets on the host's interfaces) unless ``bcapabilities`` names it.
 """
 from __future__ import annotations
 
@@ -67,6 +76,7 @@ class GuestConfig:
     stop_signal: int = signal.SIGTERM
     stop_timeout: float = 10.0
     cow: bool = False
+    hostnet: bool = False  # spaces/hostnet: the host's network namespace, not its own
     style: str = "plain"  # sysv: the start command runs under a pid 1 of ours (it exits);
     # none: that pid 1 alone
     reaper: str | None = None  # that pid 1's program (vsstore.reaper), set by start
@@ -179,8 +189,15 @@ def _interfaces(d: Path) -> list[Interface]:
     return out
 
 
-def _caps(p: Path) -> frozenset[int]:
-    keep = {i for i, n in enumerate(ns.CAPS) if n not in DEFAULT_DROP}
+def default_caps() -> frozenset[int]:
+    """The capabilities a guest keeps when its bcapabilities say nothing."""
+    return frozenset(i for i, n in enumerate(ns.CAPS) if n not in DEFAULT_DROP)
+
+
+def _caps(p: Path, hostnet: bool = False) -> frozenset[int]:
+    keep = set(default_caps())
+    if hostnet:  # no raw or packet sockets on the host's interfaces, unless named below
+        keep.discard(ns.cap_number("NET_RAW"))
     for line in _lines(p) or []:
         drop = line[0] in "!~^"
         name = line[1:] if drop else line
@@ -289,10 +306,16 @@ def load(guest: Guest) -> GuestConfig:
     if nice is not None and (nice != int(nice) or not -20 <= nice <= 19):
         raise ConfigError(f"{c / 'nice'}: {nice:g} is not a nice level (-20..19)")
     parent = (_read(c.parent / ".defaults" / "cgroup" / "parent") or "").strip() or None
+    hostnet = (c / "spaces" / "hostnet").exists()
+    interfaces = _interfaces(c / "interfaces")
+    if hostnet and interfaces:
+        raise ConfigError(f"{c / 'spaces/hostnet'} (share the host's network) and "
+                          f"{c / 'interfaces'}/ (veth pairs in the guest's own network) "
+                          f"exclude each other; remove one of them")
     return GuestConfig(
         guest=guest, context=int(ctx) if ctx is not None else None, nodename=nodename,
-        fstab=_fstab(c / "fstab"), interfaces=_interfaces(c / "interfaces"),
-        keep_caps=_caps(c / "bcapabilities"), init=start, stop=stop or None,
+        fstab=_fstab(c / "fstab"), interfaces=interfaces, hostnet=hostnet,
+        keep_caps=_caps(c / "bcapabilities", hostnet), init=start, stop=stop or None,
         stop_signal=_signal(c / "apps" / "init" / "stop-signal"),
         stop_timeout=float(timeout or 10.0), cow=(c / "cow").exists(), style=style,
         rlimits=_rlimits(c / "rlimits"), nice=int(nice) if nice is not None else None,

@@ -3,8 +3,9 @@
 Start (the order nspawn, LXC and bubblewrap agree on)::
 
     vserver start ── lock, overlay (cow), fork ─▶ monitor (host namespaces, subreaper)
-        monitor ── fork ─▶ setup: unshare mnt/uts/ipc(/net: the monitor adds the veth,
-                             setup configures it); / rslave; bind the root; fstab
+        monitor ── fork ─▶ setup: unshare mnt/uts/ipc/net (lo up; the monitor adds the
+                             veths, setup configures them; spaces/hostnet: the
+                             host's net instead); / rslave; bind the root; fstab
                              targets resolved in the root (RESOLVE_IN_ROOT) and mounted
                              through their fds; hostname; unshare pid
             setup ── fork ─▶ init (pid 1): /proc (masked), /dev, pivot_root, capabilities
@@ -38,9 +39,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import cgroups, ns
-from .config import Paths
+from .config import Guest, Paths
 from .errors import BusyError, ConfigError, StateError, UnsafeTreeError, VsError
-from .guestconf import GuestConfig
+from .guestconf import GuestConfig, default_caps
 from .lock import exclusive
 from .safetree import GuestTree
 
@@ -88,6 +89,15 @@ class RunState:
     context: int | None
     reaper: bool = False  # pid 1 is our reaping process (style sysv/none), not the guest's
     cgroup: dict[str, str] = dataclasses.field(default_factory=dict)  # its directories
+    # What stop needs, as the guest was started: stop works from the run state alone,
+    # whatever the configuration says now (run states written before these fields
+    # existed get the defaults).
+    stop: list[str] | None = None  # the stop command, run inside; else stop_signal to init
+    stop_signal: int = int(signal.SIGTERM)
+    stop_timeout: float = 10.0
+    keep_caps: list[int] | None = None  # capabilities the stop command keeps (None: default)
+    rlimits: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # res: soft, hard
+    nice: int | None = None
 
     @property
     def running(self) -> bool:
@@ -96,6 +106,18 @@ class RunState:
     @property
     def monitoring(self) -> bool:
         return alive(self.monitor_pid, self.monitor_start)
+
+
+def stop_config(st: RunState) -> GuestConfig:
+    """The configuration ``stop`` works with (and ``run_in``, for the stop command): what
+    the run state recorded at start, not what the configuration files say now (they may
+    have changed, or broken, since)."""
+    keep = frozenset(st.keep_caps) if st.keep_caps is not None else default_caps()
+    return GuestConfig(
+        guest=Guest(st.name, Path(st.root), None), context=st.context, nodename=st.name,
+        keep_caps=keep, stop=st.stop, stop_signal=st.stop_signal,
+        stop_timeout=st.stop_timeout, nice=st.nice, cgroup_dirs=dict(st.cgroup),
+        rlimits={int(k): (int(v[0]), int(v[1])) for k, v in st.rlimits.items()})
 
 
 def state_file(paths: Paths, name: str) -> Path:
@@ -147,13 +169,19 @@ def cow_mountpoint(paths: Paths) -> Path:
 
 # -- start -------------------------------------------------------------------------------
 
-def _lock(paths: Paths, name: str):  # type: ignore[no-untyped-def]
+_HOSTNET = ("spaces/hostnet: the guest shares the host's network namespace (its "
+            "interfaces, services on 127.0.0.1, abstract unix sockets); remove the file "
+            "to give it a network of its own")
+
+
+def guest_lock(paths: Paths, name: str):  # type: ignore[no-untyped-def]
+    """One command at a time on a guest: start, stop, delete (BusyError otherwise)."""
     return exclusive(paths.rundir / "guests" / f"{name}.lock", f"command on guest {name}")
 
 
 def start(paths: Paths, cfg: GuestConfig) -> RunState:
     """Start the guest; returns once its init runs (or raises, leaving nothing behind)."""
-    with _lock(paths, cfg.name):
+    with guest_lock(paths, cfg.name):
         old = read_state(paths, cfg.name)
         if old is not None:
             if old.running:
@@ -163,6 +191,8 @@ def start(paths: Paths, cfg: GuestConfig) -> RunState:
                 raise BusyError(f"guest {cfg.name} is still stopping (monitor pid "
                                 f"{old.monitor_pid}); try again in a moment")
             cleanup(paths, old)
+        if cfg.hostnet:
+            print(f"vserver {cfg.name}: warning: {_HOSTNET}", file=sys.stderr)
         root = cfg.guest.root
         if not root.is_dir():
             raise ConfigError(f"guest {cfg.name}: its root {root} is not a directory; fix "
@@ -366,9 +396,14 @@ def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, re
                   monitor_pid=os.getpid(), monitor_start=_start_time(os.getpid()) or 0,
                   root=str(cfg.guest.root), cow=cow_at, started=time.time(),
                   context=cfg.context, reaper=cfg.style in ("sysv", "none"),
-                  cgroup=dict(cfg.cgroup_dirs))
+                  cgroup=dict(cfg.cgroup_dirs), stop=cfg.stop,
+                  stop_signal=int(cfg.stop_signal), stop_timeout=cfg.stop_timeout,
+                  keep_caps=sorted(cfg.keep_caps), nice=cfg.nice,
+                  rlimits={str(k): list(v) for k, v in cfg.rlimits.items()})
     write_state(paths, st)
     say(f"started: init pid {init} ({' '.join(cfg.init)})")
+    if cfg.hostnet:
+        say(f"warning: {_HOSTNET}")
     os.write(report, json.dumps({"state": st.__dict__}).encode() + b"\n")
     os.close(report)
     status = 0
@@ -398,11 +433,8 @@ def _setup(cfg: GuestConfig, source: str, up: int, go: int, exec_fd: int, gate: 
 
     # The pid namespace comes last, just before init is forked: the first child forked
     # after it becomes its pid 1 (the network set-up runs the host's ip before that).
-    flags = ns.CLONE_NEWNS | ns.CLONE_NEWUTS | ns.CLONE_NEWIPC
-    if cfg.interfaces:
-        flags |= ns.CLONE_NEWNET
     try:
-        ns.unshare(flags)
+        _unshare(cfg, ns.CLONE_NEWNS | ns.CLONE_NEWUTS | ns.CLONE_NEWIPC)
         ns.mount(None, "/", None, ns.MS_REC | ns.MS_SLAVE)
     except OSError as e:
         tell({"error": f"cannot create namespaces: {e}", "kind": "unsupported"})
@@ -434,6 +466,17 @@ def _setup(cfg: GuestConfig, source: str, up: int, go: int, exec_fd: int, gate: 
             os.write(exec_fd, (getattr(e, "message", None) or str(e)).encode())
         os._exit(127)
     tell({"init": init})
+
+
+def _unshare(cfg: GuestConfig, flags: int) -> None:  # pragma: no cover - in a child
+    """Unshare ``flags`` and a network namespace of the guest's own, its loopback up
+    (interfaces come later), unless the configuration asks for the host's network
+    (spaces/hostnet)."""
+    if cfg.hostnet:
+        ns.unshare(flags)
+        return
+    ns.unshare(flags | ns.CLONE_NEWNET)
+    ns.link_up("lo")
 
 
 def _bind_root(cfg: GuestConfig, source: str) -> GuestTree:
@@ -616,9 +659,6 @@ def _network_host(cfg: GuestConfig, pid: int) -> list[str]:
 
 def _network_guest(cfg: GuestConfig) -> None:
     """Inside the new network namespace (the host's ``ip``, never the guest's)."""
-    if not cfg.interfaces:
-        return
-    _ip("link", "set", "lo", "up")
     for i, itf in enumerate(cfg.interfaces):
         peer = f"vsp{os.getpid()}.{i}"[:15]
         _ip("link", "set", peer, "name", itf.name)
@@ -645,38 +685,78 @@ def _wait_gone(pid: int, started: int, timeout: float) -> bool:
         os.close(pfd)
 
 
-def stop(paths: Paths, cfg: GuestConfig) -> None:
+def _signal(pid: int, started: int, sig: int) -> None:
+    """Send ``sig`` to ``pid`` if it is still the process that started at ``started``
+    (through a pidfd: a pid that ended and was reused meanwhile is never signalled)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if alive(pid, started):
+            signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        pass  # ended just now
+    finally:
+        os.close(fd)
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Has process ``pid`` a handler for ``sig`` (SigCgt in /proc/PID/status)?"""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
+def _wait_handler(pid: int, started: int, sig: int, deadline: float) -> None:
+    """Wait (up to ``deadline``) until init has a handler for ``sig``: a pid namespace's
+    init never gets a signal it has no handler for, not even from the host, and right
+    after start it may not have installed it yet (a signal sent then would be lost, and
+    stop would wait for its whole timeout).  SIGKILL and SIGSTOP need no handler."""
+    if sig in (signal.SIGKILL, signal.SIGSTOP):
+        return
+    while alive(pid, started) and not _catches(pid, sig) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def stop(paths: Paths, name: str) -> None:
     """Stop the guest: its stop command or signal, then after the timeout SIGKILL to its
     init (which takes every process of the pid namespace with it); then the monitor's
-    clean-up (done here if the monitor is gone)."""
-    with _lock(paths, cfg.name):
-        st = read_state(paths, cfg.name)
+    clean-up (its cgroup ends whatever is left; done here if the monitor is gone).
+    Everything comes from the run state, so a configuration changed or broken since the
+    start never keeps a running guest from stopping."""
+    with guest_lock(paths, name):
+        st = read_state(paths, name)
         if st is None or not st.running:
             if st is not None and not st.monitoring:
                 cleanup(paths, st)
-            raise StateError(f"guest {cfg.name} is not running")
+            raise StateError(f"guest {name} is not running")
+        cfg = stop_config(st)
         deadline = time.monotonic() + cfg.stop_timeout
         if cfg.stop:
             try:
                 run_in(paths, cfg, st, cfg.stop, timeout=cfg.stop_timeout)
             except VsError:
                 pass  # a failing stop command: the signal and the kill still follow
-            if st.running:
-                os.kill(st.init_pid, cfg.stop_signal)
-        else:
-            os.kill(st.init_pid, cfg.stop_signal)
-        cg = guest_cgroup(st.cgroup)
+        _wait_handler(st.init_pid, st.init_start, cfg.stop_signal, deadline)
+        _signal(st.init_pid, st.init_start, cfg.stop_signal)
         if not _wait_gone(st.init_pid, st.init_start, max(0.0, deadline - time.monotonic())):
+            cg = guest_cgroup(st.cgroup)
             if cg is not None:
                 cg.kill()  # every process of the guest, wherever it went
-            if st.running:
-                os.kill(st.init_pid, signal.SIGKILL)
+            _signal(st.init_pid, st.init_start, signal.SIGKILL)
             _wait_gone(st.init_pid, st.init_start, 30)
-        if cg is not None:
-            cg.kill()  # whatever outlived its init
-        if not _wait_gone(st.monitor_pid, st.monitor_start, 30) and st.monitoring:
-            os.kill(st.monitor_pid, signal.SIGKILL)
-        if read_state(paths, cfg.name) is not None:
+        # The monitor reaps init and cleans up: its cgroup's kill ends whatever outlived
+        # init (one killer at a time: the monitor's, or ours below when it is gone).
+        if not _wait_gone(st.monitor_pid, st.monitor_start, 30):
+            _signal(st.monitor_pid, st.monitor_start, signal.SIGKILL)
+            _wait_gone(st.monitor_pid, st.monitor_start, 5)
+        if read_state(paths, name) is not None:
             cleanup(paths, st)
 
 
@@ -801,7 +881,8 @@ def run_cow(paths: Paths, cfg: GuestConfig, argv: list[str], tty: bool = False) 
     duration: every shared file it writes, replaces, removes or links becomes the guest's
     own (or loses only the guest's name), and nothing else changes.  The changes land in
     the guest's own tree.  A running guest lends its ipc, uts, net and pid namespaces; a
-    stopped one gets new ones (and the host's network).  The temporary share in the
+    stopped one gets new ones (a network of its own with loopback only, unless
+    spaces/hostnet asks for the host's).  The temporary share in the
     overlay is removed afterwards, also when the command fails or is killed."""
     if not argv:
         raise ConfigError("no command given; vserver NAME exec --cow COMMAND [ARGS...]")
@@ -838,7 +919,7 @@ def _run_temporary(cfg: GuestConfig, st: RunState | None, source: str, argv: lis
             if st is not None:
                 _join_guest(st, fds)
             else:
-                ns.unshare(ns.CLONE_NEWUTS | ns.CLONE_NEWIPC)
+                _unshare(cfg, ns.CLONE_NEWUTS | ns.CLONE_NEWIPC)
                 socket.sethostname(cfg.nodename)
                 ns.unshare(ns.CLONE_NEWPID)
             ns.unshare(ns.CLONE_NEWNS)

@@ -133,6 +133,25 @@ def limit_capabilities(keep: set[int]) -> None:
     _check(_libc.syscall(SYS_capset, ctypes.byref(hdr), data), "capset")
 
 
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+_IFREQ = "16sh22x"  # struct ifreq: the name, then ifr_flags (40 bytes on 64-bit kernels)
+
+
+def link_up(name: str) -> None:
+    """Bring network interface ``name`` of this process's network namespace up (an
+    ioctl: no ``ip`` or netlink needed; a new namespace's ``lo`` then gets 127.0.0.1 and
+    ::1 from the kernel)."""
+    import fcntl
+    import socket
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        req = struct.pack(_IFREQ, name.encode(), 0)
+        flags = struct.unpack(_IFREQ, fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack(_IFREQ, name.encode(), flags | IFF_UP))
+
+
 def ns_id(pid: int | str, kind: str) -> tuple[int, int] | None:
     """(dev, inode) of a process's namespace of ``kind`` ("pid", "mnt", ...), None if gone."""
     try:

@@ -29,6 +29,56 @@ def split_rel(rel: str) -> tuple[str, str]:
     return head, tail
 
 
+def _reopen_regular(pfd: int, rel: str, expect: tuple[int, int] | None, flags: int) -> int:
+    """``pfd`` (O_PATH) checked to be a regular file (and the inode ``expect``ed), then
+    reopened with ``flags``."""
+    st = os.fstat(pfd)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.ESTALE, "not a regular file any more", rel)
+    if expect is not None and (st.st_dev, st.st_ino) != expect:
+        raise OSError(errno.ESTALE, "replaced by another file", rel)
+    # O_NOFOLLOW was honoured by the O_PATH open; on the reopen through the magic
+    # link it would only fail with ELOOP.
+    flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    return os.open(f"/proc/self/fd/{pfd}", flags | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def open_regular_at(dirfd: int, name: str, expect: tuple[int, int] | None = None,
+                    flags: int = os.O_RDONLY) -> int:
+    """Open entry ``name`` of directory ``dirfd`` if it is a regular file (never a symlink,
+    device or fifo: see ``GuestTree.open_regular``)."""
+    pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        return _reopen_regular(pfd, name, expect, flags)
+    finally:
+        os.close(pfd)
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount ``fd`` lies on (/proc/self/fdinfo: every kernel since 3.15)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(errno.ENOTSUP, "no mnt_id in fdinfo")
+
+
+def open_child_dir(dirfd: int, name: str) -> int:
+    """Open subdirectory ``name`` (one component) of ``dirfd`` without following a symlink
+    and without crossing into a mount, also a bind mount of the same filesystem (ELOOP,
+    ENOTDIR or EXDEV)."""
+    if not name or "/" in name or name in (".", ".."):
+        raise OSError(errno.EINVAL, "not a directory entry's name", name)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    if syscalls.have_openat2():
+        return syscalls.openat2(dirfd, name, flags, _STRICT)
+    fd = os.open(name, flags, dir_fd=dirfd)
+    if mount_id(fd) != mount_id(dirfd):
+        os.close(fd)
+        raise OSError(errno.EXDEV, "a mount point", name)
+    return fd
+
+
 class GuestTree:
     """One guest root tree, held open as a directory fd for the object's lifetime."""
 
@@ -112,20 +162,11 @@ class GuestTree:
         EXDEV, or ESTALE for "not what was expected")."""
         if dirfd is None:
             pfd = self.open_beneath(rel, os.O_PATH)
-        else:
-            pfd = os.open(rel, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-        try:
-            st = os.fstat(pfd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.ESTALE, "not a regular file any more", rel)
-            if expect is not None and (st.st_dev, st.st_ino) != expect:
-                raise OSError(errno.ESTALE, "replaced by another file", rel)
-            # O_NOFOLLOW was honoured by the O_PATH open; on the reopen through the magic
-            # link it would only fail with ELOOP.
-            flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECTORY | os.O_NOFOLLOW)
-            return os.open(f"/proc/self/fd/{pfd}", flags | os.O_NONBLOCK | os.O_CLOEXEC)
-        finally:
-            os.close(pfd)
+            try:
+                return _reopen_regular(pfd, rel, expect, flags)
+            finally:
+                os.close(pfd)
+        return open_regular_at(dirfd, rel, expect, flags)
 
     def open_in_root(self, rel: str, flags: int = os.O_RDONLY) -> int:
         """Open ``rel`` as the guest itself would see it: symlinks are followed but resolved

@@ -11,7 +11,14 @@ import time
 from . import build as buildmod
 from . import guestconf, lifecycle
 from .clitools import run_cli
-from .config import Paths, configured_guests, configured_names, resolve_guest
+from .config import (
+    Paths,
+    configured_guests,
+    configured_names,
+    deletable_guest,
+    resolve_guest,
+    valid_name,
+)
 from .errors import EXIT_OK, ConfigError, StateError
 
 EXIT_STOPPED = 3  # status: not running (LSB's code for it)
@@ -55,14 +62,19 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
-    lifecycle.stop(paths, _cfg(paths, args.name))
+    """From the run state alone: the configuration is not read (it may have changed or
+    broken since the guest started)."""
+    if not valid_name(args.name):
+        raise ConfigError(f"guest name {args.name!r} is not valid: stop takes a guest's "
+                          f"name (letters, digits and '._+-')")
+    lifecycle.stop(paths, args.name)
     return EXIT_OK
 
 
 def cmd_restart(args: argparse.Namespace, paths: Paths) -> int:
     cfg = _cfg(paths, args.name)
     if lifecycle.running(paths, cfg.name):
-        lifecycle.stop(paths, cfg)
+        lifecycle.stop(paths, cfg.name)
     lifecycle.start(paths, cfg)
     return EXIT_OK
 
@@ -221,19 +233,17 @@ def cmd_pkg(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_delete(args: argparse.Namespace, paths: Paths) -> int:
-    g = resolve_guest(args.name, paths)
-    if lifecycle.running(paths, g.name):
-        raise StateError(f"guest {g.name} is running; stop it first")
+    """A configured guest only, whose tree lies strictly below the guests' root
+    (``config.deletable_guest`` says why not, before --force is even considered)."""
     if args.rest not in ([], ["--force"]):
         raise ConfigError(f"delete: unknown arguments {' '.join(args.rest)}; only --force")
+    g = deletable_guest(args.name, paths)
+    if lifecycle.running(paths, g.name):
+        raise StateError(f"guest {g.name} is running; stop it first")
     if not args.rest:
         raise ConfigError(f"this removes guest {g.name}'s tree {g.root} and its "
                           f"configuration; repeat with --force to do it")
-    if g.root.exists():
-        buildmod.remove_guest_tree(g.root)
-    if g.confdir is not None and g.confdir.exists():
-        import shutil
-        shutil.rmtree(g.confdir)
+    buildmod.delete(paths, g.name)
     print(f"guest {g.name} deleted")
     return EXIT_OK
 
