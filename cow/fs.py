@@ -710,10 +710,26 @@ class CowFS(pyfuse3.Operations):
         self._check_caller(ctx, guest)
         return guest, rel, os.fsdecode(name), self._open_dir((guest, rel))
 
-    def _open_shared(self, guest: str, n: str, dfd: int) -> int:
+    def _name_in(self, node: Node, guest: str, prefer: Name | None) -> Name | None:
+        """A name of ``node`` in ``guest`` that still holds its inode (``prefer`` first:
+        the one the caller looked up); names that hold something else now are dropped."""
+        for n in ([prefer] if prefer is not None else []) + list(node.names):
+            if n[0] != guest or n not in node.names:
+                continue
+            try:
+                st = self._lstat(n)
+            except pyfuse3.FUSEError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == (node.dev, node.ino):
+                return n
+            del node.names[n]
+        return None
+
+    def _open_shared(self, guest: str, n: str, dfd: int,
+                     expect: tuple[int, int] | None = None) -> int:
         """Open a file with several names whose seal a name operation must lift: only an
         inode sealed by us (marked); an immutable flag set by someone else stays."""
-        fd = self.trees[guest].open_regular(n, dirfd=dfd)
+        fd = self.trees[guest].open_regular(n, dirfd=dfd, expect=expect)
         if self.immutable and attrs.is_immutable(fd) and not attrs.has_marker(fd):
             os.close(fd)
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -817,14 +833,14 @@ class CowFS(pyfuse3.Operations):
         node = self._get(inode)
         g, rel = self._dir_of(new_parent_inode)
         self._check_caller(ctx, g)
-        src = next((n for n in node.names if n[0] == g), None)
+        src = self._name_in(node, g, self.recent.get((ctx.pid, node.id)))
         if src is None:
             raise pyfuse3.FUSEError(errno.EXDEV)  # no hardlinks across guests
         sh, _, sb = src[1].rpartition("/")
         d1, d2 = self._open_dir((g, sh)), self._open_dir((g, rel))
         n = os.fsdecode(new_name)
         try:
-            fd = self._open_shared(g, sb, d1)
+            fd = self._open_shared(g, sb, d1, (node.dev, node.ino))
             try:
                 with unsealed(fd, self.immutable, what=self.trees[g].where(src[1])):
                     os.link(sb, n, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)

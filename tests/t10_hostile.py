@@ -774,6 +774,10 @@ def test_a_guest_hammering_a_shared_inode_changes_nothing_others_see(vs, host, o
     hammer = Hammer(vs, host)
     try:
         windows = OPERATIONS[op](vs, host)
+    except OSError as e:
+        log = host.base / "log/vscow.log"
+        tail = log.read_text()[-4000:] if log.exists() else ""
+        raise AssertionError(f"{op}: {e}\n{tail}") from e
     finally:
         tries = hammer.stop()
     assert tries > 0 and windows > 0

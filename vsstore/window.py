@@ -278,20 +278,26 @@ def unsealed(fd: int, immutable: bool = True, *, what: str = "shared inode",
     # A writer got a descriptor anyway: it passed its permission check while the flag was
     # off and reached the lease only after we let go.  Holding a shared inode open for
     # writing is never legitimate (outside a window the seal refuses it), and while it is
-    # held no window can open on the inode again: it is ended.
-    pids = writer_pids(fd)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    log.error("%s: process(es) %s got it open for writing by racing an unseal window; "
-              "killed", what, ", ".join(map(str, pids)) or "?")
+    # held no window can open on the inode again: it is ended.  (Its descriptor may be
+    # installed a moment after we notice: look again until the inode is free.)
     if not enforced(fd) and on_writer is not None:
-        on_writer(fd)  # it may have written already: move the names the caller knows
+        on_writer(fd)  # it may write despite the seal: move the names the caller knows
+    killed: set[int] = set()
     deadline = time.monotonic() + 2.0
-    while _pinned(fd, what) and time.monotonic() < deadline:
-        time.sleep(0.005)
+    while _pinned(fd, what):
+        if time.monotonic() > deadline:
+            log.error("%s: still open for writing by a process we could not find", what)
+            break
+        for pid in writer_pids(fd):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.002)
+    if killed:
+        log.error("%s: process(es) %s got it open for writing by racing an unseal window; "
+                  "killed", what, ", ".join(map(str, sorted(killed))))
 
 
 def _pinned(fd: int, what: str) -> bool:
