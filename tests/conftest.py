@@ -89,12 +89,20 @@ class Host:
 
 
 def _sweep_test_mounts() -> None:
-    """Unmount overlays a crashed test run left below TEST_TMP (lazily: nothing may hang)."""
+    """Unmount overlays a crashed test run left below TEST_TMP (lazily: nothing may hang).
+    Only dead ones (their daemon is gone: ENOTCONN): another test run on this machine may
+    be using its own right now."""
     with open("/proc/self/mountinfo") as f:
-        stale = [line.split()[4] for line in f
-                 if " - fuse.vscow " in line
-                 and line.split()[4].startswith(os.path.join(TEST_TMP, "vsstore-test-"))]
-    for m in stale:
+        ours = [line.split()[4] for line in f
+                if " - fuse.vscow " in line
+                and line.split()[4].startswith(os.path.join(TEST_TMP, "vsstore-test-"))]
+    for m in ours:
+        try:
+            os.stat(m)
+            continue  # served: not ours to take away
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                continue
         subprocess.run(["fusermount3", "-u", "-z", m], check=False)
 
 
