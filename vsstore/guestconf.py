@@ -69,7 +69,7 @@ class GuestConfig:
     cow: bool = False
     style: str = "plain"  # sysv: the start command runs under a pid 1 of ours (it exits);
     # none: that pid 1 alone
-    reaper: str | None = None  # that pid 1's program (vsstore.reaper), set by start
+    helper: str | None = None  # the static helper that enters (vsstore.enter), set by start
     rlimits: dict[int, tuple[int, int]] = field(default_factory=dict)  # resource -> soft, hard
     nice: int | None = None
     cgroup: Limits = field(default_factory=Limits)
