@@ -85,8 +85,6 @@ def check_static(image: bytes, what: str) -> None:
     e_type, e_machine = struct.unpack_from("<HH", image, 16)
     if e_machine != _EM.get(platform.machine()):
         raise bad(f"built for machine {e_machine}")
-    if e_type != 2:  # ET_EXEC: -static -no-pie; a PIE would want relocation at least
-        raise bad(f"ELF type {e_type}, not a static executable")
     phoff, = struct.unpack_from("<Q", image, 32)
     phentsize, phnum = struct.unpack_from("<HH", image, 54)
     if phentsize < 56 or phoff + phnum * phentsize > len(image):
@@ -95,6 +93,8 @@ def check_static(image: bytes, what: str) -> None:
         p_type, = struct.unpack_from("<I", image, phoff + i * phentsize)
         if p_type == PT_INTERP:
             raise bad("it names an ELF interpreter: dynamically linked")
+    if e_type != 2:  # ET_EXEC, as -static -no-pie makes it
+        raise bad(f"ELF type {e_type}, not a static executable")
 
 
 def load(path: str | os.PathLike[str]) -> int:
@@ -104,11 +104,16 @@ def load(path: str | os.PathLike[str]) -> int:
         image = f.read()
     check_static(image, str(path))
     try:
-        fd = os.memfd_create("vsguest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | _MFD_EXEC)
+        try:
+            fd = os.memfd_create("vsguest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | _MFD_EXEC)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # a kernel before 6.3 does not know MFD_EXEC
+                raise
+            fd = os.memfd_create("vsguest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
-        fd = os.memfd_create("vsguest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        raise UnsupportedError(f"cannot make an executable memfd for the guest helper "
+                               f"({e.strerror}); is vm.memfd_noexec 2? It must be 0 or 1 "
+                               f"here") from None
     try:
         view = memoryview(image)
         while view:

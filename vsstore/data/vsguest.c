@@ -12,8 +12,8 @@
  *
  * usage: vsguest MODE [OPTION...] [-- COMMAND [ARG...]]
  * MODE
- *   exec   fork; the child becomes COMMAND; this process (no capabilities, no descriptors,
- *          not dumpable) waits for it, passes HUP INT QUIT TERM USR1 USR2 WINCH on, reaps
+ *   exec   fork; the child becomes COMMAND once this process holds no capability and no
+ *          descriptor (it is not dumpable either); this process waits for it, passes HUP INT QUIT TERM USR1 USR2 WINCH on, reaps
  *          what it inherits (as a pid 1), and exits with its code (128+N for signal N)
  *   init   become COMMAND (pid 1 of a guest of style plain)
  *   sysv   fork; the child becomes COMMAND; this process reaps orphans until SIGTERM,
@@ -45,7 +45,7 @@ enum { NR_read = 0, NR_write = 1, NR_close = 3, NR_rt_sigaction = 13,
        NR_kill = 62, NR_fcntl = 72, NR_chdir = 80, NR_fchdir = 81, NR_setsid = 112,
        NR_capget = 125, NR_capset = 126, NR_setpriority = 141, NR_prctl = 157,
        NR_chroot = 161, NR_umount2 = 166, NR_exit_group = 231, NR_signalfd4 = 289,
-       NR_prlimit64 = 302, NR_setns = 308, NR_close_range = 436 };
+       NR_pipe2 = 293, NR_prlimit64 = 302, NR_setns = 308, NR_close_range = 436 };
 
 static i64 sys6(i64 n, i64 a, i64 b, i64 c, i64 d, i64 e, i64 f)
 {
@@ -67,7 +67,8 @@ enum { NR_read = 63, NR_write = 64, NR_close = 57, NR_rt_sigaction = 134,
        NR_wait4 = 260, NR_kill = 129, NR_fcntl = 25, NR_chdir = 49, NR_fchdir = 50,
        NR_setsid = 157, NR_capget = 90, NR_capset = 91, NR_setpriority = 140,
        NR_prctl = 167, NR_chroot = 51, NR_umount2 = 39, NR_exit_group = 94,
-       NR_signalfd4 = 74, NR_prlimit64 = 261, NR_setns = 268, NR_close_range = 436 };
+       NR_signalfd4 = 74, NR_pipe2 = 59, NR_prlimit64 = 261, NR_setns = 268,
+       NR_close_range = 436 };
 
 static i64 sys6(i64 n, i64 a, i64 b, i64 c, i64 d, i64 e, i64 f)
 {
@@ -560,11 +561,23 @@ int main(int argc, char **argv, char **envp)
     if (o.mode == SYSV && (r = sys0(NR_setsid)) < 0)
         fail("setsid", r);
     if (o.mode != NONE) {
+        /* The command starts only once this half holds nothing: the gate opens (EOF) when
+         * wait_for has dropped every capability and closed every descriptor. */
+        int gate[2];
+        char b;
+        if ((r = sys2(NR_pipe2, gate, O_CLOEXEC)) < 0)
+            fail("fork", r);
         child = sys5(NR_clone, SIGCHLD, 0, 0, 0, 0);
         if (child < 0)
             fail("fork", child);
-        if (child == 0)
+        if (child == 0) {
+            sys1(NR_close, gate[1]);
+            while (sys3(NR_read, gate[0], &b, 1) == -EINTR)
+                ;
+            sys1(NR_close, gate[0]);
             become(&o, envp);
+        }
+        sys1(NR_close, gate[0]);
     }
     wait_for(child, mask, o.mode != EXEC, o.last_cap);
 }
