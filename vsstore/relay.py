@@ -157,6 +157,25 @@ def _signals(handlers: dict[int, object]) -> Iterator[None]:
             signal.signal(sig, h)
 
 
+ANSWER_QUIET = 0.1  # after the command: input is dropped until the terminal is this quiet
+ANSWER_MAX = 1.0  # (seconds), at most this long
+
+
+def _drop_answers(fd: int) -> None:
+    """Read and drop what the terminal still sends: its answers to queries the guest printed
+    last (cursor position, device attributes, a title report...) arrive after the command
+    has ended and would otherwise be read by the host's shell as typed input."""
+    end = time.monotonic() + ANSWER_MAX
+    while (left := end - time.monotonic()) > 0:
+        if not select.select([fd], [], [], min(ANSWER_QUIET, left))[0]:
+            return
+        try:
+            if not os.read(fd, CHUNK):
+                return
+        except OSError:
+            return
+
+
 @contextmanager
 def _raw_mode(fd: int | None, master: int | None, stdio: Stdio | None) -> Iterator[None]:
     """The input terminal in raw mode until the block ends (also by an exception or a
@@ -180,6 +199,7 @@ def _raw_mode(fd: int | None, master: int | None, stdio: Stdio | None) -> Iterat
             yield
     finally:
         try:
+            _drop_answers(fd)
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
             termios.tcflush(fd, termios.TCIFLUSH)
         except termios.error:
