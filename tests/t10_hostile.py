@@ -514,6 +514,15 @@ def test_the_helper_is_static_checked_and_parses_strictly(host, tmp_path):
                               own), own
 
 
+def test_a_start_command_that_cannot_run_is_reported_for_every_style(vs, host):
+    for style in ("plain", "sysv"):
+        _guest(vs, style, conf={"apps/init/style": f"{style}\n"})
+        (host.conf / style / "apps/init/cmd.start").write_text("/nosuch\n")
+        p = vs("start", style, check=False)  # sysv: our pid 1 would have waited for ever
+        assert p.returncode == 3 and "cannot run /nosuch inside the guest" in p.stderr, p
+        assert vs.state(style) is None
+
+
 def _errfd_from(fd: int):  # type: ignore[no-untyped-def]
     def put() -> None:
         if fd == 3:
