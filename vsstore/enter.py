@@ -127,13 +127,15 @@ def load(path: str | os.PathLike[str]) -> int:
     return fd
 
 
+def _limit(v: int) -> str:
+    return "inf" if v < 0 or v >= 2 ** 64 - 1 else str(v)  # RLIM_INFINITY is -1 in Python
+
+
 def argv(mode: str, cfg: GuestConfig | None, command: list[str], *, setns: tuple[int, ...] = (),
-         root: int | None = None, detach: bool = False, ctty: int | None = None,
-         cap_last: int | None = None) -> list[str]:
+         root: int | None = None, detach: bool = False, ctty: int | None = None) -> list[str]:
     """The helper's command line: MODE (exec, init, sysv, none), its steps, and for a
     command the guest's limits and capabilities from ``cfg`` (None: keep none)."""
-    a = ["vsguest", mode, "--errfd", str(ERRFD),
-         "--last-cap", str(ns.last_cap() if cap_last is None else cap_last)]
+    a = ["vsguest", mode, "--errfd", str(ERRFD), "--last-cap", str(ns.last_cap())]
     for fd in setns:
         a += ["--setns", str(fd)]
     if root is not None:
@@ -145,9 +147,7 @@ def argv(mode: str, cfg: GuestConfig | None, command: list[str], *, setns: tuple
     if cfg is not None:
         a += ["--caps", f"{sum(1 << c for c in cfg.keep_caps):x}"]
         for res, (soft, hard) in sorted(cfg.rlimits.items()):
-            def n(v: int) -> str:
-                return "inf" if v < 0 or v >= 2 ** 64 - 1 else str(v)
-            a += ["--rlimit", f"{res}:{n(soft)}:{n(hard)}"]
+            a += ["--rlimit", f"{res}:{_limit(soft)}:{_limit(hard)}"]
         if cfg.nice is not None:
             a += ["--nice", str(cfg.nice)]
     if mode != "none":
