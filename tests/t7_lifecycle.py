@@ -17,6 +17,7 @@ from conftest import REPO, flags, inode
 from vsstore import attrs, cgroups
 from vsstore.config import Paths
 from vsstore.errors import EXIT_CONFIG, EXIT_STATE
+from vsstore.lifecycle import alive
 from vsstore.vserver_cli import _unify_after
 
 BUSYBOX = "/bin/busybox"
@@ -86,20 +87,22 @@ def vs(host):
     v = Vserver(host)
     try:
         yield v
-    finally:  # whatever a failing test left: stop, kill, unmount
-        for c in sorted(host.conf.glob("*")) if host.conf.exists() else []:
-            st = v.state(c.name)
-            if st is None:
-                continue
-            v("stop", c.name, check=False)
-            for pid in (st["init_pid"], st["monitor_pid"]):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        cow = host.base / "run" / "cow"
-        if cow.exists() and str(cow) in _host_mounts():
-            subprocess.run(["fusermount3", "-u", "-z", str(cow)], check=False)
+    finally:
+        leave_nothing(v, host)
+
+
+def leave_nothing(v: Vserver, host) -> None:  # type: ignore[no-untyped-def]
+    """Whatever a failing test left: stop, kill (never a reused pid), unmount."""
+    for f in sorted((host.base / "run/guests").glob("*.json")):
+        st = json.loads(f.read_text())
+        v("stop", st["name"], check=False)
+        for pid, started in ((st["init_pid"], st["init_start"]),
+                             (st["monitor_pid"], st["monitor_start"])):
+            if alive(pid, started):  # stop failed
+                os.kill(pid, signal.SIGKILL)
+    cow = host.base / "run" / "cow"
+    if cow.exists() and str(cow) in _host_mounts():
+        subprocess.run(["fusermount3", "-u", "-z", str(cow)], check=False)
 
 
 def _host_mounts() -> list[str]:
@@ -344,7 +347,7 @@ def test_sysv_style_keeps_the_guest_up_after_rc_returns(vs, host):
     assert _eventually(lambda: (root / "var/log/rc.log").exists())
     assert vs("running", "g1").returncode == 0  # rc 3 returned; the guest stays
     init = vs.state("g1")["init_pid"]
-    assert os.path.basename(os.readlink(f"/proc/{init}/exe")).startswith("vsreaper-")
+    assert os.readlink(f"/proc/{init}/exe") == "/memfd:vsguest (deleted)"  # our helper
     with open(f"/proc/{init}/status") as f:  # a few pages, not a forked Python's 11 MiB
         anon = next(int(ln.split()[1]) for ln in f if ln.startswith("RssAnon"))
     assert anon < 512

@@ -79,7 +79,7 @@ class GuestConfig:
     hostnet: bool = False  # spaces/hostnet: the host's network namespace, not its own
     style: str = "plain"  # sysv: the start command runs under a pid 1 of ours (it exits);
     # none: that pid 1 alone
-    reaper: str | None = None  # that pid 1's program (vsstore.reaper), set by start
+    helper: str | None = None  # the static helper that enters (vsstore.enter), set by start
     rlimits: dict[int, tuple[int, int]] = field(default_factory=dict)  # resource -> soft, hard
     nice: int | None = None
     cgroup: Limits = field(default_factory=Limits)

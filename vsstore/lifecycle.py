@@ -8,12 +8,17 @@ Start (the order nspawn, LXC and bubblewrap agree on)::
                              host's net instead); / rslave; bind the root; fstab
                              targets resolved in the root (RESOLVE_IN_ROOT) and mounted
                              through their fds; hostname; unshare pid
-            setup ── fork ─▶ init (pid 1): /proc (masked), /dev, pivot_root, capabilities
-                             cut to the guest's set, setsid, closed fds, exec the guest's init
+            setup ── fork ─▶ init (pid 1): its own mount namespace, /proc (masked), /dev,
+                             pivot_root, then the static helper by descriptor (vsstore.enter):
+                             setsid, limits, closed fds, capabilities cut to the guest's set,
+                             exec the guest's init (sysv/none: the helper stays as pid 1)
         setup exits; init is the monitor's child (subreaper), and the monitor stays to clean
         up (state, overlay) when init ends, by stop or by itself.
 
 The monitor never enters the guest's namespaces, so no host-side process holds them.
+No Python runs with a guest's root: exec, enter and exec --cow end in the same helper
+(vsstore.enter), which joins, chroots or finishes the pivot itself; on a terminal the
+command gets a pty of the guest's own, relayed by the vserver process (vsstore.relay).
 A run-state file (``$VSSTORE_RUNDIR/guests/NAME.json``) keeps init's pid with its start
 time, so a reused pid is never taken for the guest.
 """
@@ -21,10 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import re
-import resource
 import select
 import signal
 import socket
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import cgroups, ns
+from . import cgroups, enter, ns, relay
 from .config import Guest, Paths
 from .errors import BusyError, ConfigError, StateError, UnsafeTreeError, VsError
 from .guestconf import GuestConfig, default_caps
@@ -205,10 +210,7 @@ def start(paths: Paths, cfg: GuestConfig) -> RunState:
                 _cow_add(paths, cow_at, cfg.name, str(root))
                 undo.callback(_cow_remove, paths, cow_at, cfg.name)
                 source = os.path.join(cow_at, cfg.name)
-            if cfg.style in ("sysv", "none"):
-                from .reaper import reaper_binary
-                r = reaper_binary(paths.statedir)
-                cfg = dataclasses.replace(cfg, reaper=str(r) if r else None)
+            cfg = dataclasses.replace(cfg, helper=str(enter.binary(paths.statedir)))
             cg = _make_cgroup(cfg)
             if cg is not None:
                 undo.callback(cg.remove)
@@ -242,14 +244,6 @@ def guest_cgroup(dirs: dict[str, str]) -> cgroups.GuestCgroup | None:
     if not dirs:
         return None
     return cgroups.GuestCgroup({k: Path(v) for k, v in dirs.items()})
-
-
-def _apply_limits(cfg: GuestConfig) -> None:  # pragma: no cover - in a forked child
-    """rlimits and nice, for a process about to exec inside the guest."""
-    for res, (soft, hard) in cfg.rlimits.items():
-        resource.setrlimit(res, (soft, hard))
-    if cfg.nice is not None:
-        os.setpriority(os.PRIO_PROCESS, 0, cfg.nice)
 
 
 def _cow_add(paths: Paths, at: str, name: str, root: str) -> None:
@@ -390,8 +384,9 @@ def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, re
         why += chunk
     os.close(ex_r)
     if why:
+        os.kill(init, signal.SIGKILL)  # a sysv/none pid 1 of ours would wait for ever
         os.waitpid(init, 0)
-        fail("config", why.decode(errors="replace"))
+        fail("config", _init_failure(cfg, why))
     st = RunState(name=cfg.name, init_pid=init, init_start=_start_time(init) or 0,
                   monitor_pid=os.getpid(), monitor_start=_start_time(os.getpid()) or 0,
                   root=str(cfg.guest.root), cow=cow_at, started=time.time(),
@@ -516,32 +511,45 @@ def _mount_in(tree: GuestTree, source: str | None, target: str, fstype: str | No
 
 
 def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int) -> None:  # pragma: no cover
-    """pid 1 of the guest: /proc, /dev, pivot_root, capabilities, exec."""
-    rfd = os.open(cfg.reaper, os.O_RDONLY | os.O_CLOEXEC) if cfg.reaper else -1
-    _enter_root(cfg, tree)
-    _apply_limits(cfg)
-    ns.limit_capabilities(set(cfg.keep_caps))
-    os.setsid()
-    _close_fds_but(exec_fd, rfd)
-    if cfg.style == "none" or (cfg.style == "sysv" and os.fork() != 0):
-        os.close(exec_fd)
-        if rfd >= 0:  # our static reaper, by descriptor: nothing of it is in the guest
-            os.execve(rfd, ["vsreaper"], {})
-        _reaper()
-    if rfd >= 0:
-        os.close(rfd)
+    """pid 1 of the guest until the helper takes over: its own mount namespace (the pivot
+    must move no other process's root: setup's Python still runs), /proc, /dev,
+    pivot_root, and the helper by descriptor, which becomes the guest's init (sysv/none:
+    forks it, or not, and stays as the reaping pid 1 without capabilities)."""
+    assert cfg.helper is not None
+    helper = enter.load(cfg.helper)
+    ns.prctl(ns.PR_SET_DUMPABLE, 0)
+    mode = cfg.style if cfg.style in ("sysv", "none") else "init"
+    args = enter.argv(mode, cfg, cfg.init, detach=True)
     env = {"PATH": GUEST_PATH, "container": "vserver", "HOME": "/", "TERM": "linux"}
-    try:
-        os.execve(cfg.init[0], cfg.init, env)
-    except OSError as e:
-        os.write(exec_fd, f"cannot run {cfg.init[0]} inside the guest: {e.strerror}; "
-                          f"fix apps/init/cmd.start or apps/init/style".encode())
-        os._exit(127)
+    tree = _own_mount_ns(tree)
+    _mount_guest_fs(cfg, tree)
+    helper, _ = _place_fds(helper, {}, exec_fd)
+    _pivot_and_exec(tree, helper, args, env)
 
 
-def _enter_root(cfg: GuestConfig, tree: GuestTree) -> None:  # pragma: no cover
+def _own_mount_ns(tree: GuestTree) -> GuestTree:  # pragma: no cover - child
+    """A mount namespace of this process's own (a copy), and the tree opened again in it
+    (a descriptor of the old one names mounts we can no longer mount on)."""
+    ns.unshare(ns.CLONE_NEWNS)
+    ns.mount(None, "/", None, ns.MS_REC | ns.MS_SLAVE)
+    again = GuestTree(tree.root, tree.name)
+    if (os.fstat(again.fd).st_dev, os.fstat(again.fd).st_ino) != (tree.dev, tree.ino):
+        raise UnsafeTreeError(f"guest {tree.name}: its root changed while starting")
+    tree.close()
+    return again
+
+
+def _init_failure(cfg: GuestConfig, raw: bytes) -> str:
+    step, text = enter.failure(raw) or ("enter", "")
+    if step == "exec":
+        return (f"cannot run {cfg.init[0]} inside the guest: {text}; fix apps/init/cmd.start "
+                f"or apps/init/style")
+    return text
+
+
+def _mount_guest_fs(cfg: GuestConfig, tree: GuestTree) -> None:  # pragma: no cover
     """For a process in the guest's pid namespace and a mount namespace of its own: /proc
-    (masked), a minimal /dev, then pivot_root into the tree (the old root detached)."""
+    (masked) and a minimal /dev in the tree, through descriptors resolved inside it."""
     for d in ("proc", "dev"):
         try:
             fd = tree.open_beneath(d, os.O_PATH | os.O_DIRECTORY)
@@ -589,30 +597,42 @@ def _enter_root(cfg: GuestConfig, tree: GuestTree) -> None:  # pragma: no cover
               "newinstance,ptmxmode=0666,mode=620,gid=5", "/dev/pts")
     _mount_in(tree, "shm", "/dev/shm", "tmpfs", ns.MS_NOSUID | ns.MS_NODEV,
               "mode=1777", "/dev/shm")
+
+
+def _place_fds(helper: int, std: dict[int, int], err: int, keep: tuple[int, ...] = (),
+               ) -> tuple[int, list[int]]:  # pragma: no cover - child
+    """In a forked child about to execute the helper: ``std`` (target -> source) onto
+    0-2, the error pipe ``err`` onto enter.ERRFD, ``keep`` inheritable; returns the new
+    numbers of ``helper`` (still close-on-exec) and of ``keep`` (all above 9).  Every other
+    descriptor stays close-on-exec or is the caller's stdio; the helper closes all but 0-2
+    and the error pipe before the command runs."""
+    helper = fcntl.fcntl(helper, fcntl.F_DUPFD_CLOEXEC, 10)
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in keep]
+    src = {t: fcntl.fcntl(s, fcntl.F_DUPFD_CLOEXEC, 10) for t, s in std.items()}
+    e = fcntl.fcntl(err, fcntl.F_DUPFD_CLOEXEC, 10)
+    for t, s in src.items():
+        os.dup2(s, t)
+    os.dup2(e, enter.ERRFD)
+    for fd in moved:
+        os.set_inheritable(fd, True)
+    return helper, moved
+
+
+def _pivot_and_exec(tree: GuestTree, helper: int, args: list[str],
+                    env: dict[str, str]) -> NoReturn:  # pragma: no cover - child
+    """pivot_root into the tree and execute the helper by descriptor.  After the pivot this
+    process's root is the guest's, so Python does nothing else, and could not import
+    anything if it tried (enter.seal_python); the helper detaches the old root."""
     os.fchdir(tree.fd)
     tree.close()
+    enter.seal_python()
     ns.pivot_root(".", ".")
-    ns.umount(".", ns.MNT_DETACH)
-    os.chdir("/")
-
-
-def _reaper() -> None:  # pragma: no cover - pid 1 of a sysv-style guest
-    """(Fallback for vsstore.reaper's static program, without a C compiler.)
-    pid 1 for a guest whose start command exits (``/etc/init.d/rc 3`` starts services
-    and returns): reap orphans until told to stop.  It is already inside the guest (root,
-    capabilities), and runs nothing: only waitpid and signals."""
-    def on_signal(signum: int, frame: object) -> None:
-        os._exit(0)  # the kernel then ends every process of the guest
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGPWR):
-        signal.signal(sig, on_signal)
-    while True:
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            signal.pause()
+    os.execve(helper, args, env)
+    raise AssertionError("execve returned")
 
 
 def _close_fds_but(*keep: int) -> None:
+    """(The monitor's, on the host: it lists the host's /proc.)"""
     for n in os.listdir("/proc/self/fd"):
         fd = int(n)
         if fd > 2 and fd not in keep:
@@ -811,50 +831,80 @@ def _join_guest(st: RunState, fds: dict[str, int]) -> None:  # pragma: no cover 
             ns.setns(fds[kind])
 
 
+def _command_env() -> dict[str, str]:
+    return {"PATH": GUEST_PATH, "HOME": "/root", "container": "vserver",
+            "TERM": os.environ.get("TERM", "dumb")}
+
+
+def _read_all(fd: int) -> bytes:
+    out = b""
+    while chunk := os.read(fd, 4096):
+        out += chunk
+    return out
+
+
+def _outcome(cfg: GuestConfig, argv: list[str], status: int, ex_r: int) -> int:
+    """The command's exit code (128+N for a signal), or the error why it never ran."""
+    why = enter.failure(_read_all(ex_r))
+    if why is not None:
+        step, text = why
+        if step == "exec":
+            raise ConfigError(f"cannot run {argv[0]} inside guest {cfg.name}: {text}")
+        raise ConfigError(f"cannot enter guest {cfg.name}: {text}")
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
 def run_in(paths: Paths, cfg: GuestConfig, st: RunState, argv: list[str],
-           timeout: float | None = None, tty: bool = False) -> int:
+           timeout: float | None = None) -> int:
     """Run ``argv`` inside the running guest: its namespaces, root and reduced capabilities,
-    a new session.  Returns its exit code (128+N for a signal)."""
+    a new session.  Python opens what it needs on the host (namespaces, root, the helper,
+    a pty from the guest's devpts when stdin, stdout or stderr is a terminal) and a forked
+    child executes the static helper (vsstore.enter), which enters and runs the command;
+    this process relays the pty (vsstore.relay).  Returns its exit code (128+N for a
+    signal)."""
     if not argv:
         raise ConfigError("no command given; vserver NAME exec COMMAND [ARGS...]")
-    fds = _open_guest(cfg, st, ("ipc", "uts", "net", "pid", "mnt", "root"))
-    ex_r, ex_w = os.pipe2(os.O_CLOEXEC)
-    child = os.fork()
-    if child == 0:  # pragma: no cover - child
-        try:
-            os.close(ex_r)
-            _join_guest(st, fds)
-            os.fchdir(fds["root"])
-            os.chroot(".")
-            os.chdir("/")
-            grandchild = os.fork()  # into the guest's pid namespace
-            if grandchild == 0:
-                _exec_command(cfg, argv, tty, ex_w)
-            os.close(ex_w)
-            os._exit(_wait_passing_signals(grandchild))
-        except BaseException as e:  # noqa: BLE001
+    kinds = ("ipc", "uts", "net", "pid", "mnt", "root")
+    with ExitStack() as stack:
+        helper = enter.load(enter.binary(paths.statedir))
+        stack.callback(os.close, helper)
+        fds = _open_guest(cfg, st, kinds)
+        for fd in fds.values():
+            stack.callback(os.close, fd)
+        stdio = relay.Stdio.probe()
+        master = slave = None
+        if stdio.any:
+            master, slave = relay.open_pty(fds["root"])
+            stack.callback(os.close, master)
+            relay.copy_settings(stdio, slave)
+        ex_r, ex_w = os.pipe2(os.O_CLOEXEC)
+        stack.callback(os.close, ex_r)
+        child = os.fork()
+        if child == 0:  # pragma: no cover - child
             try:
-                os.write(ex_w, f"cannot enter guest {cfg.name}: {e}".encode())
-            finally:
-                os._exit(127)
-    for fd in (*fds.values(), ex_w):
-        os.close(fd)
-    end = None if timeout is None else time.monotonic() + timeout
-    while True:
-        pid, status = os.waitpid(child, os.WNOHANG if end else 0)
-        if pid:
-            break
-        if time.monotonic() > end:  # type: ignore[operator]
-            os.kill(child, signal.SIGKILL)
-            os.waitpid(child, 0)
-            os.close(ex_r)
-            raise StateError(f"guest {cfg.name}: {argv[0]} took longer than {timeout:g} s")
-        time.sleep(0.05)
-    why = os.read(ex_r, 4096)
-    os.close(ex_r)
-    if why:
-        raise ConfigError(why.decode(errors="replace"))
-    return os.waitstatus_to_exitcode(status)
+                os.setpgid(0, 0)  # signals from the terminal come through us, once
+                cg = guest_cgroup(st.cgroup)
+                if cg is not None:
+                    cg.join()  # charged to the guest, ended with it
+                std = {i: slave for i in range(3) if stdio.tty[i]} if slave is not None else {}
+                prog, placed = _place_fds(helper, std, ex_w, tuple(fds[k] for k in kinds))
+                args = enter.argv("exec", cfg, argv, setns=tuple(placed[:5]), root=placed[5],
+                                  ctty=stdio.ctty if std else None)
+                os.execve(prog, args, _command_env())
+            except BaseException as e:  # noqa: BLE001
+                os.write(ex_w, (getattr(e, "message", None) or str(e)).encode())
+            os._exit(127)
+        os.close(ex_w)
+        if slave is not None:
+            os.close(slave)
+        try:
+            status = relay.run(child, master, stdio, timeout)
+        except relay.Timeout:
+            raise StateError(f"guest {cfg.name}: {argv[0]} took longer than "
+                             f"{timeout:g} s") from None
+        return _outcome(cfg, argv, status, ex_r)
+    raise AssertionError("unreachable")
 
 
 # -- exec --cow ----------------------------------------------------------------------------
@@ -876,7 +926,7 @@ def _sweep_temporary(paths: Paths, cow_at: str) -> None:
                 print(f"vserver: {e.message}", file=sys.stderr)
 
 
-def run_cow(paths: Paths, cfg: GuestConfig, argv: list[str], tty: bool = False) -> int:
+def run_cow(paths: Paths, cfg: GuestConfig, argv: list[str]) -> int:
     """Run ``argv`` in the guest with its root seen through the cow overlay for the
     duration: every shared file it writes, replaces, removes or links becomes the guest's
     own (or loses only the guest's name), and nothing else changes.  The changes land in
@@ -888,10 +938,12 @@ def run_cow(paths: Paths, cfg: GuestConfig, argv: list[str], tty: bool = False) 
         raise ConfigError("no command given; vserver NAME exec --cow COMMAND [ARGS...]")
     st = running(paths, cfg.name)
     if st is not None and st.cow:
-        return run_in(paths, cfg, st, argv, tty=tty)  # it runs through the overlay already
+        return run_in(paths, cfg, st, argv)  # it runs through the overlay already
     cow_at = str(cow_mountpoint(paths))
     share = f"{cfg.name}~{os.getpid()}"
     with ExitStack() as stack:
+        helper = enter.load(enter.binary(paths.statedir))
+        stack.callback(os.close, helper)
         _sweep_temporary(paths, cow_at)
         _cow_add(paths, cow_at, share, str(cfg.guest.root))
 
@@ -901,21 +953,29 @@ def run_cow(paths: Paths, cfg: GuestConfig, argv: list[str], tty: bool = False) 
             except VsError as e:
                 print(f"vserver: {e.message}", file=sys.stderr)
         stack.callback(remove_share)
-        return _run_temporary(cfg, st, os.path.join(cow_at, share), argv, tty,
+        return _run_temporary(cfg, st, os.path.join(cow_at, share), argv, helper,
                               lambda pid: _cow_attach(paths, cow_at, share, pid))
 
 
 def _run_temporary(cfg: GuestConfig, st: RunState | None, source: str, argv: list[str],
-                   tty: bool, attach: Callable[[int], None]) -> int:
+                   helper: int, attach: Callable[[int], None]) -> int:
     """The command in the guest's (or new) namespaces, its root the overlay's share
     ``source``; ``attach(pid)`` tells the overlay that ``pid``'s pid namespace is the
     share's, before anything runs in it."""
     fds = _open_guest(cfg, st, ("ipc", "uts", "net", "pid")) if st is not None else {}
+    stdio = relay.Stdio.probe()
+    # On a terminal: the leader opens a pty in the devpts it mounts and hands us the master.
+    back, fwd = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if stdio.any \
+        else (None, None)
     ex_r, ex_w = os.pipe2(os.O_CLOEXEC)
     child = os.fork()
     if child == 0:  # pragma: no cover - child
         try:
             os.close(ex_r)
+            if back is not None:
+                back.close()
+            os.setpgid(0, 0)  # signals from the terminal come through the vserver process
+            ns.prctl(ns.PR_SET_DUMPABLE, 0)
             if st is not None:
                 _join_guest(st, fds)
             else:
@@ -932,8 +992,7 @@ def _run_temporary(cfg: GuestConfig, st: RunState | None, source: str, argv: lis
                 if os.read(gate_r, 1) != b"1":  # attached to the overlay first
                     os._exit(127)
                 os.close(gate_r)
-                _enter_root(cfg, tree)
-                _lead(cfg, argv, tty, ex_w)
+                _lead(cfg, tree, argv, stdio, fwd, ex_w, helper)
             os.close(gate_r)
             try:
                 attach(leader)
@@ -941,78 +1000,86 @@ def _run_temporary(cfg: GuestConfig, st: RunState | None, source: str, argv: lis
             finally:
                 os.close(gate_w)
             os.close(ex_w)
+            tree.close()
+            if fwd is not None:
+                fwd.close()
             os._exit(_wait_passing_signals(leader))
         except BaseException as e:  # noqa: BLE001
             try:
-                os.write(ex_w, f"cannot enter guest {cfg.name}: "
-                               f"{getattr(e, 'message', None) or e}".encode())
+                os.write(ex_w, (getattr(e, "message", None) or str(e)).encode())
             finally:
                 os._exit(127)
     for fd in (*fds.values(), ex_w):
         os.close(fd)
-    old = {sig: signal.signal(sig, lambda signum, _f: os.kill(child, signum))
-           for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    master = None
     try:
-        while True:
-            try:
-                _, status = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
+        if back is not None and fwd is not None:
+            fwd.close()
+            master = _receive_pty(back, stdio)
+        status = relay.run(child, master, stdio)
     finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-    why = os.read(ex_r, 4096)
-    os.close(ex_r)
-    if why:
-        raise ConfigError(why.decode(errors="replace"))
-    return os.waitstatus_to_exitcode(status)
+        if master is not None:
+            os.close(master)
+        if back is not None:
+            back.close()
+    try:
+        return _outcome(cfg, argv, status, ex_r)
+    finally:
+        os.close(ex_r)
 
 
-def _wait_passing_signals(pid: int, reap_all: bool = False) -> int:  # pragma: no cover
-    """Wait for child ``pid`` while passing SIGTERM/SIGINT/SIGHUP on to it; its exit code
-    (128+N for a signal).  ``reap_all``: also collect whatever else is adopted (pid 1)."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+def _receive_pty(sock: socket.socket, stdio: relay.Stdio) -> int | None:
+    """The pty master the leader sends (None if it failed first); its size and mode set
+    before the leader goes on to run the command."""
+    try:
+        _msg, got, _flags, _addr = socket.recv_fds(sock, 16, 1)
+    except OSError:
+        return None
+    if not got:
+        return None
+    relay.copy_settings(stdio, got[0])  # termios and winsize ioctls on a master set the slave's
+    try:
+        sock.send(b"k")
+    except OSError:
+        pass
+    return got[0]
+
+
+def _wait_passing_signals(pid: int) -> int:  # pragma: no cover - in a forked child
+    """Wait for child ``pid`` while passing SIGTERM/SIGINT/SIGHUP/SIGQUIT on to it; its
+    exit code (128+N for a signal)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, lambda signum, _f: os.kill(pid, signum))
     while True:
         try:
-            got, status = os.waitpid(-1 if reap_all else pid, 0)
+            _, status = os.waitpid(pid, 0)
         except InterruptedError:
             continue
-        if got == pid:
-            code = os.waitstatus_to_exitcode(status)
-            return 128 - code if code < 0 else code
+        code = os.waitstatus_to_exitcode(status)
+        return 128 - code if code < 0 else code
 
 
-def _lead(cfg: GuestConfig, argv: list[str], tty: bool, ex_w: int) -> None:  # pragma: no cover
-    """Inside the guest's root: run the command as a child (never as a pid 1, which would
-    ignore signals), pass signals on, reap, exit with its code."""
-    worker = os.fork()
-    if worker == 0:
-        _exec_command(cfg, argv, tty, ex_w)
-    os.close(ex_w)
-    ns.limit_capabilities(set(cfg.keep_caps))
-    _close_fds_but()
-    os._exit(_wait_passing_signals(worker, reap_all=os.getpid() == 1))
-
-
-def _exec_command(cfg: GuestConfig, argv: list[str], tty: bool,
-                  ex_w: int) -> NoReturn:  # pragma: no cover - in a forked child
-    """Become the command, inside the guest already: a new session (the terminal as its
-    controlling tty for enter), the guest's limits and capabilities, no inherited fds.
-    Why exec failed goes to ``ex_w`` (close-on-exec: empty means it ran)."""
-    os.setsid()
-    if tty and os.isatty(0):
-        import fcntl
-        import termios
-        fcntl.ioctl(0, termios.TIOCSCTTY, 1)
-    _apply_limits(cfg)
-    ns.limit_capabilities(set(cfg.keep_caps))
-    _close_fds_but(ex_w)
-    env = {"PATH": GUEST_PATH, "HOME": "/root", "container": "vserver",
-           "TERM": os.environ.get("TERM", "dumb")}
+def _lead(cfg: GuestConfig, tree: GuestTree, argv: list[str], stdio: relay.Stdio,
+          sock: socket.socket | None, ex_w: int, helper: int) -> NoReturn:  # pragma: no cover
+    """The command's leader, in the guest's pid namespace: a mount namespace of its own (the
+    pivot must not move the root of the Python that waits for it), /proc and /dev, on a
+    terminal a pty from this devpts (the master to the vserver process), pivot_root, and
+    the helper, which forks the command (never a pid 1, which would ignore signals) and
+    waits for it (reaping, as a pid 1)."""
     try:
-        os.execvpe(argv[0], argv, env)
-    except OSError as e:
-        os.write(ex_w, f"cannot run {argv[0]} inside guest {cfg.name}: {e.strerror}".encode())
+        tree = _own_mount_ns(tree)
+        _mount_guest_fs(cfg, tree)
+        std: dict[int, int] = {}
+        if sock is not None:
+            master, slave = relay.open_pty(tree.fd)
+            socket.send_fds(sock, [b"pty"], [master])
+            os.close(master)
+            sock.recv(1)  # the vserver process has set its size and mode
+            sock.close()
+            std = {i: slave for i in range(3) if stdio.tty[i]}
+        prog, _ = _place_fds(helper, std, ex_w)
+        args = enter.argv("exec", cfg, argv, detach=True, ctty=stdio.ctty if std else None)
+        _pivot_and_exec(tree, prog, args, _command_env())
+    except BaseException as e:  # noqa: BLE001
+        os.write(ex_w, (getattr(e, "message", None) or str(e)).encode())
     os._exit(127)

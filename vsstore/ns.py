@@ -1,9 +1,13 @@
-"""Namespaces, mounts and capabilities: the system calls a guest's start needs (ctypes
-where Python 3.11's ``os`` lacks them; ``os.*`` where it has them)."""
+"""Namespaces, mounts and capability names: the system calls a guest's start needs (ctypes
+where Python 3.11's ``os`` lacks them; ``os.*`` where it has them).  Capabilities are cut
+by the static helper (vsstore.enter), never by Python inside a guest."""
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
+import socket
+import struct
 
 from .syscalls import _check, _libc
 
@@ -23,16 +27,11 @@ MS_REC = 0x4000
 MS_SLAVE = 1 << 19
 MNT_DETACH = 0x2
 
-PR_CAPBSET_READ = 23
-PR_CAPBSET_DROP = 24
+PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 SYS_pivot_root = 155  # x86_64
 SYS_setns = 308
-SYS_capget = 125
-SYS_capset = 126
 
 # linux/capability.h, in order (the index is the capability's number).
 CAPS = ["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID",
@@ -44,7 +43,7 @@ CAPS = ["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", 
         "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE"]
 
 if os.uname().machine == "aarch64":
-    SYS_pivot_root, SYS_setns, SYS_capget, SYS_capset = 41, 268, 90, 91
+    SYS_pivot_root, SYS_setns = 41, 268
 
 
 def unshare(flags: int) -> None:
@@ -84,11 +83,10 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
 
 
 def last_cap() -> int:
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
-    except OSError:
-        return len(CAPS) - 1
+    """The kernel's highest capability number (the host's /proc; never a guest's).  No
+    guess when it cannot be read: a capability the guess missed would stay with the guest."""
+    with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
+        return int(f.read())
 
 
 def cap_number(name: str) -> int:
@@ -96,41 +94,6 @@ def cap_number(name: str) -> int:
     n = name.strip().upper()
     n = n[4:] if n.startswith("CAP_") else n
     return CAPS.index(n)
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
-
-
-_CAP_V3 = 0x20080522
-
-
-def limit_capabilities(keep: set[int]) -> None:
-    """Reduce this process to the capabilities in ``keep``: bounding set (what any exec can
-    ever gain), inheritable and ambient sets, then effective and permitted."""
-    for cap in range(last_cap() + 1):
-        if cap not in keep and prctl(PR_CAPBSET_READ, cap):
-            prctl(PR_CAPBSET_DROP, cap)
-    try:
-        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    except OSError:
-        pass  # kernels before 4.3
-    hdr = _CapHeader(_CAP_V3, 0)
-    data = (_CapData * 2)()
-    _check(_libc.syscall(SYS_capget, ctypes.byref(hdr), data), "capget")
-    mask = [0, 0]
-    for cap in keep:
-        mask[cap // 32] |= 1 << (cap % 32)
-    for i in range(2):
-        data[i].effective &= mask[i]
-        data[i].permitted &= mask[i]
-        data[i].inheritable &= mask[i]
-    _check(_libc.syscall(SYS_capset, ctypes.byref(hdr), data), "capset")
 
 
 SIOCGIFFLAGS = 0x8913
@@ -143,9 +106,6 @@ def link_up(name: str) -> None:
     """Bring network interface ``name`` of this process's network namespace up (an
     ioctl: no ``ip`` or netlink needed; a new namespace's ``lo`` then gets 127.0.0.1 and
     ::1 from the kernel)."""
-    import fcntl
-    import socket
-    import struct
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
         req = struct.pack(_IFREQ, name.encode(), 0)
         flags = struct.unpack(_IFREQ, fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]

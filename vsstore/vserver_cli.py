@@ -137,9 +137,9 @@ def cmd_enter(args: argparse.Namespace, paths: Paths) -> int:
     if rest:
         raise ConfigError(f"enter: unknown arguments {' '.join(rest)}; only --cow")
     if cow:
-        return lifecycle.run_cow(paths, _cfg(paths, args.name), ["/bin/sh", "-l"], tty=True)
+        return lifecycle.run_cow(paths, _cfg(paths, args.name), ["/bin/sh", "-l"])
     cfg, st = _running_cfg(paths, args.name)
-    return lifecycle.run_in(paths, cfg, st, ["/bin/sh", "-l"], tty=True)
+    return lifecycle.run_in(paths, cfg, st, ["/bin/sh", "-l"])
 
 
 # -- package management ------------------------------------------------------------------

@@ -1,0 +1,194 @@
+"""vsguest, the one static helper that takes every process into a guest its last steps.
+
+Once a process's root or mount namespace is a guest's, nothing may load or resolve a path
+there with host privileges: a Python would import the guest's ``termios.py``, a dynamically
+linked program would load the guest's ld.so.  So Python does what needs host paths first
+(cgroup, run state, namespace and root descriptors, the pty), and then executes
+``data/vsguest.c`` by descriptor: it joins the namespaces, chroots (or finishes a
+pivot_root), forks into the guest's pid namespace, and cuts session, terminal, limits,
+descriptors and capabilities before it executes the guest's command; its waiting half keeps
+neither capabilities nor descriptors.  It also is the pid 1 of sysv/none guests (the
+reaper: a few pages instead of a forked Python's 11 MiB).
+
+The program is freestanding (no C library: nothing runs in it that is not in the source),
+compiled once with ``gcc -static -nostdlib`` into ``STATEDIR/libexec`` and checked to have
+no ELF interpreter; every use executes a sealed memfd copy of it, so no process in a guest
+can reach our file through ``/proc/PID/exe`` (runc's CVE-2019-5736).
+"""
+from __future__ import annotations
+
+import builtins
+import errno
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from . import ns
+from .errors import UnsupportedError
+from .guestconf import GuestConfig
+
+SOURCE = Path(__file__).parent / "data" / "vsguest.c"
+CFLAGS = ["-static", "-nostdlib", "-ffreestanding", "-fno-builtin", "-fno-stack-protector",
+          "-fno-pie", "-no-pie", "-fno-asynchronous-unwind-tables",
+          "-fno-tree-loop-distribute-patterns", "-Os", "-s", "-Wall", "-Wextra"]
+ERRFD = 3  # where the forked Python puts the error pipe before executing the helper
+
+_MFD_EXEC = 0x0010  # linux 6.3: an executable memfd (without it newer kernels warn)
+_EM = {"x86_64": 62, "aarch64": 183}
+PT_INTERP = 3
+
+
+def binary(statedir: Path) -> Path:
+    """The compiled helper (built on first use into ``statedir/libexec``)."""
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    path = statedir / "libexec" / f"vsguest-{tag}"
+    if path.exists():
+        return path
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise UnsupportedError("no C compiler to build vsstore's guest helper (vsguest), "
+                               "which start, exec and enter need: apt-get install gcc "
+                               "libc6-dev (scripts/setup installs them)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    with tempfile.TemporaryDirectory(dir=path.parent) as d:
+        src, out = Path(d) / "vsguest.c", Path(d) / "vsguest"
+        src.write_bytes(source)
+        p = subprocess.run([cc, *CFLAGS, "-o", str(out), str(src)], capture_output=True,
+                           text=True)
+        if p.returncode != 0:
+            raise UnsupportedError(f"cannot build vsstore's guest helper with {cc} "
+                                   f"({p.stderr.strip()[-300:]}); apt-get install gcc "
+                                   f"libc6-dev (scripts/setup installs them)")
+        check_static(out.read_bytes(), str(out))
+        os.chmod(out, 0o500)
+        os.replace(out, path)
+    return path
+
+
+def check_static(image: bytes, what: str) -> None:
+    """Refuse anything but an ELF executable for this machine without an interpreter: a
+    dynamically linked helper would load ld.so, and libraries, from the guest's tree."""
+    def bad(why: str) -> UnsupportedError:
+        return UnsupportedError(f"{what}: not a usable guest helper ({why}); remove it to "
+                                f"have it rebuilt")
+    if len(image) < 64 or image[:4] != b"\x7fELF" or image[4] != 2 or image[5] != 1:
+        raise bad("not a 64-bit little-endian ELF file")
+    e_type, e_machine = struct.unpack_from("<HH", image, 16)
+    if e_machine != _EM.get(platform.machine()):
+        raise bad(f"built for machine {e_machine}")
+    phoff, = struct.unpack_from("<Q", image, 32)
+    phentsize, phnum = struct.unpack_from("<HH", image, 54)
+    if phentsize < 56 or phoff + phnum * phentsize > len(image):
+        raise bad("truncated program headers")
+    for i in range(phnum):
+        p_type, = struct.unpack_from("<I", image, phoff + i * phentsize)
+        if p_type == PT_INTERP:
+            raise bad("it names an ELF interpreter: dynamically linked")
+    if e_type != 2:  # ET_EXEC, as -static -no-pie makes it
+        raise bad(f"ELF type {e_type}, not a static executable")
+
+
+def load(path: str | os.PathLike[str]) -> int:
+    """A sealed, close-on-exec memfd holding the helper, checked; execute it with
+    ``os.execve(fd, argv, env)``.  Call before anything of the guest is in reach."""
+    with open(path, "rb") as f:
+        image = f.read()
+    check_static(image, str(path))
+    try:
+        try:
+            fd = os.memfd_create("vsguest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | _MFD_EXEC)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # a kernel before 6.3 does not know MFD_EXEC
+                raise
+            fd = os.memfd_create("vsguest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as e:
+        raise UnsupportedError(f"cannot make an executable memfd for the guest helper "
+                               f"({e.strerror}); is vm.memfd_noexec 2? It must be 0 or 1 "
+                               f"here") from None
+    try:
+        view = memoryview(image)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchmod(fd, 0o500)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK |
+                    fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _limit(v: int) -> str:
+    return "inf" if v < 0 or v >= 2 ** 64 - 1 else str(v)  # RLIM_INFINITY is -1 in Python
+
+
+def argv(mode: str, cfg: GuestConfig | None, command: list[str], *, setns: tuple[int, ...] = (),
+         root: int | None = None, detach: bool = False, ctty: int | None = None) -> list[str]:
+    """The helper's command line: MODE (exec, init, sysv, none), its steps, and for a
+    command the guest's limits and capabilities from ``cfg`` (None: keep none)."""
+    a = ["vsguest", mode, "--errfd", str(ERRFD), "--last-cap", str(ns.last_cap())]
+    for fd in setns:
+        a += ["--setns", str(fd)]
+    if root is not None:
+        a += ["--root", str(root)]
+    if detach:
+        a.append("--detach-old-root")
+    if ctty is not None:
+        a += ["--ctty", str(ctty)]
+    if cfg is not None:
+        a += ["--caps", f"{sum(1 << c for c in cfg.keep_caps):x}"]
+        for res, (soft, hard) in sorted(cfg.rlimits.items()):
+            a += ["--rlimit", f"{res}:{_limit(soft)}:{_limit(hard)}"]
+        if cfg.nice is not None:
+            a += ["--nice", str(cfg.nice)]
+    if mode != "none":
+        a += ["--", *command]
+    return a
+
+
+STEPS = {"args": "bad helper arguments (a bug)", "setns": "joining its namespaces",
+         "root": "changing to its root", "detach": "detaching the host's root",
+         "fork": "forking into it", "setsid": "starting a session",
+         "ctty": "taking the terminal", "rlimit": "setting rlimits", "nice": "setting nice",
+         "close": "closing descriptors", "caps": "cutting capabilities",
+         "waiter": "securing the waiting process"}
+
+
+def failure(raw: bytes) -> tuple[str, str] | None:
+    """What the error pipe said: None (the command runs), else (step, why): step "exec"
+    when the command itself could not be executed (why: the system's message), "enter"
+    for anything before (why: the step and the system's message; or the forked Python's
+    own text, from before the helper ran)."""
+    if not raw:
+        return None
+    text = raw.decode(errors="replace").strip()
+    parts = (text.splitlines() or [""])[0].split(":")
+    if len(parts) == 3 and parts[0] == "vsguest" and parts[2].isdigit():
+        err = os.strerror(int(parts[2]))
+        if parts[1] == "exec":
+            return "exec", err
+        return "enter", f"{STEPS.get(parts[1], parts[1])}: {err}"
+    return "enter", text
+
+
+def seal_python() -> None:  # pragma: no cover - in a forked child
+    """Defence in depth for a forked Python whose next steps are pivot_root and executing
+    the helper: from here on it can import nothing, not even a module loaded already (no
+    finder, no path, ``__import__`` refuses), so a lazy import on some error path fails
+    instead of loading a file from the guest's tree with our privileges."""
+    def refuse(name: str, *args: object, **kwargs: object) -> object:
+        raise ImportError(f"no import once a guest's root is ours ({name})")
+    sys.meta_path.clear()
+    sys.path_hooks.clear()
+    sys.path.clear()
+    sys.path_importer_cache.clear()
+    builtins.__import__ = refuse
