@@ -1305,3 +1305,14 @@ def test_a_guest_hammering_a_shared_inode_changes_nothing_others_see(vs, host, o
         tries = hammer.stop()
     assert tries > 0 and windows > 0
     _check_untouched(host, obj, ["a", "b", "c"])
+
+
+def test_the_package_manager_is_never_told_by_a_path_leading_out_of_the_guest(vs, host):
+    """``vserver NAME pkg`` picks apt, dnf or yum from the guest's tree: a guest whose /var
+    is a symlink to the host's (which has a dpkg database) names no package manager."""
+    vs.guest("g")
+    shutil.rmtree(host.root / "g/var")
+    os.symlink("/var", host.root / "g/var")
+    assert os.path.exists("/var/lib/dpkg/status")  # the host's, what the symlink leads to
+    p = vs("pkg", "g", "install", "x", check=False)
+    assert p.returncode == EXIT_CONFIG and "cannot tell the guest's package manager" in p.stderr

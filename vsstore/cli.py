@@ -10,6 +10,8 @@ import sys
 from . import attrs
 from .clitools import run_cli
 from .errors import EXIT_OK, EXIT_PARTIAL, ConfigError
+from .names import shown
+from .window import unsealed
 
 
 def _open(path: str) -> int:
@@ -38,13 +40,14 @@ def _cmd(args: argparse.Namespace) -> int:
             continue
         try:
             if args.cmd == "set":
-                if args.iunlink:
-                    if attrs.is_immutable(fd):  # xattrs cannot change on an immutable inode
-                        attrs.set_immutable(fd, False)
+                if args.iunlink and stat.S_ISREG(os.fstat(fd).st_mode):
+                    # xattrs cannot change on an immutable inode: a guarded moment without it
+                    with unsealed(fd, what=shown(path)):
                         attrs.set_marker(fd)
-                        attrs.set_immutable(fd, True)
-                    else:
-                        attrs.set_marker(fd)
+                elif args.iunlink:  # a directory: no hardlinks, nobody shares it
+                    was = attrs.set_immutable(fd, False)
+                    attrs.set_marker(fd)
+                    attrs.set_immutable(fd, was)
                 if args.immutable:
                     attrs.set_immutable(fd, True)
             elif args.cmd == "clear":

@@ -12,6 +12,7 @@ from . import build as buildmod
 from . import guestconf, lifecycle
 from .clitools import run_cli
 from .config import (
+    Guest,
     Paths,
     configured_guests,
     configured_names,
@@ -20,6 +21,8 @@ from .config import (
     valid_name,
 )
 from .errors import EXIT_OK, ConfigError, StateError
+from .names import shown
+from .safetree import GuestTree
 
 EXIT_STOPPED = 3  # status: not running (LSB's code for it)
 
@@ -198,14 +201,26 @@ def cmd_rpm(args: argparse.Namespace, paths: Paths) -> int:
     return package_command(paths, args.name, ["rpm", *rest], unify)
 
 
-def _manager(root) -> str:  # type: ignore[no-untyped-def]
-    """apt (dpkg), dnf/yum (rpm): from what the guest's tree holds (nothing is run)."""
-    for rel, kind in (("var/lib/dpkg/status", "apt"), ("usr/bin/dnf", "dnf"),
-                      ("usr/bin/yum", "yum"), ("var/lib/rpm", "rpm")):
-        if os.path.lexists(os.path.join(root, rel)):
-            return kind
+def _manager(g: Guest) -> str:
+    """apt (dpkg), dnf/yum (rpm): from what the guest's tree holds (nothing is run; the
+    names are looked up below its root only, no symlink followed on the way)."""
+    with GuestTree(g.root, g.name) as tree:
+        for rel, kind in (("var/lib/dpkg/status", "apt"), ("usr/bin/dnf", "dnf"),
+                          ("usr/bin/yum", "yum"), ("var/lib/rpm", "rpm")):
+            try:
+                dfd, base = tree.open_parent(rel)
+            except OSError:
+                continue  # no such directory (or one reached only through a symlink)
+            try:
+                os.stat(base, dir_fd=dfd, follow_symlinks=False)
+                return kind
+            except OSError:
+                continue
+            finally:
+                os.close(dfd)
     raise ConfigError(f"cannot tell the guest's package manager (no dpkg status, dnf, yum "
-                      f"or rpm database in {root}); use 'vserver NAME exec --cow ...'")
+                      f"or rpm database in {shown(g.root)}); use 'vserver NAME exec --cow "
+                      f"...'")
 
 
 PKG_ACTIONS = {
@@ -224,7 +239,7 @@ def cmd_pkg(args: argparse.Namespace, paths: Paths) -> int:
     if not rest or rest[0] not in ("install", "remove", "update", "upgrade"):
         raise ConfigError("pkg: say install, remove, update or upgrade, then the packages")
     g = resolve_guest(args.name, paths)
-    kind = _manager(g.root)
+    kind = _manager(g)
     base = PKG_ACTIONS[kind].get(rest[0])
     if base is None:
         raise ConfigError(f"pkg {rest[0]}: not for a plain rpm guest; use 'vserver "
