@@ -231,21 +231,31 @@ class CowFS(pyfuse3.Operations):
         return self._resolve(node)[0]
 
     def _resolve(self, node: Node) -> tuple[Name, os.stat_result]:
-        """A name of ``node`` that still holds its inode, and its stat.  Names that now
-        hold something else (copied up, replaced) are dropped on the way."""
-        for n in list(node.names):
-            if n[0] not in self.trees:
+        """A name of ``node`` that still holds its inode, and its stat."""
+        found = self._holding(node)
+        if found is None:
+            log.debug("node %d (inode %d): no name holds it any more", node.id, node.ino)
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        node.st = found[1]
+        return found
+
+    def _holding(self, node: Node, guest: str | None = None, prefer: Name | None = None,
+                 ) -> tuple[Name, os.stat_result] | None:
+        """A name of ``node`` (in ``guest``, ``prefer`` first) that still holds its inode,
+        and its stat.  Names that now hold something else (copied up, replaced) are
+        dropped on the way."""
+        for n in ([prefer] if prefer is not None else []) + list(node.names):
+            if n[0] not in self.trees or (guest is not None and n[0] != guest) or \
+                    n not in node.names:
                 continue
             try:
                 st = self._lstat(n)
             except pyfuse3.FUSEError:
                 st = None
             if st is not None and (st.st_dev, st.st_ino) == (node.dev, node.ino):
-                node.st = st
                 return n, st
             del node.names[n]
-        log.debug("node %d (inode %d): no name holds it any more", node.id, node.ino)
-        raise pyfuse3.FUSEError(errno.ESTALE)
+        return None
 
     def _dir_of(self, nid: int) -> Name:
         """The (guest, rel) of a directory node (directories have one name)."""
@@ -710,21 +720,6 @@ class CowFS(pyfuse3.Operations):
         self._check_caller(ctx, guest)
         return guest, rel, os.fsdecode(name), self._open_dir((guest, rel))
 
-    def _name_in(self, node: Node, guest: str, prefer: Name | None) -> Name | None:
-        """A name of ``node`` in ``guest`` that still holds its inode (``prefer`` first:
-        the one the caller looked up); names that hold something else now are dropped."""
-        for n in ([prefer] if prefer is not None else []) + list(node.names):
-            if n[0] != guest or n not in node.names:
-                continue
-            try:
-                st = self._lstat(n)
-            except pyfuse3.FUSEError:
-                st = None
-            if st is not None and (st.st_dev, st.st_ino) == (node.dev, node.ino):
-                return n
-            del node.names[n]
-        return None
-
     def _open_shared(self, guest: str, n: str, dfd: int,
                      expect: tuple[int, int] | None = None) -> int:
         """Open a file with several names whose seal a name operation must lift: only an
@@ -833,9 +828,10 @@ class CowFS(pyfuse3.Operations):
         node = self._get(inode)
         g, rel = self._dir_of(new_parent_inode)
         self._check_caller(ctx, g)
-        src = self._name_in(node, g, self.recent.get((ctx.pid, node.id)))
-        if src is None:
+        found = self._holding(node, g, self.recent.get((ctx.pid, node.id)))
+        if found is None:
             raise pyfuse3.FUSEError(errno.EXDEV)  # no hardlinks across guests
+        src = found[0]
         sh, _, sb = src[1].rpartition("/")
         d1, d2 = self._open_dir((g, sh)), self._open_dir((g, rel))
         n = os.fsdecode(new_name)

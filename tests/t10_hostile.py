@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import py_compile
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TEST_TMP, flags, inode
+from conftest import REPO, flags, inode
 from t7_lifecycle import (
     IDLE,
     Vserver,
@@ -738,15 +737,7 @@ int main(int argc, char **argv) {
 def netprobe(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
     """A static probe a guest runs: packet socket on a host interface, TCP to 127.0.0.1,
     an abstract unix socket (each only a connect; nothing is sent on the wire)."""
-    cc = shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no gcc to build the network probe (scripts/setup installs it)")
-    d = tmp_path_factory.mktemp("netprobe")
-    (d / "netprobe.c").write_text(PROBE_C)
-    p = subprocess.run([cc, "-static", "-O1", "-o", str(d / "netprobe"), str(d / "netprobe.c")],
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    return d / "netprobe"
+    return _cc(PROBE_C, tmp_path_factory.mktemp("netprobe") / "netprobe", "-static")
 
 
 class HostListeners:
@@ -861,7 +852,7 @@ def test_spaces_hostnet_shares_the_host_network_without_raw_sockets_and_warns(
     assert seen["packet socket"] == "Operation not permitted"  # CAP_NET_RAW is gone
     assert seen["tcp 127.0.0.1"] == "connected" and seen["abstract unix"] == "connected"
     vs("exec", "g1", "sh", "-c", f"echo hello | nc 127.0.0.1 {listeners.port}")
-    assert _eventually_true(lambda: ("tcp", b"hello\n") in listeners.got)
+    assert _eventually(lambda: ("tcp", b"hello\n") in listeners.got)
     vs("stop", "g1")
     (host.conf / "g1/bcapabilities").write_text("CAP_NET_RAW\n")  # asked for by name
     vs("start", "g1")
@@ -888,16 +879,6 @@ def test_hostnet_and_interfaces_exclude_each_other(vs, host):
     assert p.returncode == EXIT_CONFIG and "Traceback" not in p.stderr
     assert "spaces/hostnet" in p.stderr and "interfaces" in p.stderr
     assert vs.state("g1") is None
-
-
-def _eventually_true(check, seconds: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    import time
-    end = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 # -- item 7: delete removes a configured guest's tree below the guests' root, nothing else --
@@ -1101,22 +1082,7 @@ def test_delete_of_a_tree_with_a_symlink_to_slash_and_stacked_mounts_in_a_sandbo
 
 # -- items 3 and 4: cow tells guests apart by their pid namespace; unseal windows -----------
 
-C_DIR = Path(__file__).parent / "c"
 HAMMER_S = float(os.environ.get("VSSTORE_HAMMER_SECONDS", "20"))
-
-
-def static_binary(name: str) -> Path:
-    """tests/c/NAME.c built with gcc -static (cached by its source's hash): a guest program
-    that needs no library from the guest's tree."""
-    src = C_DIR / f"{name}.c"
-    tag = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
-    out = Path(TEST_TMP) / "vsstore-test-bin" / f"{name}-{tag}"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        subprocess.run(["gcc", "-static", "-O2", "-o", str(tmp), str(src)], check=True)
-        os.replace(tmp, out)
-    return out
 
 
 def install(root: Path, binary: Path, as_name: str) -> None:
@@ -1127,6 +1093,91 @@ def install(root: Path, binary: Path, as_name: str) -> None:
 # -- cow: the writing guest is told by its pid namespace, never by its root -----------------
 
 SHARED = b"shared data of every guest\n" * 64
+
+SPOOF_C = r"""
+/* spoof DIR NEWROOT FILE DATA: keep DIR open, chroot into NEWROOT (a directory the guest
+ * named like another guest's root), then append DATA to FILE through the kept directory
+ * descriptor.  Exit 0 if the write went anywhere, 3 if the open was refused. */
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+    if (argc != 5)
+        return 2;
+    int d = open(argv[1], O_RDONLY | O_DIRECTORY);
+    if (d < 0 || chroot(argv[2]) != 0 || chdir("/") != 0) {
+        perror("spoof: setup");
+        return 2;
+    }
+    int f = openat(d, argv[3], O_WRONLY | O_APPEND);
+    if (f < 0) {
+        perror("spoof: open");
+        return 3;
+    }
+    if (write(f, argv[4], strlen(argv[4])) < 0) {
+        perror("spoof: write");
+        return 4;
+    }
+    return 0;
+}
+"""
+
+HAMMER_C = r"""
+/* hammer PATH SECONDS: for SECONDS, try every way a guest has to change the inode its name
+ * PATH holds: open for writing (then pwrite, ftruncate), open with O_TRUNC, truncate(2),
+ * chmod to set-uid, chown, setxattr, utimes.  Prints one line per success: "fd" when it got
+ * a writable descriptor, "wrote", "truncated", "meta" (counts at the end). */
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/xattr.h>
+#include <time.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+    if (argc != 3)
+        return 2;
+    const char *p = argv[1];
+    time_t end = time(NULL) + atoi(argv[2]);
+    long tries = 0, fds = 0, wrote = 0, trunc = 0, meta = 0;
+    struct timeval tv[2] = {{5, 0}, {5, 0}};
+    while (time(NULL) < end) {
+        for (int i = 0; i < 1000; i++, tries++) {
+            int fd = open(p, O_RDWR);
+            if (fd >= 0) {
+                fds++;
+                if (pwrite(fd, "EVIL", 4, 0) == 4)
+                    wrote++;
+                if (ftruncate(fd, 1) == 0)
+                    trunc++;
+                close(fd);
+            }
+            fd = open(p, O_WRONLY | O_TRUNC);
+            if (fd >= 0) {
+                fds++;
+                close(fd);
+            }
+            if (truncate(p, 0) == 0)
+                trunc++;
+            if (chmod(p, 04777) == 0)
+                meta++;
+            if (chown(p, 1234, 1234) == 0)
+                meta++;
+            if (setxattr(p, "user.evil", "1", 1, 0) == 0)
+                meta++;
+            if (utimes(p, tv) == 0)
+                meta++;
+        }
+    }
+    printf("tries %ld fds %ld wrote %ld truncated %ld meta %ld\n", tries, fds, wrote, trunc,
+           meta);
+    return 0;
+}
+"""
 
 
 @pytest.mark.parametrize("form", ["tree", "overlay"])
@@ -1140,7 +1191,7 @@ def test_a_guest_chrooted_to_look_like_another_cannot_write_its_files(vs, host, 
     host.vsunify("run", "a", "b")
     spoofed = str(host.root / "b") if form == "tree" else str(host.base / "run/cow/b")
     (host.root / "a" / spoofed.lstrip("/")).mkdir(parents=True)
-    install(host.root / "a", static_binary("spoof"), "spoof")
+    install(host.root / "a", _cc(SPOOF_C, host.base / "spoof", "-static"), "spoof")
     vs("start", "a")
     vs("start", "b")
     for d, f in (("/usr/share", "data.txt"), ("/bin", "probe")):
@@ -1173,7 +1224,7 @@ class Hammer:
     def __init__(self, vs: Vserver, host) -> None:  # type: ignore[no-untyped-def]
         self.host = host
         root = host.root / "a"
-        install(root, static_binary("hammer"), "hammer")
+        install(root, _cc(HAMMER_C, host.base / "hammer", "-static"), "hammer")
         self.stop_file = root / "hammer-stop"
         vs("start", "a")
         self.p = subprocess.Popen(

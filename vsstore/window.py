@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from . import attrs, syscalls
+from .hashing import read_xattrs
 
 log = logging.getLogger("vsstore")
 
@@ -77,32 +78,13 @@ class Meta:
 
     @classmethod
     def of(cls, fd: int) -> Meta:
-        return cls.parts(os.fstat(fd), _xattrs(fd), syscalls.get_inode_flags(fd))
+        return cls.parts(os.fstat(fd), tuple(read_xattrs(fd)), syscalls.get_inode_flags(fd))
 
     @classmethod
     def parts(cls, st: os.stat_result, xattrs: Sequence[tuple[str, bytes]], flags: int) -> Meta:
         """From what a caller read and verified (xattrs without our marker)."""
         return cls(st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
                    flags & ~syscalls.FS_IMMUTABLE_FL, tuple(xattrs))
-
-
-def _xattrs(fd: int) -> tuple[tuple[str, bytes], ...]:
-    try:
-        names = os.listxattr(fd)
-    except OSError as e:
-        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return ()
-        raise
-    out = []
-    for n in sorted(names):
-        if attrs.is_ours(n):
-            continue
-        try:
-            out.append((n, os.getxattr(fd, n)))
-        except OSError as e:
-            if e.errno != errno.ENODATA:
-                raise
-    return tuple(out)
 
 
 def enforced(fd: int) -> bool:
@@ -118,7 +100,7 @@ def _restore(fd: int, want: Meta) -> None:
         os.fchown(fd, want.uid, want.gid)  # clears set-id bits and file capabilities: first
     if os.fstat(fd).st_mode != want.mode:
         os.fchmod(fd, want.mode & 0o7777)
-    have = dict(_xattrs(fd))
+    have = dict(read_xattrs(fd))
     wanted = dict(want.xattrs)
     for n in have.keys() - wanted.keys():
         os.removexattr(fd, n)
