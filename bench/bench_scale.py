@@ -85,7 +85,7 @@ def one_size(n: int) -> dict[str, object]:
         if n == max(SIZES):
             before = du(base / "vservers")
             t1 = time.monotonic()
-            host.cli("vsstore.vserver_cli", "clone1", "build", "-m", "clone", "--",
+            host.cli("vsstore.lifecycle.cli", "clone1", "build", "-m", "clone", "--",
                      "--source", names[0])
             res["clone_s"] = time.monotonic() - t1
             res["clone_bytes"] = du(base / "vservers") - before

@@ -40,7 +40,7 @@ class Host:
         return p
 
     def vserver(self, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.cli("vsstore.vserver_cli", name, *args, check=check)
+        return self.cli("vsstore.lifecycle.cli", name, *args, check=check)
 
     def remove(self) -> None:
         """Unseal and remove everything below ``base`` (after the guests are stopped)."""

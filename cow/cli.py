@@ -5,15 +5,14 @@ import argparse
 import os
 import sys
 
-from vsstore.clitools import run_cli
+from vsstore.clitools import common_options, run_cli
 from vsstore.config import Paths, resolve_guest
 from vsstore.errors import EXIT_OK, ConfigError
 
 from . import control
 
 
-def cmd_mount(args: argparse.Namespace) -> int:
-    paths = Paths.from_env()
+def cmd_mount(args: argparse.Namespace, paths: Paths) -> int:
     guests = {}
     for arg in args.guests:
         g = resolve_guest(arg, paths)
@@ -26,38 +25,36 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_add(args: argparse.Namespace) -> int:
-    paths = Paths.from_env()
+def cmd_add(args: argparse.Namespace, paths: Paths) -> int:
     g = resolve_guest(args.guest, paths)
     control.add(paths, args.at, g.name, str(g.root))
     return EXIT_OK
 
 
-def cmd_remove(args: argparse.Namespace) -> int:
-    control.remove(Paths.from_env(), args.at, args.name)
+def cmd_remove(args: argparse.Namespace, paths: Paths) -> int:
+    control.remove(paths, args.at, args.name)
     return EXIT_OK
 
 
-def cmd_attach(args: argparse.Namespace) -> int:
+def cmd_attach(args: argparse.Namespace, paths: Paths) -> int:
     try:
         fd = os.open(f"/proc/{args.pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise ConfigError(f"--pid {args.pid}: {e.strerror}; give a running process of the "
                           f"guest") from None
     try:
-        control.attach(Paths.from_env(), args.at, args.name, fd)
+        control.attach(paths, args.at, args.name, fd)
     finally:
         os.close(fd)
     return EXIT_OK
 
 
-def cmd_umount(args: argparse.Namespace) -> int:
-    control.umount(Paths.from_env(), args.at)
+def cmd_umount(args: argparse.Namespace, paths: Paths) -> int:
+    control.umount(paths, args.at)
     return EXIT_OK
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    paths = Paths.from_env()
+def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
     for m, _src in control.mounts():
         st = control.state(paths, m) or {}
         guests = " ".join(sorted(st.get("guests", {}))) or "-"
@@ -69,27 +66,27 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vscow", description="The copy-on-write overlay: guests "
                                 "see a writable tree; writes to shared files give the guest its "
                                 "own copy; memory stays shared for what is not written.")
-    p.add_argument("--debug", action="store_true")
+    common = common_options()
     sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("mount", help="mount one overlay serving the guests")
+    m = sub.add_parser("mount", parents=[common], help="mount one overlay serving the guests")
     m.add_argument("--at", required=True, metavar="DIR")
     m.add_argument("--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("--log", metavar="FILE", help="the daemon's log (default: vscow.log in "
                    "$VSSTORE_LOGDIR, /var/log/vsstore)")
     m.add_argument("guests", nargs="+", metavar="GUEST")
     m.set_defaults(func=cmd_mount)
-    u = sub.add_parser("umount", help="unmount an overlay")
+    u = sub.add_parser("umount", parents=[common], help="unmount an overlay")
     u.add_argument("at", metavar="DIR")
     u.set_defaults(func=cmd_umount)
-    a = sub.add_parser("add", help="serve one more guest in a running overlay")
+    a = sub.add_parser("add", parents=[common], help="serve one more guest in a running overlay")
     a.add_argument("at", metavar="DIR")
     a.add_argument("guest", metavar="GUEST")
     a.set_defaults(func=cmd_add)
-    r = sub.add_parser("remove", help="stop serving a guest")
+    r = sub.add_parser("remove", parents=[common], help="stop serving a guest")
     r.add_argument("at", metavar="DIR")
     r.add_argument("name", metavar="NAME")
     r.set_defaults(func=cmd_remove)
-    t = sub.add_parser("attach", help="writes from the pid namespace of process PID (and "
+    t = sub.add_parser("attach", parents=[common], help="writes from the pid namespace of process PID (and "
                        "namespaces nested in it) are guest NAME's (vserver does this for the "
                        "guests it starts; any other process of a guest is refused writes to "
                        "shared files)")
@@ -97,13 +94,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("name", metavar="NAME")
     t.add_argument("--pid", type=int, required=True)
     t.set_defaults(func=cmd_attach)
-    s = sub.add_parser("status", help="what is mounted")
+    s = sub.add_parser("status", parents=[common], help="what is mounted")
     s.set_defaults(func=cmd_status)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("vscow", parser(), lambda a: a.func(a), argv)
+    return run_cli("vscow", parser(), lambda a, paths: a.func(a, paths), argv)
 
 
 if __name__ == "__main__":

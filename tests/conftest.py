@@ -197,3 +197,16 @@ def flags(p: Path) -> str:
         return attrs.read_attrs(fd).letters()
     finally:
         os.close(fd)
+
+
+@pytest.fixture
+def vs(host: Host) -> Iterator[object]:
+    """A ``vserver`` runner for this test's host (tests/guests.py); afterwards every guest
+    with a run state is stopped (or killed, never a reused pid) and the overlay unmounted,
+    also when the test failed."""
+    from guests import Vserver, leave_nothing
+    v = Vserver(host)
+    try:
+        yield v
+    finally:
+        leave_nothing(v, host)

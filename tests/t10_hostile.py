@@ -27,42 +27,22 @@ import uuid
 from pathlib import Path
 
 import pytest
+from guests import IDLE, Vserver, eventually, gone, host_mounts, pid_ns, procs_in_ns
 
 from conftest import REPO, flags, inode
-from t7_lifecycle import (
-    IDLE,
-    Vserver,
-    _eventually,
-    _gone,
-    _host_mounts,
-    _pid_ns,
-    _procs_in_ns,
-    leave_nothing,
-)
-from vsstore import cgroups, enter
 from vsstore.errors import EXIT_CONFIG, UnsupportedError
+from vsstore.lifecycle import cgroups, helper
 
 LAYOUT = cgroups.detect()
 needs_cgroups = pytest.mark.skipif(LAYOUT.version == 0, reason=f"no cgroups: {LAYOUT.why}")
 
 
-@pytest.fixture
-def vs(host):  # type: ignore[no-untyped-def]
-    """t7's ``vserver`` runner; afterwards every guest with a run state is stopped (or
-    killed, never a reused pid) and the overlay unmounted, also when the test failed."""
-    v = Vserver(host)
-    try:
-        yield v
-    finally:
-        leave_nothing(v, host)
-
-
 def _leftovers(host, st: dict, ns_ino: int) -> list[str]:  # type: ignore[no-untyped-def]
     """What a stopped guest left behind: processes, mounts, its cgroup, its run state."""
-    out = [f"process {p}" for p in _procs_in_ns(ns_ino)]
-    out += [f"mount {m}" for m in _host_mounts() if str(host.root) in m]
+    out = [f"process {p}" for p in procs_in_ns(ns_ino)]
+    out += [f"mount {m}" for m in host_mounts() if str(host.root) in m]
     out += [f"cgroup {d}" for d in st["cgroup"].values() if os.path.exists(d)]
-    if not _gone(st["monitor_pid"]):
+    if not gone(st["monitor_pid"]):
         out.append(f"monitor {st['monitor_pid']}")
     if (host.base / "run/guests" / f"{st['name']}.json").exists():
         out.append("run state")
@@ -150,7 +130,7 @@ class Admin:
         self.out = b""
         self.pos = 0  # expect() looks past what it matched already
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "vsstore.vserver_cli", *args], cwd=REPO,
+            [sys.executable, "-m", "vsstore.lifecycle.cli", *args], cwd=REPO,
             env={**vs.env, "TERM": "xterm"},
             stdin=self.slave if stdin is None else stdin,
             stdout=self.slave if stdout is None else stdout, stderr=self.slave,
@@ -217,11 +197,11 @@ class Admin:
             termios.tcsetattr(self.slave, termios.TCSANOW, saved)
 
 
-def _holders(dev_ino: tuple[int, int], pid_ns: int | None) -> list[str]:
+def _holders(dev_ino: tuple[int, int], ns_ino: int | None) -> list[str]:
     """Every descriptor that a process of the pid namespace holds on the file ``dev_ino``."""
     out = []
     for d in os.listdir("/proc"):
-        if not d.isdigit() or _pid_ns(int(d)) != pid_ns:
+        if not d.isdigit() or pid_ns(int(d)) != ns_ino:
             continue
         try:
             fds = os.listdir(f"/proc/{d}/fd")
@@ -382,7 +362,7 @@ def test_tiocsti_from_inside_enter_reaches_only_the_guests_own_pty(vs, host, tio
         a.send(b"tiocsti tty 'echo $((6*7)) > /var/tmp/injected\\n'\n")
         a.expect(b"pushed")
         # the guest's shell read it: the text went to the guest's own terminal
-        assert _eventually(lambda: (root / "var/tmp/injected").exists(), 10)
+        assert eventually(lambda: (root / "var/tmp/injected").exists(), 10)
         assert (root / "var/tmp/injected").read_text() == "42\n"
         # the classic: end the guest's shell, leave a command for the host's shell
         a.send(f"tiocsti tty 'exit\\necho PWNED > {marker}\\n'\n".encode())
@@ -428,7 +408,7 @@ def test_enter_relays_size_resize_ctrl_c_and_the_exit_code_and_restores_the_term
         a.expect(b"33 101")
         # no process of the guest holds the admin's terminal
         tty = os.fstat(a.slave)
-        assert _holders((tty.st_dev, tty.st_ino), _pid_ns(st["init_pid"])) == []
+        assert _holders((tty.st_dev, tty.st_ino), pid_ns(st["init_pid"])) == []
         a.send(b"sh -c 'trap \"echo GOT-WI\"\"NCH; exit\" WINCH; while :; do sleep 1; done'\n")
         time.sleep(1)
         a.resize(40, 120)  # SIGWINCH to vserver, the new size to the guest's pty
@@ -466,23 +446,23 @@ def test_a_terminal_answer_to_the_guests_last_query_is_not_typed_into_the_hosts_
 def test_the_helper_keeps_nothing_a_guest_process_could_use(vs, host):
     vs.guest("g1")
     vs("start", "g1")
-    guest_ns = _pid_ns(vs.state("g1")["init_pid"])
+    guest_ns = pid_ns(vs.state("g1")["init_pid"])
     with Admin(vs, "g1", "exec", "sleep", "30") as a:
-        assert _eventually(lambda: _children(a.p.pid), 10)
+        assert eventually(lambda: _children(a.p.pid), 10)
         waiter = _children(a.p.pid)[0]
         # the command runs (sleep, in the guest's pid namespace) only once its waiting half
         # has dropped everything
-        assert _eventually(lambda: any(_pid_ns(c) == guest_ns and
+        assert eventually(lambda: any(pid_ns(c) == guest_ns and
                                        _status(c)["Name"] == "sleep"
                                        for c in _children(waiter)), 10)
         st = _status(waiter)
         for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
             assert int(st[k], 16) == 0, (k, st[k])
-        assert len(st["NSpid"].split()) == 1 and _pid_ns(waiter) != guest_ns  # unseen inside
+        assert len(st["NSpid"].split()) == 1 and pid_ns(waiter) != guest_ns  # unseen inside
         assert [os.readlink(f"/proc/{waiter}/fd/{n}") for n in os.listdir(f"/proc/{waiter}/fd")
                 ] == ["anon_inode:[signalfd]"]
         command = _children(waiter)[0]
-        assert _pid_ns(command) == guest_ns
+        assert pid_ns(command) == guest_ns
         os.killpg(a.p.pid, signal.SIGTERM)  # passed on: vserver -> waiter -> the command
         assert a.wait() == 128 + signal.SIGTERM
     # a pid 1 of ours (sysv): no capabilities, and its descriptors are out of reach
@@ -503,12 +483,12 @@ def test_the_helper_keeps_nothing_a_guest_process_could_use(vs, host):
 # -- the helper itself ---------------------------------------------------------------------------
 
 def test_the_helper_is_static_checked_and_parses_strictly(host, tmp_path):
-    path = enter.binary(host.base / "state")
+    path = helper.binary(host.base / "state")
     image = path.read_bytes()
-    enter.check_static(image, str(path))
+    helper.check_static(image, str(path))
     with pytest.raises(UnsupportedError, match="interpreter"):
-        enter.check_static(Path("/bin/true").read_bytes(), "/bin/true")
-    fd = enter.load(path)
+        helper.check_static(Path("/bin/true").read_bytes(), "/bin/true")
+    fd = helper.load(path)
     assert os.readlink(f"/proc/self/fd/{fd}") == "/memfd:vsguest (deleted)"
     with pytest.raises(OSError):
         os.write(fd, b"x")  # sealed
@@ -568,8 +548,8 @@ def _errfd_from(fd: int):  # type: ignore[no-untyped-def]
 
 
 def test_a_forked_python_that_reached_a_guest_imports_nothing():
-    p = subprocess.run([sys.executable, "-c", "from vsstore import enter\n"
-                        "enter.seal_python()\n"
+    p = subprocess.run([sys.executable, "-c", "from vsstore.lifecycle import helper\n"
+                        "helper.seal_python()\n"
                         "for name in ('json', 'termios', 'xml.dom', 'encodings.cp437'):\n"
                         "    try:\n        __import__(name)\n    except ImportError:\n"
                         "        print('refused', name)\n"
@@ -589,7 +569,7 @@ def test_stop_succeeds_in_every_one_of_many_start_stop_cycles(vs, host):
     for i in range(80):
         vs("start", "g1")
         st = vs.state("g1")
-        ns_ino = _pid_ns(st["init_pid"])
+        ns_ino = pid_ns(st["init_pid"])
         p = vs("stop", "g1", check=False)
         assert p.returncode == 0, f"cycle {i}: stop exited {p.returncode}: {p.stderr}"
         assert _leftovers(host, st, ns_ino) == [], f"cycle {i}"
@@ -641,7 +621,7 @@ def test_stop_works_from_the_run_state_whatever_the_configuration_says_now(
                                                        "/var/log/stop-ran\n"})
     vs("start", "g1")
     st = vs.state("g1")
-    ns_ino = _pid_ns(st["init_pid"])
+    ns_ino = pid_ns(st["init_pid"])
     conf = host.conf / "g1"
     (conf / rel).parent.mkdir(parents=True, exist_ok=True)
     (conf / rel).write_text(text)
@@ -658,7 +638,7 @@ def test_stop_with_sigkill_as_stop_signal_needs_no_handler_and_no_timeout(vs, ho
                          "apps/init/stop-timeout": "3600\n"})  # waiting would hang here
     vs("start", "g1")
     st = vs.state("g1")
-    ns_ino = _pid_ns(st["init_pid"])
+    ns_ino = pid_ns(st["init_pid"])
     vs("stop", "g1")
     assert _leftovers(host, st, ns_ino) == []
     assert "init ended (signal 9)" in (host.base / "log/vserver-g1.log").read_text()
@@ -668,7 +648,7 @@ def test_stop_works_with_the_configuration_gone_and_an_old_run_state(vs, host):
     vs.guest("g1", init=IDLE)
     vs("start", "g1")
     st = vs.state("g1")
-    ns_ino = _pid_ns(st["init_pid"])
+    ns_ino = pid_ns(st["init_pid"])
     f = host.base / "run/guests/g1.json"
     old = {k: v for k, v in st.items() if k not in (
         "stop", "stop_signal", "stop_timeout", "keep_caps", "rlimits", "nice")}
@@ -852,7 +832,7 @@ def test_spaces_hostnet_shares_the_host_network_without_raw_sockets_and_warns(
     assert seen["packet socket"] == "Operation not permitted"  # CAP_NET_RAW is gone
     assert seen["tcp 127.0.0.1"] == "connected" and seen["abstract unix"] == "connected"
     vs("exec", "g1", "sh", "-c", f"echo hello | nc 127.0.0.1 {listeners.port}")
-    assert _eventually(lambda: ("tcp", b"hello\n") in listeners.got)
+    assert eventually(lambda: ("tcp", b"hello\n") in listeners.got)
     vs("stop", "g1")
     (host.conf / "g1/bcapabilities").write_text("CAP_NET_RAW\n")  # asked for by name
     vs("start", "g1")
@@ -888,7 +868,7 @@ def test_hostnet_and_interfaces_exclude_each_other(vs, host):
 # tests (the refusals below would otherwise be tried on '/' itself).
 SANDBOX = r"""
 import ctypes, json, os, sys
-from vsstore import ns
+from vsstore.lifecycle import ns
 libc = ctypes.CDLL(None, use_errno=True)
 class MountAttr(ctypes.Structure):
     _fields_ = [("set", ctypes.c_uint64), ("clr", ctypes.c_uint64),
@@ -906,7 +886,7 @@ readonly("/", True)
 readonly(writable, False)
 for src, dst in json.loads(os.environ.get("T10_BINDS", "[]")):
     ns.mount(src, dst, None, ns.MS_BIND)  # the sandbox's own mounts (one on another, too)
-from vsstore.vserver_cli import main
+from vsstore.lifecycle.cli import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -1053,7 +1033,7 @@ def test_delete_removes_a_hostile_tree_with_host_mounts_and_nothing_outside_it(
             mounted.append(dst)
         vs("delete", "g1", "--force")
         assert not root.exists() and not (host.conf / "g1").exists()
-        assert not [m for m in _host_mounts() if m.startswith(str(root))]
+        assert not [m for m in host_mounts() if m.startswith(str(root))]
         assert _outside(host, hostdir) == before
     finally:
         for m in reversed(mounted):
@@ -1228,7 +1208,7 @@ class Hammer:
         self.stop_file = root / "hammer-stop"
         vs("start", "a")
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "vsstore.vserver_cli", "a", "exec", "/bin/sh", "-c",
+            [sys.executable, "-m", "vsstore.lifecycle.cli", "a", "exec", "/bin/sh", "-c",
              "while [ ! -e /hammer-stop ]; do /hammer /usr/share/f0 1; done"],
             cwd=REPO, env=vs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

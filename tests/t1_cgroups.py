@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vsstore import cgroups
 from vsstore.errors import ConfigError
+from vsstore.lifecycle import cgroups
 
 
 def _limits(tmp_path, files: dict[str, str]) -> cgroups.Limits:

@@ -190,7 +190,7 @@ def test_vsattr_show_set_clear(host, tmp_path):
     f = host.base / "file"
     f.write_bytes(b"x" * 20)
     def vsattr(*a):
-        return subprocess.run([sys.executable, "-m", "vsstore.cli", *a], cwd=REPO,
+        return subprocess.run([sys.executable, "-m", "vsstore.vsattr", *a], cwd=REPO,
                               capture_output=True, text=True)
     assert vsattr("show", str(f)).stdout.split()[0] == "uia"
     assert vsattr("set", "--iunlink", str(f)).returncode == 0

@@ -4,140 +4,26 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import pytest
+from guests import (
+    BUSYBOX,
+    IDLE,
+    debian_guest,
+    eventually,
+    gone,
+    host_mounts,
+    pid_ns,
+    procs_in_ns,
+)
 
 from conftest import REPO, flags, inode
-from vsstore import attrs, cgroups
+from vsstore import attrs
 from vsstore.config import Paths
 from vsstore.errors import EXIT_CONFIG, EXIT_STATE
-from vsstore.lifecycle import alive
-from vsstore.vserver_cli import _unify_after
-
-BUSYBOX = "/bin/busybox"
-APPLETS = ["sh", "sleep", "ps", "mount", "mknod", "hostname", "cat", "ls", "echo", "id",
-           "true", "grep", "wc", "head", "stat"]
-IDLE = 'trap "exit 0" TERM; while :; do sleep 1 & wait; done'
-
-
-class Vserver:
-    def __init__(self, host) -> None:  # type: ignore[no-untyped-def]
-        self.host = host
-        self.env = {**os.environ, **host.env}
-
-    def __call__(self, cmd: str, name: str, *args: str, check: bool = True,
-                 input: str | None = None) -> subprocess.CompletedProcess[str]:
-        """``vserver NAME CMD ARGS...``"""
-        args = (name, cmd, *args)
-        p = subprocess.run([sys.executable, "-m", "vsstore.vserver_cli", *args], cwd=REPO,
-                           env=self.env, capture_output=True, text=True, timeout=120,
-                           input=input)
-        if check and p.returncode != 0:
-            raise AssertionError(f"vserver {' '.join(args)} -> {p.returncode}\n{p.stdout}\n"
-                                 f"{p.stderr}")
-        return p
-
-    def stat(self) -> list[dict]:
-        p = subprocess.run([sys.executable, "-c", "import sys; from vsstore.vserver_cli import "
-                            "stat_main; sys.exit(stat_main(['--json']))"], cwd=REPO,
-                           env=self.env, capture_output=True, text=True, check=True)
-        return json.loads(p.stdout)
-
-    def stat_memory(self) -> dict:
-        p = subprocess.run([sys.executable, "-c", "import sys; from vsstore.vserver_cli import "
-                            "stat_main; sys.exit(stat_main(['--json', '--memory']))"], cwd=REPO,
-                           env=self.env, capture_output=True, text=True, check=True)
-        return json.loads(p.stdout)
-
-    def guest(self, name: str, init: str = IDLE, files: dict[str, bytes] | None = None,
-              conf: dict[str, str] | None = None) -> Path:
-        """A skeleton guest with busybox; ``init`` is its /bin/sh -c script."""
-        self("build", name, "-m", "skeleton")
-        root = self.host.root / name
-        shutil.copy2(BUSYBOX, root / "bin" / "busybox")  # same mtime in every guest
-        for a in APPLETS:
-            os.symlink("busybox", root / "bin" / a)
-        for rel, data in (files or {}).items():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(data)
-            os.utime(root / rel, (1_600_000_000, 1_600_000_000))
-        c = self.host.conf / name
-        (c / "apps/init/cmd.start").write_text(f"/bin/sh\n-c\n{init}\n")
-        for rel, text in (conf or {}).items():
-            (c / rel).parent.mkdir(parents=True, exist_ok=True)
-            (c / rel).write_text(text)
-        return root
-
-    def state(self, name: str) -> dict | None:
-        f = self.host.base / "run" / "guests" / f"{name}.json"
-        return json.loads(f.read_text()) if f.exists() else None
-
-    def exec(self, name: str, *cmd: str) -> str:
-        return self("exec", name, *cmd).stdout  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def vs(host):
-    v = Vserver(host)
-    try:
-        yield v
-    finally:
-        leave_nothing(v, host)
-
-
-def leave_nothing(v: Vserver, host) -> None:  # type: ignore[no-untyped-def]
-    """Whatever a failing test left: stop, kill (never a reused pid), unmount."""
-    for f in sorted((host.base / "run/guests").glob("*.json")):
-        st = json.loads(f.read_text())
-        v("stop", st["name"], check=False)
-        for pid, started in ((st["init_pid"], st["init_start"]),
-                             (st["monitor_pid"], st["monitor_start"])):
-            if alive(pid, started):  # stop failed
-                os.kill(pid, signal.SIGKILL)
-    cow = host.base / "run" / "cow"
-    if cow.exists() and str(cow) in _host_mounts():
-        subprocess.run(["fusermount3", "-u", "-z", str(cow)], check=False)
-
-
-def _host_mounts() -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f]
-
-
-def _pid_ns(pid: int) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}/ns/pid").st_ino
-    except OSError:
-        return None
-
-
-def _gone(pid: int) -> bool:
-    """Ended (a zombie waiting for whichever process adopted it counts as ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
-def _procs_in_ns(ns_ino: int) -> list[int]:
-    return [int(d) for d in os.listdir("/proc") if d.isdigit() and _pid_ns(int(d)) == ns_ino]
-
-
-def _eventually(check, seconds: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
-
+from vsstore.lifecycle import cgroups
+from vsstore.lifecycle.cli import _unify_after
 
 # -- build ------------------------------------------------------------------------------
 
@@ -211,7 +97,7 @@ def test_a_started_guest_sees_its_own_processes_hostname_and_mounts(vs, host):
         ["full", "null", "ptmx", "pts", "random", "shm", "tty", "urandom", "zero", "fd",
          "stdin", "stdout", "stderr"])
     st = vs.state("g1")
-    assert _procs_in_ns(_pid_ns(st["init_pid"]))  # the guest's processes, seen from the host
+    assert procs_in_ns(pid_ns(st["init_pid"]))  # the guest's processes, seen from the host
     assert "is running" in vs("status", "g1").stdout
     assert vs("running", "g1").returncode == 0
 
@@ -239,7 +125,7 @@ def test_an_fstab_target_behind_a_symlink_is_mounted_inside_the_guest(vs, host):
     os.symlink(str(outside), root / "mnt/escape")  # absolute: leads out, if followed naively
     (root / str(outside).lstrip("/")).mkdir(parents=True)  # where it leads inside the guest
     vs("start", "g1")
-    assert str(outside) not in _host_mounts()
+    assert str(outside) not in host_mounts()
     inside = [ln.split()[1] for ln in vs.exec("g1", "cat", "/proc/mounts").splitlines()]
     assert str(outside) in inside  # resolved as the guest sees it: in its own tree
     vs.exec("g1", "sh", "-c", "echo in-tmpfs > /mnt/escape/f")
@@ -317,12 +203,12 @@ def test_stop_leaves_no_process_and_no_mount_even_if_init_ignores_sigterm(vs, ho
              conf={"apps/init/stop-timeout": "1\n"})
     vs("start", "g1")
     st = vs.state("g1")
-    ns_ino = _pid_ns(st["init_pid"])
-    assert len(_procs_in_ns(ns_ino)) >= 4
+    ns_ino = pid_ns(st["init_pid"])
+    assert len(procs_in_ns(ns_ino)) >= 4
     vs("stop", "g1")
-    assert _procs_in_ns(ns_ino) == []
-    assert _gone(st["monitor_pid"])
-    assert not any(str(host.root) in m for m in _host_mounts())
+    assert procs_in_ns(ns_ino) == []
+    assert gone(st["monitor_pid"])
+    assert not any(str(host.root) in m for m in host_mounts())
     assert vs.state("g1") is None
     vs("start", "g1")  # and it starts again
     assert vs("running", "g1").returncode == 0
@@ -332,8 +218,8 @@ def test_a_guest_whose_init_exits_is_cleaned_up(vs, host):
     vs.guest("g1", init="sleep 1")
     vs("start", "g1")
     st = vs.state("g1")
-    assert _eventually(lambda: vs.state("g1") is None)
-    assert _gone(st["monitor_pid"])
+    assert eventually(lambda: vs.state("g1") is None)
+    assert gone(st["monitor_pid"])
     assert "init ended (exit 0)" in (host.base / "log/vserver-g1.log").read_text()
 
 
@@ -344,7 +230,7 @@ def test_sysv_style_keeps_the_guest_up_after_rc_returns(vs, host):
     (root / "etc/init.d/rc").write_text("#!/bin/sh\necho rc $1 >> /var/log/rc.log\n")
     os.chmod(root / "etc/init.d/rc", 0o755)
     vs("start", "g1")
-    assert _eventually(lambda: (root / "var/log/rc.log").exists())
+    assert eventually(lambda: (root / "var/log/rc.log").exists())
     assert vs("running", "g1").returncode == 0  # rc 3 returned; the guest stays
     init = vs.state("g1")["init_pid"]
     assert os.readlink(f"/proc/{init}/exe") == "/memfd:vsguest (deleted)"  # our helper
@@ -363,7 +249,7 @@ def test_vserver_stat_agrees_with_an_independent_count(vs, host):
     rows = {r["name"]: r for r in vs.stat()}
     assert set(rows) == {"g1", "g2"}
     for name, row in rows.items():
-        procs = _procs_in_ns(_pid_ns(vs.state(name)["init_pid"]))
+        procs = procs_in_ns(pid_ns(vs.state(name)["init_pid"]))
         assert row["processes"] == len(procs)
         rss = 0
         for pid in procs:
@@ -387,7 +273,7 @@ def test_a_dangling_vdir_breaks_neither_build_nor_stat_nor_unify_of_other_guests
     assert inode(host.root / "g1/bin/busybox") == inode(host.root / "g2/bin/busybox")
     vs("start", "g1")
     assert [r["name"] for r in vs.stat()] == ["g1"]
-    p = subprocess.run([sys.executable, "-c", "import sys; from vsstore.vserver_cli import "
+    p = subprocess.run([sys.executable, "-c", "import sys; from vsstore.lifecycle.cli import "
                         "stat_main; sys.exit(stat_main([]))"], cwd=REPO, env=vs.env,
                        capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.rstrip().endswith(" g1"), p
@@ -418,7 +304,7 @@ def test_a_cow_guest_changes_a_shared_file_while_another_still_sees_the_original
     p = host.vsunify("run", "g1", check=False)
     assert p.returncode != 0 and "cow overlay" in p.stderr
     vs("stop", "g1")
-    assert str(host.base / "run/cow") not in _host_mounts()  # nobody else used it
+    assert str(host.base / "run/cow") not in host_mounts()  # nobody else used it
     assert vs.exec("g2", "cat", "/usr/share/data").encode() == shared
 
 
@@ -440,24 +326,6 @@ def test_a_configured_interface_is_a_veth_pair_reaching_the_guest(vs, host):
     vs("stop", "g1")
     assert subprocess.run(["ip", "link", "show", "vs77g1.0"],
                           capture_output=True).returncode != 0
-
-
-CORPUS = Path(os.environ.get("VSSTORE_BENCH_CACHE", "/var/cache/vsstore-bench")) / "debian"
-
-
-@pytest.mark.skipif(not (CORPUS / "bookworm-minbase/.complete").exists(),
-                    reason=f"no Debian corpus in {CORPUS}: run bench/corpus.sh "
-                           f"(scripts/setup test does)")
-def debian_guest(host, name: str) -> Path:  # type: ignore[no-untyped-def]
-    """A configured guest copied from the cached corpus (bookworm minbase), of style none
-    (no systemd: services come by exec)."""
-    root = host.root / name
-    subprocess.run(["cp", "-a", str(CORPUS / "bookworm-minbase"), str(root)], check=True)
-    c = host.conf / name
-    (c / "apps/init").mkdir(parents=True)
-    os.symlink(root, c / "vdir")
-    (c / "apps/init/style").write_text("none\n")
-    return root
 
 
 def test_unified_debian_guests_run_one_through_cow_one_directly(vs, host):
@@ -484,8 +352,8 @@ def test_unified_debian_guests_run_one_through_cow_one_directly(vs, host):
     vs("stop", "deb1")
     vs("stop", "deb2")
     for st in (st1, st2):
-        assert _gone(st["init_pid"]) and _gone(st["monitor_pid"])
-    assert not any(str(host.base) in m for m in _host_mounts())
+        assert gone(st["init_pid"]) and gone(st["monitor_pid"])
+    assert not any(str(host.base) in m for m in host_mounts())
 
 
 def _mapped_inodes(pid: int) -> set[tuple[str, int]]:

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from guests import CORPUS, Vserver, debian_guest, eventually, host_mounts
 
 from conftest import REPO, flags, inode
-from t7_lifecycle import CORPUS, Vserver, _eventually, _host_mounts, debian_guest
 
 pytestmark = pytest.mark.skipif(
     not (CORPUS / "bookworm-minbase/.complete").exists(),
@@ -102,7 +102,7 @@ def _upgrade_flow(vs, host, running: bool) -> None:  # type: ignore[no-untyped-d
     _verify(vs, "a", running)
     _verify(vs, "b", False)
     # b upgrades too, through vapt-get (a local .deb, no network): then both share v2
-    p = subprocess.run([sys.executable, "-c", "import sys; from vsstore.vserver_cli import "
+    p = subprocess.run([sys.executable, "-c", "import sys; from vsstore.lifecycle.cli import "
                         "vapt_get_main as m; sys.exit(m(sys.argv[1:]))", "b", "--", "install",
                         "-y", vs.pkgs["2.0"]], cwd=REPO, env=vs.env, capture_output=True,
                        text=True)
@@ -118,7 +118,7 @@ def _upgrade_flow(vs, host, running: bool) -> None:  # type: ignore[no-untyped-d
     assert not (a / VERSION).exists()
     assert (b / VERSION).read_bytes() == V2 and (b / SAME_F).read_bytes() == SAME
     _verify(vs, "b", False)
-    assert not any("vscow" in m or "/run/cow" in m for m in _host_mounts()
+    assert not any("vscow" in m or "/run/cow" in m for m in host_mounts()
                    if str(host.base) in m)  # no temporary overlay left
 
 
@@ -148,7 +148,7 @@ def test_a_killed_upgrade_leaves_no_mount_behind(debs, host):
     cow = str(host.base / "run/cow")
     p = debs("exec", "a", "--cow", "sh", "-c", "kill -9 $$", check=False)
     assert p.returncode == 137
-    assert cow not in _host_mounts()
+    assert cow not in host_mounts()
     # the vserver process itself signalled, then killed outright
     proc = _exec_cow_in_background(debs, cow, "sleep", "60")
     try:
@@ -157,7 +157,7 @@ def test_a_killed_upgrade_leaves_no_mount_behind(debs, host):
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     finally:
         proc.kill()
-    assert cow not in _host_mounts()
+    assert cow not in host_mounts()
     proc = _exec_cow_in_background(debs, cow, "sleep", "2")
     proc.kill()  # no clean-up at all: its share is swept by the next exec --cow
     proc.wait()
@@ -165,14 +165,14 @@ def test_a_killed_upgrade_leaves_no_mount_behind(debs, host):
     state = json.loads(next((host.base / "run/vscow").glob("*.json")).read_text())
     assert f"a~{proc.pid}" in state["guests"]
     assert debs("exec", "b", "--cow", "true").returncode == 0  # sweeps the stale share
-    assert cow not in _host_mounts()
+    assert cow not in host_mounts()
 
 
 def _exec_cow_in_background(vs, cow: str, *cmd: str) -> subprocess.Popen:  # type: ignore[no-untyped-def]
     """``vserver a exec --cow CMD`` started, returned once the overlay is mounted."""
-    proc = subprocess.Popen([sys.executable, "-m", "vsstore.vserver_cli", "a", "exec",
+    proc = subprocess.Popen([sys.executable, "-m", "vsstore.lifecycle.cli", "a", "exec",
                              "--cow", *cmd], cwd=REPO, env=vs.env)
-    if not _eventually(lambda: cow in _host_mounts()):
+    if not eventually(lambda: cow in host_mounts()):
         proc.kill()
         raise AssertionError("the overlay never came up")
     return proc

@@ -9,26 +9,14 @@ import subprocess
 import sys
 
 import pytest
+from guests import IDLE, eventually, gone, pid_ns, procs_in_ns
 
 from conftest import REPO
-from t7_lifecycle import IDLE, Vserver, _eventually, _gone, _pid_ns, _procs_in_ns
-from vsstore import cgroups
 from vsstore.errors import EXIT_CONFIG
-from vsstore.lifecycle import guest_cgroup
+from vsstore.lifecycle import cgroups, guest_cgroup
 
 LAYOUT = cgroups.detect()
 pytestmark = pytest.mark.skipif(LAYOUT.version == 0, reason=f"no cgroups here: {LAYOUT.why}")
-
-
-@pytest.fixture
-def vs(host):  # type: ignore[no-untyped-def]
-    v = Vserver(host)
-    try:
-        yield v
-    finally:
-        for c in sorted(host.conf.glob("*")) if host.conf.exists() else []:
-            if v.state(c.name):
-                v("stop", c.name, check=False)
 
 
 def _cg(vs, name: str) -> cgroups.GuestCgroup:  # type: ignore[no-untyped-def]
@@ -60,13 +48,13 @@ def test_pids_max_bounds_a_fork_bomb_and_the_host_goes_on(vs, host):
     p = vs("exec", "g1", "sh", "-c", "i=0; while [ $i -lt 100 ]; do sleep 100 </dev/null "
                                      ">/dev/null 2>&1 & i=$((i+1)); done 2>/dev/null; "
                                      "echo started", check=False)
-    procs = _procs_in_ns(_pid_ns(vs.state("g1")["init_pid"]))
+    procs = procs_in_ns(pid_ns(vs.state("g1")["init_pid"]))
     assert len(procs) <= 30
     assert len(_cg(vs, "g1").pids()) <= 30
     assert subprocess.run(["true"]).returncode == 0  # the host can still fork
     assert "started" in p.stdout or p.returncode != 0
     vs("stop", "g1")
-    assert _procs_in_ns(_pid_ns(os.getpid())) != []
+    assert procs_in_ns(pid_ns(os.getpid())) != []
 
 
 def test_memory_max_stops_a_greedy_process_and_the_rest_go_on(vs, host):
@@ -102,10 +90,10 @@ def test_stop_ends_a_process_that_escaped_with_setsid_and_a_double_fork(vs, host
             "sh -c 'sleep 1000 </dev/null >/dev/null 2>&1 &' </dev/null >/dev/null 2>&1 &")
     cg = _cg(vs, "g1")
     st = vs.state("g1")
-    assert _eventually(lambda: len(cg.pids()) >= 3)
+    assert eventually(lambda: len(cg.pids()) >= 3)
     escaped = [p for p in cg.pids() if p != st["init_pid"]]
     vs("stop", "g1")
-    assert all(_gone(p) for p in escaped)
+    assert all(gone(p) for p in escaped)
     assert not any(d.exists() for d in cg.dirs.values())
 
 
@@ -114,18 +102,18 @@ def test_vserver_stat_agrees_with_proc(vs, host):
     (host.root / "g1/bin/tr").symlink_to("busybox")
     vs("start", "g1")
     st = vs.state("g1")
-    procs = _procs_in_ns(_pid_ns(st["init_pid"]))
-    assert _eventually(lambda: _anon(procs) > 25_000_000)
-    p = subprocess.run([sys.executable, "-c", "import sys; from vsstore.vserver_cli import "
+    procs = procs_in_ns(pid_ns(st["init_pid"]))
+    assert eventually(lambda: _anon(procs) > 25_000_000)
+    p = subprocess.run([sys.executable, "-c", "import sys; from vsstore.lifecycle.cli import "
                         "stat_main; sys.exit(stat_main(['--json']))"], cwd=REPO, env=vs.env,
                        capture_output=True, text=True, check=True)
     row = next(r for r in json.loads(p.stdout) if r["name"] == "g1")
-    procs = _procs_in_ns(_pid_ns(st["init_pid"]))
+    procs = procs_in_ns(pid_ns(st["init_pid"]))
     assert row["processes"] == len(procs) == row["cgroup"]["processes"]
     anon = _anon(procs)
     assert abs(row["cgroup"]["memory_anon"] - anon) <= 0.1 * anon
     assert row["cgroup"]["memory"] >= row["cgroup"]["memory_anon"]
-    table = subprocess.run([sys.executable, "-c", "import sys; from vsstore.vserver_cli "
+    table = subprocess.run([sys.executable, "-c", "import sys; from vsstore.lifecycle.cli "
                             "import stat_main; sys.exit(stat_main([]))"], cwd=REPO,
                            env=vs.env, capture_output=True, text=True, check=True).stdout
     assert "CHARGED" in table and "g1" in table

@@ -8,23 +8,18 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
-from vsstore import pkgdb
-from vsstore.clitools import raise_open_files_limit, run_cli
+from vsstore.clitools import common_options, run_cli
 from vsstore.config import Guest, Paths, configured_guests, resolve_guest
-from vsstore.errors import EXIT_OK, EXIT_PARTIAL, BusyError, ConfigError
-from vsstore.excludes import ExcludeList, build_excludes
-from vsstore.index import Index
-from vsstore.lock import exclusive
+from vsstore.errors import EXIT_OK, EXIT_PARTIAL, ConfigError
+from vsstore.excludes import ExcludeList
 from vsstore.names import shown
-from vsstore.runtime import cow_served
 from vsstore.safetree import GuestTree
 from vsstore.store import Store
 
-from . import engine, htmlreport, maintain, prom, report
+from . import api, htmlreport, maintain, prom, report
 from .progress import Progress, human
 
 log = logging.getLogger("vsstore")
@@ -51,104 +46,35 @@ def _guests(args: argparse.Namespace, paths: Paths) -> tuple[list[Guest], list[s
     return [resolve_guest(n, paths) for n in names], []
 
 
-def _refuse_mounted(guests: list[Guest], paths: Paths) -> None:
-    """Relinking under a running cow overlay would leave its view stale: refuse."""
-    served = cow_served(paths)
-    for g in guests:
-        at = served.get(os.path.realpath(g.root))
-        if at is not None:
-            raise BusyError(f"guest '{shown(g.name)}' ({shown(g.root)}) is mounted through the "
-                            f"cow overlay at {shown(at)}; unify it while it is not (`vserver "
-                            f"{shown(g.name)} stop`, or `vscow umount {shown(at)}`), or leave "
-                            f"it out")
-
-
-def _skip_package_managers(guests: list[Guest]) -> tuple[list[Guest], list[str]]:
-    """Leave out guests in which a package manager holds its lock now (their files are
-    changing); returns the others and a message per guest left out."""
-    from vsstore.pkgdb.locks import held
-    keep, skipped = [], []
-    for g in guests:
-        with GuestTree(g.root, g.name) as t:
-            locks = held(t)
-        if locks:
-            rel, pid = locks[0]
-            skipped.append(f"guest '{shown(g.name)}' skipped: a package manager (pid {pid}) "
-                           f"holds /{shown(rel)}; it is unified on the next run")
-        else:
-            keep.append(g)
-    return keep, skipped
-
-
 def _store_path(args: argparse.Namespace, paths: Paths) -> Path:
     return Path(args.store) if args.store else paths.default_store
 
 
 def _excludes(args: argparse.Namespace, g: Guest, paths: Paths) -> ExcludeList:
-    provided = []
-    if not args.no_pkgdb_excludes:
-        with GuestTree(g.root, g.name) as tree:
-            provided, warnings = pkgdb.config_rules(tree)
-        for w in warnings:
-            log.warning("%s", w)
-    return build_excludes(cli=args.exclude or [], guest_file=g.exclude_file,
-                          host_file=paths.host_exclude_file, provided=provided,
-                          use_default=not args.no_default_excludes)
+    return api.guest_excludes(g, paths, tuple(args.exclude or ()), not args.no_default_excludes,
+                              not args.no_pkgdb_excludes)
 
 
-@contextmanager
-def _locked(paths: Paths) -> Iterator[None]:
-    with exclusive(paths.rundir / "vsunify.lock", "vsunify run"):
-        yield
-
-
-def _index(stack: ExitStack, paths: Paths) -> Index:
-    idx = Index(paths.index_file)
-    stack.callback(idx.close)
-    if idx.warning:
-        print(f"vsunify: warning: {idx.warning}", file=sys.stderr)
-    return idx
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    raise_open_files_limit()
-    paths = Paths.from_env()
-    if args.min_size < 1:
-        raise ConfigError("--min-size must be at least 1")
+def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     guests, left_out = _guests(args, paths)
-    if not args.dry_run:
-        _refuse_mounted(guests, paths)
-    guests, skipped = _skip_package_managers(guests)
-    skipped = left_out + skipped
-    for msg in skipped:
-        print(f"vsunify: {msg}", file=sys.stderr)
-    if skipped and not guests:
-        raise BusyError("every guest named has a package manager at work; try again later")
-    excl = {g.name: _excludes(args, g, paths) for g in guests}
-    opts = engine.Options(min_size=args.min_size, ignore_mtime=args.ignore_mtime,
+    opts = api.RunOptions(min_size=args.min_size, ignore_mtime=args.ignore_mtime,
                           immutable=not args.no_immutable and os.geteuid() == 0,
-                          dry_run=args.dry_run, jobs=args.jobs)
-    with ExitStack() as stack:
-        stack.enter_context(_locked(paths))
-        index = _index(stack, paths)
-        store = stack.enter_context(Store(_store_path(args, paths), create=not args.dry_run,
-                                          missing_ok=args.dry_run))
-        prog = Progress(sys.stderr.isatty() and not args.json and not args.quiet)
-        s = engine.run(guests, excl, store, index, opts, prog)
-    verb = "would link" if s.dry_run else "linked"
-    line = (f"vsunify: {s.guests} guests, {s.files_scanned} files scanned, {s.files_hashed} "
-            f"hashed ({human(s.bytes_hashed)}), {s.files_linked} {verb}, "
-            f"{human(s.bytes_saved)} {'to save' if s.dry_run else 'saved'}, "
-            f"{s.errors} errors, {s.duration:.1f}s")
-    code = EXIT_PARTIAL if s.errors or skipped else EXIT_OK
+                          dry_run=args.dry_run, jobs=args.jobs, exclude=tuple(args.exclude or ()),
+                          default_excludes=not args.no_default_excludes,
+                          pkgdb_excludes=not args.no_pkgdb_excludes,
+                          store=Path(args.store) if args.store else None)
+    for msg in left_out:
+        print(f"vsunify: {msg}", file=sys.stderr)
+    prog = Progress(sys.stderr.isatty() and not args.json and not args.quiet)
+    r = api.unify(paths, guests, opts, prog, skipped=left_out)
     if args.json:
-        print(json.dumps(s.as_dict(), indent=2))
+        print(json.dumps(r.summary.as_dict(), indent=2))
     elif not args.quiet:
-        print(line)
-    _log_summary(args, line, code)
+        print(r.line)
+    _log_summary(args, r.line, r.code)
     if args.prom:
-        prom.run_metrics(s.as_dict(), time.time(), code).write(args.prom)
-    return code
+        prom.run_metrics(r.summary.as_dict(), time.time(), r.code).write(args.prom)
+    return r.code
 
 
 def _log_summary(args: argparse.Namespace, line: str, code: int) -> None:
@@ -168,8 +94,7 @@ def _log_summary(args: argparse.Namespace, line: str, code: int) -> None:
         syslog.closelog()
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    paths = Paths.from_env()
+def cmd_report(args: argparse.Namespace, paths: Paths) -> int:
     guests, left_out = _guests(args, paths)
     for msg in left_out:
         print(f"vsunify: {msg}", file=sys.stderr)
@@ -178,7 +103,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         store = stack.enter_context(Store(sp, create=False)) if sp.is_dir() else None
         trees = [stack.enter_context(GuestTree(g.root, g.name)) for g in guests]
         rep = report.build(trees, store)
-        index = _index(stack, paths)
+        index = api.open_index(stack, paths)
         if not args.no_record:
             d = rep.as_dict()
             index.record_snapshot(rep.taken, d["total"],  # type: ignore[arg-type]
@@ -214,13 +139,12 @@ def _write_text(path: str, text: str, option: str) -> None:
         raise ConfigError(f"{option} {path}: {e.strerror}; give a writable file") from None
 
 
-def cmd_deunify(args: argparse.Namespace) -> int:
-    paths = Paths.from_env()
+def cmd_deunify(args: argparse.Namespace, paths: Paths) -> int:
     g = resolve_guest(args.guest, paths)
-    _refuse_mounted([g], paths)
+    api.refuse_mounted([g], paths)
     with ExitStack() as stack:
-        stack.enter_context(_locked(paths))
-        index = _index(stack, paths)
+        stack.enter_context(api.locked(paths))
+        index = api.open_index(stack, paths)
         tree = stack.enter_context(GuestTree(g.root, g.name))
         t = maintain.deunify(tree, args.paths, index, immutable=os.geteuid() == 0)
     if args.json:
@@ -231,10 +155,9 @@ def cmd_deunify(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if t.errors else EXIT_OK
 
 
-def cmd_gc(args: argparse.Namespace) -> int:
-    paths = Paths.from_env()
+def cmd_gc(args: argparse.Namespace, paths: Paths) -> int:
     with ExitStack() as stack:
-        stack.enter_context(_locked(paths))
+        stack.enter_context(api.locked(paths))
         store = stack.enter_context(Store(_store_path(args, paths), create=False))
         t = maintain.gc(store, immutable=os.geteuid() == 0, dry_run=args.dry_run)
     if args.json:
@@ -246,8 +169,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if t.errors else EXIT_OK
 
 
-def cmd_excludes(args: argparse.Namespace) -> int:
-    paths = Paths.from_env()
+def cmd_excludes(args: argparse.Namespace, paths: Paths) -> int:
     g = resolve_guest(args.guest, paths)
     ex = _excludes(args, g, paths)
     # Rules and reasons may come from a guest's package database: shown, never raw.
@@ -265,13 +187,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vsunify", description="Unify identical files across "
                                 "guests into a content-addressed store of shared, immutable "
                                 "inodes.")
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, parents=[common_options()])
     common.add_argument("--store", metavar="DIR", help="store directory (default: "
                         "$VSERVERS_ROOT/.hash); must be on the guests' filesystem")
     common.add_argument("--json", action="store_true", help="print one JSON object")
-    common.add_argument("--debug", action="store_true", help="tracebacks on errors")
-    common.add_argument("-v", "--verbose", action="store_true")
-    common.add_argument("-q", "--quiet", action="store_true", help="no summary, errors only")
     exc = argparse.ArgumentParser(add_help=False)
     exc.add_argument("--exclude", action="append", metavar="PATTERN",
                      help="exclude rule (repeatable; '+PATTERN' includes); see README")
@@ -332,12 +251,12 @@ def parser() -> argparse.ArgumentParser:
     dm.add_argument("--dir", metavar="DIR", help="where (default: a new directory in /var/tmp)")
     dm.add_argument("--guests", type=int, default=4)
     dm.add_argument("--keep", action="store_true", help="keep the demo tree afterwards")
-    dm.set_defaults(func=lambda a: __import__("unify.demo", fromlist=["main"]).main(a))
+    dm.set_defaults(func=lambda a, paths: __import__("unify.demo", fromlist=["main"]).main(a))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("vsunify", parser(), lambda a: a.func(a), argv)
+    return run_cli("vsunify", parser(), lambda a, paths: a.func(a, paths), argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What every vsstore command line shares: logging set-up and turning errors into exit codes."""
+"""What every vsstore command line shares: the common options (``--debug``, ``-v``, ``-q``),
+logging set-up, the host's roots resolved once, and turning errors into exit codes."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
+from .config import Paths
 from .errors import EXIT_INTERNAL, VsError
 
 
@@ -35,15 +37,25 @@ def raise_open_files_limit() -> None:
                                            soft, hard)
 
 
+def common_options() -> argparse.ArgumentParser:
+    """The parent parser of every command and subcommand: the options they all take."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="say more")
+    p.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    return p
+
+
 def run_cli(prog: str, parser: argparse.ArgumentParser,
-            handler: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
-    """Parse, run, and map exceptions to exit codes: VsError -> its code and one line,
-    anything else -> 1 with a hint to use --debug (the traceback with it)."""
+            handler: Callable[[argparse.Namespace, Paths], int], argv: list[str] | None) -> int:
+    """Parse, resolve the host's roots (``Paths``, from the environment) once, run, and map
+    exceptions to exit codes: VsError -> its code and one line, anything else -> 1 with a
+    hint to use --debug (the traceback with it)."""
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     setup_logging(prog, getattr(args, "verbose", False), getattr(args, "quiet", False))
     try:
-        return handler(args)
+        return handler(args, Paths.from_env())
     except VsError as e:
         if debug:
             traceback.print_exc()

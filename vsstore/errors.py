@@ -92,3 +92,23 @@ def mount_point(path: str | os.PathLike[str]) -> str:
             break
         p = parent
     return p
+
+
+# -- errors across a fork's pipe ------------------------------------------------------------
+
+ERRORS: dict[str, type[VsError]] = {c.__name__: c for c in (
+    VsError, ConfigError, UnsafeTreeError, BusyError, UnsupportedError, StateError,
+    NoSpaceError)}
+
+
+def to_wire(e: BaseException) -> dict[str, str]:
+    """What a forked child reports of an error: its class (by name, from ``ERRORS``) and
+    its message.  Anything else is a bug: it travels as VsError (exit 1)."""
+    cls = type(e).__name__ if isinstance(e, VsError) and type(e).__name__ in ERRORS \
+        else "VsError"
+    return {"error": getattr(e, "message", None) or str(e), "class": cls}
+
+
+def from_wire(msg: dict[str, str], prefix: str = "") -> VsError:
+    """The error a child reported with ``to_wire``, as its own class again."""
+    return ERRORS.get(msg.get("class", ""), VsError)(prefix + msg.get("error", "unknown"))

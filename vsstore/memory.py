@@ -84,18 +84,18 @@ def measure(pids_by_guest: dict[str, list[int]], top: int = 10) -> dict[str, obj
 
 def measure_running(paths) -> dict[str, object]:  # type: ignore[no-untyped-def]
     """``measure`` over every configured guest that runs now (the guest's own processes: a
-    reaping pid 1 of ours is the host's Python, not the guest's programs)."""
-    from . import lifecycle
+    reaping pid 1 of ours is not the guest's programs), with the memory its cgroup is
+    charged."""
     from .config import configured_names
+    from .runtime import cgroup_usage, guest_pids, running
     pids: dict[str, list[int]] = {}
     charged: dict[str, dict[str, int | None]] = {}
     for name in configured_names(paths):  # the run state needs no root tree
-        st = lifecycle.running(paths, name)
+        st = running(paths, name)
         if st is not None:
-            pids[name] = lifecycle.guest_pids(st, own=False)
-            cg = lifecycle.guest_cgroup(st.cgroup)
-            if cg is not None:  # what the kernel charges it, as vserver-stat shows
-                charged[name] = cg.usage()
+            pids[name] = guest_pids(st, own=False)
+            if st.cgroup:  # what the kernel charges it, as vserver-stat shows
+                charged[name] = cgroup_usage(st.cgroup)
     out = measure(pids)
     for name, usage in charged.items():
         out["guests"][name]["cgroup"] = usage  # type: ignore[index]

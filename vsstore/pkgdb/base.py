@@ -36,7 +36,6 @@ class Limits:
     max_path_bytes: int = 4096          # one path
     max_line_bytes: int = 1 << 20       # one line or field
     max_header_entries: int = 100_000   # rpm: index entries in one header
-    max_depth: int = 64                 # nesting: pages chained, regions, ...
 
 
 @dataclass(slots=True)

@@ -1,6 +1,6 @@
 """Namespaces, mounts and capability names: the system calls a guest's start needs (ctypes
 where Python 3.11's ``os`` lacks them; ``os.*`` where it has them).  Capabilities are cut
-by the static helper (vsstore.enter), never by Python inside a guest."""
+by the static helper (lifecycle.helper), never by Python inside a guest."""
 from __future__ import annotations
 
 import ctypes
@@ -9,7 +9,7 @@ import os
 import socket
 import struct
 
-from .syscalls import _check, _libc
+from vsstore.syscalls import _check, _libc
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -110,12 +110,3 @@ def link_up(name: str) -> None:
         req = struct.pack(_IFREQ, name.encode(), 0)
         flags = struct.unpack(_IFREQ, fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack(_IFREQ, name.encode(), flags | IFF_UP))
-
-
-def ns_id(pid: int | str, kind: str) -> tuple[int, int] | None:
-    """(dev, inode) of a process's namespace of ``kind`` ("pid", "mnt", ...), None if gone."""
-    try:
-        st = os.stat(f"/proc/{pid}/ns/{kind}")
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)

@@ -1,5 +1,5 @@
 """``vserver NAME build|start|stop|restart|status|running|enter|exec|delete`` and
-``vserver-stat``: util-vserver's commands over ``vsstore.lifecycle``."""
+``vserver-stat``: util-vserver's commands over the lifecycle (``vsstore.lifecycle``)."""
 from __future__ import annotations
 
 import argparse
@@ -8,10 +8,10 @@ import os
 import sys
 import time
 
-from . import build as buildmod
-from . import guestconf, lifecycle
-from .clitools import run_cli
-from .config import (
+from unify import api as unify_api
+from vsstore import lifecycle
+from vsstore.clitools import common_options, run_cli
+from vsstore.config import (
     Guest,
     Paths,
     configured_guests,
@@ -20,9 +20,13 @@ from .config import (
     resolve_guest,
     valid_name,
 )
-from .errors import EXIT_OK, ConfigError, StateError
-from .names import shown
-from .safetree import GuestTree
+from vsstore.errors import EXIT_OK, ConfigError, StateError, VsError
+from vsstore.names import shown
+from vsstore.runtime import cow_served
+from vsstore.safetree import GuestTree
+
+from . import build as buildmod
+from . import guestconf
 
 EXIT_STOPPED = 3  # status: not running (LSB's code for it)
 
@@ -31,28 +35,12 @@ def _cfg(paths: Paths, name: str) -> guestconf.GuestConfig:
     return guestconf.load(resolve_guest(name, paths))
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vserver NAME build")
-    p.add_argument("-m", dest="method", default="skeleton",
-                   help="skeleton, debootstrap or clone")
-    p.add_argument("--hostname")
-    p.add_argument("--context", type=int)
-    p.add_argument("--interface", action="append", metavar="IP/PREFIX[,hostip=IP][,name=IF]")
-    return p
-
-
 def cmd_build(args: argparse.Namespace, paths: Paths) -> int:
-    own, method_args = args.rest, []
-    if "--" in own:
-        i = own.index("--")
-        own, method_args = own[:i], own[i + 1:]
-    b = _build_parser().parse_args(own)
     g = buildmod.build(paths, buildmod.BuildOptions(
-        name=args.name, method=b.method, hostname=b.hostname, context=b.context,
-        interfaces=tuple(b.interface or ()), args=tuple(method_args)))
-    if b.method == "clone":  # what the source shares is linked; join the rest now
-        from unify.cli import main as vsunify
-        code = vsunify(["run", g.name])
+        name=args.name, method=args.method, hostname=args.hostname, context=args.context,
+        interfaces=tuple(args.interface or ()), args=tuple(args.method_args)))
+    if args.method == "clone":  # what the source shares is linked; join the rest now
+        code = _vsunify(paths, [g])
         if code != EXIT_OK:
             return code
     print(f"guest {g.name} built in {g.root} (configuration {g.confdir})")
@@ -117,29 +105,21 @@ def _running_cfg(paths: Paths, name: str) -> tuple[guestconf.GuestConfig, lifecy
     return cfg, st
 
 
-def _cow_flag(rest: list[str]) -> tuple[bool, list[str]]:
-    """(--cow given, the rest) for exec/enter; '--' ends our options."""
-    cow = False
-    while rest and rest[0] in ("--cow", "--"):
-        if rest.pop(0) == "--":
-            break
-        cow = True
-    return cow, rest
+def _command(rest: list[str]) -> list[str]:
+    """The command after exec's own options ('--' may separate them)."""
+    return rest[1:] if rest[:1] == ["--"] else rest
 
 
 def cmd_exec(args: argparse.Namespace, paths: Paths) -> int:
-    cow, argv = _cow_flag(list(args.rest))
-    if cow:
+    argv = _command(args.argv)
+    if args.cow:
         return lifecycle.run_cow(paths, _cfg(paths, args.name), argv)
     cfg, st = _running_cfg(paths, args.name)
     return lifecycle.run_in(paths, cfg, st, argv)
 
 
 def cmd_enter(args: argparse.Namespace, paths: Paths) -> int:
-    cow, rest = _cow_flag(list(args.rest))
-    if rest:
-        raise ConfigError(f"enter: unknown arguments {' '.join(rest)}; only --cow")
-    if cow:
+    if args.cow:
         return lifecycle.run_cow(paths, _cfg(paths, args.name), ["/bin/sh", "-l"])
     cfg, st = _running_cfg(paths, args.name)
     return lifecycle.run_in(paths, cfg, st, ["/bin/sh", "-l"])
@@ -147,23 +127,34 @@ def cmd_enter(args: argparse.Namespace, paths: Paths) -> int:
 
 # -- package management ------------------------------------------------------------------
 
+def _vsunify(paths: Paths, guests: list[Guest], quiet: bool = False) -> int:
+    """A vsunify run through its Python API; its exit code (an error is said, not raised:
+    what came before it, a build or a package upgrade, has succeeded)."""
+    try:
+        r = unify_api.unify(paths, guests)
+    except VsError as e:
+        print(f"vsunify: error: {e.message}", file=sys.stderr)
+        return e.exit_code
+    if not quiet:
+        print(r.line)
+    return r.code
+
+
 def _unify_after(paths: Paths, name: str) -> int:
     """An incremental vsunify run of this guest together with every other configured
     guest it can be compared with (not served by a running overlay), so files that are
     now the same as another guest's are shared again at once."""
-    from unify.cli import main as vsunify
-    from vsstore.runtime import cow_served
     served = cow_served(paths)
     broken: list[ConfigError] = []
-    names = [g.name for g in configured_guests(paths, broken)
-             if os.path.realpath(g.root) not in served]
+    guests = [g for g in configured_guests(paths, broken)
+              if os.path.realpath(g.root) not in served]
     for e in broken:
         print(f"vserver: warning: left out of vsunify: {e.message}", file=sys.stderr)
-    if name not in names:
+    if name not in [g.name for g in guests]:
         print(f"vserver: {name} runs through the cow overlay; its files are unified when "
               f"it is stopped (vsunify run {name})", file=sys.stderr)
         return EXIT_OK
-    return vsunify(["run", "-q", *names])
+    return _vsunify(paths, guests, quiet=True)
 
 
 def package_command(paths: Paths, name: str, argv: list[str], unify: bool = True) -> int:
@@ -178,6 +169,8 @@ def package_command(paths: Paths, name: str, argv: list[str], unify: bool = True
 
 
 def _split_no_unify(rest: list[str]) -> tuple[bool, list[str]]:
+    """(unify afterwards, the package manager's arguments): ``--no-unify`` before '--'
+    is ours (util-vserver's wrappers took it anywhere before the arguments)."""
     unify = True
     out = []
     for i, a in enumerate(rest):
@@ -192,13 +185,13 @@ def _split_no_unify(rest: list[str]) -> tuple[bool, list[str]]:
 
 
 def cmd_apt_get(args: argparse.Namespace, paths: Paths) -> int:
-    unify, rest = _split_no_unify(list(args.rest))
-    return package_command(paths, args.name, ["apt-get", *rest], unify)
+    unify, rest = _split_no_unify(list(args.args))
+    return package_command(paths, args.name, ["apt-get", *rest], unify and not args.no_unify)
 
 
 def cmd_rpm(args: argparse.Namespace, paths: Paths) -> int:
-    unify, rest = _split_no_unify(list(args.rest))
-    return package_command(paths, args.name, ["rpm", *rest], unify)
+    unify, rest = _split_no_unify(list(args.args))
+    return package_command(paths, args.name, ["rpm", *rest], unify and not args.no_unify)
 
 
 def _manager(g: Guest) -> str:
@@ -235,7 +228,8 @@ PKG_ACTIONS = {
 
 
 def cmd_pkg(args: argparse.Namespace, paths: Paths) -> int:
-    unify, rest = _split_no_unify(list(args.rest))
+    unify, rest = _split_no_unify(list(args.args))
+    unify = unify and not args.no_unify
     if not rest or rest[0] not in ("install", "remove", "update", "upgrade"):
         raise ConfigError("pkg: say install, remove, update or upgrade, then the packages")
     g = resolve_guest(args.name, paths)
@@ -250,12 +244,10 @@ def cmd_pkg(args: argparse.Namespace, paths: Paths) -> int:
 def cmd_delete(args: argparse.Namespace, paths: Paths) -> int:
     """A configured guest only, whose tree lies strictly below the guests' root
     (``config.deletable_guest`` says why not, before --force is even considered)."""
-    if args.rest not in ([], ["--force"]):
-        raise ConfigError(f"delete: unknown arguments {' '.join(args.rest)}; only --force")
     g = deletable_guest(args.name, paths)
     if lifecycle.running(paths, g.name):
         raise StateError(f"guest {g.name} is running; stop it first")
-    if not args.rest:
+    if not args.force:
         raise ConfigError(f"this removes guest {g.name}'s tree {g.root} and its "
                           f"configuration; repeat with --force to do it")
     buildmod.delete(paths, g.name)
@@ -263,44 +255,69 @@ def cmd_delete(args: argparse.Namespace, paths: Paths) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"build": cmd_build, "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart,
-            "status": cmd_status, "running": cmd_running, "exec": cmd_exec,
-            "enter": cmd_enter, "delete": cmd_delete, "apt-get": cmd_apt_get, "rpm": cmd_rpm,
-            "pkg": cmd_pkg}
-
-
 def parser() -> argparse.ArgumentParser:
+    common = common_options()
     p = argparse.ArgumentParser(
-        prog="vserver", description="Build, start, stop and enter guests (util-vserver's "
-        "commands on a mainline kernel).",
-        epilog="build: -m skeleton|debootstrap|clone [--hostname H] [--context N] "
-               "[--interface IP/PREFIX[,hostip=IP][,name=IF]] [-- METHOD ARGS]; "
-               "debootstrap: -- -d SUITE [-m MIRROR]; clone: -- --source GUEST")
-    p.add_argument("--debug", action="store_true")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("command", choices=sorted(COMMANDS))
-    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="ARGS",
-                   help="the command's own arguments (exec: the command; delete: --force)")
+        prog="vserver", parents=[common], description="Build, start, stop and enter guests "
+        "(util-vserver's commands on a mainline kernel).")
+    p.add_argument("name", metavar="NAME", help="the guest (configured in "
+                   "/etc/vservers/NAME)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, func, text: str) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+        c = sub.add_parser(name, parents=[common], help=text, description=text)
+        c.set_defaults(func=func)
+        return c
+    b = cmd("build", cmd_build, "make a guest: tree and configuration")
+    b.add_argument("-m", dest="method", default="skeleton", metavar="|".join(buildmod.METHODS),
+                   help="how: skeleton (a minimal tree), debootstrap (Debian, -- -d SUITE "
+                   "[-m MIRROR]) or clone (another guest, -- --source GUEST)")
+    b.add_argument("--hostname")
+    b.add_argument("--context", type=int)
+    b.add_argument("--interface", action="append", metavar="IP/PREFIX[,hostip=IP][,name=IF]")
+    b.add_argument("method_args", nargs="*", metavar="-- METHOD ARGS",
+                   help="the method's own arguments, after --")
+    cmd("start", cmd_start, "start the guest in its own namespaces")
+    cmd("stop", cmd_stop, "stop it: every process ends, no mount is left")
+    cmd("restart", cmd_restart, "stop (if it runs), then start")
+    cmd("status", cmd_status, "running or stopped (exit 3), and how")
+    cmd("running", cmd_running, "exit 0 if it runs, else 1")
+    for name, func, text in (("exec", cmd_exec, "run a command inside the running guest"),
+                             ("enter", cmd_enter, "a login shell inside the running guest")):
+        c = cmd(name, func, text)
+        c.add_argument("--cow", action="store_true", help="with the guest's root through the "
+                       "cow overlay (shared files become the guest's own when written)")
+        if name == "exec":
+            c.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
+    d = cmd("delete", cmd_delete, "remove a stopped guest's tree and configuration")
+    d.add_argument("--force", action="store_true", help="do it")
+    for name, func, text in (
+            ("apt-get", cmd_apt_get, "apt-get in the guest through the overlay, then vsunify"),
+            ("rpm", cmd_rpm, "rpm in the guest through the overlay, then vsunify"),
+            ("pkg", cmd_pkg, "install|remove|update|upgrade PACKAGES with the guest's own "
+                             "package manager, through the overlay, then vsunify")):
+        c = cmd(name, func, text)
+        c.add_argument("--no-unify", action="store_true", help="no vsunify afterwards")
+        c.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("vserver", parser(),
-                   lambda a: COMMANDS[a.command](a, Paths.from_env()), argv)
+    return run_cli("vserver", parser(), lambda a, paths: a.func(a, paths), argv)
 
 
 def _wrapper_main(prog: str, manager: str, argv: list[str] | None) -> int:
     """vapt-get NAME [--no-unify] -- ARGS... / vrpm NAME [--no-unify] -- ARGS..."""
-    p = argparse.ArgumentParser(prog=prog, description=f"{manager} inside a guest, through "
-                                "the cow overlay, then vsunify (util-vserver's wrapper).")
-    p.add_argument("--debug", action="store_true")
+    p = argparse.ArgumentParser(prog=prog, parents=[common_options()], description=f"{manager} "
+                                "inside a guest, through the cow overlay, then vsunify "
+                                "(util-vserver's wrapper).")
     p.add_argument("--no-unify", action="store_true")
     p.add_argument("name", metavar="NAME")
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- ARGS")
 
-    def run(a: argparse.Namespace) -> int:
-        rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
-        return package_command(Paths.from_env(), a.name, [manager, *rest], not a.no_unify)
+    def run(a: argparse.Namespace, paths: Paths) -> int:
+        unify, rest = _split_no_unify(list(a.rest))
+        return package_command(paths, a.name, [manager, *rest], unify and not a.no_unify)
     return run_cli(prog, p, run, argv)
 
 
@@ -370,15 +387,13 @@ def _cg_cols(cg: object) -> str:
 
 
 def stat_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vserver-stat",
+    p = argparse.ArgumentParser(prog="vserver-stat", parents=[common_options()],
                                 description="Running guests: processes, memory, CPU, uptime.")
-    p.add_argument("--debug", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("--memory", action="store_true", help="also the file-backed memory each "
                    "guest maps and how much of it other guests share (unified inodes)")
 
-    def run(args: argparse.Namespace) -> int:
-        paths = Paths.from_env()
+    def run(args: argparse.Namespace, paths: Paths) -> int:
         rows = []
         pids = {}
         for name in configured_names(paths):  # the run state needs no root tree
@@ -388,7 +403,7 @@ def stat_main(argv: list[str] | None = None) -> int:
                 pids[name] = lifecycle.guest_pids(st, own=False)
         mem = None
         if args.memory:
-            from .memory import measure
+            from vsstore.memory import measure
             mem = measure(pids)
             for r in rows:
                 m = mem["guests"][r["name"]]  # type: ignore[index]

@@ -3,7 +3,7 @@
 ``/etc/vservers/NAME/``: ``context`` (a number), ``uts/nodename``, ``fstab`` (fstab(5)
 lines; targets are paths inside the guest), ``interfaces/N/{ip,prefix|mask,dev,name,
 hostip}``, ``bcapabilities`` (one capability per line: ``CAP_X`` keeps one the default set
-drops, ``!CAP_X`` drops one more), ``apps/init/style`` (``plain`` or ``sysv``),
+drops, ``!CAP_X`` drops one more), ``apps/init/style`` (``plain``, ``sysv`` or ``none``),
 ``apps/init/cmd.start`` / ``cmd.stop`` (one argument per line), ``apps/init/stop-signal``,
 ``apps/init/stop-timeout``, ``cow`` (present: mount the guest through the overlay),
 ``spaces/hostnet`` (present: the guest shares the host's network namespace; see below).
@@ -25,10 +25,11 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vsstore.config import Guest
+from vsstore.errors import ConfigError
+
 from . import ns
 from .cgroups import Limits, read_limits
-from .config import Guest
-from .errors import ConfigError
 
 # What a guest may never do by default (util-vserver's reduced set, plus what later
 # kernels added): mount, load modules, raw I/O, set the clock, make devices, configure the
@@ -79,7 +80,7 @@ class GuestConfig:
     hostnet: bool = False  # spaces/hostnet: the host's network namespace, not its own
     style: str = "plain"  # sysv: the start command runs under a pid 1 of ours (it exits);
     # none: that pid 1 alone
-    helper: str | None = None  # the static helper that enters (vsstore.enter), set by start
+    helper: str | None = None  # the static helper that enters (lifecycle.helper), set by start
     rlimits: dict[int, tuple[int, int]] = field(default_factory=dict)  # resource -> soft, hard
     nice: int | None = None
     cgroup: Limits = field(default_factory=Limits)

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, VsError
+from vsstore import runtime
+from vsstore.errors import ConfigError, VsError
 
 V2_SETTINGS = ("memory.max", "memory.high", "pids.max", "cpu.max", "cpu.weight")
 V1_NAMES = {"memory.limit_in_bytes": "memory.max", "memory.soft_limit_in_bytes": "memory.high",
@@ -319,32 +320,8 @@ class GuestCgroup:
                     time.sleep(0.02)  # the last exits are being accounted
 
     def usage(self) -> dict[str, int | None]:
-        """Memory charged (and its file-backed vs anonymous part), CPU time, limits."""
-        out: dict[str, int | None] = {}
-        d2 = self.dirs.get("unified")
-        if d2 is not None:
-            out["memory"] = _read_int(d2 / "memory.current")
-            st = _stat_file(d2 / "memory.stat")
-            out["memory_file"], out["memory_anon"] = st.get("file"), st.get("anon")
-            out["cpu_usec"] = _stat_file(d2 / "cpu.stat").get("usage_usec")
-            out["memory_max"] = _read_int(d2 / "memory.max")
-            out["pids_max"] = _read_int(d2 / "pids.max")
-            return out
-        m = self.dirs.get("memory")
-        if m is not None:
-            out["memory"] = _read_int(m / "memory.usage_in_bytes")
-            st = _stat_file(m / "memory.stat")
-            out["memory_file"], out["memory_anon"] = st.get("total_cache"), st.get("total_rss")
-            lim = _read_int(m / "memory.limit_in_bytes")
-            out["memory_max"] = None if lim is None or lim >= 2**62 else lim
-        ca = self.dirs.get("cpuacct")
-        if ca is not None:
-            ns_ = _read_int(ca / "cpuacct.usage")
-            out["cpu_usec"] = None if ns_ is None else ns_ // 1000
-        p = self.dirs.get("pids")
-        if p is not None:
-            out["pids_max"] = _read_int(p / "pids.max")
-        return out
+        """Memory charged (file-backed, anonymous), CPU time, limits (runtime's reading)."""
+        return runtime.cgroup_usage({k: str(v) for k, v in self.dirs.items()})
 
 
 def _read(p: Path) -> str:
@@ -356,22 +333,6 @@ def _write_file(p: Path, value: str) -> None:
     """Write a cgroup control file (one write: the kernel takes it whole)."""
     with open(p, "w") as f:
         f.write(value + "\n")
-
-
-def _read_int(p: Path) -> int | None:
-    try:
-        t = p.read_text().strip()
-    except OSError:
-        return None
-    return int(t) if t.lstrip("-").isdigit() else None
-
-
-def _stat_file(p: Path) -> dict[str, int]:
-    try:
-        return {k: int(v) for k, v in (ln.split() for ln in p.read_text().splitlines()
-                                       if len(ln.split()) == 2)}
-    except (OSError, ValueError):
-        return {}
 
 
 def guest_dirs(layout: Layout, name: str, parent: str | None) -> dict[str, Path]:
@@ -441,3 +402,10 @@ def _write(p: Path, value: str) -> None:
         p.write_text(value + "\n")
     except OSError as e:
         raise VsError(f"cannot set {p.name} = {value} in {p.parent}: {e.strerror}") from None
+
+
+def of(dirs: dict[str, str]) -> GuestCgroup | None:
+    """The guest's cgroup from its directories in the run state (None: started without)."""
+    if not dirs:
+        return None
+    return GuestCgroup({k: Path(v) for k, v in dirs.items()})

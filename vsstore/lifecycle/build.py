@@ -16,13 +16,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import attrs, syscalls
-from .config import Guest, Paths, configured_names, deletable_guest, valid_name
-from .errors import ConfigError, StateError, UnsafeTreeError
-from .names import shown
-from .private import copy_file
-from .safetree import mount_id, open_child_dir, open_regular_at
-from .window import unsealed
+from vsstore import attrs, syscalls
+from vsstore.config import Guest, Paths, configured_names, deletable_guest, valid_name
+from vsstore.errors import ConfigError, StateError, UnsafeTreeError
+from vsstore.names import shown
+from vsstore.private import copy_file
+from vsstore.safetree import mount_id, open_child_dir, open_regular_at
+from vsstore.window import unsealed
 
 SKELETON_DIRS = [("bin", 0o755), ("dev", 0o755), ("etc", 0o755), ("home", 0o755),
                  ("lib", 0o755), ("proc", 0o555), ("root", 0o700), ("run", 0o755),
@@ -74,6 +74,9 @@ def _interface(conf: Path, i: int, spec: str) -> None:
         _write(d / k, v + "\n")
 
 
+METHODS = ("skeleton", "debootstrap", "clone")
+
+
 def build(paths: Paths, opts: BuildOptions) -> Guest:
     """Make guest ``opts.name``; on any failure remove everything this call made."""
     if not valid_name(opts.name):
@@ -85,7 +88,7 @@ def build(paths: Paths, opts: BuildOptions) -> Guest:
                          f"'vserver {opts.name} delete' it")
     if root.exists() and any(root.iterdir()):
         raise StateError(f"{root} exists and is not empty; pick another name or remove it")
-    if opts.method not in ("skeleton", "debootstrap", "clone"):
+    if opts.method not in METHODS:
         raise ConfigError(f"build method {opts.method!r} unknown; use skeleton, debootstrap "
                           f"or clone")
     with ExitStack() as undo:
@@ -155,7 +158,7 @@ def _clone(paths: Paths, root: Path, args: list[str]) -> str:
     """Copy guest ``--source NAME`` (or a path) into ``root``: its store-linked files are
     linked (the store object gains a name; no byte is copied), everything else copied with
     owner, mode, xattrs and times; hardlinks inside the source stay hardlinks."""
-    from .config import resolve_guest
+    from vsstore.config import resolve_guest
     src_arg = args[1] if args[:1] == ["--source"] and len(args) > 1 else (args[0] if args else None)
     if not src_arg:
         raise ConfigError("build -m clone: name the guest to clone: -- --source NAME")
@@ -246,11 +249,12 @@ def delete(paths: Paths, name: str) -> Guest:
     configuration.  Only a tree strictly below the guests' root qualifies
     (``config.deletable_guest``); the guest's lock is held throughout, so nothing starts
     it meanwhile."""
-    from . import lifecycle
-    from .runtime import cow_served
+    from vsstore.runtime import cow_served, read_state
+
+    from .run import cleanup, guest_lock
     g = deletable_guest(name, paths)
-    with lifecycle.guest_lock(paths, g.name):
-        st = lifecycle.read_state(paths, g.name)
+    with guest_lock(paths, g.name):
+        st = read_state(paths, g.name)
         if st is not None and (st.running or st.monitoring):
             raise StateError(f"guest {g.name} is running; 'vserver {g.name} stop' first")
         at = cow_served(paths).get(str(g.root))
@@ -258,7 +262,7 @@ def delete(paths: Paths, name: str) -> Guest:
             raise StateError(f"guest {g.name}'s tree {g.root} is served by the cow overlay "
                              f"at {at} (an 'exec --cow' running?); wait for it to end")
         if st is not None:
-            lifecycle.cleanup(paths, st)  # what a guest that ended by itself left
+            cleanup(paths, st)  # what a guest that ended by itself left
         if os.path.lexists(g.root):
             remove_guest_tree(g.root, paths.vservers_root)
         shutil.rmtree(g.confdir)  # type: ignore[arg-type]

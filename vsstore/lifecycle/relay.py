@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from . import syscalls
-from .errors import UnsafeTreeError, UnsupportedError
+from vsstore import syscalls
+from vsstore.errors import UnsafeTreeError, UnsupportedError
 
 DEVPTS_SUPER_MAGIC = 0x1CD1
 TIOCSPTLCK = 0x40045431  # lock or unlock a pty slave (unlockpt)

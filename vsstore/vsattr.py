@@ -8,7 +8,7 @@ import stat
 import sys
 
 from . import attrs
-from .clitools import run_cli
+from .clitools import common_options, run_cli
 from .errors import EXIT_OK, EXIT_PARTIAL, ConfigError
 from .names import shown
 from .window import unsealed
@@ -75,21 +75,20 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vsattr", description="Show or set the iunlink marker (U) and the immutable (I) "
         "and append-only (A) flags; upper case = set.  Columns: flags, link count, path.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    common = common_options()
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, text in (("show", "show the flags"), ("set", "set flags (default: both)"),
                        ("clear", "clear flags (default: both)")):
-        s = sub.add_parser(name, help=text)
+        s = sub.add_parser(name, parents=[common], help=text)
         if name != "show":
             s.add_argument("--iunlink", action="store_true", help="the iunlink marker xattr")
             s.add_argument("--immutable", action="store_true", help="FS_IMMUTABLE_FL")
-            s.add_argument("-v", "--verbose", action="store_true", help="show the result")
         s.add_argument("paths", nargs="+", metavar="PATH")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("vsattr", parser(), _cmd, argv)
+    return run_cli("vsattr", parser(), lambda a, paths: _cmd(a), argv)
 
 
 if __name__ == "__main__":

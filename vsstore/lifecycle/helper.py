@@ -29,9 +29,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
+
+from vsstore.errors import UnsupportedError
+from vsstore.safetree import GuestTree
 
 from . import ns
-from .errors import UnsupportedError
 from .guestconf import GuestConfig
 
 SOURCE = Path(__file__).parent / "data" / "vsguest.c"
@@ -192,3 +195,40 @@ def seal_python() -> None:  # pragma: no cover - in a forked child
     sys.path.clear()
     sys.path_importer_cache.clear()
     builtins.__import__ = refuse
+
+
+# -- executing it ---------------------------------------------------------------------
+
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def place_fds(helper: int, std: dict[int, int], err: int, keep: tuple[int, ...] = (),
+               ) -> tuple[int, list[int]]:  # pragma: no cover - child
+    """In a forked child about to execute the helper: ``std`` (target -> source) onto
+    0-2, the error pipe ``err`` onto ERRFD, ``keep`` inheritable; returns the new
+    numbers of ``helper`` (still close-on-exec) and of ``keep`` (all above 9).  Every other
+    descriptor stays close-on-exec or is the caller's stdio; the helper closes all but 0-2
+    and the error pipe before the command runs."""
+    helper = fcntl.fcntl(helper, fcntl.F_DUPFD_CLOEXEC, 10)
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in keep]
+    src = {t: fcntl.fcntl(s, fcntl.F_DUPFD_CLOEXEC, 10) for t, s in std.items()}
+    e = fcntl.fcntl(err, fcntl.F_DUPFD_CLOEXEC, 10)
+    for t, s in src.items():
+        os.dup2(s, t)
+    os.dup2(e, ERRFD)
+    for fd in moved:
+        os.set_inheritable(fd, True)
+    return helper, moved
+
+
+def pivot_and_exec(tree: GuestTree, helper: int, args: list[str],
+                    env: dict[str, str]) -> NoReturn:  # pragma: no cover - child
+    """pivot_root into the tree and execute the helper by descriptor.  After the pivot this
+    process's root is the guest's, so Python does nothing else, and could not import
+    anything if it tried (helper.seal_python); the helper detaches the old root."""
+    os.fchdir(tree.fd)
+    tree.close()
+    seal_python()
+    ns.pivot_root(".", ".")
+    os.execve(helper, args, env)
+    raise AssertionError("execve returned")
