@@ -15,7 +15,7 @@ from vsstore import pkgdb
 from vsstore.clitools import raise_open_files_limit
 from vsstore.config import Guest, Paths
 from vsstore.errors import EXIT_OK, EXIT_PARTIAL, BusyError, ConfigError
-from vsstore.excludes import ExcludeList, build_excludes
+from vsstore.excludes import ExcludeList, Rule, build_excludes
 from vsstore.index import Index
 from vsstore.lock import exclusive
 from vsstore.names import shown
@@ -127,7 +127,7 @@ def guest_excludes(g: Guest, paths: Paths, cli: tuple[str, ...] = (), default: b
                    from_pkgdb: bool = True) -> ExcludeList:
     """The guest's exclude list: ``cli`` rules, its own file, the host's, its package
     databases' config files (``from_pkgdb``), the built-in list (``default``)."""
-    provided = []
+    provided: list[Rule] = []
     if from_pkgdb:
         with GuestTree(g.root, g.name) as tree:
             provided, warnings = pkgdb.config_rules(tree)

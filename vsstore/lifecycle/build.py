@@ -188,13 +188,19 @@ def _clone(paths: Paths, root: Path, args: list[str]) -> str:
 
 
 def _copy_meta(sfd: int, dfd: int, name: str | None) -> None:
-    kw = {"dir_fd": dfd, "follow_symlinks": False} if name else {}
-    st = os.stat(name, dir_fd=sfd, follow_symlinks=False) if name else os.fstat(sfd)
-    target: str | int = name if name else dfd
-    os.chown(target, st.st_uid, st.st_gid, **kw)
+    """Owner, mode and times of entry ``name`` of ``sfd`` (or of ``sfd`` itself) onto the
+    same name in ``dfd`` (or ``dfd`` itself); a symlink keeps its own mode."""
+    if name is None:
+        st = os.fstat(sfd)
+        os.chown(dfd, st.st_uid, st.st_gid)
+        os.chmod(dfd, stat.S_IMODE(st.st_mode))
+        os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return
+    st = os.stat(name, dir_fd=sfd, follow_symlinks=False)
+    os.chown(name, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
     if not stat.S_ISLNK(st.st_mode):
-        os.chmod(target, stat.S_IMODE(st.st_mode), **kw)
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), **kw)
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dfd, follow_symlinks=False)
+    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)
 
 
 def _copy_dir(sfd: int, dfd: int, rel: str, droot: int, seen: dict[tuple[int, int], str],

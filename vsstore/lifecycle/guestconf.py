@@ -260,10 +260,10 @@ def _rlimits(d: Path) -> dict[int, tuple[int, int]]:
 
     def key(x: int) -> float:
         return float("inf") if x == inf else x
-    out = {}
-    for base, v in vals.items():
+    out: dict[int, tuple[int, int]] = {}
+    for base, given in vals.items():
         cur_soft, cur_hard = resource.getrlimit(RLIMITS[base])
-        soft, hard = v.get("soft"), v.get("hard")
+        soft, hard = given.get("soft"), given.get("hard")
         if hard is None:
             hard = cur_hard if soft is None or key(soft) <= key(cur_hard) else soft
         if soft is None:

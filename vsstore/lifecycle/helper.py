@@ -28,6 +28,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 from typing import NoReturn
 
@@ -188,13 +189,13 @@ def seal_python() -> None:  # pragma: no cover - in a forked child
     the helper: from here on it can import nothing, not even a module loaded already (no
     finder, no path, ``__import__`` refuses), so a lazy import on some error path fails
     instead of loading a file from the guest's tree with our privileges."""
-    def refuse(name: str, *args: object, **kwargs: object) -> object:
+    def refuse(name: str, *args: object, **kwargs: object) -> types.ModuleType:
         raise ImportError(f"no import once a guest's root is ours ({name})")
     sys.meta_path.clear()
     sys.path_hooks.clear()
     sys.path.clear()
     sys.path_importer_cache.clear()
-    builtins.__import__ = refuse
+    builtins.__import__ = refuse  # type: ignore[assignment]
 
 
 # -- executing it ---------------------------------------------------------------------

@@ -140,7 +140,9 @@ def read(budget: Budget) -> PackageFiles | None:
     cannot be read, or that may be behind a symlink (other than one database directory
     pointing to the other), is a PkgDbError: rpm might be using exactly that one."""
     found: tuple[str, Callable[[Budget, str], PackageFiles]] | None = None
-    for name, reader in ((SQLITE, _read_sqlite), (NDB, _read_ndb), (BDB, _read_bdb)):
+    readers: tuple[tuple[str, Callable[[Budget, str], PackageFiles]], ...] = (
+        (SQLITE, _read_sqlite), (NDB, _read_ndb), (BDB, _read_bdb))
+    for name, reader in readers:
         for d in DIRS:
             rel = f"{d}/{name}"
             state, link = _probe(budget, rel)
