@@ -36,6 +36,7 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 from vsstore import attrs, syscalls
 from vsstore.errors import NOSPACE_ERRNOS, NoSpaceError
@@ -165,6 +166,18 @@ class _Dirs:
         self.fds.clear()
 
 
+class _State(Enum):
+    """Where one guest name of a window stands: NEW -> LINKED -> SWAPPED | REVERTED -> DONE
+    (LINKED -> NEW when its joiner cannot go whole).  What the name and the temporary name
+    beside it hold in each state is what the window has to finish or undo."""
+
+    NEW = "new"            # nothing of ours beside the name: journaled, or our link taken back
+    LINKED = "linked"      # the temporary name is a link to O; the name is the guest's own
+    SWAPPED = "swapped"    # the name is O; the temporary name the verified duplicate J
+    REVERTED = "reverted"  # swap refused or undone: the name is the guest's, temporary is O
+    DONE = "done"          # the temporary name is gone
+
+
 @dataclass(slots=True)
 class _Name:
     rec: InodeRec
@@ -173,7 +186,7 @@ class _Name:
     dfd: int
     base: str
     tmp: str
-    state: str = "new"  # new -> linked -> swapped | reverted
+    state: _State = _State.NEW
 
 
 class Linker:
@@ -550,21 +563,21 @@ class Linker:
                                 f"linked it; left as it was")
                     failed.add(j.ino)
             for n in names:
-                if n.state == "swapped" and n.rec.ino in failed:
+                if n.state is _State.SWAPPED and n.rec.ino in failed:
                     syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
-                    n.state = "reverted"
-                if n.state in ("reverted", "linked"):
+                    n.state = _State.REVERTED
+                if n.state in (_State.REVERTED, _State.LINKED):
                     os.unlink(n.tmp, dir_fd=n.dfd)  # an O link
-                    n.state = "done"
+                    n.state = _State.DONE
         point("sealed", obj=obj)
         if breached:
             return []
         # Remove the verified duplicates that the swaps moved to the temporary names.
         swapped_by_ino: dict[int, int] = {}
         for n in names:
-            if n.state == "swapped":
+            if n.state is _State.SWAPPED:
                 os.unlink(n.tmp, dir_fd=n.dfd)
-                n.state = "done"
+                n.state = _State.DONE
                 swapped_by_ino[n.rec.ino] = swapped_by_ino.get(n.rec.ino, 0) + 1
         point("unlinked")
         for j, _ in ready:
@@ -609,7 +622,7 @@ class Linker:
                     raise OSError(errno.EMLINK, os.strerror(errno.EMLINK))
                 os.link(obase, n.tmp, src_dir_fd=odir, dst_dir_fd=n.dfd, follow_symlinks=False)
                 nlink += 1
-                n.state = "linked"
+                n.state = _State.LINKED
             except OSError as e:
                 if e.errno == errno.EMLINK:
                     obj.full = True
@@ -623,17 +636,17 @@ class Linker:
         point("linked", obj=obj, names=[(n.tree, n.rel) for n in names])
         over = {r.ino for r in overflow}
         for n in names:  # a joiner goes whole or not at all
-            if n.state == "linked" and (n.rec.ino in over or n.rec.ino in failed):
+            if n.state is _State.LINKED and (n.rec.ino in over or n.rec.ino in failed):
                 os.unlink(n.tmp, dir_fd=n.dfd)
-                n.state = "new"
+                n.state = _State.NEW
         for n in names:
-            if n.state != "linked":
+            if n.state is not _State.LINKED:
                 continue
             try:
                 syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
             except OSError as e:
                 self._error(f"{n.tree.where(n.rel)}: not linked: {e.strerror}")
-                n.state = "reverted"
+                n.state = _State.REVERTED
                 failed.add(n.rec.ino)
                 continue
             out = os.stat(n.tmp, dir_fd=n.dfd, follow_symlinks=False)
@@ -641,10 +654,10 @@ class Linker:
                 syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
                 self._error(f"{n.tree.where(n.rel)}: not linked: replaced by another "
                             f"file while we linked it")
-                n.state = "reverted"
+                n.state = _State.REVERTED
                 failed.add(n.rec.ino)
             else:
-                n.state = "swapped"
+                n.state = _State.SWAPPED
         point("swapped", obj=obj, names=[(n.tree, n.rel) for n in names])
         return nospace
 
@@ -658,10 +671,10 @@ class Linker:
                     f"batch undone")
         attrs.set_immutable(ofd, False)
         for n in names:
-            if n.state == "swapped":
+            if n.state is _State.SWAPPED:
                 syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
                 os.unlink(n.tmp, dir_fd=n.dfd)
-                n.state = "done"
+                n.state = _State.DONE
         if new:
             self.store.unlink(obj)
             attrs.clear_marker(ofd)
