@@ -37,6 +37,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from vsstore import attrs, syscalls
 from vsstore.errors import NOSPACE_ERRNOS, NoSpaceError
@@ -49,6 +50,9 @@ from vsstore.store import Key, Store, StoreObject
 from vsstore.window import Meta, unsealed
 
 from .scan import InodeRec
+
+if TYPE_CHECKING:
+    from .engine import Summary
 
 log = logging.getLogger("vsstore")
 
@@ -127,17 +131,6 @@ class Closer:
         self.thread.join()
 
 
-@dataclass(slots=True)
-class LinkStats:
-    files_linked: int = 0
-    bytes_saved: int = 0
-    objects_created: int = 0
-    errors: int = 0
-    skipped_busy: int = 0
-    skipped_changed: int = 0
-    messages: list[str] = field(default_factory=list)
-
-
 class _Dirs:
     """Directory fds keyed by (guest, directory); ``trim`` closes the least recently used
     beyond ``limit``.  Only between windows: an fd handed out stays open (and keeps meaning
@@ -213,13 +206,13 @@ class Linker:
     """Applies link plans; one per run."""
 
     def __init__(self, store: Store, index: Index | None, *, immutable: bool,
-                 ignore_mtime: bool, stats: LinkStats, link_limit: int | None = None,
+                 ignore_mtime: bool, stats: Summary, link_limit: int | None = None,
                  fds: int | None = None) -> None:
         self.store = store
         self.index = index
         self.immutable = immutable
         self.ignore_mtime = ignore_mtime
-        self.stats = stats
+        self.stats = stats  # the run's summary: what is linked, saved, skipped, failed
         self.link_limit = link_limit  # tests: pretend the filesystem's limit is this
         # Files this linker may hold open at once (default: what the open-file limit leaves
         # free now).  A window holds one fd per joiner plus its directories, the closer up

@@ -37,6 +37,10 @@ class Options:
 
 @dataclass(slots=True)
 class Summary:
+    """What a run did, and what `--json` prints.  One record for the whole run: the engine
+    counts the walk and the hashing, the linker (``Linker.stats``) what it links, saves,
+    skips and fails, each message in the order it happened."""
+
     guests: int = 0
     files_scanned: int = 0
     files_hashed: int = 0
@@ -167,14 +171,13 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
             else:
                 to_hash.append(rec)
         linker = apply.Linker(store, index, immutable=opts.immutable,
-                              ignore_mtime=opts.ignore_mtime, stats=apply.LinkStats(),
+                              ignore_mtime=opts.ignore_mtime, stats=summ,
                               link_limit=opts.link_limit,
                               fds=apply.fds_free() - 2 * max(1, opts.jobs) - 32)
         linker.known = sc.inodes
-        stats = linker.stats
         objects_by_ino = {o.ino: o for objs in objects.values() for o in objs}
         pipe = _Pipeline(opts, linker, index, objects, object_inos, by_size, sc,
-                         tick=lambda: prog.update(stats.files_linked, 0))
+                         tick=lambda: prog.update(summ.files_linked, 0))
         # 4+5. Hash in threads (xxhash and blake3 release the GIL, so reads overlap) and,
         # as soon as every inode of one size has its digests, group that size and link it
         # in this thread while the readers go on.
@@ -214,13 +217,6 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
             index.store(linker.index_rows)
             for dev in {d for d, _ in linker.forget}:
                 index.forget(dev, [i for d, i in linker.forget if d == dev])
-        summ.files_linked = stats.files_linked
-        summ.bytes_saved = stats.bytes_saved
-        summ.objects_created = stats.objects_created
-        summ.errors += stats.errors
-        summ.skipped_busy = stats.skipped_busy
-        summ.skipped_changed = stats.skipped_changed
-        summ.messages += stats.messages
     finally:
         prog.done()
         for t in trees:
@@ -279,7 +275,7 @@ class _Pipeline:
         self.linker.unify_all(plans, tick=self.tick)
 
 
-def _dry(todo: list[scan.InodeRec], objs: list, stats: apply.LinkStats) -> None:
+def _dry(todo: list[scan.InodeRec], objs: list, stats: Summary) -> None:
     """What a real run would do with this group, without touching anything."""
     if not objs:
         seeds = [m for m in todo if m.all_names_seen]
