@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 from contextlib import ExitStack
+from typing import NamedTuple
 
 import pyfuse3
 
@@ -50,6 +51,27 @@ def _guarded(handler):  # type: ignore[no-untyped-def]
             log.exception("%s failed", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
     return run
+
+
+def _only_size(fields: pyfuse3.SetattrFields) -> bool:
+    return fields.update_size and not (fields.update_mode or fields.update_uid or
+                                       fields.update_gid or fields.update_atime or
+                                       fields.update_mtime)
+
+
+class _Target(NamedTuple):
+    """A name a setattr changes: its base name in directory ``dfd``; a guest's root is its
+    own fd (``base`` empty)."""
+
+    dfd: int
+    base: str
+
+    def call(self, fn, *args, **kw):  # type: ignore[no-untyped-def]
+        """``fn`` (os.chmod, os.chown, os.utime) on the name itself, never on what a
+        symlink leads to."""
+        if self.base:
+            return fn(self.base, *args, dir_fd=self.dfd, follow_symlinks=False, **kw)
+        return fn(self.dfd, *args, **kw)
 
 
 class CowFS(pyfuse3.Operations):
@@ -202,60 +224,85 @@ class CowFS(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.nodes.get(inode)
-        if fh is not None and fields.update_size and not (
-                fields.update_mode or fields.update_uid or fields.update_gid
-                or fields.update_atime or fields.update_mtime):
-            try:  # ftruncate on an open file: the handle already is the right file
-                os.ftruncate(fh, attr.st_size)
-                if fh in self.copy_handles:
-                    return self._shared_attr(node)
-                return self._attr(inode, os.fstat(fh))
-            except OSError as e:
-                raise fuse_error(e) from None
-        name, st = self.nodes.resolve(node) if node.names else (None, None)
-        copied = name is None or self.copyup.needed(node, name, st)  # type: ignore[arg-type]
-        if copied:
-            name = self.copyup.writable_name(ctx, node)
-            st = lstat(self.trees, name)
-        else:
-            self.callers.check(ctx, name[0])
-        guest, rel = name
-        head, _, base = rel.rpartition("/")
-        dfd = open_dir(self.trees, (guest, head)) if rel else os.dup(self.trees[guest].fd)
-        try:
-            target: str | int = base if rel else dfd
-            kw = {"dir_fd": dfd, "follow_symlinks": False} if rel else {}
-            if fields.update_size:
-                if fh is not None:
-                    os.ftruncate(fh, attr.st_size)
-                else:
-                    fd = self.trees[guest].open_regular(base, dirfd=dfd, flags=os.O_WRONLY)
-                    try:
-                        os.ftruncate(fd, attr.st_size)
-                    finally:
-                        os.close(fd)
-            if fields.update_mode:
-                if rel and stat.S_ISLNK(st.st_mode):
-                    raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-                os.chmod(target, stat.S_IMODE(attr.st_mode), **kw)
-            if fields.update_uid or fields.update_gid:
-                os.chown(target, attr.st_uid if fields.update_uid else -1,
-                         attr.st_gid if fields.update_gid else -1, **kw)
-            if fields.update_atime or fields.update_mtime:
-                cur = lstat(self.trees, name)
-                os.utime(target, ns=(attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
-                                     attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns),
-                         **kw)
-        except OSError as e:
-            raise fuse_error(e) from None
-        finally:
-            os.close(dfd)
+        if fh is not None and _only_size(fields):
+            return self._truncate_open(node, fh, attr.st_size)
+        found = self.nodes.resolve(node) if node.names else None
+        name, copied = self.copyup.name_to_change(ctx, node, found)
+        st = found[1] if found is not None and not copied else lstat(self.trees, name)
+        self._change(name, st, attr, fields, fh)
         if copied:
             # The kernel applies the answer to ``inode``, the shared inode every guest
             # sees: it gets the shared inode's attributes; the caller's name now leads
             # to the changed copy (its entry was invalidated).
             return self._shared_attr(node)
         return self._attr(inode, lstat(self.trees, name))
+
+    def _change(self, name: Name, st: os.stat_result, attr: pyfuse3.EntryAttributes,
+                fields: pyfuse3.SetattrFields, fh: int | None) -> None:
+        """What a setattr asks of ``name`` (whose stat is ``st``), one change at a time:
+        size, mode, owner, times."""
+        t = self._target(name)
+        try:
+            if fields.update_size:
+                self._set_size(name[0], t, fh, attr.st_size)
+            if fields.update_mode:
+                self._set_mode(t, st, attr.st_mode)
+            if fields.update_uid or fields.update_gid:
+                self._set_owner(t, attr, fields)
+            if fields.update_atime or fields.update_mtime:
+                self._set_times(name, t, attr, fields)
+        except OSError as e:
+            raise fuse_error(e) from None
+        finally:
+            os.close(t.dfd)
+
+    def _truncate_open(self, node: Node, fh: int, size: int) -> pyfuse3.EntryAttributes:
+        """ftruncate on an open file: the handle already is the right file (a copy, when
+        its open copied up: then the kernel's inode is the shared one)."""
+        try:
+            os.ftruncate(fh, size)
+            if fh in self.copy_handles:
+                return self._shared_attr(node)
+            return self._attr(node.id, os.fstat(fh))
+        except OSError as e:
+            raise fuse_error(e) from None
+
+    def _target(self, name: Name) -> _Target:
+        guest, rel = name
+        head, _, base = rel.rpartition("/")
+        return _Target(open_dir(self.trees, (guest, head)) if rel else
+                       os.dup(self.trees[guest].fd), base)
+
+    def _set_size(self, guest: str, t: _Target, fh: int | None, size: int) -> None:
+        """truncate: through the caller's handle if it gave one, else by the name (a
+        regular file only)."""
+        if fh is not None:
+            os.ftruncate(fh, size)
+            return
+        fd = self.trees[guest].open_regular(t.base, dirfd=t.dfd, flags=os.O_WRONLY)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _set_mode(t: _Target, st: os.stat_result, mode: int) -> None:
+        if t.base and stat.S_ISLNK(st.st_mode):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # Linux has no mode of a symlink
+        t.call(os.chmod, stat.S_IMODE(mode))
+
+    @staticmethod
+    def _set_owner(t: _Target, attr: pyfuse3.EntryAttributes,
+                   fields: pyfuse3.SetattrFields) -> None:
+        t.call(os.chown, attr.st_uid if fields.update_uid else -1,
+               attr.st_gid if fields.update_gid else -1)
+
+    def _set_times(self, name: Name, t: _Target, attr: pyfuse3.EntryAttributes,
+                   fields: pyfuse3.SetattrFields) -> None:
+        """utimes: a time not given stays as the name has it now."""
+        cur = lstat(self.trees, name)
+        t.call(os.utime, ns=(attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
+                             attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns))
 
     def _shared_attr(self, node: Node) -> pyfuse3.EntryAttributes:
         """Attributes of a shared node after a copy-up: its own inode's, as far as a name
