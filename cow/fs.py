@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import stat
+from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import NamedTuple
 
@@ -194,7 +195,7 @@ class CowFS(pyfuse3.Operations):
             self.callers.looked_up(ctx.pid, node, child)
         return self._attr(node.id, st, shared)
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for nid, n in inode_list:
             if self.nodes.forget(nid, n):
                 self.callers.forget(nid)

@@ -49,7 +49,8 @@ async def _control(fs: CowFS, path: str, task_status=trio.TASK_STATUS_IGNORED) -
 
 async def _receive(conn: trio.socket.SocketType) -> tuple[bytes, list[int]]:
     """One request line and the descriptors that came with it."""
-    data, fds = b"", []
+    data = b""
+    fds: list[int] = []
     space = socket.CMSG_SPACE(4 * array.array("i").itemsize)
     while not data.endswith(b"\n") and len(data) < 65536:
         chunk, anc, _flags, _addr = await conn.recvmsg(4096, space)

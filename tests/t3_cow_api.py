@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pyfuse3
 import pytest
@@ -58,7 +59,7 @@ HOST = Ctx(os.getpid())  # the test process: host namespaces, root "/"
 
 # -- driving the operations ----------------------------------------------------------------
 
-def call(fs: CowFS, op: str, *args: object) -> object:
+def call(fs: CowFS, op: str, *args: object) -> Any:
     """One request, as the kernel would send it."""
     return trio.run(getattr(fs, op), *args)
 
@@ -72,10 +73,10 @@ def refused(fs: CowFS, op: str, *args: object) -> int:
 
 def lookup(fs: CowFS, path: str, ctx: Ctx = HOST) -> pyfuse3.EntryAttributes:
     """A path walk from the overlay's root: one lookup per component."""
-    nid, a = ROOT, None
+    node, a = ROOT, pyfuse3.EntryAttributes()
     for part in path.split("/"):
-        a = call(fs, "lookup", nid, part.encode(), ctx)
-        nid = a.st_ino
+        a = call(fs, "lookup", node, part.encode(), ctx)
+        node = a.st_ino
     return a
 
 
