@@ -36,6 +36,8 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
 
 from vsstore import attrs, syscalls
 from vsstore.errors import NOSPACE_ERRNOS, NoSpaceError
@@ -48,6 +50,9 @@ from vsstore.store import Key, Store, StoreObject
 from vsstore.window import Meta, unsealed
 
 from .scan import InodeRec
+
+if TYPE_CHECKING:
+    from .engine import Summary
 
 log = logging.getLogger("vsstore")
 
@@ -126,17 +131,6 @@ class Closer:
         self.thread.join()
 
 
-@dataclass(slots=True)
-class LinkStats:
-    files_linked: int = 0
-    bytes_saved: int = 0
-    objects_created: int = 0
-    errors: int = 0
-    skipped_busy: int = 0
-    skipped_changed: int = 0
-    messages: list[str] = field(default_factory=list)
-
-
 class _Dirs:
     """Directory fds keyed by (guest, directory); ``trim`` closes the least recently used
     beyond ``limit``.  Only between windows: an fd handed out stays open (and keeps meaning
@@ -165,6 +159,18 @@ class _Dirs:
         self.fds.clear()
 
 
+class _State(Enum):
+    """Where one guest name of a window stands: NEW -> LINKED -> SWAPPED | REVERTED -> DONE
+    (LINKED -> NEW when its joiner cannot go whole).  What the name and the temporary name
+    beside it hold in each state is what the window has to finish or undo."""
+
+    NEW = "new"            # nothing of ours beside the name: journaled, or our link taken back
+    LINKED = "linked"      # the temporary name is a link to O; the name is the guest's own
+    SWAPPED = "swapped"    # the name is O; the temporary name the verified duplicate J
+    REVERTED = "reverted"  # swap refused or undone: the name is the guest's, temporary is O
+    DONE = "done"          # the temporary name is gone
+
+
 @dataclass(slots=True)
 class _Name:
     rec: InodeRec
@@ -173,20 +179,40 @@ class _Name:
     dfd: int
     base: str
     tmp: str
-    state: str = "new"  # new -> linked -> swapped | reverted
+    state: _State = _State.NEW
+
+
+@dataclass(slots=True)
+class _Window:
+    """One object's window: O (its open fd; ``new``: seeded in this window), the joiners
+    verified and held open, their names, and what became of them."""
+
+    obj: StoreObject
+    ofd: int
+    new: bool
+    ready: list[tuple[InodeRec, int]]
+    names: list[_Name] = field(default_factory=list)
+    overflow: list[InodeRec] = field(default_factory=list)  # EMLINK: for the next generation
+    failed: set[int] = field(default_factory=set)  # joiners (inodes) that keep their own inode
+    nospace: _Name | None = None  # where the filesystem filled up: the run stops after
+    breached: bool = False  # a writer got O open: the batch was undone
+
+    def shown(self) -> list[tuple[GuestTree, str]]:
+        """The names, as the test seams get them."""
+        return [(n.tree, n.rel) for n in self.names]
 
 
 class Linker:
     """Applies link plans; one per run."""
 
     def __init__(self, store: Store, index: Index | None, *, immutable: bool,
-                 ignore_mtime: bool, stats: LinkStats, link_limit: int | None = None,
+                 ignore_mtime: bool, stats: Summary, link_limit: int | None = None,
                  fds: int | None = None) -> None:
         self.store = store
         self.index = index
         self.immutable = immutable
         self.ignore_mtime = ignore_mtime
-        self.stats = stats
+        self.stats = stats  # the run's summary: what is linked, saved, skipped, failed
         self.link_limit = link_limit  # tests: pretend the filesystem's limit is this
         # Files this linker may hold open at once (default: what the open-file limit leaves
         # free now).  A window holds one fd per joiner plus its directories, the closer up
@@ -500,12 +526,37 @@ class Linker:
 
     def _window(self, obj: StoreObject, ofd: int, new: bool, objs: list[StoreObject],
                 ready: list[tuple[InodeRec, int]], dirs: _Dirs) -> list[InodeRec]:
-        names: list[_Name] = []
+        """One object's window over the verified joiners ``ready`` (steps 2 to 8 of the
+        protocol).  Returns the joiners left for O's next generation (EMLINK)."""
+        w = _Window(obj, ofd, new, ready)
+        rows = self._names(w, dirs)
+        point("verified", obj=obj, names=w.shown())
+        if rows and self.index is not None:
+            self._extra_ids += self.index.journal_add(rows)
+        point("journaled")
+        if new:
+            self._link_seed(w, objs)
+        self._link_unsealed(w)
+        point("sealed", obj=obj)
+        if w.breached:
+            return []
+        swapped = self._remove_duplicates(w)
+        point("unlinked")
+        self._account(w, swapped)
+        if w.nospace is not None:
+            raise self._no_space(w.nospace.tree.where(w.nospace.rel))
+        return w.overflow
+
+    def _names(self, w: _Window, dirs: _Dirs) -> list[tuple[str, str, str, str, str, int, int]]:
+        """Every name of every joiner, with its directory's fd and its temporary name: the
+        one the plan journaled, else a fresh one.  Returns the journal rows the plan did not
+        foresee (another seed, another generation; a new object not planned)."""
+        obj = w.obj
         rows: list[tuple[str, str, str, str, str, int, int]] = []
         if obj.name not in self._planned_objects:  # recovery seals (or drops) it
             prefix, base = obj.name.split("/")
             rows.append(("object", str(self.store.path), prefix, base, "", obj.ino, obj.ino))
-        for j, _ in ready:
+        for j, _ in w.ready:
             for tree, rel in j.names:
                 d, base = split_rel(rel)
                 try:
@@ -520,133 +571,139 @@ class Linker:
                 else:  # not what the plan foresaw (another seed, another generation)
                     tmp = tmp_name()
                     rows.append(("join", str(tree.root), d, base, tmp, j.ino, obj.ino))
-                names.append(_Name(j, tree, rel, dfd, base, tmp))
-        point("verified", obj=obj, names=[(n.tree, n.rel) for n in names])
-        if rows and self.index is not None:
-            self._extra_ids += self.index.journal_add(rows)
-        point("journaled")
-        if new:
-            self.store.link(ofd, obj)
-            objs.append(obj)
-            self.stats.objects_created += 1
+                w.names.append(_Name(j, tree, rel, dfd, base, tmp))
+        return rows
 
-        overflow: list[InodeRec] = []
-        failed: set[int] = set()
-        breached: list[bool] = []
+    def _link_seed(self, w: _Window, objs: list[StoreObject]) -> None:
+        """A new object: the seed's verified inode gets its name in the store."""
+        self.store.link(w.ofd, w.obj)
+        objs.append(w.obj)
+        self.stats.objects_created += 1
 
+    def _link_unsealed(self, w: _Window) -> None:
+        """Link and rename need O's seal off: the window keeps our lease on O (a writer is
+        refused), puts back its verified metadata and seals it (marker, immutable).  Inside:
+        O linked beside each name, each name swapped with its link, then joiners that broke
+        put back as they were."""
         def on_writer(fd: int) -> None:  # a writer got through on a lax filesystem
-            breached.append(True)
-            self._breach(obj, fd, new, names)
-        # Link and rename need O's seal off: the window keeps our lease on O (a writer is
-        # refused), puts back its verified metadata and seals it (marker, immutable).
-        with unsealed(ofd, self.immutable, what=f"store object {obj.name}", seal=True,
-                      expect=obj.expect, on_writer=on_writer):
-            nospace = self._link_names(obj, names, overflow, failed)
-            # A joiner someone opened for writing meanwhile keeps its own inode.
-            for j, jfd in ready:
-                if not syscalls.lease_held(jfd):
-                    self.stats.skipped_busy += 1
-                    self._error(f"{self._where(j)}: not linked: opened for writing while we "
-                                f"linked it; left as it was")
-                    failed.add(j.ino)
-            for n in names:
-                if n.state == "swapped" and n.rec.ino in failed:
-                    syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
-                    n.state = "reverted"
-                if n.state in ("reverted", "linked"):
-                    os.unlink(n.tmp, dir_fd=n.dfd)  # an O link
-                    n.state = "done"
-        point("sealed", obj=obj)
-        if breached:
-            return []
-        # Remove the verified duplicates that the swaps moved to the temporary names.
-        swapped_by_ino: dict[int, int] = {}
-        for n in names:
-            if n.state == "swapped":
-                os.unlink(n.tmp, dir_fd=n.dfd)
-                n.state = "done"
-                swapped_by_ino[n.rec.ino] = swapped_by_ino.get(n.rec.ino, 0) + 1
-        point("unlinked")
-        for j, _ in ready:
-            done = swapped_by_ino.get(j.ino, 0)
-            self.stats.files_linked += done
-            if done and done == j.nlink and j.ino not in failed:
-                self.stats.bytes_saved += j.size
-                self.forget.append((j.dev, j.ino))
-        st = os.fstat(ofd)
-        obj.nlink = st.st_nlink
-        rec = self.known.get((st.st_dev, st.st_ino))
-        if obj.strong is not None and rec is not None and rec.meta is not None \
-                and rec.meta_any is not None:
-            # Linking and sealing changed the ctime, not the metadata class.
-            self.index_rows.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                    st.st_ctime_ns, obj.key[0], obj.strong, rec.meta,
-                                    rec.meta_any))
-        if nospace is not None:
-            raise self._no_space(nospace.tree.where(nospace.rel))
-        return overflow
+            w.breached = True
+            self._breach(w.obj, fd, w.new, w.names)
+        with unsealed(w.ofd, self.immutable, what=f"store object {w.obj.name}", seal=True,
+                      expect=w.obj.expect, on_writer=on_writer):
+            self._link_names(w)
+            point("linked", obj=w.obj, names=w.shown())
+            self._swap_names(w)
+            point("swapped", obj=w.obj, names=w.shown())
+            self._revert_broken(w)
 
-    def _link_names(self, obj: StoreObject, names: list[_Name], overflow: list[InodeRec],
-                    failed: set[int]) -> _Name | None:
-        """Inside O's window: link O beside each name, then swap each name with its link and
-        check what came out.  EMLINK: this joiner and all after it wait for the next
+    def _link_names(self, w: _Window) -> None:
+        """Link O beside each name.  EMLINK: this joiner and all after it wait for the next
         generation of the object.  ENOSPC: no name after it is linked; the window finishes
         what it linked (which frees the duplicates' space), then the run stops: the name
-        where space ran out is returned."""
-        odir, obase = self.store.dir_and_name(obj)
-        nlink = obj.nlink
-        nospace: _Name | None = None
-        for n in names:
-            if nospace is not None:
-                failed.add(n.rec.ino)
+        where space ran out is kept in ``w.nospace``."""
+        odir, obase = self.store.dir_and_name(w.obj)
+        nlink = w.obj.nlink
+        for n in w.names:
+            if w.nospace is not None:
+                w.failed.add(n.rec.ino)
                 continue
-            if n.rec.ino in failed or overflow:
-                if overflow and n.rec not in overflow:
-                    overflow.append(n.rec)
+            if n.rec.ino in w.failed or w.overflow:
+                if w.overflow and n.rec not in w.overflow:
+                    w.overflow.append(n.rec)
                 continue
             try:
                 if self.link_limit is not None and nlink >= self.link_limit:
                     raise OSError(errno.EMLINK, os.strerror(errno.EMLINK))
                 os.link(obase, n.tmp, src_dir_fd=odir, dst_dir_fd=n.dfd, follow_symlinks=False)
                 nlink += 1
-                n.state = "linked"
+                n.state = _State.LINKED
             except OSError as e:
                 if e.errno == errno.EMLINK:
-                    obj.full = True
-                    overflow.append(n.rec)
+                    w.obj.full = True
+                    w.overflow.append(n.rec)
                 elif e.errno in NOSPACE_ERRNOS:
-                    nospace = n
-                    failed.add(n.rec.ino)
+                    w.nospace = n
+                    w.failed.add(n.rec.ino)
                 else:
                     self._error(f"{n.tree.where(n.rel)}: not linked: {e.strerror}")
-                    failed.add(n.rec.ino)
-        point("linked", obj=obj, names=[(n.tree, n.rel) for n in names])
-        over = {r.ino for r in overflow}
-        for n in names:  # a joiner goes whole or not at all
-            if n.state == "linked" and (n.rec.ino in over or n.rec.ino in failed):
+                    w.failed.add(n.rec.ino)
+
+    def _swap_names(self, w: _Window) -> None:
+        """Swap each linked name with its link to O and check that what came out is the
+        joiner, else swap back.  A joiner goes whole or not at all: the links of one that
+        cannot are taken back first."""
+        over = {r.ino for r in w.overflow}
+        for n in w.names:
+            if n.state is _State.LINKED and (n.rec.ino in over or n.rec.ino in w.failed):
                 os.unlink(n.tmp, dir_fd=n.dfd)
-                n.state = "new"
-        for n in names:
-            if n.state != "linked":
+                n.state = _State.NEW
+        for n in w.names:
+            if n.state is not _State.LINKED:
                 continue
             try:
                 syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
             except OSError as e:
                 self._error(f"{n.tree.where(n.rel)}: not linked: {e.strerror}")
-                n.state = "reverted"
-                failed.add(n.rec.ino)
+                n.state = _State.REVERTED
+                w.failed.add(n.rec.ino)
                 continue
             out = os.stat(n.tmp, dir_fd=n.dfd, follow_symlinks=False)
             if out.st_ino != n.rec.ino or out.st_dev != n.rec.dev:
                 syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
                 self._error(f"{n.tree.where(n.rel)}: not linked: replaced by another "
                             f"file while we linked it")
-                n.state = "reverted"
-                failed.add(n.rec.ino)
+                n.state = _State.REVERTED
+                w.failed.add(n.rec.ino)
             else:
-                n.state = "swapped"
-        point("swapped", obj=obj, names=[(n.tree, n.rel) for n in names])
-        return nospace
+                n.state = _State.SWAPPED
+
+    def _revert_broken(self, w: _Window) -> None:
+        """A joiner someone opened for writing meanwhile (its lease broke) keeps its own
+        inode: its names are swapped back.  Then every link to O that is no guest's name
+        (swapped back, or never swapped) goes."""
+        for j, jfd in w.ready:
+            if not syscalls.lease_held(jfd):
+                self.stats.skipped_busy += 1
+                self._error(f"{self._where(j)}: not linked: opened for writing while we "
+                            f"linked it; left as it was")
+                w.failed.add(j.ino)
+        for n in w.names:
+            if n.state is _State.SWAPPED and n.rec.ino in w.failed:
+                syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
+                n.state = _State.REVERTED
+            if n.state in (_State.REVERTED, _State.LINKED):
+                os.unlink(n.tmp, dir_fd=n.dfd)  # an O link
+                n.state = _State.DONE
+
+    def _remove_duplicates(self, w: _Window) -> dict[int, int]:
+        """Remove the verified duplicates that the swaps moved to the temporary names.
+        Returns how many names each joiner (by inode) gave to O."""
+        swapped: dict[int, int] = {}
+        for n in w.names:
+            if n.state is _State.SWAPPED:
+                os.unlink(n.tmp, dir_fd=n.dfd)
+                n.state = _State.DONE
+                swapped[n.rec.ino] = swapped.get(n.rec.ino, 0) + 1
+        return swapped
+
+    def _account(self, w: _Window, swapped: dict[int, int]) -> None:
+        """Count what the window linked and saved; a joiner that gave O all its names is
+        gone (its index row with it); O's index row follows its new ctime."""
+        for j, _ in w.ready:
+            done = swapped.get(j.ino, 0)
+            self.stats.files_linked += done
+            if done and done == j.nlink and j.ino not in w.failed:
+                self.stats.bytes_saved += j.size
+                self.forget.append((j.dev, j.ino))
+        st = os.fstat(w.ofd)
+        w.obj.nlink = st.st_nlink
+        rec = self.known.get((st.st_dev, st.st_ino))
+        if w.obj.strong is not None and rec is not None and rec.meta is not None \
+                and rec.meta_any is not None:
+            # Linking and sealing changed the ctime, not the metadata class.
+            self.index_rows.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                    st.st_ctime_ns, w.obj.key[0], w.obj.strong, rec.meta,
+                                    rec.meta_any))
 
     def _breach(self, obj: StoreObject, ofd: int, new: bool, names: list[_Name]) -> None:
         """A writer got O open for writing during its window, on a filesystem that lets it
@@ -658,10 +715,10 @@ class Linker:
                     f"batch undone")
         attrs.set_immutable(ofd, False)
         for n in names:
-            if n.state == "swapped":
+            if n.state is _State.SWAPPED:
                 syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
                 os.unlink(n.tmp, dir_fd=n.dfd)
-                n.state = "done"
+                n.state = _State.DONE
         if new:
             self.store.unlink(obj)
             attrs.clear_marker(ofd)

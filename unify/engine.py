@@ -17,7 +17,7 @@ from vsstore.hashing import content_digests, meta_class, read_xattrs
 from vsstore.index import Index
 from vsstore.names import shown
 from vsstore.safetree import GuestTree
-from vsstore.store import Key, Store
+from vsstore.store import Key, Store, StoreObject
 
 from . import apply, scan
 from .progress import Progress
@@ -37,6 +37,10 @@ class Options:
 
 @dataclass(slots=True)
 class Summary:
+    """What a run did, and what `--json` prints.  One record for the whole run: the engine
+    counts the walk and the hashing, the linker (``Linker.stats``) what it links, saves,
+    skips and fails, each message in the order it happened."""
+
     guests: int = 0
     files_scanned: int = 0
     files_hashed: int = 0
@@ -126,101 +130,23 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
     started = time.time()
     prog = progress or Progress(False)
     summ = Summary(guests=len(guests), dry_run=opts.dry_run)
-    if not opts.dry_run:
+    if not opts.dry_run:  # 0. What a crashed run left in flight: finished or undone.
         summ.messages += apply.recover(index, store, opts.immutable)
     trees = open_trees(guests, store)
     try:
-        # 1. The store's objects.  Sealed objects cannot change, so guest names that point
-        # at them need no stat in the walk.
-        objects = store.scan()
-        object_inos = {(store.dev, o.ino) for objs in objects.values() for o in objs}
-        store_sizes = {o.size for objs in objects.values() for o in objs}
-        known = {o.ino: o.st for objs in objects.values() for o in objs if o.st is not None}
-        # 2. Walk.
-        prog.phase("scan")
-        sc = scan.scan(trees, excludes, opts.min_size, tick=lambda n, b: prog.update(n, b),
-                       known=known, jobs=2)
-        summ.files_scanned = sc.files_scanned
-        summ.errors += sc.errors
-        summ.leftovers = len(sc.leftovers)
-        for name in sc.leftovers[:20]:
-            log.warning("%s: temporary name left by an interrupted run (no journal entry); "
-                        "its content equals the file it was meant to replace or a store "
-                        "object: check and remove it", name)
-        # 3. What needs reading: only sizes shared with another inode or an object.
-        size_count = Counter(r.size for r in sc.inodes.values())
-        cache: dict[int, dict] = {}
-        by_size: dict[int, list[scan.InodeRec]] = {}
-        to_hash: list[scan.InodeRec] = []
-        for rec in sc.inodes.values():
-            if size_count[rec.size] < 2 and rec.size not in store_sizes:
-                continue
-            by_size.setdefault(rec.size, []).append(rec)
-            rows = cache.get(rec.dev)
-            if rows is None:
-                rows = cache[rec.dev] = index.load(rec.dev)
-            c = rows.get(rec.ino)
-            if c is not None and c.size == rec.size and c.mtime_ns == rec.mtime_ns \
-                    and c.ctime_ns == rec.ctime_ns:
-                rec.digest, rec.strong = c.digest, c.strong
-                rec.meta, rec.meta_any = c.meta, c.meta_any
-            else:
-                to_hash.append(rec)
+        objects = _Objects.scan(store)
+        sc = _walk(trees, excludes, opts, objects, summ, prog)
+        by_size, to_hash = _look_up(sc, objects, index)
         linker = apply.Linker(store, index, immutable=opts.immutable,
-                              ignore_mtime=opts.ignore_mtime, stats=apply.LinkStats(),
+                              ignore_mtime=opts.ignore_mtime, stats=summ,
                               link_limit=opts.link_limit,
                               fds=apply.fds_free() - 2 * max(1, opts.jobs) - 32)
         linker.known = sc.inodes
-        stats = linker.stats
-        objects_by_ino = {o.ino: o for objs in objects.values() for o in objs}
-        pipe = _Pipeline(opts, linker, index, objects, object_inos, by_size, sc,
-                         tick=lambda: prog.update(stats.files_linked, 0))
-        # 4+5. Hash in threads (xxhash and blake3 release the GIL, so reads overlap) and,
-        # as soon as every inode of one size has its digests, group that size and link it
-        # in this thread while the readers go on.
-        remaining = Counter(r.size for r in to_hash)
-        for size in list(by_size):
-            if not remaining[size]:
-                pipe.size_ready(size)
-        prog.phase("hash+link", total_bytes=sum(r.size for r in to_hash))
-        done_bytes = 0
-        chunks = [to_hash[i:i + CHUNK_FILES] for i in range(0, len(to_hash), CHUNK_FILES)]
-        with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
-            for chunk, results in zip(chunks, pool.map(_hash_chunk, chunks), strict=True):
-                for rec, res in zip(chunk, results, strict=True):
-                    done_bytes += rec.size
-                    if isinstance(res, str):
-                        summ.errors += 1
-                        summ.messages.append(res)
-                        log.warning("%s", res)
-                    elif res is not None:
-                        rec.digest, rec.strong, rec.meta, rec.meta_any = res
-                        summ.files_hashed += 1
-                        summ.bytes_hashed += rec.size
-                        pipe.new_rows.append((rec.dev, rec.ino, rec.size, rec.mtime_ns,
-                                              rec.ctime_ns, rec.digest, rec.strong, rec.meta,
-                                              rec.meta_any))
-                        obj = objects_by_ino.get(rec.ino) if rec.dev == store.dev else None
-                        if obj is not None and not opts.dry_run:
-                            # An object that changed since it was indexed lost its seal.
-                            linker.reseal(obj, rec)
-                    remaining[rec.size] -= 1
-                    if not remaining[rec.size]:
-                        pipe.size_ready(rec.size)
-                prog.update(summ.files_hashed, done_bytes)
-                pipe.flush()
-        pipe.flush(force=True)
+        pipe = _Pipeline(opts, linker, index, objects, by_size, sc,
+                         tick=lambda: prog.update(summ.files_linked, 0))
+        _hash_and_link(pipe, to_hash, prog)
         if not opts.dry_run:
-            index.store(linker.index_rows)
-            for dev in {d for d, _ in linker.forget}:
-                index.forget(dev, [i for d, i in linker.forget if d == dev])
-        summ.files_linked = stats.files_linked
-        summ.bytes_saved = stats.bytes_saved
-        summ.objects_created = stats.objects_created
-        summ.errors += stats.errors
-        summ.skipped_busy = stats.skipped_busy
-        summ.skipped_changed = stats.skipped_changed
-        summ.messages += stats.messages
+            _record(index, linker)
     finally:
         prog.done()
         for t in trees:
@@ -230,22 +156,135 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
     return summ
 
 
+@dataclass(slots=True)
+class _Objects:
+    """1. The store's objects, as the later phases ask for them."""
+
+    by_key: dict[Key, list[StoreObject]]
+    by_ino: dict[int, StoreObject]
+    inos: set[tuple[int, int]]  # (dev, ino): a guest inode that is an object already
+    sizes: set[int]  # a size held by an object is worth reading even if one guest has it
+    # Sealed objects cannot change, so guest names that point at them need no stat in the
+    # walk: their stats by inode number.
+    known: dict[int, os.stat_result]
+
+    @classmethod
+    def scan(cls, store: Store) -> _Objects:
+        by_key = store.scan()
+        objs = [o for group in by_key.values() for o in group]
+        return cls(by_key, {o.ino: o for o in objs}, {(store.dev, o.ino) for o in objs},
+                   {o.size for o in objs}, {o.ino: o.st for o in objs if o.st is not None})
+
+
+def _walk(trees: list[GuestTree], excludes: dict[str, ExcludeList], opts: Options,
+          objects: _Objects, summ: Summary, prog: Progress) -> scan.Scan:
+    """2. Walk the guests: an InodeRec per candidate inode, with every name seen."""
+    prog.phase("scan")
+    sc = scan.scan(trees, excludes, opts.min_size, tick=lambda n, b: prog.update(n, b),
+                   known=objects.known, jobs=2)
+    summ.files_scanned = sc.files_scanned
+    summ.errors += sc.errors
+    summ.leftovers = len(sc.leftovers)
+    for name in sc.leftovers[:20]:
+        log.warning("%s: temporary name left by an interrupted run (no journal entry); "
+                    "its content equals the file it was meant to replace or a store "
+                    "object: check and remove it", name)
+    return sc
+
+
+def _look_up(sc: scan.Scan, objects: _Objects, index: Index,
+             ) -> tuple[dict[int, list[scan.InodeRec]], list[scan.InodeRec]]:
+    """3. What needs reading: only sizes shared with another inode or an object.  Of
+    those inodes (returned by size), the ones the index knows unchanged take their
+    digests from it; the others (returned second) are to be hashed."""
+    size_count = Counter(r.size for r in sc.inodes.values())
+    cache: dict[int, dict] = {}
+    by_size: dict[int, list[scan.InodeRec]] = {}
+    to_hash: list[scan.InodeRec] = []
+    for rec in sc.inodes.values():
+        if size_count[rec.size] < 2 and rec.size not in objects.sizes:
+            continue
+        by_size.setdefault(rec.size, []).append(rec)
+        rows = cache.get(rec.dev)
+        if rows is None:
+            rows = cache[rec.dev] = index.load(rec.dev)
+        c = rows.get(rec.ino)
+        if c is not None and c.size == rec.size and c.mtime_ns == rec.mtime_ns \
+                and c.ctime_ns == rec.ctime_ns:
+            rec.digest, rec.strong = c.digest, c.strong
+            rec.meta, rec.meta_any = c.meta, c.meta_any
+        else:
+            to_hash.append(rec)
+    return by_size, to_hash
+
+
+def _hash_and_link(pipe: _Pipeline, to_hash: list[scan.InodeRec], prog: Progress) -> None:
+    """4+5. Hash in threads (xxhash and blake3 release the GIL, so reads overlap) and, as
+    soon as every inode of one size has its digests, group that size and link it in this
+    thread while the readers go on."""
+    remaining = Counter(r.size for r in to_hash)
+    for size in list(pipe.by_size):
+        if not remaining[size]:
+            pipe.size_ready(size)
+    prog.phase("hash+link", total_bytes=sum(r.size for r in to_hash))
+    done_bytes = 0
+    chunks = [to_hash[i:i + CHUNK_FILES] for i in range(0, len(to_hash), CHUNK_FILES)]
+    with ThreadPoolExecutor(max_workers=max(1, pipe.opts.jobs)) as pool:
+        for chunk, results in zip(chunks, pool.map(_hash_chunk, chunks), strict=True):
+            for rec, res in zip(chunk, results, strict=True):
+                done_bytes += rec.size
+                pipe.hashed(rec, res)
+                remaining[rec.size] -= 1
+                if not remaining[rec.size]:
+                    pipe.size_ready(rec.size)
+            prog.update(pipe.summ.files_hashed, done_bytes)
+            pipe.flush()
+    pipe.flush(force=True)
+
+
+def _record(index: Index, linker: apply.Linker) -> None:
+    """6. The index follows what the run did: objects' rows (their ctime moved), and no
+    row for a guest inode that is no more."""
+    index.store(linker.index_rows)
+    for dev in {d for d, _ in linker.forget}:
+        index.forget(dev, [i for d, i in linker.forget if d == dev])
+
+
 class _Pipeline:
     """Groups one size class at a time, as soon as all its inodes are hashed, and hands
     the groups to the linker in chunks (see Linker.unify_all)."""
 
     FLUSH = 128
 
-    def __init__(self, opts: Options, linker: apply.Linker, index: Index,
-                 objects: dict[Key, list], object_inos: set[tuple[int, int]],
+    def __init__(self, opts: Options, linker: apply.Linker, index: Index, objects: _Objects,
                  by_size: dict[int, list[scan.InodeRec]], sc: scan.Scan,
                  tick: Callable[[], None]) -> None:
         self.opts, self.linker, self.index = opts, linker, index
-        self.objects, self.object_inos, self.by_size, self.sc = objects, object_inos, by_size, sc
+        self.objects, self.by_size, self.sc = objects, by_size, sc
+        self.summ = linker.stats  # the run's Summary
         self.tick = tick
         self.plans: list[tuple[Key, list[scan.InodeRec], list]] = []
         self.new_rows: list = []
         self.hashed_point_passed = False
+
+    def hashed(self, rec: scan.InodeRec, res: Hashed | str | None) -> None:
+        """One inode's digests (or why not): counted, and its index row kept for the next
+        flush.  An object that changed since it was indexed lost its seal: resealed."""
+        if isinstance(res, str):
+            self.summ.errors += 1
+            self.summ.messages.append(res)
+            log.warning("%s", res)
+            return
+        if res is None:
+            return
+        rec.digest, rec.strong, rec.meta, rec.meta_any = res
+        self.summ.files_hashed += 1
+        self.summ.bytes_hashed += rec.size
+        self.new_rows.append((rec.dev, rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns,
+                              rec.digest, rec.strong, rec.meta, rec.meta_any))
+        obj = self.objects.by_ino.get(rec.ino) if rec.dev == self.linker.store.dev else None
+        if obj is not None and not self.opts.dry_run:
+            self.linker.reseal(obj, rec)
 
     def size_ready(self, size: int) -> None:
         groups: dict[Key, list[scan.InodeRec]] = {}
@@ -254,8 +293,8 @@ class _Pipeline:
             if rec.digest is not None and meta is not None:
                 groups.setdefault((rec.digest, meta), []).append(rec)
         for key, members in groups.items():
-            objs = self.objects.get(key, [])
-            todo = [m for m in members if (m.dev, m.ino) not in self.object_inos]
+            objs = self.objects.by_key.get(key, [])
+            todo = [m for m in members if (m.dev, m.ino) not in self.objects.inos]
             if not todo or (not objs and len(todo) < 2):
                 continue
             if self.opts.dry_run:
@@ -279,7 +318,7 @@ class _Pipeline:
         self.linker.unify_all(plans, tick=self.tick)
 
 
-def _dry(todo: list[scan.InodeRec], objs: list, stats: apply.LinkStats) -> None:
+def _dry(todo: list[scan.InodeRec], objs: list, stats: Summary) -> None:
     """What a real run would do with this group, without touching anything."""
     if not objs:
         seeds = [m for m in todo if m.all_names_seen]

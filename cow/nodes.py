@@ -1,0 +1,159 @@
+"""The overlay's node table: FUSE node ids for backing inodes, and the names they were reached by.
+
+A node id is the backing inode's number (a fresh one above 2**48 when two filesystems'
+numbers collide), so an inode shared by several guests is one FUSE node and one page cache.
+Each node keeps the (guest, path) names it was reached by; a name is checked to still hold
+the node's inode before it is used, and dropped when it does not (copied up, replaced).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+from vsstore.safetree import GuestTree
+
+log = logging.getLogger("vsstore.cow")
+
+ROOT = pyfuse3.ROOT_INODE
+Name = tuple[str, str]  # (guest, path relative to its root; '' for the root)
+Trees = Mapping[str, GuestTree]  # the overlay's guests by name (shared with CowFS)
+
+
+@dataclass(slots=True)
+class Node:
+    id: int
+    dev: int
+    ino: int
+    names: dict[Name, None] = field(default_factory=dict)  # an ordered set
+    lookups: int = 0
+    st: os.stat_result | None = None  # last seen: answers getattr once no name is left
+    fhs: set[int] = field(default_factory=set)  # open handles on this very inode
+
+
+def fuse_error(e: OSError) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(e.errno or errno.EIO)
+
+
+def join(rel: str, name: str) -> str:
+    return f"{rel}/{name}" if rel else name
+
+
+def open_dir(trees: Trees, name: Name) -> int:
+    """A guest directory, opened beneath its root (no symlink, no mount crossed)."""
+    tree = trees[name[0]]
+    try:
+        return tree.open_beneath(name[1], os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise fuse_error(e) from None
+
+
+def lstat(trees: Trees, name: Name) -> os.stat_result:
+    """What a guest's name holds now (the name itself, never a symlink's target)."""
+    tree = trees.get(name[0])
+    if tree is None:
+        raise pyfuse3.FUSEError(errno.ENOENT)
+    if not name[1]:
+        return os.fstat(tree.fd)
+    head, _, tail = name[1].rpartition("/")
+    dfd = open_dir(trees, (name[0], head))
+    try:
+        return os.stat(tail, dir_fd=dfd, follow_symlinks=False)
+    except OSError as e:
+        raise fuse_error(e) from None
+    finally:
+        os.close(dfd)
+
+
+class Nodes:
+    """Node ids by backing inode, and each node's names."""
+
+    def __init__(self, trees: Trees) -> None:
+        self.trees = trees
+        self.nodes: dict[int, Node] = {}
+        self.by_inode: dict[tuple[int, int], int] = {}
+        self.next_id = 1 << 48  # for inode numbers that collide (another filesystem)
+
+    def node(self, st: os.stat_result, name: Name) -> Node:
+        """The node of the inode ``st``, reached (now) as ``name``."""
+        key = (st.st_dev, st.st_ino)
+        nid = self.by_inode.get(key)
+        if nid is None:
+            nid = st.st_ino if st.st_ino not in self.nodes and st.st_ino != ROOT else \
+                self._fresh_id()
+            self.by_inode[key] = nid
+            self.nodes[nid] = Node(nid, st.st_dev, st.st_ino)
+        node = self.nodes[nid]
+        node.names[name] = None
+        return node
+
+    def _fresh_id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    def get(self, nid: int) -> Node:
+        """A node the kernel names; ESTALE once forgotten."""
+        node = self.nodes.get(nid)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
+    def find(self, st: os.stat_result) -> Node | None:
+        """The node of the inode ``st``, if the kernel knows it."""
+        return self.nodes.get(self.by_inode.get((st.st_dev, st.st_ino), -1))
+
+    def forget(self, nid: int, n: int) -> bool:
+        """The kernel forgot ``n`` lookups of ``nid``; True if that was the last."""
+        node = self.nodes.get(nid)
+        if node is None:
+            return False
+        node.lookups -= n
+        if node.lookups > 0:
+            return False
+        del self.nodes[nid]
+        self.by_inode.pop((node.dev, node.ino), None)
+        return True
+
+    def drop_guest(self, guest: str) -> None:
+        """A guest leaves the overlay: none of its names leads to a node any more."""
+        for node in self.nodes.values():
+            for n in [n for n in node.names if n[0] == guest]:
+                del node.names[n]
+
+    def some_name(self, node: Node) -> Name:
+        return self.resolve(node)[0]
+
+    def resolve(self, node: Node) -> tuple[Name, os.stat_result]:
+        """A name of ``node`` that still holds its inode, and its stat."""
+        found = self.holding(node)
+        if found is None:
+            log.debug("node %d (inode %d): no name holds it any more", node.id, node.ino)
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        node.st = found[1]
+        return found
+
+    def holding(self, node: Node, guest: str | None = None, prefer: Name | None = None,
+                ) -> tuple[Name, os.stat_result] | None:
+        """A name of ``node`` (in ``guest``, ``prefer`` first) that still holds its inode,
+        and its stat.  Names that now hold something else (copied up, replaced) are
+        dropped on the way."""
+        for n in ([prefer] if prefer is not None else []) + list(node.names):
+            if n[0] not in self.trees or (guest is not None and n[0] != guest) or \
+                    n not in node.names:
+                continue
+            try:
+                st = lstat(self.trees, n)
+            except pyfuse3.FUSEError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == (node.dev, node.ino):
+                return n, st
+            del node.names[n]
+        return None
+
+    def dir_name(self, nid: int) -> Name:
+        """The (guest, rel) of a directory node (directories have one name)."""
+        return self.some_name(self.get(nid))
