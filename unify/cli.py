@@ -105,10 +105,8 @@ def cmd_report(args: argparse.Namespace, paths: Paths) -> int:
         rep = report.build(trees, store)
         index = api.open_index(stack, paths)
         if not args.no_record:
-            d = rep.as_dict()
-            index.record_snapshot(rep.taken, d["total"],  # type: ignore[arg-type]
-                                  {n: (g.disk_bytes, g.saved_bytes) for n, g in rep.guests.items()})
-        rep.history = {"runs": index.runs(), "snapshots": index.snapshots()}
+            index.record_snapshot(rep.snapshot())
+        rep.history = report.History(index.runs(), index.snapshots())
     if args.memory:
         from vsstore.memory import measure_running
         rep.memory = measure_running(paths)

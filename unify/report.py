@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from vsstore.index import RunRecord, Snapshot
 from vsstore.names import shown
 from vsstore.safetree import GuestTree
 from vsstore.store import Store
@@ -49,6 +50,17 @@ class SharedFile:
                 "saved_bytes": self.saved}
 
 
+@dataclass(frozen=True, slots=True)
+class History:
+    """The trend, from the index: its last real runs and report snapshots, oldest first."""
+    runs: list[RunRecord]
+    snapshots: list[Snapshot]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"runs": [r.as_dict() for r in self.runs],
+                "snapshots": [s.as_dict() for s in self.snapshots]}
+
+
 @dataclass(slots=True)
 class Report:
     guests: dict[str, GuestFigures] = field(default_factory=dict)
@@ -56,7 +68,7 @@ class Report:
     store: dict[str, object] = field(default_factory=dict)
     top_shared: list[SharedFile] = field(default_factory=list)
     taken: float = 0.0
-    history: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+    history: History | None = None
     memory: dict[str, object] | None = None
 
     def as_dict(self) -> dict[str, object]:
@@ -66,10 +78,18 @@ class Report:
         d: dict[str, object] = {
             "taken": self.taken, "guests": {n: g.as_dict() for n, g in self.guests.items()},
             "total": total, "store": self.store,
-            "top_shared": [f.as_dict() for f in self.top_shared], "history": self.history}
+            "top_shared": [f.as_dict() for f in self.top_shared],
+            "history": self.history.as_dict() if self.history is not None else {}}
         if self.memory is not None:
             d["memory"] = self.memory
         return d
+
+    def snapshot(self) -> Snapshot:
+        """The figures the index keeps of this report for the trend."""
+        t = self.total
+        return Snapshot(self.taken, len(self.guests), t.files, t.apparent_bytes, t.disk_bytes,
+                        t.saved_bytes,
+                        {n: (g.disk_bytes, g.saved_bytes) for n, g in self.guests.items()})
 
 
 def build(trees: list[GuestTree], store: Store | None) -> Report:
@@ -153,14 +173,13 @@ def format_table(rep: Report) -> str:
         lines.append("most saving shared files (one name; guests holding it; saved):")
         for f in rep.top_shared[:10]:
             lines.append(f"  {human(f.saved):>9}  {f.guests:>3} guests  {f.path}")
-    snaps = rep.history.get("snapshots", [])
+    snaps = rep.history.snapshots if rep.history is not None else []
     if len(snaps) > 1:
         lines.append("")
         lines.append("saved over time (reports):")
         for sn in snaps[-8:]:
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(sn["taken"]))  # type: ignore[arg-type]
-            lines.append(f"  {when}  {human(sn['saved_bytes']):>9}  "  # type: ignore[arg-type]
-                         f"{sn['guests']} guests")
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(sn.taken))
+            lines.append(f"  {when}  {human(sn.saved_bytes):>9}  {sn.guests} guests")
     return "\n".join(lines)
 
 
