@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from vsstore.index import RunRecord, Snapshot
+from vsstore.memory import Measurement
 from vsstore.names import shown
 from vsstore.safetree import GuestTree
 from vsstore.store import Store
@@ -69,7 +70,7 @@ class Report:
     top_shared: list[SharedFile] = field(default_factory=list)
     taken: float = 0.0
     history: History | None = None
-    memory: dict[str, object] | None = None
+    memory: Measurement | None = None
 
     def as_dict(self) -> dict[str, object]:
         total = self.total.as_dict()
@@ -81,7 +82,7 @@ class Report:
             "top_shared": [f.as_dict() for f in self.top_shared],
             "history": self.history.as_dict() if self.history is not None else {}}
         if self.memory is not None:
-            d["memory"] = self.memory
+            d["memory"] = self.memory.as_dict()
         return d
 
     def snapshot(self) -> Snapshot:
@@ -183,18 +184,17 @@ def format_table(rep: Report) -> str:
     return "\n".join(lines)
 
 
-def format_memory(mem: dict[str, object]) -> str:
+def format_memory(mem: Measurement) -> str:
     """The memory figures as text (``report --memory``)."""
     from .progress import human
-    t: dict[str, int] = mem["total"]  # type: ignore[assignment]
-    guests: dict[str, dict[str, int]] = mem["guests"]  # type: ignore[assignment]
-    if not guests:
+    t = mem.total
+    if not mem.guests:
         return "\nmemory: no guest is running"
     lines = ["", "file-backed memory of running guests:",
              f"  {'guest':<16} {'procs':>5} {'mapped':>9} {'shared':>9}"]
-    for n, g in guests.items():
-        lines.append(f"  {n:<16} {g['processes']:>5} {human(g['file_rss']):>9} "
-                     f"{human(g['shared_rss']):>9}")
-    lines.append(f"  host: {human(t['with_unification'])} with unification, "
-                 f"{human(t['without_unification'])} without ({human(t['saved'])} saved)")
+    for n, g in mem.guests.items():
+        lines.append(f"  {n:<16} {g.processes:>5} {human(g.file_rss):>9} "
+                     f"{human(g.shared_rss):>9}")
+    lines.append(f"  host: {human(t.with_unification)} with unification, "
+                 f"{human(t.without_unification)} without ({human(t.saved)} saved)")
     return "\n".join(lines)

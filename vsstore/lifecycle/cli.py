@@ -438,11 +438,12 @@ def stat_main(argv: list[str] | None = None) -> int:
             from vsstore.memory import measure
             mem = measure(pids)
             for i, r in enumerate(rows):
-                m = mem["guests"][r.name]  # type: ignore[index]
-                rows[i] = replace(r, file_rss=m["file_rss"], shared_file_rss=m["shared_rss"])
+                m = mem.guests[r.name]
+                rows[i] = replace(r, file_rss=m.file_rss, shared_file_rss=m.shared_rss)
         if args.json:
             out = [r.as_dict() for r in rows]
-            print(json.dumps({"guests": out, "memory": mem} if mem else out, indent=2))
+            print(json.dumps({"guests": out, "memory": mem.as_dict()} if mem else out,
+                             indent=2))
             return EXIT_OK
         print(f"{'CTX':>5} {'PROC':>5} {'VSZ':>7} {'RSS':>7} {'userTIME':>9} "
               f"{'sysTIME':>9} {'UPTIME':>9} {'CHARGED':>8} {'FILE':>7} {'ANON':>7} "
@@ -454,11 +455,11 @@ def stat_main(argv: list[str] | None = None) -> int:
                   f"{_uptime(time.time() - r.uptime_s):>9} "
                   f"{_cg_cols(r.cgroup)} {r.name}")
         if mem:
-            t = mem["total"]
-            print(f"file-backed memory: {_human(t['with_unification'])} with unification, "  # type: ignore[index]
-                  f"{_human(t['without_unification'])} without; per guest (mapped/shared): "  # type: ignore[index]
-                  + ", ".join(f"{r.name} {_human(r.file_rss)}/"  # type: ignore[arg-type]
-                              f"{_human(r.shared_file_rss)}" for r in rows))  # type: ignore[arg-type]
+            t, per_guest = mem.total, mem.guests
+            print(f"file-backed memory: {_human(t.with_unification)} with unification, "
+                  f"{_human(t.without_unification)} without; per guest (mapped/shared): "
+                  + ", ".join(f"{r.name} {_human(per_guest[r.name].file_rss)}/"
+                              f"{_human(per_guest[r.name].shared_rss)}" for r in rows))
         return EXIT_OK
     return run_cli("vserver-stat", p, run, argv)
 
