@@ -112,7 +112,7 @@ def cmd_report(args: argparse.Namespace, paths: Paths) -> int:
         rep.memory = measure_running(paths)
     d = rep.as_dict()
     if args.html:
-        _write_text(args.html, htmlreport.render(d), "--html")
+        _write_text(args.html, htmlreport.render(rep), "--html")
     if args.prom:
         prom.report_metrics(d).write(args.prom)
     if args.json:
