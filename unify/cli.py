@@ -110,16 +110,15 @@ def cmd_report(args: argparse.Namespace, paths: Paths) -> int:
     if args.memory:
         from vsstore.memory import measure_running
         rep.memory = measure_running(paths)
-    d = rep.as_dict()
     if args.html:
         _write_text(args.html, htmlreport.render(rep), "--html")
     if args.prom:
-        prom.report_metrics(d).write(args.prom)
+        prom.report_metrics(rep).write(args.prom)
     if args.json:
-        print(json.dumps(d, indent=2))
+        print(json.dumps(rep.as_dict(), indent=2))
     elif not args.quiet:
         print(report.format_table(rep))
-        if rep.memory:
+        if rep.memory is not None:
             print(report.format_memory(rep.memory))
     return EXIT_OK
 
