@@ -57,6 +57,7 @@ class SharedFile:
 
 @dataclass(frozen=True, slots=True)
 class StoreFigures:
+    """The store's objects, and those no guest links any more."""
     path: str  # shown (vsstore.names)
     objects: int
     object_bytes: int
@@ -85,11 +86,11 @@ class History:
 class Report:
     guests: dict[str, GuestFigures] = field(default_factory=dict)
     total: GuestFigures = field(default_factory=GuestFigures)  # its share: Report.share_ratio
-    store: StoreFigures | None = None
+    store: StoreFigures | None = None  # None: no store (JSON: {})
     top_shared: list[SharedFile] = field(default_factory=list)
     taken: float = 0.0
-    history: History | None = None
-    memory: Measurement | None = None
+    history: History | None = None  # the command adds it from the index (JSON: {} without)
+    memory: Measurement | None = None  # report --memory
 
     @property
     def share_ratio(self) -> float:
