@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from html.parser import HTMLParser
 
 from unify.progress import human
@@ -124,6 +125,15 @@ def test_the_html_report_is_one_page_with_both_charts(host):
     for g in "abcd":
         assert g in page.cells
     assert any(c.endswith(":/usr/lib/big.so") for c in page.cells)
+    s = rep["store"]
+    assert (f"<p>{s['path']}: {s['objects']} objects, {human(s['bytes'])}; "
+            f"{s['unused_objects']} unused ({human(s['unused_bytes'])}, removed by ") in text
+    run = rep["history"]["runs"][-1]  # the one run: the last table's one row
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["started"]))
+    assert page.cells[-8:] == [started, str(run["guests"]), str(run["files_scanned"]),
+                               str(run["files_hashed"]), str(run["files_linked"]),
+                               human(run["bytes_saved"]), str(run["errors"]),
+                               f"{run['duration']:.1f}"]
 
 
 _SAMPLE = re.compile(r'^([a-z_]+)(\{([a-z]+="[^"]*")(,[a-z]+="[^"]*")*\})? (-?[0-9.e+]+)$')
@@ -208,3 +218,54 @@ def test_the_shipped_nightly_commands_work(host):
     assert "vsstore_host_saved_bytes" in (host.base / "prom/vsstore_report.prom").read_text()
     assert (host.base / "state/report.html").read_text().startswith("<!DOCTYPE html>")
     assert "(exit 0)" in (host.base / "log/vsunify.log").read_text()
+
+
+def test_memory_figures_as_text_json_html_and_prometheus(monkeypatch):
+    """report --memory's figures in every output, from fixed smaps readings (t7 measures
+    running guests): busybox is mapped by both guests, each library by one."""
+    from unify import htmlreport, prom, report
+    from vsstore import memory
+    rss = {1: {(8, 1, 10): (1_000_000, "/bin/busybox"), (8, 1, 11): (4096, "/lib/a.so")},
+           2: {(8, 1, 10): (1_200_000, "/bin/busybox")},
+           3: {(8, 1, 10): (900_000, "/bin/busybox"), (8, 1, 12): (8192, "/lib/b.so")}}
+    monkeypatch.setattr(memory, "file_rss", lambda pid: rss[pid])
+    mem = memory.measure({"g2": [3], "g1": [1, 2]},
+                         charged={"g2": {"memory": 5, "pids_max": None}})
+    assert list(mem.guests) == ["g1", "g2"]  # in name order; a file named as first measured
+    g1, g2 = mem.guests["g1"], mem.guests["g2"]
+    assert (g1.processes, g1.file_rss, g1.shared_rss, g1.files) == (2, 1_204_096, 1_200_000, 2)
+    assert (g2.processes, g2.file_rss, g2.shared_rss, g2.files) == (1, 908_192, 900_000, 2)
+    assert mem.total == memory.MemoryTotal(1_212_288, 2_112_288, 900_000)
+    assert mem.top_shared == [memory.SharedMapping("g2:/bin/busybox", 2, 900_000)]
+    rep = report.Report(taken=1_700_000_000.0, memory=mem)
+    assert rep.as_dict()["memory"] == {
+        "guests": {"g1": {"processes": 2, "file_rss": 1_204_096, "shared_rss": 1_200_000,
+                          "files": 2},
+                   "g2": {"processes": 1, "file_rss": 908_192, "shared_rss": 900_000,
+                          "files": 2, "cgroup": {"memory": 5, "pids_max": None}}},
+        "total": {"with_unification": 1_212_288, "without_unification": 2_112_288,
+                  "saved": 900_000},
+        "top_shared": [{"path": "g2:/bin/busybox", "guests": 2, "saved": 900_000}]}
+    assert report.format_memory(mem) == (
+        "\nfile-backed memory of running guests:\n"
+        "  guest            procs    mapped    shared\n"
+        "  g1                   2   1.1 MiB   1.1 MiB\n"
+        "  g2                   1 886.9 KiB 878.9 KiB\n"
+        "  host: 1.2 MiB with unification, 2.0 MiB without (878.9 KiB saved)")
+    lines = prom.report_metrics(rep).text().splitlines()
+    for sample in ('vsstore_guest_file_memory_bytes{guest="g1"} 1204096',
+                   'vsstore_guest_file_memory_bytes{guest="g2"} 908192',
+                   'vsstore_guest_shared_file_memory_bytes{guest="g1"} 1200000',
+                   'vsstore_guest_shared_file_memory_bytes{guest="g2"} 900000',
+                   "vsstore_host_file_memory_bytes 1212288",
+                   "vsstore_host_file_memory_without_unification_bytes 2112288"):
+        assert sample in lines
+    html = htmlreport.render(rep)
+    assert ("<p>1.2 MiB in page cache for the guests' mapped files; 2.0 MiB without "
+            "unification (878.9 KiB saved).</p>") in html
+    page = _Page()
+    page.feed(html)
+    assert page.cells[-8:] == ["g1", "2", "1.1 MiB", "1.1 MiB", "g2", "1", "886.9 KiB",
+                               "878.9 KiB"]
+    nobody = memory.measure({})
+    assert report.format_memory(nobody) == "\nmemory: no guest is running"

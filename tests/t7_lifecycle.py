@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from guests import (
 )
 
 from conftest import REPO, flags, inode
+from unify.progress import human
 from vsstore import attrs
 from vsstore.config import Paths
 from vsstore.errors import EXIT_CONFIG, EXIT_STATE
@@ -370,9 +372,23 @@ def test_memory_of_two_running_guests_sharing_a_binary_is_shared(vs, host):
     inits = [vs.state(g)["init_pid"] for g in ("g1", "g2")]
     common = _mapped_inodes(inits[0]) & _mapped_inodes(inits[1])
     assert common  # independently: both inits map the same inode
-    rep = json.loads(host.vsunify("report", "--json", "--memory", "--no-record", "g1",
-                                  "g2").stdout)
+    html, prom = host.base / "report.html", host.base / "report.prom"
+    rep = json.loads(host.vsunify("report", "--json", "--memory", "--no-record", "g1", "g2",
+                                  "--html", str(html), "--prom", str(prom)).stdout)
     mem = rep["memory"]
+    t = mem["total"]  # the same measurement in the page and the Prometheus file
+    assert (f"<p>{human(t['with_unification'])} in page cache for the guests' mapped files; "
+            f"{human(t['without_unification'])} without unification ") in html.read_text()
+    samples = dict(ln.rsplit(" ", 1) for ln in prom.read_text().splitlines()
+                   if not ln.startswith("#"))
+    assert int(samples["vsstore_host_file_memory_bytes"]) == t["with_unification"]
+    for g in ("g1", "g2"):
+        assert int(samples[f'vsstore_guest_shared_file_memory_bytes{{guest="{g}"}}']) == \
+            mem["guests"][g]["shared_rss"]
+    table = host.vsunify("report", "--memory", "--no-record", "g1", "g2").stdout
+    assert "file-backed memory of running guests:" in table
+    assert re.search(r"\n  g1 +\d+ +\S+ \S+ +\S+ \S+\n  g2 +\d+ +\S+ \S+ +\S+ \S+\n  host: "
+                     r".+ with unification, .+ without \(.+ saved\)$", table.rstrip("\n")), table
     for g in ("g1", "g2"):
         assert mem["guests"][g]["shared_rss"] > 0
         assert mem["guests"][g]["shared_rss"] <= mem["guests"][g]["file_rss"]
@@ -387,3 +403,8 @@ def test_memory_of_two_running_guests_sharing_a_binary_is_shared(vs, host):
     st = vs.stat_memory()
     assert {r["name"] for r in st["guests"]} == {"g1", "g2"}
     assert all(r["shared_file_rss"] > 0 for r in st["guests"])
+    text = subprocess.run([sys.executable, "-c", "import sys; from vsstore.lifecycle.cli import "
+                           "stat_main; sys.exit(stat_main(['--memory']))"], cwd=REPO,
+                          env=vs.env, capture_output=True, text=True, check=True).stdout
+    assert re.search(r"\nfile-backed memory: \S+ with unification, \S+ without; per guest "
+                     r"\(mapped/shared\): g1 \S+/\S+, g2 \S+/\S+\n$", text), text

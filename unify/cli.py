@@ -105,23 +105,20 @@ def cmd_report(args: argparse.Namespace, paths: Paths) -> int:
         rep = report.build(trees, store)
         index = api.open_index(stack, paths)
         if not args.no_record:
-            d = rep.as_dict()
-            index.record_snapshot(rep.taken, d["total"],  # type: ignore[arg-type]
-                                  {n: (g.disk_bytes, g.saved_bytes) for n, g in rep.guests.items()})
-        rep.history = {"runs": index.runs(), "snapshots": index.snapshots()}
+            index.record_snapshot(rep.snapshot())
+        rep.history = report.History(index.runs(), index.snapshots())
     if args.memory:
         from vsstore.memory import measure_running
         rep.memory = measure_running(paths)
-    d = rep.as_dict()
     if args.html:
-        _write_text(args.html, htmlreport.render(d), "--html")
+        _write_text(args.html, htmlreport.render(rep), "--html")
     if args.prom:
-        prom.report_metrics(d).write(args.prom)
+        prom.report_metrics(rep).write(args.prom)
     if args.json:
-        print(json.dumps(d, indent=2))
+        print(json.dumps(rep.as_dict(), indent=2))
     elif not args.quiet:
         print(report.format_table(rep))
-        if rep.memory:
+        if rep.memory is not None:
             print(report.format_memory(rep.memory))
     return EXIT_OK
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import time
 from html import escape
 
+from vsstore.index import Snapshot
+
 from .progress import human
+from .report import GuestFigures, Report
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;max-width:70em}
@@ -30,12 +33,12 @@ def _table(head: list[str], rows: list[list[str]], numeric: set[int]) -> str:
     return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _trend_svg(snaps: list[dict[str, object]], w: int = 640, h: int = 200) -> str:
+def _trend_svg(snaps: list[Snapshot], w: int = 640, h: int = 200) -> str:
     """Line of saved bytes over the report snapshots."""
     if not snaps:
         return '<p class="muted">No history yet: every report adds a point.</p>'
     pad = 40
-    ys = [float(s["saved_bytes"]) for s in snaps]  # type: ignore[arg-type]
+    ys = [float(s.saved_bytes) for s in snaps]
     top = max(ys) or 1.0
     n = len(ys)
 
@@ -46,9 +49,9 @@ def _trend_svg(snaps: list[dict[str, object]], w: int = 640, h: int = 200) -> st
         return h - pad - (h - 2 * pad) * v / top
     pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(ys))
     dots = "".join(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="#2a7">'
-                   f"<title>{escape(_when(float(snaps[i]['taken'])))}: {human(int(v))}</title>"  # type: ignore[arg-type]
+                   f"<title>{escape(_when(snaps[i].taken))}: {human(int(v))}</title>"
                    f"</circle>" for i, v in enumerate(ys))
-    first, last = _when(float(snaps[0]["taken"])), _when(float(snaps[-1]["taken"]))  # type: ignore[arg-type]
+    first, last = _when(snaps[0].taken), _when(snaps[-1].taken)
     return (f'<svg id="trend" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
             f'aria-label="saved bytes over time">'
             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#999"/>'
@@ -60,16 +63,16 @@ def _trend_svg(snaps: list[dict[str, object]], w: int = 640, h: int = 200) -> st
             f"</svg>")
 
 
-def _guest_svg(guests: dict[str, dict[str, object]], w: int = 640) -> str:
+def _guest_svg(guests: dict[str, GuestFigures], w: int = 640) -> str:
     """Per guest: a bar of what it would cost alone, the saved part in green."""
     if not guests:
         return ""
     bar, gap, left = 18, 6, 140
-    top = max(int(g["disk_bytes"]) for g in guests.values()) or 1  # type: ignore[call-overload]
+    top = max(g.disk_bytes for g in guests.values()) or 1
     h = len(guests) * (bar + gap) + 10
     parts = []
     for i, (name, g) in enumerate(sorted(guests.items())):
-        disk, saved = int(g["disk_bytes"]), int(g["saved_bytes"])  # type: ignore[call-overload]
+        disk, saved = g.disk_bytes, g.saved_bytes
         y = 5 + i * (bar + gap)
         full = (w - left - 10) * disk / top
         part = (w - left - 10) * saved / top
@@ -83,63 +86,59 @@ def _guest_svg(guests: dict[str, dict[str, object]], w: int = 640) -> str:
             f'aria-label="per guest: on disk and saved">{"".join(parts)}</svg>')
 
 
-def render(rep: dict[str, object]) -> str:
-    guests: dict[str, dict[str, object]] = rep["guests"]  # type: ignore[assignment]
-    total: dict[str, object] = rep["total"]  # type: ignore[assignment]
-    history: dict[str, list[dict[str, object]]] = rep.get("history") or {}  # type: ignore[assignment]
+def render(rep: Report) -> str:
+    guests, total = rep.guests, rep.total
     out = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-           f"<title>vsstore report {escape(_when(float(rep['taken'])))}</title>"  # type: ignore[arg-type]
+           f"<title>vsstore report {escape(_when(rep.taken))}</title>"
            f"<style>{_CSS}</style></head><body>",
            f"<h1>vsstore: disk sharing across {len(guests)} guests</h1>",
-           f'<p class="muted">report of {escape(_when(float(rep["taken"])))}</p>',  # type: ignore[arg-type]
-           f'<p><span class="big" id="saved">{escape(human(int(total["saved_bytes"])))}</span>'  # type: ignore[call-overload]
-           f" saved: the guests take {escape(human(int(total['disk_bytes'])))} on disk "  # type: ignore[call-overload]
-           f"together, {escape(human(int(total['disk_bytes']) + int(total['saved_bytes'])))} "  # type: ignore[call-overload]
-           f"alone ({float(total['share_ratio']):.0%} saved).</p>",  # type: ignore[arg-type]
-           "<h2>Saved over time</h2>", _trend_svg(history.get("snapshots", [])),
+           f'<p class="muted">report of {escape(_when(rep.taken))}</p>',
+           f'<p><span class="big" id="saved">{escape(human(total.saved_bytes))}</span>'
+           f" saved: the guests take {escape(human(total.disk_bytes))} on disk "
+           f"together, {escape(human(total.disk_bytes + total.saved_bytes))} "
+           f"alone ({rep.share_ratio:.0%} saved).</p>",
+           "<h2>Saved over time</h2>",
+           _trend_svg(rep.history.snapshots if rep.history is not None else []),
            "<h2>Per guest</h2>", _guest_svg(guests)]
-    rows = [[n, str(g["files"]), human(int(g["apparent_bytes"])), human(int(g["disk_bytes"])),  # type: ignore[call-overload]
-             human(int(g["shared_bytes"])), human(int(g["saved_bytes"])),  # type: ignore[call-overload]
-             f"{float(g['share_ratio']):.0%}",  # type: ignore[arg-type]
-             ", ".join(f"{k}: {human(v)}" for k, v in g["shared_with"].items())]  # type: ignore[attr-defined]
+    rows = [[n, str(g.files), human(g.apparent_bytes), human(g.disk_bytes),
+             human(g.shared_bytes), human(g.saved_bytes), f"{g.share_ratio:.0%}",
+             ", ".join(f"{k}: {human(v)}" for k, v in sorted(g.shared_with.items()))]
             for n, g in sorted(guests.items())]
-    rows.append(["TOTAL", str(total["files"]), human(int(total["apparent_bytes"])),  # type: ignore[call-overload]
-                 human(int(total["disk_bytes"])), human(int(total["shared_bytes"])),  # type: ignore[call-overload]
-                 human(int(total["saved_bytes"])), f"{float(total['share_ratio']):.0%}", ""])  # type: ignore[call-overload, arg-type]
+    rows.append(["TOTAL", str(total.files), human(total.apparent_bytes),
+                 human(total.disk_bytes), human(total.shared_bytes),
+                 human(total.saved_bytes), f"{rep.share_ratio:.0%}", ""])
     out.append(_table(["guest", "files", "apparent", "on disk", "shared", "saved", "share",
                        "shared with k others"], rows, {1, 2, 3, 4, 5, 6}))
-    top: list[dict[str, object]] = rep.get("top_shared") or []  # type: ignore[assignment]
-    if top:
+    if rep.top_shared:
         out.append("<h2>Most saving shared files</h2>")
         out.append(_table(["file (one name)", "guests", "size", "saved"],
-                          [[str(f["path"]), str(f["guests"]), human(int(f["disk_bytes"])),  # type: ignore[call-overload]
-                            human(int(f["saved_bytes"]))] for f in top], {1, 2, 3}))  # type: ignore[call-overload]
-    store: dict[str, object] = rep.get("store") or {}  # type: ignore[assignment]
-    if store:
+                          [[f.path, str(f.guests), human(f.size), human(f.saved)]
+                           for f in rep.top_shared], {1, 2, 3}))
+    store = rep.store
+    if store is not None:
         out.append("<h2>Store</h2>")
-        out.append(f"<p>{escape(str(store['path']))}: {store['objects']} objects, "
-                   f"{escape(human(int(store['bytes'])))}; {store['unused_objects']} unused "  # type: ignore[call-overload]
-                   f"({escape(human(int(store['unused_bytes'])))}, removed by "  # type: ignore[call-overload]
+        out.append(f"<p>{escape(store.path)}: {store.objects} objects, "
+                   f"{escape(human(store.object_bytes))}; {store.unused_objects} unused "
+                   f"({escape(human(store.unused_bytes))}, removed by "
                    f"<code>vsunify gc</code>).</p>")
-    mem: dict[str, object] | None = rep.get("memory")  # type: ignore[assignment]
-    if mem:
-        t: dict[str, int] = mem["total"]  # type: ignore[assignment]
+    mem = rep.memory
+    if mem is not None:
+        t = mem.total
         out.append("<h2>Memory of running guests (file-backed)</h2>")
-        out.append(f"<p>{escape(human(t['with_unification']))} in page cache for the "
-                   f"guests' mapped files; {escape(human(t['without_unification']))} without "
-                   f"unification ({escape(human(t['saved']))} saved).</p>")
+        out.append(f"<p>{escape(human(t.with_unification))} in page cache for the "
+                   f"guests' mapped files; {escape(human(t.without_unification))} without "
+                   f"unification ({escape(human(t.saved))} saved).</p>")
         out.append(_table(["guest", "processes", "file-backed", "of it shared"],
-                          [[n, str(g["processes"]), human(g["file_rss"]), human(g["shared_rss"])]
-                           for n, g in mem["guests"].items()], {1, 2, 3}))  # type: ignore[attr-defined]
-    runs = history.get("runs", [])
+                          [[n, str(g.processes), human(g.file_rss), human(g.shared_rss)]
+                           for n, g in mem.guests.items()], {1, 2, 3}))
+    runs = rep.history.runs if rep.history is not None else []
     if runs:
         out.append("<h2>Recent runs</h2>")
         out.append(_table(["started", "guests", "scanned", "hashed", "linked", "saved",
                            "errors", "seconds"],
-                          [[_when(float(r["started"])), str(r["guests"]),  # type: ignore[arg-type]
-                            str(r["files_scanned"]), str(r["files_hashed"]),
-                            str(r["files_linked"]), human(int(r["bytes_saved"])),  # type: ignore[call-overload]
-                            str(r["errors"]), f"{float(r['duration']):.1f}"]  # type: ignore[arg-type]
+                          [[_when(r.started), str(r.guests), str(r.files_scanned),
+                            str(r.files_hashed), str(r.files_linked), human(r.bytes_saved),
+                            str(r.errors), f"{r.duration:.1f}"]
                            for r in reversed(runs[-20:])], {1, 2, 3, 4, 5, 6, 7}))
     out.append("</body></html>\n")
     return "".join(out)

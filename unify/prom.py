@@ -12,6 +12,8 @@ from pathlib import Path
 
 from vsstore.errors import ConfigError
 
+from .report import Report
+
 
 def _label(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -61,6 +63,14 @@ class Metrics:
             raise
 
 
+def _number(summary: dict[str, object], key: str) -> float:
+    """One figure of a run's summary (the engine's ``Summary.as_dict()``)."""
+    v = summary[key]
+    if not isinstance(v, int | float):
+        raise TypeError(f"run summary {key!r}: {v!r} is not a number")
+    return v
+
+
 def run_metrics(summary: dict[str, object], finished: float, exit_code: int) -> Metrics:
     m = Metrics()
     m.gauge("vsstore_run_last_timestamp_seconds", "When the last vsunify run ended (unix "
@@ -68,7 +78,7 @@ def run_metrics(summary: dict[str, object], finished: float, exit_code: int) -> 
     m.gauge("vsstore_run_exit_code", "Exit code of the last run (0 ok, 6 partial; see README).",
             exit_code)
     m.gauge("vsstore_run_duration_seconds", "Wall time of the last run.",
-            float(summary["duration"]))  # type: ignore[arg-type]
+            float(_number(summary, "duration")))
     for key, help_ in (("guests", "Guests in the last run."),
                        ("files_scanned", "Files the last run looked at."),
                        ("files_hashed", "Files the last run read and hashed (new or changed)."),
@@ -79,44 +89,41 @@ def run_metrics(summary: dict[str, object], finished: float, exit_code: int) -> 
                        ("errors", "Files the last run skipped with an error."),
                        ("skipped_busy", "Files skipped because someone was writing them."),
                        ("skipped_changed", "Files skipped because they changed meanwhile.")):
-        m.gauge(f"vsstore_run_{key}", help_, int(summary[key]))  # type: ignore[call-overload]
+        m.gauge(f"vsstore_run_{key}", help_, int(_number(summary, key)))
     return m
 
 
-def report_metrics(rep: dict[str, object]) -> Metrics:
+def report_metrics(rep: Report) -> Metrics:
     m = Metrics()
     m.gauge("vsstore_report_timestamp_seconds", "When the report was made (unix time).",
-            float(rep["taken"]))  # type: ignore[arg-type]
-    guests: dict[str, dict[str, object]] = rep["guests"]  # type: ignore[assignment]
-    total: dict[str, object] = rep["total"]  # type: ignore[assignment]
+            rep.taken)
     for key, help_ in (("files", "Regular files (names)."),
                        ("apparent_bytes", "Sum of file sizes (names)."),
                        ("disk_bytes", "Bytes on disk of the distinct inodes."),
                        ("shared_bytes", "Bytes on disk of inodes shared with other guests."),
-                       ("saved_bytes", "Bytes the sharing saves.")):
-        for g, fig in sorted(guests.items()):
-            m.gauge(f"vsstore_guest_{key}", help_ + " Per guest.", int(fig[key]),  # type: ignore[call-overload]
-                    guest=g)
+                       ("saved_bytes", "Bytes the sharing saves.")):  # GuestFigures' fields
+        for g, fig in sorted(rep.guests.items()):
+            m.gauge(f"vsstore_guest_{key}", help_ + " Per guest.", getattr(fig, key), guest=g)
         m.gauge(f"vsstore_host_{key}", help_ + " All guests together, each inode once.",
-                int(total[key]))  # type: ignore[call-overload]
+                getattr(rep.total, key))
     m.gauge("vsstore_host_share_ratio", "Saved bytes / what the guests would cost alone.",
-            float(total["share_ratio"]))  # type: ignore[arg-type]
-    store: dict[str, object] = rep.get("store") or {}  # type: ignore[assignment]
-    if store:
-        m.gauge("vsstore_store_objects", "Objects in the store.", int(store["objects"]))  # type: ignore[call-overload]
-        m.gauge("vsstore_store_bytes", "Bytes in the store's objects.", int(store["bytes"]))  # type: ignore[call-overload]
+            rep.share_ratio)
+    store = rep.store
+    if store is not None:
+        m.gauge("vsstore_store_objects", "Objects in the store.", store.objects)
+        m.gauge("vsstore_store_bytes", "Bytes in the store's objects.", store.object_bytes)
         m.gauge("vsstore_store_unused_objects", "Objects no guest links any more (vsunify gc).",
-                int(store["unused_objects"]))  # type: ignore[call-overload]
-    mem: dict[str, object] | None = rep.get("memory")  # type: ignore[assignment]
-    if mem:
-        for g, fig in sorted(mem["guests"].items()):  # type: ignore[attr-defined]
+                store.unused_objects)
+    mem = rep.memory
+    if mem is not None:
+        for g, used in sorted(mem.guests.items()):
             m.gauge("vsstore_guest_file_memory_bytes", "File-backed resident memory of the "
-                    "guest's processes.", int(fig["file_rss"]), guest=g)
+                    "guest's processes.", used.file_rss, guest=g)
             m.gauge("vsstore_guest_shared_file_memory_bytes", "Of it, in inodes other running "
-                    "guests map too.", int(fig["shared_rss"]), guest=g)
-        tot = mem["total"]  # type: ignore[index]
+                    "guests map too.", used.shared_rss, guest=g)
+        tot = mem.total
         m.gauge("vsstore_host_file_memory_bytes", "File-backed memory of running guests, each "
-                "inode once.", int(tot["with_unification"]))  # type: ignore[index]
+                "inode once.", tot.with_unification)
         m.gauge("vsstore_host_file_memory_without_unification_bytes", "What it would be if "
-                "each guest had its own copies.", int(tot["without_unification"]))  # type: ignore[index]
+                "each guest had its own copies.", tot.without_unification)
     return m

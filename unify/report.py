@@ -12,6 +12,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from vsstore.index import RunRecord, Snapshot
+from vsstore.memory import Measurement
 from vsstore.names import shown
 from vsstore.safetree import GuestTree
 from vsstore.store import Store
@@ -29,12 +31,16 @@ class GuestFigures:
     # bytes on disk of this guest's inodes that k other guests share too: {k: bytes}
     shared_with: dict[int, int] = field(default_factory=dict)
 
+    @property
+    def share_ratio(self) -> float:
+        """Of its bytes on disk, the part other guests share."""
+        return round(self.shared_bytes / self.disk_bytes, 4) if self.disk_bytes else 0.0
+
     def as_dict(self) -> dict[str, object]:
-        d: dict[str, object] = {k: getattr(self, k) for k in self.__slots__  # type: ignore[attr-defined]
-                                if k != "shared_with"}
-        d["share_ratio"] = round(self.shared_bytes / self.disk_bytes, 4) if self.disk_bytes else 0.0
-        d["shared_with"] = {str(k): v for k, v in sorted(self.shared_with.items())}
-        return d
+        return {"files": self.files, "apparent_bytes": self.apparent_bytes,
+                "disk_bytes": self.disk_bytes, "shared_bytes": self.shared_bytes,
+                "saved_bytes": self.saved_bytes, "share_ratio": self.share_ratio,
+                "shared_with": {str(k): v for k, v in sorted(self.shared_with.items())}}
 
 
 @dataclass(slots=True)
@@ -49,27 +55,67 @@ class SharedFile:
                 "saved_bytes": self.saved}
 
 
+@dataclass(frozen=True, slots=True)
+class StoreFigures:
+    """The store's objects, and those no guest links any more."""
+    path: str  # shown (vsstore.names)
+    objects: int
+    object_bytes: int
+    unused_objects: int  # no guest links them (vsunify gc removes them)
+    unused_bytes: int
+    links_histogram: dict[int, int]  # guests' links -> objects with that many
+
+    def as_dict(self) -> dict[str, object]:
+        return {"path": self.path, "objects": self.objects, "bytes": self.object_bytes,
+                "unused_objects": self.unused_objects, "unused_bytes": self.unused_bytes,
+                "links_histogram": {str(k): v for k, v in sorted(self.links_histogram.items())}}
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """The trend, from the index: its last real runs and report snapshots, oldest first."""
+    runs: list[RunRecord]
+    snapshots: list[Snapshot]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"runs": [r.as_dict() for r in self.runs],
+                "snapshots": [s.as_dict() for s in self.snapshots]}
+
+
 @dataclass(slots=True)
 class Report:
     guests: dict[str, GuestFigures] = field(default_factory=dict)
-    total: GuestFigures = field(default_factory=GuestFigures)
-    store: dict[str, object] = field(default_factory=dict)
+    total: GuestFigures = field(default_factory=GuestFigures)  # its share: Report.share_ratio
+    store: StoreFigures | None = None  # None: no store (JSON: {})
     top_shared: list[SharedFile] = field(default_factory=list)
     taken: float = 0.0
-    history: dict[str, list[dict[str, object]]] = field(default_factory=dict)
-    memory: dict[str, object] | None = None
+    history: History | None = None  # the command adds it from the index (JSON: {} without)
+    memory: Measurement | None = None  # report --memory
+
+    @property
+    def share_ratio(self) -> float:
+        """Saved bytes / what the guests would cost alone (the total's share)."""
+        before = sum(g.disk_bytes for g in self.guests.values())
+        return round(self.total.saved_bytes / before, 4) if before else 0.0
 
     def as_dict(self) -> dict[str, object]:
         total = self.total.as_dict()
-        before = sum(g.disk_bytes for g in self.guests.values())
-        total["share_ratio"] = round(self.total.saved_bytes / before, 4) if before else 0.0
+        total["share_ratio"] = self.share_ratio
         d: dict[str, object] = {
             "taken": self.taken, "guests": {n: g.as_dict() for n, g in self.guests.items()},
-            "total": total, "store": self.store,
-            "top_shared": [f.as_dict() for f in self.top_shared], "history": self.history}
+            "total": total, "store": self.store.as_dict() if self.store is not None else {},
+            "top_shared": [f.as_dict() for f in self.top_shared],
+            "history": self.history.as_dict() if self.history is not None else {}}
         if self.memory is not None:
-            d["memory"] = self.memory
+            d["memory"] = self.memory.as_dict()
         return d
+
+    def snapshot(self) -> Snapshot:
+        """The figures the index keeps of this report for the trend."""
+        t = self.total
+        return Snapshot(self.taken, len(self.guests), t.files, t.apparent_bytes, t.disk_bytes,
+                        t.saved_bytes,
+                        {n: (g.disk_bytes, g.saved_bytes) for n, g in self.guests.items()})
 
 
 def build(trees: list[GuestTree], store: Store | None) -> Report:
@@ -117,14 +163,8 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
         objs = [o for os_ in store.scan().values() for o in os_]
         links = Counter(o.nlink - 1 for o in objs)
         unused = [o for o in objs if o.nlink <= 1]
-        rep.store = {
-            "path": shown(store.path),
-            "objects": len(objs),
-            "bytes": sum(o.size for o in objs),
-            "unused_objects": len(unused),
-            "unused_bytes": sum(o.size for o in unused),
-            "links_histogram": {str(k): v for k, v in sorted(links.items())},
-        }
+        rep.store = StoreFigures(shown(store.path), len(objs), sum(o.size for o in objs),
+                                 len(unused), sum(o.size for o in unused), dict(links))
     return rep
 
 
@@ -132,50 +172,46 @@ def format_table(rep: Report) -> str:
     from .progress import human
     rows = [("guest", "files", "apparent", "on disk", "shared", "saved", "share")]
     for name, g in sorted(rep.guests.items()):
-        d = g.as_dict()
         rows.append((name, str(g.files), human(g.apparent_bytes), human(g.disk_bytes),
-                     human(g.shared_bytes), human(g.saved_bytes), f"{d['share_ratio']:.0%}"))
-    t = rep.as_dict()["total"]
+                     human(g.shared_bytes), human(g.saved_bytes), f"{g.share_ratio:.0%}"))
     rows.append(("TOTAL", str(rep.total.files), human(rep.total.apparent_bytes),
                  human(rep.total.disk_bytes), human(rep.total.shared_bytes),
-                 human(rep.total.saved_bytes), f"{t['share_ratio']:.0%}"))  # type: ignore[index]
+                 human(rep.total.saved_bytes), f"{rep.share_ratio:.0%}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
                        enumerate(zip(r, widths, strict=True))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
-    if rep.store:
+    if rep.store is not None:
         s = rep.store
-        lines.append(f"store {s['path']}: {s['objects']} objects, {human(s['bytes'])}"  # type: ignore[arg-type]
-                     f"; unused {s['unused_objects']} ({human(s['unused_bytes'])})")  # type: ignore[arg-type]
+        lines.append(f"store {s.path}: {s.objects} objects, {human(s.object_bytes)}"
+                     f"; unused {s.unused_objects} ({human(s.unused_bytes)})")
     if rep.top_shared:
         lines.append("")
         lines.append("most saving shared files (one name; guests holding it; saved):")
         for f in rep.top_shared[:10]:
             lines.append(f"  {human(f.saved):>9}  {f.guests:>3} guests  {f.path}")
-    snaps = rep.history.get("snapshots", [])
+    snaps = rep.history.snapshots if rep.history is not None else []
     if len(snaps) > 1:
         lines.append("")
         lines.append("saved over time (reports):")
         for sn in snaps[-8:]:
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(sn["taken"]))  # type: ignore[arg-type]
-            lines.append(f"  {when}  {human(sn['saved_bytes']):>9}  "  # type: ignore[arg-type]
-                         f"{sn['guests']} guests")
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(sn.taken))
+            lines.append(f"  {when}  {human(sn.saved_bytes):>9}  {sn.guests} guests")
     return "\n".join(lines)
 
 
-def format_memory(mem: dict[str, object]) -> str:
+def format_memory(mem: Measurement) -> str:
     """The memory figures as text (``report --memory``)."""
     from .progress import human
-    t: dict[str, int] = mem["total"]  # type: ignore[assignment]
-    guests: dict[str, dict[str, int]] = mem["guests"]  # type: ignore[assignment]
-    if not guests:
+    t = mem.total
+    if not mem.guests:
         return "\nmemory: no guest is running"
     lines = ["", "file-backed memory of running guests:",
              f"  {'guest':<16} {'procs':>5} {'mapped':>9} {'shared':>9}"]
-    for n, g in guests.items():
-        lines.append(f"  {n:<16} {g['processes']:>5} {human(g['file_rss']):>9} "
-                     f"{human(g['shared_rss']):>9}")
-    lines.append(f"  host: {human(t['with_unification'])} with unification, "
-                 f"{human(t['without_unification'])} without ({human(t['saved'])} saved)")
+    for n, g in mem.guests.items():
+        lines.append(f"  {n:<16} {g.processes:>5} {human(g.file_rss):>9} "
+                     f"{human(g.shared_rss):>9}")
+    lines.append(f"  host: {human(t.with_unification)} with unification, "
+                 f"{human(t.without_unification)} without ({human(t.saved)} saved)")
     return "\n".join(lines)

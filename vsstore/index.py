@@ -116,6 +116,44 @@ class JournalRow:
     obj_ino: int
 
 
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """One finished, real (not dry) run, as the history keeps it."""
+    started: float
+    duration: float
+    guests: int
+    files_scanned: int
+    files_hashed: int
+    files_linked: int
+    bytes_saved: int
+    errors: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"started": self.started, "duration": self.duration, "guests": self.guests,
+                "files_scanned": self.files_scanned, "files_hashed": self.files_hashed,
+                "files_linked": self.files_linked, "bytes_saved": self.bytes_saved,
+                "errors": self.errors}
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A report's figures kept for the trend: the total, and per guest (disk, saved)."""
+    taken: float
+    guests: int
+    files: int
+    apparent_bytes: int
+    disk_bytes: int
+    saved_bytes: int
+    per_guest: dict[str, tuple[int, int]]  # guest -> (disk_bytes, saved_bytes)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"taken": self.taken, "guests": self.guests, "files": self.files,
+                "apparent_bytes": self.apparent_bytes, "disk_bytes": self.disk_bytes,
+                "saved_bytes": self.saved_bytes,
+                "per_guest": {g: {"disk_bytes": d, "saved_bytes": s}
+                              for g, (d, s) in self.per_guest.items()}}
+
+
 class _ForeignVersion(sqlite3.DatabaseError):
     """The file is an index of another schema version."""
 
@@ -270,47 +308,42 @@ class Index:
                  summary["files_linked"], summary["bytes_saved"], summary["errors"],
                  int(dry_run)))
 
-    def runs(self, limit: int = HISTORY_KEEP) -> list[dict[str, float]]:
+    def runs(self, limit: int = HISTORY_KEEP) -> list[RunRecord]:
         """The last ``limit`` real (not dry) runs, oldest first."""
-        cols = ("started", "duration", "guests", "files_scanned", "files_hashed",
-                "files_linked", "bytes_saved", "errors")
-        rows = self.db.execute(f"SELECT {', '.join(cols)} FROM run WHERE dry_run = 0 "
-                               f"ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-        return [dict(zip(cols, r, strict=True)) for r in reversed(rows)]
+        rows = self.db.execute("SELECT started, duration, guests, files_scanned, files_hashed, "
+                               "files_linked, bytes_saved, errors FROM run WHERE dry_run = 0 "
+                               "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [RunRecord(*r) for r in reversed(rows)]
 
-    def record_snapshot(self, taken: float, total: dict[str, int],
-                        guests: dict[str, tuple[int, int]]) -> None:
-        """Keep a report's figures (total, and (disk, saved) per guest) for the trend;
-        the oldest beyond HISTORY_KEEP go, as do runs beyond it."""
+    def record_snapshot(self, snap: Snapshot) -> None:
+        """Keep a report's figures for the trend; the oldest beyond HISTORY_KEEP go, as do
+        runs beyond it."""
         with self.transaction():
             cur = self.db.execute(
                 "INSERT INTO snapshot (taken, guests, files, apparent_bytes, disk_bytes, "
                 "saved_bytes) VALUES (?,?,?,?,?,?)",
-                (taken, len(guests), total["files"], total["apparent_bytes"],
-                 total["disk_bytes"], total["saved_bytes"]))
+                (snap.taken, snap.guests, snap.files, snap.apparent_bytes, snap.disk_bytes,
+                 snap.saved_bytes))
             sid = cur.lastrowid
             self.db.executemany("INSERT INTO snapshot_guest VALUES (?,?,?,?)",
-                                [(sid, g, d, s) for g, (d, s) in sorted(guests.items())])
+                                [(sid, g, d, s) for g, (d, s) in sorted(snap.per_guest.items())])
             for table in ("snapshot", "run"):
                 self.db.execute(f"DELETE FROM {table} WHERE id <= (SELECT max(id) FROM "
                                 f"{table}) - ?", (HISTORY_KEEP,))
             self.db.execute("DELETE FROM snapshot_guest WHERE snapshot NOT IN "
                             "(SELECT id FROM snapshot)")
 
-    def snapshots(self, limit: int = HISTORY_KEEP) -> list[dict[str, object]]:
+    def snapshots(self, limit: int = HISTORY_KEEP) -> list[Snapshot]:
         """Report snapshots, oldest first, each with its per-guest figures."""
-        cols = ("id", "taken", "guests", "files", "apparent_bytes", "disk_bytes",
-                "saved_bytes")
-        rows = self.db.execute(f"SELECT {', '.join(cols)} FROM snapshot ORDER BY id DESC "
-                               f"LIMIT ?", (limit,)).fetchall()
-        out: list[dict[str, object]] = []
-        for r in reversed(rows):
-            d: dict[str, object] = dict(zip(cols, r, strict=True))
-            d["per_guest"] = {g: {"disk_bytes": db_, "saved_bytes": sv} for g, db_, sv in
-                              self.db.execute("SELECT guest, disk_bytes, saved_bytes FROM "
-                                              "snapshot_guest WHERE snapshot = ?", (r[0],))}
-            del d["id"]
-            out.append(d)
+        rows = self.db.execute("SELECT id, taken, guests, files, apparent_bytes, disk_bytes, "
+                               "saved_bytes FROM snapshot ORDER BY id DESC LIMIT ?",
+                               (limit,)).fetchall()
+        out: list[Snapshot] = []
+        for sid, taken, guests, files, apparent, disk, saved in reversed(rows):
+            per_guest = {g: (d, s) for g, d, s in self.db.execute(
+                "SELECT guest, disk_bytes, saved_bytes FROM snapshot_guest WHERE snapshot = ?",
+                (sid,))}
+            out.append(Snapshot(taken, guests, files, apparent, disk, saved, per_guest))
         return out
 
     # -- helpers -----------------------------------------------------------------------

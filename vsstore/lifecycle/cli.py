@@ -7,6 +7,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from unify import api as unify_api
 from vsstore import lifecycle
@@ -264,7 +266,8 @@ def parser() -> argparse.ArgumentParser:
                    "/etc/vservers/NAME)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def cmd(name: str, func, text: str) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+    def cmd(name: str, func: Callable[[argparse.Namespace, Paths], int],
+            text: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, parents=[common], help=text, description=text)
         c.set_defaults(func=func)
         return c
@@ -339,7 +342,37 @@ def _uptime(started: float) -> str:
     return f"{d}d{h:02d}h" if d else f"{h:02d}h{m:02d}m{s:02d}" if h else f"{m:02d}m{s:02d}s"
 
 
-def guest_usage(st: lifecycle.RunState) -> dict[str, object]:
+@dataclass(frozen=True, slots=True)
+class GuestUsage:
+    """A running guest as vserver-stat shows it: a line of the table, an object of --json."""
+    name: str
+    context: int | None
+    processes: int
+    vsz: int
+    rss: int
+    utime_s: float
+    stime_s: float
+    uptime_s: float
+    init_pid: int
+    cgroup: dict[str, int | None] | None = None  # its processes, charge and limits
+    file_rss: int | None = None  # --memory: the file-backed memory it maps
+    shared_file_rss: int | None = None  # of it, in inodes other running guests map too
+
+    def as_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {
+            "name": self.name, "context": self.context, "processes": self.processes,
+            "vsz": self.vsz, "rss": self.rss, "utime_s": self.utime_s, "stime_s": self.stime_s,
+            "uptime_s": self.uptime_s, "init_pid": self.init_pid}
+        if self.cgroup is not None:
+            d["cgroup"] = self.cgroup
+        if self.file_rss is not None:
+            d["file_rss"] = self.file_rss
+        if self.shared_file_rss is not None:
+            d["shared_file_rss"] = self.shared_file_rss
+        return d
+
+
+def guest_usage(st: lifecycle.RunState) -> GuestUsage:
     """Processes, memory and CPU of a running guest, summed over its pid namespace."""
     tick = os.sysconf("SC_CLK_TCK")
     page = os.sysconf("SC_PAGE_SIZE")
@@ -356,15 +389,14 @@ def guest_usage(st: lifecycle.RunState) -> dict[str, object]:
         stime += int(fields[12])
         vsz += int(fields[20])
         rss += int(fields[21]) * page
-    row: dict[str, object] = {
-        "name": st.name, "context": st.context, "processes": len(pids), "vsz": vsz,
-        "rss": rss, "utime_s": utime / tick, "stime_s": stime / tick,
-        "uptime_s": time.time() - st.started, "init_pid": st.init_pid}
+    uptime = time.time() - st.started
     cg = lifecycle.guest_cgroup(st.cgroup)
+    charged = None
     if cg is not None:  # what the kernel charges the guest, and its limits
         u = cg.usage()
-        row["cgroup"] = {"processes": len(cg.pids()), **u}
-    return row
+        charged = {"processes": len(cg.pids()), **u}
+    return GuestUsage(st.name, st.context, len(pids), vsz, rss, utime / tick, stime / tick,
+                      uptime, st.init_pid, charged)
 
 
 def _human(n: float) -> str:
@@ -375,10 +407,10 @@ def _human(n: float) -> str:
     return f"{n:.1f}P"
 
 
-def _cg_cols(cg: object) -> str:
-    def h(v: object) -> str:
-        return "-" if v is None else _human(v)  # type: ignore[arg-type]
-    if not isinstance(cg, dict):
+def _cg_cols(cg: dict[str, int | None] | None) -> str:
+    def h(v: int | None) -> str:
+        return "-" if v is None else _human(v)
+    if cg is None:
         return f"{'-':>8} {'-':>7} {'-':>7} {'-':>8} {'-':>8}"
     pm = cg.get("pids_max")
     return (f"{h(cg.get('memory')):>8} {h(cg.get('memory_file')):>7} "
@@ -405,27 +437,29 @@ def stat_main(argv: list[str] | None = None) -> int:
         if args.memory:
             from vsstore.memory import measure
             mem = measure(pids)
-            for r in rows:
-                m = mem["guests"][r["name"]]  # type: ignore[index]
-                r["file_rss"], r["shared_file_rss"] = m["file_rss"], m["shared_rss"]
+            for i, r in enumerate(rows):
+                m = mem.guests[r.name]
+                rows[i] = replace(r, file_rss=m.file_rss, shared_file_rss=m.shared_rss)
         if args.json:
-            print(json.dumps({"guests": rows, "memory": mem} if mem else rows, indent=2))
+            out = [r.as_dict() for r in rows]
+            print(json.dumps({"guests": out, "memory": mem.as_dict()} if mem else out,
+                             indent=2))
             return EXIT_OK
         print(f"{'CTX':>5} {'PROC':>5} {'VSZ':>7} {'RSS':>7} {'userTIME':>9} "
               f"{'sysTIME':>9} {'UPTIME':>9} {'CHARGED':>8} {'FILE':>7} {'ANON':>7} "
               f"{'MEM.MAX':>8} {'PIDS.MAX':>8} NAME")
         for r in rows:
-            print(f"{r['context'] if r['context'] is not None else '-':>5} "
-                  f"{r['processes']:>5} {_human(r['vsz']):>7} "  # type: ignore[arg-type]
-                  f"{_human(r['rss']):>7} {r['utime_s']:>8.2f}s {r['stime_s']:>8.2f}s "  # type: ignore[arg-type]
-                  f"{_uptime(time.time() - r['uptime_s']):>9} "  # type: ignore[operator]
-                  f"{_cg_cols(r.get('cgroup'))} {r['name']}")
+            print(f"{r.context if r.context is not None else '-':>5} "
+                  f"{r.processes:>5} {_human(r.vsz):>7} "
+                  f"{_human(r.rss):>7} {r.utime_s:>8.2f}s {r.stime_s:>8.2f}s "
+                  f"{_uptime(time.time() - r.uptime_s):>9} "
+                  f"{_cg_cols(r.cgroup)} {r.name}")
         if mem:
-            t = mem["total"]
-            print(f"file-backed memory: {_human(t['with_unification'])} with unification, "  # type: ignore[index]
-                  f"{_human(t['without_unification'])} without; per guest (mapped/shared): "  # type: ignore[index]
-                  + ", ".join(f"{r['name']} {_human(r['file_rss'])}/"  # type: ignore[arg-type]
-                              f"{_human(r['shared_file_rss'])}" for r in rows))  # type: ignore[arg-type]
+            t, per_guest = mem.total, mem.guests
+            print(f"file-backed memory: {_human(t.with_unification)} with unification, "
+                  f"{_human(t.without_unification)} without; per guest (mapped/shared): "
+                  + ", ".join(f"{r.name} {_human(per_guest[r.name].file_rss)}/"
+                              f"{_human(per_guest[r.name].shared_rss)}" for r in rows))
         return EXIT_OK
     return run_cli("vserver-stat", p, run, argv)
 
