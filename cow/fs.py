@@ -18,9 +18,9 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import ExitStack
-from typing import NamedTuple
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import pyfuse3
 
@@ -34,14 +34,16 @@ from .copyup import CopyUp, KernelCache
 from .nodes import ROOT, Name, Node, Nodes, fuse_error, join, lstat, open_dir
 
 log = logging.getLogger("vsstore.cow")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
-def _guarded(handler):  # type: ignore[no-untyped-def]
+def _guarded(handler: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """A request handler that can fail only with a FUSEError.  pyfuse3 ends its main loop
     (and so the mount of every guest) on any other exception: an OSError becomes its errno,
     anything else is logged and becomes EIO."""
     @functools.wraps(handler)
-    async def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -67,7 +69,7 @@ class _Target(NamedTuple):
     dfd: int
     base: str
 
-    def call(self, fn, *args, **kw):  # type: ignore[no-untyped-def]
+    def call(self, fn: Callable[..., None], *args: Any, **kw: Any) -> None:
         """``fn`` (os.chmod, os.chown, os.utime) on the name itself, never on what a
         symlink leads to."""
         if self.base:
@@ -414,7 +416,7 @@ class CowFS(pyfuse3.Operations):
         return fd
 
     async def _make(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
-                    make) -> pyfuse3.EntryAttributes:  # type: ignore[no-untyped-def]
+                    make: Callable[[str, int], None]) -> pyfuse3.EntryAttributes:
         guest, rel, n, dfd = self._in_dir(parent_inode, name, ctx)
         try:
             make(n, dfd)

@@ -20,7 +20,8 @@ from .fs import CowFS
 log = logging.getLogger("vsstore.cow")
 
 
-async def _control(fs: CowFS, path: str, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+async def _control(fs: CowFS, path: str,
+                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``vscow add/remove/attach`` on a unix socket (root only: 0600 in the run
     directory).  One JSON request per connection: {"op": "add", "name": N, "root": R},
     {"op": "remove", "name": N}, or {"op": "attach", "name": N} with a pid namespace's

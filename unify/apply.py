@@ -480,7 +480,8 @@ class Linker:
                 if ofd is None:
                     return joiners
             held.append(ofd)
-            o_strong = seed.strong if seed is not None else obj.strong  # type: ignore[union-attr]
+            o_strong = seed.strong if seed is not None else obj.strong if obj else None
+            other = f"that of {self._where(seed)}" if seed else obj.name if obj else "the object"
             ready: list[tuple[InodeRec, int]] = []
             for j in joiners:
                 jfd = self._open_verified(j)
@@ -489,7 +490,7 @@ class Linker:
                 held.append(jfd)
                 if j.strong is None or j.strong != o_strong:
                     self._error(f"{self._where(j)}: not linked: content differs from "
-                                f"{'that of ' + self._where(seed) if seed else obj.name} "  # type: ignore[union-attr]
+                                f"{other} "
                                 f"although the hashes match (hash collision?)")
                     continue
                 ready.append((j, jfd))

@@ -168,8 +168,10 @@ class _Block:
                     return r
                 p = p.rpartition("/")[0]
             return None
-        m = self.regex.match(path)  # type: ignore[union-attr]
-        return self.rules[int(m.lastgroup[1:])] if m else None  # type: ignore[index]
+        m = self.regex.match(path) if self.regex is not None else None
+        if m is None or m.lastgroup is None:
+            return None
+        return self.rules[int(m.lastgroup[1:])]
 
 
 class ExcludeList:

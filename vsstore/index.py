@@ -273,7 +273,7 @@ class Index:
     def journal_add(self, rows: Iterable[tuple[str, str, str, str, str, int, int]]) -> list[int]:
         """Rows (kind, root, dir, name, tmp, orig_ino, obj_ino), committed together; their
         ids.  Paths go in as bytes, whatever they hold."""
-        ids = []
+        ids: list[int] = []
         fse = os.fsencode
         with self.transaction():
             for kind, root, d, name, tmp, orig_ino, obj_ino in rows:
@@ -281,8 +281,9 @@ class Index:
                                       "orig_ino, obj_ino) VALUES (?,?,?,?,?,?,?)",
                                       (kind, fse(root), fse(d), fse(name), fse(tmp), orig_ino,
                                        obj_ino))
+                assert cur.lastrowid is not None
                 ids.append(cur.lastrowid)
-        return ids  # type: ignore[return-value]
+        return ids
 
     def journal_done(self, ids: Iterable[int]) -> None:
         with self.transaction():

@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,7 +272,8 @@ def delete(paths: Paths, name: str) -> Guest:
             cleanup(paths, st)  # what a guest that ended by itself left
         if os.path.lexists(g.root):
             remove_guest_tree(g.root, paths.vservers_root)
-        shutil.rmtree(g.confdir)  # type: ignore[arg-type]
+        assert g.confdir is not None  # deletable_guest: a configured guest
+        shutil.rmtree(g.confdir)
     return g
 
 
@@ -460,7 +462,7 @@ def _unlink(dfd: int, name: str, st: os.stat_result, where: str) -> None:
     return None
 
 
-def _retry_unsealed(dfd: int, op) -> None:  # type: ignore[no-untyped-def]
+def _retry_unsealed(dfd: int, op: Callable[[], object]) -> None:
     """Run ``op`` (an unlink or rmdir in ``dfd``); on EPERM clear the directory's own
     immutable/append-only flags (a directory of the guest's, being removed) and retry."""
     try:

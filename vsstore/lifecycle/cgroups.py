@@ -340,7 +340,8 @@ def guest_dirs(layout: Layout, name: str, parent: str | None) -> dict[str, Path]
     leaf = f"vserver-{name}"
     if layout.version == 2:
         base = parent if parent is not None else layout.v2_self
-        return {"unified": layout.v2_root / base.lstrip("/") / leaf}  # type: ignore[operator]
+        assert layout.v2_root is not None and base is not None  # version 2: both found
+        return {"unified": layout.v2_root / base.lstrip("/") / leaf}
     out = {}
     for ctl, (mount, mine) in layout.v1.items():
         base = parent if parent is not None else mine

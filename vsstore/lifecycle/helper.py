@@ -195,7 +195,7 @@ def seal_python() -> None:  # pragma: no cover - in a forked child
     sys.path_hooks.clear()
     sys.path.clear()
     sys.path_importer_cache.clear()
-    builtins.__import__ = refuse  # type: ignore[assignment]
+    builtins.__import__ = refuse
 
 
 # -- executing it ---------------------------------------------------------------------

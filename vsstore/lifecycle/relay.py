@@ -21,9 +21,11 @@ import stat
 import struct
 import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
+from typing import Any, TypeAlias
 
 from vsstore import syscalls
 from vsstore.errors import UnsafeTreeError, UnsupportedError
@@ -35,6 +37,8 @@ PTMX = os.makedev(5, 2)
 FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 CHUNK = 65536
 
+Handler: TypeAlias = Callable[[int, FrameType | None], Any]  # a signal handler
+
 
 @dataclass(frozen=True)
 class Stdio:
@@ -45,7 +49,7 @@ class Stdio:
 
     @classmethod
     def probe(cls, fds: tuple[int, int, int] = (0, 1, 2)) -> Stdio:
-        return cls(fds, tuple(os.isatty(fd) for fd in fds))  # type: ignore[arg-type]
+        return cls(fds, (os.isatty(fds[0]), os.isatty(fds[1]), os.isatty(fds[2])))
 
     @property
     def any(self) -> bool:
@@ -133,7 +137,7 @@ def _copy_size(stdio: Stdio, pty: int) -> None:
         pass
 
 
-def _raw(attrs: list) -> list:  # type: ignore[type-arg]
+def _raw(attrs: list[Any]) -> list[Any]:
     """cfmakeraw(3)."""
     iflag, oflag, cflag, lflag, ispeed, ospeed, cc = attrs
     iflag &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP |
@@ -148,8 +152,8 @@ def _raw(attrs: list) -> list:  # type: ignore[type-arg]
 
 
 @contextmanager
-def _signals(handlers: dict[int, object]) -> Iterator[None]:
-    old = {sig: signal.signal(sig, h) for sig, h in handlers.items()}  # type: ignore[arg-type]
+def _signals(handlers: dict[int, Handler]) -> Iterator[None]:
+    old = {sig: signal.signal(sig, h) for sig, h in handlers.items()}
     try:
         yield
     finally:
@@ -236,7 +240,7 @@ def run(pid: int, master: int | None = None, stdio: Stdio | None = None,
             signal.pidfd_send_signal(pidfd, signum)
         except ProcessLookupError:
             pass
-    handlers: dict[int, object] = {sig: forward for sig in FORWARDED}
+    handlers: dict[int, Handler] = {sig: forward for sig in FORWARDED}
     if master is not None and stdio is not None:
         handlers[signal.SIGWINCH] = lambda signum, frame: _copy_size(stdio, master)
     deadline = None if timeout is None else time.monotonic() + timeout

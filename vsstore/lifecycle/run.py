@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 import traceback
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -68,7 +68,7 @@ def stop_config(st: runtime.RunState) -> GuestConfig:
         rlimits={int(k): (int(v[0]), int(v[1])) for k, v in st.rlimits.items()})
 
 
-def guest_lock(paths: Paths, name: str):  # type: ignore[no-untyped-def]
+def guest_lock(paths: Paths, name: str) -> AbstractContextManager[None]:
     """One command at a time on a guest: start, stop, delete (BusyError otherwise)."""
     return exclusive(paths.rundir / "guests" / f"{name}.lock", f"command on guest {name}")
 

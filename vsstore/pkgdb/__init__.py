@@ -26,7 +26,9 @@ CONFIG_DIRS = ("/etc", "/usr/etc", "/usr/local/etc", "/var/lib/dpkg", "/var/lib/
 
 
 def _reader(manager: str) -> Callable[[Budget], PackageFiles | None]:
-    return importlib.import_module(f"{__name__}.{manager}").read  # type: ignore[no-any-return]
+    read: Callable[[Budget], PackageFiles | None] = importlib.import_module(
+        f"{__name__}.{manager}").read
+    return read
 
 
 def read_all(tree: GuestTree, limits: Limits | None = None, want_owned: bool = True,
