@@ -13,6 +13,7 @@ dropped caches) and warm, and 5000 small files created, written and deleted.  A 
 section goes to stdout, to ``--markdown FILE`` if given, and is appended to bench/RESULTS.md
 (unless ``--no-results``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,10 +59,12 @@ class Bench:
 
 TREE_BENCHES = (  # key, table label (markdown), command
     ("tar-meta", "`tar -cf /dev/null .` (metadata)", "tar -cf /dev/null ."),
-    ("tar-data", "`tar -cf - . \\| cat >/dev/null` (contents too)",
-     f"tar --exclude=./{BIG} -cf - . | cat > /dev/null"),
-    ("find", "`find . -printf '%s\\n'` (stat of every name)",
-     "find . -printf '%s\\n' > /dev/null"),
+    (
+        "tar-data",
+        "`tar -cf - . \\| cat >/dev/null` (contents too)",
+        f"tar --exclude=./{BIG} -cf - . | cat > /dev/null",
+    ),
+    ("find", "`find . -printf '%s\\n'` (stat of every name)", "find . -printf '%s\\n' > /dev/null"),
     ("cat", f"`cat {BIG} >/dev/null` (SIZE sequential read)", f"cat {BIG} > /dev/null"),
 )
 
@@ -94,8 +97,9 @@ def mountpoints() -> dict[str, str]:
 
 def mount_options(path: Path) -> str:
     """fstype, source and options of the mount at ``path`` (for the report)."""
-    return " ".join(sh(["findmnt", "-n", "-o", "FSTYPE,SOURCE,OPTIONS", "--mountpoint",
-                        path]).split())
+    return " ".join(
+        sh(["findmnt", "-n", "-o", "FSTYPE,SOURCE,OPTIONS", "--mountpoint", path]).split()
+    )
 
 
 def wait_mounted(path: Path, mounted: bool, timeout: float = 15.0) -> bool:
@@ -148,26 +152,57 @@ class Contender:
             raise BenchError(f"{self.mnt}: something is mounted there already")
         up, wk = self.base / "upper", self.base / "work"
         if self.name == "overlayfs":
-            sh(["mount", "-t", "overlay", "overlay", "-o",
-                f"lowerdir={self.lower},upperdir={up},workdir={wk}", self.mnt])
+            sh(
+                [
+                    "mount",
+                    "-t",
+                    "overlay",
+                    "overlay",
+                    "-o",
+                    f"lowerdir={self.lower},upperdir={up},workdir={wk}",
+                    self.mnt,
+                ]
+            )
         elif self.name == "fuse-overlayfs":
             # In the foreground, so that we own the daemon and can wait for it to end.
             err = open(self.base / "fuse-overlayfs.log", "ab")
             self.proc = subprocess.Popen(
-                ["fuse-overlayfs", "-f", "-o", f"lowerdir={self.lower},upperdir={up},"
-                 f"workdir={wk}", str(self.mnt)], stdin=subprocess.DEVNULL, stdout=err,
-                stderr=err, start_new_session=True)
+                [
+                    "fuse-overlayfs",
+                    "-f",
+                    "-o",
+                    f"lowerdir={self.lower},upperdir={up},workdir={wk}",
+                    str(self.mnt),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                start_new_session=True,
+            )
             err.close()
             if not wait_mounted(self.mnt, True):
                 self.proc.kill()
                 self.proc.wait()
-                raise BenchError(f"fuse-overlayfs did not come up at {self.mnt}; see "
-                                 f"{self.base / 'fuse-overlayfs.log'}")
+                raise BenchError(
+                    f"fuse-overlayfs did not come up at {self.mnt}; see "
+                    f"{self.base / 'fuse-overlayfs.log'}"
+                )
         elif self.name == "cow":
-            res = subprocess.run([vscow(), "mount", "--at", str(self.mnt), "--log",
-                                  str(self.base / "cow.log"), str(self.lower)],
-                                 env={**os.environ, **self.env}, capture_output=True,
-                                 text=True, check=False)
+            res = subprocess.run(
+                [
+                    vscow(),
+                    "mount",
+                    "--at",
+                    str(self.mnt),
+                    "--log",
+                    str(self.base / "cow.log"),
+                    str(self.lower),
+                ],
+                env={**os.environ, **self.env},
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if res.returncode != 0:
                 raise BenchError(f"vscow mount: exit {res.returncode}: {res.stderr.strip()}")
         if not self.root.is_dir():
@@ -179,15 +214,17 @@ class Contender:
             return
         if str(self.mnt) in mountpoints():
             if self.name == "cow":
-                res = subprocess.run([vscow(), "umount", str(self.mnt)],
-                                     env={**os.environ, **self.env}, capture_output=True,
-                                     text=True, check=False)
+                res = subprocess.run(
+                    [vscow(), "umount", str(self.mnt)],
+                    env={**os.environ, **self.env},
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
                 if res.returncode != 0:
-                    print(f"bench: vscow umount {self.mnt}: {res.stderr.strip()}",
-                          file=sys.stderr)
+                    print(f"bench: vscow umount {self.mnt}: {res.stderr.strip()}", file=sys.stderr)
             else:
-                subprocess.run(["umount", str(self.mnt)], stderr=subprocess.DEVNULL,
-                               check=False)
+                subprocess.run(["umount", str(self.mnt)], stderr=subprocess.DEVNULL, check=False)
             wait_mounted(self.mnt, False, 10)
             force_umount(self.mnt)
         if self.proc is not None:
@@ -284,9 +321,14 @@ def run_shell(cmd: str, cwd: Path) -> float:
     """Wall seconds of ``cmd`` in ``cwd``; raise BenchError (OSError if ``cwd`` is gone)
     if it fails."""
     t0 = time.perf_counter()
-    res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=cwd,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         check=False)
+    res = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", cmd],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise BenchError(f"{cmd} in {cwd}: exit {res.returncode}: {res.stderr.strip()[-1500:]}")
@@ -334,7 +376,7 @@ def record(ctx: Context, key: str, who: str, secs: float) -> None:
 
 def one_round(ctx: Context, r: int) -> None:
     """Every benchmark for every contender (the order of contenders rotates by round)."""
-    order = ctx.contenders[r % len(ctx.contenders):] + ctx.contenders[:r % len(ctx.contenders)]
+    order = ctx.contenders[r % len(ctx.contenders) :] + ctx.contenders[: r % len(ctx.contenders)]
     for key, _label, cmd in TREE_BENCHES:
         for c in order:
             # Cold: a fresh mount (no daemon state) and no page, dentry or inode cache.
@@ -355,8 +397,9 @@ def one_round(ctx: Context, r: int) -> None:
             create, delete = small_files(c.root, ctx.files)
         except OSError as e:
             mounted = "mounted" if str(c.mnt) in mountpoints() else "NOT MOUNTED ANY MORE"
-            raise BenchError(f"{c.name}: small files in {c.root}: {e} ({c.mnt} "
-                             f"{mounted}){c.log_tail()}") from None
+            raise BenchError(
+                f"{c.name}: small files in {c.root}: {e} ({c.mnt} {mounted}){c.log_tail()}"
+            ) from None
         c.check_mounted()
         record(ctx, "small-create", c.name, create)
         record(ctx, "small-delete", c.name, delete)
@@ -371,8 +414,10 @@ def listing(root: Path) -> list[str]:
             p = os.path.join(dirpath, n)
             st = os.lstat(p)
             size = "-" if stat.S_ISDIR(st.st_mode) else str(st.st_size)  # dirs: fs-specific
-            out.append(f"{stat.filemode(st.st_mode)} {size} {st.st_uid}:{st.st_gid} "
-                       f"{os.path.relpath(p, root)}")
+            out.append(
+                f"{stat.filemode(st.st_mode)} {size} {st.st_uid}:{st.st_gid} "
+                f"{os.path.relpath(p, root)}"
+            )
     return sorted(out)
 
 
@@ -386,9 +431,11 @@ def verify(ctx: Context) -> None:
         if got != ref:
             extra = sorted(set(got) - set(ref))[:5]
             missing = sorted(set(ref) - set(got))[:5]
-            problems.append(f"**{c.name}: the tree differs from the native one** "
-                            f"({len(got)} vs {len(ref)} names; only here: {extra}; "
-                            f"missing: {missing})")
+            problems.append(
+                f"**{c.name}: the tree differs from the native one** "
+                f"({len(got)} vs {len(ref)} names; only here: {extra}; "
+                f"missing: {missing})"
+            )
         h = hashlib.sha256()
         with open(c.root / BIG, "rb") as f:
             while chunk := f.read(1 << 20):
@@ -400,19 +447,27 @@ def verify(ctx: Context) -> None:
     ctx.checks += problems or [
         f"all {len(ctx.contenders)} contenders show the same tree as the native one "
         f"({len(ref)} names: type, mode, size, owner, path) and the same {BIG} content "
-        f"(sha256), and no {SMALL_DIR} left over"]
+        f"(sha256), and no {SMALL_DIR} left over"
+    ]
     noise = "unknown argument ignored: lazytime"  # fuse-overlayfs says so on every mount
     for c in ctx.contenders:
         logf = c.base / f"{c.name}.log"
         if c.name not in ("cow", "fuse-overlayfs") or not logf.exists():
             continue
-        lines = [ln for ln in logf.read_text(errors="replace").splitlines()
-                 if ln.strip() and ln.strip() != noise]
+        lines = [
+            ln
+            for ln in logf.read_text(errors="replace").splitlines()
+            if ln.strip() and ln.strip() != noise
+        ]
         firsts = list(dict.fromkeys(ln for ln in lines if not ln.startswith((" ", "\t"))))
         ctx.checks.append(
-            f"{c.name}'s daemon log (all its mounts): {len(lines)} line(s)" +
-            ("; distinct unindented lines: " +
-             "; ".join(f"`{ln[:200]}`" for ln in firsts[:4]) if lines else ""))
+            f"{c.name}'s daemon log (all its mounts): {len(lines)} line(s)"
+            + (
+                "; distinct unindented lines: " + "; ".join(f"`{ln[:200]}`" for ln in firsts[:4])
+                if lines
+                else ""
+            )
+        )
 
 
 # -- other activity on the machine ----------------------------------------------------------
@@ -439,8 +494,13 @@ class Sampler(threading.Thread):
                 continue
             try:
                 stat_ = Path(f"/proc/{d}/stat").read_text()
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-                    errors="replace").strip()
+                cmd = (
+                    Path(f"/proc/{d}/cmdline")
+                    .read_bytes()
+                    .replace(b"\0", b" ")
+                    .decode(errors="replace")
+                    .strip()
+                )
             except OSError:
                 continue
             if not cmd:
@@ -484,10 +544,15 @@ class Sampler(threading.Thread):
         total = sum(self.used.values())
         top = sorted(self.used.items(), key=lambda kv: -kv[1])[:3]
         tops = "; ".join(f"`{k}` {v:.1f} s" for k, v in top if v >= 0.5)
-        warn = "**WARNING: other work ran meanwhile; the figures may be distorted.**  " \
-            if total > 0.05 * elapsed else ""
-        return (f"{warn}CPU time of other processes during the rounds: {total:.1f} s in "
-                f"{elapsed:.0f} s{' (' + tops + ')' if tops else ''}")
+        warn = (
+            "**WARNING: other work ran meanwhile; the figures may be distorted.**  "
+            if total > 0.05 * elapsed
+            else ""
+        )
+        return (
+            f"{warn}CPU time of other processes during the rounds: {total:.1f} s in "
+            f"{elapsed:.0f} s{' (' + tops + ')' if tops else ''}"
+        )
 
 
 # -- versions and source state -----------------------------------------------------------
@@ -499,21 +564,37 @@ def first_line(argv: Sequence[str]) -> str:
 
 
 def tool_versions(source: str) -> dict[str, str]:
-    fo = subprocess.run(["fuse-overlayfs", "--version"], capture_output=True, text=True,
-                        check=False)
-    fo_lines = [ln for ln in (fo.stdout + fo.stderr).splitlines()
-                if "version" in ln and "fusermount" not in ln]
-    pkgs = sh(["dpkg-query", "-W", "-f", "${Package} ${Version}\\n", "fuse3", "libfuse3-3",
-               "fuse-overlayfs"]).strip().replace("\n", ", ")
+    fo = subprocess.run(
+        ["fuse-overlayfs", "--version"], capture_output=True, text=True, check=False
+    )
+    fo_lines = [
+        ln
+        for ln in (fo.stdout + fo.stderr).splitlines()
+        if "version" in ln and "fusermount" not in ln
+    ]
+    pkgs = (
+        sh(
+            [
+                "dpkg-query",
+                "-W",
+                "-f",
+                "${Package} ${Version}\\n",
+                "fuse3",
+                "libfuse3-3",
+                "fuse-overlayfs",
+            ]
+        )
+        .strip()
+        .replace("\n", ", ")
+    )
     return {
         "cow": f"vscow of vsstore {version('vsstore')}, {source}; pyfuse3 "
-               f"{version('pyfuse3')}, trio {version('trio')}, Python "
-               f"{platform.python_version()}",
+        f"{version('pyfuse3')}, trio {version('trio')}, Python "
+        f"{platform.python_version()}",
         "fuse-overlayfs": "; ".join(fo_lines),
         "overlayfs": f"kernel {platform.release()}",
         "Debian packages": pkgs,
-        "tar / find / cat": "; ".join(first_line([t, "--version"]) for t in
-                                      ("tar", "find", "cat")),
+        "tar / find / cat": "; ".join(first_line([t, "--version"]) for t in ("tar", "find", "cat")),
     }
 
 
@@ -532,19 +613,26 @@ def targets(ctx: Context) -> list[tuple[str, float, float, bool]]:
     """(what, cow/fuse-overlayfs, limit, met) for every figure the issue's target names."""
     out = []
     for key, limit, what in (
-            ("tar-meta-warm", 1.0, "warm metadata: tar -cf /dev/null"),
-            ("find-warm", 1.0, "warm metadata: find (stat of every name)"),
-            ("cat-warm", 1.0, "warm sequential read: cat of the large file"),
-            ("tar-meta-cold", COLD_WARM_TARGET, "cold metadata: tar -cf /dev/null"),
-            ("find-cold", COLD_WARM_TARGET, "cold metadata: find"),
-            ("cat-cold", COLD_WARM_TARGET, "cold sequential read: cat of the large file")):
+        ("tar-meta-warm", 1.0, "warm metadata: tar -cf /dev/null"),
+        ("find-warm", 1.0, "warm metadata: find (stat of every name)"),
+        ("cat-warm", 1.0, "warm sequential read: cat of the large file"),
+        ("tar-meta-cold", COLD_WARM_TARGET, "cold metadata: tar -cf /dev/null"),
+        ("find-cold", COLD_WARM_TARGET, "cold metadata: find"),
+        ("cat-cold", COLD_WARM_TARGET, "cold sequential read: cat of the large file"),
+    ):
         r = med(ctx, key, "cow") / med(ctx, key, "fuse-overlayfs")
         out.append((what, r, limit, round(r, 2) <= limit))  # as the table shows it
     return out
 
 
-def render(ctx: Context, facts: dict[str, str], versions: dict[str, str],
-           mounts: dict[str, str], argv: list[str], elapsed: float) -> str:
+def render(
+    ctx: Context,
+    facts: dict[str, str],
+    versions: dict[str, str],
+    mounts: dict[str, str],
+    argv: list[str],
+    elapsed: float,
+) -> str:
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     script = os.path.relpath(Path(__file__).resolve(), REPO)
     names = [c.name for c in ctx.contenders]
@@ -558,53 +646,82 @@ def render(ctx: Context, facts: dict[str, str], versions: dict[str, str],
     spread_rows = [[b.key, *(rng(ctx.samples[b.key][n]) for n in names)] for b in bs]
     tg = targets(ctx)
     met = all(t[3] for t in tg)
-    out = [f"## cow overlay benchmark ({now})", "",
-           "Command (as root, from the checkout):", "", "```",
-           shlex.join([sys.executable, script, *argv]), "```", "",
-           f"Total runtime {elapsed / 60:.1f} min.  Wall seconds, median over "
-           f"{ctx.rounds} round(s); the last column is cow / fuse-overlayfs (below 1: cow is "
-           f"faster).", "", "### Machine and tools", ""]
+    out = [
+        f"## cow overlay benchmark ({now})",
+        "",
+        "Command (as root, from the checkout):",
+        "",
+        "```",
+        shlex.join([sys.executable, script, *argv]),
+        "```",
+        "",
+        f"Total runtime {elapsed / 60:.1f} min.  Wall seconds, median over "
+        f"{ctx.rounds} round(s); the last column is cow / fuse-overlayfs (below 1: cow is "
+        f"faster).",
+        "",
+        "### Machine and tools",
+        "",
+    ]
     out += [f"- {k}: {v}" for k, v in facts.items()]
     out += [f"- {k}: {v}" for k, v in versions.items()]
-    out.append(f"- load average (1 / 5 / 15 min) before the rounds: {ctx.load[0]}; after "
-               f"them: {ctx.load[-1]} (the benchmark alone keeps about one core busy)")
+    out.append(
+        f"- load average (1 / 5 / 15 min) before the rounds: {ctx.load[0]}; after "
+        f"them: {ctx.load[-1]} (the benchmark alone keeps about one core busy)"
+    )
     out.append(f"- {ctx.others}")
-    out += ["", "### Setup", "",
-            f"Each contender has its own `cp -a` of the corpus guest `{GUEST}` "
-            f"(`bench/corpus.sh`; {ctx.tree_files} names, {ctx.tree_bytes / 2**20:.0f} MiB "
-            f"apparent, without the large file) plus `{BIG}` ({ctx.big_mib} MiB of random "
-            f"bytes) at its root, written before anything is mounted, all on the same "
-            f"filesystem:", "",
-            "- native: the plain directory;",
-            "- overlayfs: `mount -t overlay overlay -o lowerdir=TREE,upperdir=UP,"
-            "workdir=WORK MNT`;",
-            "- fuse-overlayfs: `fuse-overlayfs -f -o lowerdir=TREE,upperdir=UP,workdir=WORK "
-            "MNT` (in the foreground only so that the benchmark owns the daemon);",
-            f"- cow: `vscow mount --at MNT TREE`, the guest seen at `MNT/{GUEST}`; it writes "
-            f"into TREE itself (nothing in this guest is shared, so no copy-up happens).", "",
-            "Mounts as seen in /proc (first round):", ""]
+    out += [
+        "",
+        "### Setup",
+        "",
+        f"Each contender has its own `cp -a` of the corpus guest `{GUEST}` "
+        f"(`bench/corpus.sh`; {ctx.tree_files} names, {ctx.tree_bytes / 2**20:.0f} MiB "
+        f"apparent, without the large file) plus `{BIG}` ({ctx.big_mib} MiB of random "
+        f"bytes) at its root, written before anything is mounted, all on the same "
+        f"filesystem:",
+        "",
+        "- native: the plain directory;",
+        "- overlayfs: `mount -t overlay overlay -o lowerdir=TREE,upperdir=UP,workdir=WORK MNT`;",
+        "- fuse-overlayfs: `fuse-overlayfs -f -o lowerdir=TREE,upperdir=UP,workdir=WORK "
+        "MNT` (in the foreground only so that the benchmark owns the daemon);",
+        f"- cow: `vscow mount --at MNT TREE`, the guest seen at `MNT/{GUEST}`; it writes "
+        f"into TREE itself (nothing in this guest is shared, so no copy-up happens).",
+        "",
+        "Mounts as seen in /proc (first round):",
+        "",
+    ]
     out += [f"- {n}: `{m}`" for n, m in mounts.items()]
-    out += ["",
-            "Cold: the contender is unmounted and mounted again (so no daemon keeps state "
-            "from an earlier run), then `sync; echo 3 > /proc/sys/vm/drop_caches`; warm: the "
-            f"best of {WARM_RUNS} runs of the same command right after the cold one (kernel "
-            "caches fill over more than one run).  The contenders take turns per "
-            "operation (their order rotates by round).  GNU tar reads no file contents when "
-            "the archive is /dev/null, so `tar -cf /dev/null .` times metadata only; the "
-            f"`tar -cf - . \\| cat` row reads the contents as well (with `--exclude=./{BIG}`).  The small-file rows run in "
-            "the benchmark's own Python (`os.open(O_CREAT|O_EXCL)` + one 4 KiB `os.write` + "
-            "close per file, relative to a directory fd; then `os.unlink` each, `rmdir`).",
-            "", "### Wall time (seconds, median)", ""]
+    out += [
+        "",
+        "Cold: the contender is unmounted and mounted again (so no daemon keeps state "
+        "from an earlier run), then `sync; echo 3 > /proc/sys/vm/drop_caches`; warm: the "
+        f"best of {WARM_RUNS} runs of the same command right after the cold one (kernel "
+        "caches fill over more than one run).  The contenders take turns per "
+        "operation (their order rotates by round).  GNU tar reads no file contents when "
+        "the archive is /dev/null, so `tar -cf /dev/null .` times metadata only; the "
+        f"`tar -cf - . \\| cat` row reads the contents as well (with `--exclude=./{BIG}`).  The small-file rows run in "
+        "the benchmark's own Python (`os.open(O_CREAT|O_EXCL)` + one 4 KiB `os.write` + "
+        "close per file, relative to a directory fd; then `os.unlink` each, `rmdir`).",
+        "",
+        "### Wall time (seconds, median)",
+        "",
+    ]
     out += table(["operation", *names, "cow / fuse-overlayfs"], rows)
     out += ["", "Range (min-max) over the rounds:", ""]
     out += table(["operation", *names], spread_rows)
-    out += ["", "### Target", "",
-            "From the issue: \"cow at least as fast as fuse-overlayfs on warm metadata and "
-            "sequential reads, and within 1.5x of it cold\".  Taken here as: cow / "
-            "fuse-overlayfs at most 1.00 for the warm metadata rows (tar -cf /dev/null, find) "
-            "and the warm read of the large file, at most 1.5 for the same rows cold.", ""]
-    out += [f"- {what}: {r:.2f} (limit {limit:.2f}): {'**MET**' if ok else '**NOT MET**'}"
-            for what, r, limit, ok in tg]
+    out += [
+        "",
+        "### Target",
+        "",
+        'From the issue: "cow at least as fast as fuse-overlayfs on warm metadata and '
+        'sequential reads, and within 1.5x of it cold".  Taken here as: cow / '
+        "fuse-overlayfs at most 1.00 for the warm metadata rows (tar -cf /dev/null, find) "
+        "and the warm read of the large file, at most 1.5 for the same rows cold.",
+        "",
+    ]
+    out += [
+        f"- {what}: {r:.2f} (limit {limit:.2f}): {'**MET**' if ok else '**NOT MET**'}"
+        for what, r, limit, ok in tg
+    ]
     out += ["", f"Overall: {'**MET**' if met else '**NOT MET**'}.", "", "### Checks", ""]
     out += [f"- {c}" for c in ctx.checks]
     return "\n".join(out) + "\n"
@@ -617,21 +734,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="rounds (default: %(default)s)")
     p.add_argument("--markdown", type=Path, help="also write the markdown section here")
-    p.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS.md",
-                   help="append the section to this file (default: %(default)s)")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=BENCH_DIR / "RESULTS.md",
+        help="append the section to this file (default: %(default)s)",
+    )
     p.add_argument("--no-results", action="store_true", help="do not append to --results")
-    p.add_argument("--cache", type=Path,
-                   default=Path(os.environ.get("VSSTORE_BENCH_CACHE", "/var/cache/vsstore-bench")),
-                   help="corpus cache of bench/corpus.sh (default: %(default)s)")
-    p.add_argument("--work", type=Path, default=Path("/var/tmp"),
-                   help="the work directory is made (and removed) in here (default: "
-                        "%(default)s)")
-    p.add_argument("--mnt-base", type=Path, default=Path("/run"),
-                   help="the mount points are made (and removed) in here; not below /var/tmp, "
-                        "whose vscow mounts the test suite sweeps away (default: %(default)s)")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("VSSTORE_BENCH_CACHE", "/var/cache/vsstore-bench")),
+        help="corpus cache of bench/corpus.sh (default: %(default)s)",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="the work directory is made (and removed) in here (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mnt-base",
+        type=Path,
+        default=Path("/run"),
+        help="the mount points are made (and removed) in here; not below /var/tmp, "
+        "whose vscow mounts the test suite sweeps away (default: %(default)s)",
+    )
     p.add_argument("--files", type=int, default=5000, help="small files (default: %(default)s)")
-    p.add_argument("--big-mib", type=int, default=1024,
-                   help="size of the large file in MiB (default: %(default)s)")
+    p.add_argument(
+        "--big-mib",
+        type=int,
+        default=1024,
+        help="size of the large file in MiB (default: %(default)s)",
+    )
     a = p.parse_args(argv)
     if a.rounds < 1 or a.files < 1 or a.big_mib < 1:
         p.error("--rounds, --files and --big-mib must be >= 1")
@@ -641,11 +776,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def check_environment(args: argparse.Namespace) -> None:
     if os.geteuid() != 0:
         raise BenchError("run as root (mounts overlays, drops the page cache)")
-    missing = [t for t in ("fuse-overlayfs", "fusermount3", "chattr", "cp", "tar", "find",
-                           "findmnt", "dpkg-query", vscow()) if not shutil.which(t)]
+    missing = [
+        t
+        for t in (
+            "fuse-overlayfs",
+            "fusermount3",
+            "chattr",
+            "cp",
+            "tar",
+            "find",
+            "findmnt",
+            "dpkg-query",
+            vscow(),
+        )
+        if not shutil.which(t)
+    ]
     if missing:
-        raise BenchError(f"missing: {', '.join(missing)} (apt-get install -y fuse-overlayfs; "
-                         f"scripts/setup for the rest)")
+        raise BenchError(
+            f"missing: {', '.join(missing)} (apt-get install -y fuse-overlayfs; "
+            f"scripts/setup for the rest)"
+        )
     for d in (args.work, args.mnt_base):
         if d.resolve().is_relative_to(REPO):
             raise BenchError(f"{d} is inside the checkout; choose a directory outside it")
@@ -661,14 +811,18 @@ def cleanup(ctx: Context | None, work: Path | None, mnt: Path | None) -> None:
             except (BenchError, OSError) as e:
                 log(f"cleanup: {e}")
                 force_umount(c.mnt)
-    left = [m for m in mountpoints()
-            if any(base and (m == str(base) or m.startswith(f"{base}/"))
-                   for base in (work, mnt))]
+    left = [
+        m
+        for m in mountpoints()
+        if any(base and (m == str(base) or m.startswith(f"{base}/")) for base in (work, mnt))
+    ]
     for m in left:
         force_umount(Path(m))
-    left = [m for m in mountpoints()
-            if any(base and (m == str(base) or m.startswith(f"{base}/"))
-                   for base in (work, mnt))]
+    left = [
+        m
+        for m in mountpoints()
+        if any(base and (m == str(base) or m.startswith(f"{base}/")) for base in (work, mnt))
+    ]
     if left:
         log(f"cleanup: still mounted, NOT removing {work} and {mnt}: {left}")
         return
@@ -696,12 +850,20 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tempfile.mkdtemp(prefix="vsstore-bench-cow-", dir=args.work))
         mnt = Path(tempfile.mkdtemp(prefix="vsstore-bench-cow-mnt-", dir=args.mnt_base))
         run = work / "cow-run"
-        cow_env = {"VSSTORE_RUNDIR": str(run / "run"), "VSSTORE_STATEDIR": str(run / "state"),
-                   "VSERVERS_CONFDIR": str(run / "conf"),
-                   "VSERVERS_ROOT": str(run / "vservers")}
-        ctx = Context(args.rounds, args.files, args.big_mib, work, mnt,
-                      [Contender(n, work / n, mnt / n, cow_env if n == "cow" else {})
-                       for n in CONTENDERS])
+        cow_env = {
+            "VSSTORE_RUNDIR": str(run / "run"),
+            "VSSTORE_STATEDIR": str(run / "state"),
+            "VSERVERS_CONFDIR": str(run / "conf"),
+            "VSERVERS_ROOT": str(run / "vservers"),
+        }
+        ctx = Context(
+            args.rounds,
+            args.files,
+            args.big_mib,
+            work,
+            mnt,
+            [Contender(n, work / n, mnt / n, cow_env if n == "cow" else {}) for n in CONTENDERS],
+        )
         facts = machine_facts(work)
         versions = tool_versions(source_state(SOURCE_DIRS)[0])
         prepare(ctx, corpus)

@@ -11,6 +11,7 @@ stopped, unmounted and removed afterwards.
 
     python bench/bench_memory.py [--guests N] [--markdown FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,6 @@ PROGRAMS = [["/usr/sbin/nginx"], ["/usr/sbin/rsyslogd"]]
 SETTLE = 3.0
 
 
-
 def meminfo() -> dict[str, int]:
     out = {}
     with open("/proc/meminfo") as f:
@@ -37,7 +37,6 @@ def meminfo() -> dict[str, int]:
             k, v = line.split(":")
             out[k] = int(v.split()[0]) * 1024
     return out
-
 
 
 def make_guests(host: Host, n: int) -> list[str]:
@@ -72,20 +71,26 @@ def scenario(host: Host, names: list[str], label: str) -> dict[str, object]:
         started = time.monotonic() - t0
         time.sleep(SETTLE)
         after = meminfo()
-        rep = json.loads(host.cli("unify.cli", "report", "--json", "--memory", "--no-record",
-                                  *names).stdout)["memory"]
+        rep = json.loads(
+            host.cli("unify.cli", "report", "--json", "--memory", "--no-record", *names).stdout
+        )["memory"]
         procs = sum(int(g["processes"]) for g in rep["guests"].values())
     finally:
         for g in names:
             host.vserver(g, "stop", check=False)
-    res = {"label": label, "guests": len(names), "processes": procs,
-           "start_seconds": round(started, 2),
-           "cached_delta": after["Cached"] - before["Cached"],
-           "anon_delta": after["AnonPages"] - before["AnonPages"],
-           "smaps_with": rep["total"]["with_unification"],
-           "smaps_without": rep["total"]["without_unification"],
-           "per_guest_file_rss": round(sum(int(g["file_rss"]) for g in rep["guests"].values())
-                                       / max(1, len(rep["guests"])))}
+    res = {
+        "label": label,
+        "guests": len(names),
+        "processes": procs,
+        "start_seconds": round(started, 2),
+        "cached_delta": after["Cached"] - before["Cached"],
+        "anon_delta": after["AnonPages"] - before["AnonPages"],
+        "smaps_with": rep["total"]["with_unification"],
+        "smaps_without": rep["total"]["without_unification"],
+        "per_guest_file_rss": round(
+            sum(int(g["file_rss"]) for g in rep["guests"].values()) / max(1, len(rep["guests"]))
+        ),
+    }
     log(f"{label}: {res}")
     return res
 
@@ -96,27 +101,42 @@ def mib(n: float) -> str:
 
 def markdown(results: list[dict[str, object]], n: int, cmd: str, took: float) -> str:
     base = results[0]
-    lines = [f"## Memory sharing benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
-             "", "Command (as root, from the checkout):", "", "```", cmd, "```", "",
-             f"{n} guests, each a `cp -a` of the corpus guest `{SOURCE}` (bench/corpus.sh) with "
-             f"its own network namespace (a veth pair), each running `nginx` (a master and "
-             f"2 workers) and `rsyslogd`, started through `vserver NAME start` + `exec`.  "
-             f"Before each scenario: sync, drop caches.  The figures {SETTLE:g} s after the "
-             f"last program started.  Total runtime {took / 60:.1f} min.", "",
-             "| scenario | processes | page cache added (MiB) | anonymous memory added (MiB) | "
-             "file-backed, smaps, each inode once (MiB) | same if every guest had its own "
-             "copies (MiB) | page cache vs separate copies |",
-             "|---|--:|--:|--:|--:|--:|--:|"]
+    lines = [
+        f"## Memory sharing benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        "",
+        "Command (as root, from the checkout):",
+        "",
+        "```",
+        cmd,
+        "```",
+        "",
+        f"{n} guests, each a `cp -a` of the corpus guest `{SOURCE}` (bench/corpus.sh) with "
+        f"its own network namespace (a veth pair), each running `nginx` (a master and "
+        f"2 workers) and `rsyslogd`, started through `vserver NAME start` + `exec`.  "
+        f"Before each scenario: sync, drop caches.  The figures {SETTLE:g} s after the "
+        f"last program started.  Total runtime {took / 60:.1f} min.",
+        "",
+        "| scenario | processes | page cache added (MiB) | anonymous memory added (MiB) | "
+        "file-backed, smaps, each inode once (MiB) | same if every guest had its own "
+        "copies (MiB) | page cache vs separate copies |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
     for r in results:
         ratio = float(r["cached_delta"]) / float(base["cached_delta"])  # type: ignore[arg-type]
-        lines.append(f"| {r['label']} | {r['processes']} | {mib(r['cached_delta'])} | "  # type: ignore[arg-type]
-                     f"{mib(r['anon_delta'])} | {mib(r['smaps_with'])} | "  # type: ignore[arg-type]
-                     f"{mib(r['smaps_without'])} | {ratio:.2f} |")  # type: ignore[arg-type]
+        lines.append(
+            f"| {r['label']} | {r['processes']} | {mib(r['cached_delta'])} | "  # type: ignore[arg-type]
+            f"{mib(r['anon_delta'])} | {mib(r['smaps_with'])} | "  # type: ignore[arg-type]
+            f"{mib(r['smaps_without'])} | {ratio:.2f} |"
+        )  # type: ignore[arg-type]
     per = float(base["per_guest_file_rss"])  # type: ignore[arg-type]
-    lines += ["", f"One guest's programs map {mib(per)} MiB of files (smaps, resident).  "
-              f"Separate copies cost about {n} times that in page cache; unified guests "
-              f"about one copy (direct) or two (through cow: the FUSE inode's pages and the "
-              f"backing file's, the latter read by the daemon).", ""]
+    lines += [
+        "",
+        f"One guest's programs map {mib(per)} MiB of files (smaps, resident).  "
+        f"Separate copies cost about {n} times that in page cache; unified guests "
+        f"about one copy (direct) or two (through cow: the FUSE inode's pages and the "
+        f"backing file's, the latter read by the daemon).",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ build -m clone` of one unified guest: wall time and the disk it adds.
 
     python bench/bench_scale.py [--sizes 5,10,20,30] [--markdown FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,6 @@ from pathlib import Path
 from benchhost import CORPUS, Host, drop_caches, emit, log
 
 SOURCE = "bookworm-minbase"
-
-
 
 
 def make_guest(host: Host, name: str, i: int) -> None:
@@ -78,15 +77,29 @@ def one_size(n: int) -> dict[str, object]:
         drop_caches()
         first = run(host, names)
         again = run(host, names)
-        res = {"guests": n, "files": first["files_scanned"], "first_s": first["duration"],
-               "first_hashed": first["files_hashed"], "linked": first["files_linked"],
-               "saved": first["bytes_saved"], "rerun_s": again["duration"],
-               "rerun_hashed": again["files_hashed"]}
+        res = {
+            "guests": n,
+            "files": first["files_scanned"],
+            "first_s": first["duration"],
+            "first_hashed": first["files_hashed"],
+            "linked": first["files_linked"],
+            "saved": first["bytes_saved"],
+            "rerun_s": again["duration"],
+            "rerun_hashed": again["files_hashed"],
+        }
         if n == max(SIZES):
             before = du(base / "vservers")
             t1 = time.monotonic()
-            host.cli("vsstore.lifecycle.cli", "clone1", "build", "-m", "clone", "--",
-                     "--source", names[0])
+            host.cli(
+                "vsstore.lifecycle.cli",
+                "clone1",
+                "build",
+                "-m",
+                "clone",
+                "--",
+                "--source",
+                names[0],
+            )
             res["clone_s"] = time.monotonic() - t1
             res["clone_bytes"] = du(base / "vservers") - before
             res["guest_bytes"] = du(CORPUS / SOURCE)
@@ -101,29 +114,43 @@ SIZES = [5, 10, 20, 30]
 
 def markdown(rows: list[dict[str, object]], cmd: str, took: float) -> str:
     b = rows[0]
-    out = [f"## Scaling benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
-           "Command (as root, from the checkout):", "", "```", cmd, "```", "",
-           f"N guests, each a `cp -a` of the corpus guest `{SOURCE}` with drift (a changed "
-           f"config file; /opt/extra, 100 files of 1-40 KB, the same in even guests and "
-           f"different in odd ones; 20 copyright files rewritten per guest).  First run: "
-           f"caches dropped, no index; re-run: nothing changed.  Total runtime "
-           f"{took / 60:.1f} min.", "",
-           "| guests | files | first run (s) | files hashed | names linked | saved (MiB) | "
-           "us per file | vs smallest, per file | unchanged re-run (s) | re-run hashed |",
-           "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    out = [
+        f"## Scaling benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        "",
+        "Command (as root, from the checkout):",
+        "",
+        "```",
+        cmd,
+        "```",
+        "",
+        f"N guests, each a `cp -a` of the corpus guest `{SOURCE}` with drift (a changed "
+        f"config file; /opt/extra, 100 files of 1-40 KB, the same in even guests and "
+        f"different in odd ones; 20 copyright files rewritten per guest).  First run: "
+        f"caches dropped, no index; re-run: nothing changed.  Total runtime "
+        f"{took / 60:.1f} min.",
+        "",
+        "| guests | files | first run (s) | files hashed | names linked | saved (MiB) | "
+        "us per file | vs smallest, per file | unchanged re-run (s) | re-run hashed |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
     base_per = float(b["first_s"]) / float(b["files"])  # type: ignore[arg-type]
     for r in rows:
         per = float(r["first_s"]) / float(r["files"])  # type: ignore[arg-type]
-        out.append(f"| {r['guests']} | {r['files']} | {float(r['first_s']):.1f} | "  # type: ignore[arg-type]
-                   f"{r['first_hashed']} | {r['linked']} | {int(r['saved']) / 2**20:.0f} | "  # type: ignore[call-overload]
-                   f"{per * 1e6:.0f} | {per / base_per:.2f} | {float(r['rerun_s']):.1f} | "  # type: ignore[arg-type]
-                   f"{r['rerun_hashed']} |")
+        out.append(
+            f"| {r['guests']} | {r['files']} | {float(r['first_s']):.1f} | "  # type: ignore[arg-type]
+            f"{r['first_hashed']} | {r['linked']} | {int(r['saved']) / 2**20:.0f} | "  # type: ignore[call-overload]
+            f"{per * 1e6:.0f} | {per / base_per:.2f} | {float(r['rerun_s']):.1f} | "  # type: ignore[arg-type]
+            f"{r['rerun_hashed']} |"
+        )
     last = rows[-1]
     if "clone_s" in last:
-        out += ["", f"`vserver clone1 build -m clone -- --source s000` among {last['guests']} "
-                f"unified guests: {float(last['clone_s']):.1f} s (including its `vsunify "  # type: ignore[arg-type]
-                f"run`), {int(last['clone_bytes']) / 2**20:.1f} MiB added on disk for a guest "  # type: ignore[call-overload]
-                f"of {int(last['guest_bytes']) / 2**20:.0f} MiB."]  # type: ignore[call-overload]
+        out += [
+            "",
+            f"`vserver clone1 build -m clone -- --source s000` among {last['guests']} "
+            f"unified guests: {float(last['clone_s']):.1f} s (including its `vsunify "  # type: ignore[arg-type]
+            f"run`), {int(last['clone_bytes']) / 2**20:.1f} MiB added on disk for a guest "  # type: ignore[call-overload]
+            f"of {int(last['guest_bytes']) / 2**20:.0f} MiB.",
+        ]  # type: ignore[call-overload]
     return "\n".join(out) + "\n"
 
 
@@ -139,8 +166,11 @@ def main() -> int:
         return 2
     t0 = time.monotonic()
     rows = [one_size(n) for n in SIZES]
-    md = markdown(rows, ("python bench/bench_scale.py " + " ".join(sys.argv[1:])).strip(),
-                  time.monotonic() - t0)
+    md = markdown(
+        rows,
+        ("python bench/bench_scale.py " + " ".join(sys.argv[1:])).strip(),
+        time.monotonic() - t0,
+    )
     emit(md, args.markdown)
     return 0
 

@@ -16,6 +16,7 @@ Savings are measured per tool with ``du -sc --block-size=1`` over the whole set 
 each hardlinked inode once).  A markdown section with the figures, the command line and the
 machine facts goes to stdout, and with ``--markdown FILE`` to FILE as well.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -128,8 +129,9 @@ def sh(argv: Sequence[str | os.PathLike[str]]) -> str:
     """Run a helper command, return its stdout; raise BenchError on failure."""
     res = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False)
     if res.returncode != 0:
-        raise BenchError(f"{shlex.join(map(str, argv))}: exit {res.returncode}: "
-                         f"{res.stderr.strip()[-2000:]}")
+        raise BenchError(
+            f"{shlex.join(map(str, argv))}: exit {res.returncode}: {res.stderr.strip()[-2000:]}"
+        )
     return res.stdout
 
 
@@ -173,13 +175,19 @@ def remove_tree(path: Path) -> None:
     """Clear immutable/append-only flags (vsunify seals shared inodes), then delete."""
     if not path.exists():
         return
-    subprocess.run(["chattr", "-R", "-f", "-i", "-a", str(path)],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    subprocess.run(
+        ["chattr", "-R", "-f", "-i", "-a", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
     failed: list[str] = []
     shutil.rmtree(path, onerror=lambda _f, p, exc: failed.append(f"{p}: {exc[1]}"))
     if failed:
-        print(f"bench: could not remove {len(failed)} paths below {path}, e.g. {failed[0]}",
-              file=sys.stderr)
+        print(
+            f"bench: could not remove {len(failed)} paths below {path}, e.g. {failed[0]}",
+            file=sys.stderr,
+        )
 
 
 def fmt_bytes(n: float) -> str:
@@ -200,19 +208,35 @@ def mib(n: float) -> str:
 # -- the tools ---------------------------------------------------------------------------
 
 
-def tool_command(tool: str, ctx: Context, rnd: Path, guests: list[Path],
-                 ) -> tuple[list[str], dict[str, str]]:
+def tool_command(
+    tool: str,
+    ctx: Context,
+    rnd: Path,
+    guests: list[Path],
+) -> tuple[list[str], dict[str, str]]:
     """argv and extra environment of ``tool`` over ``guests`` (content-only dedup)."""
     dirs = [str(g) for g in guests]
     if tool == "vsunify":
-        env = {"VSSTORE_STATEDIR": str(rnd / "vsunify-state"),
-               "VSSTORE_RUNDIR": str(rnd / "vsunify-run"),
-               "VSERVERS_CONFDIR": str(rnd / "vsunify-conf"),
-               "VSERVERS_ROOT": str(rnd / "vsunify")}
+        env = {
+            "VSSTORE_STATEDIR": str(rnd / "vsunify-state"),
+            "VSSTORE_RUNDIR": str(rnd / "vsunify-run"),
+            "VSERVERS_CONFDIR": str(rnd / "vsunify-conf"),
+            "VSERVERS_ROOT": str(rnd / "vsunify"),
+        }
         # No excludes at all, like the others: the content-only comparison.
-        return [ctx.vsunify, "run", "--no-default-excludes", "--no-pkgdb-excludes",
-                "--ignore-mtime", "--min-size", "1", "--json",
-                "--store", str(rnd / ".hash-vsunify"), *dirs], env
+        return [
+            ctx.vsunify,
+            "run",
+            "--no-default-excludes",
+            "--no-pkgdb-excludes",
+            "--ignore-mtime",
+            "--min-size",
+            "1",
+            "--json",
+            "--store",
+            str(rnd / ".hash-vsunify"),
+            *dirs,
+        ], env
     if tool == "hardlink":
         return ["hardlink", "-c", *dirs], {}
     if tool == "rdfind":
@@ -222,23 +246,28 @@ def tool_command(tool: str, ctx: Context, rnd: Path, guests: list[Path],
     raise ValueError(tool)
 
 
-def timed_run(argv: list[str], env: dict[str, str], log: Path,
-              ) -> tuple[float, float, int, str]:
+def timed_run(
+    argv: list[str],
+    env: dict[str, str],
+    log: Path,
+) -> tuple[float, float, int, str]:
     """Run ``argv``; return wall seconds, the child's user+sys CPU seconds, the bytes it
     read from disk, and its stdout."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as out, open(log.with_suffix(".err"), "w") as err:
         t0 = time.perf_counter()
-        rc = subprocess.run(argv, stdout=out, stderr=err, env={**os.environ, **env},
-                            cwd=log.parent, check=False).returncode
+        rc = subprocess.run(
+            argv, stdout=out, stderr=err, env={**os.environ, **env}, cwd=log.parent, check=False
+        ).returncode
         wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     read = (after.ru_inblock - before.ru_inblock) * 512
     text = log.read_text()
     if rc != 0:
-        raise BenchError(f"{shlex.join(argv)}: exit {rc}\n"
-                         f"{log.with_suffix('.err').read_text()[-2000:]}")
+        raise BenchError(
+            f"{shlex.join(argv)}: exit {rc}\n{log.with_suffix('.err').read_text()[-2000:]}"
+        )
     return wall, cpu, read, text
 
 
@@ -258,8 +287,12 @@ SOURCE_DIRS = ("vsstore", "unify")  # what vsunify runs, edited by others meanwh
 def source_state(dirs: Sequence[str] = SOURCE_DIRS) -> tuple[str, str]:
     """(description, fingerprint) of the benchmarked source (``dirs`` of the checkout): the
     commit, and whether the working tree matches it.  Read-only git commands only."""
-    files = sorted(str(p.relative_to(REPO)) for d in dirs for p in (REPO / d).rglob("*")
-                   if p.is_file() and "__pycache__" not in p.parts)
+    files = sorted(
+        str(p.relative_to(REPO))
+        for d in dirs
+        for p in (REPO / d).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
     try:
         blobs = sh(["git", "-C", REPO, "hash-object", "--", *files]).split()
         head = sh(["git", "-C", REPO, "rev-parse", "--short", "HEAD"]).strip()
@@ -271,16 +304,19 @@ def source_state(dirs: Sequence[str] = SOURCE_DIRS) -> tuple[str, str]:
     committed = {ln.split("\t", 1)[1]: ln.split()[2] for ln in listed.splitlines()}
     fp = hashlib.sha256(repr(sorted(work.items())).encode()).hexdigest()[:12]
     state = "identical to it" if work == committed else "WITH UNCOMMITTED CHANGES"
-    return (f"commit {head}, {'/ '.join(dirs)}/ in the working tree {state} "
-            f"(source fingerprint {fp})"), fp
+    return (
+        f"commit {head}, {'/ '.join(dirs)}/ in the working tree {state} (source fingerprint {fp})"
+    ), fp
 
 
 def tool_versions(ctx: Context, source: str) -> dict[str, str]:
     """One line of version information per tool."""
-    out = {"vsunify": f"vsstore {version('vsstore')}, {source}, "
-                      f"Python {platform.python_version()}"}
-    probes = {"hardlink": ["hardlink", "--version"], "rdfind": ["rdfind", "--version"],
-              "jdupes": ["jdupes", "-v"]}
+    out = {"vsunify": f"vsstore {version('vsstore')}, {source}, Python {platform.python_version()}"}
+    probes = {
+        "hardlink": ["hardlink", "--version"],
+        "rdfind": ["rdfind", "--version"],
+        "jdupes": ["jdupes", "-v"],
+    }
     for tool, argv in probes.items():
         if tool in ctx.tools:
             out[tool] = sh(argv).strip().splitlines()[0]
@@ -292,19 +328,32 @@ def tool_versions(ctx: Context, source: str) -> dict[str, str]:
 
 def machine_facts(work: Path) -> dict[str, str]:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")),
-                 platform.machine())
-    mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
-                  if ln.startswith("MemTotal:"))
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")),
+        platform.machine(),
+    )
+    mem_kb = next(
+        int(ln.split()[1])
+        for ln in Path("/proc/meminfo").read_text().splitlines()
+        if ln.startswith("MemTotal:")
+    )
     fs = sh(["findmnt", "-n", "-o", "FSTYPE,SOURCE,OPTIONS", "-T", work]).strip()
     virt = "unknown"
     if shutil.which("systemd-detect-virt"):
-        virt = subprocess.run(["systemd-detect-virt"], capture_output=True, text=True,
-                              check=False).stdout.strip() or "none"
-    return {"cpu": f"{os.cpu_count()} cores, {model}", "ram": f"{mem_kb / 2**20:.1f} GiB",
-            "kernel": f"{platform.system()} {platform.release()}",
-            "os": _os_release(), "systemd-detect-virt": virt,
-            "filesystem (findmnt FSTYPE SOURCE OPTIONS)": " ".join(fs.split())}
+        virt = (
+            subprocess.run(
+                ["systemd-detect-virt"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+            or "none"
+        )
+    return {
+        "cpu": f"{os.cpu_count()} cores, {model}",
+        "ram": f"{mem_kb / 2**20:.1f} GiB",
+        "kernel": f"{platform.system()} {platform.release()}",
+        "os": _os_release(),
+        "systemd-detect-virt": virt,
+        "filesystem (findmnt FSTYPE SOURCE OPTIONS)": " ".join(fs.split()),
+    }
 
 
 def _os_release() -> str:
@@ -360,8 +409,12 @@ def measure(tool: str, ctx: Context, rnd: Path, guests: list[Path], phase: str) 
             raise BenchError(f"vsunify reported errors: {s.stats.get('messages')}")
     elif tool == "hardlink":
         s.stats = parse_hardlink_summary(out)
-    print(f"bench: {phase:10} {tool:8} {wall:7.2f}s wall {cpu:7.2f}s cpu "
-          f"read {mib(read):>7} MiB saved {mib(s.saved):>7} MiB", file=sys.stderr, flush=True)
+    print(
+        f"bench: {phase:10} {tool:8} {wall:7.2f}s wall {cpu:7.2f}s cpu "
+        f"read {mib(read):>7} MiB saved {mib(s.saved):>7} MiB",
+        file=sys.stderr,
+        flush=True,
+    )
     return s
 
 
@@ -369,16 +422,20 @@ def walk_floor(guests: list[Path]) -> float:
     """Cold wall time of `find` lstat-ing every name below ``guests``."""
     drop_caches()
     t0 = time.perf_counter()
-    subprocess.run(["find", *map(str, guests), "-printf", "%i %s\n"],
-                   stdout=subprocess.DEVNULL, check=True)
+    subprocess.run(
+        ["find", *map(str, guests), "-printf", "%i %s\n"], stdout=subprocess.DEVNULL, check=True
+    )
     return time.perf_counter() - t0
 
 
 def one_round(ctx: Context, rnd: Path) -> Round:
     """Fresh copies for every tool, then the phases side by side; returns samples."""
     sets = {t: [rnd / t / name for name, _ in ctx.guest_sources()] for t in ctx.tools}
-    print(f"bench: copying {len(ctx.guest_sources())} guests for {len(ctx.tools)} tools to "
-          f"{rnd}", file=sys.stderr, flush=True)
+    print(
+        f"bench: copying {len(ctx.guest_sources())} guests for {len(ctx.tools)} tools to {rnd}",
+        file=sys.stderr,
+        flush=True,
+    )
     for tool in ctx.tools:
         for (_name, src), dst in zip(ctx.guest_sources(), sets[tool], strict=True):
             copy_guest(ctx.corpus / src, dst)
@@ -471,68 +528,111 @@ def _header(rep: Report) -> list[str]:
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     script = os.path.relpath(Path(__file__).resolve(), REPO)
     many = rep.ctx.rounds > 1
-    out = [f"## Benchmark of {now}", "", "Command (as root, from the checkout):", "", "```",
-           shlex.join([sys.executable, script, *rep.argv]), "```", "",
-           f"Total runtime {rep.elapsed / 60:.1f} min, {rep.ctx.rounds} round(s) on fresh "
-           f"copies; figures are the median{' (min-max)' if many else ''} over the rounds.",
-           ""]
+    out = [
+        f"## Benchmark of {now}",
+        "",
+        "Command (as root, from the checkout):",
+        "",
+        "```",
+        shlex.join([sys.executable, script, *rep.argv]),
+        "```",
+        "",
+        f"Total runtime {rep.elapsed / 60:.1f} min, {rep.ctx.rounds} round(s) on fresh "
+        f"copies; figures are the median{' (min-max)' if many else ''} over the rounds.",
+        "",
+    ]
     if rep.source_changed:
-        out += ["**WARNING: vsunify's source changed while the benchmark ran; its figures may "
-                "mix two versions.**", ""]
+        out += [
+            "**WARNING: vsunify's source changed while the benchmark ran; its figures may "
+            "mix two versions.**",
+            "",
+        ]
     out += ["### Machine and tools", ""]
     out += [f"- {k}: {v}" for k, v in rep.facts.items()]
     out += [f"- {k}: {v}" for k, v in rep.versions.items()]
     if "hardlink" in rep.ctx.tools:
         method = rep.rounds[0].samples["first"]["hardlink"].stats.get("Method", "?")
-        out.append(f"- hardlink's comparison method in these runs: {method} (it uses sha256 "
-                   f"through the kernel crypto API when available, else memcmp)")
+        out.append(
+            f"- hardlink's comparison method in these runs: {method} (it uses sha256 "
+            f"through the kernel crypto API when available, else memcmp)"
+        )
     return out
 
 
 def _corpus(rep: Report) -> list[str]:
     n, ctx = rep.n, rep.ctx
-    rows = [[g.name, g.source, str(g.files), fmt_bytes(g.apparent), fmt_bytes(g.disk)]
-            for g in rep.guests]
+    rows = [
+        [g.name, g.source, str(g.files), fmt_bytes(g.apparent), fmt_bytes(g.disk)]
+        for g in rep.guests
+    ]
     for label, gs in ((f"N={n}", rep.guests[:n]), (f"N+1={n + 1}", rep.guests)):
-        rows.append([f"**total {label}**", "", str(sum(g.files for g in gs)),
-                     fmt_bytes(sum(g.apparent for g in gs)),
-                     fmt_bytes(sum(g.disk for g in gs))])
-    out = ["### Corpus", "",
-           f"{n} guests for the first runs, g{n + 1} added before the `add` phase; each a "
-           f"`cp -a` of a debootstrap tree made by `bench/corpus.sh` (cache {ctx.corpus}).", ""]
-    out += table(["guest", "source", "regular files", "apparent", "on disk (du)"], rows,
-                 left=2)
+        rows.append(
+            [
+                f"**total {label}**",
+                "",
+                str(sum(g.files for g in gs)),
+                fmt_bytes(sum(g.apparent for g in gs)),
+                fmt_bytes(sum(g.disk for g in gs)),
+            ]
+        )
+    out = [
+        "### Corpus",
+        "",
+        f"{n} guests for the first runs, g{n + 1} added before the `add` phase; each a "
+        f"`cp -a` of a debootstrap tree made by `bench/corpus.sh` (cache {ctx.corpus}).",
+        "",
+    ]
+    out += table(["guest", "source", "regular files", "apparent", "on disk (du)"], rows, left=2)
     out += ["", "### Commands compared (content-only dedup)", ""]
     for tool in ctx.tools:
         argv, env = tool_command(tool, ctx, Path("WORK"), [Path("g1"), Path("...")])
         envs = "".join(f"{k}=WORK/{Path(v).name} " for k, v in env.items())
         out.append(f"- {tool}: `{envs}{shlex.join(argv)}`")
-    out += ["", "Every tool works on its own copy of the set.  Cold: `sync; echo 3 > "
-            "/proc/sys/vm/drop_caches` before the run.  `rerun-warm` repeats `rerun` right "
-            "after it, without dropping caches."]
+    out += [
+        "",
+        "Every tool works on its own copy of the set.  Cold: `sync; echo 3 > "
+        "/proc/sys/vm/drop_caches` before the run.  `rerun-warm` repeats `rerun` right "
+        "after it, without dropping caches.",
+    ]
     return out
 
 
 def _times(rep: Report) -> list[str]:
     tools, rounds, n = rep.ctx.tools, rep.rounds, rep.n
     out = ["### Wall time (seconds)", ""]
-    out += table(["phase", *tools], [
-        [f"{p} ({n + 1 if p == 'add' else n} guests)",
-         *(spread(values(rounds, p, t, "wall")) for t in tools)] for p in PHASES])
+    out += table(
+        ["phase", *tools],
+        [
+            [
+                f"{p} ({n + 1 if p == 'add' else n} guests)",
+                *(spread(values(rounds, p, t, "wall")) for t in tools),
+            ]
+            for p in PHASES
+        ],
+    )
     floor = [r.walk_cold for r in rounds]
-    out += ["", f"For scale: a cold `find` that lstats every name of the {n} guests takes "
-            f"{spread(floor)} s; no re-run that looks at every file can be faster."]
+    out += [
+        "",
+        f"For scale: a cold `find` that lstats every name of the {n} guests takes "
+        f"{spread(floor)} s; no re-run that looks at every file can be faster.",
+    ]
     out += ["", "### CPU time, user+sys (seconds)", ""]
-    out += table(["phase", *tools], [
-        [p, *(spread(values(rounds, p, t, "cpu")) for t in tools)] for p in PHASES])
+    out += table(
+        ["phase", *tools],
+        [[p, *(spread(values(rounds, p, t, "cpu")) for t in tools)] for p in PHASES],
+    )
     out += ["", "### Read from disk (MiB, the run's block input)", ""]
-    out += table(["phase", *tools], [
-        [p, *(mib(median(values(rounds, p, t, "read"))) for t in tools)] for p in PHASES])
+    out += table(
+        ["phase", *tools],
+        [[p, *(mib(median(values(rounds, p, t, "read"))) for t in tools)] for p in PHASES],
+    )
     if "vsunify" in tools:
         others = [t for t in tools if t != "vsunify"]
         out += ["", "### Wall-time ratio vsunify / other (below 1: vsunify is faster)", ""]
-        out += table(["phase", *(f"vsunify/{t}" for t in others)], [
-            [p, *(f"{ratio(rounds, p, 'vsunify', t):.2f}" for t in others)] for p in PHASES])
+        out += table(
+            ["phase", *(f"vsunify/{t}" for t in others)],
+            [[p, *(f"{ratio(rounds, p, 'vsunify', t):.2f}" for t in others)] for p in PHASES],
+        )
     return out
 
 
@@ -542,35 +642,57 @@ def _savings(rep: Report) -> list[str]:
     def total(t: str) -> float:
         return median([sum(r.samples[p][t].saved for p in PHASES) for r in rounds])
 
-    rows = [[p, *(mib(median(values(rounds, p, t, "saved"))) for t in tools)]
-            for p in ("first", "rerun", "add")]
+    rows = [
+        [p, *(mib(median(values(rounds, p, t, "saved"))) for t in tools)]
+        for p in ("first", "rerun", "add")
+    ]
     rows.append(["**all phases**", *(f"**{mib(total(t))}**" for t in tools)])
-    rows.append(["set on disk after `add` (MiB)",
-                 *(mib(median(values(rounds, "add", t, "du_after"))) for t in tools)])
-    for label, attr in (("distinct file inodes after `add`", "inodes"),
-                        ("file names after `add`", "names")):
+    rows.append(
+        [
+            "set on disk after `add` (MiB)",
+            *(mib(median(values(rounds, "add", t, "du_after"))) for t in tools),
+        ]
+    )
+    for label, attr in (
+        ("distinct file inodes after `add`", "inodes"),
+        ("file names after `add`", "names"),
+    ):
         rows.append([label, *(str(int(median(values(rounds, "add", t, attr)))) for t in tools)])
     out = ["### Savings (du of the whole set, each inode counted once)", ""]
     out += table(["MiB saved in phase", *tools], rows)
     if "vsunify" in tools:
-        cells = [mib(median(values(rounds, p, "vsunify", "saved_guests")))
-                 for p in ("first", "rerun", "add")]
-        out += ["", "vsunify's figures count its store directory (`.hash-vsunify`: up to 256 "
-                "prefix directories holding one more name per object; the objects are the "
-                "guests' own inodes).  Without it, vsunify saved "
-                f"{cells[0]} / {cells[1]} / {cells[2]} MiB (first / rerun / add)."]
+        cells = [
+            mib(median(values(rounds, p, "vsunify", "saved_guests")))
+            for p in ("first", "rerun", "add")
+        ]
+        out += [
+            "",
+            "vsunify's figures count its store directory (`.hash-vsunify`: up to 256 "
+            "prefix directories holding one more name per object; the objects are the "
+            "guests' own inodes).  Without it, vsunify saved "
+            f"{cells[0]} / {cells[1]} / {cells[2]} MiB (first / rerun / add).",
+        ]
     return out
 
 
 def _counters(rep: Report) -> list[str]:
-    keys = ("files_scanned", "files_hashed", "bytes_hashed", "files_linked", "bytes_saved",
-            "objects_created")
+    keys = (
+        "files_scanned",
+        "files_hashed",
+        "bytes_hashed",
+        "files_linked",
+        "bytes_saved",
+        "objects_created",
+    )
     rows = []
     for p in PHASES:
         st = rep.rounds[0].samples[p]["vsunify"].stats
         rows.append([p, *(str(st[k]) for k in keys), f"{float(str(st['duration'])):.2f}"])
-    return ["### vsunify's own counters (first round)", "",
-            *table(["phase", *keys, "duration s"], rows)]
+    return [
+        "### vsunify's own counters (first round)",
+        "",
+        *table(["phase", *keys, "duration s"], rows),
+    ]
 
 
 def verdicts(rep: Report) -> list[str]:
@@ -582,26 +704,29 @@ def verdicts(rep: Report) -> list[str]:
 
     r1, r2, r3 = (ratio(rounds, p, "vsunify", "hardlink") for p in ("first", "rerun", "add"))
     floor = median([r.walk_cold / r.samples["rerun"]["hardlink"].wall for r in rounds])
-    out = [f"- first run over {n} guests within {FIRST_RUN_TARGET}x of hardlink's time: "
-           f"vsunify/hardlink = {r1:.2f}: {ok(r1 <= FIRST_RUN_TARGET)}",
-           f"- unchanged re-run clearly faster than hardlink (taken here as at most "
-           f"{CLEARLY_FASTER}x): {r2:.2f}: {ok(r2 <= CLEARLY_FASTER)} (the cold `find` walk "
-           f"alone is {floor:.2f}x hardlink's re-run)",
-           f"- run after adding guest g{n + 1} clearly faster than hardlink (at most "
-           f"{CLEARLY_FASTER}x): {r3:.2f}: {ok(r3 <= CLEARLY_FASTER)}"]
+    out = [
+        f"- first run over {n} guests within {FIRST_RUN_TARGET}x of hardlink's time: "
+        f"vsunify/hardlink = {r1:.2f}: {ok(r1 <= FIRST_RUN_TARGET)}",
+        f"- unchanged re-run clearly faster than hardlink (taken here as at most "
+        f"{CLEARLY_FASTER}x): {r2:.2f}: {ok(r2 <= CLEARLY_FASTER)} (the cold `find` walk "
+        f"alone is {floor:.2f}x hardlink's re-run)",
+        f"- run after adding guest g{n + 1} clearly faster than hardlink (at most "
+        f"{CLEARLY_FASTER}x): {r3:.2f}: {ok(r3 <= CLEARLY_FASTER)}",
+    ]
     for phase, label in (("first", "first run"), ("add", "added guest")):
         v = median(values(rounds, phase, "vsunify", "saved"))
         vg = median(values(rounds, phase, "vsunify", "saved_guests"))
         h = median(values(rounds, phase, "hardlink", "saved"))
         diff = 100 * (v - h) / h if h else 0.0
         diff_g = 100 * (vg - h) / h if h else 0.0
-        own = median([float(str(r.samples[phase]["vsunify"].stats["bytes_saved"]))
-                      for r in rounds])
-        out.append(f"- savings equal to `hardlink -c` within 1% ({label}): vsunify "
-                   f"{int(v)} B ({mib(v)} MiB, store directory counted) vs hardlink {int(h)} B "
-                   f"({mib(h)} MiB), difference {diff:+.3f}%: {ok(abs(diff) <= 1)}; without "
-                   f"the store directory {int(vg)} B, {diff_g:+.3f}%.  (vsunify's own "
-                   f"bytes_saved, in st_size: {int(own)} B.)")
+        own = median([float(str(r.samples[phase]["vsunify"].stats["bytes_saved"])) for r in rounds])
+        out.append(
+            f"- savings equal to `hardlink -c` within 1% ({label}): vsunify "
+            f"{int(v)} B ({mib(v)} MiB, store directory counted) vs hardlink {int(h)} B "
+            f"({mib(h)} MiB), difference {diff:+.3f}%: {ok(abs(diff) <= 1)}; without "
+            f"the store directory {int(vg)} B, {diff_g:+.3f}%.  (vsunify's own "
+            f"bytes_saved, in st_size: {int(own)} B.)"
+        )
     return out
 
 
@@ -610,20 +735,37 @@ def verdicts(rep: Report) -> list[str]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache", type=Path,
-                   default=Path(os.environ.get("VSSTORE_BENCH_CACHE", "/var/cache/vsstore-bench")),
-                   help="corpus cache of bench/corpus.sh (default: %(default)s)")
-    p.add_argument("--work", type=Path, default=Path("/var/tmp"),
-                   help="a temporary work directory is made (and removed) in here; it must "
-                        "not be inside the checkout (default: %(default)s)")
-    p.add_argument("--copies", type=int, default=2,
-                   help=f"extra cp -a copies of {EXTRA_SOURCE} in the set (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="repeat everything on fresh copies, report medians (default: %(default)s)")
-    p.add_argument("--tools", default=",".join(TOOLS),
-                   help="comma-separated subset of %(default)s")
-    p.add_argument("--vsunify", default=str(Path(sys.executable).parent / "vsunify"),
-                   help="the vsunify executable (default: next to this Python)")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("VSSTORE_BENCH_CACHE", "/var/cache/vsstore-bench")),
+        help="corpus cache of bench/corpus.sh (default: %(default)s)",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="a temporary work directory is made (and removed) in here; it must "
+        "not be inside the checkout (default: %(default)s)",
+    )
+    p.add_argument(
+        "--copies",
+        type=int,
+        default=2,
+        help=f"extra cp -a copies of {EXTRA_SOURCE} in the set (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="repeat everything on fresh copies, report medians (default: %(default)s)",
+    )
+    p.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of %(default)s")
+    p.add_argument(
+        "--vsunify",
+        default=str(Path(sys.executable).parent / "vsunify"),
+        help="the vsunify executable (default: next to this Python)",
+    )
     p.add_argument("--markdown", type=Path, help="also write the markdown section to this file")
     a = p.parse_args(argv)
     if a.copies < 0 or a.rounds < 1:
@@ -638,8 +780,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def check_environment(args: argparse.Namespace) -> None:
     if os.geteuid() != 0:
         raise BenchError("run as root (drops the page cache; vsunify sets immutable flags)")
-    missing = [t for t in (*args.tools, "chattr", "du", "cp", "findmnt")
-               if not shutil.which(args.vsunify if t == "vsunify" else t)]
+    missing = [
+        t
+        for t in (*args.tools, "chattr", "du", "cp", "findmnt")
+        if not shutil.which(args.vsunify if t == "vsunify" else t)
+    ]
     if missing:
         raise BenchError(f"missing: {', '.join(missing)} (scripts/setup installs them)")
     work = args.work.resolve()
@@ -660,8 +805,14 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
-    ctx = Context(cache=args.cache, work=work, copies=args.copies, rounds=args.rounds,
-                  tools=args.tools, vsunify=args.vsunify)
+    ctx = Context(
+        cache=args.cache,
+        work=work,
+        copies=args.copies,
+        rounds=args.rounds,
+        tools=args.tools,
+        vsunify=args.vsunify,
+    )
     try:
         source, fingerprint = source_state()
         guests = corpus_info(ctx)
@@ -676,8 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         remove_tree(work)
     if changed:
         print("bench: WARNING: vsunify's source changed during the run", file=sys.stderr)
-    md = render(Report(ctx, rounds, guests, facts, versions, argv, time.monotonic() - t0,
-                       changed))
+    md = render(Report(ctx, rounds, guests, facts, versions, argv, time.monotonic() - t0, changed))
     print(md)
     if args.markdown:
         args.markdown.write_text(md)

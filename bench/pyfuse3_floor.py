@@ -8,6 +8,7 @@ built on pyfuse3 can be faster on these rows.
 
     python bench/pyfuse3_floor.py [TREE]      (default: the corpus guest bookworm-services)
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,13 +22,16 @@ from pathlib import Path
 
 CORPUS = Path(os.environ.get("VSSTORE_BENCH_CACHE", "/var/cache/vsstore-bench")) / "debian"
 RUNS = 5
-COMMANDS = [("find . -printf '%s\\n' > /dev/null", "find (stat of every name)"),
-            ("tar -cf /dev/null .", "tar -cf /dev/null (metadata)")]
+COMMANDS = [
+    ("find . -printf '%s\\n' > /dev/null", "find (stat of every name)"),
+    ("tar -cf /dev/null .", "tar -cf /dev/null (metadata)"),
+]
 
 
 def serve(src: str, mnt: str) -> None:
     import pyfuse3
     import trio
+
     nodes: dict[int, os.stat_result] = {pyfuse3.ROOT_INODE: os.lstat(src)}
     children: dict[int, list[tuple[bytes, int]]] = {}
     ids: dict[int, int] = {}
@@ -42,6 +46,7 @@ def serve(src: str, mnt: str) -> None:
             if stat.S_ISDIR(st.st_mode):
                 load(e.path, cid)
         children[nid] = kids
+
     load(src, pyfuse3.ROOT_INODE)
     attrs: dict[int, pyfuse3.EntryAttributes] = {}
 
@@ -50,8 +55,16 @@ def serve(src: str, mnt: str) -> None:
         if a is None:
             st = nodes[nid]
             a = pyfuse3.EntryAttributes()
-            for f in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime_ns",
-                      "st_mtime_ns", "st_ctime_ns"):
+            for f in (
+                "st_mode",
+                "st_nlink",
+                "st_uid",
+                "st_gid",
+                "st_size",
+                "st_atime_ns",
+                "st_mtime_ns",
+                "st_ctime_ns",
+            ):
                 setattr(a, f, getattr(st, f))
             a.st_ino = nid
             a.entry_timeout = a.attr_timeout = 3600

@@ -11,6 +11,7 @@ lookup of a shared inode by that thread (a request's pid is the calling thread's
 Anyone else is refused (EACCES) a write to a shared file, and any change of a guest's
 tree that is not its own.
 """
+
 from __future__ import annotations
 
 import errno
@@ -153,8 +154,12 @@ class Callers:
         this holds even if it could.)"""
         who = self.caller(ctx.pid)
         if who is not None and not self.mine(guest, who):
-            log.warning("pid %d (guests %s) may not change guest %s's tree", ctx.pid,
-                        ", ".join(sorted(who)) or "none", guest)
+            log.warning(
+                "pid %d (guests %s) may not change guest %s's tree",
+                ctx.pid,
+                ", ".join(sorted(who)) or "none",
+                guest,
+            )
             raise pyfuse3.FUSEError(errno.EACCES)
 
     def mine(self, guest: str, who: frozenset[str]) -> bool:
@@ -164,7 +169,9 @@ class Callers:
             return True
         tree = self.trees.get(guest)
         return tree is not None and any(
-            (t := self.trees.get(g)) is not None and (t.dev, t.ino) == (tree.dev, tree.ino) for g in who)
+            (t := self.trees.get(g)) is not None and (t.dev, t.ino) == (tree.dev, tree.ino)
+            for g in who
+        )
 
     def name_of(self, ctx: pyfuse3.RequestContext, node: Node) -> Name:
         """The name through which the calling guest reached ``node``, a shared inode: one
@@ -176,14 +183,19 @@ class Callers:
         if who is None:  # the host: the name it walked
             if recent is not None:
                 return recent
-            log.warning("write to shared inode %d by host pid %d: no lookup of it seen",
-                        node.ino, ctx.pid)
+            log.warning(
+                "write to shared inode %d by host pid %d: no lookup of it seen", node.ino, ctx.pid
+            )
             raise pyfuse3.FUSEError(errno.EACCES)
         if recent is not None and self.mine(recent[0], who):
             return recent
         mine = next((n for n in node.names if self.mine(n[0], who)), None)
         if mine is None:
-            log.warning("write to shared inode %d by pid %d (guests %s): none of its names",
-                        node.ino, ctx.pid, ", ".join(sorted(who)) or "none")
+            log.warning(
+                "write to shared inode %d by pid %d (guests %s): none of its names",
+                node.ino,
+                ctx.pid,
+                ", ".join(sorted(who)) or "none",
+            )
             raise pyfuse3.FUSEError(errno.EACCES)
         return mine

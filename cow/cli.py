@@ -1,4 +1,5 @@
 """vscow: mount the copy-on-write overlay for guests, unmount it, show what is mounted."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,6 +20,7 @@ def cmd_mount(args: argparse.Namespace, paths: Paths) -> int:
         guests[g.name] = str(g.root)
     if args.foreground:
         from .mount import serve
+
         serve(os.path.abspath(args.at), guests, os.geteuid() == 0)
         return EXIT_OK
     control.mount(paths, args.at, guests, args.log)
@@ -40,8 +42,9 @@ def cmd_attach(args: argparse.Namespace, paths: Paths) -> int:
     try:
         fd = os.open(f"/proc/{args.pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
-        raise ConfigError(f"--pid {args.pid}: {e.strerror}; give a running process of the "
-                          f"guest") from None
+        raise ConfigError(
+            f"--pid {args.pid}: {e.strerror}; give a running process of the guest"
+        ) from None
     try:
         control.attach(paths, args.at, args.name, fd)
     finally:
@@ -63,16 +66,22 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vscow", description="The copy-on-write overlay: guests "
-                                "see a writable tree; writes to shared files give the guest its "
-                                "own copy; memory stays shared for what is not written.")
+    p = argparse.ArgumentParser(
+        prog="vscow",
+        description="The copy-on-write overlay: guests "
+        "see a writable tree; writes to shared files give the guest its "
+        "own copy; memory stays shared for what is not written.",
+    )
     common = common_options()
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("mount", parents=[common], help="mount one overlay serving the guests")
     m.add_argument("--at", required=True, metavar="DIR")
     m.add_argument("--foreground", action="store_true", help="stay in the foreground")
-    m.add_argument("--log", metavar="FILE", help="the daemon's log (default: vscow.log in "
-                   "$VSSTORE_LOGDIR, /var/log/vsstore)")
+    m.add_argument(
+        "--log",
+        metavar="FILE",
+        help="the daemon's log (default: vscow.log in $VSSTORE_LOGDIR, /var/log/vsstore)",
+    )
     m.add_argument("guests", nargs="+", metavar="GUEST")
     m.set_defaults(func=cmd_mount)
     u = sub.add_parser("umount", parents=[common], help="unmount an overlay")
@@ -86,10 +95,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("at", metavar="DIR")
     r.add_argument("name", metavar="NAME")
     r.set_defaults(func=cmd_remove)
-    t = sub.add_parser("attach", parents=[common], help="writes from the pid namespace of process PID (and "
-                       "namespaces nested in it) are guest NAME's (vserver does this for the "
-                       "guests it starts; any other process of a guest is refused writes to "
-                       "shared files)")
+    t = sub.add_parser(
+        "attach",
+        parents=[common],
+        help="writes from the pid namespace of process PID (and "
+        "namespaces nested in it) are guest NAME's (vserver does this for the "
+        "guests it starts; any other process of a guest is refused writes to "
+        "shared files)",
+    )
     t.add_argument("at", metavar="DIR")
     t.add_argument("name", metavar="NAME")
     t.add_argument("--pid", type=int, required=True)

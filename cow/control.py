@@ -1,6 +1,7 @@
 """Start, stop and steer overlay daemons: the Python API that ``vscow`` and the lifecycle
 share.  Each mount has a state file in the run directory (pid, mount point, guests, control
 socket; see ``vsstore.runtime``), so any later command finds the daemon serving it."""
+
 from __future__ import annotations
 
 import json
@@ -58,31 +59,48 @@ def mount(paths: Paths, at: str, guests: dict[str, str], log: str | None = None)
     state_file = cow_state_file(paths, at)
     state_file.parent.mkdir(parents=True, exist_ok=True)
     control = str(state_file.with_suffix(".sock"))
-    cmd = [sys.executable, "-c", "import sys, json; from cow.mount import serve; "
-           "serve(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == '1', int(sys.argv[4]), "
-           "sys.argv[5])", at, json.dumps(guests), "1" if immutable else "0", str(w), control]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys, json; from cow.mount import serve; "
+        "serve(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == '1', int(sys.argv[4]), "
+        "sys.argv[5])",
+        at,
+        json.dumps(guests),
+        "1" if immutable else "0",
+        str(w),
+        control,
+    ]
     try:
         logf = open(log, "ab")
     except OSError as e:
         raise ConfigError(f"--log {log}: {e.strerror}; give a writable file") from None
     with logf:
-        proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf,
-                                stderr=logf, start_new_session=True, cwd="/")
+        proc = subprocess.Popen(
+            cmd,
+            pass_fds=(w,),
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+            cwd="/",
+        )
     os.close(w)
     ready = os.read(r, 16)
     os.close(r)
     if ready != b"ok\n":
         proc.wait(timeout=10)
-        raise ConfigError(f"the overlay did not come up at {at} (exit {proc.returncode}); "
-                          f"see its log {log}")
-    st = {"pid": proc.pid, "mountpoint": at, "guests": guests, "control": control,
-          "log": log}
+        raise ConfigError(
+            f"the overlay did not come up at {at} (exit {proc.returncode}); see its log {log}"
+        )
+    st = {"pid": proc.pid, "mountpoint": at, "guests": guests, "control": control, "log": log}
     state_file.write_text(json.dumps(st))
     return st
 
 
-def _ask(paths: Paths, at: str, request: dict[str, str], fds: tuple[int, ...] = ()
-         ) -> dict[str, Any]:
+def _ask(
+    paths: Paths, at: str, request: dict[str, str], fds: tuple[int, ...] = ()
+) -> dict[str, Any]:
     """Send one request to the daemon serving ``at`` (with ``fds`` passed along); its state
     file says where."""
     st = state(paths, at)
@@ -132,11 +150,13 @@ def umount(paths: Paths, at: str, lazy: bool = False) -> None:
     at = os.path.abspath(at)
     if not is_mounted(at):
         raise ConfigError(f"{at}: no vscow overlay is mounted there")
-    p = subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), at],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        ["fusermount3", "-u", *(["-z"] if lazy else []), at], capture_output=True, text=True
+    )
     if p.returncode != 0:
-        raise ConfigError(f"{at}: cannot unmount ({p.stderr.strip()}); is something using "
-                          f"it? (fuser -vm {at})")
+        raise ConfigError(
+            f"{at}: cannot unmount ({p.stderr.strip()}); is something using it? (fuser -vm {at})"
+        )
     st = state(paths, at)
     pid = int(st.get("pid", 0)) if st else 0
     for _ in range(200):  # the daemon ends once the kernel has let go of the mount
@@ -144,8 +164,9 @@ def umount(paths: Paths, at: str, lazy: bool = False) -> None:
             cow_state_file(paths, at).unlink(missing_ok=True)
             return
         time.sleep(0.05)
-    raise ConfigError(f"{at}: still mounted or its daemon (pid {pid}) still running; "
-                      f"is something using it?")
+    raise ConfigError(
+        f"{at}: still mounted or its daemon (pid {pid}) still running; is something using it?"
+    )
 
 
 def _ended(pid: int) -> bool:

@@ -7,6 +7,7 @@ the inode follow it (``relink``: link, swap, check).  The kernel's entry for eac
 invalidated, so the next lookup finds the copy, and the shared node's attributes (its link
 count) are refreshed for every guest that caches them.
 """
+
 from __future__ import annotations
 
 import errno
@@ -50,8 +51,9 @@ class KernelCache:
             return
         if self._stale is None:
             self._stale = queue.SimpleQueue()
-            threading.Thread(target=self._notify_attrs, args=(self._stale,), daemon=True,
-                             name="vscow-inval").start()
+            threading.Thread(
+                target=self._notify_attrs, args=(self._stale,), daemon=True, name="vscow-inval"
+            ).start()
         self._stale.put(nid)
 
     @staticmethod
@@ -73,16 +75,20 @@ class KernelCache:
 class CopyUp:
     """Copy-up for the overlay: which writes need one, whose name gets it, making it."""
 
-    def __init__(self, trees: Trees, nodes: Nodes, callers: Callers, kernel: KernelCache,
-                 immutable: bool) -> None:
+    def __init__(
+        self, trees: Trees, nodes: Nodes, callers: Callers, kernel: KernelCache, immutable: bool
+    ) -> None:
         self.trees, self.nodes, self.callers, self.kernel = trees, nodes, callers, kernel
         self.immutable = immutable
 
     def needed(self, node: Node, name: Name, st: os.stat_result) -> bool:
         """Does a write to this inode (reached as ``name``, with stat ``st``) need a copy-up
         first?"""
-        return stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and (
-            len({g for g, _ in node.names}) > 1 or self._marked(name))
+        return (
+            stat.S_ISREG(st.st_mode)
+            and st.st_nlink > 1
+            and (len({g for g, _ in node.names}) > 1 or self._marked(name))
+        )
 
     def _marked(self, name: Name) -> bool:
         try:
@@ -94,8 +100,9 @@ class CopyUp:
         finally:
             os.close(fd)
 
-    def name_to_change(self, ctx: pyfuse3.RequestContext, node: Node,
-                       found: tuple[Name, os.stat_result] | None) -> tuple[Name, bool]:
+    def name_to_change(
+        self, ctx: pyfuse3.RequestContext, node: Node, found: tuple[Name, os.stat_result] | None
+    ) -> tuple[Name, bool]:
         """The name through which the caller changes ``node``, given the name ``found``
         to hold it (None: no name does any more).  A shared inode (or one no name holds):
         the caller's own name, copied up first if it still holds the inode; returns it
@@ -174,8 +181,9 @@ class CopyUp:
             finally:
                 os.close(ofd)
         except OSError as e:
-            log.warning("%s:/%s: could not follow its hardlink's copy-up: %s", guest, shown(rel),
-                        e.strerror)
+            log.warning(
+                "%s:/%s: could not follow its hardlink's copy-up: %s", guest, shown(rel), e.strerror
+            )
         finally:
             os.close(dfd)
             os.close(cdfd)

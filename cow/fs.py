@@ -11,6 +11,7 @@ shared inode's page cache never sees its data, and the kernel is told).
 
 All backing access goes through ``GuestTree`` (no symlink followed, no mount crossed).
 """
+
 from __future__ import annotations
 
 import errno
@@ -42,6 +43,7 @@ def _guarded(handler: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """A request handler that can fail only with a FUSEError.  pyfuse3 ends its main loop
     (and so the mount of every guest) on any other exception: an OSError becomes its errno,
     anything else is logged and becomes EIO."""
+
     @functools.wraps(handler)
     async def run(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
@@ -53,13 +55,18 @@ def _guarded(handler: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         except Exception:
             log.exception("%s failed", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+
     return run
 
 
 def _only_size(fields: pyfuse3.SetattrFields) -> bool:
-    return fields.update_size and not (fields.update_mode or fields.update_uid or
-                                       fields.update_gid or fields.update_atime or
-                                       fields.update_mtime)
+    return fields.update_size and not (
+        fields.update_mode
+        or fields.update_uid
+        or fields.update_gid
+        or fields.update_atime
+        or fields.update_mtime
+    )
 
 
 class _Target(NamedTuple):
@@ -89,8 +96,11 @@ class CowFS(pyfuse3.Operations):
     ATTR_TIMEOUT = 3600.0
     enable_writeback_cache = False
 
-    def __init__(self, guests: dict[str, str], immutable: bool = True,
-                 ) -> None:
+    def __init__(
+        self,
+        guests: dict[str, str],
+        immutable: bool = True,
+    ) -> None:
         super().__init__()
         self.trees: dict[str, GuestTree] = {}  # shared with the collaborators
         self.immutable = immutable
@@ -154,15 +164,28 @@ class CowFS(pyfuse3.Operations):
 
     # -- attributes ----------------------------------------------------------------------
 
-    def _attr(self, node_id: int, st: os.stat_result, shared: bool = False,
-              ) -> pyfuse3.EntryAttributes:
+    def _attr(
+        self,
+        node_id: int,
+        st: os.stat_result,
+        shared: bool = False,
+    ) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node_id
         a.generation = 0
         a.entry_timeout = 0 if shared else self.ENTRY_TIMEOUT
         a.attr_timeout = self.ATTR_TIMEOUT
-        for f in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
-                  "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
+        for f in (
+            "st_mode",
+            "st_nlink",
+            "st_uid",
+            "st_gid",
+            "st_rdev",
+            "st_size",
+            "st_atime_ns",
+            "st_mtime_ns",
+            "st_ctime_ns",
+        ):
             setattr(a, f, getattr(st, f))
         a.st_blksize = 4096
         a.st_blocks = st.st_blocks
@@ -176,8 +199,12 @@ class CowFS(pyfuse3.Operations):
 
     # -- lookups and attributes -----------------------------------------------------------
 
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
-                     ) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self,
+        parent_inode: int,
+        name: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         n = os.fsdecode(name)
         if parent_inode == ROOT:
             if n not in self.trees:
@@ -202,8 +229,11 @@ class CowFS(pyfuse3.Operations):
             if self.nodes.forget(nid, n):
                 self.callers.forget(nid)
 
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None,
-                      ) -> pyfuse3.EntryAttributes:
+    async def getattr(
+        self,
+        inode: int,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> pyfuse3.EntryAttributes:
         if inode == ROOT:
             return self._root_attr()
         node = self.nodes.get(inode)
@@ -223,9 +253,14 @@ class CowFS(pyfuse3.Operations):
                 raise
             return self._attr(inode, node.st)
 
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         node = self.nodes.get(inode)
         if fh is not None and _only_size(fields):
             return self._truncate_open(node, fh, attr.st_size)
@@ -240,8 +275,14 @@ class CowFS(pyfuse3.Operations):
             return self._shared_attr(node)
         return self._attr(inode, lstat(self.trees, name))
 
-    def _change(self, name: Name, st: os.stat_result, attr: pyfuse3.EntryAttributes,
-                fields: pyfuse3.SetattrFields, fh: int | None) -> None:
+    def _change(
+        self,
+        name: Name,
+        st: os.stat_result,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+    ) -> None:
         """What a setattr asks of ``name`` (whose stat is ``st``), one change at a time:
         size, mode, owner, times."""
         t = self._target(name)
@@ -273,8 +314,9 @@ class CowFS(pyfuse3.Operations):
     def _target(self, name: Name) -> _Target:
         guest, rel = name
         head, _, base = rel.rpartition("/")
-        return _Target(open_dir(self.trees, (guest, head)) if rel else
-                       os.dup(self.trees[guest].fd), base)
+        return _Target(
+            open_dir(self.trees, (guest, head)) if rel else os.dup(self.trees[guest].fd), base
+        )
 
     def _set_size(self, guest: str, t: _Target, fh: int | None, size: int) -> None:
         """truncate: through the caller's handle if it gave one, else by the name (a
@@ -295,17 +337,27 @@ class CowFS(pyfuse3.Operations):
         t.call(os.chmod, stat.S_IMODE(mode))
 
     @staticmethod
-    def _set_owner(t: _Target, attr: pyfuse3.EntryAttributes,
-                   fields: pyfuse3.SetattrFields) -> None:
-        t.call(os.chown, attr.st_uid if fields.update_uid else -1,
-               attr.st_gid if fields.update_gid else -1)
+    def _set_owner(
+        t: _Target, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+    ) -> None:
+        t.call(
+            os.chown,
+            attr.st_uid if fields.update_uid else -1,
+            attr.st_gid if fields.update_gid else -1,
+        )
 
-    def _set_times(self, name: Name, t: _Target, attr: pyfuse3.EntryAttributes,
-                   fields: pyfuse3.SetattrFields) -> None:
+    def _set_times(
+        self, name: Name, t: _Target, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+    ) -> None:
         """utimes: a time not given stays as the name has it now."""
         cur = lstat(self.trees, name)
-        t.call(os.utime, ns=(attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
-                             attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns))
+        t.call(
+            os.utime,
+            ns=(
+                attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
+                attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns,
+            ),
+        )
 
     def _shared_attr(self, node: Node) -> pyfuse3.EntryAttributes:
         """Attributes of a shared node after a copy-up: its own inode's, as far as a name
@@ -332,8 +384,17 @@ class CowFS(pyfuse3.Operations):
         tree = next(iter(self.trees.values()), None)
         s = os.statvfs(tree.fd) if tree else os.statvfs("/")  # by fd: the path may have moved
         d = pyfuse3.StatvfsData()
-        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                  "f_ffree", "f_favail", "f_namemax"):
+        for f in (
+            "f_bsize",
+            "f_frsize",
+            "f_blocks",
+            "f_bfree",
+            "f_bavail",
+            "f_files",
+            "f_ffree",
+            "f_favail",
+            "f_namemax",
+        ):
             setattr(d, f, getattr(s, f))
         return d
 
@@ -369,33 +430,44 @@ class CowFS(pyfuse3.Operations):
             child: Name = (n, "") if not name[0] else (name[0], join(name[1], n))
             node = self.nodes.node(st, child)
             shared = stat.S_ISREG(st.st_mode) and st.st_nlink > 1
-            if not pyfuse3.readdir_reply(token, os.fsencode(n), self._attr(node.id, st, shared),
-                                         i + 1):
+            if not pyfuse3.readdir_reply(
+                token, os.fsencode(n), self._attr(node.id, st, shared), i + 1
+            ):
                 return
             node.lookups += 1
 
     async def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)
 
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._make(parent_inode, name, ctx,
-                                lambda n, d: os.mkdir(n, mode & ~ctx.umask, dir_fd=d))
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return await self._make(
+            parent_inode, name, ctx, lambda n, d: os.mkdir(n, mode & ~ctx.umask, dir_fd=d)
+        )
 
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._make(parent_inode, name, ctx,
-                                lambda n, d: os.symlink(os.fsdecode(target), n, dir_fd=d))
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return await self._make(
+            parent_inode, name, ctx, lambda n, d: os.symlink(os.fsdecode(target), n, dir_fd=d)
+        )
 
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         if not stat.S_ISFIFO(mode):
             raise pyfuse3.FUSEError(errno.EPERM)  # only fifos: no devices in guests
-        return await self._make(parent_inode, name, ctx,
-                                lambda n, d: os.mkfifo(n, mode & 0o7777 & ~ctx.umask, dir_fd=d))
+        return await self._make(
+            parent_inode, name, ctx, lambda n, d: os.mkfifo(n, mode & 0o7777 & ~ctx.umask, dir_fd=d)
+        )
 
-    def _in_dir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
-                ) -> tuple[str, str, str, int]:
+    def _in_dir(
+        self,
+        parent_inode: int,
+        name: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[str, str, str, int]:
         """(guest, directory, name, directory fd) for a change of ``name`` in a guest
         directory, by a caller allowed to change that guest; the overlay's root (the list
         of guests) cannot be changed."""
@@ -405,8 +477,9 @@ class CowFS(pyfuse3.Operations):
         self.callers.check(ctx, guest)
         return guest, rel, os.fsdecode(name), open_dir(self.trees, (guest, rel))
 
-    def _open_shared(self, guest: str, n: str, dfd: int,
-                     expect: tuple[int, int] | None = None) -> int:
+    def _open_shared(
+        self, guest: str, n: str, dfd: int, expect: tuple[int, int] | None = None
+    ) -> int:
         """Open a file with several names whose seal a name operation must lift: only an
         inode sealed by us (marked); an immutable flag set by someone else stays."""
         fd = self.trees[guest].open_regular(n, dirfd=dfd, expect=expect)
@@ -415,8 +488,13 @@ class CowFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         return fd
 
-    async def _make(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
-                    make: Callable[[str, int], None]) -> pyfuse3.EntryAttributes:
+    async def _make(
+        self,
+        parent_inode: int,
+        name: bytes,
+        ctx: pyfuse3.RequestContext,
+        make: Callable[[str, int], None],
+    ) -> pyfuse3.EntryAttributes:
         guest, rel, n, dfd = self._in_dir(parent_inode, name, ctx)
         try:
             make(n, dfd)
@@ -436,8 +514,9 @@ class CowFS(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._remove(parent_inode, name, ctx, directory=False)
 
-    async def _remove(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
-                      directory: bool) -> None:
+    async def _remove(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext, directory: bool
+    ) -> None:
         guest, rel, n, dfd = self._in_dir(parent_inode, name, ctx)
         try:
             st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
@@ -463,8 +542,15 @@ class CowFS(pyfuse3.Operations):
             node.names.pop((guest, join(rel, n)), None)
             node.st = st
 
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         if ROOT in (parent_inode_old, parent_inode_new):
             raise pyfuse3.FUSEError(errno.EPERM)
         g1, r1 = self.nodes.dir_name(parent_inode_old)
@@ -489,8 +575,9 @@ class CowFS(pyfuse3.Operations):
                     if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                         fd = self._open_shared(g1, n, d)
                         windows.callback(os.close, fd)
-                        windows.enter_context(unsealed(fd, self.immutable,
-                                                       what=self.trees[g1].where(join(rel, n))))
+                        windows.enter_context(
+                            unsealed(fd, self.immutable, what=self.trees[g1].where(join(rel, n)))
+                        )
                 syscalls.renameat2(d1, a, d2, b, flags)
         except OSError as e:
             raise fuse_error(e) from None
@@ -508,8 +595,9 @@ class CowFS(pyfuse3.Operations):
             snode.names.pop(old, None)
             snode.names[new] = None
 
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         node = self.nodes.get(inode)
         g, rel = self.nodes.dir_name(new_parent_inode)
         self.callers.check(ctx, g)
@@ -580,15 +668,17 @@ class CowFS(pyfuse3.Operations):
         finally:
             os.close(fd)
 
-    async def setxattr(self, inode: int, name: bytes, value: bytes,
-                       ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         await self._change_xattr(inode, os.fsdecode(name), value, ctx)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._change_xattr(inode, os.fsdecode(name), None, ctx)
 
-    async def _change_xattr(self, inode: int, n: str, value: bytes | None,
-                            ctx: pyfuse3.RequestContext) -> None:
+    async def _change_xattr(
+        self, inode: int, n: str, value: bytes | None, ctx: pyfuse3.RequestContext
+    ) -> None:
         if is_ours(n) or inode == ROOT:
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self.nodes.get(inode)
@@ -644,12 +734,17 @@ class CowFS(pyfuse3.Operations):
             self.handle_node[fd] = node
         return pyfuse3.FileInfo(fh=fd, direct_io=direct, keep_cache=not writing)
 
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         guest, rel, n, dfd = self._in_dir(parent_inode, name, ctx)
         try:
-            fd = os.open(n, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         mode & 0o7777 & ~ctx.umask, dir_fd=dfd)
+            fd = os.open(
+                n,
+                flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                mode & 0o7777 & ~ctx.umask,
+                dir_fd=dfd,
+            )
             os.fchown(fd, ctx.uid, ctx.gid)
             st = os.fstat(fd)
         except OSError as e:
@@ -691,7 +786,11 @@ class CowFS(pyfuse3.Operations):
 
 # Every request handler of the overlay goes through _guarded.
 for _name, _attr in list(vars(CowFS).items()):
-    if not _name.startswith("_") and hasattr(pyfuse3.Operations, _name) and \
-            callable(_attr) and getattr(_attr, "__code__", None) is not None and \
-            _attr.__code__.co_flags & 0x80:  # CO_COROUTINE
+    if (
+        not _name.startswith("_")
+        and hasattr(pyfuse3.Operations, _name)
+        and callable(_attr)
+        and getattr(_attr, "__code__", None) is not None
+        and _attr.__code__.co_flags & 0x80
+    ):  # CO_COROUTINE
         setattr(CowFS, _name, _guarded(_attr))

@@ -1,5 +1,6 @@
 """Run the overlay: one FUSE mount serving every guest, in trio.  Teardown mirrors setup
 (ExitStack): the mount is always unmounted and the guest trees closed, also on errors."""
+
 from __future__ import annotations
 
 import array
@@ -20,8 +21,9 @@ from .fs import CowFS
 log = logging.getLogger("vsstore.cow")
 
 
-async def _control(fs: CowFS, path: str,
-                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def _control(
+    fs: CowFS, path: str, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Serve ``vscow add/remove/attach`` on a unix socket (root only: 0600 in the run
     directory).  One JSON request per connection: {"op": "add", "name": N, "root": R},
     {"op": "remove", "name": N}, or {"op": "attach", "name": N} with a pid namespace's
@@ -58,7 +60,7 @@ async def _receive(conn: trio.socket.SocketType) -> tuple[bytes, list[int]]:
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 a = array.array("i")
-                a.frombytes(payload[:len(payload) - len(payload) % a.itemsize])
+                a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
                 fds.extend(a)
         if not chunk:
             break
@@ -93,13 +95,20 @@ async def _answer(fs: CowFS, conn: trio.socket.SocketType) -> None:
     await conn.send(json.dumps(answer).encode() + b"\n")
 
 
-def serve(mountpoint: str, guests: dict[str, str], immutable: bool = True,
-          ready_fd: int | None = None, control: str | None = None) -> None:
+def serve(
+    mountpoint: str,
+    guests: dict[str, str],
+    immutable: bool = True,
+    ready_fd: int | None = None,
+    control: str | None = None,
+) -> None:
     """Mount at ``mountpoint`` and serve until unmounted or signalled.  ``ready_fd`` is
     written to (and closed) once the mount is up, for a parent waiting to return;
     ``control`` is the unix socket for add/remove."""
-    logging.basicConfig(level=logging.DEBUG if os.environ.get("VSCOW_DEBUG") else logging.INFO,
-                        format=f"%(asctime)s vscow[{os.getpid()}] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if os.environ.get("VSCOW_DEBUG") else logging.INFO,
+        format=f"%(asctime)s vscow[{os.getpid()}] %(levelname)s %(message)s",
+    )
     with ExitStack() as stack:
         fs = CowFS(guests, immutable=immutable)
         stack.callback(fs.close)
@@ -110,6 +119,7 @@ def serve(mountpoint: str, guests: dict[str, str], immutable: bool = True,
         def unmount() -> None:
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", mountpoint)
+
         stack.callback(unmount)
         fs.mounted = True
         log.info("mounted at %s: %s", mountpoint, ", ".join(f"{g}={r}" for g, r in guests.items()))

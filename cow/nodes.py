@@ -5,6 +5,7 @@ numbers collide), so an inode shared by several guests is one FUSE node and one 
 Each node keeps the (guest, path) names it was reached by; a name is checked to still hold
 the node's inode before it is used, and dropped when it does not (copied up, replaced).
 """
+
 from __future__ import annotations
 
 import errno
@@ -83,8 +84,9 @@ class Nodes:
         key = (st.st_dev, st.st_ino)
         nid = self.by_inode.get(key)
         if nid is None:
-            nid = st.st_ino if st.st_ino not in self.nodes and st.st_ino != ROOT else \
-                self._fresh_id()
+            nid = (
+                st.st_ino if st.st_ino not in self.nodes and st.st_ino != ROOT else self._fresh_id()
+            )
             self.by_inode[key] = nid
             self.nodes[nid] = Node(nid, st.st_dev, st.st_ino)
         node = self.nodes[nid]
@@ -136,14 +138,21 @@ class Nodes:
         node.st = found[1]
         return found
 
-    def holding(self, node: Node, guest: str | None = None, prefer: Name | None = None,
-                ) -> tuple[Name, os.stat_result] | None:
+    def holding(
+        self,
+        node: Node,
+        guest: str | None = None,
+        prefer: Name | None = None,
+    ) -> tuple[Name, os.stat_result] | None:
         """A name of ``node`` (in ``guest``, ``prefer`` first) that still holds its inode,
         and its stat.  Names that now hold something else (copied up, replaced) are
         dropped on the way."""
         for n in ([prefer] if prefer is not None else []) + list(node.names):
-            if n[0] not in self.trees or (guest is not None and n[0] != guest) or \
-                    n not in node.names:
+            if (
+                n[0] not in self.trees
+                or (guest is not None and n[0] != guest)
+                or n not in node.names
+            ):
                 continue
             try:
                 st = lstat(self.trees, n)

@@ -4,6 +4,7 @@ Tests run as root on a filesystem with chattr +i and trusted.* xattrs (ext4 unde
 by default; VSSTORE_TEST_TMP moves it).  Every tree is unsealed and removed afterwards, also
 when the test fails.
 """
+
 from __future__ import annotations
 
 import errno
@@ -57,7 +58,7 @@ class Host:
         tree.mkdir(parents=True, exist_ok=True)
         for rel, spec in files.items():
             full = (spec,) if isinstance(spec, bytes) else tuple(spec)
-            data, mode, uid, gid, mtime = full + _DEFAULTS[len(full):]
+            data, mode, uid, gid, mtime = full + _DEFAULTS[len(full) :]
             p = tree / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
@@ -71,16 +72,27 @@ class Host:
                 os.symlink(tree, c / "vdir")
         return tree
 
-    def vsunify(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
-                wrap: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    def vsunify(
+        self,
+        *args: str,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+        wrap: tuple[str, ...] = (),
+    ) -> subprocess.CompletedProcess[str]:
         """Run vsunify in a subprocess, as a user would (``wrap``: a command that runs it,
         such as prlimit)."""
-        p = subprocess.run([*wrap, sys.executable, "-m", "unify.cli", *args], cwd=REPO,
-                           env={**os.environ, **self.env, **(env or {})},
-                           capture_output=True, text=True, timeout=600)
+        p = subprocess.run(
+            [*wrap, sys.executable, "-m", "unify.cli", *args],
+            cwd=REPO,
+            env={**os.environ, **self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if check and p.returncode != 0:
-            raise AssertionError(f"vsunify {' '.join(args)} -> {p.returncode}\n"
-                                 f"{p.stdout}\n{p.stderr}")
+            raise AssertionError(
+                f"vsunify {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}"
+            )
         return p
 
     def run_json(self, *args: str, check: bool = True) -> dict:
@@ -93,9 +105,12 @@ def _sweep_test_mounts() -> None:
     Only dead ones (their daemon is gone: ENOTCONN): another test run on this machine may
     be using its own right now."""
     with open("/proc/self/mountinfo") as f:
-        ours = [line.split()[4] for line in f
-                if " - fuse.vscow " in line
-                and line.split()[4].startswith(os.path.join(TEST_TMP, "vsstore-test-"))]
+        ours = [
+            line.split()[4]
+            for line in f
+            if " - fuse.vscow " in line
+            and line.split()[4].startswith(os.path.join(TEST_TMP, "vsstore-test-"))
+        ]
     for m in ours:
         try:
             os.stat(m)
@@ -116,10 +131,13 @@ def sweep_mounts() -> Iterator[None]:
 @pytest.fixture
 def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
     base = Path(tempfile.mkdtemp(prefix="vsstore-test-", dir=TEST_TMP))
-    env = {"VSERVERS_CONFDIR": str(base / "etc" / "vservers"),
-           "VSERVERS_ROOT": str(base / "vservers"),
-           "VSSTORE_STATEDIR": str(base / "state"), "VSSTORE_RUNDIR": str(base / "run"),
-           "VSSTORE_LOGDIR": str(base / "log")}
+    env = {
+        "VSERVERS_CONFDIR": str(base / "etc" / "vservers"),
+        "VSERVERS_ROOT": str(base / "vservers"),
+        "VSSTORE_STATEDIR": str(base / "state"),
+        "VSSTORE_RUNDIR": str(base / "run"),
+        "VSSTORE_LOGDIR": str(base / "log"),
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     (base / "vservers").mkdir()
@@ -136,8 +154,9 @@ def small_fs(at: Path, size_mib: int, kind: str = "tmpfs") -> Iterator[Path]:
     Unmounted afterwards, also when the test fails."""
     at.mkdir(parents=True, exist_ok=True)
     if kind == "tmpfs":
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(at)],
-                       check=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(at)], check=True
+        )
     else:
         img = at.with_name(at.name + ".img")
         with open(img, "wb") as f:
@@ -182,11 +201,20 @@ def snapshot(root: Path) -> dict[str, tuple]:
             st = os.lstat(p)
             if not os.path.isfile(p) or os.path.islink(p):
                 continue
-            xattrs = tuple(sorted((n, os.getxattr(p, n, follow_symlinks=False))
-                                  for n in os.listxattr(p, follow_symlinks=False)
-                                  if ".vsstore." not in n))
-            out[str(p.relative_to(root))] = (p.read_bytes(), st.st_mode, st.st_uid, st.st_gid,
-                                             xattrs)
+            xattrs = tuple(
+                sorted(
+                    (n, os.getxattr(p, n, follow_symlinks=False))
+                    for n in os.listxattr(p, follow_symlinks=False)
+                    if ".vsstore." not in n
+                )
+            )
+            out[str(p.relative_to(root))] = (
+                p.read_bytes(),
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                xattrs,
+            )
     return out
 
 
@@ -205,6 +233,7 @@ def vs(host: Host) -> Iterator[object]:
     with a run state is stopped (or killed, never a reused pid) and the overlay unmounted,
     also when the test failed."""
     from guests import Vserver, leave_nothing
+
     v = Vserver(host)
     try:
         yield v

@@ -1,6 +1,7 @@
 """Helpers of the test layers that start guests (t7 and up): a ``vserver`` runner, busybox
 and Debian guests, and the checks that nothing is left behind.  The fixture ``vs`` is in
 conftest."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,23 @@ from vsstore.lifecycle import alive
 BUSYBOX = "/bin/busybox"
 
 
-APPLETS = ["sh", "sleep", "ps", "mount", "mknod", "hostname", "cat", "ls", "echo", "id",
-           "true", "grep", "wc", "head", "stat"]
+APPLETS = [
+    "sh",
+    "sleep",
+    "ps",
+    "mount",
+    "mknod",
+    "hostname",
+    "cat",
+    "ls",
+    "echo",
+    "id",
+    "true",
+    "grep",
+    "wc",
+    "head",
+    "stat",
+]
 
 
 IDLE = 'trap "exit 0" TERM; while :; do sleep 1 & wait; done'
@@ -33,32 +49,65 @@ class Vserver:
         self.host = host
         self.env = {**os.environ, **host.env}
 
-    def __call__(self, cmd: str, name: str, *args: str, check: bool = True,
-                 input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, cmd: str, name: str, *args: str, check: bool = True, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """``vserver NAME CMD ARGS...``"""
         args = (name, cmd, *args)
-        p = subprocess.run([sys.executable, "-m", "vsstore.lifecycle.cli", *args], cwd=REPO,
-                           env=self.env, capture_output=True, text=True, timeout=120,
-                           input=input)
+        p = subprocess.run(
+            [sys.executable, "-m", "vsstore.lifecycle.cli", *args],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            input=input,
+        )
         if check and p.returncode != 0:
-            raise AssertionError(f"vserver {' '.join(args)} -> {p.returncode}\n{p.stdout}\n"
-                                 f"{p.stderr}")
+            raise AssertionError(
+                f"vserver {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}"
+            )
         return p
 
     def stat(self) -> list[dict]:
-        p = subprocess.run([sys.executable, "-c", "import sys; from vsstore.lifecycle.cli import "
-                            "stat_main; sys.exit(stat_main(['--json']))"], cwd=REPO,
-                           env=self.env, capture_output=True, text=True, check=True)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from vsstore.lifecycle.cli import "
+                "stat_main; sys.exit(stat_main(['--json']))",
+            ],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return json.loads(p.stdout)
 
     def stat_memory(self) -> dict:
-        p = subprocess.run([sys.executable, "-c", "import sys; from vsstore.lifecycle.cli import "
-                            "stat_main; sys.exit(stat_main(['--json', '--memory']))"], cwd=REPO,
-                           env=self.env, capture_output=True, text=True, check=True)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from vsstore.lifecycle.cli import "
+                "stat_main; sys.exit(stat_main(['--json', '--memory']))",
+            ],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return json.loads(p.stdout)
 
-    def guest(self, name: str, init: str = IDLE, files: dict[str, bytes] | None = None,
-              conf: dict[str, str] | None = None) -> Path:
+    def guest(
+        self,
+        name: str,
+        init: str = IDLE,
+        files: dict[str, bytes] | None = None,
+        conf: dict[str, str] | None = None,
+    ) -> Path:
         """A skeleton guest with busybox; ``init`` is its /bin/sh -c script."""
         self("build", name, "-m", "skeleton")
         root = self.host.root / name
@@ -89,8 +138,10 @@ def leave_nothing(v: Vserver, host) -> None:  # type: ignore[no-untyped-def]
     for f in sorted((host.base / "run/guests").glob("*.json")):
         st = json.loads(f.read_text())
         v("stop", st["name"], check=False)
-        for pid, started in ((st["init_pid"], st["init_start"]),
-                             (st["monitor_pid"], st["monitor_start"])):
+        for pid, started in (
+            (st["init_pid"], st["init_start"]),
+            (st["monitor_pid"], st["monitor_start"]),
+        ):
             if alive(pid, started):  # stop failed
                 os.kill(pid, signal.SIGKILL)
     cow = host.base / "run" / "cow"

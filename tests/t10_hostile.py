@@ -3,6 +3,7 @@ command line) can change what another guest or the host sees.  Each test replays
 a guest's root mounted against unified guests.  Guests are busybox skeletons started for
 real (t7's helpers); attacks are bounded in time, and every test cleans up also when it
 fails."""
+
 from __future__ import annotations
 
 import errno
@@ -105,8 +106,7 @@ __attribute__((constructor)) static void planted(void) {
 def _cc(src: str, out: Path, *flags: str) -> Path:
     c = out.with_suffix(".c")
     c.write_text(src)
-    subprocess.run(["gcc", "-O2", *flags, "-o", str(out), str(c)], check=True,
-                   capture_output=True)
+    subprocess.run(["gcc", "-O2", *flags, "-o", str(out), str(c)], check=True, capture_output=True)
     return out
 
 
@@ -118,23 +118,35 @@ def tiocsti(host) -> Path:  # type: ignore[no-untyped-def]
 
 # -- the admin's terminal ------------------------------------------------------------------
 
+
 class Admin:
     """``vserver ARGS...`` on a pty of the test's own: the admin's terminal, its controlling
     tty (stdin and stdout can be something else).  Killed on close, whatever happened."""
 
-    def __init__(self, vs: Vserver, *args: str, rows: int = 24, cols: int = 80,
-                 stdin: int | None = None, stdout: int | None = None) -> None:
+    def __init__(
+        self,
+        vs: Vserver,
+        *args: str,
+        rows: int = 24,
+        cols: int = 80,
+        stdin: int | None = None,
+        stdout: int | None = None,
+    ) -> None:
         self.master, self.slave = os.openpty()
         fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         self.before = termios.tcgetattr(self.slave)
         self.out = b""
         self.pos = 0  # expect() looks past what it matched already
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "vsstore.lifecycle.cli", *args], cwd=REPO,
+            [sys.executable, "-m", "vsstore.lifecycle.cli", *args],
+            cwd=REPO,
             env={**vs.env, "TERM": "xterm"},
             stdin=self.slave if stdin is None else stdin,
-            stdout=self.slave if stdout is None else stdout, stderr=self.slave,
-            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(2, termios.TIOCSCTTY, 0))
+            stdout=self.slave if stdout is None else stdout,
+            stderr=self.slave,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(2, termios.TIOCSCTTY, 0),
+        )
 
     def __enter__(self) -> Admin:
         return self
@@ -158,7 +170,7 @@ class Admin:
         """Wait for ``pattern`` in the output after the previous match."""
         end = time.monotonic() + seconds
         while (at := self.out.find(pattern, self.pos)) < 0:
-            assert time.monotonic() < end, f"no {pattern!r} in {self.out[self.pos:]!r}"
+            assert time.monotonic() < end, f"no {pattern!r} in {self.out[self.pos :]!r}"
             self.read(0.1)
         self.pos = at + len(pattern)
 
@@ -229,26 +241,85 @@ def _children(pid: int) -> list[int]:
 
 # -- planted modules --------------------------------------------------------------------------
 
-PLANTED_PY = ["termios", "fcntl", "tty", "pty", "select", "selectors", "traceback",
-              "linecache", "tokenize", "token", "locale", "gettext", "warnings", "signal",
-              "resource", "struct", "json", "subprocess", "platform", "errno", "codecs",
-              "sitecustomize", "usercustomize", "this"]
-PLANTED_SO = ["termios", "fcntl", "select", "resource", "mmap", "_posixsubprocess", "_ctypes",
-              "_json", "_struct", "math", "binascii", "zlib", "_socket", "array", "_random",
-              "_hashlib", "_lzma", "_bz2", "_decimal", "readline", "_curses"]
+PLANTED_PY = [
+    "termios",
+    "fcntl",
+    "tty",
+    "pty",
+    "select",
+    "selectors",
+    "traceback",
+    "linecache",
+    "tokenize",
+    "token",
+    "locale",
+    "gettext",
+    "warnings",
+    "signal",
+    "resource",
+    "struct",
+    "json",
+    "subprocess",
+    "platform",
+    "errno",
+    "codecs",
+    "sitecustomize",
+    "usercustomize",
+    "this",
+]
+PLANTED_SO = [
+    "termios",
+    "fcntl",
+    "select",
+    "resource",
+    "mmap",
+    "_posixsubprocess",
+    "_ctypes",
+    "_json",
+    "_struct",
+    "math",
+    "binascii",
+    "zlib",
+    "_socket",
+    "array",
+    "_random",
+    "_hashlib",
+    "_lzma",
+    "_bz2",
+    "_decimal",
+    "readline",
+    "_curses",
+]
 PLANTED_ENCODINGS = ["cp437", "cp1252", "idna", "mac_roman", "koi8_r", "utf_16", "ascii"]
 
 
 def _interpreter_paths() -> list[str]:
     """sys.path of the vserver command as the tests run it, and the usual other places."""
-    p = subprocess.run([sys.executable, "-c", "import json, site, sys; print(json.dumps("
-                        "sys.path + site.getsitepackages() + [site.getusersitepackages()]))"],
-                       cwd=REPO, capture_output=True, text=True, check=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, site, sys; print(json.dumps("
+            "sys.path + site.getsitepackages() + [site.getusersitepackages()]))",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     import json
+
     paths = {os.path.abspath(x) if x else str(REPO) for x in json.loads(p.stdout)}
-    paths |= {"/usr/lib/python3.11", "/usr/lib/python3.11/lib-dynload",
-              "/usr/lib/python3/dist-packages", "/usr/local/lib/python3.11/dist-packages",
-              "/", "/root", str(REPO), *(str(REPO / pkg) for pkg in ("vsstore", "cow", "unify"))}
+    paths |= {
+        "/usr/lib/python3.11",
+        "/usr/lib/python3.11/lib-dynload",
+        "/usr/lib/python3/dist-packages",
+        "/usr/local/lib/python3.11/dist-packages",
+        "/",
+        "/root",
+        str(REPO),
+        *(str(REPO / pkg) for pkg in ("vsstore", "cow", "unify")),
+    }
     return sorted(paths)
 
 
@@ -262,15 +333,22 @@ class Planted:
         self.token = f".vsplant-{tag}-{uuid.uuid4().hex[:8]}"
         self.host_dir = host.base / "escaped"
         self.host_dir.mkdir()
-        self.so = _cc(PLANT_SO_C, host.base / "planted.so", "-shared", "-fPIC",
-                      f'-DHOST_MARK="{self.host_dir}/so"',
-                      f'-DGUEST_MARK="/var/tmp/{self.token}-so"')
+        self.so = _cc(
+            PLANT_SO_C,
+            host.base / "planted.so",
+            "-shared",
+            "-fPIC",
+            f'-DHOST_MARK="{self.host_dir}/so"',
+            f'-DGUEST_MARK="/var/tmp/{self.token}-so"',
+        )
         self.roots: list[Path] = []
 
     def code(self, name: str) -> str:
-        return (f"for _p in ({str(self.host_dir / name)!r}, '/var/tmp/{self.token}-{name}'):\n"
-                f"    try:\n        open(_p, 'a').write('ran\\n')\n"
-                f"    except Exception:\n        pass\n")
+        return (
+            f"for _p in ({str(self.host_dir / name)!r}, '/var/tmp/{self.token}-{name}'):\n"
+            f"    try:\n        open(_p, 'a').write('ran\\n')\n"
+            f"    except Exception:\n        pass\n"
+        )
 
     def plant(self, root: Path) -> None:
         self.roots.append(root)
@@ -282,8 +360,9 @@ class Planted:
                 (at / f"{n}.py").write_text(self.code(n))
             for n in ("tty", "pty"):  # compiled, as an interpreter would cache them
                 (at / "__pycache__").mkdir(exist_ok=True)
-                py_compile.compile(str(at / f"{n}.py"),
-                                   cfile=str(at / "__pycache__" / f"{n}.cpython-311.pyc"))
+                py_compile.compile(
+                    str(at / f"{n}.py"), cfile=str(at / "__pycache__" / f"{n}.cpython-311.pyc")
+                )
             (at / "x.pth").write_text(f"import os; exec({self.code('pth')!r})\n")
             for n in PLANTED_SO:
                 for suffix in (ext, ".abi3.so", ".so"):
@@ -352,6 +431,7 @@ def test_planted_modules_never_run_on_any_way_into_a_guest(vs, host, planted):
 
 # -- TIOCSTI ------------------------------------------------------------------------------------
 
+
 def test_tiocsti_from_inside_enter_reaches_only_the_guests_own_pty(vs, host, tiocsti):
     root = _guest(vs, "g1")
     shutil.copy2(tiocsti, root / "bin/tiocsti")
@@ -382,9 +462,11 @@ def test_exec_with_only_stdout_on_the_terminal_gives_it_a_pty_too(vs, host, tioc
     r, w = os.pipe()
     os.write(w, b"from-the-pipe\n")
     os.close(w)
-    script = ("cat; readlink /proc/self/fd/0; "
-              "[ $(stat -L -c %d /proc/$$/fd/1) = $(stat -c %d /dev/pts/ptmx) ] && "
-              f"echo out-on-the-guests-pty; tiocsti 1 'echo PWNED > {marker}\\n'; exit 9")
+    script = (
+        "cat; readlink /proc/self/fd/0; "
+        "[ $(stat -L -c %d /proc/$$/fd/1) = $(stat -c %d /dev/pts/ptmx) ] && "
+        f"echo out-on-the-guests-pty; tiocsti 1 'echo PWNED > {marker}\\n'; exit 9"
+    )
     try:
         with Admin(vs, "g1", "exec", "sh", "-c", script, stdin=r) as a:
             assert a.wait() == 9
@@ -398,6 +480,7 @@ def test_exec_with_only_stdout_on_the_terminal_gives_it_a_pty_too(vs, host, tioc
 
 # -- the relay -----------------------------------------------------------------------------------
 
+
 def test_enter_relays_size_resize_ctrl_c_and_the_exit_code_and_restores_the_terminal(vs, host):
     vs.guest("g1")
     vs("start", "g1")
@@ -409,7 +492,7 @@ def test_enter_relays_size_resize_ctrl_c_and_the_exit_code_and_restores_the_term
         # no process of the guest holds the admin's terminal
         tty = os.fstat(a.slave)
         assert _holders((tty.st_dev, tty.st_ino), pid_ns(st["init_pid"])) == []
-        a.send(b"sh -c 'trap \"echo GOT-WI\"\"NCH; exit\" WINCH; while :; do sleep 1; done'\n")
+        a.send(b'sh -c \'trap "echo GOT-WI""NCH; exit" WINCH; while :; do sleep 1; done\'\n')
         time.sleep(1)
         a.resize(40, 120)  # SIGWINCH to vserver, the new size to the guest's pty
         a.expect(b"GOT-WINCH")  # which signals its foreground process group
@@ -425,8 +508,7 @@ def test_enter_relays_size_resize_ctrl_c_and_the_exit_code_and_restores_the_term
         assert termios.tcgetattr(a.slave) == a.before
 
 
-def test_a_terminal_answer_to_the_guests_last_query_is_not_typed_into_the_hosts_shell(vs,
-                                                                                      host):
+def test_a_terminal_answer_to_the_guests_last_query_is_not_typed_into_the_hosts_shell(vs, host):
     vs.guest("g1")
     vs("start", "g1")
     marker = host.base / "pwned"
@@ -452,15 +534,19 @@ def test_the_helper_keeps_nothing_a_guest_process_could_use(vs, host):
         waiter = _children(a.p.pid)[0]
         # the command runs (sleep, in the guest's pid namespace) only once its waiting half
         # has dropped everything
-        assert eventually(lambda: any(pid_ns(c) == guest_ns and
-                                       _status(c)["Name"] == "sleep"
-                                       for c in _children(waiter)), 10)
+        assert eventually(
+            lambda: any(
+                pid_ns(c) == guest_ns and _status(c)["Name"] == "sleep" for c in _children(waiter)
+            ),
+            10,
+        )
         st = _status(waiter)
         for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
             assert int(st[k], 16) == 0, (k, st[k])
         assert len(st["NSpid"].split()) == 1 and pid_ns(waiter) != guest_ns  # unseen inside
-        assert [os.readlink(f"/proc/{waiter}/fd/{n}") for n in os.listdir(f"/proc/{waiter}/fd")
-                ] == ["anon_inode:[signalfd]"]
+        assert [
+            os.readlink(f"/proc/{waiter}/fd/{n}") for n in os.listdir(f"/proc/{waiter}/fd")
+        ] == ["anon_inode:[signalfd]"]
         command = _children(waiter)[0]
         assert pid_ns(command) == guest_ns
         os.killpg(a.p.pid, signal.SIGTERM)  # passed on: vserver -> waiter -> the command
@@ -468,19 +554,33 @@ def test_the_helper_keeps_nothing_a_guest_process_could_use(vs, host):
     # a pid 1 of ours (sysv): no capabilities, and its descriptors are out of reach
     _guest(vs, "g2", init="true", conf={"apps/init/style": "sysv\n"})
     vs("start", "g2")
-    p = vs("exec", "g2", "sh", "-c", "ls -l /proc/1/fd/ /proc/1/root/; cat /proc/1/environ; "
-           "grep Cap /proc/1/status", check=False)
+    p = vs(
+        "exec",
+        "g2",
+        "sh",
+        "-c",
+        "ls -l /proc/1/fd/ /proc/1/root/; cat /proc/1/environ; grep Cap /proc/1/status",
+        check=False,
+    )
     assert p.stderr.count("Permission denied") == 3, p.stderr
     caps = dict(ln.split(":\t") for ln in p.stdout.splitlines() if ln.startswith("Cap"))
     assert caps and all(int(v, 16) == 0 for v in caps.values()), caps
     vs("stop", "g2")
     # exec --cow of a stopped guest: its pid 1 is the helper's waiting half
-    p = vs("exec", "g2", "--cow", "sh", "-c", "ls -l /proc/1/fd/; grep CapEff /proc/1/status",
-           check=False)
+    p = vs(
+        "exec",
+        "g2",
+        "--cow",
+        "sh",
+        "-c",
+        "ls -l /proc/1/fd/; grep CapEff /proc/1/status",
+        check=False,
+    )
     assert "Permission denied" in p.stderr and re.search(r"CapEff:\s+0+\n", p.stdout), p
 
 
 # -- the helper itself ---------------------------------------------------------------------------
+
 
 def test_the_helper_is_static_checked_and_parses_strictly(host, tmp_path):
     path = helper.binary(host.base / "state")
@@ -495,38 +595,75 @@ def test_the_helper_is_static_checked_and_parses_strictly(host, tmp_path):
     os.close(fd)
     mark = tmp_path / "ran"
     good = ["--errfd", "3", "--last-cap", "40", "--", "/bin/sh", "-c", f": > {mark}"]
-    bad = [["exec", "--errfd", "3", "--", "/bin/true"],  # no --last-cap
-           ["exec", "--errfd", "3", "--last-cap", "40", "--setns", "x1", "--", "/bin/true"],
-           ["exec", "--errfd", "3", "--last-cap", "40", "--nice", "20", "--", "/bin/true"],
-           ["exec", "--errfd", "3", "--last-cap", "64", "--", "/bin/true"],
-           ["exec", "--errfd", "3", "--last-cap", "40", "--rlimit", "7:9:8", "--", "true"],
-           ["exec", "--errfd", "3", "--last-cap", "40", "--caps", "1ffffffffffffffff", "--",
-            "/bin/true"],
-           ["exec", "--errfd", "3", "--last-cap", "40", "--ctty", "3", "--", "/bin/true"],
-           ["none", "--errfd", "3", "--last-cap", "40", "--", "/bin/true"],
-           ["init", "--errfd", "3", "--last-cap", "40", "--root", "4", "--", "/bin/true"],
-           ["exec", "--errfd", "3", "--last-cap", "40", "--bogus", "1", "--", "/bin/true"],
-           ["exec", "--errfd", "3", "--last-cap", "40", "--"]]
+    bad = [
+        ["exec", "--errfd", "3", "--", "/bin/true"],  # no --last-cap
+        ["exec", "--errfd", "3", "--last-cap", "40", "--setns", "x1", "--", "/bin/true"],
+        ["exec", "--errfd", "3", "--last-cap", "40", "--nice", "20", "--", "/bin/true"],
+        ["exec", "--errfd", "3", "--last-cap", "64", "--", "/bin/true"],
+        ["exec", "--errfd", "3", "--last-cap", "40", "--rlimit", "7:9:8", "--", "true"],
+        [
+            "exec",
+            "--errfd",
+            "3",
+            "--last-cap",
+            "40",
+            "--caps",
+            "1ffffffffffffffff",
+            "--",
+            "/bin/true",
+        ],
+        ["exec", "--errfd", "3", "--last-cap", "40", "--ctty", "3", "--", "/bin/true"],
+        ["none", "--errfd", "3", "--last-cap", "40", "--", "/bin/true"],
+        ["init", "--errfd", "3", "--last-cap", "40", "--root", "4", "--", "/bin/true"],
+        ["exec", "--errfd", "3", "--last-cap", "40", "--bogus", "1", "--", "/bin/true"],
+        ["exec", "--errfd", "3", "--last-cap", "40", "--"],
+    ]
     for args in bad:
         r, w = os.pipe()
-        p = subprocess.run([str(path), *args], stdin=subprocess.DEVNULL, close_fds=False,
-                           capture_output=True, timeout=10, preexec_fn=_errfd_from(w))
+        p = subprocess.run(
+            [str(path), *args],
+            stdin=subprocess.DEVNULL,
+            close_fds=False,
+            capture_output=True,
+            timeout=10,
+            preexec_fn=_errfd_from(w),
+        )
         os.close(w)
         assert p.returncode == 127, args
         assert os.read(r, 100) == b"vsguest:args:22\n", args
         os.close(r)
     assert not mark.exists()
-    p = subprocess.run([str(path), "exec", *good], close_fds=False, timeout=10,
-                       preexec_fn=_errfd_from(2))
+    p = subprocess.run(
+        [str(path), "exec", *good], close_fds=False, timeout=10, preexec_fn=_errfd_from(2)
+    )
     assert p.returncode == 0 and mark.exists()
     if shutil.which("strace"):  # nothing but what the source says: no start-up file access
-        p = subprocess.run(["strace", "-f", "-qq", "-e", "trace=%file,%desc", str(path), "exec",
-                            "--errfd", "3", "--last-cap", "40", "--", "/bin/true"],
-                           capture_output=True, text=True, timeout=20, close_fds=False,
-                           preexec_fn=_errfd_from(2))
+        p = subprocess.run(
+            [
+                "strace",
+                "-f",
+                "-qq",
+                "-e",
+                "trace=%file,%desc",
+                str(path),
+                "exec",
+                "--errfd",
+                "3",
+                "--last-cap",
+                "40",
+                "--",
+                "/bin/true",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            close_fds=False,
+            preexec_fn=_errfd_from(2),
+        )
         own = p.stderr.split('execve("/bin/true"')[0]  # the command's own start-up not
-        assert not re.findall(r"\b(?:open|openat|stat|newfstatat|statx|readlink|access)\(",
-                              own), own
+        assert not re.findall(r"\b(?:open|openat|stat|newfstatat|statx|readlink|access)\(", own), (
+            own
+        )
 
 
 def test_a_start_command_that_cannot_run_is_reported_for_every_style(vs, host):
@@ -544,23 +681,40 @@ def _errfd_from(fd: int):  # type: ignore[no-untyped-def]
             os.set_inheritable(3, True)
         else:
             os.dup2(fd, 3)
+
     return put
 
 
 def test_a_forked_python_that_reached_a_guest_imports_nothing():
-    p = subprocess.run([sys.executable, "-c", "from vsstore.lifecycle import helper\n"
-                        "helper.seal_python()\n"
-                        "for name in ('json', 'termios', 'xml.dom', 'encodings.cp437'):\n"
-                        "    try:\n        __import__(name)\n    except ImportError:\n"
-                        "        print('refused', name)\n"
-                        "try:\n    b'x'.decode('cp437')\nexcept LookupError:\n"
-                        "    print('refused codec')\n"],
-                       cwd=REPO, capture_output=True, text=True, timeout=30)
-    assert p.stdout.split("\n") == ["refused json", "refused termios", "refused xml.dom",
-                                    "refused encodings.cp437", "refused codec", ""], p
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from vsstore.lifecycle import helper\n"
+            "helper.seal_python()\n"
+            "for name in ('json', 'termios', 'xml.dom', 'encodings.cp437'):\n"
+            "    try:\n        __import__(name)\n    except ImportError:\n"
+            "        print('refused', name)\n"
+            "try:\n    b'x'.decode('cp437')\nexcept LookupError:\n"
+            "    print('refused codec')\n",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert p.stdout.split("\n") == [
+        "refused json",
+        "refused termios",
+        "refused xml.dom",
+        "refused encodings.cp437",
+        "refused codec",
+        "",
+    ], p
 
 
 # -- item 10: stop never fails on a cgroup that goes away, and needs only the run state ---
+
 
 def test_stop_succeeds_in_every_one_of_many_start_stop_cycles(vs, host):
     """stop raced the monitor's clean-up (ENODEV from a freezer.state of a cgroup removed
@@ -599,6 +753,7 @@ def test_killing_a_cgroup_that_vanishes_is_not_an_error(monkeypatch, when):
                         seen.append(errno.errorcode[e.errno])
                         raise
                 monkeypatch.setattr(cgroups, "_write_file", real)
+
             monkeypatch.setattr(cgroups, "_write_file", write_then_vanish)
         cg.kill()
         cg.remove()
@@ -611,14 +766,20 @@ def test_killing_a_cgroup_that_vanishes_is_not_an_error(monkeypatch, when):
                 d.rmdir()
 
 
-@pytest.mark.parametrize("rel,text", [
-    ("rlimits/nofile", "many\n"), ("cgroup/memory.max", "lots\n"),
-    ("apps/init/style", "bogus\n"), ("bcapabilities", "CAP_BOGUS\n"),
-    ("apps/init/stop-timeout", "soon\n")])
-def test_stop_works_from_the_run_state_whatever_the_configuration_says_now(
-        vs, host, rel, text):
-    root = vs.guest("g1", conf={"apps/init/cmd.stop": "/bin/sh\n-c\necho stopped > "
-                                                       "/var/log/stop-ran\n"})
+@pytest.mark.parametrize(
+    "rel,text",
+    [
+        ("rlimits/nofile", "many\n"),
+        ("cgroup/memory.max", "lots\n"),
+        ("apps/init/style", "bogus\n"),
+        ("bcapabilities", "CAP_BOGUS\n"),
+        ("apps/init/stop-timeout", "soon\n"),
+    ],
+)
+def test_stop_works_from_the_run_state_whatever_the_configuration_says_now(vs, host, rel, text):
+    root = vs.guest(
+        "g1", conf={"apps/init/cmd.stop": "/bin/sh\n-c\necho stopped > /var/log/stop-ran\n"}
+    )
     vs("start", "g1")
     st = vs.state("g1")
     ns_ino = pid_ns(st["init_pid"])
@@ -634,8 +795,9 @@ def test_stop_works_from_the_run_state_whatever_the_configuration_says_now(
 
 
 def test_stop_with_sigkill_as_stop_signal_needs_no_handler_and_no_timeout(vs, host):
-    vs.guest("g1", conf={"apps/init/stop-signal": "SIGKILL\n",
-                         "apps/init/stop-timeout": "3600\n"})  # waiting would hang here
+    vs.guest(
+        "g1", conf={"apps/init/stop-signal": "SIGKILL\n", "apps/init/stop-timeout": "3600\n"}
+    )  # waiting would hang here
     vs("start", "g1")
     st = vs.state("g1")
     ns_ino = pid_ns(st["init_pid"])
@@ -650,8 +812,11 @@ def test_stop_works_with_the_configuration_gone_and_an_old_run_state(vs, host):
     st = vs.state("g1")
     ns_ino = pid_ns(st["init_pid"])
     f = host.base / "run/guests/g1.json"
-    old = {k: v for k, v in st.items() if k not in (
-        "stop", "stop_signal", "stop_timeout", "keep_caps", "rlimits", "nice")}
+    old = {
+        k: v
+        for k, v in st.items()
+        if k not in ("stop", "stop_signal", "stop_timeout", "keep_caps", "rlimits", "nice")
+    }
     f.write_text(json.dumps(old))  # written by a vsstore before these fields existed
     shutil.move(host.conf / "g1", host.base / "g1.conf")
     try:
@@ -785,8 +950,9 @@ def _probe(vs, listeners, *, cow: bool = False) -> dict[str, object]:  # type: i
     """Run the probe in guest g1 (exec, or exec --cow); what it saw."""
     _name, index = _host_interface()
     args = ["--cow"] if cow else []
-    out = vs("exec", "g1", *args, "/bin/netprobe", str(index), str(listeners.port),
-             listeners.abstract).stdout
+    out = vs(
+        "exec", "g1", *args, "/bin/netprobe", str(index), str(listeners.port), listeners.abstract
+    ).stdout
     seen: dict[str, object] = {"interfaces": set()}
     for line in out.splitlines():
         key, _, value = line.partition(": ")
@@ -794,13 +960,16 @@ def _probe(vs, listeners, *, cow: bool = False) -> dict[str, object]:  # type: i
             seen["interfaces"].add(key.split()[1])  # type: ignore[union-attr]
         else:
             seen[key] = value
-    seen["proc_net_dev"] = {ln.split(":")[0].strip() for ln in vs.exec(
-        "g1", *args, "cat", "/proc/net/dev").splitlines()[2:]}
+    seen["proc_net_dev"] = {
+        ln.split(":")[0].strip()
+        for ln in vs.exec("g1", *args, "cat", "/proc/net/dev").splitlines()[2:]
+    }
     return seen
 
 
 def test_a_guest_without_interfaces_sees_loopback_only_and_reaches_nothing_of_the_host(
-        vs, host, netprobe, listeners):
+    vs, host, netprobe, listeners
+):
     _net_guest(vs, netprobe)
     p = vs("start", "g1")
     assert "hostnet" not in p.stderr
@@ -811,8 +980,7 @@ def test_a_guest_without_interfaces_sees_loopback_only_and_reaches_nothing_of_th
     assert seen["packet bind"] == "No such device"
     assert seen["tcp 127.0.0.1"] == "Connection refused"
     assert seen["abstract unix"] == "Connection refused"
-    p = vs("exec", "g1", "sh", "-c", f"echo hello | nc 127.0.0.1 {listeners.port}",
-           check=False)
+    p = vs("exec", "g1", "sh", "-c", f"echo hello | nc 127.0.0.1 {listeners.port}", check=False)
     assert p.returncode != 0
     assert vs("exec", "g1", "ping", "-c", "1", "-W", "5", "127.0.0.1").stdout  # its own lo is up
     assert listeners.got == []  # nothing of the guest's ever reached the host's services
@@ -821,7 +989,8 @@ def test_a_guest_without_interfaces_sees_loopback_only_and_reaches_nothing_of_th
 
 
 def test_spaces_hostnet_shares_the_host_network_without_raw_sockets_and_warns(
-        vs, host, netprobe, listeners):
+    vs, host, netprobe, listeners
+):
     _net_guest(vs, netprobe, conf={"spaces/hostnet": ""})
     p = vs("start", "g1")
     assert "warning" in p.stderr and "spaces/hostnet" in p.stderr
@@ -891,13 +1060,23 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def _sandboxed(vs, host, *args: str,  # type: ignore[no-untyped-def]
-               binds: list[tuple[str, str]] = ()) -> subprocess.CompletedProcess[str]:
+def _sandboxed(
+    vs,
+    host,
+    *args: str,  # type: ignore[no-untyped-def]
+    binds: list[tuple[str, str]] = (),
+) -> subprocess.CompletedProcess[str]:
     """``vserver ARGS`` with the whole host read-only but the test's directory (and
     ``binds`` mounted in that namespace first)."""
     env = {**vs.env, "T10_BINDS": json.dumps(list(binds))}
-    return subprocess.run([sys.executable, "-B", "-c", SANDBOX, str(host.base), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-B", "-c", SANDBOX, str(host.base), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _tree(p: Path) -> dict[str, tuple]:
@@ -928,8 +1107,9 @@ def _check_probe_runs(vs, host):  # type: ignore[no-untyped-def]
         pytest.skip(f"no mount_setattr here for the read-only sandbox: {p.stderr[-200:]}")
 
 
-@pytest.mark.parametrize("arg", ["/", "HOSTDIR", "ROOT", "ROOT/g1", "ROOT/.hash", "unconfigured",
-                                 "../g1", "g1/", "."])
+@pytest.mark.parametrize(
+    "arg", ["/", "HOSTDIR", "ROOT", "ROOT/g1", "ROOT/.hash", "unconfigured", "../g1", "g1/", "."]
+)
 def test_delete_takes_a_configured_guest_name_only(vs, host, hostdir, arg):
     _check_probe_runs(vs, host)
     vs.guest("g1")
@@ -944,9 +1124,23 @@ def test_delete_takes_a_configured_guest_name_only(vs, host, hostdir, arg):
     assert _tree(host.base) == before  # nothing removed, not even a lock file made
 
 
-@pytest.mark.parametrize("target", ["/", "/etc", "HOSTDIR", "ROOT", "ROOT/", "ROOT/.hash",
-                                    "ROOT/g2", "ROOT/g2/etc", "ROOT/link-to-root",
-                                    "ROOT/link-to-hostdir", "ROOT/g1/../..", "ROOT/g2-link"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/",
+        "/etc",
+        "HOSTDIR",
+        "ROOT",
+        "ROOT/",
+        "ROOT/.hash",
+        "ROOT/g2",
+        "ROOT/g2/etc",
+        "ROOT/link-to-root",
+        "ROOT/link-to-hostdir",
+        "ROOT/g1/../..",
+        "ROOT/g2-link",
+    ],
+)
 def test_delete_refuses_a_vdir_that_leaves_the_guests_root(vs, host, hostdir, target):
     _check_probe_runs(vs, host)
     vs.guest("g1")
@@ -993,10 +1187,9 @@ def _hostile_tree(vs, host, hostdir: Path) -> Path:  # type: ignore[no-untyped-d
     (root / "etc/own").write_text("immutable, the guest's own\n")
     (root / "srv/locked").mkdir(parents=True)
     (root / "srv/locked/f").write_text("in an immutable directory\n")
-    subprocess.run(["chattr", "+i", str(root / "etc/own"), str(root / "srv/locked")],
-                   check=True)
+    subprocess.run(["chattr", "+i", str(root / "etc/own"), str(root / "srv/locked")], check=True)
     subprocess.run(["chattr", "+i", str(hostdir / "precious")], check=True)  # no flag of it
-    return root                                                              # may change
+    return root  # may change
 
 
 def _unlock(root: Path, hostdir: Path) -> None:
@@ -1006,24 +1199,28 @@ def _unlock(root: Path, hostdir: Path) -> None:
         for dirpath, dirs, files in os.walk(d):
             for n in dirs + files:
                 if not os.path.islink(os.path.join(dirpath, n)):
-                    subprocess.run(["chattr", "-i", os.path.join(dirpath, n)],
-                                   capture_output=True)
+                    subprocess.run(["chattr", "-i", os.path.join(dirpath, n)], capture_output=True)
 
 
 def _binds(root: Path, hostdir: Path) -> list[tuple[str, str]]:
     """Host directories (and a host file, immutable) bound into the tree."""
-    return [(str(hostdir), str(root / "mnt/host")), (str(hostdir / "sub"),
-            str(root / "mnt/deep/er")), (str(hostdir / "precious"), str(root / "etc/mounted"))]
+    return [
+        (str(hostdir), str(root / "mnt/host")),
+        (str(hostdir / "sub"), str(root / "mnt/deep/er")),
+        (str(hostdir / "precious"), str(root / "etc/mounted")),
+    ]
 
 
 def _outside(host, hostdir: Path) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    return {"host": _tree(hostdir), "g2": _tree(host.root / "g2"),
-            "flags": (flags(hostdir / "precious"), flags(host.root / "g2/usr/lib/shared")),
-            "store": {p: p.read_bytes() for p in host.store.rglob("*") if p.is_file()}}
+    return {
+        "host": _tree(hostdir),
+        "g2": _tree(host.root / "g2"),
+        "flags": (flags(hostdir / "precious"), flags(host.root / "g2/usr/lib/shared")),
+        "store": {p: p.read_bytes() for p in host.store.rglob("*") if p.is_file()},
+    }
 
 
-def test_delete_removes_a_hostile_tree_with_host_mounts_and_nothing_outside_it(
-        vs, host, hostdir):
+def test_delete_removes_a_hostile_tree_with_host_mounts_and_nothing_outside_it(vs, host, hostdir):
     root = _hostile_tree(vs, host, hostdir)
     before = _outside(host, hostdir)
     mounted = []
@@ -1043,7 +1240,8 @@ def test_delete_removes_a_hostile_tree_with_host_mounts_and_nothing_outside_it(
 
 
 def test_delete_of_a_tree_with_a_symlink_to_slash_and_stacked_mounts_in_a_sandbox(
-        vs, host, hostdir):
+    vs, host, hostdir
+):
     _check_probe_runs(vs, host)
     root = _hostile_tree(vs, host, hostdir)
     os.symlink("/", root / "etc/slash")
@@ -1051,8 +1249,9 @@ def test_delete_of_a_tree_with_a_symlink_to_slash_and_stacked_mounts_in_a_sandbo
     binds = _binds(root, hostdir) + [(str(hostdir / "sub"), str(root / "mnt/host"))]
     before = _outside(host, hostdir)
     try:
-        p = _sandboxed(vs, host, "g1", "delete", "--force",
-                       binds=binds)  # mounted in the sandbox: gone with it
+        p = _sandboxed(
+            vs, host, "g1", "delete", "--force", binds=binds
+        )  # mounted in the sandbox: gone with it
         assert p.returncode == 0, p.stdout + p.stderr
         assert not root.exists() and not (host.conf / "g1").exists()
         assert _outside(host, hostdir) == before
@@ -1208,9 +1407,22 @@ class Hammer:
         self.stop_file = root / "hammer-stop"
         vs("start", "a")
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "vsstore.lifecycle.cli", "a", "exec", "/bin/sh", "-c",
-             "while [ ! -e /hammer-stop ]; do /hammer /usr/share/f0 1; done"],
-            cwd=REPO, env=vs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "vsstore.lifecycle.cli",
+                "a",
+                "exec",
+                "/bin/sh",
+                "-c",
+                "while [ ! -e /hammer-stop ]; do /hammer /usr/share/f0 1; done",
+            ],
+            cwd=REPO,
+            env=vs.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def stop(self) -> int:
         """Stop it; the number of attempts it made."""
@@ -1219,8 +1431,7 @@ class Hammer:
             out, _ = self.p.communicate(timeout=60)
         finally:
             self.p.kill()
-        return sum(int(line.split()[1]) for line in out.splitlines()
-                   if line.startswith("tries"))
+        return sum(int(line.split()[1]) for line in out.splitlines() if line.startswith("tries"))
 
 
 def _check_untouched(host, obj: Path, guests: list[str]) -> None:  # type: ignore[no-untyped-def]
@@ -1264,6 +1475,7 @@ def _rename(vs, host) -> int:  # type: ignore[no-untyped-def]
         f = d / f"f{i % K}"
         os.rename(f, d / "moved")
         os.rename(d / "moved", f)
+
     return _until(HAMMER_S, step)
 
 
@@ -1273,6 +1485,7 @@ def _link_unlink(vs, host) -> int:  # type: ignore[no-untyped-def]
     def step(i: int) -> None:
         os.link(d / f"f{i % K}", d / "another")
         os.unlink(d / "another")
+
     return _until(HAMMER_S, step)
 
 
@@ -1292,6 +1505,7 @@ def _deunify(vs, host) -> int:  # type: ignore[no-untyped-def]
     def step(i: int) -> None:
         host.vsunify("deunify", "b")
         host.vsunify("run", "a", "b")
+
     return _until(HAMMER_S, step) * K
 
 
@@ -1306,11 +1520,17 @@ def _delete(vs, host) -> int:  # type: ignore[no-untyped-def]
             os.utime(p, (1_600_000_000, 1_600_000_000))
         host.vsunify("run", "a", name)
         vs("delete", name, "--force")
+
     return _until(HAMMER_S, step) * K
 
 
-OPERATIONS = {"rename": _rename, "link+unlink": _link_unlink, "copy-up": _copy_up,
-              "deunify+link": _deunify, "delete": _delete}
+OPERATIONS = {
+    "rename": _rename,
+    "link+unlink": _link_unlink,
+    "copy-up": _copy_up,
+    "deunify+link": _deunify,
+    "delete": _delete,
+}
 
 
 @pytest.mark.parametrize("op", sorted(OPERATIONS))

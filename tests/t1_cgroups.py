@@ -1,5 +1,6 @@
 """Layer 1: cgroup settings read, checked and translated between v1 and v2; layouts
 detected from mountinfo and /proc/self/cgroup texts."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,40 +18,76 @@ def _limits(tmp_path, files: dict[str, str]) -> cgroups.Limits:
 
 
 def test_v2_settings_translate_to_v1(tmp_path):
-    lim = _limits(tmp_path, {"memory.max": "64M", "memory.high": "48M", "pids.max": "30",
-                             "cpu.max": "50000 100000", "cpu.weight": "200"})
-    assert cgroups.v2_files(lim) == {"memory.max": str(64 << 20), "memory.high": str(48 << 20),
-                                     "pids.max": "30", "cpu.max": "50000 100000",
-                                     "cpu.weight": "200"}
+    lim = _limits(
+        tmp_path,
+        {
+            "memory.max": "64M",
+            "memory.high": "48M",
+            "pids.max": "30",
+            "cpu.max": "50000 100000",
+            "cpu.weight": "200",
+        },
+    )
+    assert cgroups.v2_files(lim) == {
+        "memory.max": str(64 << 20),
+        "memory.high": str(48 << 20),
+        "pids.max": "30",
+        "cpu.max": "50000 100000",
+        "cpu.weight": "200",
+    }
     assert cgroups.v1_files(lim) == {
         ("memory", "memory.limit_in_bytes"): str(64 << 20),
         ("memory", "memory.soft_limit_in_bytes"): str(48 << 20),
-        ("pids", "pids.max"): "30", ("cpu", "cpu.cfs_period_us"): "100000",
-        ("cpu", "cpu.cfs_quota_us"): "50000", ("cpu", "cpu.shares"): "2048"}
+        ("pids", "pids.max"): "30",
+        ("cpu", "cpu.cfs_period_us"): "100000",
+        ("cpu", "cpu.cfs_quota_us"): "50000",
+        ("cpu", "cpu.shares"): "2048",
+    }
 
 
 def test_util_vserver_v1_names_translate_to_v2(tmp_path):
-    lim = _limits(tmp_path, {"memory.limit_in_bytes": "1G", "cpu.shares": "512",
-                             "cpu.cfs_quota_us": "20000", "cpu.cfs_period_us": "50000",
-                             "memory.soft_limit_in_bytes": "max"})
-    assert cgroups.v2_files(lim) == {"memory.max": str(1 << 30), "memory.high": "max",
-                                     "cpu.max": "20000 50000", "cpu.weight": "50"}
+    lim = _limits(
+        tmp_path,
+        {
+            "memory.limit_in_bytes": "1G",
+            "cpu.shares": "512",
+            "cpu.cfs_quota_us": "20000",
+            "cpu.cfs_period_us": "50000",
+            "memory.soft_limit_in_bytes": "max",
+        },
+    )
+    assert cgroups.v2_files(lim) == {
+        "memory.max": str(1 << 30),
+        "memory.high": "max",
+        "cpu.max": "20000 50000",
+        "cpu.weight": "50",
+    }
     assert cgroups.v1_files(lim)[("cpu", "cpu.shares")] == "512"  # and back
     assert cgroups.v1_files(lim)[("memory", "memory.soft_limit_in_bytes")] == "-1"
 
 
 def test_no_limit_is_max_on_v2_and_minus_one_on_v1(tmp_path):
     lim = _limits(tmp_path, {"memory.max": "max", "pids.max": "max", "cpu.max": "max"})
-    assert cgroups.v2_files(lim) == {"memory.max": "max", "pids.max": "max",
-                                     "cpu.max": "max 100000"}
+    assert cgroups.v2_files(lim) == {
+        "memory.max": "max",
+        "pids.max": "max",
+        "cpu.max": "max 100000",
+    }
     assert cgroups.v1_files(lim)[("memory", "memory.limit_in_bytes")] == "-1"
     assert cgroups.v1_files(lim)[("cpu", "cpu.cfs_quota_us")] == "-1"
 
 
-@pytest.mark.parametrize("name,value,words", [
-    ("memory.max", "lots", "not a size"), ("pids.max", "-5", "out of range"),
-    ("cpu.weight", "0", "out of range"), ("cpu.max", "1 2 3", "QUOTA PERIOD"),
-    ("blkio.weight", "100", "unknown cgroup setting"), ("cpu.shares", "x", "not a number")])
+@pytest.mark.parametrize(
+    "name,value,words",
+    [
+        ("memory.max", "lots", "not a size"),
+        ("pids.max", "-5", "out of range"),
+        ("cpu.weight", "0", "out of range"),
+        ("cpu.max", "1 2 3", "QUOTA PERIOD"),
+        ("blkio.weight", "100", "unknown cgroup setting"),
+        ("cpu.shares", "x", "not a number"),
+    ],
+)
 def test_bad_settings_name_their_file(tmp_path, name, value, words):
     with pytest.raises(ConfigError) as e:
         _limits(tmp_path, {name: value})

@@ -1,4 +1,5 @@
 """Layer 1: configuration roots and guest resolution."""
+
 from __future__ import annotations
 
 import os
@@ -11,18 +12,33 @@ from vsstore.errors import ConfigError
 
 def test_defaults_and_environment():
     p = Paths.from_env({})
-    assert (str(p.confdir), str(p.vservers_root), str(p.statedir), str(p.rundir)) == \
-        ("/etc/vservers", "/vservers", "/var/lib/vsstore", "/run/vsstore")
+    assert (str(p.confdir), str(p.vservers_root), str(p.statedir), str(p.rundir)) == (
+        "/etc/vservers",
+        "/vservers",
+        "/var/lib/vsstore",
+        "/run/vsstore",
+    )
     assert str(p.default_store) == "/vservers/.hash"
-    q = Paths.from_env({"VSERVERS_CONFDIR": "/a", "VSERVERS_ROOT": "/b",
-                        "VSSTORE_STATEDIR": "/c", "VSSTORE_RUNDIR": "/d"})
-    assert (str(q.confdir), str(q.vservers_root), str(q.index_file), str(q.rundir)) == \
-        ("/a", "/b", "/c/index.sqlite", "/d")
+    q = Paths.from_env(
+        {
+            "VSERVERS_CONFDIR": "/a",
+            "VSERVERS_ROOT": "/b",
+            "VSSTORE_STATEDIR": "/c",
+            "VSSTORE_RUNDIR": "/d",
+        }
+    )
+    assert (str(q.confdir), str(q.vservers_root), str(q.index_file), str(q.rundir)) == (
+        "/a",
+        "/b",
+        "/c/index.sqlite",
+        "/d",
+    )
 
 
 def test_guest_by_name_path_and_vdir(tmp_path):
-    paths = Paths.from_env({"VSERVERS_CONFDIR": str(tmp_path / "conf"),
-                            "VSERVERS_ROOT": str(tmp_path / "vs")})
+    paths = Paths.from_env(
+        {"VSERVERS_CONFDIR": str(tmp_path / "conf"), "VSERVERS_ROOT": str(tmp_path / "vs")}
+    )
     (tmp_path / "vs" / "plain").mkdir(parents=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -41,8 +57,9 @@ def test_guest_by_name_path_and_vdir(tmp_path):
 
 
 def test_a_dangling_vdir_is_an_error_for_that_guest_only(tmp_path):
-    paths = Paths.from_env({"VSERVERS_CONFDIR": str(tmp_path / "conf"),
-                            "VSERVERS_ROOT": str(tmp_path / "vs")})
+    paths = Paths.from_env(
+        {"VSERVERS_CONFDIR": str(tmp_path / "conf"), "VSERVERS_ROOT": str(tmp_path / "vs")}
+    )
     for name in ("ok", "gone"):
         (tmp_path / "conf" / name).mkdir(parents=True)
         (tmp_path / "vs" / name).mkdir(parents=True)  # the default tree must not stand in

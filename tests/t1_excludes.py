@@ -1,4 +1,5 @@
 """Layer 1: exclude rules, pure functions."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,12 +14,27 @@ def rules(*lines: str) -> ExcludeList:
 
 def test_default_list_covers_the_config_and_state_directories():
     ex = build_excludes()
-    for rel in ("etc/passwd", "var/lib/dpkg/status", "home/u/.bashrc", "root/.profile",
-                "tmp/x", "proc/1/maps", "sys/kernel/x", "dev/null", "run/utmp", "mnt/x",
-                "boot/vmlinuz"):
+    for rel in (
+        "etc/passwd",
+        "var/lib/dpkg/status",
+        "home/u/.bashrc",
+        "root/.profile",
+        "tmp/x",
+        "proc/1/maps",
+        "sys/kernel/x",
+        "dev/null",
+        "run/utmp",
+        "mnt/x",
+        "boot/vmlinuz",
+    ):
         assert ex.excluded(rel), rel
-    for rel in ("usr/bin/ls", "lib/x86_64-linux-gnu/libc.so.6", "sbin/init", "etcetera/x",
-                "usr/share/var/x"):
+    for rel in (
+        "usr/bin/ls",
+        "lib/x86_64-linux-gnu/libc.so.6",
+        "sbin/init",
+        "etcetera/x",
+        "usr/share/var/x",
+    ):
         assert not ex.excluded(rel), rel
 
 
@@ -38,9 +54,9 @@ def test_first_matching_rule_decides_and_plus_includes():
 
 def test_glob_and_basename_rules():
     ex = rules("/usr/lib/*.pyc", "~*.conf", "-/opt/x?y")
-    assert ex.excluded("usr/lib/python3/a/b.pyc")     # '*' crosses '/' in path rules
-    assert ex.excluded("srv/app/site.conf")           # '~' matches the name anywhere
-    assert not ex.excluded("srv/app.conf.d/x")         # ... the name, not a directory
+    assert ex.excluded("usr/lib/python3/a/b.pyc")  # '*' crosses '/' in path rules
+    assert ex.excluded("srv/app/site.conf")  # '~' matches the name anywhere
+    assert not ex.excluded("srv/app.conf.d/x")  # ... the name, not a directory
     assert ex.excluded("opt/xay")
     assert not ex.excluded("opt/xaay")
 
@@ -55,7 +71,7 @@ def test_prune_only_when_no_include_can_reach_below():
     ex = build_excludes(cli=["+/var/lib/shared/*"])
     assert ex.prune("etc")
     assert ex.prune("var/log")
-    assert not ex.prune("var")               # an include lies below
+    assert not ex.prune("var")  # an include lies below
     assert not ex.prune("var/lib")
     assert not ex.prune("usr")
     assert not rules("+~*.so", "/usr").prune("usr")  # a '~' include can match anywhere
@@ -89,6 +105,7 @@ def test_rules_file_order_and_reason(tmp_path):
 
 def test_literal_rules_take_glob_characters_literally():
     from vsstore.excludes import literal_rule
+
     ex = ExcludeList([literal_rule("/etc/kept[1].conf", "pkg")])
     assert ex.excluded("etc/kept[1].conf")
     assert not ex.excluded("etc/kept1.conf")
@@ -96,12 +113,18 @@ def test_literal_rules_take_glob_characters_literally():
 
 def test_many_literal_rules_keep_first_match_order():
     from vsstore.excludes import literal_rule
+
     pkg = [literal_rule(f"/usr/share/conf{i}", f"dpkg conffile (p{i})") for i in range(100)]
-    ex = ExcludeList([parse_rule("+/usr/share/conf7", "guest list"), *pkg,
-                      parse_rule("/usr/share", "default list")])
-    assert ex.match("usr/share/conf7") .reason == "guest list"      # before: include wins
+    ex = ExcludeList(
+        [
+            parse_rule("+/usr/share/conf7", "guest list"),
+            *pkg,
+            parse_rule("/usr/share", "default list"),
+        ]
+    )
+    assert ex.match("usr/share/conf7").reason == "guest list"  # before: include wins
     assert ex.match("usr/share/conf8").reason == "dpkg conffile (p8)"
     assert ex.match("usr/share/conf8/below").reason == "dpkg conffile (p8)"
-    assert ex.match("usr/share/other").reason == "default list"     # after: still reached
+    assert ex.match("usr/share/other").reason == "default list"  # after: still reached
     assert ex.prune("usr/share/conf9") and not ex.prune("usr/lib")
     assert not ex.prune("usr")  # the include below /usr/share keeps /usr walkable

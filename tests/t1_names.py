@@ -1,4 +1,5 @@
 """Layer 1: how names are shown in messages (vsstore.names.shown)."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,16 @@ def test_any_name_shows_printable_encodable_and_unambiguous(raw):
     assert unshow(s) == raw  # unambiguous: the shown form gives the bytes back
 
 
-_BACK = {"\\": b"\\", "a": b"\a", "b": b"\b", "t": b"\t", "n": b"\n", "v": b"\v",
-         "f": b"\f", "r": b"\r"}
+_BACK = {
+    "\\": b"\\",
+    "a": b"\a",
+    "b": b"\b",
+    "t": b"\t",
+    "n": b"\n",
+    "v": b"\v",
+    "f": b"\f",
+    "r": b"\r",
+}
 
 
 def unshow(s: str) -> bytes:
@@ -55,11 +64,10 @@ def unshow(s: str) -> bytes:
             out += _BACK[k]
             i += 2
         elif k == "x":
-            out.append(int(s[i + 2:i + 4], 16))
+            out.append(int(s[i + 2 : i + 4], 16))
             i += 4
         else:
             width = 4 if k == "u" else 8
-            out += chr(int(s[i + 2:i + 2 + width], 16)).encode("utf-8", "surrogatepass")
+            out += chr(int(s[i + 2 : i + 2 + width], 16)).encode("utf-8", "surrogatepass")
             i += 2 + width
     return bytes(out)
-

@@ -2,6 +2,7 @@
 ``vsstore/lifecycle``) imports nothing above it: not the lifecycle, not vsunify, not the
 overlay; the overlay and vsunify never import the lifecycle.  Lazy imports inside
 functions count too."""
+
 from __future__ import annotations
 
 import ast
@@ -23,7 +24,7 @@ def _imports(path: Path, root: Path = REPO) -> set[str]:
             base = node.module or ""
             if node.level:
                 parts = pkg.split(".")
-                up = parts[:len(parts) - node.level + 1]
+                up = parts[: len(parts) - node.level + 1]
                 base = ".".join(up + ([base] if base else []))
             out.add(base)
             out.update(f"{base}.{a.name}" for a in node.names)
@@ -31,8 +32,11 @@ def _imports(path: Path, root: Path = REPO) -> set[str]:
 
 
 def _files(top: str, exclude: str | None = None) -> list[Path]:
-    return sorted(p for p in (REPO / top).rglob("*.py")
-                  if exclude is None or exclude not in p.relative_to(REPO).parts)
+    return sorted(
+        p
+        for p in (REPO / top).rglob("*.py")
+        if exclude is None or exclude not in p.relative_to(REPO).parts
+    )
 
 
 RULES = [

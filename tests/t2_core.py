@@ -1,4 +1,5 @@
 """Layer 2: attributes, index and store on a real filesystem."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,10 @@ def test_meta_class_sees_mode_owner_xattrs_mtime_but_not_our_marker(tmp_path):
     p.write_bytes(b"x" * 32)
     fd = os.open(p, os.O_RDONLY)
     try:
+
         def cls(ignore=False):
             return meta_class(os.fstat(fd), read_xattrs(fd), ignore)
+
         base = cls()
         attrs.set_marker(fd)
         assert cls() == base
@@ -108,11 +111,13 @@ def test_journal_keeps_names_as_bytes(tmp_path):
     """Names need not be UTF-8: the journal stores and gives back their bytes."""
     idx = Index(tmp_path / "index.sqlite")
     root = os.fsdecode(b"/guests/\xe9t\xe9")
-    rows = [("join", root, os.fsdecode(b"usr/\x80"), n, ".vsu~00000000000000aa", 5, 7)
-            for n in HOSTILE]
+    rows = [
+        ("join", root, os.fsdecode(b"usr/\x80"), n, ".vsu~00000000000000aa", 5, 7) for n in HOSTILE
+    ]
     ids = idx.journal_add(rows)
-    assert [(r.kind, r.root, r.dir, r.name, r.tmp, r.orig_ino, r.obj_ino)
-            for r in idx.journal()] == rows
+    assert [
+        (r.kind, r.root, r.dir, r.name, r.tmp, r.orig_ino, r.obj_ino) for r in idx.journal()
+    ] == rows
     raw = idx.db.execute("SELECT typeof(name), name, root FROM journal ORDER BY id").fetchall()
     assert raw[0] == ("blob", b"\xff\xfe", b"/guests/\xe9t\xe9")
     idx.journal_done(ids)
@@ -145,8 +150,15 @@ def test_a_version_3_index_keeps_its_journal_and_cache(tmp_path):
     assert idx.warning is None
     assert idx.load(1)[2].digest == b"d"
     [row] = idx.journal()
-    assert (row.id, row.root, row.dir, row.name, row.tmp, row.orig_ino, row.obj_ino) == \
-        (9, "/vservers/a", "usr/lib", "grüße", ".vsu~0123456789abcdef", 11, 12)
+    assert (row.id, row.root, row.dir, row.name, row.tmp, row.orig_ino, row.obj_ino) == (
+        9,
+        "/vservers/a",
+        "usr/lib",
+        "grüße",
+        ".vsu~0123456789abcdef",
+        11,
+        12,
+    )
     assert idx.db.execute("SELECT typeof(name) FROM journal").fetchone() == ("blob",)
     assert idx.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("4",)
     idx.close()

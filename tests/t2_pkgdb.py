@@ -1,5 +1,6 @@
 """Layer 2: package-database readers (dpkg, apk, pacman) on real files, and the exclude
 rules they produce.  The rpm reader has its own file (t2_pkgdb_rpm.py)."""
+
 from __future__ import annotations
 
 import os
@@ -51,20 +52,30 @@ def budget(tree: GuestTree, **limits: int) -> Budget:
 
 
 def test_dpkg_status_info_lists_and_digests(tmp_path):
-    t = guest(tmp_path, {
-        "var/lib/dpkg/status": STATUS,
-        "var/lib/dpkg/info/base-files:amd64.conffiles": "/etc/debian_version\n/etc/extra\n",
-        "var/lib/dpkg/info/base-files:amd64.list": "/.\n/etc\n/etc/debian_version\n/usr/bin/x\n",
-        "var/lib/dpkg/info/base-files:amd64.md5sums": "d41d8cd98f00b204e9800998ecf8427e  usr/bin/x\n",
-        "var/lib/dpkg/info/gone.conffiles": "/etc/gone.conf\n",
-    })
+    t = guest(
+        tmp_path,
+        {
+            "var/lib/dpkg/status": STATUS,
+            "var/lib/dpkg/info/base-files:amd64.conffiles": "/etc/debian_version\n/etc/extra\n",
+            "var/lib/dpkg/info/base-files:amd64.list": "/.\n/etc\n/etc/debian_version\n/usr/bin/x\n",
+            "var/lib/dpkg/info/base-files:amd64.md5sums": "d41d8cd98f00b204e9800998ecf8427e  usr/bin/x\n",
+            "var/lib/dpkg/info/gone.conffiles": "/etc/gone.conf\n",
+        },
+    )
     r = dpkg.read(budget(t))
     assert r is not None and r.source == "/var/lib/dpkg/status"
-    assert r.config == {"/etc/debian_version": "base-files", "/etc/host.conf": "base-files",
-                        "/etc/old.conf": "base-files", "/etc/extra": "base-files",
-                        "/etc/kept[1].conf": "removed-keeps-config"}
-    assert r.owned == {"/etc": None, "/etc/debian_version": None,
-                       "/usr/bin/x": "md5:d41d8cd98f00b204e9800998ecf8427e"}
+    assert r.config == {
+        "/etc/debian_version": "base-files",
+        "/etc/host.conf": "base-files",
+        "/etc/old.conf": "base-files",
+        "/etc/extra": "base-files",
+        "/etc/kept[1].conf": "removed-keeps-config",
+    }
+    assert r.owned == {
+        "/etc": None,
+        "/etc/debian_version": None,
+        "/usr/bin/x": "md5:d41d8cd98f00b204e9800998ecf8427e",
+    }
 
 
 @pytest.mark.skipif(not (DEBIAN / ".complete").exists(), reason=f"no Debian corpus in {CORPUS}")
@@ -83,13 +94,16 @@ def test_dpkg_on_a_debootstrapped_guest_matches_the_conffiles_util_vserver_read(
     assert sum(1 for d in r.owned.values() if d) > 1000
 
 
-@pytest.mark.parametrize("text,what", [
-    ("Package: x\nStatus: install ok\n", "malformed Status"),
-    ("Status: install ok installed\n", "without a Package"),
-    ("Package: x\nStatus: install ok installed\nthis line is no field\n", "not a 'Field"),
-    (" continuation\n", "continuation line outside"),
-    ("Package: x\nStatus: install ok installed\nConffiles:\n /etc/../../x 00\n", "'..'"),
-])
+@pytest.mark.parametrize(
+    "text,what",
+    [
+        ("Package: x\nStatus: install ok\n", "malformed Status"),
+        ("Status: install ok installed\n", "without a Package"),
+        ("Package: x\nStatus: install ok installed\nthis line is no field\n", "not a 'Field"),
+        (" continuation\n", "continuation line outside"),
+        ("Package: x\nStatus: install ok installed\nConffiles:\n /etc/../../x 00\n", "'..'"),
+    ],
+)
 def test_dpkg_malformed_status_names_file_and_problem(tmp_path, text, what):
     t = guest(tmp_path, {"var/lib/dpkg/status": text})
     with pytest.raises(PkgDbError) as e:
@@ -143,8 +157,13 @@ R:busybox
 
 
 def test_apk_installed_and_protected_paths(tmp_path):
-    t = guest(tmp_path, {"lib/apk/db/installed": APK,
-                         "etc/apk/protected_paths.d/local.list": "+usr/local/etc\n-etc/x\n"})
+    t = guest(
+        tmp_path,
+        {
+            "lib/apk/db/installed": APK,
+            "etc/apk/protected_paths.d/local.list": "+usr/local/etc\n-etc/x\n",
+        },
+    )
     r = apk.read(budget(t))
     assert r is not None
     assert r.config == {"/etc/motd": "musl", "/usr/local/etc/busybox.conf": "busybox"}
@@ -156,25 +175,30 @@ def test_apk_installed_and_protected_paths(tmp_path):
 
 
 def test_pacman_backup_entries_are_config(tmp_path):
-    t = guest(tmp_path, {
-        "var/lib/pacman/local/ALPM_DB_VERSION": "9\n",
-        "var/lib/pacman/local/openssh-9.6-1/desc": "%NAME%\nopenssh\n\n%VERSION%\n9.6-1\n",
-        "var/lib/pacman/local/openssh-9.6-1/files":
-            "%FILES%\netc/\netc/ssh/\netc/ssh/sshd_config\nusr/bin/ssh\n\n"
+    t = guest(
+        tmp_path,
+        {
+            "var/lib/pacman/local/ALPM_DB_VERSION": "9\n",
+            "var/lib/pacman/local/openssh-9.6-1/desc": "%NAME%\nopenssh\n\n%VERSION%\n9.6-1\n",
+            "var/lib/pacman/local/openssh-9.6-1/files": "%FILES%\netc/\netc/ssh/\netc/ssh/sshd_config\nusr/bin/ssh\n\n"
             "%BACKUP%\netc/ssh/sshd_config\t0123456789ABCDEF0123456789abcdef\n",
-    })
+        },
+    )
     r = pacman.read(budget(t))
     assert r is not None and r.config == {"/etc/ssh/sshd_config": "openssh"}
-    assert r.owned == {"/etc/ssh/sshd_config": "md5:0123456789abcdef0123456789abcdef",
-                       "/usr/bin/ssh": None}
+    assert r.owned == {
+        "/etc/ssh/sshd_config": "md5:0123456789abcdef0123456789abcdef",
+        "/usr/bin/ssh": None,
+    }
     bad = guest(tmp_path / "b", {"var/lib/pacman/local/x-1-1/files": "%BACKUP%\netc/x\n"})
     with pytest.raises(PkgDbError, match="without a digest"):
         pacman.read(budget(bad))
 
 
 def test_config_rules_reasons_and_the_conservative_fallback(tmp_path):
-    t = guest(tmp_path, {"var/lib/dpkg/status": STATUS,
-                         "lib/apk/db/installed": "P:x\nR:a/b\n"})  # a broken apk db
+    t = guest(
+        tmp_path, {"var/lib/dpkg/status": STATUS, "lib/apk/db/installed": "P:x\nR:a/b\n"}
+    )  # a broken apk db
     rules, warnings = config_rules(t)
     by_path = {r.pattern: r.reason for r in rules}
     assert by_path["/etc/host.conf"] == "dpkg conffile (base-files)"
@@ -193,19 +217,27 @@ def test_no_database_means_no_rules_and_no_warnings(tmp_path):
 @pytest.mark.skipif(not (DEBIAN / ".complete").exists(), reason=f"no Debian corpus in {CORPUS}")
 def test_reading_never_runs_guest_code():
     # The readers are pure Python: reading a real guest's databases starts no process.
-    code = ("import os, sys; from vsstore.safetree import GuestTree; "
-            "from vsstore.pkgdb import read_all; "
-            "os.fork = os.execv = os.execve = os.posix_spawn = None; "
-            f"t = GuestTree({str(DEBIAN)!r}); f, e = read_all(t); "
-            "sys.exit(0 if f and not e else 1)")
+    code = (
+        "import os, sys; from vsstore.safetree import GuestTree; "
+        "from vsstore.pkgdb import read_all; "
+        "os.fork = os.execv = os.execve = os.posix_spawn = None; "
+        f"t = GuestTree({str(DEBIAN)!r}); f, e = read_all(t); "
+        "sys.exit(0 if f and not e else 1)"
+    )
     import sys
+
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_config_only_reading_skips_the_owned_lists(tmp_path):
-    t = guest(tmp_path, {"var/lib/dpkg/status": STATUS,
-                         "var/lib/dpkg/info/base-files:amd64.conffiles": "/etc/extra\n",
-                         "var/lib/dpkg/info/base-files:amd64.list": "/usr/bin/x\n"})
+    t = guest(
+        tmp_path,
+        {
+            "var/lib/dpkg/status": STATUS,
+            "var/lib/dpkg/info/base-files:amd64.conffiles": "/etc/extra\n",
+            "var/lib/dpkg/info/base-files:amd64.list": "/usr/bin/x\n",
+        },
+    )
     full = dpkg.read(Budget(t, Limits()))
     lean = dpkg.read(Budget(t, Limits(), want_owned=False))
     assert full is not None and lean is not None

@@ -1,6 +1,7 @@
 """Layer 2: the rpm database reader, against databases rpm itself wrote (fixtures made by
 tests/fixtures/rpm/make.sh, with rpm's own answers in expected.json) and against broken or
 hostile ones, which must give PkgDbError naming the file and nothing else."""
+
 from __future__ import annotations
 
 import json
@@ -58,6 +59,7 @@ def read_fails(root: Path, *words: str, **limits: int) -> str:
 
 # -- header blobs built by hand -----------------------------------------------------------
 
+
 def header(*entries: tuple[int, int, bytes, int]) -> bytes:
     """An rpm header blob from (tag, type, data, count), data laid out in order, aligned."""
     index, data = b"", b""
@@ -79,10 +81,12 @@ def i32(*values: int) -> bytes:
 DIGEST = "ab" * 32
 
 
-def package(name: str = "p", dirnames: tuple[str, ...] = ("/etc/", "/usr/bin/"),
-            files: tuple[tuple[int, str, int, str], ...] = ((0, "p.conf", 1, DIGEST),
-                                                            (1, "p", 0, DIGEST)),
-            **replace: tuple[int, bytes, int]) -> bytes:
+def package(
+    name: str = "p",
+    dirnames: tuple[str, ...] = ("/etc/", "/usr/bin/"),
+    files: tuple[tuple[int, str, int, str], ...] = ((0, "p.conf", 1, DIGEST), (1, "p", 0, DIGEST)),
+    **replace: tuple[int, bytes, int],
+) -> bytes:
     """A plausible header; ``replace`` swaps whole entries by tag name: NAME=(type, data,
     count), or None to drop one."""
     entries = {
@@ -95,13 +99,15 @@ def package(name: str = "p", dirnames: tuple[str, ...] = ("/etc/", "/usr/bin/"),
         "FILEDIGESTALGO": (rpm.RPM_INT32, i32(8), 1),
     }
     entries.update(replace)
-    return header(*[(getattr(rpm, f"RPMTAG_{k}"), *v) for k, v in entries.items()
-                    if v is not None])
+    return header(*[(getattr(rpm, f"RPMTAG_{k}"), *v) for k, v in entries.items() if v is not None])
 
 
-def sqlite_db(path: Path, rows: list[tuple[object, object]],
-              schema: str = "CREATE TABLE Packages (hnum INTEGER PRIMARY KEY AUTOINCREMENT, "
-                            "blob BLOB NOT NULL)") -> bytes:
+def sqlite_db(
+    path: Path,
+    rows: list[tuple[object, object]],
+    schema: str = "CREATE TABLE Packages (hnum INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "blob BLOB NOT NULL)",
+) -> bytes:
     """An rpm-like sqlite database with ``rows``, as bytes (made on the host, for the test)."""
     con = sqlite3.connect(path)
     con.executescript(schema)
@@ -121,6 +127,7 @@ def guest_with_blobs(tmp_path: Path, *blobs: bytes) -> Path:
 
 # -- databases rpm wrote ------------------------------------------------------------------
 
+
 def assert_is_rpms_answer(res: PackageFiles | None, source: str) -> None:
     assert res is not None
     assert res.manager == "rpm" and res.source == source
@@ -133,12 +140,19 @@ def assert_is_rpms_answer(res: PackageFiles | None, source: str) -> None:
         assert res.owned[path] == want, path
 
 
-@pytest.mark.parametrize(("fixture", "name"), [
-    ("rpmdb.sqlite", "rpmdb.sqlite"), ("Packages.db", "Packages.db"),
-    ("Packages", "Packages"), ("Packages.be", "Packages")])
+@pytest.mark.parametrize(
+    ("fixture", "name"),
+    [
+        ("rpmdb.sqlite", "rpmdb.sqlite"),
+        ("Packages.db", "Packages.db"),
+        ("Packages", "Packages"),
+        ("Packages.be", "Packages"),
+    ],
+)
 @pytest.mark.parametrize("where", ["var/lib/rpm", "usr/lib/sysimage/rpm"])
 def test_each_format_and_location_gives_rpms_own_config_and_file_lists(
-        tmp_path, fixture, name, where):
+    tmp_path, fixture, name, where
+):
     root = make_guest(tmp_path, {f"{where}/{name}": FIX / fixture})
     assert_is_rpms_answer(read(root), f"/{where}/{name}")
 
@@ -147,9 +161,9 @@ def test_fixture_covers_config_kinds_digest_algorithms_and_non_ascii_names():
     files = EXPECTED["files"]
     assert {f["digestalgo"] for f in files.values()} == {None, 8, 10}
     flags = {p: f["flags"] for p, f in files.items()}
-    assert flags["/etc/vs-alpha/alpha.conf"] == 1           # %config
-    assert flags["/etc/vs-alpha/local.conf"] == 1 | 16      # %config(noreplace)
-    assert flags["/etc/vs-alpha/state.conf"] & 64           # %ghost
+    assert flags["/etc/vs-alpha/alpha.conf"] == 1  # %config
+    assert flags["/etc/vs-alpha/local.conf"] == 1 | 16  # %config(noreplace)
+    assert flags["/etc/vs-alpha/state.conf"] & 64  # %ghost
     assert "/usr/share/vs-beta/naïve file.txt" in files
     assert sorted(EXPECTED["packages"]) == ["vs-alpha", "vs-beta", "vs-gamma"]
 
@@ -164,16 +178,22 @@ def test_directories_symlinks_and_ghosts_have_no_digest(tmp_path):
 
 
 def test_sqlite_is_preferred_over_older_formats(tmp_path):
-    root = make_guest(tmp_path, {SQLITE: FIX / "rpmdb.sqlite",
-                                 "var/lib/rpm/Packages": b"\0" * 4096,
-                                 "var/lib/rpm/Packages.db": b"junk"})
+    root = make_guest(
+        tmp_path,
+        {
+            SQLITE: FIX / "rpmdb.sqlite",
+            "var/lib/rpm/Packages": b"\0" * 4096,
+            "var/lib/rpm/Packages.db": b"junk",
+        },
+    )
     res = read(root)
     assert res is not None and res.source == "/" + SQLITE
 
 
 def test_broken_preferred_database_is_an_error_not_a_fallback_to_an_older_one(tmp_path):
-    root = make_guest(tmp_path, {SQLITE: b"not sqlite at all" * 100,
-                                 "var/lib/rpm/Packages": FIX / "Packages"})
+    root = make_guest(
+        tmp_path, {SQLITE: b"not sqlite at all" * 100, "var/lib/rpm/Packages": FIX / "Packages"}
+    )
     read_fails(root, "/var/lib/rpm/rpmdb.sqlite", "not a readable sqlite")
 
 
@@ -186,15 +206,17 @@ def test_committed_state_in_a_wal_file_is_read(tmp_path):
     try:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         con.execute("PRAGMA wal_autocheckpoint = 0")
-        alpha = [h for h, blob in con.execute("SELECT hnum, blob FROM Packages")
-                 if b"alpha.conf" in blob]
+        alpha = [
+            h for h, blob in con.execute("SELECT hnum, blob FROM Packages") if b"alpha.conf" in blob
+        ]
         assert len(alpha) == 1
         con.execute("DELETE FROM Packages WHERE hnum = ?", alpha)
         con.commit()
         wal = (work / "rpmdb.sqlite-wal").read_bytes()
         assert wal  # the deletion is only in the WAL
-        root = make_guest(tmp_path, {SQLITE: (work / "rpmdb.sqlite").read_bytes(),
-                                     SQLITE + "-wal": wal})
+        root = make_guest(
+            tmp_path, {SQLITE: (work / "rpmdb.sqlite").read_bytes(), SQLITE + "-wal": wal}
+        )
     finally:
         con.close()
     res = read(root)
@@ -215,6 +237,7 @@ def test_guests_database_directory_is_left_untouched(tmp_path):
 
 # -- where the database is, and where it is not -------------------------------------------
 
+
 def test_guest_without_rpm_database_gives_none(tmp_path):
     assert read(make_guest(tmp_path, {"etc/hostname": b"g\n"})) is None
     (tmp_path / "guest/var/lib/rpm").mkdir(parents=True)
@@ -226,17 +249,21 @@ def test_empty_sqlite_file_is_an_empty_database(tmp_path):
     assert res is not None and not res.owned and not res.config
 
 
-@pytest.mark.parametrize("link", ["var/lib/rpm", "var/lib", "var/lib/rpm/rpmdb.sqlite",
-                                  "var/lib/rpm/rpmdb.sqlite-wal"])
+@pytest.mark.parametrize(
+    "link", ["var/lib/rpm", "var/lib", "var/lib/rpm/rpmdb.sqlite", "var/lib/rpm/rpmdb.sqlite-wal"]
+)
 def test_symlinked_database_is_refused_not_followed(tmp_path, link):
     outside = tmp_path / "outside"
     (outside / "rpm").mkdir(parents=True)
     shutil.copyfile(FIX / "rpmdb.sqlite", outside / "rpm/rpmdb.sqlite")
     shutil.copyfile(FIX / "rpmdb.sqlite", outside / "rpmdb.sqlite")
     (outside / "wal").write_bytes(b"")
-    target = {"var/lib/rpm": outside / "rpm", "var/lib": outside,
-              "var/lib/rpm/rpmdb.sqlite": outside / "rpmdb.sqlite",
-              "var/lib/rpm/rpmdb.sqlite-wal": outside / "wal"}[link]
+    target = {
+        "var/lib/rpm": outside / "rpm",
+        "var/lib": outside,
+        "var/lib/rpm/rpmdb.sqlite": outside / "rpmdb.sqlite",
+        "var/lib/rpm/rpmdb.sqlite-wal": outside / "wal",
+    }[link]
     files: dict[str, bytes | Path] = {"etc/hostname": b"g\n"}
     if link.endswith("-wal"):
         files[SQLITE] = FIX / "rpmdb.sqlite"
@@ -282,13 +309,20 @@ def test_database_that_is_a_directory_or_fifo_is_refused(tmp_path):
 
 # -- Berkeley DB and ndb ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("order", ["<", ">"])
 def test_berkeley_db_btree_gives_the_rebuilddb_advice(tmp_path, order):
     meta = bytearray(4096)
     struct.pack_into(order + "I", meta, 12, 0x00053162)
     root = make_guest(tmp_path, {"var/lib/rpm/Packages": bytes(meta)})
-    read_fails(root, "/var/lib/rpm/Packages", "Berkeley DB", "not readable by vsstore",
-               "rpmdb --rebuilddb", "static list")
+    read_fails(
+        root,
+        "/var/lib/rpm/Packages",
+        "Berkeley DB",
+        "not readable by vsstore",
+        "rpmdb --rebuilddb",
+        "static list",
+    )
 
 
 def test_packages_file_without_any_known_magic_is_refused(tmp_path):
@@ -305,9 +339,14 @@ def bdb_page_offset(data: bytes, type_: int) -> int:
     raise AssertionError(f"no page of type {type_}")
 
 
-BDB_DAMAGE = {"loop": "reached twice", "truncated": "pages of 4096 bytes in a file",
-              "page-number": "it says page 999", "overflow-length": "overflow page of 65535",
-              "entries": "65535 entries", "item-type": "item type 4"}
+BDB_DAMAGE = {
+    "loop": "reached twice",
+    "truncated": "pages of 4096 bytes in a file",
+    "page-number": "it says page 999",
+    "overflow-length": "overflow page of 65535",
+    "entries": "65535 entries",
+    "item-type": "item type 4",
+}
 
 
 @pytest.mark.parametrize("damage", sorted(BDB_DAMAGE))
@@ -316,12 +355,14 @@ def test_damaged_berkeley_db_is_refused_with_advice(tmp_path, damage):
     hash_page, ovfl_page = bdb_page_offset(data, 13), bdb_page_offset(data, 7)
     pagesize = struct.unpack_from("<I", data, 20)[0]
     if damage == "loop":  # an overflow chain that leads back to its own page
-        chained = next(p * pagesize for p in range(1, len(data) // pagesize)
-                       if data[p * pagesize + 25] == 7
-                       and struct.unpack_from("<I", data, p * pagesize + 16)[0])
+        chained = next(
+            p * pagesize
+            for p in range(1, len(data) // pagesize)
+            if data[p * pagesize + 25] == 7 and struct.unpack_from("<I", data, p * pagesize + 16)[0]
+        )
         struct.pack_into("<I", data, chained + 16, chained // pagesize)
     elif damage == "truncated":
-        del data[len(data) - pagesize:]
+        del data[len(data) - pagesize :]
     elif damage == "page-number":
         struct.pack_into("<I", data, hash_page + 8, 999)
     elif damage == "overflow-length":
@@ -332,14 +373,21 @@ def test_damaged_berkeley_db_is_refused_with_advice(tmp_path, damage):
         koff = struct.unpack_from("<H", data, hash_page + 26)[0]
         data[hash_page + koff] = 4
     root = make_guest(tmp_path, {"var/lib/rpm/Packages": bytes(data)})
-    read_fails(root, "/var/lib/rpm/Packages: Berkeley DB hash", BDB_DAMAGE[damage],
-               "rpmdb --rebuilddb")
+    read_fails(
+        root, "/var/lib/rpm/Packages: Berkeley DB hash", BDB_DAMAGE[damage], "rpmdb --rebuilddb"
+    )
 
 
-NDB_DAMAGE = {"checksum": "checksum mismatch", "slot-magic": "no 'Slot' magic",
-              "slot-beyond-file": "outside the blob area", "blob-magic": "no 'BlbS' head",
-              "tail": "no matching 'BlbE' tail", "version": "unknown version 7",
-              "odd-size": "not a whole number of blocks", "duplicate-slot": "two slots"}
+NDB_DAMAGE = {
+    "checksum": "checksum mismatch",
+    "slot-magic": "no 'Slot' magic",
+    "slot-beyond-file": "outside the blob area",
+    "blob-magic": "no 'BlbS' head",
+    "tail": "no matching 'BlbE' tail",
+    "version": "unknown version 7",
+    "odd-size": "not a whole number of blocks",
+    "duplicate-slot": "two slots",
+}
 
 
 @pytest.mark.parametrize("damage", sorted(NDB_DAMAGE))
@@ -363,30 +411,42 @@ def test_damaged_ndb_is_refused(tmp_path, damage):
     elif damage == "odd-size":
         data += b"x"
     elif damage == "duplicate-slot":
-        data[slot + 32:slot + 48] = data[slot:slot + 16]
+        data[slot + 32 : slot + 48] = data[slot : slot + 16]
     root = make_guest(tmp_path, {"var/lib/rpm/Packages.db": bytes(data)})
     read_fails(root, "/var/lib/rpm/Packages.db", NDB_DAMAGE[damage])
 
 
 # -- hand-made headers --------------------------------------------------------------------
 
+
 def test_hand_made_header_paths_flags_and_digests(tmp_path):
-    root = guest_with_blobs(tmp_path, package("p"), package(
-        "q", dirnames=("/etc/",), files=((0, "p.conf", 1, ""), (0, "q.conf", 17, "CD" * 16)),
-        FILEDIGESTALGO=(rpm.RPM_INT32, i32(99), 1)))
+    root = guest_with_blobs(
+        tmp_path,
+        package("p"),
+        package(
+            "q",
+            dirnames=("/etc/",),
+            files=((0, "p.conf", 1, ""), (0, "q.conf", 17, "CD" * 16)),
+            FILEDIGESTALGO=(rpm.RPM_INT32, i32(99), 1),
+        ),
+    )
     res = read(root)
     assert res is not None
     assert res.config == {"/etc/p.conf": "p", "/etc/q.conf": "q"}  # first owner named
-    assert res.owned == {"/etc/p.conf": "sha256:" + DIGEST, "/usr/bin/p": "sha256:" + DIGEST,
-                         "/etc/q.conf": "rpm-algo-99:" + "cd" * 16}
+    assert res.owned == {
+        "/etc/p.conf": "sha256:" + DIGEST,
+        "/usr/bin/p": "sha256:" + DIGEST,
+        "/etc/q.conf": "rpm-algo-99:" + "cd" * 16,
+    }
 
 
 def test_old_header_with_oldfilenames(tmp_path):
-    blob = header((rpm.RPMTAG_NAME, rpm.RPM_STRING, strz("old"), 1),
-                  (rpm.RPMTAG_OLDFILENAMES, rpm.RPM_STRING_ARRAY, strz("/etc/old.conf", "/bin/o"),
-                   2),
-                  (rpm.RPMTAG_FILEFLAGS, rpm.RPM_INT32, i32(1, 0), 2),
-                  (rpm.RPMTAG_FILEDIGESTS, rpm.RPM_STRING_ARRAY, strz("00" * 16, ""), 2))
+    blob = header(
+        (rpm.RPMTAG_NAME, rpm.RPM_STRING, strz("old"), 1),
+        (rpm.RPMTAG_OLDFILENAMES, rpm.RPM_STRING_ARRAY, strz("/etc/old.conf", "/bin/o"), 2),
+        (rpm.RPMTAG_FILEFLAGS, rpm.RPM_INT32, i32(1, 0), 2),
+        (rpm.RPMTAG_FILEDIGESTS, rpm.RPM_STRING_ARRAY, strz("00" * 16, ""), 2),
+    )
     res = read(guest_with_blobs(tmp_path, blob))
     assert res is not None
     assert res.config == {"/etc/old.conf": "old"}
@@ -394,8 +454,10 @@ def test_old_header_with_oldfilenames(tmp_path):
 
 
 def test_package_without_files_and_region_tags_are_fine(tmp_path):
-    blob = header((63, rpm.RPM_BIN, bytes(16), 16),  # an immutable region, ignored
-                  (rpm.RPMTAG_NAME, rpm.RPM_STRING, strz("gpg-pubkey"), 1))
+    blob = header(
+        (63, rpm.RPM_BIN, bytes(16), 16),  # an immutable region, ignored
+        (rpm.RPMTAG_NAME, rpm.RPM_STRING, strz("gpg-pubkey"), 1),
+    )
     res = read(guest_with_blobs(tmp_path, blob))
     assert res is not None and res.owned == {} and res.config == {}
 
@@ -422,22 +484,27 @@ BROKEN_HEADERS = {  # case: (blob, what the message says)
     "unknown-type": (corrupt(GOOD, 1, 1, 42), "unknown type 42"),
     "name-not-a-string": (corrupt(GOOD, 0, 1, rpm.RPM_INT32), "(NAME) has type 4"),
     "basenames-as-int32": (corrupt(GOOD, 4, 1, rpm.RPM_INT32), "(BASENAMES) has type 4"),
-    "flags-as-string-array": (corrupt(GOOD, 2, 1, rpm.RPM_STRING_ARRAY),
-                              "(FILEFLAGS) has type 8"),
+    "flags-as-string-array": (corrupt(GOOD, 2, 1, rpm.RPM_STRING_ARRAY), "(FILEFLAGS) has type 8"),
     "count-mismatch": (corrupt(GOOD, 2, 3, 1), "1 FILEFLAGS for 2 files"),
     "no-name": (package(NAME=None), "no package name"),
     "no-dirindexes": (package(DIRINDEXES=None), "0 DIRINDEXES"),
     "more-dirnames-than-files": (package(files=((0, "x", 0, ""),)), "2 DIRNAMES for 1 files"),
-    "dirindex-beyond-dirnames": (package(dirnames=("/etc/",), files=((5, "x", 0, ""),)),
-                                 "beyond the 1 DIRNAMES"),
-    "unterminated-strings": (header((rpm.RPMTAG_NAME, rpm.RPM_STRING, strz("u"), 1),
-                                    (rpm.RPMTAG_BASENAMES, rpm.RPM_STRING_ARRAY, b"abc", 1)),
-                             "run past the header data"),
-    "digest-not-hex": (package(dirnames=("/etc/",), files=((0, "x", 0, "not hex!"),)),
-                       "not hex"),
-    "dotdot-path": (package(dirnames=("/etc/",),
-                            files=((0, "../../root/.ssh/authorized_keys", 1, ""),)),
-                    "'..'"),
+    "dirindex-beyond-dirnames": (
+        package(dirnames=("/etc/",), files=((5, "x", 0, ""),)),
+        "beyond the 1 DIRNAMES",
+    ),
+    "unterminated-strings": (
+        header(
+            (rpm.RPMTAG_NAME, rpm.RPM_STRING, strz("u"), 1),
+            (rpm.RPMTAG_BASENAMES, rpm.RPM_STRING_ARRAY, b"abc", 1),
+        ),
+        "run past the header data",
+    ),
+    "digest-not-hex": (package(dirnames=("/etc/",), files=((0, "x", 0, "not hex!"),)), "not hex"),
+    "dotdot-path": (
+        package(dirnames=("/etc/",), files=((0, "../../root/.ssh/authorized_keys", 1, ""),)),
+        "'..'",
+    ),
 }
 
 
@@ -472,10 +539,16 @@ def test_limits_on_packages_and_paths(tmp_path):
 
 # -- hostile or broken sqlite -------------------------------------------------------------
 
-SQLITE_DAMAGE = {"garbage": "not a database", "truncated": "malformed",
-                 "no-table": "without a Packages table", "view": "not a plain sqlite table",
-                 "text-hnum": "not an (integer, blob) row", "text-blob": "package 1: header",
-                 "zeroblob-column": "too big", "endless-view": "not a plain sqlite table"}
+SQLITE_DAMAGE = {
+    "garbage": "not a database",
+    "truncated": "malformed",
+    "no-table": "without a Packages table",
+    "view": "not a plain sqlite table",
+    "text-hnum": "not an (integer, blob) row",
+    "text-blob": "package 1: header",
+    "zeroblob-column": "too big",
+    "endless-view": "not a plain sqlite table",
+}
 
 
 @pytest.mark.parametrize("case", sorted(SQLITE_DAMAGE))
@@ -486,23 +559,35 @@ def test_bad_sqlite_database_is_a_pkgdberror_naming_the_file(tmp_path, case):
     elif case == "truncated":
         data = (FIX / "rpmdb.sqlite").read_bytes()[:20000]
     elif case == "no-table":
-        data = sqlite_db(made, [], "CREATE TABLE Other (hnum INTEGER, blob BLOB);"
-                                   "CREATE TABLE Packages_x (a);")
+        data = sqlite_db(
+            made, [], "CREATE TABLE Other (hnum INTEGER, blob BLOB);CREATE TABLE Packages_x (a);"
+        )
     elif case == "view":
-        data = sqlite_db(made, [], "CREATE TABLE P (hnum INTEGER, blob BLOB);"
-                                   "CREATE VIEW Packages AS SELECT * FROM P;")
+        data = sqlite_db(
+            made,
+            [],
+            "CREATE TABLE P (hnum INTEGER, blob BLOB);CREATE VIEW Packages AS SELECT * FROM P;",
+        )
     elif case == "text-hnum":
         data = sqlite_db(made, [("one", GOOD)], "CREATE TABLE Packages (hnum, blob);")
     elif case == "text-blob":
         data = sqlite_db(made, [(1, "a header as text")], "CREATE TABLE Packages (hnum, blob);")
     elif case == "zeroblob-column":  # a column that would make sqlite allocate 1 GB
-        data = sqlite_db(made, [], "CREATE TABLE Packages (hnum INTEGER PRIMARY KEY, b0 BLOB,"
-                                   " blob BLOB AS (zeroblob(1000000000)));"
-                                   "INSERT INTO Packages (hnum, b0) VALUES (1, x'00');")
+        data = sqlite_db(
+            made,
+            [],
+            "CREATE TABLE Packages (hnum INTEGER PRIMARY KEY, b0 BLOB,"
+            " blob BLOB AS (zeroblob(1000000000)));"
+            "INSERT INTO Packages (hnum, b0) VALUES (1, x'00');",
+        )
     elif case == "endless-view":  # cannot be a view; and would never end if it were run
-        data = sqlite_db(made, [], "CREATE VIEW Packages AS WITH RECURSIVE c(hnum, blob) AS "
-                                   "(SELECT 1, x'00' UNION ALL SELECT hnum + 1, blob FROM c) "
-                                   "SELECT * FROM c;")
+        data = sqlite_db(
+            made,
+            [],
+            "CREATE VIEW Packages AS WITH RECURSIVE c(hnum, blob) AS "
+            "(SELECT 1, x'00' UNION ALL SELECT hnum + 1, blob FROM c) "
+            "SELECT * FROM c;",
+        )
     root = make_guest(tmp_path, {SQLITE: data})
     t0 = time.monotonic()
     read_fails(root, "/var/lib/rpm/rpmdb.sqlite: ", SQLITE_DAMAGE[case])
@@ -519,9 +604,11 @@ def test_sqlite_work_is_bounded_by_steps(tmp_path, monkeypatch):
 def test_randomly_damaged_fixtures_raise_only_pkgdberror(tmp_path):
     rng = random.Random(4)
     rejected = 0
-    fixtures = {"rpmdb.sqlite": (FIX / "rpmdb.sqlite").read_bytes(),
-                "Packages.db": (FIX / "Packages.db").read_bytes(),
-                "Packages": (FIX / "Packages").read_bytes()}
+    fixtures = {
+        "rpmdb.sqlite": (FIX / "rpmdb.sqlite").read_bytes(),
+        "Packages.db": (FIX / "Packages.db").read_bytes(),
+        "Packages": (FIX / "Packages").read_bytes(),
+    }
     for n in range(60):
         name = rng.choice(sorted(fixtures))
         data = bytearray(fixtures[name])

@@ -1,4 +1,5 @@
 """Layer 2: resolving and walking hostile guest trees (real symlinks, real mounts)."""
+
 from __future__ import annotations
 
 import errno
@@ -19,8 +20,8 @@ def tree(tmp_path):
     outside = tmp_path / "outside"
     (outside / "lib").mkdir(parents=True)
     (outside / "lib/secret").write_bytes(b"secret" * 10)
-    os.symlink(outside / "lib", root / "var/lock/subsys")     # absolute, points out
-    os.symlink("../../../outside/lib", root / "usr/bin/up")   # relative, climbs out
+    os.symlink(outside / "lib", root / "var/lock/subsys")  # absolute, points out
+    os.symlink("../../../outside/lib", root / "usr/bin/up")  # relative, climbs out
     os.symlink("/etc/shadow", root / "usr/bin/shadow")
     with GuestTree(root, "g") as t:
         yield t
@@ -32,8 +33,7 @@ def test_walk_lists_regular_files_and_never_follows_symlinks(tree):
 
 
 def test_open_beneath_refuses_every_symlink(tree):
-    for rel in ("var/lock/subsys/secret", "usr/bin/up/secret", "usr/bin/shadow",
-                "var/lock/subsys"):
+    for rel in ("var/lock/subsys/secret", "usr/bin/up/secret", "usr/bin/shadow", "var/lock/subsys"):
         with pytest.raises(OSError) as e:
             tree.open_beneath(rel)
         assert e.value.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR), rel

@@ -9,6 +9,7 @@ kernel is told nothing), so the overlay's decisions are tested in milliseconds, 
 races a mount cannot force; t4_cow keeps what needs the kernel (page cache,
 invalidation, direct_io, ENOSPC, a killed writer, umount).
 """
+
 from __future__ import annotations
 
 import errno
@@ -59,6 +60,7 @@ HOST = Ctx(os.getpid())  # the test process: host namespaces, root "/"
 
 # -- driving the operations ----------------------------------------------------------------
 
+
 def call(fs: CowFS, op: str, *args: object) -> Any:
     """One request, as the kernel would send it."""
     return trio.run(getattr(fs, op), *args)
@@ -84,10 +86,14 @@ def nid(fs: CowFS, path: str, ctx: Ctx = HOST) -> int:
     return lookup(fs, path, ctx).st_ino
 
 
-_CHANGES = {"size": ("st_size", "update_size"), "mode": ("st_mode", "update_mode"),
-            "uid": ("st_uid", "update_uid"), "gid": ("st_gid", "update_gid"),
-            "atime_ns": ("st_atime_ns", "update_atime"),
-            "mtime_ns": ("st_mtime_ns", "update_mtime")}
+_CHANGES = {
+    "size": ("st_size", "update_size"),
+    "mode": ("st_mode", "update_mode"),
+    "uid": ("st_uid", "update_uid"),
+    "gid": ("st_gid", "update_gid"),
+    "atime_ns": ("st_atime_ns", "update_atime"),
+    "mtime_ns": ("st_mtime_ns", "update_mtime"),
+}
 
 
 def changes(**change: int) -> tuple[pyfuse3.EntryAttributes, SimpleNamespace]:
@@ -101,8 +107,9 @@ def changes(**change: int) -> tuple[pyfuse3.EntryAttributes, SimpleNamespace]:
     return attr, fields
 
 
-def setattr_(fs: CowFS, node: int, ctx: Ctx = HOST, fh: int | None = None,
-             **change: int) -> pyfuse3.EntryAttributes:
+def setattr_(
+    fs: CowFS, node: int, ctx: Ctx = HOST, fh: int | None = None, **change: int
+) -> pyfuse3.EntryAttributes:
     return call(fs, "setattr", node, *changes(**change), fh, ctx)
 
 
@@ -119,9 +126,11 @@ def write(fs: CowFS, node: int, data: bytes, ctx: Ctx = HOST) -> pyfuse3.FileInf
 @pytest.fixture(autouse=True)
 def readdir_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     """pyfuse3.readdir_reply writes to the kernel's buffer; here the token is a list."""
+
     def reply(token: list[str], name: bytes, attr: object, next_id: int) -> bool:
         token.append(os.fsdecode(name))
         return True
+
     monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
 
 
@@ -137,6 +146,7 @@ def listing(fs: CowFS, node: int, ctx: Ctx = HOST) -> list[str]:
 
 # -- guests and callers --------------------------------------------------------------------
 
+
 def unify(*names: str) -> None:
     """Unify the guests in-process (see t3_link)."""
     paths = Paths.from_env()
@@ -144,8 +154,13 @@ def unify(*names: str) -> None:
     idx = Index(paths.index_file)
     store = Store(paths.default_store)
     try:
-        s = engine.run(guests, {g.name: build_excludes(use_default=False) for g in guests},
-                       store, idx, engine.Options())
+        s = engine.run(
+            guests,
+            {g.name: build_excludes(use_default=False) for g in guests},
+            store,
+            idx,
+            engine.Options(),
+        )
     finally:
         store.close()
         idx.close()
@@ -215,6 +230,7 @@ def process(*argv: str) -> Iterator[Proc]:
 
 # -- lookups, attributes, reading ----------------------------------------------------------
 
+
 def test_a_shared_file_is_one_node_in_every_guest_and_its_entry_is_never_cached(fs, host):
     a, b = lookup(fs, "a/usr/lib/libx.so"), lookup(fs, "b/usr/lib/libx.so")
     assert a.st_ino == b.st_ino and a.st_nlink == 3 and a.st_size == len(SHARED)
@@ -249,6 +265,7 @@ def test_forget_drops_the_node_and_the_lookups_of_it(fs):
 
 
 # -- copy-up -------------------------------------------------------------------------------
+
 
 def test_opening_a_shared_file_for_writing_copies_up_only_the_callers_name(fs, host, caplog):
     caplog.set_level(logging.INFO, logger="vsstore.cow")
@@ -352,6 +369,7 @@ def test_xattrs_copy_up_and_our_marker_is_hidden_and_untouchable(fs, host):
 
 # -- names ---------------------------------------------------------------------------------
 
+
 def test_unlink_rename_and_link_of_a_shared_name_touch_only_that_name(fs, host):
     lib_a, lib_b = nid(fs, "a/usr/lib"), nid(fs, "b/usr/lib")
     node = nid(fs, "a/usr/lib/libx.so")
@@ -364,8 +382,10 @@ def test_unlink_rename_and_link_of_a_shared_name_touch_only_that_name(fs, host):
     assert sorted(os.listdir(a)) == ["libx.so.2", "libx.so.old"]
     assert inode(a / "libx.so.old") == inode(a / "libx.so.2") == inode(obj)
     assert os.listdir(host.root / "b/usr/lib") == []
-    assert list(fs.nodes.get(node).names) == [("a", "usr/lib/libx.so.old"),
-                                              ("a", "usr/lib/libx.so.2")]
+    assert list(fs.nodes.get(node).names) == [
+        ("a", "usr/lib/libx.so.old"),
+        ("a", "usr/lib/libx.so.2"),
+    ]
     assert refused(fs, "lookup", lib_b, b"libx.so", HOST) == errno.ENOENT
     assert refused(fs, "rmdir", lib_b, b"nope", HOST) == errno.ENOENT
 
@@ -386,8 +406,7 @@ def test_rename_noreplace_and_exchange(fs, host):
     (usr / "x").write_bytes(b"x")
     (usr / "y").write_bytes(b"y")
     d, x, y = nid(fs, "a/usr"), nid(fs, "a/usr/x"), nid(fs, "a/usr/y")
-    assert refused(fs, "rename", d, b"x", d, b"y", syscalls.RENAME_NOREPLACE, HOST) == \
-        errno.EEXIST
+    assert refused(fs, "rename", d, b"x", d, b"y", syscalls.RENAME_NOREPLACE, HOST) == errno.EEXIST
     call(fs, "rename", d, b"x", d, b"y", syscalls.RENAME_EXCHANGE, HOST)
     assert (usr / "x").read_bytes() == b"y" and (usr / "y").read_bytes() == b"x"
     assert list(fs.nodes.get(x).names) == [("a", "usr/y")]
@@ -423,6 +442,7 @@ def test_files_directories_and_fifos_are_made_with_the_callers_owner_and_umask(f
 
 # -- which guest is calling ----------------------------------------------------------------
 
+
 def test_a_process_in_an_attached_pid_namespace_writes_to_its_guests_name(fs, host):
     node = nid(fs, "a/usr/lib/libx.so")  # the host's walk: the node is shared
     with process(*UNSHARE, "sleep", "60") as p:
@@ -438,8 +458,10 @@ def test_a_process_in_an_attached_pid_namespace_writes_to_its_guests_name(fs, ho
 def test_a_process_in_a_namespace_nested_in_an_attached_one_is_its_guests(fs, host):
     with process(*UNSHARE, *UNSHARE, "sleep", "60") as p:
         fs.attach("a", p.pidns_fd())  # the outer namespace; the sleeper is one below
-        assert os.stat(f"/proc/{p.pid}/ns/pid").st_ino != \
-            os.stat(f"/proc/{p.popen.pid}/ns/pid_for_children").st_ino
+        assert (
+            os.stat(f"/proc/{p.pid}/ns/pid").st_ino
+            != os.stat(f"/proc/{p.popen.pid}/ns/pid_for_children").st_ino
+        )
         assert fs.callers.caller(p.pid) == {"a"}
         setattr_(fs, nid(fs, "a/usr/lib/libx.so", p.ctx), p.ctx, mode=0o100640)
     assert os.stat(host.root / "a/usr/lib/libx.so").st_mode & 0o777 == 0o640
@@ -467,23 +489,30 @@ def test_callers_nobody_attached_are_refused_whatever_their_root(fs, host):
     shutil.copy("/bin/busybox", host.root / "b/busybox")
     node, usr = nid(fs, "b/usr/lib/libx.so"), nid(fs, "b/usr")
     chroot = ("chroot", str(host.root / "b"), "/busybox", "sleep", "60")
-    callers = {"chrooted into b's tree": (chroot, False),
-               "in a pid namespace nobody attached, chrooted": ((*UNSHARE, *chroot), False),
-               "on the host, without a lookup": (("sleep", "60"), True),
-               "in a pid namespace of its own, the host's root, without a lookup":
-                   ((*UNSHARE, "sleep", "60"), True)}
+    callers = {
+        "chrooted into b's tree": (chroot, False),
+        "in a pid namespace nobody attached, chrooted": ((*UNSHARE, *chroot), False),
+        "on the host, without a lookup": (("sleep", "60"), True),
+        "in a pid namespace of its own, the host's root, without a lookup": (
+            (*UNSHARE, "sleep", "60"),
+            True,
+        ),
+    }
     for what, (argv, host_like) in callers.items():
         with process(*argv) as p:
             assert (fs.callers.caller(p.pid) is None) == host_like, what
-            for op, *args in (("open", node, os.O_WRONLY, p.ctx),
-                              ("open", node, os.O_RDWR | os.O_TRUNC, p.ctx),
-                              ("setattr", node, *changes(size=0), None, p.ctx),
-                              ("setxattr", node, b"user.x", b"1", p.ctx)):
+            for op, *args in (
+                ("open", node, os.O_WRONLY, p.ctx),
+                ("open", node, os.O_RDWR | os.O_TRUNC, p.ctx),
+                ("setattr", node, *changes(size=0), None, p.ctx),
+                ("setxattr", node, b"user.x", b"1", p.ctx),
+            ):
                 assert refused(fs, op, *args) == errno.EACCES, (what, op)
             if not host_like:
                 assert refused(fs, "unlink", usr, b"own-b", p.ctx) == errno.EACCES, what
-                assert refused(fs, "create", usr, b"new", 0o644, os.O_WRONLY, p.ctx) == \
-                    errno.EACCES, what
+                assert (
+                    refused(fs, "create", usr, b"new", 0o644, os.O_WRONLY, p.ctx) == errno.EACCES
+                ), what
     for g in "ab":
         assert (host.root / g / "usr/lib/libx.so").read_bytes() == SHARED
         assert flags(host.root / g / "usr/lib/libx.so") == "UIa"
@@ -495,8 +524,9 @@ def test_a_guests_process_can_change_nothing_in_another_guests_tree(fs, host):
     with process(*UNSHARE, "sleep", "60") as p:
         fs.attach("a", p.pidns_fd())
         ctx = p.ctx
-        usr, shared, own = (nid(fs, f"b/{rel}", ctx) for rel in
-                            ("usr", "usr/lib/libx.so", "usr/own-b"))
+        usr, shared, own = (
+            nid(fs, f"b/{rel}", ctx) for rel in ("usr", "usr/lib/libx.so", "usr/own-b")
+        )
         attempts = {
             "write to the shared file": ("open", shared, os.O_WRONLY, ctx),
             "truncate it": ("setattr", shared, *changes(size=0), None, ctx),
@@ -529,8 +559,11 @@ def test_a_guests_process_can_change_nothing_in_another_guests_tree(fs, host):
 
 
 def test_attach_takes_only_a_pid_namespace_of_a_served_guest(fs):
-    for kind, guest, why in (("mnt", "b", "not a pid namespace"), ("pid", "nobody", "no guest"),
-                             ("pid", "b", "host")):
+    for kind, guest, why in (
+        ("mnt", "b", "not a pid namespace"),
+        ("pid", "nobody", "no guest"),
+        ("pid", "b", "host"),
+    ):
         fd = os.open(f"/proc/self/ns/{kind}", os.O_RDONLY)
         with pytest.raises(ValueError, match=why):
             fs.attach(guest, fd)
@@ -557,6 +590,7 @@ def test_removing_a_guest_lets_go_of_its_names_and_of_a_namespace_only_it_had(fs
 
 # -- races a mount cannot force ------------------------------------------------------------
 
+
 def _replace_after_resolve(fs: CowFS, monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
     """The next time the overlay finds a name holding a node, the guest replaces ``path``
     with a file of its own right after (once)."""
@@ -574,14 +608,17 @@ def _replace_after_resolve(fs: CowFS, monkeypatch: pytest.MonkeyPatch, path: Pat
         finally:
             os.close(fd)
         return found
+
     monkeypatch.setattr(fs.nodes, "resolve", then_replace)
 
 
-@pytest.mark.parametrize("rel, flags_", [("usr/own-a", os.O_WRONLY),
-                                         ("usr/own-a", os.O_RDONLY),
-                                         ("usr/lib/libx.so", os.O_RDONLY)])
-def test_a_name_replaced_between_lookup_and_open_is_never_opened(fs, host, monkeypatch, rel,
-                                                                  flags_):
+@pytest.mark.parametrize(
+    "rel, flags_",
+    [("usr/own-a", os.O_WRONLY), ("usr/own-a", os.O_RDONLY), ("usr/lib/libx.so", os.O_RDONLY)],
+)
+def test_a_name_replaced_between_lookup_and_open_is_never_opened(
+    fs, host, monkeypatch, rel, flags_
+):
     """Between finding the node's name and opening it the guest puts another file there:
     the open checks it got the node's inode (ESTALE otherwise), so what was never looked
     up is never opened, for reading or writing; the planted file is left as it is."""
@@ -594,7 +631,8 @@ def test_a_name_replaced_between_lookup_and_open_is_never_opened(fs, host, monke
 
 
 def test_a_shared_name_replaced_after_lookup_is_written_as_the_guests_own_file(
-        fs, host, monkeypatch):
+    fs, host, monkeypatch
+):
     """The same for a write to the shared inode: the guest's name no longer holds it (as
     after a copy-up), so the write goes to what the guest's name holds now; the shared
     inode, b's name and the store are never touched."""
@@ -612,5 +650,6 @@ def test_a_shared_name_replaced_after_lookup_is_written_as_the_guests_own_file(
 def test_a_request_that_fails_unexpectedly_is_eio_never_another_exception(fs, monkeypatch):
     def broken(nid: int) -> None:
         raise RuntimeError("a bug")
+
     monkeypatch.setattr(fs.nodes, "get", broken)
     assert refused(fs, "getattr", 12345, HOST) == errno.EIO

@@ -1,5 +1,6 @@
 """Layer 3: the unification engine in-process, with the link protocol's seams (HOOKS) used
 to make guests misbehave at exact moments.  Real files, real leases, real flags."""
+
 from __future__ import annotations
 
 import os
@@ -63,12 +64,21 @@ def test_identical_files_become_one_sealed_inode_in_the_store(host):
 def test_metadata_mismatch_is_never_linked(host):
     def spec(n, mode=0o755, uid=0, gid=0, mtime=1_600_000_000):
         return (BIN + n.encode(), mode, uid, gid, mtime)
+
     host.guest("a", {n: spec(n) for n in "mogxt"})
-    b = host.guest("b", {"m": spec("m", 0o700), "o": spec("o", uid=1000),
-                         "g": spec("g", gid=50), "x": spec("x"),
-                         "t": spec("t", mtime=1_500_000_000)})
-    os.setxattr(b / "x", "security.capability",
-                bytes.fromhex("0100000200200000000000000000000000000000"))
+    b = host.guest(
+        "b",
+        {
+            "m": spec("m", 0o700),
+            "o": spec("o", uid=1000),
+            "g": spec("g", gid=50),
+            "x": spec("x"),
+            "t": spec("t", mtime=1_500_000_000),
+        },
+    )
+    os.setxattr(
+        b / "x", "security.capability", bytes.fromhex("0100000200200000000000000000000000000000")
+    )
     s = unify_run(host, "a", "b")
     assert s.files_linked == 0
     for name in "mogxt":
@@ -115,6 +125,7 @@ def test_a_file_changed_between_hashing_and_linking_is_not_replaced(host):
     def change(**_):
         with open(b / "f", "r+b") as f:
             f.write(b"CHANGED")
+
     apply.HOOKS["hashed"] = change
     s = unify_run(host, "a", "b")
     assert s.files_linked == 0 and s.skipped_changed == 1 and s.errors >= 1
@@ -138,19 +149,20 @@ class _Opener:
     writing; ``result()`` tells what it got: "wrote", "opened" or the errno's name."""
 
     def __init__(self, path, flags, data=None) -> None:
-        code = ("import errno, os, sys\n"
-                "try:\n"
-                f"    fd = os.open({str(path)!r}, {flags})\n"
-                "except OSError as e:\n"
-                "    print(errno.errorcode[e.errno]); sys.exit()\n"
-                f"data = {data!r}\n"
-                "try:\n"
-                "    os.write(fd, data) if data else None\n"
-                "    print('wrote' if data else 'opened')\n"
-                "except OSError as e:\n"
-                "    print('opened', errno.errorcode[e.errno])\n")
-        self.p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                                  text=True)
+        code = (
+            "import errno, os, sys\n"
+            "try:\n"
+            f"    fd = os.open({str(path)!r}, {flags})\n"
+            "except OSError as e:\n"
+            "    print(errno.errorcode[e.errno]); sys.exit()\n"
+            f"data = {data!r}\n"
+            "try:\n"
+            "    os.write(fd, data) if data else None\n"
+            "    print('wrote' if data else 'opened')\n"
+            "except OSError as e:\n"
+            "    print('opened', errno.errorcode[e.errno])\n"
+        )
+        self.p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         time.sleep(0.3)  # the open is now waiting for our lease to go
 
     def result(self) -> str:
@@ -182,6 +194,7 @@ def test_a_name_replaced_during_the_swap_is_put_back(host):
     def replace(**_):
         (b / "new").write_bytes(b"guest's new file")
         os.rename(b / "new", b / "f")
+
     apply.HOOKS["linked"] = replace
     s = unify_run(host, "a", "b")
     assert s.files_linked == 0 and s.errors == 1
@@ -251,6 +264,7 @@ def test_a_writer_on_the_object_while_it_is_unsealed_is_refused(host):
 
     def writer(**_):  # a's guest opens its (shared) file for writing in the window
         openers.append(_opener(a / "f", os.O_WRONLY, b"EVIL"))
+
     apply.HOOKS["linked"] = writer
     s = unify_run(host, "a", "b", "c")
     apply.HOOKS.clear()
@@ -288,6 +302,7 @@ def test_metadata_changed_in_the_link_window_is_restored(host):
         os.chown(a / "f", 1234, 1234)
         os.setxattr(a / "f", "user.evil", b"1")
         os.utime(a / "f", (5, 5))
+
     apply.HOOKS["linked"] = tamper
     s = unify_run(host, "a", "b", "c")
     apply.HOOKS.clear()
@@ -438,8 +453,9 @@ def test_messages_show_hostile_names_escaped(host):
             os.close(w)
     assert s.files_linked == 0 and s.errors == len(HOSTILE)
     for shown_name in HOSTILE_SHOWN:
-        assert f"b:/usr/lib/{shown_name}: skipped: open for writing by another process" \
-            in s.messages, (shown_name, s.messages)
+        assert (
+            f"b:/usr/lib/{shown_name}: skipped: open for writing by another process" in s.messages
+        ), (shown_name, s.messages)
     for m in s.messages:
         assert m.isprintable(), m  # no newline, tab or undecodable byte in any message
 
@@ -502,9 +518,11 @@ def test_a_full_guest_filesystem_stops_the_run_after_finishing_its_window(host):
                         assert e.errno == 28  # ENOSPC
                         break
                     stuffing.append(root / g / f"usr/lib/stuff{i:05d}")
+
         apply.HOOKS["journaled"] = full
-        with pytest.raises(NoSpaceError, match=f"no space left on {root} for linking "
-                                                f"[ab]:/usr/lib/f"):
+        with pytest.raises(
+            NoSpaceError, match=f"no space left on {root} for linking [ab]:/usr/lib/f"
+        ):
             unify_run(host, "a", "b")
         assert not list(root.rglob(".vsu~*"))
         # The window got as far as the store: its object is sealed, its seed the only name.

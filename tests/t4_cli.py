@@ -1,4 +1,5 @@
 """Layer 4: the commands as a user runs them (subprocesses): output, exit codes, errors."""
+
 from __future__ import annotations
 
 import fcntl
@@ -16,8 +17,12 @@ LIB = b"\x7fELF" + bytes(reversed(range(256))) * 100
 
 
 def distro(extra: bytes = b"") -> dict[str, bytes]:
-    return {"usr/bin/tool": BIN, "usr/lib/libx.so": LIB, "etc/config": BIN + b"conf",
-            "usr/share/doc/readme": b"read me " * 10 + extra}
+    return {
+        "usr/bin/tool": BIN,
+        "usr/lib/libx.so": LIB,
+        "etc/config": BIN + b"conf",
+        "usr/share/doc/readme": b"read me " * 10 + extra,
+    }
 
 
 def test_run_json_reports_what_it_did(host):
@@ -57,8 +62,9 @@ def test_report_matches_an_independent_count(host):
     assert rep["total"]["disk_bytes"] == sum(blocks.values())
     assert rep["total"]["saved_bytes"] == sum(disk.values()) - sum(blocks.values())
     assert rep["total"]["saved_bytes"] > 0
-    assert abs(sum(rep["guests"][g]["saved_bytes"] for g in "abc")
-               - rep["total"]["saved_bytes"]) <= 3
+    assert (
+        abs(sum(rep["guests"][g]["saved_bytes"] for g in "abc") - rep["total"]["saved_bytes"]) <= 3
+    )
     assert rep["store"]["objects"] == 2  # tool and lib; each readme differs
     table = host.vsunify("report", "--all").stdout
     assert "TOTAL" in table and "store" in table
@@ -110,8 +116,12 @@ def test_bad_input_gives_clear_errors_and_distinct_codes(host):
     host.guest("a", distro())
     _fails(host.vsunify("run", "nosuch", check=False), EXIT_CONFIG, "nosuch", "no configuration")
     _fails(host.vsunify("run", check=False), EXIT_CONFIG, "name at least one guest")
-    _fails(host.vsunify("run", "a", "--exclude", "relative", check=False), EXIT_CONFIG,
-           "--exclude", "absolute path")
+    _fails(
+        host.vsunify("run", "a", "--exclude", "relative", check=False),
+        EXIT_CONFIG,
+        "--exclude",
+        "absolute path",
+    )
     _fails(host.vsunify("run", "a", "--min-size", "0", check=False), EXIT_CONFIG, "--min-size")
     (host.conf / "a/apps/vunify").mkdir(parents=True)
     bad = host.conf / "a/apps/vunify/exclude"
@@ -122,12 +132,19 @@ def test_bad_input_gives_clear_errors_and_distinct_codes(host):
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], check=True)
     try:
-        _fails(host.vsunify("run", "a", "--store", str(mnt / "store"), check=False),
-               EXIT_CONFIG, "another filesystem", "--store")
+        _fails(
+            host.vsunify("run", "a", "--store", str(mnt / "store"), check=False),
+            EXIT_CONFIG,
+            "another filesystem",
+            "--store",
+        )
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
-    _fails(host.vsunify("run", "a", "--store", str(host.root / "a/.hash"), check=False),
-           EXIT_CONFIG, "outside every guest tree")
+    _fails(
+        host.vsunify("run", "a", "--store", str(host.root / "a/.hash"), check=False),
+        EXIT_CONFIG,
+        "outside every guest tree",
+    )
 
 
 def test_a_second_run_is_refused_while_one_holds_the_lock(host):
@@ -138,8 +155,7 @@ def test_a_second_run_is_refused_while_one_holds_the_lock(host):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, b"4242\n")
-        _fails(host.vsunify("run", "a", check=False), EXIT_BUSY, "another vsunify run",
-               "4242")
+        _fails(host.vsunify("run", "a", check=False), EXIT_BUSY, "another vsunify run", "4242")
     finally:
         os.close(fd)
     host.vsunify("run", "a")
@@ -189,9 +205,12 @@ def test_dry_run_reports_without_changing(host):
 def test_vsattr_show_set_clear(host, tmp_path):
     f = host.base / "file"
     f.write_bytes(b"x" * 20)
+
     def vsattr(*a):
-        return subprocess.run([sys.executable, "-m", "vsstore.vsattr", *a], cwd=REPO,
-                              capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, "-m", "vsstore.vsattr", *a], cwd=REPO, capture_output=True, text=True
+        )
+
     assert vsattr("show", str(f)).stdout.split()[0] == "uia"
     assert vsattr("set", "--iunlink", str(f)).returncode == 0
     assert vsattr("show", str(f)).stdout.split()[0] == "Uia"
@@ -208,11 +227,17 @@ def test_vsattr_show_set_clear(host, tmp_path):
 
 def test_progress_line_on_a_terminal_only(host):
     import pty
+
     for g in "ab":
         host.guest(g, {f"usr/f{i}": BIN + bytes([i]) * 5000 for i in range(200)})
     master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "unify.cli", "run", "a", "b"], cwd=REPO,
-                         env={**os.environ, **host.env}, stdout=subprocess.PIPE, stderr=slave)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "unify.cli", "run", "a", "b"],
+        cwd=REPO,
+        env={**os.environ, **host.env},
+        stdout=subprocess.PIPE,
+        stderr=slave,
+    )
     os.close(slave)
     seen = b""
     while True:
@@ -242,8 +267,14 @@ Conffiles:
 
 def test_package_database_excludes_by_default(host):
     for g in "ab":
-        host.guest(g, {"usr/share/demo/defaults.conf": BIN, "usr/bin/tool": LIB,
-                       "var/lib/dpkg/status": DPKG_STATUS.encode()})
+        host.guest(
+            g,
+            {
+                "usr/share/demo/defaults.conf": BIN,
+                "usr/bin/tool": LIB,
+                "var/lib/dpkg/status": DPKG_STATUS.encode(),
+            },
+        )
     out = host.vsunify("excludes", "a").stdout
     assert "/usr/share/demo/defaults.conf" in out and "dpkg conffile (demo)" in out
     res = host.run_json("--no-default-excludes", "a", "b")
@@ -257,12 +288,18 @@ def test_package_database_excludes_by_default(host):
 
 def test_a_corrupt_package_database_warns_and_excludes_conservatively(host):
     for g in "ab":
-        host.guest(g, {"etc/motd": BIN, "usr/bin/tool": LIB,
-                       "var/lib/dpkg/status": b"Package: x\nStatus: garbage\n"})
+        host.guest(
+            g,
+            {
+                "etc/motd": BIN,
+                "usr/bin/tool": LIB,
+                "var/lib/dpkg/status": b"Package: x\nStatus: garbage\n",
+            },
+        )
     p = host.vsunify("run", "--json", "--no-default-excludes", "a", "b")
     assert "/var/lib/dpkg/status" in p.stderr and "malformed Status" in p.stderr
     assert "'a'" in p.stderr and "Traceback" not in p.stderr
-    assert os.stat(host.root / "a/etc/motd").st_nlink == 1      # /etc kept private
+    assert os.stat(host.root / "a/etc/motd").st_nlink == 1  # /etc kept private
     assert os.stat(host.root / "a/usr/bin/tool").st_nlink == 3  # the rest unified
     out = host.vsunify("excludes", "a").stdout
     assert "fallback: unreadable dpkg database" in out
@@ -289,8 +326,9 @@ def test_hostile_names_through_every_command(host):
     assert p.returncode == EXIT_PARTIAL, p.stderr
     out = json.loads(p.stdout)
     assert out["files_linked"] == len(files) - 1 and out["errors"] == 1
-    assert out["messages"] == ["b:/usr/lib/new\\nline: skipped: open for writing by another "
-                               "process"]
+    assert out["messages"] == [
+        "b:/usr/lib/new\\nline: skipped: open for writing by another process"
+    ]
     assert "b:/usr/lib/new\\nline: skipped" in p.stderr and "Traceback" not in p.stderr
     assert not any(line.startswith("line") for line in p.stderr.splitlines())
     out = host.run_json("--all")
@@ -318,17 +356,23 @@ def test_hostile_names_through_every_command(host):
 
 
 def test_excludes_show_hostile_package_database_entries_escaped(host):
-    status = (b"Package: evil\x1b[2J\nStatus: install ok installed\nConffiles:\n"
-              b" /usr/share/evil/\xff\xfe.conf 0123456789abcdef0123456789abcdef\n")
+    status = (
+        b"Package: evil\x1b[2J\nStatus: install ok installed\nConffiles:\n"
+        b" /usr/share/evil/\xff\xfe.conf 0123456789abcdef0123456789abcdef\n"
+    )
     for g in "ab":
-        host.guest(g, {"usr/share/evil/" + os.fsdecode(b"\xff\xfe.conf"): BIN,
-                       "var/lib/dpkg/status": status})
+        host.guest(
+            g,
+            {"usr/share/evil/" + os.fsdecode(b"\xff\xfe.conf"): BIN, "var/lib/dpkg/status": status},
+        )
     p = host.vsunify("excludes", "a")
     assert "/usr/share/evil/\\xff\\xfe.conf  dpkg conffile (evil\\x1b[2J)" in p.stdout
     assert "\x1b" not in p.stdout
     rules = json.loads(host.vsunify("excludes", "--json", "a").stdout)
-    assert {"rule": "/usr/share/evil/\\xff\\xfe.conf",
-            "reason": "dpkg conffile (evil\\x1b[2J)"} in rules
+    assert {
+        "rule": "/usr/share/evil/\\xff\\xfe.conf",
+        "reason": "dpkg conffile (evil\\x1b[2J)",
+    } in rules
     res = host.run_json("--no-default-excludes", "a", "b")
     assert res["files_linked"] == 1 and res["errors"] == 0  # the status file, not the conffile
     assert os.stat(host.root / "a/usr/share/evil" / os.fsdecode(b"\xff\xfe.conf")).st_nlink == 1
@@ -365,8 +409,8 @@ def test_a_group_larger_than_the_open_file_limit_is_linked_in_one_run(host):
     objs = sorted(q for q in host.store.rglob("*") if q.is_file())
     assert [q.name[-2:] for q in objs][1:] == [".1"]
     first, second = (os.stat(q) for q in objs)
-    assert first.st_nlink == 65_000                    # the store's name and 64,999 guest names
-    assert second.st_nlink == 66_002 - 64_999 + 1      # the rest, and the store's name
+    assert first.st_nlink == 65_000  # the store's name and 64,999 guest names
+    assert second.st_nlink == 66_002 - 64_999 + 1  # the rest, and the store's name
     held = Counter(os.lstat(a / "usr/share/many" / r).st_ino for r in rels)
     assert held == {first.st_ino: 64_999, second.st_ino: 66_002 - 64_999}
     assert (a / "usr/share/many" / rels[-1]).read_bytes() == small
@@ -393,8 +437,12 @@ def test_a_full_index_filesystem_is_its_own_exit_code_and_changes_nothing(host):
         before = {g: snapshot(host.root / g) for g in "abc"}
         filler = fill(state)
         p = host.vsunify("run", "--all", check=False)
-        _fails(p, EXIT_NOSPACE, f"no space left on {state} for the index {host.index}",
-               f"free space on {state} and run again")
+        _fails(
+            p,
+            EXIT_NOSPACE,
+            f"no space left on {state} for the index {host.index}",
+            f"free space on {state} and run again",
+        )
         assert {g: snapshot(host.root / g) for g in "abc"} == before
         assert os.stat(host.root / "c/usr/bin/tool").st_nlink == 1
         assert not list(host.root.rglob(".vsu~*"))
@@ -415,8 +463,12 @@ def test_deunify_on_a_full_guest_filesystem_stops_cleanly(host):
         before = snapshot(root / "a")
         filler = fill(root)
         p = host.vsunify("deunify", "a", check=False)
-        _fails(p, EXIT_NOSPACE, f"no space left on {root} for a private copy of a:/",
-               "0 files were made private")
+        _fails(
+            p,
+            EXIT_NOSPACE,
+            f"no space left on {root} for a private copy of a:/",
+            "0 files were made private",
+        )
         assert snapshot(root / "a") == before
         assert not list(root.rglob(".vsu~*"))
         assert os.stat(root / "a/usr/bin/tool").st_nlink == 3
@@ -434,8 +486,10 @@ def test_a_dangling_vdir_does_not_stop_the_other_guests(host):
     host.guest("gone", distro(), configure=False)  # the default tree must not stand in for it
     p = host.vsunify("run", "--json", "--all", check=False)
     assert p.returncode == EXIT_PARTIAL and "Traceback" not in p.stderr
-    assert f"left out: guest 'gone': its vdir {broken / 'vdir'} leads to " \
-           f"{host.base / 'nowhere'}, which is not a directory" in p.stderr
+    assert (
+        f"left out: guest 'gone': its vdir {broken / 'vdir'} leads to "
+        f"{host.base / 'nowhere'}, which is not a directory" in p.stderr
+    )
     out = json.loads(p.stdout)
     assert (out["guests"], out["files_linked"], out["errors"]) == (2, 3, 0)
     assert inode(host.root / "a/usr/bin/tool") == inode(host.root / "b/usr/bin/tool")

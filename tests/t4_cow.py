@@ -3,6 +3,7 @@
 The overlay's decisions (copy-up, attribution, name operations) are tested in-process in
 t3_cow_api; here what needs the kernel and the daemon: page cache, invalidation,
 direct_io, the control socket, ENOSPC, a killed writer, umount."""
+
 from __future__ import annotations
 
 import errno
@@ -39,9 +40,24 @@ def mounted(host, shared: bytes = SHARED) -> Iterator[Path]:
     host.vsunify("run", "--all", "--no-default-excludes")
     mnt = host.base / "mnt"
     mnt.mkdir()
-    p = subprocess.run([sys.executable, "-m", "cow.cli", "mount", "--at", str(mnt), "--log",
-                        str(host.base / "cow.log"), "a", "b"], cwd=REPO,
-                       env={**os.environ, **host.env}, capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cow.cli",
+            "mount",
+            "--at",
+            str(mnt),
+            "--log",
+            str(host.base / "cow.log"),
+            "a",
+            "b",
+        ],
+        cwd=REPO,
+        env={**os.environ, **host.env},
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     try:
         yield mnt
@@ -64,9 +80,22 @@ def _in_new_pidns(cow, host, guest: str, script: str) -> subprocess.Popen:
     """A busybox shell in a pid namespace of its own, chrooted into ``guest``'s subtree of
     the overlay; it waits for a line on stdin before running ``script``."""
     shutil.copy("/bin/busybox", host.root / guest / "busybox")
-    return subprocess.Popen(["unshare", "--pid", "--fork", "chroot", str(cow / guest),
-                             "/busybox", "sh", "-c", f"read go; {script}"],
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "chroot",
+            str(cow / guest),
+            "/busybox",
+            "sh",
+            "-c",
+            f"read go; {script}",
+        ],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def attach_children_ns(cow, name: str, pid: int) -> None:
@@ -140,11 +169,22 @@ def test_ordinary_posix_operations_and_their_errors(cow):
 
 def test_umount_leaves_nothing_behind(cow, host):
     assert str(cow) in mounts()
-    p = subprocess.run([sys.executable, "-m", "cow.cli", "status"], cwd=REPO, text=True,
-                       env={**os.environ, **host.env}, capture_output=True, check=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "cow.cli", "status"],
+        cwd=REPO,
+        text=True,
+        env={**os.environ, **host.env},
+        capture_output=True,
+        check=True,
+    )
     assert f"{cow}\tpid " in p.stdout and "guests: a b" in p.stdout
-    p = subprocess.run([sys.executable, "-m", "cow.cli", "umount", str(cow)], cwd=REPO,
-                       env={**os.environ, **host.env}, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "cow.cli", "umount", str(cow)],
+        cwd=REPO,
+        env={**os.environ, **host.env},
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     assert str(cow) not in mounts()
     assert not subprocess.run(["pgrep", "-f", f"serve.*{cow}"]).returncode == 0
@@ -158,13 +198,18 @@ def test_the_daemon_logs_to_the_log_directory_by_default(host):
     mnt = host.base / "mnt"
     mnt.mkdir()
     env = {**os.environ, **host.env}
-    subprocess.run([sys.executable, "-m", "cow.cli", "mount", "--at", str(mnt), "a"],
-                   cwd=REPO, env=env, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "cow.cli", "mount", "--at", str(mnt), "a"],
+        cwd=REPO,
+        env=env,
+        check=True,
+    )
     try:
         assert (mnt / "a/f").read_bytes() == b"x"
     finally:
-        subprocess.run([sys.executable, "-m", "cow.cli", "umount", str(mnt)], cwd=REPO,
-                       env=env, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "cow.cli", "umount", str(mnt)], cwd=REPO, env=env, check=True
+        )
     assert f"mounted at {mnt}: a=" in (host.base / "log" / "vscow.log").read_text()
 
 
@@ -192,8 +237,12 @@ def test_a_guests_own_hardlinks_stay_one_file_after_copy_up(cow, host):
 
 def _resident(path: Path) -> int:
     """Bytes of ``path``'s inode in the page cache (util-linux fincore: mincore)."""
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return int(out.split()[0])
 
 
@@ -205,8 +254,13 @@ def test_guests_reading_a_shared_file_cost_about_one_copy_of_page_cache(host):
     host.vsunify("run", "--all", "--no-default-excludes")
     mnt = host.base / "mnt"
     mnt.mkdir()
-    p = subprocess.run([sys.executable, "-m", "cow.cli", "mount", "--at", str(mnt), *guests],
-                       cwd=REPO, env={**os.environ, **host.env}, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "cow.cli", "mount", "--at", str(mnt), *guests],
+        cwd=REPO,
+        env={**os.environ, **host.env},
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     try:
         subprocess.run(["sync"], check=True)
@@ -217,11 +271,16 @@ def test_guests_reading_a_shared_file_cost_about_one_copy_of_page_cache(host):
         # Page cache is per inode: count each distinct inode the guests see once, and the
         # backing inode the daemon reads.  Separate inodes per guest would be 4 + 1 copies.
         distinct = {os.stat(v).st_ino: v for v in views}
-        cached = sum(_resident(v) for v in distinct.values()) + \
-            _resident(host.root / "a/usr/lib/big.so")
+        cached = sum(_resident(v) for v in distinct.values()) + _resident(
+            host.root / "a/usr/lib/big.so"
+        )
     finally:
-        subprocess.run([sys.executable, "-m", "cow.cli", "umount", str(mnt)], cwd=REPO,
-                       env={**os.environ, **host.env}, check=False)
+        subprocess.run(
+            [sys.executable, "-m", "cow.cli", "umount", str(mnt)],
+            cwd=REPO,
+            env={**os.environ, **host.env},
+            check=False,
+        )
     print(f"4 guests reading 48 MiB: {len(distinct)} FUSE inode(s), {cached >> 20} MiB cached")
     assert len(distinct) == 1
     assert cached <= 2 * len(big) + (1 << 20)
@@ -231,6 +290,7 @@ def test_random_writes_truncates_and_reads_match_a_model(cow, host):
     """A data-integrity exerciser: a shared file and a private one, hammered with random
     pwrite/truncate/pread through the overlay, checked against an in-memory model."""
     import random
+
     rnd = random.Random(7)
     models = {cow / "a/usr/lib/libx.so": bytearray(SHARED), cow / "a/new.bin": bytearray()}
     fds = {}
@@ -247,7 +307,7 @@ def test_random_writes_truncates_and_reads_match_a_model(cow, host):
                 os.pwrite(fd, data, off)
                 if off > len(m):
                     m.extend(b"\0" * (off - len(m)))
-                m[off:off + len(data)] = data
+                m[off : off + len(data)] = data
             elif op < 0.6:
                 size = rnd.randint(0, len(m) + 3000)
                 os.ftruncate(fd, size)
@@ -256,7 +316,7 @@ def test_random_writes_truncates_and_reads_match_a_model(cow, host):
             else:
                 off = rnd.randint(0, max(0, len(m) - 1))
                 n = rnd.randint(1, 20000)
-                assert os.pread(fd, n, off) == bytes(m[off:off + n]), (p, step)
+                assert os.pread(fd, n, off) == bytes(m[off : off + n]), (p, step)
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -267,6 +327,7 @@ def test_random_writes_truncates_and_reads_match_a_model(cow, host):
 
 def test_concurrent_writers_in_two_guests_get_two_copies(cow, host):
     import threading
+
     errors = []
 
     def writer(g: str) -> None:
@@ -276,6 +337,7 @@ def test_concurrent_writers_in_two_guests_get_two_copies(cow, host):
                     f.write(f"{g}{i};".encode())
         except OSError as e:
             errors.append((g, i, e))
+
     ts = [threading.Thread(target=writer, args=(g,)) for g in "ab"]
     for t in ts:
         t.start()
@@ -291,6 +353,7 @@ def test_concurrent_writers_in_two_guests_get_two_copies(cow, host):
 
 def test_rename_noreplace_and_exchange(cow):
     from vsstore import syscalls
+
     d = cow / "a/r"
     d.mkdir()
     (d / "x").write_bytes(b"x")
@@ -310,8 +373,10 @@ def test_guests_can_be_added_to_and_removed_from_a_running_overlay(cow, host):
     env = {**os.environ, **host.env}
 
     def vscow(*a: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cow.cli", *a], cwd=REPO, env=env,
-                              capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, "-m", "cow.cli", *a], cwd=REPO, env=env, capture_output=True, text=True
+        )
+
     assert vscow("add", str(cow), "c").returncode == 0
     assert sorted(os.listdir(cow)) == ["a", "b", "c"]
     assert (cow / "c/etc/hostname").read_bytes() == b"c\n"
@@ -402,8 +467,9 @@ def test_truncate_and_setxattr_by_path_copy_up_and_the_other_guest_sees_no_chang
 @pytest.fixture
 def small_host(host):
     """``host`` with its guests and store on a 4 MiB tmpfs (filled up by the test)."""
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "vsstore-test", str(host.root)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "vsstore-test", str(host.root)], check=True
+    )
     try:
         yield host
     finally:
@@ -436,13 +502,21 @@ def test_a_guest_filling_the_disk_gets_enospc_and_the_overlay_goes_on(small_host
 
 
 def test_a_writer_killed_mid_write_leaves_the_overlay_and_other_guests_intact(cow, host):
-    writer = subprocess.Popen([sys.executable, "-c", f"""
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import os, sys
 fd = os.open({str(cow / "a/usr/lib/libx.so")!r}, os.O_WRONLY | os.O_APPEND)
 print("open", flush=True)
 while True:
     os.write(fd, b"w" * 4096)
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert writer.stdout.readline() == "open\n"
         time.sleep(0.3)
@@ -451,7 +525,7 @@ while True:
         writer.wait()
     data = (host.root / "a/usr/lib/libx.so").read_bytes()
     assert data.startswith(SHARED) and len(data) > len(SHARED)
-    assert set(data[len(SHARED):]) == {ord("w")}
+    assert set(data[len(SHARED) :]) == {ord("w")}
     assert (cow / "a/usr/lib/libx.so").read_bytes() == data
     assert (cow / "b/usr/lib/libx.so").read_bytes() == SHARED
     assert flags(host.root / "b/usr/lib/libx.so") == "UIa"

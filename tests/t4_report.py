@@ -1,5 +1,6 @@
 """Layer 4: vsunify report's host view (shared-with counts, top files, trend), its HTML page,
 Prometheus files and the run's log line, checked against independent computations."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ from html.parser import HTMLParser
 
 from unify.progress import human
 
-BIG = b"B" * 300_000      # in all four guests
-MID = b"M" * 100_000      # in two
-OWN = b"own file "        # private, differs per guest
+BIG = b"B" * 300_000  # in all four guests
+MID = b"M" * 100_000  # in two
+OWN = b"own file "  # private, differs per guest
 
 
 def _setup(host) -> dict:  # type: ignore[no-untyped-def]
@@ -50,8 +51,10 @@ def test_report_counts_how_many_guests_share_each_byte(host):
     mid = next(k for k, hs in holders.items() if len(hs) == 2)
     assert rep["guests"]["c"]["shared_with"] == {"3": blocks[big]}
     top = rep["top_shared"]
-    assert [(t["guests"], t["saved_bytes"]) for t in top] == [(4, 3 * blocks[big]),
-                                                                (2, blocks[mid])]
+    assert [(t["guests"], t["saved_bytes"]) for t in top] == [
+        (4, 3 * blocks[big]),
+        (2, blocks[mid]),
+    ]
     assert top[0]["path"].endswith(":/usr/lib/big.so")
     assert rep["total"]["disk_bytes"] == sum(blocks.values())
 
@@ -126,14 +129,22 @@ def test_the_html_report_is_one_page_with_both_charts(host):
         assert g in page.cells
     assert any(c.endswith(":/usr/lib/big.so") for c in page.cells)
     s = rep["store"]
-    assert (f"<p>{s['path']}: {s['objects']} objects, {human(s['bytes'])}; "
-            f"{s['unused_objects']} unused ({human(s['unused_bytes'])}, removed by ") in text
+    assert (
+        f"<p>{s['path']}: {s['objects']} objects, {human(s['bytes'])}; "
+        f"{s['unused_objects']} unused ({human(s['unused_bytes'])}, removed by "
+    ) in text
     run = rep["history"]["runs"][-1]  # the one run: the last table's one row
     started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["started"]))
-    assert page.cells[-8:] == [started, str(run["guests"]), str(run["files_scanned"]),
-                               str(run["files_hashed"]), str(run["files_linked"]),
-                               human(run["bytes_saved"]), str(run["errors"]),
-                               f"{run['duration']:.1f}"]
+    assert page.cells[-8:] == [
+        started,
+        str(run["guests"]),
+        str(run["files_scanned"]),
+        str(run["files_hashed"]),
+        str(run["files_linked"]),
+        human(run["bytes_saved"]),
+        str(run["errors"]),
+        f"{run['duration']:.1f}",
+    ]
 
 
 _SAMPLE = re.compile(r'^([a-z_]+)(\{([a-z]+="[^"]*")(,[a-z]+="[^"]*")*\})? (-?[0-9.e+]+)$')
@@ -155,8 +166,11 @@ def test_prometheus_files_for_the_run_and_the_report(host):
     for g in "ab":
         host.guest(g, {"usr/lib/big.so": BIG})
     run_prom = host.base / "run.prom"
-    s = json.loads(host.vsunify("run", "--all", "--no-default-excludes", "--json", "--prom",
-                                str(run_prom)).stdout)
+    s = json.loads(
+        host.vsunify(
+            "run", "--all", "--no-default-excludes", "--json", "--prom", str(run_prom)
+        ).stdout
+    )
     m = _prom(run_prom)
     assert m["vsstore_run_files_linked"] == s["files_linked"] == 1  # b joins a's inode
     assert m["vsstore_run_exit_code"] == 0
@@ -167,10 +181,11 @@ def test_prometheus_files_for_the_run_and_the_report(host):
     assert m['vsstore_guest_saved_bytes{guest="a"}'] == rep["guests"]["a"]["saved_bytes"]
     assert m["vsstore_host_saved_bytes"] == rep["total"]["saved_bytes"]
     assert m["vsstore_store_objects"] == 1
-    assert sorted(p.name for p in host.base.iterdir() if ".prom" in p.name) == \
-        ["report.prom", "run.prom"]  # written whole: no temporary left
-    p = host.vsunify("report", "--all", "--prom", str(host.base / "nodir" / "x.prom"),
-                     check=False)
+    assert sorted(p.name for p in host.base.iterdir() if ".prom" in p.name) == [
+        "report.prom",
+        "run.prom",
+    ]  # written whole: no temporary left
+    p = host.vsunify("report", "--all", "--prom", str(host.base / "nodir" / "x.prom"), check=False)
     assert p.returncode == 3 and "--prom" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -181,14 +196,21 @@ def test_the_run_summary_goes_to_a_log_file_and_syslog(host):
     host.vsunify("run", "a", "--log", str(log), "-q")
     lines = log.read_text().splitlines()
     assert len(lines) == 2
-    assert all(re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d vsunify: 1 guests, 1 files "
-                        r"scanned, .* \(exit 0\)$", ln) for ln in lines)
+    assert all(
+        re.match(
+            r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d vsunify: 1 guests, 1 files "
+            r"scanned, .* \(exit 0\)$",
+            ln,
+        )
+        for ln in lines
+    )
 
 
 def _shipped_commands(host) -> list[list[str]]:  # type: ignore[no-untyped-def]
     """The vsunify commands of contrib/ (systemd unit and cron line), with the host's
     paths moved into the test's directory."""
     from conftest import REPO
+
     cmds = []
     unit = (REPO / "contrib/vsunify.service").read_text()
     cron = (REPO / "contrib/vsunify.cron").read_text()
@@ -198,10 +220,14 @@ def _shipped_commands(host) -> list[list[str]]:  # type: ignore[no-untyped-def]
     for line in lines:
         words = line.split()
         assert words[0] == "/usr/local/bin/vsunify"
-        cmds.append([w.replace("/var/lib/prometheus/node-exporter", str(host.base / "prom"))
-                     .replace("/var/lib/vsstore", str(host.base / "state"))
-                     .replace("/var/log/vsstore", str(host.base / "log"))
-                     for w in words[1:]])
+        cmds.append(
+            [
+                w.replace("/var/lib/prometheus/node-exporter", str(host.base / "prom"))
+                .replace("/var/lib/vsstore", str(host.base / "state"))
+                .replace("/var/log/vsstore", str(host.base / "log"))
+                for w in words[1:]
+            ]
+        )
     return cmds
 
 
@@ -225,12 +251,14 @@ def test_memory_figures_as_text_json_html_and_prometheus(monkeypatch):
     running guests): busybox is mapped by both guests, each library by one."""
     from unify import htmlreport, prom, report
     from vsstore import memory
-    rss = {1: {(8, 1, 10): (1_000_000, "/bin/busybox"), (8, 1, 11): (4096, "/lib/a.so")},
-           2: {(8, 1, 10): (1_200_000, "/bin/busybox")},
-           3: {(8, 1, 10): (900_000, "/bin/busybox"), (8, 1, 12): (8192, "/lib/b.so")}}
+
+    rss = {
+        1: {(8, 1, 10): (1_000_000, "/bin/busybox"), (8, 1, 11): (4096, "/lib/a.so")},
+        2: {(8, 1, 10): (1_200_000, "/bin/busybox")},
+        3: {(8, 1, 10): (900_000, "/bin/busybox"), (8, 1, 12): (8192, "/lib/b.so")},
+    }
     monkeypatch.setattr(memory, "file_rss", lambda pid: rss[pid])
-    mem = memory.measure({"g2": [3], "g1": [1, 2]},
-                         charged={"g2": {"memory": 5, "pids_max": None}})
+    mem = memory.measure({"g2": [3], "g1": [1, 2]}, charged={"g2": {"memory": 5, "pids_max": None}})
     assert list(mem.guests) == ["g1", "g2"]  # in name order; a file named as first measured
     g1, g2 = mem.guests["g1"], mem.guests["g2"]
     assert (g1.processes, g1.file_rss, g1.shared_rss, g1.files) == (2, 1_204_096, 1_200_000, 2)
@@ -239,33 +267,47 @@ def test_memory_figures_as_text_json_html_and_prometheus(monkeypatch):
     assert mem.top_shared == [memory.SharedMapping("g2:/bin/busybox", 2, 900_000)]
     rep = report.Report(taken=1_700_000_000.0, memory=mem)
     assert rep.as_dict()["memory"] == {
-        "guests": {"g1": {"processes": 2, "file_rss": 1_204_096, "shared_rss": 1_200_000,
-                          "files": 2},
-                   "g2": {"processes": 1, "file_rss": 908_192, "shared_rss": 900_000,
-                          "files": 2, "cgroup": {"memory": 5, "pids_max": None}}},
-        "total": {"with_unification": 1_212_288, "without_unification": 2_112_288,
-                  "saved": 900_000},
-        "top_shared": [{"path": "g2:/bin/busybox", "guests": 2, "saved": 900_000}]}
+        "guests": {
+            "g1": {"processes": 2, "file_rss": 1_204_096, "shared_rss": 1_200_000, "files": 2},
+            "g2": {
+                "processes": 1,
+                "file_rss": 908_192,
+                "shared_rss": 900_000,
+                "files": 2,
+                "cgroup": {"memory": 5, "pids_max": None},
+            },
+        },
+        "total": {
+            "with_unification": 1_212_288,
+            "without_unification": 2_112_288,
+            "saved": 900_000,
+        },
+        "top_shared": [{"path": "g2:/bin/busybox", "guests": 2, "saved": 900_000}],
+    }
     assert report.format_memory(mem) == (
         "\nfile-backed memory of running guests:\n"
         "  guest            procs    mapped    shared\n"
         "  g1                   2   1.1 MiB   1.1 MiB\n"
         "  g2                   1 886.9 KiB 878.9 KiB\n"
-        "  host: 1.2 MiB with unification, 2.0 MiB without (878.9 KiB saved)")
+        "  host: 1.2 MiB with unification, 2.0 MiB without (878.9 KiB saved)"
+    )
     lines = prom.report_metrics(rep).text().splitlines()
-    for sample in ('vsstore_guest_file_memory_bytes{guest="g1"} 1204096',
-                   'vsstore_guest_file_memory_bytes{guest="g2"} 908192',
-                   'vsstore_guest_shared_file_memory_bytes{guest="g1"} 1200000',
-                   'vsstore_guest_shared_file_memory_bytes{guest="g2"} 900000',
-                   "vsstore_host_file_memory_bytes 1212288",
-                   "vsstore_host_file_memory_without_unification_bytes 2112288"):
+    for sample in (
+        'vsstore_guest_file_memory_bytes{guest="g1"} 1204096',
+        'vsstore_guest_file_memory_bytes{guest="g2"} 908192',
+        'vsstore_guest_shared_file_memory_bytes{guest="g1"} 1200000',
+        'vsstore_guest_shared_file_memory_bytes{guest="g2"} 900000',
+        "vsstore_host_file_memory_bytes 1212288",
+        "vsstore_host_file_memory_without_unification_bytes 2112288",
+    ):
         assert sample in lines
     html = htmlreport.render(rep)
-    assert ("<p>1.2 MiB in page cache for the guests' mapped files; 2.0 MiB without "
-            "unification (878.9 KiB saved).</p>") in html
+    assert (
+        "<p>1.2 MiB in page cache for the guests' mapped files; 2.0 MiB without "
+        "unification (878.9 KiB saved).</p>"
+    ) in html
     page = _Page()
     page.feed(html)
-    assert page.cells[-8:] == ["g1", "2", "1.1 MiB", "1.1 MiB", "g2", "1", "886.9 KiB",
-                               "878.9 KiB"]
+    assert page.cells[-8:] == ["g1", "2", "1.1 MiB", "1.1 MiB", "g2", "1", "886.9 KiB", "878.9 KiB"]
     nobody = memory.measure({})
     assert report.format_memory(nobody) == "\nmemory: no guest is running"

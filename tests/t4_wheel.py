@@ -1,6 +1,7 @@
 """Layer 4: the project as a user installs it: a wheel built from the checkout, installed
 (not editable) into a throw-away virtualenv, every console script answering ``--help``.
 An editable install hides a package left out of the wheel; this does not."""
+
 from __future__ import annotations
 
 import os
@@ -24,21 +25,58 @@ def installed(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
     environment (a path in a .pth file: no download, and no editable finder of ours)."""
     d = tmp_path_factory.mktemp("wheel")
     src = d / "src"  # a copy: building leaves build/ and *.egg-info in the source tree
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(d / "dist"), str(src)],
-                   check=True, cwd=d, capture_output=True)
+    shutil.copytree(
+        REPO,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache"
+        ),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(d / "dist"),
+            str(src),
+        ],
+        check=True,
+        cwd=d,
+        capture_output=True,
+    )
     wheel = next((d / "dist").glob("vsstore-*.whl"))
     venv = d / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()"
-                           "['purelib'])"], check=True, capture_output=True, text=True)
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (Path(site.stdout.strip()) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q",
-                    "--no-deps", "--no-index", str(wheel)], check=True, cwd=d,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        check=True,
+        cwd=d,
+        capture_output=True,
+    )
     return venv
 
 
@@ -59,24 +97,40 @@ def _source(kind: str) -> list[str]:
 
 
 def test_the_wheel_holds_every_module_and_data_file_of_the_source(installed):
-    code = ("import importlib, os, sys, sysconfig\n"
-            "site = sysconfig.get_paths()['purelib']\n"
-            "for m in sys.argv[1].split():\n"
-            "    mod = importlib.import_module(m)\n"
-            "    assert mod.__file__.startswith(site), (m, mod.__file__)\n"
-            "missing = [d for d in sys.argv[2].split() if not os.path.exists(os.path.join("
-            "site, d))]\n"
-            "assert not missing, missing\n")
-    p = subprocess.run([str(installed / "bin" / "python"), "-c", code,
-                        " ".join(_source("module")), " ".join(_source("data"))], cwd="/",
-                       capture_output=True, text=True)
+    code = (
+        "import importlib, os, sys, sysconfig\n"
+        "site = sysconfig.get_paths()['purelib']\n"
+        "for m in sys.argv[1].split():\n"
+        "    mod = importlib.import_module(m)\n"
+        "    assert mod.__file__.startswith(site), (m, mod.__file__)\n"
+        "missing = [d for d in sys.argv[2].split() if not os.path.exists(os.path.join("
+        "site, d))]\n"
+        "assert not missing, missing\n"
+    )
+    p = subprocess.run(
+        [
+            str(installed / "bin" / "python"),
+            "-c",
+            code,
+            " ".join(_source("module")),
+            " ".join(_source("data")),
+        ],
+        cwd="/",
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_console_script_answers_help_from_the_wheel(installed, script):
-    p = subprocess.run([str(installed / "bin" / script), "--help"], cwd="/",
-                       env={"PATH": os.environ["PATH"]}, capture_output=True, text=True,
-                       timeout=60)
+    p = subprocess.run(
+        [str(installed / "bin" / script), "--help"],
+        cwd="/",
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     assert "usage:" in p.stdout

@@ -1,6 +1,7 @@
 """Layer 5: kill -9 a real run at every point of the link protocol and at random moments;
 every guest path must hold its own content and metadata afterwards, and the next run must
 tidy up (no temporary names, empty journal, everything sealed and shared)."""
+
 from __future__ import annotations
 
 import os
@@ -61,8 +62,9 @@ def test_kill_at_random_positions_again_and_again(host):
     rnd = random.Random(2)
     for _ in range(8):
         point, nth = rnd.choice(POINTS), rnd.randint(1, 40)
-        p = host.vsunify("run", "--all", "-q", check=False,
-                         env={"VSSTORE_CRASH_AT": f"{point}:{nth}"})
+        p = host.vsunify(
+            "run", "--all", "-q", check=False, env={"VSSTORE_CRASH_AT": f"{point}:{nth}"}
+        )
         assert p.returncode == -signal.SIGKILL, (point, nth, p.returncode, p.stderr)
         check_nothing_lost(host, before)
     host.vsunify("run", "--all")
@@ -94,6 +96,8 @@ def test_kill_with_hostile_names_in_flight(host, point):
     check_nothing_lost(host, before)
     assert not list(host.root.rglob(".vsu~*"))
     for n in HOSTILE:
-        assert os.stat(host.root / "g0/usr/lib" / n).st_ino == \
-            os.stat(host.root / "g1/usr/lib" / n).st_ino
+        assert (
+            os.stat(host.root / "g0/usr/lib" / n).st_ino
+            == os.stat(host.root / "g1/usr/lib" / n).st_ino
+        )
         assert flags(host.root / "g0/usr/lib" / n) == "UIa"

@@ -1,5 +1,6 @@
 """Layer 6: real Debian guests (debootstrap corpus, built by bench/corpus.sh and cached
 outside the checkout; scripts/setup test builds it).  Compares with util-linux hardlink."""
+
 from __future__ import annotations
 
 import os
@@ -16,12 +17,14 @@ GUESTS = ["bookworm-minbase", "bookworm-services", "trixie-minbase"]
 
 pytestmark = pytest.mark.skipif(
     not all((CORPUS / g / ".complete").exists() for g in GUESTS),
-    reason=f"no Debian corpus in {CORPUS}: run bench/corpus.sh (scripts/setup test does)")
+    reason=f"no Debian corpus in {CORPUS}: run bench/corpus.sh (scripts/setup test does)",
+)
 
 
 def du(*paths: Path) -> int:
-    out = subprocess.run(["du", "-s", "--block-size=1", *map(str, paths)], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["du", "-s", "--block-size=1", *map(str, paths)], check=True, capture_output=True, text=True
+    ).stdout
     return sum(int(line.split()[0]) for line in out.splitlines())
 
 
@@ -38,16 +41,20 @@ def test_debian_guests_save_what_hardlink_saves_and_keep_every_file(host):
     du_before = du(*ours)
     assert du(*[theirs / g for g in GUESTS]) == du_before
 
-    nothing_excluded = ("--no-default-excludes", "--no-pkgdb-excludes", "--ignore-mtime",
-                        "--min-size", "1")  # what hardlink -c does
+    nothing_excluded = (
+        "--no-default-excludes",
+        "--no-pkgdb-excludes",
+        "--ignore-mtime",
+        "--min-size",
+        "1",
+    )  # what hardlink -c does
     out = host.run_json(*nothing_excluded, *map(str, ours))
     assert out["errors"] == 0 and out["files_linked"] > 1000
     subprocess.run(["hardlink", "-c", "-q", *[str(theirs / g) for g in GUESTS]], check=True)
     saved_ours = du_before - du(*ours)
     saved_hardlink = du_before - du(*[theirs / g for g in GUESTS])
     assert saved_hardlink > 0
-    assert abs(saved_ours - saved_hardlink) <= 0.01 * saved_hardlink, \
-        (saved_ours, saved_hardlink)
+    assert abs(saved_ours - saved_hardlink) <= 0.01 * saved_hardlink, (saved_ours, saved_hardlink)
 
     # Every file keeps content, mode, owner and xattrs (mtime may follow the object's:
     # that is what --ignore-mtime asks for).
@@ -79,8 +86,9 @@ def test_default_excludes_keep_etc_and_var_private_on_debian(host):
                     shared += 1
     assert shared > 1000
     for g in GUESTS[:2]:
-        v = subprocess.run(["dpkg", "--root", str(host.root / g), "--verify"],
-                           capture_output=True, text=True)
+        v = subprocess.run(
+            ["dpkg", "--root", str(host.root / g), "--verify"], capture_output=True, text=True
+        )
         assert v.returncode == 0 and v.stdout == "", v.stdout[:2000]
 
 
@@ -99,6 +107,7 @@ def test_package_database_keeps_every_conffile_private_and_dpkg_verify_is_clean(
             p = host.root / g / c.lstrip("/")
             if p.is_file() and not p.is_symlink():
                 assert "trusted.vsstore.iunlink" not in os.listxattr(p), c
-        v = subprocess.run(["dpkg", "--root", str(host.root / g), "--verify"],
-                           capture_output=True, text=True)
+        v = subprocess.run(
+            ["dpkg", "--root", str(host.root / g), "--verify"], capture_output=True, text=True
+        )
         assert v.returncode == 0 and v.stdout == "", v.stdout[:2000]

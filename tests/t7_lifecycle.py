@@ -1,5 +1,6 @@
 """Layer 7: guests started for real (namespaces, mounts, pivot_root, capabilities), small
 skeleton guests running Debian's busybox-static; stopped and checked for leftovers."""
+
 from __future__ import annotations
 
 import json
@@ -29,6 +30,7 @@ from vsstore.lifecycle.cli import _unify_after
 
 # -- build ------------------------------------------------------------------------------
 
+
 def test_build_skeleton_makes_tree_and_configuration(vs, host):
     vs("build", "web", "-m", "skeleton", "--hostname", "web.example", "--context", "42")
     root, conf = host.root / "web", host.conf / "web"
@@ -49,8 +51,18 @@ def test_build_skeleton_makes_tree_and_configuration(vs, host):
 def test_a_failed_build_leaves_nothing_behind(vs, host):
     p = vs("build", "deb", "-m", "debootstrap", "--", "--variant=minbase", check=False)
     assert p.returncode == EXIT_CONFIG and "-d bookworm" in p.stderr  # names the fix
-    p = vs("build", "deb", "-m", "debootstrap", "--", "-d", "nosuchsuite", "-m",
-           "file:///nonexistent", check=False)
+    p = vs(
+        "build",
+        "deb",
+        "-m",
+        "debootstrap",
+        "--",
+        "-d",
+        "nosuchsuite",
+        "-m",
+        "file:///nonexistent",
+        check=False,
+    )
     assert p.returncode == EXIT_CONFIG and "debootstrap" in p.stderr
     p = vs("build", "c", "-m", "clone", "--", "--source", "nosuch", check=False)
     assert p.returncode == EXIT_CONFIG and "nosuch" in p.stderr
@@ -84,6 +96,7 @@ def test_clone_links_what_the_source_shares_and_copies_the_rest(vs, host):
 
 # -- start, exec, stop ------------------------------------------------------------------
 
+
 def test_a_started_guest_sees_its_own_processes_hostname_and_mounts(vs, host):
     vs.guest("g1", conf={"uts/nodename": "g1.inside\n"})
     vs("start", "g1")
@@ -96,8 +109,22 @@ def test_a_started_guest_sees_its_own_processes_hostname_and_mounts(vs, host):
     assert mounts[0] == "/" and "/proc" in mounts and "/dev/pts" in mounts
     assert not any(str(host.base) in m for m in mounts)
     assert sorted(vs.exec("g1", "ls", "/dev").split()) == sorted(
-        ["full", "null", "ptmx", "pts", "random", "shm", "tty", "urandom", "zero", "fd",
-         "stdin", "stdout", "stderr"])
+        [
+            "full",
+            "null",
+            "ptmx",
+            "pts",
+            "random",
+            "shm",
+            "tty",
+            "urandom",
+            "zero",
+            "fd",
+            "stdin",
+            "stdout",
+            "stderr",
+        ]
+    )
     st = vs.state("g1")
     assert procs_in_ns(pid_ns(st["init_pid"]))  # the guest's processes, seen from the host
     assert "is running" in vs("status", "g1").stdout
@@ -200,9 +227,12 @@ def test_start_twice_and_stop_twice_give_clear_messages(vs, host):
 
 
 def test_stop_leaves_no_process_and_no_mount_even_if_init_ignores_sigterm(vs, host):
-    vs.guest("g1", init='trap "" TERM; sleep 1000 & sh -c "trap \\"\\" TERM; sleep 1000" & '
-                        'while :; do sleep 1; done',
-             conf={"apps/init/stop-timeout": "1\n"})
+    vs.guest(
+        "g1",
+        init='trap "" TERM; sleep 1000 & sh -c "trap \\"\\" TERM; sleep 1000" & '
+        "while :; do sleep 1; done",
+        conf={"apps/init/stop-timeout": "1\n"},
+    )
     vs("start", "g1")
     st = vs.state("g1")
     ns_ino = pid_ns(st["init_pid"])
@@ -261,8 +291,7 @@ def test_vserver_stat_agrees_with_an_independent_count(vs, host):
     assert rows["g1"]["processes"] >= 3
 
 
-def test_a_dangling_vdir_breaks_neither_build_nor_stat_nor_unify_of_other_guests(vs, host,
-                                                                                 capsys):
+def test_a_dangling_vdir_breaks_neither_build_nor_stat_nor_unify_of_other_guests(vs, host, capsys):
     gone = host.conf / "gone"
     gone.mkdir(parents=True)
     (gone / "context").write_text("77\n")
@@ -275,9 +304,17 @@ def test_a_dangling_vdir_breaks_neither_build_nor_stat_nor_unify_of_other_guests
     assert inode(host.root / "g1/bin/busybox") == inode(host.root / "g2/bin/busybox")
     vs("start", "g1")
     assert [r["name"] for r in vs.stat()] == ["g1"]
-    p = subprocess.run([sys.executable, "-c", "import sys; from vsstore.lifecycle.cli import "
-                        "stat_main; sys.exit(stat_main([]))"], cwd=REPO, env=vs.env,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from vsstore.lifecycle.cli import stat_main; sys.exit(stat_main([]))",
+        ],
+        cwd=REPO,
+        env=vs.env,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0 and p.stdout.rstrip().endswith(" g1"), p
     p = vs("status", "gone", check=False)  # that guest alone gets the error
     assert p.returncode == EXIT_CONFIG and str(gone / "vdir") in p.stderr
@@ -285,6 +322,7 @@ def test_a_dangling_vdir_breaks_neither_build_nor_stat_nor_unify_of_other_guests
 
 
 # -- through the overlay -----------------------------------------------------------------
+
 
 def test_a_cow_guest_changes_a_shared_file_while_another_still_sees_the_original(vs, host):
     shared = b"the same data in every guest\n" * 50
@@ -311,23 +349,33 @@ def test_a_cow_guest_changes_a_shared_file_while_another_still_sees_the_original
 
 
 def test_a_configured_interface_is_a_veth_pair_reaching_the_guest(vs, host):
-    vs.guest("g1", conf={"interfaces/0/ip": "10.231.7.2\n", "interfaces/0/prefix": "24\n",
-                         "interfaces/0/hostip": "10.231.7.1\n", "context": "77\n"})
+    vs.guest(
+        "g1",
+        conf={
+            "interfaces/0/ip": "10.231.7.2\n",
+            "interfaces/0/prefix": "24\n",
+            "interfaces/0/hostip": "10.231.7.1\n",
+            "context": "77\n",
+        },
+    )
     (host.root / "g1/bin/ip").symlink_to("busybox")
     vs("start", "g1")
     links = vs.exec("g1", "ip", "-o", "link")
-    assert {ln.split(":")[1].strip().split("@")[0] for ln in links.splitlines()} == \
-        {"lo", "eth0"}  # the host's interfaces are not there
+    assert {ln.split(":")[1].strip().split("@")[0] for ln in links.splitlines()} == {
+        "lo",
+        "eth0",
+    }  # the host's interfaces are not there
     assert "10.231.7.2/24" in vs.exec("g1", "ip", "addr", "show", "eth0")
-    hostside = subprocess.run(["ip", "-o", "addr", "show", "vs77g1.0"], capture_output=True,
-                              text=True, check=True).stdout
+    hostside = subprocess.run(
+        ["ip", "-o", "addr", "show", "vs77g1.0"], capture_output=True, text=True, check=True
+    ).stdout
     assert "10.231.7.1/24" in hostside
-    p = subprocess.run([BUSYBOX, "ping", "-c", "1", "-W", "5", "10.231.7.2"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [BUSYBOX, "ping", "-c", "1", "-W", "5", "10.231.7.2"], capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     vs("stop", "g1")
-    assert subprocess.run(["ip", "link", "show", "vs77g1.0"],
-                          capture_output=True).returncode != 0
+    assert subprocess.run(["ip", "link", "show", "vs77g1.0"], capture_output=True).returncode != 0
 
 
 def test_unified_debian_guests_run_one_through_cow_one_directly(vs, host):
@@ -341,9 +389,11 @@ def test_unified_debian_guests_run_one_through_cow_one_directly(vs, host):
     vs("start", "deb1")
     vs("start", "deb2")
     for g in ("deb1", "deb2"):
-        assert 'VERSION_CODENAME=bookworm' in vs.exec(g, "cat", "/etc/os-release")
-        assert vs.exec(g, "dpkg-query", "-W", "-f", "${Status}", "base-files") == \
-            "install ok installed"
+        assert "VERSION_CODENAME=bookworm" in vs.exec(g, "cat", "/etc/os-release")
+        assert (
+            vs.exec(g, "dpkg-query", "-W", "-f", "${Status}", "base-files")
+            == "install ok installed"
+        )
         vs.exec(g, "dpkg", "--verify", "base-files")  # every shared file reads right
     vs.exec("deb1", "sed", "-i", "s/Debian/Changed/", "/" + doc)  # new file, rename over
     assert "Changed" in vs.exec("deb1", "cat", "/" + doc)
@@ -373,22 +423,42 @@ def test_memory_of_two_running_guests_sharing_a_binary_is_shared(vs, host):
     common = _mapped_inodes(inits[0]) & _mapped_inodes(inits[1])
     assert common  # independently: both inits map the same inode
     html, prom = host.base / "report.html", host.base / "report.prom"
-    rep = json.loads(host.vsunify("report", "--json", "--memory", "--no-record", "g1", "g2",
-                                  "--html", str(html), "--prom", str(prom)).stdout)
+    rep = json.loads(
+        host.vsunify(
+            "report",
+            "--json",
+            "--memory",
+            "--no-record",
+            "g1",
+            "g2",
+            "--html",
+            str(html),
+            "--prom",
+            str(prom),
+        ).stdout
+    )
     mem = rep["memory"]
     t = mem["total"]  # the same measurement in the page and the Prometheus file
-    assert (f"<p>{human(t['with_unification'])} in page cache for the guests' mapped files; "
-            f"{human(t['without_unification'])} without unification ") in html.read_text()
-    samples = dict(ln.rsplit(" ", 1) for ln in prom.read_text().splitlines()
-                   if not ln.startswith("#"))
+    assert (
+        f"<p>{human(t['with_unification'])} in page cache for the guests' mapped files; "
+        f"{human(t['without_unification'])} without unification "
+    ) in html.read_text()
+    samples = dict(
+        ln.rsplit(" ", 1) for ln in prom.read_text().splitlines() if not ln.startswith("#")
+    )
     assert int(samples["vsstore_host_file_memory_bytes"]) == t["with_unification"]
     for g in ("g1", "g2"):
-        assert int(samples[f'vsstore_guest_shared_file_memory_bytes{{guest="{g}"}}']) == \
-            mem["guests"][g]["shared_rss"]
+        assert (
+            int(samples[f'vsstore_guest_shared_file_memory_bytes{{guest="{g}"}}'])
+            == mem["guests"][g]["shared_rss"]
+        )
     table = host.vsunify("report", "--memory", "--no-record", "g1", "g2").stdout
     assert "file-backed memory of running guests:" in table
-    assert re.search(r"\n  g1 +\d+ +\S+ \S+ +\S+ \S+\n  g2 +\d+ +\S+ \S+ +\S+ \S+\n  host: "
-                     r".+ with unification, .+ without \(.+ saved\)$", table.rstrip("\n")), table
+    assert re.search(
+        r"\n  g1 +\d+ +\S+ \S+ +\S+ \S+\n  g2 +\d+ +\S+ \S+ +\S+ \S+\n  host: "
+        r".+ with unification, .+ without \(.+ saved\)$",
+        table.rstrip("\n"),
+    ), table
     for g in ("g1", "g2"):
         assert mem["guests"][g]["shared_rss"] > 0
         assert mem["guests"][g]["shared_rss"] <= mem["guests"][g]["file_rss"]
@@ -403,8 +473,21 @@ def test_memory_of_two_running_guests_sharing_a_binary_is_shared(vs, host):
     st = vs.stat_memory()
     assert {r["name"] for r in st["guests"]} == {"g1", "g2"}
     assert all(r["shared_file_rss"] > 0 for r in st["guests"])
-    text = subprocess.run([sys.executable, "-c", "import sys; from vsstore.lifecycle.cli import "
-                           "stat_main; sys.exit(stat_main(['--memory']))"], cwd=REPO,
-                          env=vs.env, capture_output=True, text=True, check=True).stdout
-    assert re.search(r"\nfile-backed memory: \S+ with unification, \S+ without; per guest "
-                     r"\(mapped/shared\): g1 \S+/\S+, g2 \S+/\S+\n$", text), text
+    text = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from vsstore.lifecycle.cli import "
+            "stat_main; sys.exit(stat_main(['--memory']))",
+        ],
+        cwd=REPO,
+        env=vs.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert re.search(
+        r"\nfile-backed memory: \S+ with unification, \S+ without; per guest "
+        r"\(mapped/shared\): g1 \S+/\S+, g2 \S+/\S+\n$",
+        text,
+    ), text

@@ -1,6 +1,7 @@
 """Layer 8: package upgrades inside unified Debian guests (copies of the cached debootstrap
 corpus): through the overlay (`exec --cow`, `vapt-get`), running and stopped, with a
 package built here by dpkg-deb; and the protection when no wrapper is used."""
+
 from __future__ import annotations
 
 import fcntl
@@ -19,7 +20,8 @@ from conftest import REPO, flags, inode
 
 pytestmark = pytest.mark.skipif(
     not (CORPUS / "bookworm-minbase/.complete").exists(),
-    reason=f"no Debian corpus in {CORPUS}: run bench/corpus.sh (scripts/setup test does)")
+    reason=f"no Debian corpus in {CORPUS}: run bench/corpus.sh (scripts/setup test does)",
+)
 
 SAME = b"this file does not change between versions\n" * 100
 V1 = b"version one\n" * 300
@@ -32,7 +34,8 @@ def _deb(work: Path, version: str, text: bytes) -> Path:
     (root / "DEBIAN").mkdir(parents=True)
     (root / "DEBIAN/control").write_text(
         f"Package: vstest\nVersion: {version}\nArchitecture: all\nMaintainer: t <t@t>\n"
-        f"Description: vsstore test package\n")
+        f"Description: vsstore test package\n"
+    )
     d = root / "usr/share/vstest"
     d.mkdir(parents=True)
     (d / "same.txt").write_bytes(SAME)
@@ -40,8 +43,11 @@ def _deb(work: Path, version: str, text: bytes) -> Path:
     for p in (d / "same.txt", d / "version.txt"):
         os.utime(p, (1_600_000_000, 1_600_000_000))
     out = work / f"vstest_{version}_all.deb"
-    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root),
-                    str(out)], check=True, capture_output=True)
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(out)],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
@@ -80,8 +86,7 @@ def _object_of(host, rel: str) -> tuple[int, bytes, int, str]:  # type: ignore[n
 
 
 def _verify(vs, g: str, running: bool) -> None:  # type: ignore[no-untyped-def]
-    p = vs("exec", g, *([] if running else ["--cow"]), "dpkg", "--verify", "vstest",
-           check=False)
+    p = vs("exec", g, *([] if running else ["--cow"]), "dpkg", "--verify", "vstest", check=False)
     assert p.returncode == 0 and p.stdout == "", p.stdout + p.stderr
 
 
@@ -102,10 +107,23 @@ def _upgrade_flow(vs, host, running: bool) -> None:  # type: ignore[no-untyped-d
     _verify(vs, "a", running)
     _verify(vs, "b", False)
     # b upgrades too, through vapt-get (a local .deb, no network): then both share v2
-    p = subprocess.run([sys.executable, "-c", "import sys; from vsstore.lifecycle.cli import "
-                        "vapt_get_main as m; sys.exit(m(sys.argv[1:]))", "b", "--", "install",
-                        "-y", vs.pkgs["2.0"]], cwd=REPO, env=vs.env, capture_output=True,
-                       text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from vsstore.lifecycle.cli import "
+            "vapt_get_main as m; sys.exit(m(sys.argv[1:]))",
+            "b",
+            "--",
+            "install",
+            "-y",
+            vs.pkgs["2.0"],
+        ],
+        cwd=REPO,
+        env=vs.env,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert (b / VERSION).read_bytes() == V2
     assert inode(a / VERSION) == inode(b / VERSION)  # shared again, also while a runs
@@ -118,8 +136,9 @@ def _upgrade_flow(vs, host, running: bool) -> None:  # type: ignore[no-untyped-d
     assert not (a / VERSION).exists()
     assert (b / VERSION).read_bytes() == V2 and (b / SAME_F).read_bytes() == SAME
     _verify(vs, "b", False)
-    assert not any("vscow" in m or "/run/cow" in m for m in host_mounts()
-                   if str(host.base) in m)  # no temporary overlay left
+    assert not any(
+        "vscow" in m or "/run/cow" in m for m in host_mounts() if str(host.base) in m
+    )  # no temporary overlay left
 
 
 def test_upgrade_a_stopped_guest_through_the_overlay(debs, host):
@@ -170,8 +189,11 @@ def test_a_killed_upgrade_leaves_no_mount_behind(debs, host):
 
 def _exec_cow_in_background(vs, cow: str, *cmd: str) -> subprocess.Popen:  # type: ignore[no-untyped-def]
     """``vserver a exec --cow CMD`` started, returned once the overlay is mounted."""
-    proc = subprocess.Popen([sys.executable, "-m", "vsstore.lifecycle.cli", "a", "exec",
-                             "--cow", *cmd], cwd=REPO, env=vs.env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vsstore.lifecycle.cli", "a", "exec", "--cow", *cmd],
+        cwd=REPO,
+        env=vs.env,
+    )
     if not eventually(lambda: cow in host_mounts()):
         proc.kill()
         raise AssertionError("the overlay never came up")
@@ -187,8 +209,10 @@ def test_vsunify_leaves_out_a_guest_whose_package_manager_holds_its_lock(debs, h
         fcntl.lockf(fd, fcntl.LOCK_EX)  # as dpkg does (fcntl write lock)
         p = host.vsunify("run", "a", "b", check=False)
         assert p.returncode == 6
-        assert f"guest 'a' skipped: a package manager (pid {os.getpid()}) holds " \
-               f"/var/lib/dpkg/lock" in p.stderr
+        assert (
+            f"guest 'a' skipped: a package manager (pid {os.getpid()}) holds "
+            f"/var/lib/dpkg/lock" in p.stderr
+        )
         assert os.stat(host.root / "a/usr/share/extra").st_nlink == 1
     finally:
         os.close(fd)

@@ -1,6 +1,7 @@
 """unify: vsunify, the hashing indexer that links identical guest files into the store.
 Its face: ``unify`` (what ``vsunify run`` does, for any caller), the engine's run and its
 options and summary."""
+
 from .api import RunOptions, RunResult, unify
 from .engine import Options, Summary, run
 

@@ -1,6 +1,7 @@
 """vsunify's Python API: what ``vsunify run`` does, for its command line and for ``vserver``
 (a clone, the re-unification after a package upgrade) alike, and the pieces the other
 commands share (excludes, the lock, the index, the overlay check)."""
+
 from __future__ import annotations
 
 import logging
@@ -58,14 +59,21 @@ class RunResult:
         """The run's one-line summary, as vsunify prints and logs it."""
         s = self.summary
         verb = "would link" if s.dry_run else "linked"
-        return (f"vsunify: {s.guests} guests, {s.files_scanned} files scanned, "
-                f"{s.files_hashed} hashed ({human(s.bytes_hashed)}), {s.files_linked} {verb}, "
-                f"{human(s.bytes_saved)} {'to save' if s.dry_run else 'saved'}, "
-                f"{s.errors} errors, {s.duration:.1f}s")
+        return (
+            f"vsunify: {s.guests} guests, {s.files_scanned} files scanned, "
+            f"{s.files_hashed} hashed ({human(s.bytes_hashed)}), {s.files_linked} {verb}, "
+            f"{human(s.bytes_saved)} {'to save' if s.dry_run else 'saved'}, "
+            f"{s.errors} errors, {s.duration:.1f}s"
+        )
 
 
-def unify(paths: Paths, guests: list[Guest], opts: RunOptions | None = None,
-          progress: Progress | None = None, skipped: list[str] | None = None) -> RunResult:
+def unify(
+    paths: Paths,
+    guests: list[Guest],
+    opts: RunOptions | None = None,
+    progress: Progress | None = None,
+    skipped: list[str] | None = None,
+) -> RunResult:
     """Unify ``guests`` (a ``vsunify run``): guests a running overlay serves are refused,
     those whose package manager holds its lock left out (said on stderr); one run at a
     time (the lock), the index, the store.  ``skipped``: guests the caller left out
@@ -81,15 +89,25 @@ def unify(paths: Paths, guests: list[Guest], opts: RunOptions | None = None,
         print(f"vsunify: {msg}", file=sys.stderr)
     if busy and not guests:
         raise BusyError("every guest named has a package manager at work; try again later")
-    excl = {g.name: guest_excludes(g, paths, opts.exclude, opts.default_excludes,
-                                   opts.pkgdb_excludes) for g in guests}
-    eopts = engine.Options(min_size=opts.min_size, ignore_mtime=opts.ignore_mtime,
-                           immutable=opts.immutable, dry_run=opts.dry_run, jobs=opts.jobs)
+    excl = {
+        g.name: guest_excludes(g, paths, opts.exclude, opts.default_excludes, opts.pkgdb_excludes)
+        for g in guests
+    }
+    eopts = engine.Options(
+        min_size=opts.min_size,
+        ignore_mtime=opts.ignore_mtime,
+        immutable=opts.immutable,
+        dry_run=opts.dry_run,
+        jobs=opts.jobs,
+    )
     with ExitStack() as stack:
         stack.enter_context(locked(paths))
         index = open_index(stack, paths)
-        store = stack.enter_context(Store(opts.store or paths.default_store,
-                                          create=not opts.dry_run, missing_ok=opts.dry_run))
+        store = stack.enter_context(
+            Store(
+                opts.store or paths.default_store, create=not opts.dry_run, missing_ok=opts.dry_run
+            )
+        )
         s = engine.run(guests, excl, store, index, eopts, progress or Progress(False))
     return RunResult(s, (skipped or []) + busy)
 
@@ -100,31 +118,37 @@ def refuse_mounted(guests: list[Guest], paths: Paths) -> None:
     for g in guests:
         at = served.get(os.path.realpath(g.root))
         if at is not None:
-            raise BusyError(f"guest '{shown(g.name)}' ({shown(g.root)}) is mounted through the "
-                            f"cow overlay at {shown(at)}; unify it while it is not (`vserver "
-                            f"{shown(g.name)} stop`, or `vscow umount {shown(at)}`), or leave "
-                            f"it out")
+            raise BusyError(
+                f"guest '{shown(g.name)}' ({shown(g.root)}) is mounted through the "
+                f"cow overlay at {shown(at)}; unify it while it is not (`vserver "
+                f"{shown(g.name)} stop`, or `vscow umount {shown(at)}`), or leave "
+                f"it out"
+            )
 
 
 def _skip_package_managers(guests: list[Guest]) -> tuple[list[Guest], list[str]]:
     """Leave out guests in which a package manager holds its lock now (their files are
     changing); returns the others and a message per guest left out."""
     from vsstore.pkgdb.locks import held
+
     keep, skipped = [], []
     for g in guests:
         with GuestTree(g.root, g.name) as t:
             locks = held(t)
         if locks:
             rel, pid = locks[0]
-            skipped.append(f"guest '{shown(g.name)}' skipped: a package manager (pid {pid}) "
-                           f"holds /{shown(rel)}; it is unified on the next run")
+            skipped.append(
+                f"guest '{shown(g.name)}' skipped: a package manager (pid {pid}) "
+                f"holds /{shown(rel)}; it is unified on the next run"
+            )
         else:
             keep.append(g)
     return keep, skipped
 
 
-def guest_excludes(g: Guest, paths: Paths, cli: tuple[str, ...] = (), default: bool = True,
-                   from_pkgdb: bool = True) -> ExcludeList:
+def guest_excludes(
+    g: Guest, paths: Paths, cli: tuple[str, ...] = (), default: bool = True, from_pkgdb: bool = True
+) -> ExcludeList:
     """The guest's exclude list: ``cli`` rules, its own file, the host's, its package
     databases' config files (``from_pkgdb``), the built-in list (``default``)."""
     provided: list[Rule] = []
@@ -133,9 +157,13 @@ def guest_excludes(g: Guest, paths: Paths, cli: tuple[str, ...] = (), default: b
             provided, warnings = pkgdb.config_rules(tree)
         for w in warnings:
             log.warning("%s", w)
-    return build_excludes(cli=list(cli), guest_file=g.exclude_file,
-                          host_file=paths.host_exclude_file, provided=provided,
-                          use_default=default)
+    return build_excludes(
+        cli=list(cli),
+        guest_file=g.exclude_file,
+        host_file=paths.host_exclude_file,
+        provided=provided,
+        use_default=default,
+    )
 
 
 @contextmanager
@@ -150,5 +178,3 @@ def open_index(stack: ExitStack, paths: Paths) -> Index:
     if idx.warning:
         print(f"vsunify: warning: {idx.warning}", file=sys.stderr)
     return idx
-
-

@@ -25,6 +25,7 @@ For one store object O and the guest files J that should become names of O:
 5. The temporary names, which now hold the verified duplicates, are removed; the journal
    rows go.  A crash anywhere leaves rows that ``recover`` resolves on the next run.
 """
+
 from __future__ import annotations
 
 import errno
@@ -79,7 +80,7 @@ def point(name: str, **kw: object) -> None:
 
 
 WINDOW_NAMES = 256  # guest names linked in one window at most (each joiner holds an fd)
-DIR_FDS = 512       # directory fds kept open between windows at most
+DIR_FDS = 512  # directory fds kept open between windows at most
 
 
 def fds_free() -> int:
@@ -164,11 +165,11 @@ class _State(Enum):
     (LINKED -> NEW when its joiner cannot go whole).  What the name and the temporary name
     beside it hold in each state is what the window has to finish or undo."""
 
-    NEW = "new"            # nothing of ours beside the name: journaled, or our link taken back
-    LINKED = "linked"      # the temporary name is a link to O; the name is the guest's own
-    SWAPPED = "swapped"    # the name is O; the temporary name the verified duplicate J
+    NEW = "new"  # nothing of ours beside the name: journaled, or our link taken back
+    LINKED = "linked"  # the temporary name is a link to O; the name is the guest's own
+    SWAPPED = "swapped"  # the name is O; the temporary name the verified duplicate J
     REVERTED = "reverted"  # swap refused or undone: the name is the guest's, temporary is O
-    DONE = "done"          # the temporary name is gone
+    DONE = "done"  # the temporary name is gone
 
 
 @dataclass(slots=True)
@@ -205,9 +206,17 @@ class _Window:
 class Linker:
     """Applies link plans; one per run."""
 
-    def __init__(self, store: Store, index: Index | None, *, immutable: bool,
-                 ignore_mtime: bool, stats: Summary, link_limit: int | None = None,
-                 fds: int | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        index: Index | None,
+        *,
+        immutable: bool,
+        ignore_mtime: bool,
+        stats: Summary,
+        link_limit: int | None = None,
+        fds: int | None = None,
+    ) -> None:
         self.store = store
         self.index = index
         self.immutable = immutable
@@ -271,8 +280,10 @@ class Linker:
                 return None
             if syscalls.get_inode_flags(fd) & _BAD_FLAGS:
                 if not attrs.has_marker(fd) or not rec.all_names_seen:
-                    self._error(f"{self._where(rec)}: skipped: immutable or append-only "
-                                f"(flag set by someone else)")
+                    self._error(
+                        f"{self._where(rec)}: skipped: immutable or append-only "
+                        f"(flag set by someone else)"
+                    )
                     return None
                 # Our seal on an inode that lost its store link (crash between seal and
                 # link, or gc); the inode is private, so the flag may go.
@@ -296,24 +307,30 @@ class Linker:
         try:
             st = os.fstat(fd)
             if not syscalls.take_read_lease(fd):
-                self._error(f"store object {obj.name}: open for writing by another process; "
-                            f"not linking to it this run")
+                self._error(
+                    f"store object {obj.name}: open for writing by another process; "
+                    f"not linking to it this run"
+                )
                 obj.full = True
                 return None
             xattrs = read_xattrs(fd)
             st = os.fstat(fd)  # after the xattrs: a change to them moves the ctime
             meta = meta_class(st, xattrs, self.ignore_mtime)
             if meta != obj.key[1]:
-                self._error(f"store object {obj.name}: its metadata no longer matches its name; "
-                            f"not linking to it (`vsunify gc` removes it once unused)")
+                self._error(
+                    f"store object {obj.name}: its metadata no longer matches its name; "
+                    f"not linking to it (`vsunify gc` removes it once unused)"
+                )
                 obj.full = True
                 return None
             if not self._object_strong(obj, fd, st):
                 # Content that no longer matches its name (an object left unsealed and
                 # written to): not an object.  An unsealed one that still matches is used,
                 # and sealed at the end of the window.
-                self._error(f"store object {obj.name}: its content does not match its name; "
-                            f"removed from the store")
+                self._error(
+                    f"store object {obj.name}: its content does not match its name; "
+                    f"removed from the store"
+                )
                 with unsealed(fd, self.immutable, what=f"store object {obj.name}"):
                     self.store.unlink(obj)
                 obj.full = True
@@ -334,9 +351,14 @@ class Linker:
         if obj.strong is not None:
             return True
         rec = self.known.get((st.st_dev, st.st_ino))
-        if rec is not None and rec.strong is not None and rec.digest == obj.key[0] and \
-                rec.size == st.st_size and rec.mtime_ns == st.st_mtime_ns and \
-                rec.ctime_ns == st.st_ctime_ns:
+        if (
+            rec is not None
+            and rec.strong is not None
+            and rec.digest == obj.key[0]
+            and rec.size == st.st_size
+            and rec.mtime_ns == st.st_mtime_ns
+            and rec.ctime_ns == st.st_ctime_ns
+        ):
             obj.strong = rec.strong
             return True
         digest, strong = content_digests(fd, st.st_size)
@@ -360,9 +382,11 @@ class Linker:
                 with unsealed(fd, self.immutable, what=f"store object {obj.name}"):
                     self.store.unlink(obj)
                 obj.full = True
-                self._error(f"store object {obj.name}: its content changed although guests "
-                            f"share it; removed from the store; run `vsunify deunify` on the "
-                            f"guests that link it")
+                self._error(
+                    f"store object {obj.name}: its content changed although guests "
+                    f"share it; removed from the store; run `vsunify deunify` on the "
+                    f"guests that link it"
+                )
                 return
             flags_ok = attrs.has_marker(fd) and (not self.immutable or attrs.is_immutable(fd))
             if not flags_ok:
@@ -373,8 +397,12 @@ class Linker:
 
     # -- the batch -----------------------------------------------------------------------
 
-    def unify_all(self, plans: list[tuple[Key, list[InodeRec], list[StoreObject]]],
-                  chunk: int = 128, tick: Callable[[], None] | None = None) -> None:
+    def unify_all(
+        self,
+        plans: list[tuple[Key, list[InodeRec], list[StoreObject]]],
+        chunk: int = 128,
+        tick: Callable[[], None] | None = None,
+    ) -> None:
         """Unify many groups.  The journal rows of a chunk of groups are written in one
         transaction before any of them is touched, and removed in one after the chunk (two
         commits per chunk instead of two per object).  A row whose temporary name never
@@ -382,7 +410,7 @@ class Linker:
         self.closer = Closer(self.closer_fds)
         try:
             for i in range(0, len(plans), chunk):
-                part = plans[i:i + chunk]
+                part = plans[i : i + chunk]
                 ids = self._plan(part)
                 clean = True
                 for key, members, objs in part:
@@ -392,8 +420,9 @@ class Linker:
                         clean = False  # leave this chunk's rows for recovery
                         if e.errno in NOSPACE_ERRNOS:  # no use going on: stop, as a crash would
                             raise self._no_space(self._where(members[0])) from None
-                        self._error(f"{self._where(members[0])}: group not linked: "
-                                    f"{e.strerror or e}")
+                        self._error(
+                            f"{self._where(members[0])}: group not linked: {e.strerror or e}"
+                        )
                     if tick is not None:
                         tick()
                 ids += self._extra_ids
@@ -409,9 +438,12 @@ class Linker:
 
     def _no_space(self, where: str) -> NoSpaceError:
         """The guests' (and the store's) filesystem is full."""
-        return NoSpaceError.on(self.store.path, f"linking {where}",
-                               "what is linked stays linked; the next run tidies up what "
-                               "this one left in flight and goes on")
+        return NoSpaceError.on(
+            self.store.path,
+            f"linking {where}",
+            "what is linked stays linked; the next run tidies up what "
+            "this one left in flight and goes on",
+        )
 
     def _plan(self, part: list[tuple[Key, list[InodeRec], list[StoreObject]]]) -> list[int]:
         """Journal what the chunk will most likely do: each group's object (the first with
@@ -437,8 +469,17 @@ class Linker:
                 for tree, rel in m.names:
                     tmp = tmp_name()
                     self._planned[(id(tree), rel)] = (tmp, oino)
-                    rows.append(("join", str(tree.root), split_rel(rel)[0],
-                                 split_rel(rel)[1], tmp, m.ino, oino))
+                    rows.append(
+                        (
+                            "join",
+                            str(tree.root),
+                            split_rel(rel)[0],
+                            split_rel(rel)[1],
+                            tmp,
+                            m.ino,
+                            oino,
+                        )
+                    )
         return self.index.journal_add(rows) if self.index is not None and rows else []
 
     def _unify(self, key: Key, members: list[InodeRec], objs: list[StoreObject]) -> None:
@@ -462,8 +503,14 @@ class Linker:
             # What the window leaves (EMLINK: for the next generation) goes first again.
             pending = self._batch(key, obj, seed, pending[:n], objs) + pending[n:]
 
-    def _batch(self, key: Key, obj: StoreObject | None, seed: InodeRec | None,
-               joiners: list[InodeRec], objs: list[StoreObject]) -> list[InodeRec]:
+    def _batch(
+        self,
+        key: Key,
+        obj: StoreObject | None,
+        seed: InodeRec | None,
+        joiners: list[InodeRec],
+        objs: list[StoreObject],
+    ) -> list[InodeRec]:
         """One object, one window.  Returns joiners left over (EMLINK)."""
         new = obj is None
         held: list[int] = []
@@ -489,9 +536,11 @@ class Linker:
                     continue
                 held.append(jfd)
                 if j.strong is None or j.strong != o_strong:
-                    self._error(f"{self._where(j)}: not linked: content differs from "
-                                f"{other} "
-                                f"although the hashes match (hash collision?)")
+                    self._error(
+                        f"{self._where(j)}: not linked: content differs from "
+                        f"{other} "
+                        f"although the hashes match (hash collision?)"
+                    )
                     continue
                 ready.append((j, jfd))
             if not ready and not (new and objs):
@@ -525,8 +574,15 @@ class Linker:
             return None
         return Meta.parts(st, xattrs, syscalls.get_inode_flags(fd))
 
-    def _window(self, obj: StoreObject, ofd: int, new: bool, objs: list[StoreObject],
-                ready: list[tuple[InodeRec, int]], dirs: _Dirs) -> list[InodeRec]:
+    def _window(
+        self,
+        obj: StoreObject,
+        ofd: int,
+        new: bool,
+        objs: list[StoreObject],
+        ready: list[tuple[InodeRec, int]],
+        dirs: _Dirs,
+    ) -> list[InodeRec]:
         """One object's window over the verified joiners ``ready`` (steps 2 to 8 of the
         protocol).  Returns the joiners left for O's next generation (EMLINK)."""
         w = _Window(obj, ofd, new, ready)
@@ -563,8 +619,9 @@ class Linker:
                 try:
                     dfd = dirs.get(tree, d)
                 except OSError as e:
-                    self._error(f"{tree.where(rel)}: skipped: cannot open its directory: "
-                                f"{e.strerror}")
+                    self._error(
+                        f"{tree.where(rel)}: skipped: cannot open its directory: {e.strerror}"
+                    )
                     continue
                 planned = self._planned.get((id(tree), rel))
                 if planned is not None and planned[1] == obj.ino:
@@ -586,11 +643,19 @@ class Linker:
         refused), puts back its verified metadata and seals it (marker, immutable).  Inside:
         O linked beside each name, each name swapped with its link, then joiners that broke
         put back as they were."""
+
         def on_writer(fd: int) -> None:  # a writer got through on a lax filesystem
             w.breached = True
             self._breach(w.obj, fd, w.new, w.names)
-        with unsealed(w.ofd, self.immutable, what=f"store object {w.obj.name}", seal=True,
-                      expect=w.obj.expect, on_writer=on_writer):
+
+        with unsealed(
+            w.ofd,
+            self.immutable,
+            what=f"store object {w.obj.name}",
+            seal=True,
+            expect=w.obj.expect,
+            on_writer=on_writer,
+        ):
             self._link_names(w)
             point("linked", obj=w.obj, names=w.shown())
             self._swap_names(w)
@@ -651,8 +716,10 @@ class Linker:
             out = os.stat(n.tmp, dir_fd=n.dfd, follow_symlinks=False)
             if out.st_ino != n.rec.ino or out.st_dev != n.rec.dev:
                 syscalls.renameat2(n.dfd, n.tmp, n.dfd, n.base, syscalls.RENAME_EXCHANGE)
-                self._error(f"{n.tree.where(n.rel)}: not linked: replaced by another "
-                            f"file while we linked it")
+                self._error(
+                    f"{n.tree.where(n.rel)}: not linked: replaced by another "
+                    f"file while we linked it"
+                )
                 n.state = _State.REVERTED
                 w.failed.add(n.rec.ino)
             else:
@@ -665,8 +732,10 @@ class Linker:
         for j, jfd in w.ready:
             if not syscalls.lease_held(jfd):
                 self.stats.skipped_busy += 1
-                self._error(f"{self._where(j)}: not linked: opened for writing while we "
-                            f"linked it; left as it was")
+                self._error(
+                    f"{self._where(j)}: not linked: opened for writing while we "
+                    f"linked it; left as it was"
+                )
                 w.failed.add(j.ino)
         for n in w.names:
             if n.state is _State.SWAPPED and n.rec.ino in w.failed:
@@ -699,12 +768,26 @@ class Linker:
         st = os.fstat(w.ofd)
         w.obj.nlink = st.st_nlink
         rec = self.known.get((st.st_dev, st.st_ino))
-        if w.obj.strong is not None and rec is not None and rec.meta is not None \
-                and rec.meta_any is not None:
+        if (
+            w.obj.strong is not None
+            and rec is not None
+            and rec.meta is not None
+            and rec.meta_any is not None
+        ):
             # Linking and sealing changed the ctime, not the metadata class.
-            self.index_rows.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                    st.st_ctime_ns, w.obj.key[0], w.obj.strong, rec.meta,
-                                    rec.meta_any))
+            self.index_rows.append(
+                (
+                    st.st_dev,
+                    st.st_ino,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ctime_ns,
+                    w.obj.key[0],
+                    w.obj.strong,
+                    rec.meta,
+                    rec.meta_any,
+                )
+            )
 
     def _breach(self, obj: StoreObject, ofd: int, new: bool, names: list[_Name]) -> None:
         """A writer got O open for writing during its window, on a filesystem that lets it
@@ -712,8 +795,9 @@ class Linker:
         and give O's other names a fresh copy, so that whatever the writer writes reaches
         only what it already owned.  The seal is lifted without a lease here: a lease is
         impossible while the writer holds O, and it can write anyway."""
-        self._error(f"store object {obj.name}: opened for writing while it was being linked; "
-                    f"batch undone")
+        self._error(
+            f"store object {obj.name}: opened for writing while it was being linked; batch undone"
+        )
         attrs.set_immutable(ofd, False)
         for n in names:
             if n.state is _State.SWAPPED:
@@ -744,7 +828,7 @@ class Linker:
         dirs = _Dirs(self.dir_fds)
         try:
             rec = self.known.get((st.st_dev, st.st_ino))
-            for tree, rel in (rec.names if rec else []):
+            for tree, rel in rec.names if rec else []:
                 d, base = split_rel(rel)
                 t = tmp_name()
                 try:
@@ -758,8 +842,9 @@ class Linker:
                     os.unlink(t, dir_fd=dfd)
                     dirs.trim()
                 except OSError as e:
-                    log.warning("%s: could not move to a fresh copy: %s", tree.where(rel),
-                                e.strerror)
+                    log.warning(
+                        "%s: could not move to a fresh copy: %s", tree.where(rel), e.strerror
+                    )
             os.rename(tmp, obase, src_dir_fd=odir, dst_dir_fd=odir)
             attrs.seal(cfd, self.immutable)
             attrs.seal(ofd, self.immutable)
@@ -768,10 +853,15 @@ class Linker:
             os.close(cfd)
         obj.full = True
         remaining = os.fstat(ofd).st_nlink
-        self._error(f"store object {obj.name}: moved {moved} guest names to a fresh copy; "
-                    f"{remaining} other names still share the old inode"
-                    + (": run `vsunify run --all` then `vsunify deunify` on those guests"
-                       if remaining else ""))
+        self._error(
+            f"store object {obj.name}: moved {moved} guest names to a fresh copy; "
+            f"{remaining} other names still share the old inode"
+            + (
+                ": run `vsunify run --all` then `vsunify deunify` on those guests"
+                if remaining
+                else ""
+            )
+        )
 
 
 def recover(index: Index, store: Store, immutable: bool) -> list[str]:
@@ -824,18 +914,20 @@ def recover(index: Index, store: Store, immutable: bool) -> list[str]:
                     os.unlink(row.tmp, dir_fd=dfd)  # copy made, never swapped in
                 elif n_ino == row.obj_ino or (row.kind == "deunify" and n_ino == copy_ino):
                     # A guest's own file was swapped out in the last instant: swap it back.
-                    ofd = os.open(row.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                  dir_fd=dfd)
+                    ofd = os.open(row.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
                     try:
                         with unsealed(ofd, immutable, what=where):
-                            syscalls.renameat2(dfd, row.tmp, dfd, row.name,
-                                               syscalls.RENAME_EXCHANGE)
+                            syscalls.renameat2(
+                                dfd, row.tmp, dfd, row.name, syscalls.RENAME_EXCHANGE
+                            )
                             os.unlink(row.tmp, dir_fd=dfd)
                     finally:
                         os.close(ofd)
                 else:
-                    notes.append(f"{where}: left the temporary name {row.tmp} beside it: "
-                                 f"its content may differ; compare and remove it by hand")
+                    notes.append(
+                        f"{where}: left the temporary name {row.tmp} beside it: "
+                        f"its content may differ; compare and remove it by hand"
+                    )
                     log.warning("%s", notes[-1])
             finally:
                 os.close(tfd)
@@ -857,8 +949,11 @@ def _recover_object(store: Store, name: str, immutable: bool, notes: list[str]) 
     key = Store.parse_name(name)
     prefix, base = name.split("/")
     try:
-        fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=store.subdir(prefix))
+        fd = os.open(
+            base,
+            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+            dir_fd=store.subdir(prefix),
+        )
     except OSError:
         return  # never linked, or gone
     try:
@@ -866,8 +961,11 @@ def _recover_object(store: Store, name: str, immutable: bool, notes: list[str]) 
             return
         st = os.fstat(fd)
         xattrs = read_xattrs(fd)
-        ok = key is not None and content_digests(fd, st.st_size)[0] == key[0] and \
-            key[1] in (meta_class(st, xattrs, False), meta_class(st, xattrs, True))
+        ok = (
+            key is not None
+            and content_digests(fd, st.st_size)[0] == key[0]
+            and key[1] in (meta_class(st, xattrs, False), meta_class(st, xattrs, True))
+        )
         if ok and syscalls.take_read_lease(fd):
             attrs.seal(fd, immutable)
             if syscalls.lease_held(fd):
@@ -875,8 +973,10 @@ def _recover_object(store: Store, name: str, immutable: bool, notes: list[str]) 
             attrs.set_immutable(fd, False)
         with unsealed(fd, immutable, what=f"store object {name}"):
             os.unlink(base, dir_fd=store.subdir(prefix))
-        notes.append(f"store object {name}: interrupted before it was sealed and no longer "
-                     f"matches its name (or is in use for writing); removed from the store")
+        notes.append(
+            f"store object {name}: interrupted before it was sealed and no longer "
+            f"matches its name (or is in use for writing); removed from the store"
+        )
         log.warning("%s", notes[-1])
     finally:
         os.close(fd)

@@ -1,4 +1,5 @@
 """vsunify: the command line over unify.engine, report and maintain.  No logic lives here."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,12 +35,16 @@ def _guests(args: argparse.Namespace, paths: Paths) -> tuple[list[Guest], list[s
         broken: list[ConfigError] = []
         found = configured_guests(paths, broken)
         if not found and not broken:
-            raise ConfigError(f"--all: no guests configured in {paths.confdir}; "
-                              f"name guests or set VSERVERS_CONFDIR")
+            raise ConfigError(
+                f"--all: no guests configured in {paths.confdir}; "
+                f"name guests or set VSERVERS_CONFDIR"
+            )
         left_out = [f"left out: {e.message}" for e in broken]
         if not found:
-            raise ConfigError("--all: no configured guest has its root tree: "
-                              + "; ".join(e.message for e in broken))
+            raise ConfigError(
+                "--all: no configured guest has its root tree: "
+                + "; ".join(e.message for e in broken)
+            )
         return found + [resolve_guest(n, paths) for n in names], left_out
     if not names:
         raise ConfigError("name at least one guest (a configured name or a path), or use --all")
@@ -51,18 +56,28 @@ def _store_path(args: argparse.Namespace, paths: Paths) -> Path:
 
 
 def _excludes(args: argparse.Namespace, g: Guest, paths: Paths) -> ExcludeList:
-    return api.guest_excludes(g, paths, tuple(args.exclude or ()), not args.no_default_excludes,
-                              not args.no_pkgdb_excludes)
+    return api.guest_excludes(
+        g,
+        paths,
+        tuple(args.exclude or ()),
+        not args.no_default_excludes,
+        not args.no_pkgdb_excludes,
+    )
 
 
 def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     guests, left_out = _guests(args, paths)
-    opts = api.RunOptions(min_size=args.min_size, ignore_mtime=args.ignore_mtime,
-                          immutable=not args.no_immutable and os.geteuid() == 0,
-                          dry_run=args.dry_run, jobs=args.jobs, exclude=tuple(args.exclude or ()),
-                          default_excludes=not args.no_default_excludes,
-                          pkgdb_excludes=not args.no_pkgdb_excludes,
-                          store=Path(args.store) if args.store else None)
+    opts = api.RunOptions(
+        min_size=args.min_size,
+        ignore_mtime=args.ignore_mtime,
+        immutable=not args.no_immutable and os.geteuid() == 0,
+        dry_run=args.dry_run,
+        jobs=args.jobs,
+        exclude=tuple(args.exclude or ()),
+        default_excludes=not args.no_default_excludes,
+        pkgdb_excludes=not args.no_pkgdb_excludes,
+        store=Path(args.store) if args.store else None,
+    )
     for msg in left_out:
         print(f"vsunify: {msg}", file=sys.stderr)
     prog = Progress(sys.stderr.isatty() and not args.json and not args.quiet)
@@ -89,6 +104,7 @@ def _log_summary(args: argparse.Namespace, line: str, code: int) -> None:
             raise ConfigError(f"--log {args.log}: {e.strerror}; give a writable file") from None
     if args.syslog:
         import syslog
+
         syslog.openlog("vsunify", 0, syslog.LOG_DAEMON)
         syslog.syslog(syslog.LOG_WARNING if code else syslog.LOG_INFO, text)
         syslog.closelog()
@@ -109,6 +125,7 @@ def cmd_report(args: argparse.Namespace, paths: Paths) -> int:
         rep.history = report.History(index.runs(), index.snapshots())
     if args.memory:
         from vsstore.memory import measure_running
+
         rep.memory = measure_running(paths)
     if args.html:
         _write_text(args.html, htmlreport.render(rep), "--html")
@@ -147,8 +164,10 @@ def cmd_deunify(args: argparse.Namespace, paths: Paths) -> int:
     if args.json:
         print(json.dumps({"files": t.files, "bytes": t.bytes, "errors": t.errors}))
     else:
-        print(f"vsunify: {shown(g.name)}: {t.files} files made private ({human(t.bytes)}), "
-              f"{t.errors} errors")
+        print(
+            f"vsunify: {shown(g.name)}: {t.files} files made private ({human(t.bytes)}), "
+            f"{t.errors} errors"
+        )
     return EXIT_PARTIAL if t.errors else EXIT_OK
 
 
@@ -158,11 +177,12 @@ def cmd_gc(args: argparse.Namespace, paths: Paths) -> int:
         store = stack.enter_context(Store(_store_path(args, paths), create=False))
         t = maintain.gc(store, immutable=os.geteuid() == 0, dry_run=args.dry_run)
     if args.json:
-        print(json.dumps({"objects_removed": t.files, "bytes_freed": t.bytes,
-                          "errors": t.errors}))
+        print(json.dumps({"objects_removed": t.files, "bytes_freed": t.bytes, "errors": t.errors}))
     else:
-        print(f"vsunify: gc: {t.files} unused objects {'would be ' if args.dry_run else ''}"
-              f"removed ({human(t.bytes)}), {t.errors} errors")
+        print(
+            f"vsunify: gc: {t.files} unused objects {'would be ' if args.dry_run else ''}"
+            f"removed ({human(t.bytes)}), {t.errors} errors"
+        )
     return EXIT_PARTIAL if t.errors else EXIT_OK
 
 
@@ -181,52 +201,98 @@ def cmd_excludes(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vsunify", description="Unify identical files across "
-                                "guests into a content-addressed store of shared, immutable "
-                                "inodes.")
+    p = argparse.ArgumentParser(
+        prog="vsunify",
+        description="Unify identical files across "
+        "guests into a content-addressed store of shared, immutable "
+        "inodes.",
+    )
     common = argparse.ArgumentParser(add_help=False, parents=[common_options()])
-    common.add_argument("--store", metavar="DIR", help="store directory (default: "
-                        "$VSERVERS_ROOT/.hash); must be on the guests' filesystem")
+    common.add_argument(
+        "--store",
+        metavar="DIR",
+        help="store directory (default: $VSERVERS_ROOT/.hash); must be on the guests' filesystem",
+    )
     common.add_argument("--json", action="store_true", help="print one JSON object")
     exc = argparse.ArgumentParser(add_help=False)
-    exc.add_argument("--exclude", action="append", metavar="PATTERN",
-                     help="exclude rule (repeatable; '+PATTERN' includes); see README")
-    exc.add_argument("--no-default-excludes", action="store_true",
-                     help="drop the built-in list (/etc, /var, /home, ...)")
-    exc.add_argument("--no-pkgdb-excludes", action="store_true",
-                     help="do not exclude the config files named by the guest's package "
-                     "database (dpkg conffiles, rpm %%config, apk, pacman backup)")
+    exc.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PATTERN",
+        help="exclude rule (repeatable; '+PATTERN' includes); see README",
+    )
+    exc.add_argument(
+        "--no-default-excludes",
+        action="store_true",
+        help="drop the built-in list (/etc, /var, /home, ...)",
+    )
+    exc.add_argument(
+        "--no-pkgdb-excludes",
+        action="store_true",
+        help="do not exclude the config files named by the guest's package "
+        "database (dpkg conffiles, rpm %%config, apk, pacman backup)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", parents=[common, exc], help="unify guests")
     r.add_argument("guests", nargs="*", metavar="GUEST", help="guest name or root path")
     r.add_argument("--all", action="store_true", help="every configured guest")
     r.add_argument("--dry-run", "-n", action="store_true", help="change nothing; report")
-    r.add_argument("--ignore-mtime", action="store_true",
-                   help="link files that differ only in mtime (they take the object's)")
-    r.add_argument("--min-size", type=int, default=16, metavar="BYTES",
-                   help="leave smaller files alone (default 16)")
-    r.add_argument("--no-immutable", action="store_true",
-                   help="do not set FS_IMMUTABLE_FL on shared inodes (marker only)")
-    r.add_argument("--jobs", "-j", type=int, default=8,
-                   help="reading/hashing threads (default 8: more reads in flight)")
-    r.add_argument("--prom", metavar="FILE", help="write the run's figures in the "
-                   "Prometheus text format (node_exporter's textfile collector)")
+    r.add_argument(
+        "--ignore-mtime",
+        action="store_true",
+        help="link files that differ only in mtime (they take the object's)",
+    )
+    r.add_argument(
+        "--min-size",
+        type=int,
+        default=16,
+        metavar="BYTES",
+        help="leave smaller files alone (default 16)",
+    )
+    r.add_argument(
+        "--no-immutable",
+        action="store_true",
+        help="do not set FS_IMMUTABLE_FL on shared inodes (marker only)",
+    )
+    r.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        default=8,
+        help="reading/hashing threads (default 8: more reads in flight)",
+    )
+    r.add_argument(
+        "--prom",
+        metavar="FILE",
+        help="write the run's figures in the "
+        "Prometheus text format (node_exporter's textfile collector)",
+    )
     r.add_argument("--log", metavar="FILE", help="append the summary line to FILE")
-    r.add_argument("--syslog", action="store_true", help="send the summary line to syslog "
-                   "(the journal on systemd hosts)")
+    r.add_argument(
+        "--syslog",
+        action="store_true",
+        help="send the summary line to syslog (the journal on systemd hosts)",
+    )
     r.set_defaults(func=cmd_run)
 
-    rp = sub.add_parser("report", parents=[common], help="savings per guest and in total, "
-                        "the store, the most saving files, the trend")
+    rp = sub.add_parser(
+        "report",
+        parents=[common],
+        help="savings per guest and in total, the store, the most saving files, the trend",
+    )
     rp.add_argument("guests", nargs="*", metavar="GUEST")
     rp.add_argument("--all", action="store_true")
     rp.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
     rp.add_argument("--prom", metavar="FILE", help="also write the figures for Prometheus")
-    rp.add_argument("--memory", action="store_true", help="also measure the file-backed "
-                    "memory running guests share")
-    rp.add_argument("--no-record", action="store_true", help="do not add this report to the "
-                    "history (the trend)")
+    rp.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure the file-backed memory running guests share",
+    )
+    rp.add_argument(
+        "--no-record", action="store_true", help="do not add this report to the history (the trend)"
+    )
     rp.set_defaults(func=cmd_report)
 
     d = sub.add_parser("deunify", parents=[common], help="give a guest private copies again")
@@ -238,13 +304,19 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", "-n", action="store_true")
     g.set_defaults(func=cmd_gc)
 
-    e = sub.add_parser("excludes", parents=[common, exc], help="the effective exclude list "
-                       "of a guest, with the reason for each rule")
+    e = sub.add_parser(
+        "excludes",
+        parents=[common, exc],
+        help="the effective exclude list of a guest, with the reason for each rule",
+    )
     e.add_argument("guest", metavar="GUEST")
     e.set_defaults(func=cmd_excludes)
 
-    dm = sub.add_parser("demo", parents=[common], help="build demo guests in a temporary "
-                        "directory, unify them and print the savings")
+    dm = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="build demo guests in a temporary directory, unify them and print the savings",
+    )
     dm.add_argument("--dir", metavar="DIR", help="where (default: a new directory in /var/tmp)")
     dm.add_argument("--guests", type=int, default=4)
     dm.add_argument("--keep", action="store_true", help="keep the demo tree afterwards")

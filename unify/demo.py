@@ -5,6 +5,7 @@ Guests are generated, not downloaded, so the demo runs anywhere in seconds: a sh
 Debian's busybox-static as /bin/busybox when the host has it, and per-guest drift (edited
 files, an extra package, a file with another owner) that must stay private.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,12 @@ def _distribution(seed: int = 7) -> dict[str, bytes]:
         files[f"usr/bin/tool{i}"] = rnd.randbytes(int(rnd.lognormvariate(10.5, 1.0)))
     for i in range(80):
         files[f"usr/lib/x86_64-linux-gnu/libdemo{i}.so.1"] = rnd.randbytes(
-            int(rnd.lognormvariate(11.5, 1.0)))
+            int(rnd.lognormvariate(11.5, 1.0))
+        )
     for i in range(300):
-        files[f"usr/share/doc/pkg{i}/copyright"] = (f"Package pkg{i}\nLicense: GPL-2+\n" * 20
-                                                    ).encode()
+        files[f"usr/share/doc/pkg{i}/copyright"] = (
+            f"Package pkg{i}\nLicense: GPL-2+\n" * 20
+        ).encode()
     for i in range(40):
         files[f"etc/demo/conf{i}.conf"] = f"# config {i}\nvalue = {i}\n".encode() * 4
     return files
@@ -73,12 +76,20 @@ def build_guests(base: Path, n: int) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     from .cli import main as vsunify
-    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="vsstore-demo-",
-                                                                 dir="/var/tmp"))
+
+    base = (
+        Path(args.dir)
+        if args.dir
+        else Path(tempfile.mkdtemp(prefix="vsstore-demo-", dir="/var/tmp"))
+    )
     base.mkdir(parents=True, exist_ok=True)
-    env = {"VSERVERS_CONFDIR": base / "etc" / "vservers", "VSERVERS_ROOT": base / "vservers",
-           "VSSTORE_STATEDIR": base / "state", "VSSTORE_RUNDIR": base / "run",
-           "VSSTORE_LOGDIR": base / "log"}
+    env = {
+        "VSERVERS_CONFDIR": base / "etc" / "vservers",
+        "VSERVERS_ROOT": base / "vservers",
+        "VSSTORE_STATEDIR": base / "state",
+        "VSSTORE_RUNDIR": base / "run",
+        "VSSTORE_LOGDIR": base / "log",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update({k: str(v) for k, v in env.items()})
     try:

@@ -1,4 +1,5 @@
 """A unification run: walk, exclude, look up, hash, group, link, record.  No argv here."""
+
 from __future__ import annotations
 
 import errno
@@ -69,8 +70,10 @@ def open_trees(guests: list[Guest], store: Store) -> list[GuestTree]:
         seen: dict[str, Guest] = {}
         for g in guests:
             if g.name in seen:
-                raise ConfigError(f"guest '{shown(g.name)}' named twice "
-                                  f"({shown(seen[g.name].root)}, {shown(g.root)})")
+                raise ConfigError(
+                    f"guest '{shown(g.name)}' named twice "
+                    f"({shown(seen[g.name].root)}, {shown(g.root)})"
+                )
             seen[g.name] = g
             t = GuestTree(g.root, g.name)
             trees.append(t)
@@ -78,8 +81,10 @@ def open_trees(guests: list[Guest], store: Store) -> list[GuestTree]:
         roots = sorted((t.root.resolve(), t.name) for t in trees)
         for (a, an), (b, bn) in zip(roots, roots[1:], strict=False):
             if b.is_relative_to(a):
-                raise ConfigError(f"guest '{shown(bn)}' ({shown(b)}) lies inside guest "
-                                  f"'{shown(an)}' ({shown(a)}); name each guest once")
+                raise ConfigError(
+                    f"guest '{shown(bn)}' ({shown(b)}) lies inside guest "
+                    f"'{shown(an)}' ({shown(a)}); name each guest once"
+                )
     except BaseException:
         for t in trees:
             t.close()
@@ -122,9 +127,14 @@ def _hash_one(rec: scan.InodeRec) -> Hashed | str | None:
         os.close(fd)
 
 
-def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
-        index: Index, opts: Options, progress: Progress | None = None,
-        ) -> Summary:
+def run(
+    guests: list[Guest],
+    excludes: dict[str, ExcludeList],
+    store: Store,
+    index: Index,
+    opts: Options,
+    progress: Progress | None = None,
+) -> Summary:
     """Unify ``guests`` into ``store``.  The caller holds the run lock."""
     t0 = time.monotonic()
     started = time.time()
@@ -137,13 +147,25 @@ def run(guests: list[Guest], excludes: dict[str, ExcludeList], store: Store,
         objects = _Objects.scan(store)
         sc = _walk(trees, excludes, opts, objects, summ, prog)
         by_size, to_hash = _look_up(sc, objects, index)
-        linker = apply.Linker(store, index, immutable=opts.immutable,
-                              ignore_mtime=opts.ignore_mtime, stats=summ,
-                              link_limit=opts.link_limit,
-                              fds=apply.fds_free() - 2 * max(1, opts.jobs) - 32)
+        linker = apply.Linker(
+            store,
+            index,
+            immutable=opts.immutable,
+            ignore_mtime=opts.ignore_mtime,
+            stats=summ,
+            link_limit=opts.link_limit,
+            fds=apply.fds_free() - 2 * max(1, opts.jobs) - 32,
+        )
         linker.known = sc.inodes
-        pipe = _Pipeline(opts, linker, index, objects, by_size, sc,
-                         tick=lambda: prog.update(summ.files_linked, 0))
+        pipe = _Pipeline(
+            opts,
+            linker,
+            index,
+            objects,
+            by_size,
+            sc,
+            tick=lambda: prog.update(summ.files_linked, 0),
+        )
         _hash_and_link(pipe, to_hash, prog)
         if not opts.dry_run:
             _record(index, linker)
@@ -172,28 +194,51 @@ class _Objects:
     def scan(cls, store: Store) -> _Objects:
         by_key = store.scan()
         objs = [o for group in by_key.values() for o in group]
-        return cls(by_key, {o.ino: o for o in objs}, {(store.dev, o.ino) for o in objs},
-                   {o.size for o in objs}, {o.ino: o.st for o in objs if o.st is not None})
+        return cls(
+            by_key,
+            {o.ino: o for o in objs},
+            {(store.dev, o.ino) for o in objs},
+            {o.size for o in objs},
+            {o.ino: o.st for o in objs if o.st is not None},
+        )
 
 
-def _walk(trees: list[GuestTree], excludes: dict[str, ExcludeList], opts: Options,
-          objects: _Objects, summ: Summary, prog: Progress) -> scan.Scan:
+def _walk(
+    trees: list[GuestTree],
+    excludes: dict[str, ExcludeList],
+    opts: Options,
+    objects: _Objects,
+    summ: Summary,
+    prog: Progress,
+) -> scan.Scan:
     """2. Walk the guests: an InodeRec per candidate inode, with every name seen."""
     prog.phase("scan")
-    sc = scan.scan(trees, excludes, opts.min_size, tick=lambda n, b: prog.update(n, b),
-                   known=objects.known, jobs=2)
+    sc = scan.scan(
+        trees,
+        excludes,
+        opts.min_size,
+        tick=lambda n, b: prog.update(n, b),
+        known=objects.known,
+        jobs=2,
+    )
     summ.files_scanned = sc.files_scanned
     summ.errors += sc.errors
     summ.leftovers = len(sc.leftovers)
     for name in sc.leftovers[:20]:
-        log.warning("%s: temporary name left by an interrupted run (no journal entry); "
-                    "its content equals the file it was meant to replace or a store "
-                    "object: check and remove it", name)
+        log.warning(
+            "%s: temporary name left by an interrupted run (no journal entry); "
+            "its content equals the file it was meant to replace or a store "
+            "object: check and remove it",
+            name,
+        )
     return sc
 
 
-def _look_up(sc: scan.Scan, objects: _Objects, index: Index,
-             ) -> tuple[dict[int, list[scan.InodeRec]], list[scan.InodeRec]]:
+def _look_up(
+    sc: scan.Scan,
+    objects: _Objects,
+    index: Index,
+) -> tuple[dict[int, list[scan.InodeRec]], list[scan.InodeRec]]:
     """3. What needs reading: only sizes shared with another inode or an object.  Of
     those inodes (returned by size), the ones the index knows unchanged take their
     digests from it; the others (returned second) are to be hashed."""
@@ -209,8 +254,12 @@ def _look_up(sc: scan.Scan, objects: _Objects, index: Index,
         if rows is None:
             rows = cache[rec.dev] = index.load(rec.dev)
         c = rows.get(rec.ino)
-        if c is not None and c.size == rec.size and c.mtime_ns == rec.mtime_ns \
-                and c.ctime_ns == rec.ctime_ns:
+        if (
+            c is not None
+            and c.size == rec.size
+            and c.mtime_ns == rec.mtime_ns
+            and c.ctime_ns == rec.ctime_ns
+        ):
             rec.digest, rec.strong = c.digest, c.strong
             rec.meta, rec.meta_any = c.meta, c.meta_any
         else:
@@ -228,7 +277,7 @@ def _hash_and_link(pipe: _Pipeline, to_hash: list[scan.InodeRec], prog: Progress
             pipe.size_ready(size)
     prog.phase("hash+link", total_bytes=sum(r.size for r in to_hash))
     done_bytes = 0
-    chunks = [to_hash[i:i + CHUNK_FILES] for i in range(0, len(to_hash), CHUNK_FILES)]
+    chunks = [to_hash[i : i + CHUNK_FILES] for i in range(0, len(to_hash), CHUNK_FILES)]
     with ThreadPoolExecutor(max_workers=max(1, pipe.opts.jobs)) as pool:
         for chunk, results in zip(chunks, pool.map(_hash_chunk, chunks), strict=True):
             for rec, res in zip(chunk, results, strict=True):
@@ -256,9 +305,16 @@ class _Pipeline:
 
     FLUSH = 128
 
-    def __init__(self, opts: Options, linker: apply.Linker, index: Index, objects: _Objects,
-                 by_size: dict[int, list[scan.InodeRec]], sc: scan.Scan,
-                 tick: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        opts: Options,
+        linker: apply.Linker,
+        index: Index,
+        objects: _Objects,
+        by_size: dict[int, list[scan.InodeRec]],
+        sc: scan.Scan,
+        tick: Callable[[], None],
+    ) -> None:
         self.opts, self.linker, self.index = opts, linker, index
         self.objects, self.by_size, self.sc = objects, by_size, sc
         self.summ = linker.stats  # the run's Summary
@@ -280,8 +336,19 @@ class _Pipeline:
         rec.digest, rec.strong, rec.meta, rec.meta_any = res
         self.summ.files_hashed += 1
         self.summ.bytes_hashed += rec.size
-        self.new_rows.append((rec.dev, rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns,
-                              rec.digest, rec.strong, rec.meta, rec.meta_any))
+        self.new_rows.append(
+            (
+                rec.dev,
+                rec.ino,
+                rec.size,
+                rec.mtime_ns,
+                rec.ctime_ns,
+                rec.digest,
+                rec.strong,
+                rec.meta,
+                rec.meta_any,
+            )
+        )
         obj = self.objects.by_ino.get(rec.ino) if rec.dev == self.linker.store.dev else None
         if obj is not None and not self.opts.dry_run:
             self.linker.reseal(obj, rec)

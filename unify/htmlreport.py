@@ -1,5 +1,6 @@
 """The report as one self-contained HTML page (inline CSS and SVG, no script, nothing
 fetched): savings over time, per guest, the most saving shared files, the store, runs."""
+
 from __future__ import annotations
 
 import time
@@ -25,11 +26,19 @@ def _when(t: float) -> str:
 
 
 def _table(head: list[str], rows: list[list[str]], numeric: set[int]) -> str:
-    h = "".join(f'<th class="n">{escape(c)}</th>' if i in numeric else f"<th>{escape(c)}</th>"
-                for i, c in enumerate(head))
-    body = "".join("<tr>" + "".join(
-        f'<td class="n">{escape(c)}</td>' if i in numeric else f"<td>{escape(c)}</td>"
-        for i, c in enumerate(r)) + "</tr>" for r in rows)
+    h = "".join(
+        f'<th class="n">{escape(c)}</th>' if i in numeric else f"<th>{escape(c)}</th>"
+        for i, c in enumerate(head)
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="n">{escape(c)}</td>' if i in numeric else f"<td>{escape(c)}</td>"
+            for i, c in enumerate(r)
+        )
+        + "</tr>"
+        for r in rows
+    )
     return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -47,20 +56,26 @@ def _trend_svg(snaps: list[Snapshot], w: int = 640, h: int = 200) -> str:
 
     def y(v: float) -> float:
         return h - pad - (h - 2 * pad) * v / top
+
     pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(ys))
-    dots = "".join(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="#2a7">'
-                   f"<title>{escape(_when(snaps[i].taken))}: {human(int(v))}</title>"
-                   f"</circle>" for i, v in enumerate(ys))
+    dots = "".join(
+        f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="#2a7">'
+        f"<title>{escape(_when(snaps[i].taken))}: {human(int(v))}</title>"
+        f"</circle>"
+        for i, v in enumerate(ys)
+    )
     first, last = _when(snaps[0].taken), _when(snaps[-1].taken)
-    return (f'<svg id="trend" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
-            f'aria-label="saved bytes over time">'
-            f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#999"/>'
-            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#999"/>'
-            f'<polyline points="{pts}" fill="none" stroke="#2a7" stroke-width="2"/>{dots}'
-            f'<text x="{pad}" y="{pad - 8}">{escape(human(int(top)))} saved</text>'
-            f'<text x="{pad}" y="{h - pad + 16}">{escape(first)}</text>'
-            f'<text x="{w - pad}" y="{h - pad + 16}" text-anchor="end">{escape(last)}</text>'
-            f"</svg>")
+    return (
+        f'<svg id="trend" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+        f'aria-label="saved bytes over time">'
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#999"/>'
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#999"/>'
+        f'<polyline points="{pts}" fill="none" stroke="#2a7" stroke-width="2"/>{dots}'
+        f'<text x="{pad}" y="{pad - 8}">{escape(human(int(top)))} saved</text>'
+        f'<text x="{pad}" y="{h - pad + 16}">{escape(first)}</text>'
+        f'<text x="{w - pad}" y="{h - pad + 16}" text-anchor="end">{escape(last)}</text>'
+        f"</svg>"
+    )
 
 
 def _guest_svg(guests: dict[str, GuestFigures], w: int = 640) -> str:
@@ -81,64 +96,130 @@ def _guest_svg(guests: dict[str, GuestFigures], w: int = 640) -> str:
             f'<rect class="disk" x="{left}" y="{y}" width="{full:.1f}" height="{bar}" '
             f'fill="#ccd"><title>{escape(name)}: {human(disk)} on disk</title></rect>'
             f'<rect class="saved" x="{left}" y="{y}" width="{part:.1f}" height="{bar}" '
-            f'fill="#2a7"><title>{escape(name)}: {human(saved)} saved</title></rect>')
-    return (f'<svg id="guests" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
-            f'aria-label="per guest: on disk and saved">{"".join(parts)}</svg>')
+            f'fill="#2a7"><title>{escape(name)}: {human(saved)} saved</title></rect>'
+        )
+    return (
+        f'<svg id="guests" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+        f'aria-label="per guest: on disk and saved">{"".join(parts)}</svg>'
+    )
 
 
 def render(rep: Report) -> str:
     guests, total = rep.guests, rep.total
-    out = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-           f"<title>vsstore report {escape(_when(rep.taken))}</title>"
-           f"<style>{_CSS}</style></head><body>",
-           f"<h1>vsstore: disk sharing across {len(guests)} guests</h1>",
-           f'<p class="muted">report of {escape(_when(rep.taken))}</p>',
-           f'<p><span class="big" id="saved">{escape(human(total.saved_bytes))}</span>'
-           f" saved: the guests take {escape(human(total.disk_bytes))} on disk "
-           f"together, {escape(human(total.disk_bytes + total.saved_bytes))} "
-           f"alone ({rep.share_ratio:.0%} saved).</p>",
-           "<h2>Saved over time</h2>",
-           _trend_svg(rep.history.snapshots if rep.history is not None else []),
-           "<h2>Per guest</h2>", _guest_svg(guests)]
-    rows = [[n, str(g.files), human(g.apparent_bytes), human(g.disk_bytes),
-             human(g.shared_bytes), human(g.saved_bytes), f"{g.share_ratio:.0%}",
-             ", ".join(f"{k}: {human(v)}" for k, v in sorted(g.shared_with.items()))]
-            for n, g in sorted(guests.items())]
-    rows.append(["TOTAL", str(total.files), human(total.apparent_bytes),
-                 human(total.disk_bytes), human(total.shared_bytes),
-                 human(total.saved_bytes), f"{rep.share_ratio:.0%}", ""])
-    out.append(_table(["guest", "files", "apparent", "on disk", "shared", "saved", "share",
-                       "shared with k others"], rows, {1, 2, 3, 4, 5, 6}))
+    out = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>vsstore report {escape(_when(rep.taken))}</title>"
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>vsstore: disk sharing across {len(guests)} guests</h1>",
+        f'<p class="muted">report of {escape(_when(rep.taken))}</p>',
+        f'<p><span class="big" id="saved">{escape(human(total.saved_bytes))}</span>'
+        f" saved: the guests take {escape(human(total.disk_bytes))} on disk "
+        f"together, {escape(human(total.disk_bytes + total.saved_bytes))} "
+        f"alone ({rep.share_ratio:.0%} saved).</p>",
+        "<h2>Saved over time</h2>",
+        _trend_svg(rep.history.snapshots if rep.history is not None else []),
+        "<h2>Per guest</h2>",
+        _guest_svg(guests),
+    ]
+    rows = [
+        [
+            n,
+            str(g.files),
+            human(g.apparent_bytes),
+            human(g.disk_bytes),
+            human(g.shared_bytes),
+            human(g.saved_bytes),
+            f"{g.share_ratio:.0%}",
+            ", ".join(f"{k}: {human(v)}" for k, v in sorted(g.shared_with.items())),
+        ]
+        for n, g in sorted(guests.items())
+    ]
+    rows.append(
+        [
+            "TOTAL",
+            str(total.files),
+            human(total.apparent_bytes),
+            human(total.disk_bytes),
+            human(total.shared_bytes),
+            human(total.saved_bytes),
+            f"{rep.share_ratio:.0%}",
+            "",
+        ]
+    )
+    out.append(
+        _table(
+            [
+                "guest",
+                "files",
+                "apparent",
+                "on disk",
+                "shared",
+                "saved",
+                "share",
+                "shared with k others",
+            ],
+            rows,
+            {1, 2, 3, 4, 5, 6},
+        )
+    )
     if rep.top_shared:
         out.append("<h2>Most saving shared files</h2>")
-        out.append(_table(["file (one name)", "guests", "size", "saved"],
-                          [[f.path, str(f.guests), human(f.size), human(f.saved)]
-                           for f in rep.top_shared], {1, 2, 3}))
+        out.append(
+            _table(
+                ["file (one name)", "guests", "size", "saved"],
+                [[f.path, str(f.guests), human(f.size), human(f.saved)] for f in rep.top_shared],
+                {1, 2, 3},
+            )
+        )
     store = rep.store
     if store is not None:
         out.append("<h2>Store</h2>")
-        out.append(f"<p>{escape(store.path)}: {store.objects} objects, "
-                   f"{escape(human(store.object_bytes))}; {store.unused_objects} unused "
-                   f"({escape(human(store.unused_bytes))}, removed by "
-                   f"<code>vsunify gc</code>).</p>")
+        out.append(
+            f"<p>{escape(store.path)}: {store.objects} objects, "
+            f"{escape(human(store.object_bytes))}; {store.unused_objects} unused "
+            f"({escape(human(store.unused_bytes))}, removed by "
+            f"<code>vsunify gc</code>).</p>"
+        )
     mem = rep.memory
     if mem is not None:
         t = mem.total
         out.append("<h2>Memory of running guests (file-backed)</h2>")
-        out.append(f"<p>{escape(human(t.with_unification))} in page cache for the "
-                   f"guests' mapped files; {escape(human(t.without_unification))} without "
-                   f"unification ({escape(human(t.saved))} saved).</p>")
-        out.append(_table(["guest", "processes", "file-backed", "of it shared"],
-                          [[n, str(g.processes), human(g.file_rss), human(g.shared_rss)]
-                           for n, g in mem.guests.items()], {1, 2, 3}))
+        out.append(
+            f"<p>{escape(human(t.with_unification))} in page cache for the "
+            f"guests' mapped files; {escape(human(t.without_unification))} without "
+            f"unification ({escape(human(t.saved))} saved).</p>"
+        )
+        out.append(
+            _table(
+                ["guest", "processes", "file-backed", "of it shared"],
+                [
+                    [n, str(g.processes), human(g.file_rss), human(g.shared_rss)]
+                    for n, g in mem.guests.items()
+                ],
+                {1, 2, 3},
+            )
+        )
     runs = rep.history.runs if rep.history is not None else []
     if runs:
         out.append("<h2>Recent runs</h2>")
-        out.append(_table(["started", "guests", "scanned", "hashed", "linked", "saved",
-                           "errors", "seconds"],
-                          [[_when(r.started), str(r.guests), str(r.files_scanned),
-                            str(r.files_hashed), str(r.files_linked), human(r.bytes_saved),
-                            str(r.errors), f"{r.duration:.1f}"]
-                           for r in reversed(runs[-20:])], {1, 2, 3, 4, 5, 6, 7}))
+        out.append(
+            _table(
+                ["started", "guests", "scanned", "hashed", "linked", "saved", "errors", "seconds"],
+                [
+                    [
+                        _when(r.started),
+                        str(r.guests),
+                        str(r.files_scanned),
+                        str(r.files_hashed),
+                        str(r.files_linked),
+                        human(r.bytes_saved),
+                        str(r.errors),
+                        f"{r.duration:.1f}",
+                    ]
+                    for r in reversed(runs[-20:])
+                ],
+                {1, 2, 3, 4, 5, 6, 7},
+            )
+        )
     out.append("</body></html>\n")
     return "".join(out)

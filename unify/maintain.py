@@ -1,4 +1,5 @@
 """deunify (give a guest private copies again) and gc (drop objects nobody links)."""
+
 from __future__ import annotations
 
 import errno
@@ -53,16 +54,17 @@ def deunify(tree: GuestTree, paths: list[str], index: Index, immutable: bool) ->
             if not stat.S_ISDIR(st.st_mode):
                 tally.error(f"{tree.where(start)}: not a regular file or directory")
                 continue
-        for rel, st in tree.walk(start=start,
-                                 on_error=lambda r, e: tally.error(
-                                     f"{tree.where(r)}: {e.strerror or e}")):
+        for rel, st in tree.walk(
+            start=start, on_error=lambda r, e: tally.error(f"{tree.where(r)}: {e.strerror or e}")
+        ):
             if st.st_nlink > 1:
                 _deunify_one(tree, rel, st, index, immutable, tally)
     return tally
 
 
-def _deunify_one(tree: GuestTree, rel: str, st: os.stat_result, index: Index, immutable: bool,
-                 tally: Tally) -> None:
+def _deunify_one(
+    tree: GuestTree, rel: str, st: os.stat_result, index: Index, immutable: bool, tally: Tally
+) -> None:
     where = tree.where(rel)
     try:
         dfd, base = tree.open_parent(rel)
@@ -79,16 +81,18 @@ def _deunify_one(tree: GuestTree, rel: str, st: os.stat_result, index: Index, im
     try:
         if not attrs.has_marker(ofd):
             return  # not shared by us (a guest's own hardlink): leave it
-        if privatize(str(tree.root), split_rel(rel)[0], dfd, base, ofd, index,
-                     immutable) is None:
+        if privatize(str(tree.root), split_rel(rel)[0], dfd, base, ofd, index, immutable) is None:
             tally.error(f"{where}: replaced while we copied it; left as it is")
         else:
             tally.files += 1
             tally.bytes += st.st_size
     except OSError as e:
         if e.errno in NOSPACE_ERRNOS:  # every further copy would fail too: stop here
-            raise NoSpaceError.on(tree.root, f"a private copy of {where}",
-                                  f"{tally.files} files were made private before it") from None
+            raise NoSpaceError.on(
+                tree.root,
+                f"a private copy of {where}",
+                f"{tally.files} files were made private before it",
+            ) from None
         tally.error(f"{where}: {e.strerror}")
     finally:
         os.close(ofd)

@@ -1,4 +1,5 @@
 """A one-line progress display on a terminal (files, bytes, rate, ETA); silent otherwise."""
+
 from __future__ import annotations
 
 import sys

@@ -5,6 +5,7 @@ disk (st_blocks * 512), counted once per guest and once for the host.  An inode 
 guests saves (k-1) copies on the host; each of those guests is credited (k-1)/k of it, so the
 guests' savings add up to the host's.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -37,10 +38,15 @@ class GuestFigures:
         return round(self.shared_bytes / self.disk_bytes, 4) if self.disk_bytes else 0.0
 
     def as_dict(self) -> dict[str, object]:
-        return {"files": self.files, "apparent_bytes": self.apparent_bytes,
-                "disk_bytes": self.disk_bytes, "shared_bytes": self.shared_bytes,
-                "saved_bytes": self.saved_bytes, "share_ratio": self.share_ratio,
-                "shared_with": {str(k): v for k, v in sorted(self.shared_with.items())}}
+        return {
+            "files": self.files,
+            "apparent_bytes": self.apparent_bytes,
+            "disk_bytes": self.disk_bytes,
+            "shared_bytes": self.shared_bytes,
+            "saved_bytes": self.saved_bytes,
+            "share_ratio": self.share_ratio,
+            "shared_with": {str(k): v for k, v in sorted(self.shared_with.items())},
+        }
 
 
 @dataclass(slots=True)
@@ -51,13 +57,18 @@ class SharedFile:
     saved: int  # (guests - 1) * size
 
     def as_dict(self) -> dict[str, object]:
-        return {"path": self.path, "guests": self.guests, "disk_bytes": self.size,
-                "saved_bytes": self.saved}
+        return {
+            "path": self.path,
+            "guests": self.guests,
+            "disk_bytes": self.size,
+            "saved_bytes": self.saved,
+        }
 
 
 @dataclass(frozen=True, slots=True)
 class StoreFigures:
     """The store's objects, and those no guest links any more."""
+
     path: str  # shown (vsstore.names)
     objects: int
     object_bytes: int
@@ -66,20 +77,28 @@ class StoreFigures:
     links_histogram: dict[int, int]  # guests' links -> objects with that many
 
     def as_dict(self) -> dict[str, object]:
-        return {"path": self.path, "objects": self.objects, "bytes": self.object_bytes,
-                "unused_objects": self.unused_objects, "unused_bytes": self.unused_bytes,
-                "links_histogram": {str(k): v for k, v in sorted(self.links_histogram.items())}}
+        return {
+            "path": self.path,
+            "objects": self.objects,
+            "bytes": self.object_bytes,
+            "unused_objects": self.unused_objects,
+            "unused_bytes": self.unused_bytes,
+            "links_histogram": {str(k): v for k, v in sorted(self.links_histogram.items())},
+        }
 
 
 @dataclass(frozen=True, slots=True)
 class History:
     """The trend, from the index: its last real runs and report snapshots, oldest first."""
+
     runs: list[RunRecord]
     snapshots: list[Snapshot]
 
     def as_dict(self) -> dict[str, object]:
-        return {"runs": [r.as_dict() for r in self.runs],
-                "snapshots": [s.as_dict() for s in self.snapshots]}
+        return {
+            "runs": [r.as_dict() for r in self.runs],
+            "snapshots": [s.as_dict() for s in self.snapshots],
+        }
 
 
 @dataclass(slots=True)
@@ -102,10 +121,13 @@ class Report:
         total = self.total.as_dict()
         total["share_ratio"] = self.share_ratio
         d: dict[str, object] = {
-            "taken": self.taken, "guests": {n: g.as_dict() for n, g in self.guests.items()},
-            "total": total, "store": self.store.as_dict() if self.store is not None else {},
+            "taken": self.taken,
+            "guests": {n: g.as_dict() for n, g in self.guests.items()},
+            "total": total,
+            "store": self.store.as_dict() if self.store is not None else {},
             "top_shared": [f.as_dict() for f in self.top_shared],
-            "history": self.history.as_dict() if self.history is not None else {}}
+            "history": self.history.as_dict() if self.history is not None else {},
+        }
         if self.memory is not None:
             d["memory"] = self.memory.as_dict()
         return d
@@ -113,9 +135,15 @@ class Report:
     def snapshot(self) -> Snapshot:
         """The figures the index keeps of this report for the trend."""
         t = self.total
-        return Snapshot(self.taken, len(self.guests), t.files, t.apparent_bytes, t.disk_bytes,
-                        t.saved_bytes,
-                        {n: (g.disk_bytes, g.saved_bytes) for n, g in self.guests.items()})
+        return Snapshot(
+            self.taken,
+            len(self.guests),
+            t.files,
+            t.apparent_bytes,
+            t.disk_bytes,
+            t.saved_bytes,
+            {n: (g.disk_bytes, g.saved_bytes) for n, g in self.guests.items()},
+        )
 
 
 def build(trees: list[GuestTree], store: Store | None) -> Report:
@@ -149,10 +177,12 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
                 g.shared_with[n - 1] = g.shared_with.get(n - 1, 0) + b
                 saved += b * (n - 1) / n
         g.saved_bytes = round(saved)
-    top = heapq.nlargest(TOP_SHARED, ((blocks[k] * (len(h) - 1), k) for k, h in holders.items()
-                                      if len(h) > 1))
-    rep.top_shared = [SharedFile(first_name[k], len(holders[k]), blocks[k], saved)
-                      for saved, k in top]
+    top = heapq.nlargest(
+        TOP_SHARED, ((blocks[k] * (len(h) - 1), k) for k, h in holders.items() if len(h) > 1)
+    )
+    rep.top_shared = [
+        SharedFile(first_name[k], len(holders[k]), blocks[k], saved) for saved, k in top
+    ]
     tot = rep.total
     tot.files = sum(g.files for g in rep.guests.values())
     tot.apparent_bytes = sum(g.apparent_bytes for g in rep.guests.values())
@@ -163,29 +193,60 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
         objs = [o for os_ in store.scan().values() for o in os_]
         links = Counter(o.nlink - 1 for o in objs)
         unused = [o for o in objs if o.nlink <= 1]
-        rep.store = StoreFigures(shown(store.path), len(objs), sum(o.size for o in objs),
-                                 len(unused), sum(o.size for o in unused), dict(links))
+        rep.store = StoreFigures(
+            shown(store.path),
+            len(objs),
+            sum(o.size for o in objs),
+            len(unused),
+            sum(o.size for o in unused),
+            dict(links),
+        )
     return rep
 
 
 def format_table(rep: Report) -> str:
     from .progress import human
+
     rows = [("guest", "files", "apparent", "on disk", "shared", "saved", "share")]
     for name, g in sorted(rep.guests.items()):
-        rows.append((name, str(g.files), human(g.apparent_bytes), human(g.disk_bytes),
-                     human(g.shared_bytes), human(g.saved_bytes), f"{g.share_ratio:.0%}"))
-    rows.append(("TOTAL", str(rep.total.files), human(rep.total.apparent_bytes),
-                 human(rep.total.disk_bytes), human(rep.total.shared_bytes),
-                 human(rep.total.saved_bytes), f"{rep.share_ratio:.0%}"))
+        rows.append(
+            (
+                name,
+                str(g.files),
+                human(g.apparent_bytes),
+                human(g.disk_bytes),
+                human(g.shared_bytes),
+                human(g.saved_bytes),
+                f"{g.share_ratio:.0%}",
+            )
+        )
+    rows.append(
+        (
+            "TOTAL",
+            str(rep.total.files),
+            human(rep.total.apparent_bytes),
+            human(rep.total.disk_bytes),
+            human(rep.total.shared_bytes),
+            human(rep.total.saved_bytes),
+            f"{rep.share_ratio:.0%}",
+        )
+    )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(r, widths, strict=True))) for r in rows]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
     if rep.store is not None:
         s = rep.store
-        lines.append(f"store {s.path}: {s.objects} objects, {human(s.object_bytes)}"
-                     f"; unused {s.unused_objects} ({human(s.unused_bytes)})")
+        lines.append(
+            f"store {s.path}: {s.objects} objects, {human(s.object_bytes)}"
+            f"; unused {s.unused_objects} ({human(s.unused_bytes)})"
+        )
     if rep.top_shared:
         lines.append("")
         lines.append("most saving shared files (one name; guests holding it; saved):")
@@ -204,14 +265,19 @@ def format_table(rep: Report) -> str:
 def format_memory(mem: Measurement) -> str:
     """The memory figures as text (``report --memory``)."""
     from .progress import human
+
     t = mem.total
     if not mem.guests:
         return "\nmemory: no guest is running"
-    lines = ["", "file-backed memory of running guests:",
-             f"  {'guest':<16} {'procs':>5} {'mapped':>9} {'shared':>9}"]
+    lines = [
+        "",
+        "file-backed memory of running guests:",
+        f"  {'guest':<16} {'procs':>5} {'mapped':>9} {'shared':>9}",
+    ]
     for n, g in mem.guests.items():
-        lines.append(f"  {n:<16} {g.processes:>5} {human(g.file_rss):>9} "
-                     f"{human(g.shared_rss):>9}")
-    lines.append(f"  host: {human(t.with_unification)} with unification, "
-                 f"{human(t.without_unification)} without ({human(t.saved)} saved)")
+        lines.append(f"  {n:<16} {g.processes:>5} {human(g.file_rss):>9} {human(g.shared_rss):>9}")
+    lines.append(
+        f"  host: {human(t.with_unification)} with unification, "
+        f"{human(t.without_unification)} without ({human(t.saved)} saved)"
+    )
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """Walk the guests and collect candidate inodes: the first stage of a run."""
+
 from __future__ import annotations
 
 import logging
@@ -31,16 +32,21 @@ class InodeRec:
     uid: int
     gid: int
     names: list[tuple[GuestTree, str]] = field(default_factory=list)
-    digest: bytes | None = None    # xxh3-128
-    strong: bytes | None = None    # BLAKE3-256
-    meta: bytes | None = None      # metadata class with mtime
+    digest: bytes | None = None  # xxh3-128
+    strong: bytes | None = None  # BLAKE3-256
+    meta: bytes | None = None  # metadata class with mtime
     meta_any: bytes | None = None  # ... and without
 
     def same_stat(self, st: os.stat_result) -> bool:
         """Is ``st`` still the inode the walk saw, unchanged?  (ctime moves on any write,
         chmod, chown or xattr change and cannot be set from user space.)"""
-        return (st.st_ino == self.ino and st.st_dev == self.dev and st.st_size == self.size
-                and st.st_mtime_ns == self.mtime_ns and st.st_ctime_ns == self.ctime_ns)
+        return (
+            st.st_ino == self.ino
+            and st.st_dev == self.dev
+            and st.st_size == self.size
+            and st.st_mtime_ns == self.mtime_ns
+            and st.st_ctime_ns == self.ctime_ns
+        )
 
     @property
     def all_names_seen(self) -> bool:
@@ -50,15 +56,18 @@ class InodeRec:
 @dataclass(slots=True)
 class Scan:
     inodes: dict[tuple[int, int], InodeRec] = field(default_factory=dict)
-    files: dict[str, int] = field(default_factory=dict)      # guest name -> names scanned
+    files: dict[str, int] = field(default_factory=dict)  # guest name -> names scanned
     files_scanned: int = 0
     errors: int = 0
     leftovers: list[str] = field(default_factory=list)
 
 
-def _walk_one(tree: GuestTree, ex: ExcludeList, min_size: int,
-              known: Mapping[int, os.stat_result] | None,
-              ) -> tuple[list[tuple[str, os.stat_result]], list[str], list[str]]:
+def _walk_one(
+    tree: GuestTree,
+    ex: ExcludeList,
+    min_size: int,
+    known: Mapping[int, os.stat_result] | None,
+) -> tuple[list[tuple[str, os.stat_result]], list[str], list[str]]:
     """One guest's candidates, leftover temporary names and error messages."""
     found: list[tuple[str, os.stat_result]] = []
     leftovers: list[str] = []
@@ -75,9 +84,14 @@ def _walk_one(tree: GuestTree, ex: ExcludeList, min_size: int,
     return found, leftovers, errors
 
 
-def scan(trees: list[GuestTree], excludes: dict[str, ExcludeList], min_size: int,
-         tick: Callable[[int, int], None] | None = None,
-         known: Mapping[int, os.stat_result] | None = None, jobs: int = 4) -> Scan:
+def scan(
+    trees: list[GuestTree],
+    excludes: dict[str, ExcludeList],
+    min_size: int,
+    tick: Callable[[int, int], None] | None = None,
+    known: Mapping[int, os.stat_result] | None = None,
+    jobs: int = 4,
+) -> Scan:
     """Collect regular files of at least ``min_size`` bytes that no exclude rule covers.
     ``known``: stats of sealed store objects, so their names need no stat (see walk).
     Guests are walked in parallel threads: on a cold cache the walk waits on directory and
@@ -95,9 +109,17 @@ def scan(trees: list[GuestTree], excludes: dict[str, ExcludeList], min_size: int
                 key = (st.st_dev, st.st_ino)
                 rec = inodes.get(key)
                 if rec is None:
-                    rec = inodes[key] = InodeRec(st.st_dev, st.st_ino, st.st_size,
-                                                 st.st_mtime_ns, st.st_ctime_ns, st.st_nlink,
-                                                 st.st_mode, st.st_uid, st.st_gid)
+                    rec = inodes[key] = InodeRec(
+                        st.st_dev,
+                        st.st_ino,
+                        st.st_size,
+                        st.st_mtime_ns,
+                        st.st_ctime_ns,
+                        st.st_nlink,
+                        st.st_mode,
+                        st.st_uid,
+                        st.st_gid,
+                    )
                 rec.names.append((tree, rel))
             out.files[tree.name] = len(found)
             out.files_scanned += len(found)

@@ -6,6 +6,7 @@ with an xattr (``trusted.vsstore.iunlink`` as root, ``user.vsstore.iunlink`` oth
 guest without CAP_SYS_ADMIN cannot forge a trusted.* marker) and, by default as root, sets
 FS_IMMUTABLE_FL so that nobody can change shared content in place.
 """
+
 from __future__ import annotations
 
 import errno
@@ -42,8 +43,11 @@ class Attrs:
 
     def letters(self) -> str:
         """util-vserver showattr style: upper case = set."""
-        return ("U" if self.iunlink else "u") + ("I" if self.immutable else "i") + \
-               ("A" if self.append else "a")
+        return (
+            ("U" if self.iunlink else "u")
+            + ("I" if self.immutable else "i")
+            + ("A" if self.append else "a")
+        )
 
 
 def has_marker(fd: int) -> bool:
@@ -86,9 +90,11 @@ def set_immutable(fd: int, on: bool) -> bool:
 
 def read_attrs(fd: int) -> Attrs:
     flags = syscalls.get_inode_flags(fd)
-    return Attrs(iunlink=has_marker(fd),
-                 immutable=bool(flags & syscalls.FS_IMMUTABLE_FL),
-                 append=bool(flags & syscalls.FS_APPEND_FL))
+    return Attrs(
+        iunlink=has_marker(fd),
+        immutable=bool(flags & syscalls.FS_IMMUTABLE_FL),
+        append=bool(flags & syscalls.FS_APPEND_FL),
+    )
 
 
 def seal(fd: int, immutable: bool, marked: bool | None = None, flags: int | None = None) -> None:
@@ -109,8 +115,10 @@ def unseal_tree(path: str | os.PathLike[str]) -> None:
     for dirpath, _dirs, files in os.walk(path):
         for name in files:
             try:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW |
-                             os.O_NONBLOCK | os.O_CLOEXEC)
+                fd = os.open(
+                    os.path.join(dirpath, name),
+                    os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                )
             except OSError:
                 continue
             try:

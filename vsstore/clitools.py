@@ -1,5 +1,6 @@
 """What every vsstore command line shares: the common options (``--debug``, ``-v``, ``-q``),
 logging set-up, the host's roots resolved once, and turning errors into exit codes."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ def raise_open_files_limit() -> None:
         except (OSError, ValueError) as e:
             logging.getLogger("vsstore").debug("open files: soft limit %d kept (%s)", soft, e)
             return
-        logging.getLogger("vsstore").debug("open files: soft limit raised from %d to %d",
-                                           soft, hard)
+        logging.getLogger("vsstore").debug(
+            "open files: soft limit raised from %d to %d", soft, hard
+        )
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -46,8 +48,12 @@ def common_options() -> argparse.ArgumentParser:
     return p
 
 
-def run_cli(prog: str, parser: argparse.ArgumentParser,
-            handler: Callable[[argparse.Namespace, Paths], int], argv: list[str] | None) -> int:
+def run_cli(
+    prog: str,
+    parser: argparse.ArgumentParser,
+    handler: Callable[[argparse.Namespace, Paths], int],
+    argv: list[str] | None,
+) -> int:
     """Parse, resolve the host's roots (``Paths``, from the environment) once, run, and map
     exceptions to exit codes: VsError -> its code and one line, anything else -> 1 with a
     hint to use --debug (the traceback with it)."""
@@ -69,6 +75,9 @@ def run_cli(prog: str, parser: argparse.ArgumentParser,
     except Exception as e:  # a bug; keep the user's screen readable
         if debug:
             traceback.print_exc()
-        print(f"{prog}: internal error: {type(e).__name__}: {e} (run with --debug for the "
-              f"traceback, and please report it)", file=sys.stderr)
+        print(
+            f"{prog}: internal error: {type(e).__name__}: {e} (run with --debug for the "
+            f"traceback, and please report it)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL

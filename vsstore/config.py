@@ -6,6 +6,7 @@ the guest trees and ``/vservers/.hash/`` the store.  Tests and the demo move all
 temporary directory with VSERVERS_CONFDIR, VSERVERS_ROOT, VSSTORE_STATEDIR, VSSTORE_RUNDIR
 and VSSTORE_LOGDIR.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,10 +37,13 @@ class Paths:
         if root is None:
             base = confdir / ".defaults" / "vdirbase"
             root = str(base.resolve()) if base.exists() else "/vservers"
-        return cls(confdir=confdir, vservers_root=Path(root),
-                   statedir=Path(env.get("VSSTORE_STATEDIR", "/var/lib/vsstore")),
-                   rundir=Path(env.get("VSSTORE_RUNDIR", "/run/vsstore")),
-                   logdir=Path(env.get("VSSTORE_LOGDIR", "/var/log/vsstore")))
+        return cls(
+            confdir=confdir,
+            vservers_root=Path(root),
+            statedir=Path(env.get("VSSTORE_STATEDIR", "/var/lib/vsstore")),
+            rundir=Path(env.get("VSSTORE_RUNDIR", "/run/vsstore")),
+            logdir=Path(env.get("VSSTORE_LOGDIR", "/var/log/vsstore")),
+        )
 
     @property
     def defaults(self) -> Path:
@@ -93,20 +97,26 @@ def resolve_guest(arg: str, paths: Paths) -> Guest:
         if os.path.lexists(vdir):  # a dangling vdir is an error, never a fallback
             root = vdir.resolve()
             if not root.is_dir():
-                raise ConfigError(f"guest {arg!r}: its vdir {vdir} leads to {root}, which is "
-                                  f"not a directory; point {vdir} at the guest's root tree, "
-                                  f"or remove {conf} if the guest is gone")
+                raise ConfigError(
+                    f"guest {arg!r}: its vdir {vdir} leads to {root}, which is "
+                    f"not a directory; point {vdir} at the guest's root tree, "
+                    f"or remove {conf} if the guest is gone"
+                )
             return Guest(name=arg, root=root, confdir=conf)
         root = paths.vservers_root / arg
         if not root.is_dir():
-            raise ConfigError(f"guest {arg!r}: its root tree {root} does not exist; create "
-                              f"it, link it as {vdir}, or remove {conf} if the guest is gone")
+            raise ConfigError(
+                f"guest {arg!r}: its root tree {root} does not exist; create "
+                f"it, link it as {vdir}, or remove {conf} if the guest is gone"
+            )
         return Guest(name=arg, root=root, confdir=conf)
     root = paths.vservers_root / arg
     if root.is_dir():
         return Guest(name=arg, root=root, confdir=None)
-    raise ConfigError(f"guest {arg!r}: no configuration in {conf} and no tree at {root}; "
-                      f"name a configured guest or pass a path to its root tree")
+    raise ConfigError(
+        f"guest {arg!r}: no configuration in {conf} and no tree at {root}; "
+        f"name a configured guest or pass a path to its root tree"
+    )
 
 
 def _configured_root(paths: Paths, name: str) -> str:
@@ -124,39 +134,55 @@ def deletable_guest(arg: str, paths: Paths) -> Guest:
     configured guest's tree (nor above or below one).  Its root may be missing (then only
     the configuration goes)."""
     if "/" in arg or not valid_name(arg):
-        raise ConfigError(f"delete takes the name of a configured guest, not {arg!r}; a "
-                          f"tree without configuration is removed by hand")
+        raise ConfigError(
+            f"delete takes the name of a configured guest, not {arg!r}; a "
+            f"tree without configuration is removed by hand"
+        )
     conf = paths.confdir / arg
     if conf.is_symlink() or not conf.is_dir():
         why = "is a symlink" if conf.is_symlink() else "does not exist"
-        raise ConfigError(f"guest {arg!r}: its configuration {conf} {why}; delete removes "
-                          f"configured guests only (a configuration directory of their own)")
+        raise ConfigError(
+            f"guest {arg!r}: its configuration {conf} {why}; delete removes "
+            f"configured guests only (a configuration directory of their own)"
+        )
     base = os.path.realpath(paths.vservers_root)
     if base == "/":
-        raise ConfigError(f"the guests' root {paths.vservers_root} is '/'; set vdirbase "
-                          f"(or VSERVERS_ROOT) to the directory holding the guest trees")
+        raise ConfigError(
+            f"the guests' root {paths.vservers_root} is '/'; set vdirbase "
+            f"(or VSERVERS_ROOT) to the directory holding the guest trees"
+        )
     vdir = conf / "vdir"
     root = _configured_root(paths, arg)
     rel = os.path.relpath(root, base)
     where = f"{vdir} (leading to {root})" if os.path.lexists(vdir) else root
     if rel == "." or rel == ".." or rel.startswith("../"):
-        raise ConfigError(f"guest {arg!r}: its root tree {where} is not below the guests' "
-                          f"root {base}; delete removes only a tree in there: point vdir at "
-                          f"{base}/{arg} (ln -sfn {base}/{arg} {vdir}), or remove the tree "
-                          f"by hand")
+        raise ConfigError(
+            f"guest {arg!r}: its root tree {where} is not below the guests' "
+            f"root {base}; delete removes only a tree in there: point vdir at "
+            f"{base}/{arg} (ln -sfn {base}/{arg} {vdir}), or remove the tree "
+            f"by hand"
+        )
     if rel.startswith("."):
-        raise ConfigError(f"guest {arg!r}: its root tree {where} lies in {base}/"
-                          f"{rel.split('/')[0]} (the store or another directory of ours); "
-                          f"fix {vdir}")
+        raise ConfigError(
+            f"guest {arg!r}: its root tree {where} lies in {base}/"
+            f"{rel.split('/')[0]} (the store or another directory of ours); "
+            f"fix {vdir}"
+        )
     for other in sorted(paths.confdir.iterdir()):
-        if other.name == arg or other.name.startswith(".") or not valid_name(other.name) \
-                or not other.is_dir():
+        if (
+            other.name == arg
+            or other.name.startswith(".")
+            or not valid_name(other.name)
+            or not other.is_dir()
+        ):
             continue
         theirs = _configured_root(paths, other.name)
         if theirs == root or theirs.startswith(root + "/") or root.startswith(theirs + "/"):
-            raise ConfigError(f"guest {arg!r}: its root tree {where} is, holds or lies in "
-                              f"guest {other.name}'s tree {theirs}; fix {vdir} or "
-                              f"{other / 'vdir'}")
+            raise ConfigError(
+                f"guest {arg!r}: its root tree {where} is, holds or lies in "
+                f"guest {other.name}'s tree {theirs}; fix {vdir} or "
+                f"{other / 'vdir'}"
+            )
     return Guest(name=arg, root=Path(root), confdir=conf)
 
 
@@ -165,8 +191,11 @@ def configured_names(paths: Paths) -> list[str]:
     its root tree is there: what only needs the name, such as run state, asks this)."""
     if not paths.confdir.is_dir():
         return []
-    return sorted(p.name for p in paths.confdir.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and valid_name(p.name))
+    return sorted(
+        p.name
+        for p in paths.confdir.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and valid_name(p.name)
+    )
 
 
 def configured_guests(paths: Paths, broken: list[ConfigError] | None = None) -> list[Guest]:

@@ -3,6 +3,7 @@
 The CLIs print ``message`` without a traceback (``--debug`` shows it) and exit with
 ``exit_code``.  Codes are stable, because monitoring keys on them.
 """
+
 from __future__ import annotations
 
 import errno
@@ -12,15 +13,15 @@ from .names import shown
 
 # Exit codes (documented in README.md; keep both in step).
 EXIT_OK = 0
-EXIT_INTERNAL = 1      # a bug: unexpected exception
-EXIT_USAGE = 2         # bad command line (argparse's own code)
-EXIT_CONFIG = 3        # bad configuration or arguments naming things that do not work
-EXIT_UNSAFE = 4        # a guest tree is unsafe to work on
-EXIT_BUSY = 5          # another run holds the lock
-EXIT_PARTIAL = 6       # finished, but some files were skipped (see the errors count)
-EXIT_UNSUPPORTED = 7   # this kernel/filesystem/privilege lacks something needed
-EXIT_STATE = 8         # the guest is not in the state the command needs (running/stopped)
-EXIT_NOSPACE = 9       # a filesystem we must write to is full (the index's, the guests')
+EXIT_INTERNAL = 1  # a bug: unexpected exception
+EXIT_USAGE = 2  # bad command line (argparse's own code)
+EXIT_CONFIG = 3  # bad configuration or arguments naming things that do not work
+EXIT_UNSAFE = 4  # a guest tree is unsafe to work on
+EXIT_BUSY = 5  # another run holds the lock
+EXIT_PARTIAL = 6  # finished, but some files were skipped (see the errors count)
+EXIT_UNSUPPORTED = 7  # this kernel/filesystem/privilege lacks something needed
+EXIT_STATE = 8  # the guest is not in the state the command needs (running/stopped)
+EXIT_NOSPACE = 9  # a filesystem we must write to is full (the index's, the guests')
 
 NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -76,8 +77,10 @@ class NoSpaceError(VsError):
         """``no space left on FS for WHAT: free space on FS and run again[; AFTER]``, FS
         being the mount point of ``path``."""
         fs = shown(mount_point(path))
-        return cls(f"no space left on {fs} for {what}: free space on {fs} and run again"
-                   + (f"; {after}" if after else ""))
+        return cls(
+            f"no space left on {fs} for {what}: free space on {fs} and run again"
+            + (f"; {after}" if after else "")
+        )
 
 
 def mount_point(path: str | os.PathLike[str]) -> str:
@@ -96,16 +99,24 @@ def mount_point(path: str | os.PathLike[str]) -> str:
 
 # -- errors across a fork's pipe ------------------------------------------------------------
 
-ERRORS: dict[str, type[VsError]] = {c.__name__: c for c in (
-    VsError, ConfigError, UnsafeTreeError, BusyError, UnsupportedError, StateError,
-    NoSpaceError)}
+ERRORS: dict[str, type[VsError]] = {
+    c.__name__: c
+    for c in (
+        VsError,
+        ConfigError,
+        UnsafeTreeError,
+        BusyError,
+        UnsupportedError,
+        StateError,
+        NoSpaceError,
+    )
+}
 
 
 def to_wire(e: BaseException) -> dict[str, str]:
     """What a forked child reports of an error: its class (by name, from ``ERRORS``) and
     its message.  Anything else is a bug: it travels as VsError (exit 1)."""
-    cls = type(e).__name__ if isinstance(e, VsError) and type(e).__name__ in ERRORS \
-        else "VsError"
+    cls = type(e).__name__ if isinstance(e, VsError) and type(e).__name__ in ERRORS else "VsError"
     return {"error": getattr(e, "message", None) or str(e), "class": cls}
 
 

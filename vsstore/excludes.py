@@ -5,6 +5,7 @@ providers such as package databases (config files), and the built-in default lis
 rule that matches a path decides.  The syntax is documented in ``data/vunify-exclude``.
 All rules are compiled into one regular expression, so a file costs one match.
 """
+
 from __future__ import annotations
 
 import re
@@ -48,8 +49,10 @@ class Rule:
     def literal_prefix(self) -> str:
         if self.literal:
             return self.pattern
-        i = min((self.pattern.find(c) for c in _GLOB_CHARS if c in self.pattern),
-                default=len(self.pattern))
+        i = min(
+            (self.pattern.find(c) for c in _GLOB_CHARS if c in self.pattern),
+            default=len(self.pattern),
+        )
         return self.pattern[:i]
 
 
@@ -89,15 +92,19 @@ def read_rules(path: Path, reason: str) -> list[Rule]:
         try:
             rules.append(parse_rule(line, f"{reason} {path}:{no}"))
         except ValueError as e:
-            raise ConfigError(f"{path}:{no}: bad exclude rule {line.strip()!r}: {e}; "
-                              f"fix or remove that line") from None
+            raise ConfigError(
+                f"{path}:{no}: bad exclude rule {line.strip()!r}: {e}; fix or remove that line"
+            ) from None
     return rules
 
 
 def default_rules() -> list[Rule]:
     text = resources.files("vsstore").joinpath("data/vunify-exclude").read_text()
-    return [parse_rule(line, "default list") for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        parse_rule(line, "default list")
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def _glob_regex(glob: str, basename: bool) -> str:
@@ -141,7 +148,7 @@ def _rule_regex(rule: Rule) -> str:
         return "(?:.*/)?" + _glob_regex(rule.pattern, True)
     sub = rule.subtree
     if sub is not None:
-        return ("/.*" if sub == "/" else re.escape(sub) + "(?:/.*)?")
+        return "/.*" if sub == "/" else re.escape(sub) + "(?:/.*)?"
     return _glob_regex(rule.pattern, False)
 
 
@@ -193,7 +200,7 @@ class ExcludeList:
                 self._blocks.append(_Block(self.rules[i:j], exact=True))
                 i = j
             else:
-                run.extend(self.rules[i:max(j, i + 1)])
+                run.extend(self.rules[i : max(j, i + 1)])
                 i = max(j, i + 1)
         if run:
             self._blocks.append(_Block(run, exact=False))
@@ -235,9 +242,14 @@ class ExcludeList:
         return False
 
 
-def build_excludes(*, cli: Iterable[str] = (), guest_file: Path | None = None,
-                   host_file: Path | None = None, provided: Iterable[Rule] = (),
-                   use_default: bool = True) -> ExcludeList:
+def build_excludes(
+    *,
+    cli: Iterable[str] = (),
+    guest_file: Path | None = None,
+    host_file: Path | None = None,
+    provided: Iterable[Rule] = (),
+    use_default: bool = True,
+) -> ExcludeList:
     """Assemble the effective list in precedence order.  ``provided``: rules computed per
     guest, such as those from its package database (the hook for the next issue)."""
     rules: list[Rule] = []

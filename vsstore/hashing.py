@@ -8,6 +8,7 @@ ctime, and nobody writing it: see unify/apply.py).  The metadata class covers ev
 hardlink shares: mode, owner, all xattrs (capabilities, ACLs, labels) except our own marker,
 and mtime unless it is ignored.
 """
+
 from __future__ import annotations
 
 import errno
@@ -65,8 +66,11 @@ def read_xattrs(fd: int) -> list[tuple[str, bytes]]:
 def meta_class(st: os.stat_result, xattrs: list[tuple[str, bytes]], ignore_mtime: bool) -> bytes:
     """A 64-bit class of the inode metadata a hardlink would share."""
     h = xxhash.xxh3_64()
-    h.update(struct.pack("<IIIq", st.st_mode, st.st_uid, st.st_gid,
-                         -1 if ignore_mtime else st.st_mtime_ns))
+    h.update(
+        struct.pack(
+            "<IIIq", st.st_mode, st.st_uid, st.st_gid, -1 if ignore_mtime else st.st_mtime_ns
+        )
+    )
     for name, value in xattrs:
         n = name.encode()
         h.update(struct.pack("<II", len(n), len(value)))

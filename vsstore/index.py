@@ -7,6 +7,7 @@ thing it holds that is not derivable is the journal of links in flight, which le
 run tidy temporary names a crash left behind; without it those names stay (their content is
 identical to the file beside them, so nothing is lost) and the walk reports them.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,9 @@ CREATE TABLE IF NOT EXISTS {table} (
 );
 """
 
-_SCHEMA = _JOURNAL.format(table="journal") + """
+_SCHEMA = (
+    _JOURNAL.format(table="journal")
+    + """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -86,6 +89,7 @@ CREATE TABLE IF NOT EXISTS snapshot_guest (
     saved_bytes INTEGER NOT NULL
 );
 """
+)
 
 HISTORY_KEEP = 400  # rows of run and snapshot history kept (more than a year of nights)
 
@@ -119,6 +123,7 @@ class JournalRow:
 @dataclass(frozen=True, slots=True)
 class RunRecord:
     """One finished, real (not dry) run, as the history keeps it."""
+
     started: float
     duration: float
     guests: int
@@ -129,15 +134,22 @@ class RunRecord:
     errors: int
 
     def as_dict(self) -> dict[str, float]:
-        return {"started": self.started, "duration": self.duration, "guests": self.guests,
-                "files_scanned": self.files_scanned, "files_hashed": self.files_hashed,
-                "files_linked": self.files_linked, "bytes_saved": self.bytes_saved,
-                "errors": self.errors}
+        return {
+            "started": self.started,
+            "duration": self.duration,
+            "guests": self.guests,
+            "files_scanned": self.files_scanned,
+            "files_hashed": self.files_hashed,
+            "files_linked": self.files_linked,
+            "bytes_saved": self.bytes_saved,
+            "errors": self.errors,
+        }
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """A report's figures kept for the trend: the total, and per guest (disk, saved)."""
+
     taken: float
     guests: int
     files: int
@@ -147,11 +159,17 @@ class Snapshot:
     per_guest: dict[str, tuple[int, int]]  # guest -> (disk_bytes, saved_bytes)
 
     def as_dict(self) -> dict[str, object]:
-        return {"taken": self.taken, "guests": self.guests, "files": self.files,
-                "apparent_bytes": self.apparent_bytes, "disk_bytes": self.disk_bytes,
-                "saved_bytes": self.saved_bytes,
-                "per_guest": {g: {"disk_bytes": d, "saved_bytes": s}
-                              for g, (d, s) in self.per_guest.items()}}
+        return {
+            "taken": self.taken,
+            "guests": self.guests,
+            "files": self.files,
+            "apparent_bytes": self.apparent_bytes,
+            "disk_bytes": self.disk_bytes,
+            "saved_bytes": self.saved_bytes,
+            "per_guest": {
+                g: {"disk_bytes": d, "saved_bytes": s} for g, (d, s) in self.per_guest.items()
+            },
+        }
 
 
 class _ForeignVersion(sqlite3.DatabaseError):
@@ -159,8 +177,13 @@ class _ForeignVersion(sqlite3.DatabaseError):
 
 
 # Failures that are not the file's: a corrupt or foreign index is moved aside, these not.
-_NOT_THE_FILE = (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED,
-                 sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_INTERRUPT)
+_NOT_THE_FILE = (
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_NOMEM,
+    sqlite3.SQLITE_INTERRUPT,
+)
 
 
 class Index:
@@ -177,8 +200,10 @@ class Index:
         except OSError as e:
             if e.errno in NOSPACE_ERRNOS:
                 raise self._no_space() from None
-            raise ConfigError(f"cannot create the state directory {path.parent}: {e.strerror}; "
-                              f"set VSSTORE_STATEDIR to a writable directory") from None
+            raise ConfigError(
+                f"cannot create the state directory {path.parent}: {e.strerror}; "
+                f"set VSSTORE_STATEDIR to a writable directory"
+            ) from None
         try:
             self.db = self._open()
         except sqlite3.DatabaseError as e:
@@ -193,8 +218,10 @@ class Index:
                 src = Path(str(path) + suffix)
                 if src.exists():
                     os.replace(src, str(aside) + suffix)
-            self.warning = (f"index {path} was unreadable ({e}); moved it to {aside} and "
-                            f"started a new one (it is a cache: this run re-reads files)")
+            self.warning = (
+                f"index {path} was unreadable ({e}); moved it to {aside} and "
+                f"started a new one (it is a cache: this run re-reads files)"
+            )
             self.db = self._open()
 
     def _open(self) -> sqlite3.Connection:
@@ -222,21 +249,25 @@ class Index:
     # -- failures ----------------------------------------------------------------------
 
     def _no_space(self) -> NoSpaceError:
-        return NoSpaceError.on(self.path.parent, f"the index {shown(self.path)}",
-                               "nothing was changed that the index could not record; the "
-                               "next run tidies up after this one")
+        return NoSpaceError.on(
+            self.path.parent,
+            f"the index {shown(self.path)}",
+            "nothing was changed that the index could not record; the "
+            "next run tidies up after this one",
+        )
 
     def _failure(self, e: sqlite3.Error) -> Exception:
         """What a failed statement means for the user: no space (NoSpaceError), an index we
         may not open or write (ConfigError), or else ``e`` itself (corruption, a bug)."""
         code = getattr(e, "sqlite_errorcode", None)
         primary = code & 0xFF if code is not None else None
-        if primary == sqlite3.SQLITE_FULL or (primary == sqlite3.SQLITE_IOERR
-                                              and self._fs_full()):
+        if primary == sqlite3.SQLITE_FULL or (primary == sqlite3.SQLITE_IOERR and self._fs_full()):
             return self._no_space()
         if primary in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM):
-            return ConfigError(f"index {shown(self.path)}: {e}; make it and its directory "
-                               f"writable, or set VSSTORE_STATEDIR to a writable directory")
+            return ConfigError(
+                f"index {shown(self.path)}: {e}; make it and its directory "
+                f"writable, or set VSSTORE_STATEDIR to a writable directory"
+            )
         return e
 
     def _fs_full(self) -> bool:
@@ -253,9 +284,14 @@ class Index:
 
     def load(self, dev: int) -> dict[int, Cached]:
         """All cached rows of one device, keyed by inode number."""
-        return {r[0]: Cached(*r[1:]) for r in self.db.execute(
-            "SELECT ino, size, mtime_ns, ctime_ns, digest, strong, meta, meta_any FROM inode "
-            "WHERE dev=?", (dev,))}
+        return {
+            r[0]: Cached(*r[1:])
+            for r in self.db.execute(
+                "SELECT ino, size, mtime_ns, ctime_ns, digest, strong, meta, meta_any FROM inode "
+                "WHERE dev=?",
+                (dev,),
+            )
+        }
 
     def store(self, rows: Iterable[Row]) -> None:
         """Insert or replace rows (dev, ino, size, mtime_ns, ctime_ns, digest, strong, meta,
@@ -265,8 +301,7 @@ class Index:
 
     def forget(self, dev: int, inos: Iterable[int]) -> None:
         with self.transaction():
-            self.db.executemany("DELETE FROM inode WHERE dev=? AND ino=?",
-                                ((dev, i) for i in inos))
+            self.db.executemany("DELETE FROM inode WHERE dev=? AND ino=?", ((dev, i) for i in inos))
 
     # -- journal -----------------------------------------------------------------------
 
@@ -277,10 +312,11 @@ class Index:
         fse = os.fsencode
         with self.transaction():
             for kind, root, d, name, tmp, orig_ino, obj_ino in rows:
-                cur = self.db.execute("INSERT INTO journal (kind, root, dir, name, tmp, "
-                                      "orig_ino, obj_ino) VALUES (?,?,?,?,?,?,?)",
-                                      (kind, fse(root), fse(d), fse(name), fse(tmp), orig_ino,
-                                       obj_ino))
+                cur = self.db.execute(
+                    "INSERT INTO journal (kind, root, dir, name, tmp, "
+                    "orig_ino, obj_ino) VALUES (?,?,?,?,?,?,?)",
+                    (kind, fse(root), fse(d), fse(name), fse(tmp), orig_ino, obj_ino),
+                )
                 assert cur.lastrowid is not None
                 ids.append(cur.lastrowid)
         return ids
@@ -292,28 +328,43 @@ class Index:
     def journal(self) -> list[JournalRow]:
         """Every row, oldest first, paths decoded as ``os`` does (surrogate escapes)."""
         fsd = os.fsdecode
-        return [JournalRow(i, kind, fsd(root), fsd(d), fsd(name), fsd(tmp), orig, obj)
-                for i, kind, root, d, name, tmp, orig, obj in self.db.execute(
-                    "SELECT id, kind, root, dir, name, tmp, orig_ino, obj_ino FROM journal "
-                    "ORDER BY id")]
+        return [
+            JournalRow(i, kind, fsd(root), fsd(d), fsd(name), fsd(tmp), orig, obj)
+            for i, kind, root, d, name, tmp, orig, obj in self.db.execute(
+                "SELECT id, kind, root, dir, name, tmp, orig_ino, obj_ino FROM journal ORDER BY id"
+            )
+        ]
 
     # -- runs --------------------------------------------------------------------------
 
-    def record_run(self, started: float, duration: float, guests: int, summary: dict[str, int],
-                   dry_run: bool) -> None:
+    def record_run(
+        self, started: float, duration: float, guests: int, summary: dict[str, int], dry_run: bool
+    ) -> None:
         with self.transaction():
             self.db.execute(
                 "INSERT INTO run (started, duration, guests, files_scanned, files_hashed, "
                 "files_linked, bytes_saved, errors, dry_run) VALUES (?,?,?,?,?,?,?,?,?)",
-                (started, duration, guests, summary["files_scanned"], summary["files_hashed"],
-                 summary["files_linked"], summary["bytes_saved"], summary["errors"],
-                 int(dry_run)))
+                (
+                    started,
+                    duration,
+                    guests,
+                    summary["files_scanned"],
+                    summary["files_hashed"],
+                    summary["files_linked"],
+                    summary["bytes_saved"],
+                    summary["errors"],
+                    int(dry_run),
+                ),
+            )
 
     def runs(self, limit: int = HISTORY_KEEP) -> list[RunRecord]:
         """The last ``limit`` real (not dry) runs, oldest first."""
-        rows = self.db.execute("SELECT started, duration, guests, files_scanned, files_hashed, "
-                               "files_linked, bytes_saved, errors FROM run WHERE dry_run = 0 "
-                               "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        rows = self.db.execute(
+            "SELECT started, duration, guests, files_scanned, files_hashed, "
+            "files_linked, bytes_saved, errors FROM run WHERE dry_run = 0 "
+            "ORDER BY id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
         return [RunRecord(*r) for r in reversed(rows)]
 
     def record_snapshot(self, snap: Snapshot) -> None:
@@ -323,27 +374,45 @@ class Index:
             cur = self.db.execute(
                 "INSERT INTO snapshot (taken, guests, files, apparent_bytes, disk_bytes, "
                 "saved_bytes) VALUES (?,?,?,?,?,?)",
-                (snap.taken, snap.guests, snap.files, snap.apparent_bytes, snap.disk_bytes,
-                 snap.saved_bytes))
+                (
+                    snap.taken,
+                    snap.guests,
+                    snap.files,
+                    snap.apparent_bytes,
+                    snap.disk_bytes,
+                    snap.saved_bytes,
+                ),
+            )
             sid = cur.lastrowid
-            self.db.executemany("INSERT INTO snapshot_guest VALUES (?,?,?,?)",
-                                [(sid, g, d, s) for g, (d, s) in sorted(snap.per_guest.items())])
+            self.db.executemany(
+                "INSERT INTO snapshot_guest VALUES (?,?,?,?)",
+                [(sid, g, d, s) for g, (d, s) in sorted(snap.per_guest.items())],
+            )
             for table in ("snapshot", "run"):
-                self.db.execute(f"DELETE FROM {table} WHERE id <= (SELECT max(id) FROM "
-                                f"{table}) - ?", (HISTORY_KEEP,))
-            self.db.execute("DELETE FROM snapshot_guest WHERE snapshot NOT IN "
-                            "(SELECT id FROM snapshot)")
+                self.db.execute(
+                    f"DELETE FROM {table} WHERE id <= (SELECT max(id) FROM {table}) - ?",
+                    (HISTORY_KEEP,),
+                )
+            self.db.execute(
+                "DELETE FROM snapshot_guest WHERE snapshot NOT IN (SELECT id FROM snapshot)"
+            )
 
     def snapshots(self, limit: int = HISTORY_KEEP) -> list[Snapshot]:
         """Report snapshots, oldest first, each with its per-guest figures."""
-        rows = self.db.execute("SELECT id, taken, guests, files, apparent_bytes, disk_bytes, "
-                               "saved_bytes FROM snapshot ORDER BY id DESC LIMIT ?",
-                               (limit,)).fetchall()
+        rows = self.db.execute(
+            "SELECT id, taken, guests, files, apparent_bytes, disk_bytes, "
+            "saved_bytes FROM snapshot ORDER BY id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
         out: list[Snapshot] = []
         for sid, taken, guests, files, apparent, disk, saved in reversed(rows):
-            per_guest = {g: (d, s) for g, d, s in self.db.execute(
-                "SELECT guest, disk_bytes, saved_bytes FROM snapshot_guest WHERE snapshot = ?",
-                (sid,))}
+            per_guest = {
+                g: (d, s)
+                for g, d, s in self.db.execute(
+                    "SELECT guest, disk_bytes, saved_bytes FROM snapshot_guest WHERE snapshot = ?",
+                    (sid,),
+                )
+            }
             out.append(Snapshot(taken, guests, files, apparent, disk, saved, per_guest))
         return out
 
@@ -398,8 +467,10 @@ def _migrate_3(db: sqlite3.Connection) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
         db.execute(_JOURNAL.format(table="journal4"))
-        db.execute("INSERT INTO journal4 SELECT id, kind, CAST(root AS BLOB), CAST(dir AS BLOB), "
-                   "CAST(name AS BLOB), CAST(tmp AS BLOB), orig_ino, obj_ino FROM journal")
+        db.execute(
+            "INSERT INTO journal4 SELECT id, kind, CAST(root AS BLOB), CAST(dir AS BLOB), "
+            "CAST(name AS BLOB), CAST(tmp AS BLOB), orig_ino, obj_ino FROM journal"
+        )
         db.execute("DROP TABLE journal")
         db.execute("ALTER TABLE journal4 RENAME TO journal")
         db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))

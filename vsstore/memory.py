@@ -8,6 +8,7 @@ own copy and the host would pay the sum.  (Resident sets of different processes 
 different pages of a file; the largest is a lower bound of their union, so "saved" is a
 conservative figure.)
 """
+
 from __future__ import annotations
 
 import re
@@ -48,6 +49,7 @@ def file_rss(pid: int) -> dict[Key, tuple[int, str]]:
 @dataclass
 class _Mapped:
     """One guest's mapped files while they are counted."""
+
     processes: int = 0
     files: dict[Key, int] = field(default_factory=dict)  # inode -> resident bytes
     file_rss: int = 0
@@ -57,6 +59,7 @@ class _Mapped:
 @dataclass(frozen=True, slots=True)
 class GuestMemory:
     """One running guest's file-backed memory."""
+
     processes: int
     file_rss: int  # resident bytes of the files it maps (each inode at its largest)
     shared_rss: int  # of it, in inodes other running guests map too
@@ -64,8 +67,12 @@ class GuestMemory:
     cgroup: dict[str, int | None] | None = None  # what its cgroup is charged (runtime)
 
     def as_dict(self) -> dict[str, object]:
-        d: dict[str, object] = {"processes": self.processes, "file_rss": self.file_rss,
-                                "shared_rss": self.shared_rss, "files": self.files}
+        d: dict[str, object] = {
+            "processes": self.processes,
+            "file_rss": self.file_rss,
+            "shared_rss": self.shared_rss,
+            "files": self.files,
+        }
         if self.cgroup is not None:
             d["cgroup"] = self.cgroup
         return d
@@ -74,6 +81,7 @@ class GuestMemory:
 @dataclass(frozen=True, slots=True)
 class MemoryTotal:
     """What the host pays for the guests' mapped files."""
+
     with_unification: int  # each inode once, at the largest of the guests' figures
     without_unification: int  # each guest its own copy: the sum
     saved: int
@@ -82,6 +90,7 @@ class MemoryTotal:
 @dataclass(frozen=True, slots=True)
 class SharedMapping:
     """An inode several running guests map."""
+
     path: str  # "guest:/path" of one of them
     guests: int
     saved: int  # what the others would pay for their own copies
@@ -90,21 +99,31 @@ class SharedMapping:
 @dataclass(frozen=True, slots=True)
 class Measurement:
     """The sharing figures of running guests (``measure``)."""
+
     guests: dict[str, GuestMemory]  # by name, in name order
     total: MemoryTotal
     top_shared: list[SharedMapping]  # most saving first
 
     def as_dict(self) -> dict[str, object]:
         t = self.total
-        return {"guests": {n: g.as_dict() for n, g in self.guests.items()},
-                "total": {"with_unification": t.with_unification,
-                          "without_unification": t.without_unification, "saved": t.saved},
-                "top_shared": [{"path": f.path, "guests": f.guests, "saved": f.saved}
-                               for f in self.top_shared]}
+        return {
+            "guests": {n: g.as_dict() for n, g in self.guests.items()},
+            "total": {
+                "with_unification": t.with_unification,
+                "without_unification": t.without_unification,
+                "saved": t.saved,
+            },
+            "top_shared": [
+                {"path": f.path, "guests": f.guests, "saved": f.saved} for f in self.top_shared
+            ],
+        }
 
 
-def measure(pids_by_guest: dict[str, list[int]], top: int = 10,
-            charged: dict[str, dict[str, int | None]] | None = None) -> Measurement:
+def measure(
+    pids_by_guest: dict[str, list[int]],
+    top: int = 10,
+    charged: dict[str, dict[str, int | None]] | None = None,
+) -> Measurement:
     """The sharing figures for guests given as {name: [host pids]}; ``charged``: what a
     guest's cgroup is charged, to show with its figures."""
     guests: dict[str, _Mapped] = {}
@@ -125,14 +144,18 @@ def measure(pids_by_guest: dict[str, list[int]], top: int = 10,
         gm.shared_rss = sum(b for k, b in gm.files.items() if len(holders[k]) > 1)
     with_u = sum(max(bs) for bs in holders.values())
     without = sum(sum(bs) for bs in holders.values())
-    shared = sorted(((sum(bs) - max(bs), k) for k, bs in holders.items() if len(bs) > 1),
-                    reverse=True)[:top]
+    shared = sorted(
+        ((sum(bs) - max(bs), k) for k, bs in holders.items() if len(bs) > 1), reverse=True
+    )[:top]
     charged = charged or {}
     return Measurement(
-        {n: GuestMemory(g.processes, g.file_rss, g.shared_rss, len(g.files), charged.get(n))
-         for n, g in sorted(guests.items())},
+        {
+            n: GuestMemory(g.processes, g.file_rss, g.shared_rss, len(g.files), charged.get(n))
+            for n, g in sorted(guests.items())
+        },
         MemoryTotal(with_u, without, without - with_u),
-        [SharedMapping(names[k], len(holders[k]), s) for s, k in shared])
+        [SharedMapping(names[k], len(holders[k]), s) for s, k in shared],
+    )
 
 
 def measure_running(paths: Paths) -> Measurement:
@@ -141,6 +164,7 @@ def measure_running(paths: Paths) -> Measurement:
     charged."""
     from .config import configured_names
     from .runtime import cgroup_usage, guest_pids, running
+
     pids: dict[str, list[int]] = {}
     charged: dict[str, dict[str, int | None]] = {}
     for name in configured_names(paths):  # the run state needs no root tree

@@ -9,12 +9,21 @@ characters are ``\\n``, ``\\t``, ... or ``\\xNN``, other unprintable characters 
 and a backslash itself ``\\\\``.  So two names never show alike, no name can end a line or
 start a fake message, and nothing shown can fail to encode.
 """
+
 from __future__ import annotations
 
 import os
 
-_NAMED = {"\\": "\\\\", "\a": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\v": "\\v",
-          "\f": "\\f", "\r": "\\r"}
+_NAMED = {
+    "\\": "\\\\",
+    "\a": "\\a",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\v": "\\v",
+    "\f": "\\f",
+    "\r": "\\r",
+}
 
 
 def _escape(c: str) -> str:

@@ -7,6 +7,7 @@ immutable flag is lifted (it forbids rename; ``vsstore.window`` guards that mome
 two names are swapped with RENAME_EXCHANGE and what came out is checked to be the shared
 inode, else the swap is undone.  The shared inode itself never changes, so no other guest sees anything.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -31,8 +32,9 @@ def copy_file(src: int, dirfd: int, name: str) -> int:
     """Create ``name`` in ``dirfd`` as a private copy of open file ``src``: content, owner,
     mode, xattrs (not ours) and times, fsynced.  Returns the new file's fd (read-only)."""
     st = os.fstat(src)
-    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                 dir_fd=dirfd)
+    fd = os.open(
+        name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd
+    )
     try:
         off = 0
         while off < st.st_size:
@@ -53,8 +55,9 @@ def copy_file(src: int, dirfd: int, name: str) -> int:
     return fd
 
 
-def privatize(root: str, d: str, dfd: int, base: str, ofd: int, index: Index | None,
-              immutable: bool) -> os.stat_result | None:
+def privatize(
+    root: str, d: str, dfd: int, base: str, ofd: int, index: Index | None, immutable: bool
+) -> os.stat_result | None:
     """Replace name ``base`` in directory ``dfd`` (``d`` below guest ``root``), which holds
     the shared inode open as ``ofd``, by a private copy.  Returns the copy's stat, or None
     when the name was replaced by someone else meanwhile (then nothing changed)."""
@@ -66,8 +69,11 @@ def privatize(root: str, d: str, dfd: int, base: str, ofd: int, index: Index | N
     finally:
         os.close(cfd)
     try:
-        ids = index.journal_add([("deunify", root, d, base, tmp, cst.st_ino, ost.st_ino)]) \
-            if index is not None else []
+        ids = (
+            index.journal_add([("deunify", root, d, base, tmp, cst.st_ino, ost.st_ino)])
+            if index is not None
+            else []
+        )
     except BaseException:  # not journaled (a full index): the copy must not stay behind
         os.unlink(tmp, dir_fd=dfd)
         raise

@@ -6,6 +6,7 @@ their start times, so a reused pid is never taken for the guest, and what stop n
 ``vscow mount`` writes ``$VSSTORE_RUNDIR/vscow/<mountpoint>.json`` (pid, mount point, guest
 roots).  ``vsunify`` and ``vserver-stat`` read them: relinking files under a running overlay
 would leave the daemon's view and the kernel's caches stale."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,6 +50,7 @@ def cow_served(paths: Paths) -> dict[str, str]:
 
 # -- guests that run ----------------------------------------------------------------------
 
+
 def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
     try:
@@ -56,7 +58,7 @@ def start_time(pid: int) -> int | None:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rindex(b")") + 2:].split()
+    fields = data[data.rindex(b")") + 2 :].split()
     if fields[0] in (b"Z", b"X"):
         return None  # ended; only its parent has not collected it yet
     return int(fields[19])
@@ -110,8 +112,10 @@ def read_state(paths: Paths, name: str) -> RunState | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError) as e:
-        raise ConfigError(f"{state_file(paths, name)}: unreadable run state ({e}); remove "
-                          f"it if guest {name} is not running") from None
+        raise ConfigError(
+            f"{state_file(paths, name)}: unreadable run state ({e}); remove "
+            f"it if guest {name} is not running"
+        ) from None
 
 
 def write_state(paths: Paths, st: RunState) -> None:
@@ -192,7 +196,9 @@ def _read_int(p: Path) -> int | None:
 
 def _stat_file(p: Path) -> dict[str, int]:
     try:
-        return {k: int(v) for k, v in (ln.split() for ln in p.read_text().splitlines()
-                                       if len(ln.split()) == 2)}
+        return {
+            k: int(v)
+            for k, v in (ln.split() for ln in p.read_text().splitlines() if len(ln.split()) == 2)
+        }
     except (OSError, ValueError):
         return {}

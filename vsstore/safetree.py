@@ -7,6 +7,7 @@ directory fd of the root, with ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE
 (openat2), or, on kernels without openat2, one component at a time with ``O_NOFOLLOW`` and a
 device check.  Paths here are relative to the root, '/'-separated, without a leading slash.
 """
+
 from __future__ import annotations
 
 import errno
@@ -19,8 +20,12 @@ from . import syscalls
 from .errors import ConfigError, UnsafeTreeError
 from .names import shown
 
-_STRICT = (syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS
-           | syscalls.RESOLVE_NO_MAGICLINKS | syscalls.RESOLVE_NO_XDEV)
+_STRICT = (
+    syscalls.RESOLVE_BENEATH
+    | syscalls.RESOLVE_NO_SYMLINKS
+    | syscalls.RESOLVE_NO_MAGICLINKS
+    | syscalls.RESOLVE_NO_XDEV
+)
 
 
 def split_rel(rel: str) -> tuple[str, str]:
@@ -43,8 +48,9 @@ def _reopen_regular(pfd: int, rel: str, expect: tuple[int, int] | None, flags: i
     return os.open(f"/proc/self/fd/{pfd}", flags | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
-def open_regular_at(dirfd: int, name: str, expect: tuple[int, int] | None = None,
-                    flags: int = os.O_RDONLY) -> int:
+def open_regular_at(
+    dirfd: int, name: str, expect: tuple[int, int] | None = None, flags: int = os.O_RDONLY
+) -> int:
     """Open entry ``name`` of directory ``dirfd`` if it is a regular file (never a symlink,
     device or fifo: see ``GuestTree.open_regular``)."""
     pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
@@ -90,11 +96,13 @@ class GuestTree:
             # symlink there), so following it is fine; nothing below it is followed.
             self.fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise ConfigError(f"guest '{shown(self.name)}': root tree {shown(self.root)} does "
-                              f"not exist") from None
+            raise ConfigError(
+                f"guest '{shown(self.name)}': root tree {shown(self.root)} does not exist"
+            ) from None
         except NotADirectoryError:
-            raise ConfigError(f"guest '{shown(self.name)}': {shown(self.root)} is not a "
-                              f"directory") from None
+            raise ConfigError(
+                f"guest '{shown(self.name)}': {shown(self.root)} is not a directory"
+            ) from None
         st = os.fstat(self.fd)
         self.dev = st.st_dev
         self.ino = st.st_ino
@@ -138,8 +146,9 @@ class GuestTree:
         fd = os.dup(self.fd)
         try:
             for part in parts[:-1]:
-                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              dir_fd=fd)
+                nfd = os.open(
+                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
                 os.close(fd)
                 fd = nfd
                 if os.fstat(fd).st_dev != self.dev:
@@ -152,8 +161,13 @@ class GuestTree:
             raise OSError(errno.EXDEV, "crosses a mount point", rel)
         return res
 
-    def open_regular(self, rel: str, expect: tuple[int, int] | None = None,
-                     dirfd: int | None = None, flags: int = os.O_RDONLY) -> int:
+    def open_regular(
+        self,
+        rel: str,
+        expect: tuple[int, int] | None = None,
+        dirfd: int | None = None,
+        flags: int = os.O_RDONLY,
+    ) -> int:
         """Open a regular file without ever opening anything else: the name is first opened
         with O_PATH (which has no side effects, even on a device node a guest swapped in),
         checked to be a regular file (and the inode ``expect``ed, if given), and only then
@@ -173,8 +187,12 @@ class GuestTree:
         as if the guest root were '/', so they can never lead out (RESOLVE_IN_ROOT)."""
         if not syscalls.have_openat2():
             raise UnsafeTreeError("this kernel lacks openat2; cannot resolve guest symlinks safely")
-        return syscalls.openat2(self.fd, rel.lstrip("/") or ".", flags,
-                                syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_MAGICLINKS)
+        return syscalls.openat2(
+            self.fd,
+            rel.lstrip("/") or ".",
+            flags,
+            syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_MAGICLINKS,
+        )
 
     def open_parent(self, rel: str) -> tuple[int, str]:
         """Directory fd of ``rel``'s parent, and ``rel``'s last component."""
@@ -183,10 +201,13 @@ class GuestTree:
 
     # -- walking ------------------------------------------------------------------------
 
-    def walk(self, prune_dir: Callable[[str], bool] | None = None,
-             on_error: Callable[[str, OSError], None] | None = None, start: str = "",
-             known: Mapping[int, os.stat_result] | None = None,
-             ) -> Iterator[tuple[str, os.stat_result]]:
+    def walk(
+        self,
+        prune_dir: Callable[[str], bool] | None = None,
+        on_error: Callable[[str, OSError], None] | None = None,
+        start: str = "",
+        known: Mapping[int, os.stat_result] | None = None,
+    ) -> Iterator[tuple[str, os.stat_result]]:
         """Yield (rel, lstat) for every regular file, depth first, never following a
         symlink and never descending into another filesystem.  ``prune_dir(rel)`` may skip
         a directory; ``on_error(rel, exc)`` hears about directories that could not be read.
@@ -217,7 +238,9 @@ class GuestTree:
                 if dst.st_ino != ino or dst.st_dev != self.dev:
                     # Swapped for another directory between listing and opening: skip.
                     if on_error:
-                        on_error(rel, OSError(errno.ESTALE, "directory changed during the walk", rel))
+                        on_error(
+                            rel, OSError(errno.ESTALE, "directory changed during the walk", rel)
+                        )
                     continue
                 prefix = rel + "/" if rel else ""
                 with os.scandir(fd) as it:

@@ -6,6 +6,7 @@ it: ``XX/<xxh3-128 hex>-<metadata class hex>[.N]`` (XX: the digest's first two h
 The store must be on the guests' filesystem (hardlinks cannot cross filesystems) and outside
 every guest tree (guests must not reach it).
 """
+
 from __future__ import annotations
 
 import os
@@ -61,12 +62,15 @@ class Store:
                 self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise ConfigError(f"store {self.path} does not exist; run `vsunify run` first or "
-                              f"pass --store") from None
+            raise ConfigError(
+                f"store {self.path} does not exist; run `vsunify run` first or pass --store"
+            ) from None
         except OSError as e:
             if e.errno in NOSPACE_ERRNOS:
                 raise NoSpaceError.on(self.path, f"the store {shown(self.path)}") from None
-            raise ConfigError(f"store {self.path}: {e.strerror}; choose another with --store") from None
+            raise ConfigError(
+                f"store {self.path}: {e.strerror}; choose another with --store"
+            ) from None
         self.dev = os.fstat(self.fd).st_dev
 
     def close(self) -> None:
@@ -89,12 +93,15 @@ class Store:
             raise ConfigError(
                 f"store {shown(self.path)} is on another filesystem than guest '{shown(name)}' "
                 f"({shown(root)}); hardlinks cannot cross filesystems: put the store on the "
-                f"guests' filesystem with --store DIR (one store per filesystem)")
+                f"guests' filesystem with --store DIR (one store per filesystem)"
+            )
         s, r = self.path.resolve(), root.resolve()
         if s == r or s.is_relative_to(r) or r.is_relative_to(s):
-            raise ConfigError(f"store {shown(self.path)} and guest '{shown(name)}' "
-                              f"({shown(root)}) overlap; the store must lie outside every "
-                              f"guest tree (default: /vservers/.hash)")
+            raise ConfigError(
+                f"store {shown(self.path)} and guest '{shown(name)}' "
+                f"({shown(root)}) overlap; the store must lie outside every "
+                f"guest tree (default: /vservers/.hash)"
+            )
 
     def subdir(self, prefix: str, create: bool = False) -> int:
         fd = self._subdirs.get(prefix)
@@ -104,8 +111,9 @@ class Store:
                     os.mkdir(prefix, 0o700, dir_fd=self.fd)
                 except FileExistsError:
                     pass
-            fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=self.fd)
+            fd = os.open(
+                prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd
+            )
             self._subdirs[prefix] = fd
         return fd
 
@@ -115,8 +123,9 @@ class Store:
         if self.fd < 0:
             return out
         with os.scandir(self.fd) as top:
-            prefixes = sorted(e.name for e in top if len(e.name) == 2 and
-                              e.is_dir(follow_symlinks=False))
+            prefixes = sorted(
+                e.name for e in top if len(e.name) == 2 and e.is_dir(follow_symlinks=False)
+            )
         for prefix in prefixes:
             fd = self.subdir(prefix)
             with os.scandir(fd) as it:
@@ -129,9 +138,17 @@ class Store:
                         continue
                     key = (bytes.fromhex(m.group(1)), bytes.fromhex(m.group(2)))
                     gen = int(m.group(3) or 0)
-                    out.setdefault(key, []).append(StoreObject(
-                        key, gen, f"{prefix}/{e.name}", st.st_ino, st.st_nlink, st.st_size,
-                        st=st))
+                    out.setdefault(key, []).append(
+                        StoreObject(
+                            key,
+                            gen,
+                            f"{prefix}/{e.name}",
+                            st.st_ino,
+                            st.st_nlink,
+                            st.st_size,
+                            st=st,
+                        )
+                    )
         for objs in out.values():
             objs.sort(key=lambda o: o.gen)
         return out

@@ -3,6 +3,7 @@
 Everything that needs openat2, renameat2, linkat(AT_EMPTY_PATH), inode flags or file
 leases calls it from here, so a kernel difference is handled once.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -99,8 +100,9 @@ def link_fd(fd: int, newdirfd: int, newname: str) -> None:
     e = ctypes.get_errno()
     if e != errno.ENOENT and e != errno.EPERM:
         raise OSError(e, os.strerror(e), newname)
-    ret = _libc.linkat(AT_FDCWD, f"/proc/self/fd/{fd}".encode(), newdirfd,
-                       os.fsencode(newname), AT_SYMLINK_FOLLOW)
+    ret = _libc.linkat(
+        AT_FDCWD, f"/proc/self/fd/{fd}".encode(), newdirfd, os.fsencode(newname), AT_SYMLINK_FOLLOW
+    )
     _check(ret, "linkat", newname)
 
 
@@ -161,4 +163,4 @@ def fs_type(fd: int) -> int:
     buf = ctypes.create_string_buffer(256)  # struct statfs: f_type (a long) comes first
     if _libc.fstatfs(ctypes.c_int(fd), buf) != 0:
         return 0
-    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], "little")
+    return int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], "little")

@@ -1,5 +1,6 @@
 """vsattr: show and set the iunlink marker and the immutable flag (util-vserver's
 setattr/showattr).  Paths are host paths; symlinks are never followed."""
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,11 @@ def _cmd(args: argparse.Namespace) -> int:
             if args.cmd == "show" or getattr(args, "verbose", False):
                 print(f"{a.letters()} {os.fstat(fd).st_nlink:>5} {path}")
         except OSError as e:
-            print(f"vsattr: {path}: {e.strerror}" + (" (needs root: CAP_LINUX_IMMUTABLE)"
-                                                      if e.errno == 1 else ""), file=sys.stderr)
+            print(
+                f"vsattr: {path}: {e.strerror}"
+                + (" (needs root: CAP_LINUX_IMMUTABLE)" if e.errno == 1 else ""),
+                file=sys.stderr,
+            )
             rc = EXIT_PARTIAL
         finally:
             os.close(fd)
@@ -73,12 +77,17 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="vsattr", description="Show or set the iunlink marker (U) and the immutable (I) "
-        "and append-only (A) flags; upper case = set.  Columns: flags, link count, path.")
+        prog="vsattr",
+        description="Show or set the iunlink marker (U) and the immutable (I) "
+        "and append-only (A) flags; upper case = set.  Columns: flags, link count, path.",
+    )
     common = common_options()
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, text in (("show", "show the flags"), ("set", "set flags (default: both)"),
-                       ("clear", "clear flags (default: both)")):
+    for name, text in (
+        ("show", "show the flags"),
+        ("set", "set flags (default: both)"),
+        ("clear", "clear flags (default: both)"),
+    ):
         s = sub.add_parser(name, parents=[common], help=text)
         if name != "show":
             s.add_argument("--iunlink", action="store_true", help="the iunlink marker xattr")

@@ -25,6 +25,7 @@ therefore:
    is killed.  Where the filesystem lets it write despite the seal (XFS, btrfs: checked),
    the caller's ``on_writer`` moves the names it knows to a fresh copy as well.
 """
+
 from __future__ import annotations
 
 import errno
@@ -53,16 +54,17 @@ class SharedInodeBusy(OSError):
     """The shared inode is open for writing: no window may open on it now."""
 
     def __init__(self, what: str) -> None:
-        super().__init__(errno.EBUSY, f"{what}: open for writing by another process; "
-                                      f"not unsealed")
+        super().__init__(errno.EBUSY, f"{what}: open for writing by another process; not unsealed")
 
 
 class MetadataNotRestored(OSError):
     """Someone kept changing the shared inode's metadata while we restored it."""
 
     def __init__(self, what: str) -> None:
-        super().__init__(errno.EAGAIN, f"{what}: its metadata kept changing during an unseal "
-                                       f"window and could not be restored")
+        super().__init__(
+            errno.EAGAIN,
+            f"{what}: its metadata kept changing during an unseal window and could not be restored",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +85,14 @@ class Meta:
     @classmethod
     def parts(cls, st: os.stat_result, xattrs: Sequence[tuple[str, bytes]], flags: int) -> Meta:
         """From what a caller read and verified (xattrs without our marker)."""
-        return cls(st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
-                   flags & ~syscalls.FS_IMMUTABLE_FL, tuple(xattrs))
+        return cls(
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            st.st_mtime_ns,
+            flags & ~syscalls.FS_IMMUTABLE_FL,
+            tuple(xattrs),
+        )
 
 
 def enforced(fd: int) -> bool:
@@ -116,6 +124,7 @@ def _restore(fd: int, want: Meta) -> None:
 
 # -- would-be writers ----------------------------------------------------------------------
 
+
 def breakers(fd: int) -> list[int]:
     """Pids waiting for our lease on ``fd`` to go (openers for writing, truncaters), from
     /proc/locks: the lines marked ``->`` under our lease's line."""
@@ -134,8 +143,11 @@ def breakers(fd: int) -> list[int]:
                     if ours is not None and fields[0] == ours and fields[2] == "LEASE":
                         out.append(int(fields[5]))
                     continue
-                ours = fields[0] if (fields[1] == "LEASE" and fields[4] == str(me)
-                                     and fields[5] == dev) else None
+                ours = (
+                    fields[0]
+                    if (fields[1] == "LEASE" and fields[4] == str(me) and fields[5] == dev)
+                    else None
+                )
     except (OSError, ValueError, IndexError):
         pass
     return out
@@ -177,8 +189,11 @@ def _lease(fd: int, what: str) -> bool:
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EBUSY):
             return False
-        raise OSError(e.errno, f"{what}: cannot take a read lease ({e.strerror}); vsstore "
-                               f"needs file leases (sysctl fs.leases-enable=1)") from None
+        raise OSError(
+            e.errno,
+            f"{what}: cannot take a read lease ({e.strerror}); vsstore "
+            f"needs file leases (sysctl fs.leases-enable=1)",
+        ) from None
     return True
 
 
@@ -217,10 +232,17 @@ def writer_pids(fd: int) -> list[int]:
 
 # -- the window ---------------------------------------------------------------------------
 
+
 @contextmanager
-def unsealed(fd: int, immutable: bool = True, *, what: str = "shared inode",
-             expect: Meta | None = None, seal: bool = False,
-             on_writer: Callable[[int], None] | None = None) -> Iterator[None]:
+def unsealed(
+    fd: int,
+    immutable: bool = True,
+    *,
+    what: str = "shared inode",
+    expect: Meta | None = None,
+    seal: bool = False,
+    on_writer: Callable[[int], None] | None = None,
+) -> Iterator[None]:
     """Run the body with the immutable flag of the shared inode open as ``fd`` (read-only)
     lifted, guarded as the module says.  ``immutable``: the flag is our policy (False: no
     flag to lift, nothing to guard).  ``expect``: the metadata the inode must have afterwards
@@ -253,8 +275,13 @@ def unsealed(fd: int, immutable: bool = True, *, what: str = "shared inode",
             except ProcessLookupError:
                 pass
     if stopped:
-        log.warning("%s: %d process(es) tried to open it for writing while it was unsealed "
-                    "(pids %s); refused", what, len(stopped), ", ".join(map(str, stopped)))
+        log.warning(
+            "%s: %d process(es) tried to open it for writing while it was unsealed "
+            "(pids %s); refused",
+            what,
+            len(stopped),
+            ", ".join(map(str, stopped)),
+        )
     if not _pinned(fd, what):
         return
     # A writer got a descriptor anyway: it passed its permission check while the flag was
@@ -278,8 +305,11 @@ def unsealed(fd: int, immutable: bool = True, *, what: str = "shared inode",
                 pass
         time.sleep(0.002)
     if killed:
-        log.error("%s: process(es) %s got it open for writing by racing an unseal window; "
-                  "killed", what, ", ".join(map(str, sorted(killed))))
+        log.error(
+            "%s: process(es) %s got it open for writing by racing an unseal window; killed",
+            what,
+            ", ".join(map(str, sorted(killed))),
+        )
 
 
 def _pinned(fd: int, what: str) -> bool:
@@ -297,8 +327,14 @@ def _verify(fd: int, want: Meta, what: str, immutable: bool) -> None:
         now = Meta.of(fd)
         if now == want:
             return
-        log.warning("%s: metadata changed while unsealed (mode %o uid %d gid %d, %d xattrs); "
-                    "restored", what, now.mode, now.uid, now.gid, len(now.xattrs))
+        log.warning(
+            "%s: metadata changed while unsealed (mode %o uid %d gid %d, %d xattrs); restored",
+            what,
+            now.mode,
+            now.uid,
+            now.gid,
+            len(now.xattrs),
+        )
         attrs.set_immutable(fd, False)
         try:
             _restore(fd, want)

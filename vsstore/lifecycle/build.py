@@ -4,6 +4,7 @@ Methods: ``skeleton`` (the minimal tree and configuration), ``debootstrap`` (Deb
 debootstrap fills the tree), ``clone`` (a copy of another guest in which every file that
 guest shares through the store is linked, not copied: a clone costs almost no disk).
 """
+
 from __future__ import annotations
 
 import errno
@@ -25,10 +26,24 @@ from vsstore.private import copy_file
 from vsstore.safetree import mount_id, open_child_dir, open_regular_at
 from vsstore.window import unsealed
 
-SKELETON_DIRS = [("bin", 0o755), ("dev", 0o755), ("etc", 0o755), ("home", 0o755),
-                 ("lib", 0o755), ("proc", 0o555), ("root", 0o700), ("run", 0o755),
-                 ("sbin", 0o755), ("tmp", 0o1777), ("usr", 0o755), ("usr/bin", 0o755),
-                 ("usr/sbin", 0o755), ("var", 0o755), ("var/log", 0o755), ("var/tmp", 0o1777)]
+SKELETON_DIRS = [
+    ("bin", 0o755),
+    ("dev", 0o755),
+    ("etc", 0o755),
+    ("home", 0o755),
+    ("lib", 0o755),
+    ("proc", 0o555),
+    ("root", 0o700),
+    ("run", 0o755),
+    ("sbin", 0o755),
+    ("tmp", 0o1777),
+    ("usr", 0o755),
+    ("usr/bin", 0o755),
+    ("usr/sbin", 0o755),
+    ("var", 0o755),
+    ("var/log", 0o755),
+    ("var/tmp", 0o1777),
+]
 
 
 @dataclass
@@ -85,13 +100,16 @@ def build(paths: Paths, opts: BuildOptions) -> Guest:
     conf = paths.confdir / opts.name
     root = paths.vservers_root / opts.name
     if conf.exists():
-        raise StateError(f"guest {opts.name} exists already ({conf}); pick another name or "
-                         f"'vserver {opts.name} delete' it")
+        raise StateError(
+            f"guest {opts.name} exists already ({conf}); pick another name or "
+            f"'vserver {opts.name} delete' it"
+        )
     if root.exists() and any(root.iterdir()):
         raise StateError(f"{root} exists and is not empty; pick another name or remove it")
     if opts.method not in METHODS:
-        raise ConfigError(f"build method {opts.method!r} unknown; use skeleton, debootstrap "
-                          f"or clone")
+        raise ConfigError(
+            f"build method {opts.method!r} unknown; use skeleton, debootstrap or clone"
+        )
     with ExitStack() as undo:
         conf.mkdir(parents=True)
         undo.callback(shutil.rmtree, conf, True)
@@ -151,8 +169,10 @@ def _debootstrap(root: Path, args: list[str]) -> None:
     cmd = ["debootstrap", *rest, suite, str(root), *([mirror] if mirror else [])]
     p = subprocess.run(cmd)
     if p.returncode != 0:
-        raise ConfigError(f"{' '.join(cmd)} failed (exit {p.returncode}); see its output "
-                          f"above and {root}/debootstrap/debootstrap.log")
+        raise ConfigError(
+            f"{' '.join(cmd)} failed (exit {p.returncode}); see its output "
+            f"above and {root}/debootstrap/debootstrap.log"
+        )
 
 
 def _clone(paths: Paths, root: Path, args: list[str]) -> str:
@@ -160,13 +180,16 @@ def _clone(paths: Paths, root: Path, args: list[str]) -> str:
     linked (the store object gains a name; no byte is copied), everything else copied with
     owner, mode, xattrs and times; hardlinks inside the source stay hardlinks."""
     from vsstore.config import resolve_guest
+
     src_arg = args[1] if args[:1] == ["--source"] and len(args) > 1 else (args[0] if args else None)
     if not src_arg:
         raise ConfigError("build -m clone: name the guest to clone: -- --source NAME")
     src = resolve_guest(src_arg, paths)
     if os.stat(src.root).st_dev != os.stat(root).st_dev:
-        raise ConfigError(f"clone: {src.root} and {root} are on different filesystems; "
-                          f"hardlinks cannot cross them")
+        raise ConfigError(
+            f"clone: {src.root} and {root} are on different filesystems; "
+            f"hardlinks cannot cross them"
+        )
     seen: dict[tuple[int, int], str] = {}
     sfd = os.open(src.root, os.O_RDONLY | os.O_DIRECTORY)
     dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -204,8 +227,13 @@ def _copy_meta(sfd: int, dfd: int, name: str | None) -> None:
     os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)
 
 
-def _copy_dir(sfd: int, dfd: int, rel: str, droot: int, seen: dict[tuple[int, int], str],
-              ) -> None:
+def _copy_dir(
+    sfd: int,
+    dfd: int,
+    rel: str,
+    droot: int,
+    seen: dict[tuple[int, int], str],
+) -> None:
     """Copy directory ``sfd``'s entries into ``dfd`` (``rel`` below the new root
     ``droot``); ``seen`` maps source inodes copied already to their copy's path."""
     with os.scandir(sfd) as it:
@@ -231,8 +259,7 @@ def _copy_dir(sfd: int, dfd: int, rel: str, droot: int, seen: dict[tuple[int, in
             fd = os.open(n, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=sfd)
             try:
                 if key in seen:  # another name of a file copied already
-                    os.link(seen[key], n, src_dir_fd=droot, dst_dir_fd=dfd,
-                            follow_symlinks=False)
+                    os.link(seen[key], n, src_dir_fd=droot, dst_dir_fd=dfd, follow_symlinks=False)
                 elif st.st_nlink > 1 and attrs.has_marker(fd):  # shared: one more name
                     with unsealed(fd, what=shown(f"{rel}{n}")):
                         syscalls.link_fd(fd, dfd, n)
@@ -259,6 +286,7 @@ def delete(paths: Paths, name: str) -> Guest:
     from vsstore.runtime import cow_served, read_state
 
     from .run import cleanup, guest_lock
+
     g = deletable_guest(name, paths)
     with guest_lock(paths, g.name):
         st = read_state(paths, g.name)
@@ -266,8 +294,10 @@ def delete(paths: Paths, name: str) -> Guest:
             raise StateError(f"guest {g.name} is running; 'vserver {g.name} stop' first")
         at = cow_served(paths).get(str(g.root))
         if at is not None:
-            raise StateError(f"guest {g.name}'s tree {g.root} is served by the cow overlay "
-                             f"at {at} (an 'exec --cow' running?); wait for it to end")
+            raise StateError(
+                f"guest {g.name}'s tree {g.root} is served by the cow overlay "
+                f"at {at} (an 'exec --cow' running?); wait for it to end"
+            )
         if st is not None:
             cleanup(paths, st)  # what a guest that ended by itself left
         if os.path.lexists(g.root):
@@ -293,28 +323,38 @@ def remove_guest_tree(root: Path, base: Path) -> None:
     real_base = os.path.realpath(base)
     rel = os.path.relpath(os.path.realpath(root), real_base)
     if rel in (".", "..") or rel.startswith("../"):
-        raise UnsafeTreeError(f"{root} is not below the guests' root {real_base}; "
-                              f"not removed")
+        raise UnsafeTreeError(f"{root} is not below the guests' root {real_base}; not removed")
     head, name = os.path.split(rel)
     where = str(Path(real_base, rel))
     bfd = os.open(real_base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         try:
-            pfd = syscalls.openat2(bfd, head or ".", os.O_RDONLY | os.O_DIRECTORY,
-                                   syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS |
-                                   syscalls.RESOLVE_NO_MAGICLINKS)
+            pfd = syscalls.openat2(
+                bfd,
+                head or ".",
+                os.O_RDONLY | os.O_DIRECTORY,
+                syscalls.RESOLVE_BENEATH
+                | syscalls.RESOLVE_NO_SYMLINKS
+                | syscalls.RESOLVE_NO_MAGICLINKS,
+            )
         except OSError as e:
-            raise UnsafeTreeError(f"{where}: cannot reach it below {real_base} without a "
-                                  f"symlink ({e.strerror}); not removed") from None
+            raise UnsafeTreeError(
+                f"{where}: cannot reach it below {real_base} without a "
+                f"symlink ({e.strerror}); not removed"
+            ) from None
     finally:
         os.close(bfd)
     try:
         try:
             rfd = open_child_dir(pfd, name)
         except OSError as e:
-            why = ("a mount point: unmount it first" if e.errno == errno.EXDEV else
-                   "a symlink or not a directory" if e.errno in (errno.ELOOP, errno.ENOTDIR)
-                   else e.strerror)
+            why = (
+                "a mount point: unmount it first"
+                if e.errno == errno.EXDEV
+                else "a symlink or not a directory"
+                if e.errno in (errno.ELOOP, errno.ENOTDIR)
+                else e.strerror
+            )
             raise UnsafeTreeError(f"{where}: {why}; not removed") from None
         try:
             rst = os.fstat(rfd)
@@ -334,6 +374,7 @@ def _detach(dfd: int, name: str, where: str) -> bool:
     too), through a descriptor of each mount: the mount inside the tree, never a path.
     False: nothing is mounted there."""
     from . import ns
+
     detached = False
     for _ in range(64):
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
@@ -343,12 +384,15 @@ def _detach(dfd: int, name: str, where: str) -> bool:
             ns.umount(f"/proc/self/fd/{fd}", ns.MNT_DETACH)
             detached = True
         except OSError as e:
-            raise UnsafeTreeError(f"{where}: cannot detach what is mounted there "
-                                  f"({e.strerror}); unmount it and delete again") from None
+            raise UnsafeTreeError(
+                f"{where}: cannot detach what is mounted there "
+                f"({e.strerror}); unmount it and delete again"
+            ) from None
         finally:
             os.close(fd)
-    raise UnsafeTreeError(f"{where}: more than 64 mounts on one another; unmount them "
-                          f"and delete again")
+    raise UnsafeTreeError(
+        f"{where}: more than 64 mounts on one another; unmount them and delete again"
+    )
 
 
 def _open_subdir(dfd: int, name: str, where: str) -> int:
@@ -358,8 +402,9 @@ def _open_subdir(dfd: int, name: str, where: str) -> int:
             return open_child_dir(dfd, name)
         except OSError as e:
             if e.errno != errno.EXDEV:
-                raise UnsafeTreeError(f"{where}: {e.strerror} (changed meanwhile?); "
-                                      f"removal stopped there") from None
+                raise UnsafeTreeError(
+                    f"{where}: {e.strerror} (changed meanwhile?); removal stopped there"
+                ) from None
         _detach(dfd, name, where)
     raise UnsafeTreeError(f"{where}: still a mount point; unmount it and delete again")
 
@@ -395,13 +440,15 @@ def _empty_tree(rfd: int, root: str) -> None:
             stack.pop()
             if not stack:
                 return
-            pfd = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=cur)
+            pfd = os.open(
+                "..", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur
+            )
             pst = os.fstat(pfd)
             if (pst.st_dev, pst.st_ino) != (rst.st_dev, stack[-1].ino):
                 os.close(pfd)
-                raise UnsafeTreeError(f"{path[-1]}: moved while being removed; removal "
-                                      f"stopped there")
+                raise UnsafeTreeError(
+                    f"{path[-1]}: moved while being removed; removal stopped there"
+                )
             os.close(cur)
             cur = pfd
             _rmdir(cur, top.name, path.pop())
@@ -451,8 +498,9 @@ def _unlink(dfd: int, name: str, st: os.stat_result, where: str) -> None:
     if _detach(dfd, name, where):
         return _unlink(dfd, name, os.stat(name, dir_fd=dfd, follow_symlinks=False), where)
     if not stat.S_ISREG(st.st_mode):
-        raise UnsafeTreeError(f"{where}: cannot remove it (an immutable special file?); "
-                              f"chattr -i it and delete again")
+        raise UnsafeTreeError(
+            f"{where}: cannot remove it (an immutable special file?); chattr -i it and delete again"
+        )
     fd = open_regular_at(dfd, name, (st.st_dev, st.st_ino))
     try:
         attrs.clear_flags(fd)
@@ -468,8 +516,7 @@ def _retry_unsealed(dfd: int, op: Callable[[], object]) -> None:
     try:
         op()
     except PermissionError:
-        if not syscalls.get_inode_flags(dfd) & (syscalls.FS_IMMUTABLE_FL |
-                                                syscalls.FS_APPEND_FL):
+        if not syscalls.get_inode_flags(dfd) & (syscalls.FS_IMMUTABLE_FL | syscalls.FS_APPEND_FL):
             raise
         attrs.clear_flags(dfd)
         op()
@@ -488,9 +535,7 @@ def _rmdir(dfd: int, name: str, where: str) -> None:
         os.rmdir(name, dir_fd=dfd)
     except OSError as e:
         if e.errno == errno.EBUSY:
-            raise UnsafeTreeError(f"{where}: a mount point; unmount it and delete "
-                                  f"again") from None
+            raise UnsafeTreeError(f"{where}: a mount point; unmount it and delete again") from None
         if e.errno == errno.ENOTEMPTY:
-            raise UnsafeTreeError(f"{where}: changed while being removed; delete "
-                                  f"again") from None
+            raise UnsafeTreeError(f"{where}: changed while being removed; delete again") from None
         raise

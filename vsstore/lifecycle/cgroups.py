@@ -9,6 +9,7 @@ disturbed.  Settings come from ``/etc/vservers/NAME/cgroup/``, one file per inte
 util-vserver's v1 names ``memory.limit_in_bytes``, ``memory.soft_limit_in_bytes``,
 ``cpu.shares``, ``cpu.cfs_quota_us``, ``cpu.cfs_period_us``), translated to what the host has.
 """
+
 from __future__ import annotations
 
 import errno
@@ -23,9 +24,13 @@ from vsstore import runtime
 from vsstore.errors import ConfigError, VsError
 
 V2_SETTINGS = ("memory.max", "memory.high", "pids.max", "cpu.max", "cpu.weight")
-V1_NAMES = {"memory.limit_in_bytes": "memory.max", "memory.soft_limit_in_bytes": "memory.high",
-            "cpu.shares": "cpu.weight", "cpu.cfs_quota_us": "cpu.max",
-            "cpu.cfs_period_us": "cpu.max"}
+V1_NAMES = {
+    "memory.limit_in_bytes": "memory.max",
+    "memory.soft_limit_in_bytes": "memory.high",
+    "cpu.shares": "cpu.weight",
+    "cpu.cfs_quota_us": "cpu.max",
+    "cpu.cfs_period_us": "cpu.max",
+}
 CONTROLLERS = ("memory", "pids", "cpu")
 _SIZE = re.compile(r"^(\d+)([KMGT]?)$", re.I)
 # A cgroup removed while we use it: its files are gone (ENOENT) or, opened before the
@@ -35,6 +40,7 @@ GONE = (errno.ENOENT, errno.ENODEV)
 
 # -- settings: read, check, translate -------------------------------------------------------
 
+
 def _bytes(text: str, where: str) -> int | None:
     """'64M', '1048576', 'max' or -1 -> bytes (None: no limit)."""
     t = text.strip()
@@ -42,8 +48,7 @@ def _bytes(text: str, where: str) -> int | None:
         return None
     m = _SIZE.match(t)
     if not m:
-        raise ConfigError(f"{where}: {t!r} is not a size; write bytes, with K, M, G or T, "
-                          f"or max")
+        raise ConfigError(f"{where}: {t!r} is not a size; write bytes, with K, M, G or T, or max")
     return int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
 
 
@@ -82,8 +87,10 @@ def read_limits(d: Path) -> Limits:
         if f.name.startswith(".") or f.name in ("parent",):
             continue
         if f.name not in V2_SETTINGS and f.name not in V1_NAMES:
-            raise ConfigError(f"{f}: unknown cgroup setting; use one of "
-                              f"{', '.join(V2_SETTINGS)} (or v1: {', '.join(V1_NAMES)})")
+            raise ConfigError(
+                f"{f}: unknown cgroup setting; use one of "
+                f"{', '.join(V2_SETTINGS)} (or v1: {', '.join(V1_NAMES)})"
+            )
         text, where = f.read_text().strip(), str(f)
         lim.given[f.name] = where
         if f.name in ("memory.max", "memory.limit_in_bytes"):
@@ -97,10 +104,12 @@ def read_limits(d: Path) -> Limits:
         elif f.name == "cpu.max":
             parts = text.split()
             if not 1 <= len(parts) <= 2:
-                raise ConfigError(f"{where}: {text!r}: write 'QUOTA PERIOD' in microseconds "
-                                  f"(or 'max PERIOD')")
-            lim.cpu_quota = -1 if parts[0] == "max" else _int(parts[0], where, 1000, 2**40,
-                                                              "microseconds")
+                raise ConfigError(
+                    f"{where}: {text!r}: write 'QUOTA PERIOD' in microseconds (or 'max PERIOD')"
+                )
+            lim.cpu_quota = (
+                -1 if parts[0] == "max" else _int(parts[0], where, 1000, 2**40, "microseconds")
+            )
             if len(parts) == 2:
                 lim.cpu_period = _int(parts[1], where, 1000, 1_000_000, "microseconds")
         elif f.name == "cpu.cfs_quota_us":
@@ -150,6 +159,7 @@ def v1_files(lim: Limits) -> dict[tuple[str, str], str]:
 
 
 # -- the host's layout ----------------------------------------------------------------------
+
 
 @dataclass
 class Layout:
@@ -205,11 +215,13 @@ def detect(mountinfo: str | None = None, self_cgroup: str | None = None) -> Layo
     v1 = {c: (m, my1.get(c, "/")) for c, m in v1_mounts.items()}
     if {"memory", "pids"} & set(v1):
         return Layout(1, v1=v1)
-    return Layout(0, why="no cgroup v2 with memory and pids controllers, and no v1 memory "
-                         "or pids hierarchy")
+    return Layout(
+        0, why="no cgroup v2 with memory and pids controllers, and no v1 memory or pids hierarchy"
+    )
 
 
 # -- a guest's cgroup -------------------------------------------------------------------------
+
 
 @dataclass
 class GuestCgroup:
@@ -357,8 +369,9 @@ def create(layout: Layout, name: str, parent: str | None, lim: Limits) -> GuestC
         if layout.version == 2:
             d = dirs["unified"]
             ctl_file = d.parent / "cgroup.subtree_control"
-            wanted = {"memory", "pids"} | ({"cpu"} if lim.cpu_quota is not None or
-                                           lim.cpu_weight is not None else set())
+            wanted = {"memory", "pids"} | (
+                {"cpu"} if lim.cpu_quota is not None or lim.cpu_weight is not None else set()
+            )
             enabled = set(ctl_file.read_text().split())
             missing = wanted - enabled
             if missing:
@@ -369,7 +382,8 @@ def create(layout: Layout, name: str, parent: str | None, lim: Limits) -> GuestC
                         f"cannot enable {', '.join(sorted(missing))} for the guests' cgroups in "
                         f"{d.parent} ({e.strerror}): on cgroup v2 a cgroup with processes in it "
                         f"cannot delegate controllers; name a delegated parent in "
-                        f"/etc/vservers/.defaults/cgroup/parent (e.g. vsstore.slice)") from None
+                        f"/etc/vservers/.defaults/cgroup/parent (e.g. vsstore.slice)"
+                    ) from None
             d.mkdir(exist_ok=True)
             made.append(d)
             for f, v in v2_files(lim).items():
@@ -380,8 +394,10 @@ def create(layout: Layout, name: str, parent: str | None, lim: Limits) -> GuestC
                 made.append(d)
             for (ctl, f), v in v1_files(lim).items():
                 if ctl not in dirs:
-                    raise ConfigError(f"{lim.given.get(f, f)}: this host has no {ctl} "
-                                      f"controller; remove the setting")
+                    raise ConfigError(
+                        f"{lim.given.get(f, f)}: this host has no {ctl} "
+                        f"controller; remove the setting"
+                    )
                 _write(dirs[ctl] / f, v)
     except BaseException:
         for d in reversed(made):

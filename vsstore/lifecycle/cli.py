@@ -1,5 +1,6 @@
 """``vserver NAME build|start|stop|restart|status|running|enter|exec|delete`` and
 ``vserver-stat``: util-vserver's commands over the lifecycle (``vsstore.lifecycle``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,17 @@ def _cfg(paths: Paths, name: str) -> guestconf.GuestConfig:
 
 
 def cmd_build(args: argparse.Namespace, paths: Paths) -> int:
-    g = buildmod.build(paths, buildmod.BuildOptions(
-        name=args.name, method=args.method, hostname=args.hostname, context=args.context,
-        interfaces=tuple(args.interface or ()), args=tuple(args.method_args)))
+    g = buildmod.build(
+        paths,
+        buildmod.BuildOptions(
+            name=args.name,
+            method=args.method,
+            hostname=args.hostname,
+            context=args.context,
+            interfaces=tuple(args.interface or ()),
+            args=tuple(args.method_args),
+        ),
+    )
     if args.method == "clone":  # what the source shares is linked; join the rest now
         code = _vsunify(paths, [g])
         if code != EXIT_OK:
@@ -58,8 +67,10 @@ def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
     """From the run state alone: the configuration is not read (it may have changed or
     broken since the guest started)."""
     if not valid_name(args.name):
-        raise ConfigError(f"guest name {args.name!r} is not valid: stop takes a guest's "
-                          f"name (letters, digits and '._+-')")
+        raise ConfigError(
+            f"guest name {args.name!r} is not valid: stop takes a guest's "
+            f"name (letters, digits and '._+-')"
+        )
     lifecycle.stop(paths, args.name)
     return EXIT_OK
 
@@ -76,8 +87,10 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
     cfg = _cfg(paths, args.name)
     st = lifecycle.running(paths, cfg.name)
     if not cfg.cow:  # how to change its packages (shared files are immutable here)
-        hint = (f"upgrade packages with 'vapt-get {cfg.name} -- ARGS' (or 'vserver {cfg.name} "
-                f"exec --cow COMMAND'): a package manager run directly fails on shared files")
+        hint = (
+            f"upgrade packages with 'vapt-get {cfg.name} -- ARGS' (or 'vserver {cfg.name} "
+            f"exec --cow COMMAND'): a package manager run directly fails on shared files"
+        )
     else:
         hint = ""
     if st is None:
@@ -87,9 +100,11 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         return EXIT_STOPPED
     ctx = f" at context '{st.context}'" if st.context is not None else ""
     mode = f"through the cow overlay at {st.cow}" if st.cow else "directly"
-    print(f"Vserver '{cfg.name}' is running{ctx}: init pid {st.init_pid}, "
-          f"{len(lifecycle.guest_pids(st))} processes, up {_uptime(st.started)}, "
-          f"root {st.root} mounted {mode}")
+    print(
+        f"Vserver '{cfg.name}' is running{ctx}: init pid {st.init_pid}, "
+        f"{len(lifecycle.guest_pids(st))} processes, up {_uptime(st.started)}, "
+        f"root {st.root} mounted {mode}"
+    )
     if hint and not st.cow:
         print(hint)
     return EXIT_OK
@@ -129,6 +144,7 @@ def cmd_enter(args: argparse.Namespace, paths: Paths) -> int:
 
 # -- package management ------------------------------------------------------------------
 
+
 def _vsunify(paths: Paths, guests: list[Guest], quiet: bool = False) -> int:
     """A vsunify run through its Python API; its exit code (an error is said, not raised:
     what came before it, a build or a package upgrade, has succeeded)."""
@@ -148,13 +164,15 @@ def _unify_after(paths: Paths, name: str) -> int:
     now the same as another guest's are shared again at once."""
     served = cow_served(paths)
     broken: list[ConfigError] = []
-    guests = [g for g in configured_guests(paths, broken)
-              if os.path.realpath(g.root) not in served]
+    guests = [g for g in configured_guests(paths, broken) if os.path.realpath(g.root) not in served]
     for e in broken:
         print(f"vserver: warning: left out of vsunify: {e.message}", file=sys.stderr)
     if name not in [g.name for g in guests]:
-        print(f"vserver: {name} runs through the cow overlay; its files are unified when "
-              f"it is stopped (vsunify run {name})", file=sys.stderr)
+        print(
+            f"vserver: {name} runs through the cow overlay; its files are unified when "
+            f"it is stopped (vsunify run {name})",
+            file=sys.stderr,
+        )
         return EXIT_OK
     return _vsunify(paths, guests, quiet=True)
 
@@ -165,8 +183,10 @@ def package_command(paths: Paths, name: str, argv: list[str], unify: bool = True
     if code == EXIT_OK and unify:
         ucode = _unify_after(paths, name)
         if ucode != EXIT_OK:
-            print(f"vserver: the package command succeeded; vsunify afterwards exited "
-                  f"{ucode}", file=sys.stderr)
+            print(
+                f"vserver: the package command succeeded; vsunify afterwards exited {ucode}",
+                file=sys.stderr,
+            )
     return code
 
 
@@ -179,7 +199,7 @@ def _split_no_unify(rest: list[str]) -> tuple[bool, list[str]]:
         if a == "--no-unify":
             unify = False
         elif a == "--":
-            out.extend(rest[i + 1:])
+            out.extend(rest[i + 1 :])
             break
         else:
             out.append(a)
@@ -200,8 +220,12 @@ def _manager(g: Guest) -> str:
     """apt (dpkg), dnf/yum (rpm): from what the guest's tree holds (nothing is run; the
     names are looked up below its root only, no symlink followed on the way)."""
     with GuestTree(g.root, g.name) as tree:
-        for rel, kind in (("var/lib/dpkg/status", "apt"), ("usr/bin/dnf", "dnf"),
-                          ("usr/bin/yum", "yum"), ("var/lib/rpm", "rpm")):
+        for rel, kind in (
+            ("var/lib/dpkg/status", "apt"),
+            ("usr/bin/dnf", "dnf"),
+            ("usr/bin/yum", "yum"),
+            ("var/lib/rpm", "rpm"),
+        ):
             try:
                 dfd, base = tree.open_parent(rel)
             except OSError:
@@ -213,18 +237,32 @@ def _manager(g: Guest) -> str:
                 continue
             finally:
                 os.close(dfd)
-    raise ConfigError(f"cannot tell the guest's package manager (no dpkg status, dnf, yum "
-                      f"or rpm database in {shown(g.root)}); use 'vserver NAME exec --cow "
-                      f"...'")
+    raise ConfigError(
+        f"cannot tell the guest's package manager (no dpkg status, dnf, yum "
+        f"or rpm database in {shown(g.root)}); use 'vserver NAME exec --cow "
+        f"...'"
+    )
 
 
 PKG_ACTIONS = {
-    "apt": {"install": ["apt-get", "install", "-y"], "remove": ["apt-get", "remove", "-y"],
-            "update": ["apt-get", "update"], "upgrade": ["apt-get", "upgrade", "-y"]},
-    "dnf": {"install": ["dnf", "install", "-y"], "remove": ["dnf", "remove", "-y"],
-            "update": ["dnf", "makecache"], "upgrade": ["dnf", "upgrade", "-y"]},
-    "yum": {"install": ["yum", "install", "-y"], "remove": ["yum", "remove", "-y"],
-            "update": ["yum", "makecache"], "upgrade": ["yum", "update", "-y"]},
+    "apt": {
+        "install": ["apt-get", "install", "-y"],
+        "remove": ["apt-get", "remove", "-y"],
+        "update": ["apt-get", "update"],
+        "upgrade": ["apt-get", "upgrade", "-y"],
+    },
+    "dnf": {
+        "install": ["dnf", "install", "-y"],
+        "remove": ["dnf", "remove", "-y"],
+        "update": ["dnf", "makecache"],
+        "upgrade": ["dnf", "upgrade", "-y"],
+    },
+    "yum": {
+        "install": ["yum", "install", "-y"],
+        "remove": ["yum", "remove", "-y"],
+        "update": ["yum", "makecache"],
+        "upgrade": ["yum", "update", "-y"],
+    },
     "rpm": {"install": ["rpm", "-U"], "remove": ["rpm", "-e"], "upgrade": ["rpm", "-U"]},
 }
 
@@ -238,8 +276,9 @@ def cmd_pkg(args: argparse.Namespace, paths: Paths) -> int:
     kind = _manager(g)
     base = PKG_ACTIONS[kind].get(rest[0])
     if base is None:
-        raise ConfigError(f"pkg {rest[0]}: not for a plain rpm guest; use 'vserver "
-                          f"{g.name} rpm ...'")
+        raise ConfigError(
+            f"pkg {rest[0]}: not for a plain rpm guest; use 'vserver {g.name} rpm ...'"
+        )
     return package_command(paths, g.name, [*base, *rest[1:]], unify)
 
 
@@ -250,8 +289,10 @@ def cmd_delete(args: argparse.Namespace, paths: Paths) -> int:
     if lifecycle.running(paths, g.name):
         raise StateError(f"guest {g.name} is running; stop it first")
     if not args.force:
-        raise ConfigError(f"this removes guest {g.name}'s tree {g.root} and its "
-                          f"configuration; repeat with --force to do it")
+        raise ConfigError(
+            f"this removes guest {g.name}'s tree {g.root} and its "
+            f"configuration; repeat with --force to do it"
+        )
     buildmod.delete(paths, g.name)
     print(f"guest {g.name} deleted")
     return EXIT_OK
@@ -260,45 +301,69 @@ def cmd_delete(args: argparse.Namespace, paths: Paths) -> int:
 def parser() -> argparse.ArgumentParser:
     common = common_options()
     p = argparse.ArgumentParser(
-        prog="vserver", parents=[common], description="Build, start, stop and enter guests "
-        "(util-vserver's commands on a mainline kernel).")
-    p.add_argument("name", metavar="NAME", help="the guest (configured in "
-                   "/etc/vservers/NAME)")
+        prog="vserver",
+        parents=[common],
+        description="Build, start, stop and enter guests "
+        "(util-vserver's commands on a mainline kernel).",
+    )
+    p.add_argument("name", metavar="NAME", help="the guest (configured in /etc/vservers/NAME)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def cmd(name: str, func: Callable[[argparse.Namespace, Paths], int],
-            text: str) -> argparse.ArgumentParser:
+    def cmd(
+        name: str, func: Callable[[argparse.Namespace, Paths], int], text: str
+    ) -> argparse.ArgumentParser:
         c = sub.add_parser(name, parents=[common], help=text, description=text)
         c.set_defaults(func=func)
         return c
+
     b = cmd("build", cmd_build, "make a guest: tree and configuration")
-    b.add_argument("-m", dest="method", default="skeleton", metavar="|".join(buildmod.METHODS),
-                   help="how: skeleton (a minimal tree), debootstrap (Debian, -- -d SUITE "
-                   "[-m MIRROR]) or clone (another guest, -- --source GUEST)")
+    b.add_argument(
+        "-m",
+        dest="method",
+        default="skeleton",
+        metavar="|".join(buildmod.METHODS),
+        help="how: skeleton (a minimal tree), debootstrap (Debian, -- -d SUITE "
+        "[-m MIRROR]) or clone (another guest, -- --source GUEST)",
+    )
     b.add_argument("--hostname")
     b.add_argument("--context", type=int)
     b.add_argument("--interface", action="append", metavar="IP/PREFIX[,hostip=IP][,name=IF]")
-    b.add_argument("method_args", nargs="*", metavar="-- METHOD ARGS",
-                   help="the method's own arguments, after --")
+    b.add_argument(
+        "method_args",
+        nargs="*",
+        metavar="-- METHOD ARGS",
+        help="the method's own arguments, after --",
+    )
     cmd("start", cmd_start, "start the guest in its own namespaces")
     cmd("stop", cmd_stop, "stop it: every process ends, no mount is left")
     cmd("restart", cmd_restart, "stop (if it runs), then start")
     cmd("status", cmd_status, "running or stopped (exit 3), and how")
     cmd("running", cmd_running, "exit 0 if it runs, else 1")
-    for name, func, text in (("exec", cmd_exec, "run a command inside the running guest"),
-                             ("enter", cmd_enter, "a login shell inside the running guest")):
+    for name, func, text in (
+        ("exec", cmd_exec, "run a command inside the running guest"),
+        ("enter", cmd_enter, "a login shell inside the running guest"),
+    ):
         c = cmd(name, func, text)
-        c.add_argument("--cow", action="store_true", help="with the guest's root through the "
-                       "cow overlay (shared files become the guest's own when written)")
+        c.add_argument(
+            "--cow",
+            action="store_true",
+            help="with the guest's root through the "
+            "cow overlay (shared files become the guest's own when written)",
+        )
         if name == "exec":
             c.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
     d = cmd("delete", cmd_delete, "remove a stopped guest's tree and configuration")
     d.add_argument("--force", action="store_true", help="do it")
     for name, func, text in (
-            ("apt-get", cmd_apt_get, "apt-get in the guest through the overlay, then vsunify"),
-            ("rpm", cmd_rpm, "rpm in the guest through the overlay, then vsunify"),
-            ("pkg", cmd_pkg, "install|remove|update|upgrade PACKAGES with the guest's own "
-                             "package manager, through the overlay, then vsunify")):
+        ("apt-get", cmd_apt_get, "apt-get in the guest through the overlay, then vsunify"),
+        ("rpm", cmd_rpm, "rpm in the guest through the overlay, then vsunify"),
+        (
+            "pkg",
+            cmd_pkg,
+            "install|remove|update|upgrade PACKAGES with the guest's own "
+            "package manager, through the overlay, then vsunify",
+        ),
+    ):
         c = cmd(name, func, text)
         c.add_argument("--no-unify", action="store_true", help="no vsunify afterwards")
         c.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
@@ -311,9 +376,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _wrapper_main(prog: str, manager: str, argv: list[str] | None) -> int:
     """vapt-get NAME [--no-unify] -- ARGS... / vrpm NAME [--no-unify] -- ARGS..."""
-    p = argparse.ArgumentParser(prog=prog, parents=[common_options()], description=f"{manager} "
-                                "inside a guest, through the cow overlay, then vsunify "
-                                "(util-vserver's wrapper).")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        parents=[common_options()],
+        description=f"{manager} "
+        "inside a guest, through the cow overlay, then vsunify "
+        "(util-vserver's wrapper).",
+    )
     p.add_argument("--no-unify", action="store_true")
     p.add_argument("name", metavar="NAME")
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- ARGS")
@@ -321,6 +390,7 @@ def _wrapper_main(prog: str, manager: str, argv: list[str] | None) -> int:
     def run(a: argparse.Namespace, paths: Paths) -> int:
         unify, rest = _split_no_unify(list(a.rest))
         return package_command(paths, a.name, [manager, *rest], unify and not a.no_unify)
+
     return run_cli(prog, p, run, argv)
 
 
@@ -334,6 +404,7 @@ def vrpm_main(argv: list[str] | None = None) -> int:
 
 # -- vserver-stat ------------------------------------------------------------------------
 
+
 def _uptime(started: float) -> str:
     s = int(time.time() - started)
     d, s = divmod(s, 86400)
@@ -345,6 +416,7 @@ def _uptime(started: float) -> str:
 @dataclass(frozen=True, slots=True)
 class GuestUsage:
     """A running guest as vserver-stat shows it: a line of the table, an object of --json."""
+
     name: str
     context: int | None
     processes: int
@@ -360,9 +432,16 @@ class GuestUsage:
 
     def as_dict(self) -> dict[str, object]:
         d: dict[str, object] = {
-            "name": self.name, "context": self.context, "processes": self.processes,
-            "vsz": self.vsz, "rss": self.rss, "utime_s": self.utime_s, "stime_s": self.stime_s,
-            "uptime_s": self.uptime_s, "init_pid": self.init_pid}
+            "name": self.name,
+            "context": self.context,
+            "processes": self.processes,
+            "vsz": self.vsz,
+            "rss": self.rss,
+            "utime_s": self.utime_s,
+            "stime_s": self.stime_s,
+            "uptime_s": self.uptime_s,
+            "init_pid": self.init_pid,
+        }
         if self.cgroup is not None:
             d["cgroup"] = self.cgroup
         if self.file_rss is not None:
@@ -384,7 +463,7 @@ def guest_usage(st: lifecycle.RunState) -> GuestUsage:
                 data = f.read()
         except OSError:
             continue
-        fields = data[data.rindex(b")") + 2:].split()
+        fields = data[data.rindex(b")") + 2 :].split()
         utime += int(fields[11])
         stime += int(fields[12])
         vsz += int(fields[20])
@@ -395,8 +474,18 @@ def guest_usage(st: lifecycle.RunState) -> GuestUsage:
     if cg is not None:  # what the kernel charges the guest, and its limits
         u = cg.usage()
         charged = {"processes": len(cg.pids()), **u}
-    return GuestUsage(st.name, st.context, len(pids), vsz, rss, utime / tick, stime / tick,
-                      uptime, st.init_pid, charged)
+    return GuestUsage(
+        st.name,
+        st.context,
+        len(pids),
+        vsz,
+        rss,
+        utime / tick,
+        stime / tick,
+        uptime,
+        st.init_pid,
+        charged,
+    )
 
 
 def _human(n: float) -> str:
@@ -410,20 +499,30 @@ def _human(n: float) -> str:
 def _cg_cols(cg: dict[str, int | None] | None) -> str:
     def h(v: int | None) -> str:
         return "-" if v is None else _human(v)
+
     if cg is None:
         return f"{'-':>8} {'-':>7} {'-':>7} {'-':>8} {'-':>8}"
     pm = cg.get("pids_max")
-    return (f"{h(cg.get('memory')):>8} {h(cg.get('memory_file')):>7} "
-            f"{h(cg.get('memory_anon')):>7} {h(cg.get('memory_max')):>8} "
-            f"{'-' if pm is None else pm:>8}")
+    return (
+        f"{h(cg.get('memory')):>8} {h(cg.get('memory_file')):>7} "
+        f"{h(cg.get('memory_anon')):>7} {h(cg.get('memory_max')):>8} "
+        f"{'-' if pm is None else pm:>8}"
+    )
 
 
 def stat_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vserver-stat", parents=[common_options()],
-                                description="Running guests: processes, memory, CPU, uptime.")
+    p = argparse.ArgumentParser(
+        prog="vserver-stat",
+        parents=[common_options()],
+        description="Running guests: processes, memory, CPU, uptime.",
+    )
     p.add_argument("--json", action="store_true")
-    p.add_argument("--memory", action="store_true", help="also the file-backed memory each "
-                   "guest maps and how much of it other guests share (unified inodes)")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="also the file-backed memory each "
+        "guest maps and how much of it other guests share (unified inodes)",
+    )
 
     def run(args: argparse.Namespace, paths: Paths) -> int:
         rows = []
@@ -436,31 +535,41 @@ def stat_main(argv: list[str] | None = None) -> int:
         mem = None
         if args.memory:
             from vsstore.memory import measure
+
             mem = measure(pids)
             for i, r in enumerate(rows):
                 m = mem.guests[r.name]
                 rows[i] = replace(r, file_rss=m.file_rss, shared_file_rss=m.shared_rss)
         if args.json:
             out = [r.as_dict() for r in rows]
-            print(json.dumps({"guests": out, "memory": mem.as_dict()} if mem else out,
-                             indent=2))
+            print(json.dumps({"guests": out, "memory": mem.as_dict()} if mem else out, indent=2))
             return EXIT_OK
-        print(f"{'CTX':>5} {'PROC':>5} {'VSZ':>7} {'RSS':>7} {'userTIME':>9} "
-              f"{'sysTIME':>9} {'UPTIME':>9} {'CHARGED':>8} {'FILE':>7} {'ANON':>7} "
-              f"{'MEM.MAX':>8} {'PIDS.MAX':>8} NAME")
+        print(
+            f"{'CTX':>5} {'PROC':>5} {'VSZ':>7} {'RSS':>7} {'userTIME':>9} "
+            f"{'sysTIME':>9} {'UPTIME':>9} {'CHARGED':>8} {'FILE':>7} {'ANON':>7} "
+            f"{'MEM.MAX':>8} {'PIDS.MAX':>8} NAME"
+        )
         for r in rows:
-            print(f"{r.context if r.context is not None else '-':>5} "
-                  f"{r.processes:>5} {_human(r.vsz):>7} "
-                  f"{_human(r.rss):>7} {r.utime_s:>8.2f}s {r.stime_s:>8.2f}s "
-                  f"{_uptime(time.time() - r.uptime_s):>9} "
-                  f"{_cg_cols(r.cgroup)} {r.name}")
+            print(
+                f"{r.context if r.context is not None else '-':>5} "
+                f"{r.processes:>5} {_human(r.vsz):>7} "
+                f"{_human(r.rss):>7} {r.utime_s:>8.2f}s {r.stime_s:>8.2f}s "
+                f"{_uptime(time.time() - r.uptime_s):>9} "
+                f"{_cg_cols(r.cgroup)} {r.name}"
+            )
         if mem:
             t, per_guest = mem.total, mem.guests
-            print(f"file-backed memory: {_human(t.with_unification)} with unification, "
-                  f"{_human(t.without_unification)} without; per guest (mapped/shared): "
-                  + ", ".join(f"{r.name} {_human(per_guest[r.name].file_rss)}/"
-                              f"{_human(per_guest[r.name].shared_rss)}" for r in rows))
+            print(
+                f"file-backed memory: {_human(t.with_unification)} with unification, "
+                f"{_human(t.without_unification)} without; per guest (mapped/shared): "
+                + ", ".join(
+                    f"{r.name} {_human(per_guest[r.name].file_rss)}/"
+                    f"{_human(per_guest[r.name].shared_rss)}"
+                    for r in rows
+                )
+            )
         return EXIT_OK
+
     return run_cli("vserver-stat", p, run, argv)
 
 

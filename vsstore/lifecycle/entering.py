@@ -2,6 +2,7 @@
 namespaces joined (or new ones), its root (or its share of the overlay), its cgroup, then
 the static helper by descriptor, which does the last steps; on a terminal through a pty of
 the guest's own (``relay``)."""
+
 from __future__ import annotations
 
 import errno
@@ -42,8 +43,9 @@ def _open_guest(cfg: GuestConfig, st: runtime.RunState, kinds: tuple[str, ...]) 
     except OSError as e:
         for fd in fds.values():
             os.close(fd)
-        raise StateError(f"guest {cfg.name}: cannot join it ({e.strerror}); is it "
-                         f"running?") from None
+        raise StateError(
+            f"guest {cfg.name}: cannot join it ({e.strerror}); is it running?"
+        ) from None
     return fds
 
 
@@ -59,8 +61,12 @@ def _join_guest(st: runtime.RunState, fds: dict[str, int]) -> None:  # pragma: n
 
 
 def _command_env() -> dict[str, str]:
-    return {"PATH": helper.GUEST_PATH, "HOME": "/root", "container": "vserver",
-            "TERM": os.environ.get("TERM", "dumb")}
+    return {
+        "PATH": helper.GUEST_PATH,
+        "HOME": "/root",
+        "container": "vserver",
+        "TERM": os.environ.get("TERM", "dumb"),
+    }
 
 
 def _read_all(fd: int) -> bytes:
@@ -86,8 +92,13 @@ def _outcome(cfg: GuestConfig, argv: list[str], status: int, ex_r: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def run_in(paths: Paths, cfg: GuestConfig, st: runtime.RunState, argv: list[str],
-           timeout: float | None = None) -> int:
+def run_in(
+    paths: Paths,
+    cfg: GuestConfig,
+    st: runtime.RunState,
+    argv: list[str],
+    timeout: float | None = None,
+) -> int:
     """Run ``argv`` inside the running guest: its namespaces, root and reduced capabilities,
     a new session.  Python opens what it needs on the host (namespaces, root, the helper,
     a pty from the guest's devpts when stdin, stdout or stderr is a terminal) and a forked
@@ -120,8 +131,14 @@ def run_in(paths: Paths, cfg: GuestConfig, st: runtime.RunState, argv: list[str]
                     cg.join()  # charged to the guest, ended with it
                 std = {i: slave for i in range(3) if stdio.tty[i]} if slave is not None else {}
                 prog, placed = helper.place_fds(hfd, std, ex_w, tuple(fds[k] for k in kinds))
-                args = helper.argv("exec", cfg, argv, setns=tuple(placed[:5]), root=placed[5],
-                                  ctty=stdio.ctty if std else None)
+                args = helper.argv(
+                    "exec",
+                    cfg,
+                    argv,
+                    setns=tuple(placed[:5]),
+                    root=placed[5],
+                    ctty=stdio.ctty if std else None,
+                )
                 os.execve(prog, args, _command_env())
             except BaseException as e:  # noqa: BLE001
                 os.write(ex_w, json.dumps(to_wire(e)).encode())
@@ -132,8 +149,9 @@ def run_in(paths: Paths, cfg: GuestConfig, st: runtime.RunState, argv: list[str]
         try:
             status = relay.run(child, master, stdio, timeout)
         except relay.Timeout:
-            raise StateError(f"guest {cfg.name}: {argv[0]} took longer than "
-                             f"{timeout:g} s") from None
+            raise StateError(
+                f"guest {cfg.name}: {argv[0]} took longer than {timeout:g} s"
+            ) from None
         return _outcome(cfg, argv, status, ex_r)
     raise AssertionError("unreachable")
 
@@ -164,21 +182,35 @@ def run_cow(paths: Paths, cfg: GuestConfig, argv: list[str]) -> int:
                 overlay.remove(paths, cow_at, share)
             except VsError as e:
                 print(f"vserver: {e.message}", file=sys.stderr)
+
         stack.callback(remove_share)
-        return _run_temporary(cfg, st, os.path.join(cow_at, share), argv, hfd,
-                              lambda pid: overlay.attach(paths, cow_at, share, pid))
+        return _run_temporary(
+            cfg,
+            st,
+            os.path.join(cow_at, share),
+            argv,
+            hfd,
+            lambda pid: overlay.attach(paths, cow_at, share, pid),
+        )
 
 
-def _run_temporary(cfg: GuestConfig, st: runtime.RunState | None, source: str, argv: list[str],
-                   hfd: int, attach: Callable[[int], None]) -> int:
+def _run_temporary(
+    cfg: GuestConfig,
+    st: runtime.RunState | None,
+    source: str,
+    argv: list[str],
+    hfd: int,
+    attach: Callable[[int], None],
+) -> int:
     """The command in the guest's (or new) namespaces, its root the overlay's share
     ``source``; ``attach(pid)`` tells the overlay that ``pid``'s pid namespace is the
     share's, before anything runs in it."""
     fds = _open_guest(cfg, st, ("ipc", "uts", "net", "pid")) if st is not None else {}
     stdio = relay.Stdio.probe()
     # On a terminal: the leader opens a pty in the devpts it mounts and hands us the master.
-    back, fwd = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if stdio.any \
-        else (None, None)
+    back, fwd = (
+        socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if stdio.any else (None, None)
+    )
     ex_r, ex_w = os.pipe2(os.O_CLOEXEC)
     child = os.fork()
     if child == 0:  # pragma: no cover - child
@@ -271,8 +303,15 @@ def _wait_passing_signals(pid: int) -> int:  # pragma: no cover - in a forked ch
         return 128 - code if code < 0 else code
 
 
-def _lead(cfg: GuestConfig, tree: GuestTree, argv: list[str], stdio: relay.Stdio,
-          sock: socket.socket | None, ex_w: int, hfd: int) -> NoReturn:  # pragma: no cover
+def _lead(
+    cfg: GuestConfig,
+    tree: GuestTree,
+    argv: list[str],
+    stdio: relay.Stdio,
+    sock: socket.socket | None,
+    ex_w: int,
+    hfd: int,
+) -> NoReturn:  # pragma: no cover
     """The command's leader, in the guest's pid namespace: a mount namespace of its own (the
     pivot must not move the root of the Python that waits for it), /proc and /dev, on a
     terminal a pty from this devpts (the master to the vserver process), pivot_root, and

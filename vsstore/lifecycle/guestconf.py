@@ -17,6 +17,7 @@ spirit: an explicit per-guest flag file) keeps the host's network instead; it ex
 ``interfaces/``, ``start`` warns about it, and such a guest loses CAP_NET_RAW (raw and
 packet sockets on the host's interfaces) unless ``bcapabilities`` names it.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -34,16 +35,57 @@ from .cgroups import Limits, read_limits
 # What a guest may never do by default (util-vserver's reduced set, plus what later
 # kernels added): mount, load modules, raw I/O, set the clock, make devices, configure the
 # host's network, lift immutable flags (the store's protection), open by handle, reboot...
-DEFAULT_DROP = {"SYS_ADMIN", "SYS_MODULE", "SYS_RAWIO", "SYS_TIME", "MKNOD", "NET_ADMIN",
-                "LINUX_IMMUTABLE", "DAC_READ_SEARCH", "SYS_BOOT", "SYS_PTRACE", "SYS_PACCT",
-                "SYS_TTY_CONFIG", "SYS_RESOURCE", "SYS_NICE", "MAC_ADMIN", "MAC_OVERRIDE",
-                "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_CONTROL", "AUDIT_READ",
-                "BPF", "PERFMON", "CHECKPOINT_RESTORE", "LEASE", "IPC_OWNER", "NET_BROADCAST"}
+DEFAULT_DROP = {
+    "SYS_ADMIN",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_TIME",
+    "MKNOD",
+    "NET_ADMIN",
+    "LINUX_IMMUTABLE",
+    "DAC_READ_SEARCH",
+    "SYS_BOOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_TTY_CONFIG",
+    "SYS_RESOURCE",
+    "SYS_NICE",
+    "MAC_ADMIN",
+    "MAC_OVERRIDE",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_CONTROL",
+    "AUDIT_READ",
+    "BPF",
+    "PERFMON",
+    "CHECKPOINT_RESTORE",
+    "LEASE",
+    "IPC_OWNER",
+    "NET_BROADCAST",
+}
 
-MOUNT_FLAGS = {"ro": ns.MS_RDONLY, "nosuid": ns.MS_NOSUID, "nodev": ns.MS_NODEV,
-               "noexec": ns.MS_NOEXEC, "bind": ns.MS_BIND, "rbind": ns.MS_BIND | ns.MS_REC}
-IGNORED_OPTIONS = {"defaults", "rw", "auto", "noauto", "nofail", "suid", "dev", "exec",
-                   "user", "nouser", "_netdev"}
+MOUNT_FLAGS = {
+    "ro": ns.MS_RDONLY,
+    "nosuid": ns.MS_NOSUID,
+    "nodev": ns.MS_NODEV,
+    "noexec": ns.MS_NOEXEC,
+    "bind": ns.MS_BIND,
+    "rbind": ns.MS_BIND | ns.MS_REC,
+}
+IGNORED_OPTIONS = {
+    "defaults",
+    "rw",
+    "auto",
+    "noauto",
+    "nofail",
+    "suid",
+    "dev",
+    "exec",
+    "user",
+    "nouser",
+    "_netdev",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +154,9 @@ def _lines(p: Path) -> list[str] | None:
     text = _read(p)
     if text is None:
         return None
-    return [ln.strip() for ln in text.splitlines()
-            if ln.strip() and not ln.lstrip().startswith("#")]
+    return [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
+    ]
 
 
 def _number(p: Path, default: float | None, what: str) -> float | None:
@@ -151,8 +194,9 @@ def _fstab(p: Path) -> list[FstabEntry]:
             raise ConfigError(f"{where}: {line!r}: want 'SOURCE TARGET TYPE [OPTIONS]'")
         src, target, fstype = (s.replace("\\040", " ") for s in parts[:3])
         if not target.startswith("/"):
-            raise ConfigError(f"{where}: target {target!r} must be an absolute path inside "
-                              f"the guest")
+            raise ConfigError(
+                f"{where}: target {target!r} must be an absolute path inside the guest"
+            )
         if any(c in ("..",) for c in target.split("/")):
             raise ConfigError(f"{where}: target {target!r} must not contain '..'")
         flags, data = parse_mount_options(parts[3] if len(parts) > 3 else "defaults", where)
@@ -174,10 +218,13 @@ def _interfaces(d: Path) -> list[Interface]:
         prefix = (_read(sub / "prefix") or default_prefix or "").strip()
         mask = (_read(sub / "mask") or "").strip()
         try:
-            addr = ipaddress.ip_interface(f"{ip}/{prefix or mask or ('24' if ':' not in ip else '64')}")
+            addr = ipaddress.ip_interface(
+                f"{ip}/{prefix or mask or ('24' if ':' not in ip else '64')}"
+            )
         except ValueError as e:
-            raise ConfigError(f"{sub}: {e}; write an address to ip and a prefix length to "
-                              f"prefix") from None
+            raise ConfigError(
+                f"{sub}: {e}; write an address to ip and a prefix length to prefix"
+            ) from None
         host_ip = (_read(sub / "hostip") or "").strip()
         try:
             hip = ipaddress.ip_address(host_ip) if host_ip else None
@@ -205,8 +252,10 @@ def _caps(p: Path, hostnet: bool = False) -> frozenset[int]:
         try:
             n = ns.cap_number(name)
         except ValueError:
-            raise ConfigError(f"{p}: unknown capability {name!r}; use names like "
-                              f"CAP_NET_ADMIN (see capabilities(7))") from None
+            raise ConfigError(
+                f"{p}: unknown capability {name!r}; use names like "
+                f"CAP_NET_ADMIN (see capabilities(7))"
+            ) from None
         (keep.discard if drop else keep.add)(n)
     return frozenset(keep)
 
@@ -216,21 +265,37 @@ def _signal(p: Path) -> int:
     if not text:
         return signal.SIGTERM
     try:
-        return int(text) if text.isdigit() else int(signal.Signals[
-            text.upper() if text.upper().startswith("SIG") else "SIG" + text.upper()])
+        return (
+            int(text)
+            if text.isdigit()
+            else int(
+                signal.Signals[
+                    text.upper() if text.upper().startswith("SIG") else "SIG" + text.upper()
+                ]
+            )
+        )
     except KeyError:
-        raise ConfigError(f"{p}: {text!r} is not a signal; write e.g. SIGTERM or "
-                          f"SIGPWR") from None
+        raise ConfigError(f"{p}: {text!r} is not a signal; write e.g. SIGTERM or SIGPWR") from None
 
 
-RLIMITS = {"as": resource.RLIMIT_AS, "core": resource.RLIMIT_CORE, "cpu": resource.RLIMIT_CPU,
-           "data": resource.RLIMIT_DATA, "fsize": resource.RLIMIT_FSIZE,
-           "locks": getattr(resource, "RLIMIT_LOCKS", 10), "memlock": resource.RLIMIT_MEMLOCK,
-           "msgqueue": resource.RLIMIT_MSGQUEUE, "nice": resource.RLIMIT_NICE,
-           "nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC,
-           "rss": resource.RLIMIT_RSS, "rtprio": resource.RLIMIT_RTPRIO,
-           "rttime": resource.RLIMIT_RTTIME, "sigpending": resource.RLIMIT_SIGPENDING,
-           "stack": resource.RLIMIT_STACK}
+RLIMITS = {
+    "as": resource.RLIMIT_AS,
+    "core": resource.RLIMIT_CORE,
+    "cpu": resource.RLIMIT_CPU,
+    "data": resource.RLIMIT_DATA,
+    "fsize": resource.RLIMIT_FSIZE,
+    "locks": getattr(resource, "RLIMIT_LOCKS", 10),
+    "memlock": resource.RLIMIT_MEMLOCK,
+    "msgqueue": resource.RLIMIT_MSGQUEUE,
+    "nice": resource.RLIMIT_NICE,
+    "nofile": resource.RLIMIT_NOFILE,
+    "nproc": resource.RLIMIT_NPROC,
+    "rss": resource.RLIMIT_RSS,
+    "rtprio": resource.RLIMIT_RTPRIO,
+    "rttime": resource.RLIMIT_RTTIME,
+    "sigpending": resource.RLIMIT_SIGPENDING,
+    "stack": resource.RLIMIT_STACK,
+}
 
 
 def _rlimits(d: Path) -> dict[int, tuple[int, int]]:
@@ -241,8 +306,10 @@ def _rlimits(d: Path) -> dict[int, tuple[int, int]]:
     for f in sorted(d.iterdir()):
         base, _, kind = f.name.partition(".")
         if base not in RLIMITS or kind not in ("", "soft", "hard"):
-            raise ConfigError(f"{f}: unknown resource limit; use one of "
-                              f"{', '.join(sorted(RLIMITS))}, optionally with .soft or .hard")
+            raise ConfigError(
+                f"{f}: unknown resource limit; use one of "
+                f"{', '.join(sorted(RLIMITS))}, optionally with .soft or .hard"
+            )
         text = (_read(f) or "").strip()
         if text in ("inf", "infinity", "unlimited", "-1"):
             v = resource.RLIM_INFINITY
@@ -252,14 +319,14 @@ def _rlimits(d: Path) -> dict[int, tuple[int, int]]:
                 if v < 0:
                     raise ValueError
             except ValueError:
-                raise ConfigError(f"{f}: {text!r} is not a limit; write a number or inf") \
-                    from None
-        for k in (("soft", "hard") if not kind else (kind,)):
+                raise ConfigError(f"{f}: {text!r} is not a limit; write a number or inf") from None
+        for k in ("soft", "hard") if not kind else (kind,):
             vals.setdefault(base, {})[k] = v
     inf = resource.RLIM_INFINITY
 
     def key(x: int) -> float:
         return float("inf") if x == inf else x
+
     out: dict[int, tuple[int, int]] = {}
     for base, given in vals.items():
         cur_soft, cur_hard = resource.getrlimit(RLIMITS[base])
@@ -278,8 +345,10 @@ def load(guest: Guest) -> GuestConfig:
     """Read and check everything ``start`` and ``stop`` will need."""
     c = guest.confdir
     if c is None:
-        raise ConfigError(f"guest {guest.name!r} has no configuration directory; build it "
-                          f"with 'vserver {guest.name} build' first")
+        raise ConfigError(
+            f"guest {guest.name!r} has no configuration directory; build it "
+            f"with 'vserver {guest.name} build' first"
+        )
     ctx = _number(c / "context", None, "the guest's context number")
     if ctx is not None and (ctx != int(ctx) or not 1 < ctx < 65535):
         raise ConfigError(f"{c / 'context'}: {ctx:g} is not a context number (2..65534)")
@@ -298,8 +367,10 @@ def load(guest: Guest) -> GuestConfig:
         elif style == "none":
             start = []  # pid 1 is ours and runs nothing; services come by 'exec'
         else:
-            raise ConfigError(f"{c / 'apps/init/style'}: unknown style {style!r}; use plain, "
-                              f"sysv or none, or write the command to apps/init/cmd.start")
+            raise ConfigError(
+                f"{c / 'apps/init/style'}: unknown style {style!r}; use plain, "
+                f"sysv or none, or write the command to apps/init/cmd.start"
+            )
     if not start and style != "none":
         raise ConfigError(f"{c / 'apps/init/cmd.start'}: empty; one argument per line")
     timeout = _number(c / "apps" / "init" / "stop-timeout", 10.0, "seconds")
@@ -310,14 +381,27 @@ def load(guest: Guest) -> GuestConfig:
     hostnet = (c / "spaces" / "hostnet").exists()
     interfaces = _interfaces(c / "interfaces")
     if hostnet and interfaces:
-        raise ConfigError(f"{c / 'spaces/hostnet'} (share the host's network) and "
-                          f"{c / 'interfaces'}/ (veth pairs in the guest's own network) "
-                          f"exclude each other; remove one of them")
+        raise ConfigError(
+            f"{c / 'spaces/hostnet'} (share the host's network) and "
+            f"{c / 'interfaces'}/ (veth pairs in the guest's own network) "
+            f"exclude each other; remove one of them"
+        )
     return GuestConfig(
-        guest=guest, context=int(ctx) if ctx is not None else None, nodename=nodename,
-        fstab=_fstab(c / "fstab"), interfaces=interfaces, hostnet=hostnet,
-        keep_caps=_caps(c / "bcapabilities", hostnet), init=start, stop=stop or None,
+        guest=guest,
+        context=int(ctx) if ctx is not None else None,
+        nodename=nodename,
+        fstab=_fstab(c / "fstab"),
+        interfaces=interfaces,
+        hostnet=hostnet,
+        keep_caps=_caps(c / "bcapabilities", hostnet),
+        init=start,
+        stop=stop or None,
         stop_signal=_signal(c / "apps" / "init" / "stop-signal"),
-        stop_timeout=float(timeout or 10.0), cow=(c / "cow").exists(), style=style,
-        rlimits=_rlimits(c / "rlimits"), nice=int(nice) if nice is not None else None,
-        cgroup=read_limits(c / "cgroup"), cgroup_parent=parent)
+        stop_timeout=float(timeout or 10.0),
+        cow=(c / "cow").exists(),
+        style=style,
+        rlimits=_rlimits(c / "rlimits"),
+        nice=int(nice) if nice is not None else None,
+        cgroup=read_limits(c / "cgroup"),
+        cgroup_parent=parent,
+    )

@@ -15,6 +15,7 @@ compiled once with ``gcc -static -nostdlib`` into ``STATEDIR/libexec`` and check
 no ELF interpreter; every use executes a sealed memfd copy of it, so no process in a guest
 can reach our file through ``/proc/PID/exe`` (runc's CVE-2019-5736).
 """
+
 from __future__ import annotations
 
 import builtins
@@ -39,9 +40,21 @@ from . import ns
 from .guestconf import GuestConfig
 
 SOURCE = Path(__file__).parent / "data" / "vsguest.c"
-CFLAGS = ["-static", "-nostdlib", "-ffreestanding", "-fno-builtin", "-fno-stack-protector",
-          "-fno-pie", "-no-pie", "-fno-asynchronous-unwind-tables",
-          "-fno-tree-loop-distribute-patterns", "-Os", "-s", "-Wall", "-Wextra"]
+CFLAGS = [
+    "-static",
+    "-nostdlib",
+    "-ffreestanding",
+    "-fno-builtin",
+    "-fno-stack-protector",
+    "-fno-pie",
+    "-no-pie",
+    "-fno-asynchronous-unwind-tables",
+    "-fno-tree-loop-distribute-patterns",
+    "-Os",
+    "-s",
+    "-Wall",
+    "-Wextra",
+]
 ERRFD = 3  # where the forked Python puts the error pipe before executing the helper
 
 _MFD_EXEC = 0x0010  # linux 6.3: an executable memfd (without it newer kernels warn)
@@ -58,20 +71,23 @@ def binary(statedir: Path) -> Path:
         return path
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
-        raise UnsupportedError("no C compiler to build vsstore's guest helper (vsguest), "
-                               "which start, exec and enter need: apt-get install gcc "
-                               "libc6-dev (scripts/setup installs them)")
+        raise UnsupportedError(
+            "no C compiler to build vsstore's guest helper (vsguest), "
+            "which start, exec and enter need: apt-get install gcc "
+            "libc6-dev (scripts/setup installs them)"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     with tempfile.TemporaryDirectory(dir=path.parent) as d:
         src, out = Path(d) / "vsguest.c", Path(d) / "vsguest"
         src.write_bytes(source)
-        p = subprocess.run([cc, *CFLAGS, "-o", str(out), str(src)], capture_output=True,
-                           text=True)
+        p = subprocess.run([cc, *CFLAGS, "-o", str(out), str(src)], capture_output=True, text=True)
         if p.returncode != 0:
-            raise UnsupportedError(f"cannot build vsstore's guest helper with {cc} "
-                                   f"({p.stderr.strip()[-300:]}); apt-get install gcc "
-                                   f"libc6-dev (scripts/setup installs them)")
+            raise UnsupportedError(
+                f"cannot build vsstore's guest helper with {cc} "
+                f"({p.stderr.strip()[-300:]}); apt-get install gcc "
+                f"libc6-dev (scripts/setup installs them)"
+            )
         check_static(out.read_bytes(), str(out))
         os.chmod(out, 0o500)
         os.replace(out, path)
@@ -81,20 +97,23 @@ def binary(statedir: Path) -> Path:
 def check_static(image: bytes, what: str) -> None:
     """Refuse anything but an ELF executable for this machine without an interpreter: a
     dynamically linked helper would load ld.so, and libraries, from the guest's tree."""
+
     def bad(why: str) -> UnsupportedError:
-        return UnsupportedError(f"{what}: not a usable guest helper ({why}); remove it to "
-                                f"have it rebuilt")
+        return UnsupportedError(
+            f"{what}: not a usable guest helper ({why}); remove it to have it rebuilt"
+        )
+
     if len(image) < 64 or image[:4] != b"\x7fELF" or image[4] != 2 or image[5] != 1:
         raise bad("not a 64-bit little-endian ELF file")
     e_type, e_machine = struct.unpack_from("<HH", image, 16)
     if e_machine != _EM.get(platform.machine()):
         raise bad(f"built for machine {e_machine}")
-    phoff, = struct.unpack_from("<Q", image, 32)
+    (phoff,) = struct.unpack_from("<Q", image, 32)
     phentsize, phnum = struct.unpack_from("<HH", image, 54)
     if phentsize < 56 or phoff + phnum * phentsize > len(image):
         raise bad("truncated program headers")
     for i in range(phnum):
-        p_type, = struct.unpack_from("<I", image, phoff + i * phentsize)
+        (p_type,) = struct.unpack_from("<I", image, phoff + i * phentsize)
         if p_type == PT_INTERP:
             raise bad("it names an ELF interpreter: dynamically linked")
     if e_type != 2:  # ET_EXEC, as -static -no-pie makes it
@@ -115,16 +134,21 @@ def load(path: str | os.PathLike[str]) -> int:
                 raise
             fd = os.memfd_create("vsguest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     except OSError as e:
-        raise UnsupportedError(f"cannot make an executable memfd for the guest helper "
-                               f"({e.strerror}); is vm.memfd_noexec 2? It must be 0 or 1 "
-                               f"here") from None
+        raise UnsupportedError(
+            f"cannot make an executable memfd for the guest helper "
+            f"({e.strerror}); is vm.memfd_noexec 2? It must be 0 or 1 "
+            f"here"
+        ) from None
     try:
         view = memoryview(image)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fchmod(fd, 0o500)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK |
-                    fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+        fcntl.fcntl(
+            fd,
+            fcntl.F_ADD_SEALS,
+            fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE,
+        )
     except BaseException:
         os.close(fd)
         raise
@@ -132,11 +156,19 @@ def load(path: str | os.PathLike[str]) -> int:
 
 
 def _limit(v: int) -> str:
-    return "inf" if v < 0 or v >= 2 ** 64 - 1 else str(v)  # RLIM_INFINITY is -1 in Python
+    return "inf" if v < 0 or v >= 2**64 - 1 else str(v)  # RLIM_INFINITY is -1 in Python
 
 
-def argv(mode: str, cfg: GuestConfig | None, command: list[str], *, setns: tuple[int, ...] = (),
-         root: int | None = None, detach: bool = False, ctty: int | None = None) -> list[str]:
+def argv(
+    mode: str,
+    cfg: GuestConfig | None,
+    command: list[str],
+    *,
+    setns: tuple[int, ...] = (),
+    root: int | None = None,
+    detach: bool = False,
+    ctty: int | None = None,
+) -> list[str]:
     """The helper's command line: MODE (exec, init, sysv, none), its steps, and for a
     command the guest's limits and capabilities from ``cfg`` (None: keep none)."""
     a = ["vsguest", mode, "--errfd", str(ERRFD), "--last-cap", str(ns.last_cap())]
@@ -159,12 +191,20 @@ def argv(mode: str, cfg: GuestConfig | None, command: list[str], *, setns: tuple
     return a
 
 
-STEPS = {"args": "bad helper arguments (a bug)", "setns": "joining its namespaces",
-         "root": "changing to its root", "detach": "detaching the host's root",
-         "fork": "forking into it", "setsid": "starting a session",
-         "ctty": "taking the terminal", "rlimit": "setting rlimits", "nice": "setting nice",
-         "close": "closing descriptors", "caps": "cutting capabilities",
-         "waiter": "securing the waiting process"}
+STEPS = {
+    "args": "bad helper arguments (a bug)",
+    "setns": "joining its namespaces",
+    "root": "changing to its root",
+    "detach": "detaching the host's root",
+    "fork": "forking into it",
+    "setsid": "starting a session",
+    "ctty": "taking the terminal",
+    "rlimit": "setting rlimits",
+    "nice": "setting nice",
+    "close": "closing descriptors",
+    "caps": "cutting capabilities",
+    "waiter": "securing the waiting process",
+}
 
 
 def failure(raw: bytes) -> tuple[str, str] | None:
@@ -189,8 +229,10 @@ def seal_python() -> None:  # pragma: no cover - in a forked child
     the helper: from here on it can import nothing, not even a module loaded already (no
     finder, no path, ``__import__`` refuses), so a lazy import on some error path fails
     instead of loading a file from the guest's tree with our privileges."""
+
     def refuse(name: str, *args: object, **kwargs: object) -> types.ModuleType:
         raise ImportError(f"no import once a guest's root is ours ({name})")
+
     sys.meta_path.clear()
     sys.path_hooks.clear()
     sys.path.clear()
@@ -203,8 +245,12 @@ def seal_python() -> None:  # pragma: no cover - in a forked child
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def place_fds(helper: int, std: dict[int, int], err: int, keep: tuple[int, ...] = (),
-               ) -> tuple[int, list[int]]:  # pragma: no cover - child
+def place_fds(
+    helper: int,
+    std: dict[int, int],
+    err: int,
+    keep: tuple[int, ...] = (),
+) -> tuple[int, list[int]]:  # pragma: no cover - child
     """In a forked child about to execute the helper: ``std`` (target -> source) onto
     0-2, the error pipe ``err`` onto ERRFD, ``keep`` inheritable; returns the new
     numbers of ``helper`` (still close-on-exec) and of ``keep`` (all above 9).  Every other
@@ -222,8 +268,9 @@ def place_fds(helper: int, std: dict[int, int], err: int, keep: tuple[int, ...] 
     return helper, moved
 
 
-def pivot_and_exec(tree: GuestTree, helper: int, args: list[str],
-                    env: dict[str, str]) -> NoReturn:  # pragma: no cover - child
+def pivot_and_exec(
+    tree: GuestTree, helper: int, args: list[str], env: dict[str, str]
+) -> NoReturn:  # pragma: no cover - child
     """pivot_root into the tree and execute the helper by descriptor.  After the pivot this
     process's root is the guest's, so Python does nothing else, and could not import
     anything if it tried (helper.seal_python); the helper detaches the old root."""

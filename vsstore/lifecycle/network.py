@@ -2,6 +2,7 @@
 ``spaces/hostnet``), and a veth pair per configured interface: the host's side made and
 routed by the monitor, the guest's side configured in the new namespace (with the host's
 ``ip``, before the guest's root is entered)."""
+
 from __future__ import annotations
 
 import os
@@ -14,9 +15,11 @@ from vsstore.errors import (
 from . import ns
 from .guestconf import GuestConfig
 
-HOSTNET_WARNING = ("spaces/hostnet: the guest shares the host's network namespace (its "
-            "interfaces, services on 127.0.0.1, abstract unix sockets); remove the file "
-            "to give it a network of its own")
+HOSTNET_WARNING = (
+    "spaces/hostnet: the guest shares the host's network namespace (its "
+    "interfaces, services on 127.0.0.1, abstract unix sockets); remove the file "
+    "to give it a network of its own"
+)
 
 
 def unshare(cfg: GuestConfig, flags: int) -> None:  # pragma: no cover - in a child

@@ -2,6 +2,7 @@
 the temporary shares of ``exec --cow`` are added to it (mounted on first use), their pid
 namespaces attached (the overlay tells the writing guest by nothing else), and removed
 afterwards (unmounted once it serves nobody)."""
+
 from __future__ import annotations
 
 import os
@@ -23,6 +24,7 @@ def mountpoint(paths: Paths) -> Path:
 
 def add(paths: Paths, at: str, name: str, root: str) -> None:
     from cow import control
+
     if control.is_mounted(at):
         control.add(paths, at, name, root)
     else:
@@ -35,6 +37,7 @@ def attach(paths: Paths, at: str, name: str, pid: int) -> None:
     the overlay tells the writing guest by nothing else.  ``pid`` is held at a gate, so it
     is still the process we forked."""
     from cow import control
+
     fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     try:
         control.attach(paths, at, name, fd)
@@ -45,6 +48,7 @@ def attach(paths: Paths, at: str, name: str, pid: int) -> None:
 def remove(paths: Paths, at: str, name: str) -> None:
     """Stop serving the guest; unmount the overlay once it serves nobody."""
     from cow import control
+
     if not control.is_mounted(at):
         return
     try:
@@ -63,6 +67,7 @@ def sweep_temporary(paths: Paths, cow_at: str) -> None:
     """Remove overlay shares of earlier ``exec --cow`` runs whose vserver process is gone
     (killed before it could clean up)."""
     from cow import control
+
     st = control.state(paths, cow_at) if control.is_mounted(cow_at) else None
     for name in list((st or {}).get("guests", {})):
         m = TEMP_SHARE.match(name)

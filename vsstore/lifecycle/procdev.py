@@ -2,6 +2,7 @@
 its system parts read-only, a minimal /dev on tmpfs (null, zero, full, random, urandom, tty,
 ptmx, a devpts instance of its own, shm), mounted through descriptors resolved in the
 guest's tree."""
+
 from __future__ import annotations
 
 import os
@@ -14,16 +15,35 @@ from vsstore.safetree import GuestTree
 from . import mounts, ns
 from .guestconf import GuestConfig
 
-DEVICES = [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
-           ("urandom", 1, 9), ("tty", 5, 0)]
+DEVICES = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+]
 
 
-DEV_LINKS = [("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")]
+DEV_LINKS = [
+    ("ptmx", "pts/ptmx"),
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+]
 
 
-PROC_MASKED = ["kcore", "keys", "sysrq-trigger", "timer_list", "sched_debug", "latency_stats",
-               "kallsyms", "kmsg"]
+PROC_MASKED = [
+    "kcore",
+    "keys",
+    "sysrq-trigger",
+    "timer_list",
+    "sched_debug",
+    "latency_stats",
+    "kallsyms",
+    "kmsg",
+]
 
 
 PROC_READONLY = ["sys", "irq", "bus", "fs"]
@@ -39,10 +59,13 @@ def mount_proc_and_dev(cfg: GuestConfig, tree: GuestTree) -> None:  # pragma: no
         except FileNotFoundError:
             os.mkdir(d, 0o755, dir_fd=tree.fd)
         except OSError as e:
-            raise UnsafeTreeError(f"/{d} in guest {cfg.name}: {e.strerror} (a symlink or "
-                                  f"not a directory?); make it a plain directory") from None
-    mounts.mount_in(tree, "proc", "/proc", "proc", ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC, "",
-              "/proc")
+            raise UnsafeTreeError(
+                f"/{d} in guest {cfg.name}: {e.strerror} (a symlink or "
+                f"not a directory?); make it a plain directory"
+            ) from None
+    mounts.mount_in(
+        tree, "proc", "/proc", "proc", ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC, "", "/proc"
+    )
     proc = tree.open_in_root("proc", os.O_PATH | os.O_DIRECTORY)
     for name in PROC_MASKED:
         try:
@@ -59,13 +82,17 @@ def mount_proc_and_dev(cfg: GuestConfig, tree: GuestTree) -> None:  # pragma: no
         ns.mount(f"/proc/self/fd/{fd}", f"/proc/self/fd/{fd}", None, ns.MS_BIND | ns.MS_REC)
         os.close(fd)
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY, dir_fd=proc)  # the bind
-        ns.mount(None, f"/proc/self/fd/{fd}", None,
-                 ns.MS_BIND | ns.MS_REMOUNT | ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NODEV |
-                 ns.MS_NOEXEC)
+        ns.mount(
+            None,
+            f"/proc/self/fd/{fd}",
+            None,
+            ns.MS_BIND | ns.MS_REMOUNT | ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC,
+        )
         os.close(fd)
     os.close(proc)
-    mounts.mount_in(tree, "tmpfs", "/dev", "tmpfs", ns.MS_NOSUID | ns.MS_NOEXEC, "mode=755,size=64k",
-              "/dev")
+    mounts.mount_in(
+        tree, "tmpfs", "/dev", "tmpfs", ns.MS_NOSUID | ns.MS_NOEXEC, "mode=755,size=64k", "/dev"
+    )
     dev = tree.open_in_root("dev", os.O_RDONLY | os.O_DIRECTORY)
     for name, major, minor in DEVICES:
         os.mknod(name, 0o666 | 0o020000, os.makedev(major, minor), dir_fd=dev)
@@ -75,7 +102,15 @@ def mount_proc_and_dev(cfg: GuestConfig, tree: GuestTree) -> None:  # pragma: no
     for d in ("pts", "shm"):
         os.mkdir(d, 0o755, dir_fd=dev)
     os.close(dev)
-    mounts.mount_in(tree, "devpts", "/dev/pts", "devpts", ns.MS_NOSUID | ns.MS_NOEXEC,
-              "newinstance,ptmxmode=0666,mode=620,gid=5", "/dev/pts")
-    mounts.mount_in(tree, "shm", "/dev/shm", "tmpfs", ns.MS_NOSUID | ns.MS_NODEV,
-              "mode=1777", "/dev/shm")
+    mounts.mount_in(
+        tree,
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        ns.MS_NOSUID | ns.MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=620,gid=5",
+        "/dev/pts",
+    )
+    mounts.mount_in(
+        tree, "shm", "/dev/shm", "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=1777", "/dev/shm"
+    )

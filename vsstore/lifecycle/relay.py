@@ -10,6 +10,7 @@ terminal goes to raw mode for the duration, so Ctrl-C and friends travel as byte
 guest's line discipline turns them into signals for its own foreground process group;
 window size follows SIGWINCH.  The terminal's mode is restored on every way out.
 """
+
 from __future__ import annotations
 
 import errno
@@ -72,8 +73,7 @@ class Stdio:
         for i in (1, 2):
             if self.tty[i]:
                 return self.fds[i]
-        if self.tty[0] and fcntl.fcntl(self.fds[0], fcntl.F_GETFL) & os.O_ACCMODE != \
-                os.O_RDONLY:
+        if self.tty[0] and fcntl.fcntl(self.fds[0], fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
             return self.fds[0]
         return None
 
@@ -88,21 +88,32 @@ def open_pty(dirfd: int, ptmx: str = "dev/pts/ptmx") -> tuple[int, int]:
     so a guest cannot hand us a FIFO, a device of its choosing or a FUSE file).  The slave
     comes from the master (TIOCGPTPEER), not from a path.  Both close-on-exec."""
     if not syscalls.have_openat2():
-        raise UnsupportedError("this kernel lacks openat2 (Linux 5.6), needed to open a "
-                               "guest's pty safely")
+        raise UnsupportedError(
+            "this kernel lacks openat2 (Linux 5.6), needed to open a guest's pty safely"
+        )
     try:
-        ref = syscalls.openat2(dirfd, ptmx, os.O_PATH,
-                               syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_SYMLINKS |
-                               syscalls.RESOLVE_NO_MAGICLINKS)
+        ref = syscalls.openat2(
+            dirfd,
+            ptmx,
+            os.O_PATH,
+            syscalls.RESOLVE_IN_ROOT
+            | syscalls.RESOLVE_NO_SYMLINKS
+            | syscalls.RESOLVE_NO_MAGICLINKS,
+        )
     except OSError as e:
-        raise UnsafeTreeError(f"the guest's /{ptmx}: {e.strerror}; is its /dev/pts "
-                              f"mounted?") from None
+        raise UnsafeTreeError(
+            f"the guest's /{ptmx}: {e.strerror}; is its /dev/pts mounted?"
+        ) from None
     try:
         st = os.fstat(ref)
-        if syscalls.fs_type(ref) != DEVPTS_SUPER_MAGIC or not stat.S_ISCHR(st.st_mode) \
-                or st.st_rdev != PTMX:
-            raise UnsafeTreeError(f"the guest's /{ptmx} is not the ptmx of a devpts "
-                                  f"instance; not using it")
+        if (
+            syscalls.fs_type(ref) != DEVPTS_SUPER_MAGIC
+            or not stat.S_ISCHR(st.st_mode)
+            or st.st_rdev != PTMX
+        ):
+            raise UnsafeTreeError(
+                f"the guest's /{ptmx} is not the ptmx of a devpts instance; not using it"
+            )
         master = os.open(f"/proc/self/fd/{ref}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     finally:
         os.close(ref)
@@ -140,11 +151,18 @@ def _copy_size(stdio: Stdio, pty: int) -> None:
 def _raw(attrs: list[Any]) -> list[Any]:
     """cfmakeraw(3)."""
     iflag, oflag, cflag, lflag, ispeed, ospeed, cc = attrs
-    iflag &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP |
-               termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
+    iflag &= ~(
+        termios.IGNBRK
+        | termios.BRKINT
+        | termios.PARMRK
+        | termios.ISTRIP
+        | termios.INLCR
+        | termios.IGNCR
+        | termios.ICRNL
+        | termios.IXON
+    )
     oflag &= ~termios.OPOST
-    lflag &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG |
-               termios.IEXTEN)
+    lflag &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
     cflag = (cflag & ~(termios.CSIZE | termios.PARENB)) | termios.CS8
     cc = list(cc)
     cc[termios.VMIN], cc[termios.VTIME] = 1, 0
@@ -191,12 +209,13 @@ def _raw_mode(fd: int | None, master: int | None, stdio: Stdio | None) -> Iterat
     saved = termios.tcgetattr(fd)
 
     def again(signum: int, frame: object) -> None:  # SIGCONT: after a stop, the shell
-        try:                                         # may have reset the terminal
+        try:  # may have reset the terminal
             termios.tcsetattr(fd, termios.TCSADRAIN, _raw(saved))
             if master is not None and stdio is not None:
                 _copy_size(stdio, master)
         except termios.error:
             pass
+
     termios.tcsetattr(fd, termios.TCSADRAIN, _raw(saved))
     try:
         with _signals({signal.SIGCONT: again}):
@@ -216,7 +235,7 @@ def _write_all(fd: int | None, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         except BlockingIOError:
             select.select([], [fd], [])
         except OSError:
@@ -227,8 +246,9 @@ class Timeout(Exception):
     """The command ran past its deadline (and was killed)."""
 
 
-def run(pid: int, master: int | None = None, stdio: Stdio | None = None,
-        timeout: float | None = None) -> int:
+def run(
+    pid: int, master: int | None = None, stdio: Stdio | None = None, timeout: float | None = None
+) -> int:
     """Wait for our child ``pid`` (the helper's waiting half), passing HUP, INT, QUIT and
     TERM on to it; with a pty ``master``, relay between it and the admin's terminal
     (``stdio``) until the child is gone and the master drained.  Returns its wait status;
@@ -240,21 +260,25 @@ def run(pid: int, master: int | None = None, stdio: Stdio | None = None,
             signal.pidfd_send_signal(pidfd, signum)
         except ProcessLookupError:
             pass
+
     handlers: dict[int, Handler] = {sig: forward for sig in FORWARDED}
     if master is not None and stdio is not None:
         handlers[signal.SIGWINCH] = lambda signum, frame: _copy_size(stdio, master)
     deadline = None if timeout is None else time.monotonic() + timeout
     relaying = master is not None and stdio is not None
     try:
-        with _signals(handlers), \
-                _raw_mode(stdio.input if relaying and stdio else None, master, stdio):
+        with (
+            _signals(handlers),
+            _raw_mode(stdio.input if relaying and stdio else None, master, stdio),
+        ):
             return _loop(pid, pidfd, master if relaying else None, stdio, deadline)
     finally:
         os.close(pidfd)
 
 
-def _loop(pid: int, pidfd: int, master: int | None, stdio: Stdio | None,
-          deadline: float | None) -> int:
+def _loop(
+    pid: int, pidfd: int, master: int | None, stdio: Stdio | None, deadline: float | None
+) -> int:
     src = stdio.input if master is not None and stdio is not None else None
     out = stdio.output if master is not None and stdio is not None else None
     if master is not None:
@@ -287,7 +311,7 @@ def _loop(pid: int, pidfd: int, master: int | None, stdio: Stdio | None,
             elif fd == master:
                 if ev & select.POLLOUT and to_master:
                     try:
-                        del to_master[:os.write(master, to_master)]
+                        del to_master[: os.write(master, to_master)]
                     except BlockingIOError:
                         pass
                     except OSError:

@@ -22,6 +22,7 @@ command gets a pty of the guest's own, relayed by the vserver process (lifecycle
 A run-state file (``$VSSTORE_RUNDIR/guests/NAME.json``) keeps init's pid with its start
 time, so a reused pid is never taken for the guest.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,10 +63,17 @@ def stop_config(st: runtime.RunState) -> GuestConfig:
     have changed, or broken, since)."""
     keep = frozenset(st.keep_caps) if st.keep_caps is not None else default_caps()
     return GuestConfig(
-        guest=Guest(st.name, Path(st.root), None), context=st.context, nodename=st.name,
-        keep_caps=keep, stop=st.stop, stop_signal=st.stop_signal,
-        stop_timeout=st.stop_timeout, nice=st.nice, cgroup_dirs=dict(st.cgroup),
-        rlimits={int(k): (int(v[0]), int(v[1])) for k, v in st.rlimits.items()})
+        guest=Guest(st.name, Path(st.root), None),
+        context=st.context,
+        nodename=st.name,
+        keep_caps=keep,
+        stop=st.stop,
+        stop_signal=st.stop_signal,
+        stop_timeout=st.stop_timeout,
+        nice=st.nice,
+        cgroup_dirs=dict(st.cgroup),
+        rlimits={int(k): (int(v[0]), int(v[1])) for k, v in st.rlimits.items()},
+    )
 
 
 def guest_lock(paths: Paths, name: str) -> AbstractContextManager[None]:
@@ -79,18 +87,24 @@ def start(paths: Paths, cfg: GuestConfig) -> runtime.RunState:
         old = runtime.read_state(paths, cfg.name)
         if old is not None:
             if old.running:
-                raise StateError(f"guest {cfg.name} is already running (init pid "
-                                 f"{old.init_pid}); 'vserver {cfg.name} stop' first")
+                raise StateError(
+                    f"guest {cfg.name} is already running (init pid "
+                    f"{old.init_pid}); 'vserver {cfg.name} stop' first"
+                )
             if old.monitoring:
-                raise BusyError(f"guest {cfg.name} is still stopping (monitor pid "
-                                f"{old.monitor_pid}); try again in a moment")
+                raise BusyError(
+                    f"guest {cfg.name} is still stopping (monitor pid "
+                    f"{old.monitor_pid}); try again in a moment"
+                )
             cleanup(paths, old)
         if cfg.hostnet:
             print(f"vserver {cfg.name}: warning: {network.HOSTNET_WARNING}", file=sys.stderr)
         root = cfg.guest.root
         if not root.is_dir():
-            raise ConfigError(f"guest {cfg.name}: its root {root} is not a directory; fix "
-                              f"{cfg.guest.confdir}/vdir")
+            raise ConfigError(
+                f"guest {cfg.name}: its root {root} is not a directory; fix "
+                f"{cfg.guest.confdir}/vdir"
+            )
         with ExitStack() as undo:
             cow_at = None
             source = str(root)
@@ -104,8 +118,7 @@ def start(paths: Paths, cfg: GuestConfig) -> runtime.RunState:
             if cg is not None:
                 undo.callback(cg.remove)
                 undo.callback(cg.kill)
-                cfg = dataclasses.replace(cfg, cgroup_dirs={k: str(v) for k, v in
-                                                            cg.dirs.items()})
+                cfg = dataclasses.replace(cfg, cgroup_dirs={k: str(v) for k, v in cg.dirs.items()})
             st = _spawn(paths, cfg, source, cow_at)
             undo.pop_all()
         return st
@@ -116,15 +129,19 @@ def _make_cgroup(cfg: GuestConfig) -> cgroups.GuestCgroup | None:
     no usable controller: then rlimits alone apply."""
     layout = cgroups.detect()
     if layout.version == 0:
-        print(f"vserver {cfg.name}: warning: {layout.why}; starting without a cgroup "
-              f"(rlimits only{', cgroup/ settings ignored' if not cfg.cgroup.empty() else ''})",
-              file=sys.stderr)
+        print(
+            f"vserver {cfg.name}: warning: {layout.why}; starting without a cgroup "
+            f"(rlimits only{', cgroup/ settings ignored' if not cfg.cgroup.empty() else ''})",
+            file=sys.stderr,
+        )
         return None
     old = cgroups.existing(layout, cfg.name, cfg.cgroup_parent)
     if old is not None:  # left by a crash
         if old.pids():
-            raise BusyError(f"guest {cfg.name}'s cgroup {next(iter(old.dirs.values()))} still "
-                            f"has processes; stop them first")
+            raise BusyError(
+                f"guest {cfg.name}'s cgroup {next(iter(old.dirs.values()))} still "
+                f"has processes; stop them first"
+            )
         old.remove()
     return cgroups.create(layout, cfg.name, cfg.cgroup_parent, cfg.cgroup)
 
@@ -162,8 +179,9 @@ def _spawn(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None) -> r
     return runtime.RunState(**msg["state"])
 
 
-def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, report: int,
-             log: Path) -> None:  # pragma: no cover - runs in a forked child
+def _monitor(
+    paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, report: int, log: Path
+) -> None:  # pragma: no cover - runs in a forked child
     """The guest's host-side parent: starts it, reports, waits for init, cleans up."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     null = os.open("/dev/null", os.O_RDONLY)
@@ -185,8 +203,8 @@ def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, re
         os.close(report)
         os._exit(1)
 
-    up_r, up_w = os.pipe()      # setup -> monitor: unshared (netns ready for veth); init pid
-    go_r, go_w = os.pipe()      # monitor -> setup: network configured
+    up_r, up_w = os.pipe()  # setup -> monitor: unshared (netns ready for veth); init pid
+    go_r, go_w = os.pipe()  # monitor -> setup: network configured
     ex_r, ex_w = os.pipe2(os.O_CLOEXEC)  # init -> monitor: why exec failed (EOF: it ran)
     gate_r, gate_w = os.pipe2(os.O_CLOEXEC)  # monitor -> init: go on (the overlay knows it)
     setup = os.fork()
@@ -223,8 +241,7 @@ def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, re
     except (OSError, VsError) as e:
         os.kill(init, signal.SIGKILL)
         os.waitpid(init, 0)
-        fail(ConfigError(f"cannot attach it to the overlay: "
-                         f"{getattr(e, 'message', None) or e}"))
+        fail(ConfigError(f"cannot attach it to the overlay: {getattr(e, 'message', None) or e}"))
     finally:
         os.close(gate_w)
     why = b""
@@ -235,14 +252,25 @@ def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, re
         os.kill(init, signal.SIGKILL)  # a sysv/none pid 1 of ours would wait for ever
         os.waitpid(init, 0)
         fail(ConfigError(_init_failure(cfg, why)))
-    st = runtime.RunState(name=cfg.name, init_pid=init, init_start=runtime.start_time(init) or 0,
-                  monitor_pid=os.getpid(), monitor_start=runtime.start_time(os.getpid()) or 0,
-                  root=str(cfg.guest.root), cow=cow_at, started=time.time(),
-                  context=cfg.context, reaper=cfg.style in ("sysv", "none"),
-                  cgroup=dict(cfg.cgroup_dirs), stop=cfg.stop,
-                  stop_signal=int(cfg.stop_signal), stop_timeout=cfg.stop_timeout,
-                  keep_caps=sorted(cfg.keep_caps), nice=cfg.nice,
-                  rlimits={str(k): list(v) for k, v in cfg.rlimits.items()})
+    st = runtime.RunState(
+        name=cfg.name,
+        init_pid=init,
+        init_start=runtime.start_time(init) or 0,
+        monitor_pid=os.getpid(),
+        monitor_start=runtime.start_time(os.getpid()) or 0,
+        root=str(cfg.guest.root),
+        cow=cow_at,
+        started=time.time(),
+        context=cfg.context,
+        reaper=cfg.style in ("sysv", "none"),
+        cgroup=dict(cfg.cgroup_dirs),
+        stop=cfg.stop,
+        stop_signal=int(cfg.stop_signal),
+        stop_timeout=cfg.stop_timeout,
+        keep_caps=sorted(cfg.keep_caps),
+        nice=cfg.nice,
+        rlimits={str(k): list(v) for k, v in cfg.rlimits.items()},
+    )
     runtime.write_state(paths, st)
     say(f"started: init pid {init} ({' '.join(cfg.init)})")
     if cfg.hostnet:
@@ -260,17 +288,23 @@ def _monitor(paths: Paths, cfg: GuestConfig, source: str, cow_at: str | None, re
         if pid == init:
             break
     code = os.waitstatus_to_exitcode(status)
-    say(f"init ended ({'signal ' + str(-code) if code < 0 else 'exit ' + str(code)}); "
-        f"cleaning up")
+    say(f"init ended ({'signal ' + str(-code) if code < 0 else 'exit ' + str(code)}); cleaning up")
     for dev in hostside:
         subprocess.run(["ip", "link", "del", dev], capture_output=True)
     cleanup(paths, st)
     say("stopped")
 
 
-def _setup(cfg: GuestConfig, source: str, up: int, go: int, exec_fd: int, gate: int,
-           ) -> None:  # pragma: no cover - runs in a forked child
+def _setup(
+    cfg: GuestConfig,
+    source: str,
+    up: int,
+    go: int,
+    exec_fd: int,
+    gate: int,
+) -> None:  # pragma: no cover - runs in a forked child
     """In new namespaces: mounts, network, hostname; then fork init."""
+
     def tell(msg: dict[str, Any]) -> None:
         os.write(up, json.dumps(msg).encode() + b"\n")
 
@@ -280,8 +314,14 @@ def _setup(cfg: GuestConfig, source: str, up: int, go: int, exec_fd: int, gate: 
         network.unshare(cfg, ns.CLONE_NEWNS | ns.CLONE_NEWUTS | ns.CLONE_NEWIPC)
         ns.mount(None, "/", None, ns.MS_REC | ns.MS_SLAVE)
     except OSError as e:
-        tell(to_wire(UnsupportedError(f"cannot create namespaces: {e.strerror}; this kernel "
-                                      f"or our privileges lack them")))
+        tell(
+            to_wire(
+                UnsupportedError(
+                    f"cannot create namespaces: {e.strerror}; this kernel "
+                    f"or our privileges lack them"
+                )
+            )
+        )
         return
     tell({"pid": os.getpid()})
     if os.read(go, 16) != b"go\n":
@@ -331,8 +371,10 @@ def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int) -> None:  # pragma: n
 def _init_failure(cfg: GuestConfig, raw: bytes) -> str:
     step, text = helper.failure(raw) or ("enter", "")
     if step == "exec":
-        return (f"cannot run {cfg.init[0]} inside the guest: {text}; fix apps/init/cmd.start "
-                f"or apps/init/style")
+        return (
+            f"cannot run {cfg.init[0]} inside the guest: {text}; fix apps/init/cmd.start "
+            f"or apps/init/style"
+        )
     return text
 
 

@@ -1,6 +1,7 @@
 """apk (Alpine): ``lib/apk/db/installed``.  apk has no per-file config flag: it protects
 whole directories (``etc/apk/protected_paths.d/*.list``, '+path' lines; ``etc`` by
 default), so every owned file below a protected path counts as config."""
+
 from __future__ import annotations
 
 import base64

@@ -6,6 +6,7 @@ code, read every file through ``GuestTree`` (no symlink followed, no mount cross
 at hard limits, so that any input costs bounded time and memory.  Whatever is wrong with a
 database is reported as ``PkgDbError`` naming the file; nothing else may escape a reader.
 """
+
 from __future__ import annotations
 
 import errno
@@ -28,23 +29,23 @@ class Limits:
     """Hard limits for one guest's databases.  Generous for real systems (a full Fedora or
     Debian install is far below each), small enough that a hostile file cannot hurt."""
 
-    max_file_bytes: int = 256 << 20     # one database file
-    max_total_bytes: int = 1 << 30      # all files read for one guest
-    max_dir_entries: int = 200_000      # names listed in one directory (e.g. dpkg/info)
+    max_file_bytes: int = 256 << 20  # one database file
+    max_total_bytes: int = 1 << 30  # all files read for one guest
+    max_dir_entries: int = 200_000  # names listed in one directory (e.g. dpkg/info)
     max_packages: int = 100_000
-    max_paths: int = 4_000_000          # owned paths, all packages together
-    max_path_bytes: int = 4096          # one path
-    max_line_bytes: int = 1 << 20       # one line or field
-    max_header_entries: int = 100_000   # rpm: index entries in one header
+    max_paths: int = 4_000_000  # owned paths, all packages together
+    max_path_bytes: int = 4096  # one path
+    max_line_bytes: int = 1 << 20  # one line or field
+    max_header_entries: int = 100_000  # rpm: index entries in one header
 
 
 @dataclass(slots=True)
 class PackageFiles:
     """What one database says.  Paths are absolute inside the guest ('/etc/passwd')."""
 
-    manager: str                                   # 'dpkg', 'rpm', 'apk', 'pacman'
-    source: str                                    # the database, as the guest sees it
-    config: dict[str, str] = field(default_factory=dict)        # path -> package
+    manager: str  # 'dpkg', 'rpm', 'apk', 'pacman'
+    source: str  # the database, as the guest sees it
+    config: dict[str, str] = field(default_factory=dict)  # path -> package
     owned: dict[str, str | None] = field(default_factory=dict)  # path -> digest or None
 
 
@@ -86,11 +87,15 @@ class Budget:
         try:
             size = os.fstat(fd).st_size
             if size > self.limits.max_file_bytes:
-                raise self.fail(rel, f"{size} bytes, more than the limit of "
-                                     f"{self.limits.max_file_bytes}")
+                raise self.fail(
+                    rel, f"{size} bytes, more than the limit of {self.limits.max_file_bytes}"
+                )
             if self.bytes_read + size > self.limits.max_total_bytes:
-                raise self.fail(rel, "the guest's package databases exceed the read limit of "
-                                     f"{self.limits.max_total_bytes} bytes")
+                raise self.fail(
+                    rel,
+                    "the guest's package databases exceed the read limit of "
+                    f"{self.limits.max_total_bytes} bytes",
+                )
             chunks, got = [], 0
             while got <= size:  # a file growing while we read is cut at size + 1 bytes
                 data = os.read(fd, min(1 << 20, size + 1 - got))

@@ -1,6 +1,7 @@
 """dpkg: conffiles from ``var/lib/dpkg/status`` and ``info/*.conffiles``; owned files from
 ``info/*.list`` with digests from ``info/*.md5sums``.  Replaces util-vserver's
 ``cat /var/lib/dpkg/info/*.conffiles`` run inside the guest."""
+
 from __future__ import annotations
 
 from ..names import shown
@@ -9,8 +10,15 @@ from .base import Budget, PackageFiles, PkgDbError, decode
 STATUS = "var/lib/dpkg/status"
 INFO = "var/lib/dpkg/info"
 # Package states in which conffiles are on disk (everything but not-installed).
-_ON_DISK = {"installed", "half-configured", "unpacked", "half-installed", "config-files",
-            "triggers-awaited", "triggers-pending"}
+_ON_DISK = {
+    "installed",
+    "half-configured",
+    "unpacked",
+    "half-installed",
+    "config-files",
+    "triggers-awaited",
+    "triggers-pending",
+}
 
 
 def _stanzas(budget: Budget, rel: str, text: str):
@@ -115,5 +123,4 @@ def _read_info(budget: Budget, res: PackageFiles, installed: dict[str, str]) -> 
 
 def _check_count(budget: Budget, res: PackageFiles) -> None:
     if len(res.config) > budget.limits.max_paths:
-        raise PkgDbError(f"{budget.where(STATUS)}: more than {budget.limits.max_paths} "
-                         f"conffiles")
+        raise PkgDbError(f"{budget.where(STATUS)}: more than {budget.limits.max_paths} conffiles")

@@ -2,6 +2,7 @@
 (F_GETLK: who holds a conflicting lock), through GuestTree, never by running guest code.
 dpkg and apt hold fcntl write locks on these files while they change the system; rpm its
 database lock."""
+
 from __future__ import annotations
 
 import fcntl
@@ -10,8 +11,12 @@ import struct
 
 from ..safetree import GuestTree
 
-LOCK_FILES = ("var/lib/dpkg/lock-frontend", "var/lib/dpkg/lock", "var/lib/rpm/.rpm.lock",
-              "usr/lib/sysimage/rpm/.rpm.lock")
+LOCK_FILES = (
+    "var/lib/dpkg/lock-frontend",
+    "var/lib/dpkg/lock",
+    "var/lib/rpm/.rpm.lock",
+    "usr/lib/sysimage/rpm/.rpm.lock",
+)
 
 _FLOCK = "hhxxxxqqixxxx"  # struct flock on 64-bit Linux: type, whence, start, len, pid
 

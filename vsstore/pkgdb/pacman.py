@@ -1,5 +1,6 @@
 """pacman (Arch): ``var/lib/pacman/local/<pkg>/files``: ``%FILES%`` owned files,
 ``%BACKUP%`` the config files pacman keeps (path, tab, md5)."""
+
 from __future__ import annotations
 
 from .base import Budget, PackageFiles, decode

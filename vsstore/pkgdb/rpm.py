@@ -16,6 +16,7 @@ Every one stores the same thing per package: an rpm header blob (see ``_parse``)
 first database present is authoritative: a broken one is an error, never a reason to
 fall back to an older, possibly stale one.
 """
+
 from __future__ import annotations
 
 import errno
@@ -45,25 +46,50 @@ RPMTAG_BASENAMES = 1117
 RPMTAG_DIRNAMES = 1118
 RPMTAG_FILEDIGESTALGO = 5011
 _REGION_TAGS = (61, 62, 63)  # HEADERIMAGE, HEADERSIGNATURES, HEADERIMMUTABLE
-_TAG_NAMES = {RPMTAG_NAME: "NAME", RPMTAG_FILEDIGESTS: "FILEDIGESTS", RPMTAG_FILEFLAGS:
-              "FILEFLAGS", RPMTAG_OLDFILENAMES: "OLDFILENAMES", RPMTAG_DIRINDEXES: "DIRINDEXES",
-              RPMTAG_BASENAMES: "BASENAMES", RPMTAG_DIRNAMES: "DIRNAMES",
-              RPMTAG_FILEDIGESTALGO: "FILEDIGESTALGO"}
+_TAG_NAMES = {
+    RPMTAG_NAME: "NAME",
+    RPMTAG_FILEDIGESTS: "FILEDIGESTS",
+    RPMTAG_FILEFLAGS: "FILEFLAGS",
+    RPMTAG_OLDFILENAMES: "OLDFILENAMES",
+    RPMTAG_DIRINDEXES: "DIRINDEXES",
+    RPMTAG_BASENAMES: "BASENAMES",
+    RPMTAG_DIRNAMES: "DIRNAMES",
+    RPMTAG_FILEDIGESTALGO: "FILEDIGESTALGO",
+}
 RPMFILE_CONFIG = 1 << 0
 
 RPM_NULL, RPM_CHAR, RPM_INT8, RPM_INT16, RPM_INT32, RPM_INT64 = range(6)
 RPM_STRING, RPM_BIN, RPM_STRING_ARRAY, RPM_I18NSTRING = range(6, 10)
-_FIXED_SIZE = {RPM_NULL: 0, RPM_CHAR: 1, RPM_INT8: 1, RPM_INT16: 2, RPM_INT32: 4,
-               RPM_INT64: 8, RPM_BIN: 1}
+_FIXED_SIZE = {
+    RPM_NULL: 0,
+    RPM_CHAR: 1,
+    RPM_INT8: 1,
+    RPM_INT16: 2,
+    RPM_INT32: 4,
+    RPM_INT64: 8,
+    RPM_BIN: 1,
+}
 _STRING_TYPES = (RPM_STRING, RPM_STRING_ARRAY, RPM_I18NSTRING)
 
 # rpm's PGPHASHALGO_* numbers.  Without FILEDIGESTALGO, rpm reads the digests as MD5.
-DIGEST_ALGOS = {1: "md5", 2: "sha1", 3: "ripemd160", 5: "md2", 6: "tiger192",
-                7: "haval-5-160", 8: "sha256", 9: "sha384", 10: "sha512", 11: "sha224"}
+DIGEST_ALGOS = {
+    1: "md5",
+    2: "sha1",
+    3: "ripemd160",
+    5: "md2",
+    6: "tiger192",
+    7: "haval-5-160",
+    8: "sha256",
+    9: "sha384",
+    10: "sha512",
+    11: "sha224",
+}
 _HEX = re.compile(r"[0-9a-f]+")
 
-BDB_HINT = ("convert it with `rpmdb --rebuilddb` inside the guest (rpm >= 4.16 writes sqlite) "
-            "or exclude the guest's config by a static list")
+BDB_HINT = (
+    "convert it with `rpmdb --rebuilddb` inside the guest (rpm >= 4.16 writes sqlite) "
+    "or exclude the guest's config by a static list"
+)
 # sqlite virtual-machine steps for one query: far above what reading every row of a real
 # database takes, low enough that a hostile schema cannot keep us busy for long.
 SQLITE_MAX_STEPS = 200_000_000
@@ -81,6 +107,7 @@ def _tag(tag: int) -> str:
 
 
 # -- finding the database -----------------------------------------------------------------
+
 
 def _probe(budget: Budget, rel: str) -> tuple[str | None, str | None]:
     """(state, symlink) for ``rel``: state None when nothing is there, 'file' for a regular
@@ -141,7 +168,10 @@ def read(budget: Budget) -> PackageFiles | None:
     pointing to the other), is a PkgDbError: rpm might be using exactly that one."""
     found: tuple[str, Callable[[Budget, str], PackageFiles]] | None = None
     readers: tuple[tuple[str, Callable[[Budget, str], PackageFiles]], ...] = (
-        (SQLITE, _read_sqlite), (NDB, _read_ndb), (BDB, _read_bdb))
+        (SQLITE, _read_sqlite),
+        (NDB, _read_ndb),
+        (BDB, _read_bdb),
+    )
     for name, reader in readers:
         for d in DIRS:
             rel = f"{d}/{name}"
@@ -211,8 +241,7 @@ def _index(blob: bytes, max_entries: int) -> tuple[dict[int, tuple[int, int, int
         raise _Bad(f"header declares {il} index entries (limit {max_entries})")
     start = 8 + 16 * il
     if start + dl != len(blob):
-        raise _Bad(f"header of {len(blob)} bytes declares {il} index entries and {dl} "
-                   "data bytes")
+        raise _Bad(f"header of {len(blob)} bytes declares {il} index entries and {dl} data bytes")
     entries: dict[int, tuple[int, int, int]] = {}
     for tag, typ, off, count in struct.iter_unpack(">IIII", memoryview(blob)[8:start]):
         if tag in _REGION_TAGS:
@@ -232,8 +261,15 @@ def _index(blob: bytes, max_entries: int) -> tuple[dict[int, tuple[int, int, int
     return entries, len(blob)
 
 
-def _strings(blob: bytes, entries: dict[int, tuple[int, int, int]], end: int, tag: int,
-             types: tuple[int, ...], max_count: int, max_len: int) -> list[str] | None:
+def _strings(
+    blob: bytes,
+    entries: dict[int, tuple[int, int, int]],
+    end: int,
+    tag: int,
+    types: tuple[int, ...],
+    max_count: int,
+    max_len: int,
+) -> list[str] | None:
     """The strings of ``tag`` (None if absent), each NUL-terminated inside the data."""
     entry = entries.get(tag)
     if entry is None:
@@ -242,8 +278,7 @@ def _strings(blob: bytes, entries: dict[int, tuple[int, int, int]], end: int, ta
     if typ not in types:
         raise _Bad(f"{_tag(tag)} has type {typ}, expected {' or '.join(map(str, types))}")
     if count > max_count:
-        raise _Bad(f"{_tag(tag)}: {count} strings, more than the remaining path limit "
-                   f"{max_count}")
+        raise _Bad(f"{_tag(tag)}: {count} strings, more than the remaining path limit {max_count}")
     parts = blob[pos:end].split(b"\0", count)
     if len(parts) <= count:
         raise _Bad(f"{_tag(tag)}: {count} strings run past the header data")
@@ -253,8 +288,9 @@ def _strings(blob: bytes, entries: dict[int, tuple[int, int, int]], end: int, ta
     return [decode(p) for p in parts]
 
 
-def _ints(blob: bytes, entries: dict[int, tuple[int, int, int]], tag: int,
-          max_count: int) -> array[int] | None:
+def _ints(
+    blob: bytes, entries: dict[int, tuple[int, int, int]], tag: int, max_count: int
+) -> array[int] | None:
     """The INT32 values of ``tag`` (None if absent), compactly."""
     entry = entries.get(tag)
     if entry is None:
@@ -267,14 +303,17 @@ def _ints(blob: bytes, entries: dict[int, tuple[int, int, int]], tag: int,
     values = array("I")
     if values.itemsize != 4:  # pragma: no cover - every Linux ABI has 4-byte unsigned int
         values = array("L")
-    values.frombytes(blob[pos:pos + 4 * count])
+    values.frombytes(blob[pos : pos + 4 * count])
     if sys.byteorder == "little":
         values.byteswap()
     return values
 
 
-def _parse(blob: bytes, budget: Budget, max_paths: int,
-           ) -> tuple[str, list[tuple[str, int, str | None]]]:
+def _parse(
+    blob: bytes,
+    budget: Budget,
+    max_paths: int,
+) -> tuple[str, list[tuple[str, int, str | None]]]:
     """(name, [(path, file flags, digest or None)]) from one header blob.
 
     A blob is the header as rpm stores it in its database: big-endian uint32 il (index
@@ -297,8 +336,7 @@ def _parse(blob: bytes, budget: Budget, max_paths: int,
         dirnames = strings(RPMTAG_DIRNAMES) or []
         indexes = _ints(blob, entries, RPMTAG_DIRINDEXES, max_paths)
         if indexes is None or len(indexes) != n:
-            raise _Bad(f"{n} BASENAMES but {0 if indexes is None else len(indexes)} "
-                       "DIRINDEXES")
+            raise _Bad(f"{n} BASENAMES but {0 if indexes is None else len(indexes)} DIRINDEXES")
         if len(dirnames) > n:
             raise _Bad(f"{len(dirnames)} DIRNAMES for {n} files")
         if n and max(indexes) >= len(dirnames):
@@ -332,6 +370,7 @@ def _parse(blob: bytes, budget: Budget, max_paths: int,
 
 # -- sqlite (rpm >= 4.16) -----------------------------------------------------------------
 
+
 def _read_sqlite(budget: Budget, rel: str) -> PackageFiles:
     """``rpmdb.sqlite``: table Packages(hnum, blob), read from a private copy."""
     coll = _Collector(budget, rel)
@@ -348,8 +387,7 @@ def _read_sqlite(budget: Budget, rel: str) -> PackageFiles:
     with tempfile.TemporaryDirectory(prefix="vsstore-rpmdb-") as tmp:
         path = os.path.join(tmp, "rpmdb.sqlite")
         for suffix, data in files.items():
-            fd = os.open(path + suffix, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                         0o600)
+            fd = os.open(path + suffix, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
         del files
@@ -358,8 +396,7 @@ def _read_sqlite(budget: Budget, rel: str) -> PackageFiles:
         except sqlite3.Error as e:
             raise budget.fail(rel, f"not a readable sqlite rpm database: {e}") from None
         except UnicodeDecodeError:  # sqlite's message quoted undecodable schema bytes
-            raise budget.fail(rel, "not a readable sqlite rpm database: malformed schema"
-                              ) from None
+            raise budget.fail(rel, "not a readable sqlite rpm database: malformed schema") from None
     return coll.res
 
 
@@ -379,8 +416,9 @@ def _sqlite_rows(path: str, total: int, coll: _Collector) -> None:
         con.set_progress_handler(progress, _STEP_CHUNK)
         con.execute("PRAGMA trusted_schema = OFF")
         con.execute("PRAGMA cell_size_check = ON")
-        tables = con.execute("SELECT type, rootpage FROM sqlite_master "
-                             "WHERE lower(name) = 'packages'").fetchall()
+        tables = con.execute(
+            "SELECT type, rootpage FROM sqlite_master WHERE lower(name) = 'packages'"
+        ).fetchall()
         if not tables:
             raise coll.fail("sqlite database without a Packages table")
         if len(tables) != 1 or tables[0][0] != b"table" or not tables[0][1]:
@@ -419,8 +457,9 @@ def _read_ndb(budget: Budget, rel: str) -> PackageFiles:
     if not data:
         return coll.res  # rpm itself treats an empty Packages.db as a new database
     if len(data) < _NDB_PAGE or len(data) % _NDB_BLK:
-        raise coll.fail(f"ndb: {len(data)} bytes is not a whole number of blocks after the "
-                        "first slot page")
+        raise coll.fail(
+            f"ndb: {len(data)} bytes is not a whole number of blocks after the first slot page"
+        )
     magic, version, _generation, npages = struct.unpack_from("<IIII", data, 0)
     if magic != _NDB_MAGIC:
         raise coll.fail("neither sqlite nor ndb: no 'RpmP' magic")
@@ -438,8 +477,9 @@ def _read_ndb(budget: Budget, rel: str) -> PackageFiles:
         if not blkoff:
             continue  # a free slot
         if not pkgidx or not blkcnt or blkoff < first_blob or blkoff + blkcnt > fileblks:
-            raise coll.fail(f"ndb: slot at byte {off} (package {pkgidx}) points outside "
-                            "the blob area")
+            raise coll.fail(
+                f"ndb: slot at byte {off} (package {pkgidx}) points outside the blob area"
+            )
         slots.append((pkgidx, blkoff, blkcnt))
     slots.sort()
     for (a, _, _), (b, _, _) in zip(slots, slots[1:], strict=False):
@@ -463,9 +503,9 @@ def _ndb_blob(coll: _Collector, data: bytes, pkgidx: int, blkoff: int, blkcnt: i
     adler, tail_len, tail_magic = struct.unpack_from("<III", data, end - _BLOB_TAIL)
     if tail_magic != _BLOB_END or tail_len != length:
         raise coll.fail(f"package {pkgidx}: ndb blob has no matching 'BlbE' tail")
-    if zlib.adler32(memoryview(data)[start:end - _BLOB_TAIL], 1) != adler:
+    if zlib.adler32(memoryview(data)[start : end - _BLOB_TAIL], 1) != adler:
         raise coll.fail(f"package {pkgidx}: ndb blob checksum mismatch")
-    return data[start + _BLOB_HEAD:start + _BLOB_HEAD + length]
+    return data[start + _BLOB_HEAD : start + _BLOB_HEAD + length]
 
 
 # -- Berkeley DB hash (rpm < 4.16) ---------------------------------------------------------
@@ -488,8 +528,7 @@ def _read_bdb(budget: Budget, rel: str) -> PackageFiles:
     for bo in "<>":
         magic = struct.unpack_from(bo + "I", data, 12)[0]
         if magic == _BDB_BTREE_MAGIC:
-            raise coll.fail(f"Berkeley DB btree rpm database: not readable by vsstore; "
-                            f"{BDB_HINT}")
+            raise coll.fail(f"Berkeley DB btree rpm database: not readable by vsstore; {BDB_HINT}")
         if magic == _BDB_HASH_MAGIC:
             order = bo
     if not order:
@@ -529,9 +568,11 @@ def _bdb_items(data: bytes, bo: str, max_items: int) -> Iterator[tuple[int, byte
         start = pgno * pagesize
         no, _prev, nxt, entries, hf, _level, typ = page_head.unpack_from(data, start + 8)
         if no != pgno or typ not in types:
-            raise _Bad(f"page {pgno} is not the expected "
-                       f"{'hash' if _P_HASH in types else 'overflow'} page (it says page "
-                       f"{no}, type {typ})")
+            raise _Bad(
+                f"page {pgno} is not the expected "
+                f"{'hash' if _P_HASH in types else 'overflow'} page (it says page "
+                f"{no}, type {typ})"
+            )
         return start, nxt, entries, hf
 
     def item(start: int, off: int, length: int) -> bytes:
@@ -539,7 +580,7 @@ def _bdb_items(data: bytes, bo: str, max_items: int) -> Iterator[tuple[int, byte
             raise _Bad("an empty item")
         kind = data[start + off]
         if kind == _H_KEYDATA:
-            return data[start + off + 1:start + off + length]
+            return data[start + off + 1 : start + off + length]
         if kind != _H_OFFPAGE:
             raise _Bad(f"item type {kind} (duplicates are not used by rpm)")
         if length != 12:
@@ -552,7 +593,7 @@ def _bdb_items(data: bytes, bo: str, max_items: int) -> Iterator[tuple[int, byte
             ostart, pgno, _, plen = page(pgno, (_P_OVERFLOW,))
             if plen > pagesize - _PAGE_HEAD or plen > total - got or not plen:
                 raise _Bad(f"overflow page of {plen} bytes")
-            chunks.append(data[ostart + _PAGE_HEAD:ostart + _PAGE_HEAD + plen])
+            chunks.append(data[ostart + _PAGE_HEAD : ostart + _PAGE_HEAD + plen])
             got += plen
         return b"".join(chunks)
 
