@@ -4,12 +4,16 @@ socket; see ``vsstore.runtime``), so any later command finds the daemon serving 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from vsstore.config import Paths
@@ -40,6 +44,41 @@ def state(paths: Paths, at: str) -> dict[str, Any] | None:
         return json.loads(cow_state_file(paths, os.path.abspath(at)).read_text())
     except (OSError, ValueError):
         return None
+
+
+def _write_state(state_file: Path, st: dict[str, Any]) -> None:
+    """Replace the state file whole (temporary name, then rename over), so a reader never
+    sees it half written."""
+    tmp = state_file.with_name(f".{state_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(st))
+    os.replace(tmp, state_file)
+
+
+_held: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def state_lock(paths: Paths, at: str) -> Iterator[None]:
+    """Serialise changes to one overlay between commands: its state file's
+    read-modify-write (two ``exec --cow`` at once must not lose each other's guest) and
+    the choice between mounting it and adding to it.  Re-entrant within a process."""
+    lock = str(cow_state_file(paths, os.path.abspath(at)).with_suffix(".lock"))
+    if lock in _held:
+        _held[lock] += 1
+        try:
+            yield
+        finally:
+            _held[lock] -= 1
+        return
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _held[lock] = 1
+        yield
+    finally:
+        _held.pop(lock, None)
+        os.close(fd)
 
 
 def mount(paths: Paths, at: str, guests: dict[str, str], log: str | None = None) -> dict[str, Any]:
@@ -94,7 +133,7 @@ def mount(paths: Paths, at: str, guests: dict[str, str], log: str | None = None)
             f"the overlay did not come up at {at} (exit {proc.returncode}); see its log {log}"
         )
     st = {"pid": proc.pid, "mountpoint": at, "guests": guests, "control": control, "log": log}
-    state_file.write_text(json.dumps(st))
+    _write_state(state_file, st)
     return st
 
 
@@ -132,16 +171,18 @@ def attach(paths: Paths, at: str, name: str, pidns_fd: int) -> None:
 
 def add(paths: Paths, at: str, name: str, root: str) -> None:
     """Serve one more guest in the running overlay at ``at``."""
-    st = _ask(paths, at, {"op": "add", "name": name, "root": root})
-    st["guests"][name] = root
-    cow_state_file(paths, os.path.abspath(at)).write_text(json.dumps(st))
+    with state_lock(paths, os.path.abspath(at)):
+        st = _ask(paths, at, {"op": "add", "name": name, "root": root})
+        st["guests"][name] = root
+        _write_state(cow_state_file(paths, os.path.abspath(at)), st)
 
 
 def remove(paths: Paths, at: str, name: str) -> dict[str, str]:
     """Stop serving guest ``name``; returns the guests still served."""
-    st = _ask(paths, at, {"op": "remove", "name": name})
-    st["guests"].pop(name, None)
-    cow_state_file(paths, os.path.abspath(at)).write_text(json.dumps(st))
+    with state_lock(paths, os.path.abspath(at)):
+        st = _ask(paths, at, {"op": "remove", "name": name})
+        st["guests"].pop(name, None)
+        _write_state(cow_state_file(paths, os.path.abspath(at)), st)
     return dict(st["guests"])
 
 

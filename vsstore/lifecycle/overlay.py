@@ -25,11 +25,12 @@ def mountpoint(paths: Paths) -> Path:
 def add(paths: Paths, at: str, name: str, root: str) -> None:
     from cow import control
 
-    if control.is_mounted(at):
-        control.add(paths, at, name, root)
-    else:
-        os.makedirs(at, exist_ok=True)
-        control.mount(paths, at, {name: root})
+    with control.state_lock(paths, at):
+        if control.is_mounted(at):
+            control.add(paths, at, name, root)
+        else:
+            os.makedirs(at, exist_ok=True)
+            control.mount(paths, at, {name: root})
 
 
 def attach(paths: Paths, at: str, name: str, pid: int) -> None:
@@ -49,15 +50,16 @@ def remove(paths: Paths, at: str, name: str) -> None:
     """Stop serving the guest; unmount the overlay once it serves nobody."""
     from cow import control
 
-    if not control.is_mounted(at):
-        return
-    try:
-        left = control.remove(paths, at, name)
-    except ConfigError:
-        st = control.state(paths, at) or {}
-        left = {g: r for g, r in st.get("guests", {}).items() if g != name}
-    if not left:
-        control.umount(paths, at)
+    with control.state_lock(paths, at):
+        if not control.is_mounted(at):
+            return
+        try:
+            left = control.remove(paths, at, name)
+        except ConfigError:
+            st = control.state(paths, at) or {}
+            left = {g: r for g, r in st.get("guests", {}).items() if g != name}
+        if not left:
+            control.umount(paths, at)
 
 
 TEMP_SHARE = re.compile(r"^(?P<guest>.+)~(?P<pid>\d+)$")
