@@ -13,12 +13,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from vsstore.config import Paths
 from vsstore.errors import ConfigError
-from vsstore.runtime import cow_state_file
+from vsstore.runtime import cow_state_file, write_cow_state
 
 
 def mounts() -> list[tuple[str, str]]:
@@ -44,14 +43,6 @@ def state(paths: Paths, at: str) -> dict[str, Any] | None:
         return json.loads(cow_state_file(paths, os.path.abspath(at)).read_text())
     except (OSError, ValueError):
         return None
-
-
-def _write_state(state_file: Path, st: dict[str, Any]) -> None:
-    """Replace the state file whole (temporary name, then rename over), so a reader never
-    sees it half written."""
-    tmp = state_file.with_name(f".{state_file.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(st))
-    os.replace(tmp, state_file)
 
 
 _held: dict[str, int] = {}
@@ -98,17 +89,20 @@ def mount(paths: Paths, at: str, guests: dict[str, str], log: str | None = None)
     state_file = cow_state_file(paths, at)
     state_file.parent.mkdir(parents=True, exist_ok=True)
     control = str(state_file.with_suffix(".sock"))
+    record = {"mountpoint": at, "guests": guests, "control": control, "log": log}
     cmd = [
         sys.executable,
         "-c",
         "import sys, json; from cow.mount import serve; "
         "serve(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == '1', int(sys.argv[4]), "
-        "sys.argv[5])",
+        "sys.argv[5], sys.argv[6], json.loads(sys.argv[7]))",
         at,
         json.dumps(guests),
         "1" if immutable else "0",
         str(w),
         control,
+        str(state_file),
+        json.dumps(record),
     ]
     try:
         logf = open(log, "ab")
@@ -132,9 +126,9 @@ def mount(paths: Paths, at: str, guests: dict[str, str], log: str | None = None)
         raise ConfigError(
             f"the overlay did not come up at {at} (exit {proc.returncode}); see its log {log}"
         )
-    st = {"pid": proc.pid, "mountpoint": at, "guests": guests, "control": control, "log": log}
-    _write_state(state_file, st)
-    return st
+    # the daemon wrote the state file itself before saying ok: it exists whenever the
+    # mount does, even if this command is killed right now
+    return {**record, "pid": proc.pid}
 
 
 def _ask(
@@ -174,7 +168,7 @@ def add(paths: Paths, at: str, name: str, root: str) -> None:
     with state_lock(paths, os.path.abspath(at)):
         st = _ask(paths, at, {"op": "add", "name": name, "root": root})
         st["guests"][name] = root
-        _write_state(cow_state_file(paths, os.path.abspath(at)), st)
+        write_cow_state(cow_state_file(paths, os.path.abspath(at)), st)
 
 
 def remove(paths: Paths, at: str, name: str) -> dict[str, str]:
@@ -182,7 +176,7 @@ def remove(paths: Paths, at: str, name: str) -> dict[str, str]:
     with state_lock(paths, os.path.abspath(at)):
         st = _ask(paths, at, {"op": "remove", "name": name})
         st["guests"].pop(name, None)
-        _write_state(cow_state_file(paths, os.path.abspath(at)), st)
+        write_cow_state(cow_state_file(paths, os.path.abspath(at)), st)
     return dict(st["guests"])
 
 

@@ -10,11 +10,13 @@ import os
 import signal
 import socket
 from contextlib import ExitStack
+from pathlib import Path
 
 import pyfuse3
 import trio
 
 from vsstore.names import shown
+from vsstore.runtime import write_cow_state
 
 from .fs import CowFS
 
@@ -101,10 +103,14 @@ def serve(
     immutable: bool = True,
     ready_fd: int | None = None,
     control: str | None = None,
+    state_file: str | None = None,
+    record: dict[str, object] | None = None,
 ) -> None:
     """Mount at ``mountpoint`` and serve until unmounted or signalled.  ``ready_fd`` is
     written to (and closed) once the mount is up, for a parent waiting to return;
-    ``control`` is the unix socket for add/remove."""
+    ``control`` is the unix socket for add/remove; ``record`` (with our pid added) is
+    written to ``state_file`` before that, so the mount never exists without its state
+    even when the parent is killed meanwhile."""
     logging.basicConfig(
         level=logging.DEBUG if os.environ.get("VSCOW_DEBUG") else logging.INFO,
         format=f"%(asctime)s vscow[{os.getpid()}] %(levelname)s %(message)s",
@@ -125,6 +131,8 @@ def serve(
         log.info("mounted at %s: %s", mountpoint, ", ".join(f"{g}={r}" for g, r in guests.items()))
 
         async def ready() -> None:
+            if state_file is not None:
+                write_cow_state(Path(state_file), {**(record or {}), "pid": os.getpid()})
             if ready_fd is not None:
                 os.write(ready_fd, b"ok\n")
                 os.close(ready_fd)

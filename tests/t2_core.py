@@ -199,3 +199,37 @@ def test_store_refuses_other_filesystems_and_overlap(tmp_path):
     with Store(tmp_path / "g" / ".hash") as s:
         with pytest.raises(ConfigError, match="overlap"):
             s.check_guest("g", tmp_path / "g", os.stat(tmp_path).st_dev)
+
+
+def test_cow_state_file_is_never_seen_half_written(tmp_path):
+    """Readers (vsunify's cow_served, the sweep of stale shares) and a command killed while
+    writing must never leave or see a torn state file: it is replaced whole."""
+    import json
+    import threading
+
+    from vsstore.runtime import write_cow_state
+
+    f = tmp_path / "vscow" / "mnt.json"
+    write_cow_state(f, {"pid": 1, "guests": {}})
+    done = threading.Event()
+    torn: list[str] = []
+
+    def read() -> None:
+        while not done.is_set():
+            text = f.read_text()
+            try:
+                json.loads(text)
+            except ValueError:
+                torn.append(text)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(3000):
+            write_cow_state(f, {"pid": i, "guests": {f"g{j}": "/x" * 50 for j in range(50)}})
+    finally:
+        done.set()
+        reader.join()
+    assert torn == []
+    assert json.loads(f.read_text())["pid"] == 2999
+    assert [p.name for p in f.parent.iterdir()] == ["mnt.json"]  # no temporary left

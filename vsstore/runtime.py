@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,15 @@ from .errors import ConfigError
 
 def cow_state_file(paths: Paths, mountpoint: str) -> Path:
     return paths.rundir / "vscow" / (mountpoint.strip("/").replace("/", "_") + ".json")
+
+
+def write_cow_state(state_file: Path, st: dict[str, object]) -> None:
+    """Replace an overlay's state file whole (temporary name, then rename over): a reader,
+    or a command killed while writing, never leaves it half written."""
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_file.with_name(f".{state_file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(json.dumps(st))
+    os.replace(tmp, state_file)
 
 
 def _mounted(path: str) -> bool:
