@@ -30,6 +30,15 @@ from . import cgroups, helper, mounts, network, ns, overlay, procdev, relay
 from .guestconf import GuestConfig
 
 
+class CommandError(ConfigError):
+    """The command could not be executed inside the guest: exit 127 when it is not found,
+    126 when it is found but cannot be executed (as a shell says it)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
 def _open_guest(cfg: GuestConfig, st: runtime.RunState, kinds: tuple[str, ...]) -> dict[str, int]:
     """Descriptors of the running guest's namespaces ``kinds`` (and "root": its root
     directory), opened before forking and checked to be its still (a pid may be reused)."""
@@ -86,7 +95,10 @@ def _outcome(cfg: GuestConfig, argv: list[str], status: int, ex_r: int) -> int:
     if why is not None:
         step, text = why
         if step == "exec":
-            raise ConfigError(f"cannot run {argv[0]} inside guest {cfg.name}: {text}")
+            raise CommandError(
+                f"cannot run {argv[0]} inside guest {cfg.name}: {text}",
+                helper.exec_code(raw) or 126,
+            )
         raise ConfigError(f"cannot enter guest {cfg.name}: {text}")
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code

@@ -224,6 +224,19 @@ def failure(raw: bytes) -> tuple[str, str] | None:
     return "enter", text
 
 
+NOT_FOUND = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG)
+
+
+def exec_code(raw: bytes) -> int | None:
+    """The shell's exit code for a command that could not be executed, from what the
+    error pipe said: 127 not found, 126 found but not executable (EACCES, ENOEXEC, ...);
+    None when the failure was not the command's exec."""
+    parts = (raw.decode(errors="replace").strip().splitlines() or [""])[0].split(":")
+    if len(parts) != 3 or parts[:2] != ["vsguest", "exec"] or not parts[2].isdigit():
+        return None
+    return 127 if int(parts[2]) in NOT_FOUND else 126
+
+
 def seal_python() -> None:  # pragma: no cover - in a forked child
     """Defence in depth for a forked Python whose next steps are pivot_root and executing
     the helper: from here on it can import nothing, not even a module loaded already (no
