@@ -62,7 +62,7 @@ def test_bad_marks_and_depends_are_errors_naming_the_file(tmp_path):
         guests_with_mark(paths, "default")
 
 
-def _record(pl, action, jobs, fail=()):  # type: ignore[no-untyped-def]
+def _record(pl, action, jobs, fail=()):
     order: list[str] = []
     lock = threading.Lock()
     active = [0, 0]  # now, most at once

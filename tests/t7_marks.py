@@ -12,7 +12,7 @@ from conftest import REPO
 from vsstore.errors import EXIT_PARTIAL
 
 
-def _marks(vs, cmd: str, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+def _marks(vs, cmd: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             sys.executable,
@@ -29,7 +29,7 @@ def _marks(vs, cmd: str, *args: str) -> subprocess.CompletedProcess[str]:  # typ
     )
 
 
-def _sequence(vs, host, guests: dict[str, list[str]]) -> None:  # type: ignore[no-untyped-def]
+def _sequence(vs, host, guests: dict[str, list[str]]) -> None:
     """Busybox guests of mark ``default`` with their depends; hooks of the host's
     defaults append 'start NAME' once a guest's init runs and 'stop NAME' before it stops."""
     for name, deps in guests.items():

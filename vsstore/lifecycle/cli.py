@@ -1,5 +1,5 @@
-"""``vserver NAME build|start|stop|restart|status|running|enter|exec|delete`` and
-``vserver-stat``: util-vserver's commands over the lifecycle (``vsstore.lifecycle``)."""
+"""``vserver NAME build|start|stop|restart|status|running|enter|exec|suexec|delete``,
+``vserver list`` and ``vserver-stat``: util-vserver's commands over the lifecycle (``vsstore.lifecycle``)."""
 
 from __future__ import annotations
 
@@ -304,7 +304,8 @@ def parser() -> argparse.ArgumentParser:
         prog="vserver",
         parents=[common],
         description="Build, start, stop and enter guests "
-        "(util-vserver's commands on a mainline kernel).",
+        "(util-vserver's commands on a mainline kernel); 'vserver list [--json]' lists "
+        "every configured guest.",
     )
     p.add_argument("name", metavar="NAME", help="the guest (configured in /etc/vservers/NAME)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -371,6 +372,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if [a for a in args if not a.startswith("-")] == ["list"]:  # vserver list [--json]
+        from . import listing
+
+        return listing.main([a for a in args if a != "list"])
     return run_cli("vserver", parser(), lambda a, paths: a.func(a, paths), argv)
 
 
