@@ -92,3 +92,51 @@ def test_list_shows_every_configured_guest_with_its_state(vs, host):
 def test_list_of_a_host_without_guests_is_empty(vs, host):
     assert json.loads(_list(vs, "--json")) == {"guests": []}
     assert _list(vs).split() == ["NAME", "STATE", "CTX", "STYLE", "MARK", "COW", "UPTIME", "IPS"]
+
+
+PASSWD = b"""root:x:0:0:root:/root:/bin/sh
+# a comment, and a broken line below
+broken:x:notanumber:1::/:/bin/sh
+www:x:33:33:web server:/var/www:/bin/sh
+"""
+GROUP = b"""root:x:0:
+adm:x:4:www,other
+www:x:33:
+web:x:1000:someone,www
+"""
+
+
+def test_suexec_runs_the_command_as_a_user_of_the_guest(vs, host):
+    root = vs.guest("g1", files={"etc/passwd": PASSWD, "etc/group": GROUP})
+    vs("start", "g1")
+
+    def suexec(user: str, *cmd: str) -> str:
+        return vs("suexec", "g1", user, *cmd).stdout.strip()
+
+    assert suexec("www", "id", "-u") == "33"
+    assert suexec("www", "id", "-g") == "33"
+    assert sorted(suexec("www", "id", "-G").split()) == ["1000", "33", "4"]
+    assert suexec("www", "sh", "-c", "echo $HOME $USER $LOGNAME") == "/var/www www www"
+    caps = dict(
+        ln.split(":\t")
+        for ln in suexec("www", "cat", "/proc/self/status").splitlines()
+        if ":\t" in ln
+    )
+    assert int(caps["CapEff"], 16) == 0 and int(caps["CapPrm"], 16) == 0
+    assert suexec("4242", "id", "-u") == "4242"  # a number the guest does not know
+    assert suexec("4242", "id", "-g") == "4242"
+    assert suexec("root", "id", "-u") == "0"
+    p = vs("suexec", "g1", "www", "sh", "-c", "exit 9", check=False)
+    assert p.returncode == 9  # the exit code passes through
+    assert vs("suexec", "g1", "www", "/nosuch", check=False).returncode == 127
+    p = vs("suexec", "g1", "nobody", "id", check=False)
+    assert p.returncode == 3 and "no user 'nobody'" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    # the guest's passwd is the guest's: a symlink out of it is refused, never followed
+    (root / "etc/passwd").unlink()
+    (root / "etc/passwd").symlink_to("/etc/passwd")
+    p = vs("suexec", "g1", "root", "id", check=False)
+    assert p.returncode == 3 and "/etc/passwd" in p.stderr and "symlink" in p.stderr
+    vs("stop", "g1")
+    p = vs("suexec", "g1", "www", "id", check=False)
+    assert p.returncode == 8 and "not running" in p.stderr

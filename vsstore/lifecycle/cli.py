@@ -135,6 +135,16 @@ def cmd_exec(args: argparse.Namespace, paths: Paths) -> int:
     return lifecycle.run_in(paths, cfg, st, argv)
 
 
+def cmd_suexec(args: argparse.Namespace, paths: Paths) -> int:
+    """util-vserver's ``vserver NAME suexec USER CMD...``: the user looked up in the guest's
+    /etc/passwd on the host (lifecycle.users), set by the helper inside."""
+    from .users import lookup
+
+    cfg, st = _running_cfg(paths, args.name)
+    user = lookup(st.root, cfg.name, args.user)
+    return lifecycle.run_in(paths, cfg, st, _command(args.argv), user=user)
+
+
 def cmd_enter(args: argparse.Namespace, paths: Paths) -> int:
     if args.cow:
         return lifecycle.run_cow(paths, _cfg(paths, args.name), ["/bin/sh", "-l"])
@@ -353,6 +363,9 @@ def parser() -> argparse.ArgumentParser:
         )
         if name == "exec":
             c.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
+    c = cmd("suexec", cmd_suexec, "run a command inside the running guest as one of its users")
+    c.add_argument("user", metavar="USER", help="a user of the guest's /etc/passwd, or a uid")
+    c.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
     d = cmd("delete", cmd_delete, "remove a stopped guest's tree and configuration")
     d.add_argument("--force", action="store_true", help="do it")
     for name, func, text in (
