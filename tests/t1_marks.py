@@ -53,13 +53,22 @@ def test_a_cycle_is_a_clear_error_naming_it(tmp_path):
     assert "a -> b -> c -> a" in e.value.message and "apps/init/depends" in e.value.message
 
 
-def test_bad_marks_and_depends_are_errors_naming_the_file(tmp_path):
-    paths = _host(tmp_path, {"a": ("default", ["../etc"])})
-    with pytest.raises(ConfigError, match="a/apps/init/depends"):
-        plan(paths, ["a"])
+def test_bad_marks_and_depends_are_errors_naming_the_file_keeping_no_other_guest_down(tmp_path):
+    paths = _host(
+        tmp_path, {"a": ("default", ["../etc"]), "b": ("default", ["a"]), "c": ("default", [])}
+    )
+    pl = plan(paths, guests_with_mark(paths, "default"))
+    assert "a/apps/init/depends" in pl.broken["a"] and "'../etc'" in pl.broken["a"]
+    res, order, _ = _record(pl, "start", 2)
+    assert order == ["c"]
+    assert res["a"].text.startswith("not started: ") and "a/apps/init/depends" in res["a"].text
+    assert "depends on a, which did not start" in res["b"].text
     (paths.confdir / "a/apps/init/mark").write_text("two words\n")
     with pytest.raises(ConfigError, match="a/apps/init/mark"):
         guests_with_mark(paths, "default")
+    broken: list[ConfigError] = []
+    assert guests_with_mark(paths, "default", broken) == ["b", "c"]
+    assert len(broken) == 1 and "a/apps/init/mark" in broken[0].message
 
 
 def _record(pl, action, jobs, fail=()):

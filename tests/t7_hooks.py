@@ -48,6 +48,7 @@ def test_hooks_run_in_order_with_their_arguments_and_environment(vs, host):
     _script(scripts / "pre-start.d" / "20-second", "pre-start.d/20", log)
     _script(scripts / "pre-start.d" / "10-first", "pre-start.d/10", log, executable=False)
     (scripts / "pre-start.d" / "30-subdir").mkdir()  # not a file: left alone
+    _script(scripts / "pre-start.d" / ".hidden", "hidden", log)  # a dot file: left alone
     # the defaults are only for actions the guest has no script for
     _script(host.conf / ".defaults/scripts/pre-start", "default-pre-start", log)
     vs("start", "g1")

@@ -2,7 +2,8 @@
 
 ``/etc/vservers/NAME/scripts/ACTION`` and every entry of ``scripts/ACTION.d/`` (in name
 order), ACTION one of ``initialize``, ``prepre-start``, ``pre-start``, ``post-start``,
-``pre-stop``, ``post-stop``, ``postpost-stop``.  When the guest has none for an action,
+``pre-stop``, ``post-stop``, ``postpost-stop`` (names starting with a dot are left out, as
+util-vserver's shell glob did).  When the guest has none for an action,
 ``/etc/vservers/.defaults/scripts/`` is looked at the same way (util-vserver's
 ``execScriptlets``).  They are the host admin's files and run on the host, never anything
 of the guest's tree: as ``SCRIPT ACTION NAME``, an executable one directly, another one
@@ -63,7 +64,7 @@ def scripts(paths: Paths, name: str, action: str) -> list[Path]:
             entries = sorted(os.listdir(d))
         except OSError:
             entries = []
-        found += [d / e for e in entries if _runnable(d / e)]
+        found += [d / e for e in entries if not e.startswith(".") and _runnable(d / e)]
         if found:
             return found
     return []

@@ -8,7 +8,8 @@ guest starts once all it depends on runs; one whose dependency fails to start (o
 configured) is not started, and says so, while the others go on.  ``vserver-stop --mark
 MARK`` stops the same guests in the reverse order: a guest once everything that depends
 on it has stopped.  A guest already running (start) or stopped (stop) counts as done.  A
-dependency cycle is a configuration error naming it, before anything starts.
+dependency cycle is a configuration error naming it, before anything starts; a guest whose
+mark or depends file cannot be read is left out (said), never keeping the others down.
 
 Each guest is started or stopped by its own ``vserver NAME start|stop`` process (the
 lifecycle forks its monitor; that is no business for a threaded Python), so hooks, locks
@@ -57,9 +58,20 @@ def depends_of(paths: Paths, name: str) -> list[str]:
     return out
 
 
-def guests_with_mark(paths: Paths, mark: str) -> list[str]:
-    """Every configured guest whose mark is ``mark``, in name order."""
-    return [n for n in configured_names(paths) if mark_of(paths, n) == mark]
+def guests_with_mark(paths: Paths, mark: str, broken: list[ConfigError] | None = None) -> list[str]:
+    """Every configured guest whose mark is ``mark``, in name order.  A guest whose mark
+    file cannot be read raises ConfigError; with ``broken`` given, it is left out and the
+    error appended there instead (one broken guest never keeps the others down)."""
+    out = []
+    for n in configured_names(paths):
+        try:
+            if mark_of(paths, n) == mark:
+                out.append(n)
+        except ConfigError as e:
+            if broken is None:
+                raise
+            broken.append(e)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +82,7 @@ class Plan:
     guests: list[str]
     depends: dict[str, list[str]]
     missing: dict[str, list[str]] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)  # unreadable depends: why
 
     def dependants(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {n: [] for n in self.guests}
@@ -84,18 +97,23 @@ def plan(paths: Paths, roots: list[str]) -> Plan:
     known = set(configured_names(paths))
     depends: dict[str, list[str]] = {}
     missing: dict[str, list[str]] = {}
+    broken: dict[str, str] = {}
     todo = list(roots)
     while todo:
         n = todo.pop()
         if n in depends:
             continue
-        deps = depends_of(paths, n)
+        try:
+            deps = depends_of(paths, n)
+        except ConfigError as e:  # this guest cannot start; the others can
+            depends[n], broken[n] = [], e.message
+            continue
         depends[n] = [d for d in deps if d in known]
         if len(depends[n]) != len(deps):
             missing[n] = [d for d in deps if d not in known]
         todo.extend(depends[n])
     _check_cycles(paths, depends)
-    return Plan(sorted(depends), depends, missing)
+    return Plan(sorted(depends), depends, missing, broken)
 
 
 def _check_cycles(paths: Paths, depends: dict[str, list[str]]) -> None:
@@ -163,6 +181,10 @@ def schedule(
             progressed = False
             for n in p.guests:
                 if n in results or n in running_.values():
+                    continue
+                if action == "start" and n in p.broken:
+                    finish(n, Outcome(False, f"not started: {p.broken[n]}"))
+                    progressed = True
                     continue
                 if action == "start" and p.missing.get(n):
                     finish(
@@ -251,7 +273,12 @@ def _main(prog: str, action: str, argv: list[str] | None) -> int:
             raise ConfigError(f"--mark {a.mark!r}: a mark is a word such as 'default'")
         if a.jobs < 1:
             raise ConfigError(f"-j {a.jobs}: give 1 or more")
-        roots = guests_with_mark(paths, a.mark)
+        broken: list[ConfigError] = []
+        roots = guests_with_mark(paths, a.mark, broken)
+        for e in broken:
+            print(f"{prog}: warning: left out: {e.message}", file=sys.stderr)
+        if not roots and broken:
+            return EXIT_PARTIAL
         if not roots:
             print(
                 f"{prog}: no guest has mark {a.mark} (write it to "
@@ -267,6 +294,8 @@ def _main(prog: str, action: str, argv: list[str] | None) -> int:
         results = schedule(pl, action, a.jobs, _vserver(paths, action, a.debug), done)
         bad = [n for n in pl.guests if not results[n].ok]
         verb = "started" if action == "start" else "stopped"
+        if broken and not bad:
+            return EXIT_PARTIAL
         if bad:
             print(
                 f"{prog}: mark {a.mark}: {len(pl.guests) - len(bad)} of {len(pl.guests)} "
