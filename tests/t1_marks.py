@@ -124,3 +124,11 @@ def test_a_failed_dependency_keeps_its_dependants_from_starting_and_the_rest_go_
     res, order, _ = _record(pl, "stop", 1, fail={"web"})
     assert order.index("web") < order.index("app") < order.index("db")
     assert "orphan" in order
+
+
+def test_a_guest_settled_late_in_a_pass_still_settles_those_before_it(tmp_path):
+    """'a' (first in name order) depends on 'b', which cannot start: both are settled
+    without anything running."""
+    paths = _host(tmp_path, {"a": ("default", ["b"]), "b": ("default", ["nosuch"])})
+    res, order, _ = _record(plan(paths, ["a"]), "start", 1)
+    assert order == [] and not res["a"].ok and "depends on b" in res["a"].text

@@ -1,5 +1,6 @@
 """``vserver NAME build|start|stop|restart|status|running|enter|exec|suexec|delete``,
-``vserver list`` and ``vserver-stat``: util-vserver's commands over the lifecycle (``vsstore.lifecycle``)."""
+``vserver list`` and ``vserver-stat``: util-vserver's commands over the lifecycle
+(``vsstore.lifecycle``)."""
 
 from __future__ import annotations
 

@@ -117,10 +117,11 @@ def run_in(
     user: GuestUser | None = None,
 ) -> int:
     """Run ``argv`` inside the running guest: its namespaces, root and reduced capabilities,
-    a new session; as ``user`` of the guest if given (suexec; its home as HOME).  Python opens what it needs on the host (namespaces, root, the helper,
-    a pty from the guest's devpts when stdin, stdout or stderr is a terminal) and a forked
-    child executes the static helper (lifecycle.helper), which enters and runs the command;
-    this process relays the pty (lifecycle.relay).  Returns its exit code (128+N for a
+    a new session; as ``user`` of the guest if given (suexec; its home as HOME).  Python
+    opens what it needs on the host (namespaces, root, the helper, a pty from the guest's
+    devpts when stdin, stdout or stderr is a terminal) and a forked child executes the
+    static helper (lifecycle.helper), which enters and runs the command; this process
+    relays the pty (lifecycle.relay).  Returns its exit code (128+N for a
     signal)."""
     if not argv:
         raise ConfigError("no command given; vserver NAME exec COMMAND [ARGS...]")

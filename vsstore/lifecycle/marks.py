@@ -154,6 +154,26 @@ class Outcome:
     text: str  # what the command said, or why it was not run
 
 
+WAIT = "wait"  # _blocked: not yet
+
+
+def _blocked(
+    p: Plan, action: str, n: str, before: list[str], results: dict[str, Outcome]
+) -> str | None:
+    """Why guest ``n`` will never be started (a text), WAIT while what comes before it is
+    not done, None when it can go."""
+    if action == "start" and n in p.broken:
+        return f"not started: {p.broken[n]}"
+    if action == "start" and p.missing.get(n):
+        return f"not started: it depends on {', '.join(p.missing[n])}, which is not configured"
+    if any(b not in results for b in before):
+        return WAIT
+    failed = [b for b in before if not results[b].ok]
+    if action == "start" and failed:
+        return f"not started: it depends on {', '.join(failed)}, which did not start"
+    return None
+
+
 def schedule(
     p: Plan,
     action: str,
@@ -165,12 +185,9 @@ def schedule(
     "start" a guest once all it depends on succeeded (never, if one failed), for "stop"
     once everything depending on it is done (whether that succeeded or not: holding a
     dependency back would not help).  ``done`` is told of each outcome as it comes."""
-    if action == "start":
-        before = {n: list(p.depends[n]) for n in p.guests}
-    else:
-        before = p.dependants()
+    before = dict(p.depends) if action == "start" else p.dependants()
     results: dict[str, Outcome] = {}
-    running_: dict[Future[Outcome], str] = {}
+    busy: dict[Future[Outcome], str] = {}
 
     def finish(n: str, o: Outcome) -> None:
         results[n] = o
@@ -178,46 +195,25 @@ def schedule(
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         while len(results) < len(p.guests):
-            progressed = False
-            for n in p.guests:
-                if n in results or n in running_.values():
-                    continue
-                if action == "start" and n in p.broken:
-                    finish(n, Outcome(False, f"not started: {p.broken[n]}"))
-                    progressed = True
-                    continue
-                if action == "start" and p.missing.get(n):
-                    finish(
-                        n,
-                        Outcome(
-                            False,
-                            f"not started: it depends on {', '.join(p.missing[n])}, which is not configured",
-                        ),
-                    )
-                    progressed = True
-                    continue
-                if any(b not in results for b in before[n]):
-                    continue
-                failed = [b for b in before[n] if not results[b].ok]
-                if action == "start" and failed:
-                    finish(
-                        n,
-                        Outcome(
-                            False,
-                            f"not started: it depends on {', '.join(failed)}, which did not start",
-                        ),
-                    )
-                    progressed = True
-                    continue
-                if len(running_) < max(1, jobs):
-                    running_[pool.submit(do, n)] = n
-            if progressed:
-                continue
-            if not running_:  # cannot happen with a checked plan
+            settled = True
+            while settled:  # again while a pass settles a guest: that may settle others
+                settled = False
+                for n in p.guests:
+                    if n in results or n in busy.values():
+                        continue
+                    why = _blocked(p, action, n, before[n], results)
+                    if why is None and len(busy) < max(1, jobs):
+                        busy[pool.submit(do, n)] = n
+                    elif why not in (None, WAIT):
+                        finish(n, Outcome(False, why))
+                        settled = True
+            if len(results) == len(p.guests):
+                break
+            if not busy:  # cannot happen with a plan without cycles
                 raise AssertionError("no guest can go on")
-            finished, _ = wait(list(running_), return_when=FIRST_COMPLETED)
+            finished, _ = wait(list(busy), return_when=FIRST_COMPLETED)
             for f in finished:
-                n = running_.pop(f)
+                n = busy.pop(f)
                 try:
                     finish(n, f.result())
                 except Exception as e:  # noqa: BLE001 - said, the others go on
