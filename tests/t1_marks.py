@@ -132,3 +132,29 @@ def test_a_guest_settled_late_in_a_pass_still_settles_those_before_it(tmp_path):
     paths = _host(tmp_path, {"a": ("default", ["b"]), "b": ("default", ["nosuch"])})
     res, order, _ = _record(plan(paths, ["a"]), "start", 1)
     assert order == [] and not res["a"].ok and "depends on b" in res["a"].text
+
+
+def test_independent_guests_start_side_by_side_up_to_j(tmp_path):
+    """With -j 2, two guests with nothing between them run at the same time: each waits
+    at a barrier for the other (bounded, so a scheduler that ran them one by one fails
+    instead of hanging); the third waits for a free place."""
+    paths = _host(tmp_path, {"a": ("default", []), "b": ("default", []), "c": ("default", [])})
+    pl = plan(paths, guests_with_mark(paths, "default"))
+    barrier = threading.Barrier(2, timeout=30)
+    active, most = [0], [0]
+    lock = threading.Lock()
+
+    def do(n: str) -> Outcome:
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            if n in ("a", "b"):
+                barrier.wait()
+            return Outcome(True, "ok")
+        finally:
+            with lock:
+                active[0] -= 1
+
+    res = schedule(pl, "start", 2, do)
+    assert all(o.ok for o in res.values()) and most[0] == 2
