@@ -617,6 +617,25 @@ def test_the_helper_is_static_checked_and_parses_strictly(host, tmp_path):
         ["init", "--errfd", "3", "--last-cap", "40", "--root", "4", "--", "/bin/true"],
         ["exec", "--errfd", "3", "--last-cap", "40", "--bogus", "1", "--", "/bin/true"],
         ["exec", "--errfd", "3", "--last-cap", "40", "--"],
+        # suexec's ids: both or neither, numbers below (uid_t)-1, groups only with them
+        ["exec", "--errfd", "3", "--last-cap", "40", "--uid", "33", "--", "/bin/true"],
+        ["exec", "--errfd", "3", "--last-cap", "40", "--groups", "4", "--", "/bin/true"],
+        [
+            "exec",
+            *("--errfd", "3", "--last-cap", "40", "--uid", "4294967295", "--gid", "1"),
+            *("--", "/bin/true"),
+        ],
+        [
+            "exec",
+            *("--errfd", "3", "--last-cap", "40", "--uid", "1", "--gid", "1"),
+            *("--groups", "4,,5", "--", "/bin/true"),
+        ],
+        [
+            "exec",
+            *("--errfd", "3", "--last-cap", "40", "--uid", "1", "--gid", "1"),
+            *("--groups", ",".join(["7"] * 65), "--", "/bin/true"),
+        ],
+        ["init", "--errfd", "3", "--last-cap", "40", "--uid", "1", "--gid", "1", "--", "/x"],
     ]
     for args in bad:
         r, w = os.pipe()

@@ -203,12 +203,16 @@ def test_a_bad_capability_name_is_a_clear_error_before_anything_starts(vs, host)
 
 
 def test_exec_and_enter_pass_the_exit_code_through(vs, host):
-    vs.guest("g1")
+    vs.guest("g1", files={"etc/motd": b"not a program\n"})
     vs("start", "g1")
     assert vs("exec", "g1", "sh", "-c", "exit 7", check=False).returncode == 7
     assert vs("exec", "g1", "sh", "-c", "kill -9 $$", check=False).returncode == 137
-    p = vs("exec", "g1", "/nosuch", check=False)
-    assert p.returncode == EXIT_CONFIG and "cannot run /nosuch" in p.stderr
+    p = vs("exec", "g1", "/nosuch", check=False)  # as a shell says it: 127 not found
+    assert p.returncode == 127 and "cannot run /nosuch" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert vs("exec", "g1", "nosuch-in-path", check=False).returncode == 127
+    assert vs("exec", "g1", "/etc/motd", check=False).returncode == 126  # not executable
+    assert vs("exec", "g1", "/etc", check=False).returncode == 126
     p = vs("enter", "g1", input="echo inside $(hostname)\nexit 3\n", check=False)
     assert p.returncode == 3 and "inside g1" in p.stdout
 

@@ -22,6 +22,7 @@ EXIT_PARTIAL = 6  # finished, but some files were skipped (see the errors count)
 EXIT_UNSUPPORTED = 7  # this kernel/filesystem/privilege lacks something needed
 EXIT_STATE = 8  # the guest is not in the state the command needs (running/stopped)
 EXIT_NOSPACE = 9  # a filesystem we must write to is full (the index's, the guests')
+EXIT_HOOK = 11  # an admin's hook script (scripts/pre-start, ...) failed: the guest did not start
 
 NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -97,6 +98,13 @@ def mount_point(path: str | os.PathLike[str]) -> str:
     return p
 
 
+class HookError(VsError):
+    """A hook script of the guest's configuration (``scripts/pre-start``, ...) failed; the
+    message names it."""
+
+    exit_code = EXIT_HOOK
+
+
 # -- errors across a fork's pipe ------------------------------------------------------------
 
 ERRORS: dict[str, type[VsError]] = {
@@ -109,6 +117,7 @@ ERRORS: dict[str, type[VsError]] = {
         UnsupportedError,
         StateError,
         NoSpaceError,
+        HookError,
     )
 }
 

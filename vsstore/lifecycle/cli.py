@@ -1,5 +1,6 @@
-"""``vserver NAME build|start|stop|restart|status|running|enter|exec|delete`` and
-``vserver-stat``: util-vserver's commands over the lifecycle (``vsstore.lifecycle``)."""
+"""``vserver NAME build|start|stop|restart|status|running|enter|exec|suexec|delete``,
+``vserver list`` and ``vserver-stat``: util-vserver's commands over the lifecycle
+(``vsstore.lifecycle``)."""
 
 from __future__ import annotations
 
@@ -133,6 +134,16 @@ def cmd_exec(args: argparse.Namespace, paths: Paths) -> int:
         return lifecycle.run_cow(paths, _cfg(paths, args.name), argv)
     cfg, st = _running_cfg(paths, args.name)
     return lifecycle.run_in(paths, cfg, st, argv)
+
+
+def cmd_suexec(args: argparse.Namespace, paths: Paths) -> int:
+    """util-vserver's ``vserver NAME suexec USER CMD...``: the user looked up in the guest's
+    /etc/passwd on the host (lifecycle.users), set by the helper inside."""
+    from .users import lookup
+
+    cfg, st = _running_cfg(paths, args.name)
+    user = lookup(st.root, cfg.name, args.user)
+    return lifecycle.run_in(paths, cfg, st, _command(args.argv), user=user)
 
 
 def cmd_enter(args: argparse.Namespace, paths: Paths) -> int:
@@ -304,7 +315,8 @@ def parser() -> argparse.ArgumentParser:
         prog="vserver",
         parents=[common],
         description="Build, start, stop and enter guests "
-        "(util-vserver's commands on a mainline kernel).",
+        "(util-vserver's commands on a mainline kernel); 'vserver list [--json]' lists "
+        "every configured guest.",
     )
     p.add_argument("name", metavar="NAME", help="the guest (configured in /etc/vservers/NAME)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -352,6 +364,9 @@ def parser() -> argparse.ArgumentParser:
         )
         if name == "exec":
             c.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
+    c = cmd("suexec", cmd_suexec, "run a command inside the running guest as one of its users")
+    c.add_argument("user", metavar="USER", help="a user of the guest's /etc/passwd, or a uid")
+    c.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
     d = cmd("delete", cmd_delete, "remove a stopped guest's tree and configuration")
     d.add_argument("--force", action="store_true", help="do it")
     for name, func, text in (
@@ -371,6 +386,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if [a for a in args if not a.startswith("-")] == ["list"]:  # vserver list [--json]
+        from . import listing
+
+        return listing.main([a for a in args if a != "list"])
     return run_cli("vserver", parser(), lambda a, paths: a.func(a, paths), argv)
 
 

@@ -28,6 +28,16 @@ from vsstore.safetree import GuestTree
 
 from . import cgroups, helper, mounts, network, ns, overlay, procdev, relay
 from .guestconf import GuestConfig
+from .users import GuestUser
+
+
+class CommandError(ConfigError):
+    """The command could not be executed inside the guest: exit 127 when it is not found,
+    126 when it is found but cannot be executed (as a shell says it)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = code
 
 
 def _open_guest(cfg: GuestConfig, st: runtime.RunState, kinds: tuple[str, ...]) -> dict[str, int]:
@@ -60,13 +70,16 @@ def _join_guest(st: runtime.RunState, fds: dict[str, int]) -> None:  # pragma: n
             ns.setns(fds[kind])
 
 
-def _command_env() -> dict[str, str]:
-    return {
+def _command_env(user: GuestUser | None = None) -> dict[str, str]:
+    env = {
         "PATH": helper.GUEST_PATH,
         "HOME": "/root",
         "container": "vserver",
         "TERM": os.environ.get("TERM", "dumb"),
     }
+    if user is not None:
+        env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
+    return env
 
 
 def _read_all(fd: int) -> bytes:
@@ -86,7 +99,10 @@ def _outcome(cfg: GuestConfig, argv: list[str], status: int, ex_r: int) -> int:
     if why is not None:
         step, text = why
         if step == "exec":
-            raise ConfigError(f"cannot run {argv[0]} inside guest {cfg.name}: {text}")
+            raise CommandError(
+                f"cannot run {argv[0]} inside guest {cfg.name}: {text}",
+                helper.exec_code(raw) or 126,
+            )
         raise ConfigError(f"cannot enter guest {cfg.name}: {text}")
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
@@ -98,12 +114,14 @@ def run_in(
     st: runtime.RunState,
     argv: list[str],
     timeout: float | None = None,
+    user: GuestUser | None = None,
 ) -> int:
     """Run ``argv`` inside the running guest: its namespaces, root and reduced capabilities,
-    a new session.  Python opens what it needs on the host (namespaces, root, the helper,
-    a pty from the guest's devpts when stdin, stdout or stderr is a terminal) and a forked
-    child executes the static helper (lifecycle.helper), which enters and runs the command;
-    this process relays the pty (lifecycle.relay).  Returns its exit code (128+N for a
+    a new session; as ``user`` of the guest if given (suexec; its home as HOME).  Python
+    opens what it needs on the host (namespaces, root, the helper, a pty from the guest's
+    devpts when stdin, stdout or stderr is a terminal) and a forked child executes the
+    static helper (lifecycle.helper), which enters and runs the command; this process
+    relays the pty (lifecycle.relay).  Returns its exit code (128+N for a
     signal)."""
     if not argv:
         raise ConfigError("no command given; vserver NAME exec COMMAND [ARGS...]")
@@ -138,8 +156,9 @@ def run_in(
                     setns=tuple(placed[:5]),
                     root=placed[5],
                     ctty=stdio.ctty if std else None,
+                    ids=(user.uid, user.gid, user.groups) if user is not None else None,
                 )
-                os.execve(prog, args, _command_env())
+                os.execve(prog, args, _command_env(user))
             except BaseException as e:  # noqa: BLE001
                 os.write(ex_w, json.dumps(to_wire(e)).encode())
             os._exit(127)

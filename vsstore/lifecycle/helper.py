@@ -168,9 +168,11 @@ def argv(
     root: int | None = None,
     detach: bool = False,
     ctty: int | None = None,
+    ids: tuple[int, int, tuple[int, ...]] | None = None,
 ) -> list[str]:
     """The helper's command line: MODE (exec, init, sysv, none), its steps, and for a
-    command the guest's limits and capabilities from ``cfg`` (None: keep none)."""
+    command the guest's limits and capabilities from ``cfg`` (None: keep none); ``ids``:
+    the command's uid, gid and supplementary groups (suexec; exec mode only)."""
     a = ["vsguest", mode, "--errfd", str(ERRFD), "--last-cap", str(ns.last_cap())]
     for fd in setns:
         a += ["--setns", str(fd)]
@@ -180,6 +182,10 @@ def argv(
         a.append("--detach-old-root")
     if ctty is not None:
         a += ["--ctty", str(ctty)]
+    if ids is not None:
+        a += ["--uid", str(ids[0]), "--gid", str(ids[1])]
+        if ids[2]:
+            a += ["--groups", ",".join(str(g) for g in ids[2])]
     if cfg is not None:
         a += ["--caps", f"{sum(1 << c for c in cfg.keep_caps):x}"]
         for res, (soft, hard) in sorted(cfg.rlimits.items()):
@@ -203,6 +209,7 @@ STEPS = {
     "nice": "setting nice",
     "close": "closing descriptors",
     "caps": "cutting capabilities",
+    "ids": "setting the user and groups",
     "waiter": "securing the waiting process",
 }
 
@@ -222,6 +229,19 @@ def failure(raw: bytes) -> tuple[str, str] | None:
             return "exec", err
         return "enter", f"{STEPS.get(parts[1], parts[1])}: {err}"
     return "enter", text
+
+
+NOT_FOUND = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG)
+
+
+def exec_code(raw: bytes) -> int | None:
+    """The shell's exit code for a command that could not be executed, from what the
+    error pipe said: 127 not found, 126 found but not executable (EACCES, ENOEXEC, ...);
+    None when the failure was not the command's exec."""
+    parts = (raw.decode(errors="replace").strip().splitlines() or [""])[0].split(":")
+    if len(parts) != 3 or parts[:2] != ["vsguest", "exec"] or not parts[2].isdigit():
+        return None
+    return 127 if int(parts[2]) in NOT_FOUND else 126
 
 
 def seal_python() -> None:  # pragma: no cover - in a forked child

@@ -53,7 +53,7 @@ from vsstore.errors import (
 from vsstore.lock import exclusive
 from vsstore.safetree import GuestTree
 
-from . import cgroups, entering, helper, mounts, network, ns, overlay, procdev
+from . import cgroups, entering, helper, hooks, mounts, network, ns, overlay, procdev
 from .guestconf import GuestConfig, default_caps
 
 
@@ -97,6 +97,8 @@ def start(paths: Paths, cfg: GuestConfig) -> runtime.RunState:
                     f"{old.monitor_pid}); try again in a moment"
                 )
             cleanup(paths, old)
+        hooks.run(paths, cfg.name, "initialize", cfg.guest.root)
+        hooks.run(paths, cfg.name, "prepre-start", cfg.guest.root)
         if cfg.hostnet:
             print(f"vserver {cfg.name}: warning: {network.HOSTNET_WARNING}", file=sys.stderr)
         root = cfg.guest.root
@@ -119,8 +121,10 @@ def start(paths: Paths, cfg: GuestConfig) -> runtime.RunState:
                 undo.callback(cg.remove)
                 undo.callback(cg.kill)
                 cfg = dataclasses.replace(cfg, cgroup_dirs={k: str(v) for k, v in cg.dirs.items()})
+            hooks.run(paths, cfg.name, "pre-start", root)
             st = _spawn(paths, cfg, source, cow_at)
             undo.pop_all()
+        hooks.run(paths, cfg.name, "post-start", root, st.init_pid)
         return st
 
 
@@ -455,6 +459,7 @@ def stop(paths: Paths, name: str) -> None:
             if st is not None and not st.monitoring:
                 cleanup(paths, st)
             raise StateError(f"guest {name} is not running")
+        hooks.run(paths, name, "pre-stop", st.root, st.init_pid)
         cfg = stop_config(st)
         deadline = time.monotonic() + cfg.stop_timeout
         if cfg.stop:
@@ -477,6 +482,8 @@ def stop(paths: Paths, name: str) -> None:
             _wait_gone(st.monitor_pid, st.monitor_start, 5)
         if runtime.read_state(paths, name) is not None:
             cleanup(paths, st)
+        hooks.run(paths, name, "post-stop", st.root)
+        hooks.run(paths, name, "postpost-stop", st.root)
 
 
 def cleanup(paths: Paths, st: runtime.RunState) -> None:

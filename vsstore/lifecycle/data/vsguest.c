@@ -31,6 +31,10 @@
  *   --caps HEX         the capabilities COMMAND keeps (bounding, permitted, effective,
  *                      inheritable; ambient cleared); default none
  *   --last-cap N       the kernel's highest capability number (read on the host); required
+ *   --uid N --gid N    the command runs as user N, group N (suexec): set after the
+ *                      bounding set is cut and before the other sets are (which a uid other
+ *                      than 0 empties anyway); both or neither
+ *   --groups A,B,...   with --uid: its supplementary groups (default none)
  * Descriptors 0-2 are the command's; every other one is closed before it runs.  Its
  * environment is this program's; a COMMAND without '/' is searched in its PATH.
  */
@@ -45,7 +49,8 @@ enum { NR_read = 0, NR_write = 1, NR_close = 3, NR_rt_sigaction = 13,
        NR_kill = 62, NR_fcntl = 72, NR_chdir = 80, NR_fchdir = 81, NR_setsid = 112,
        NR_capget = 125, NR_capset = 126, NR_setpriority = 141, NR_prctl = 157,
        NR_chroot = 161, NR_umount2 = 166, NR_exit_group = 231, NR_signalfd4 = 289,
-       NR_pipe2 = 293, NR_prlimit64 = 302, NR_setns = 308, NR_close_range = 436 };
+       NR_pipe2 = 293, NR_prlimit64 = 302, NR_setns = 308, NR_close_range = 436,
+       NR_setresuid = 117, NR_setresgid = 119, NR_setgroups = 116 };
 
 static i64 sys6(i64 n, i64 a, i64 b, i64 c, i64 d, i64 e, i64 f)
 {
@@ -68,7 +73,7 @@ enum { NR_read = 63, NR_write = 64, NR_close = 57, NR_rt_sigaction = 134,
        NR_setsid = 157, NR_capget = 90, NR_capset = 91, NR_setpriority = 140,
        NR_prctl = 167, NR_chroot = 51, NR_umount2 = 39, NR_exit_group = 94,
        NR_signalfd4 = 74, NR_pipe2 = 59, NR_prlimit64 = 261, NR_setns = 268,
-       NR_close_range = 436 };
+       NR_close_range = 436, NR_setresuid = 147, NR_setresgid = 149, NR_setgroups = 159 };
 
 static i64 sys6(i64 n, i64 a, i64 b, i64 c, i64 d, i64 e, i64 f)
 {
@@ -134,6 +139,8 @@ enum { PR_SET_PDEATHSIG = 1, PR_SET_DUMPABLE = 4, PR_SET_NAME = 15, PR_CAPBSET_D
 #define FD_MAX 0x7fffffffUL
 #define MAX_NS 8
 #define MAX_RLIMITS 16
+#define MAX_GROUPS 64
+#define ID_MAX 0xfffffffeUL
 
 static int errfd = -1;
 
@@ -240,8 +247,34 @@ struct opts {
     u64 caps;
     struct rlim rl[MAX_RLIMITS];
     int nrl;
+    int have_uid, have_gid, have_groups, ngroups;
+    u32 uid, gid, groups[MAX_GROUPS];
     char **cmd;
 };
+
+/* "A,B,C": at most MAX_GROUPS group numbers */
+static int parse_groups(const char *s, struct opts *o)
+{
+    char num[12];
+    u64 v;
+    int n = 0;
+    for (;;) {
+        const char *seg = s;
+        while (*s && *s != ',')
+            s++;
+        if (s - seg < 1 || s - seg > 10 || o->ngroups == MAX_GROUPS)
+            return -1;
+        for (n = 0; seg + n < s; n++)
+            num[n] = seg[n];
+        num[n] = 0;
+        if (parse_u64(num, 10, ID_MAX, &v))
+            return -1;
+        o->groups[o->ngroups++] = (u32)v;
+        if (!*s)
+            return 0;
+        s++;
+    }
+}
 
 /* "R:S:H" */
 static int parse_rlimit(char *s, struct rlim *r)
@@ -275,6 +308,7 @@ static void parse(int argc, char **argv, struct opts *o)
     o->detach = o->have_nice = o->have_caps = 0;
     o->last_cap = -1;
     o->caps = 0;
+    o->have_uid = o->have_gid = o->have_groups = o->ngroups = 0;
     o->cmd = 0;
     if (argc < 2)
         fail("args", EINVAL);
@@ -332,6 +366,17 @@ static void parse(int argc, char **argv, struct opts *o)
         } else if (same(a, "--caps")) {
             if (o->have_caps++ || len(v) > 16 || parse_u64(v, 16, ~0UL, &o->caps))
                 fail("args", EINVAL);
+        } else if (same(a, "--uid")) {
+            if (o->have_uid++ || parse_u64(v, 10, ID_MAX, &n))
+                fail("args", EINVAL);
+            o->uid = (u32)n;
+        } else if (same(a, "--gid")) {
+            if (o->have_gid++ || parse_u64(v, 10, ID_MAX, &n))
+                fail("args", EINVAL);
+            o->gid = (u32)n;
+        } else if (same(a, "--groups")) {
+            if (o->have_groups++ || parse_groups(v, o))
+                fail("args", EINVAL);
         } else if (same(a, "--last-cap")) {
             if (o->last_cap >= 0 || parse_u64(v, 10, 63, &n))
                 fail("args", EINVAL);
@@ -340,7 +385,8 @@ static void parse(int argc, char **argv, struct opts *o)
             fail("args", EINVAL);
         }
     }
-    if (o->last_cap < 0 || errfd < 0)
+    if (o->last_cap < 0 || errfd < 0 || o->have_uid != o->have_gid ||
+        (o->have_groups && !o->have_uid) || (o->have_uid && o->mode != EXEC))
         fail("args", EINVAL);
     if (o->mode == NONE ? o->cmd != 0 : (o->cmd == 0 || o->cmd[0] == 0 || !*o->cmd[0]))
         fail("args", EINVAL);
@@ -353,19 +399,27 @@ static void parse(int argc, char **argv, struct opts *o)
 struct cap_header { u32 version; int pid; };
 struct cap_data { u32 effective, permitted, inheritable; };
 
-/* Cut every capability set to ``keep``; 0 on success, else the failing errno. */
-static i64 limit_caps(u64 keep, int last_cap)
+/* Cut the bounding set to ``keep`` (while CAP_SETPCAP is still ours). */
+static i64 cut_bounding(u64 keep, int last_cap)
 {
-    struct cap_header h = { CAP_V3, 0 };
-    struct cap_data d[2];
     i64 r;
-    int c, i;
+    int c;
     for (c = 0; c <= last_cap; c++)
         if (!(keep >> c & 1)) {
             r = sys5(NR_prctl, PR_CAPBSET_DROP, c, 0, 0, 0);
             if (r < 0)
                 return r;
         }
+    return 0;
+}
+
+/* Cut the ambient, effective, permitted and inheritable sets to ``keep``. */
+static i64 cut_sets(u64 keep)
+{
+    struct cap_header h = { CAP_V3, 0 };
+    struct cap_data d[2];
+    i64 r;
+    int i;
     r = sys5(NR_prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
     if (r < 0 && r != -EINVAL)
         return r;
@@ -379,6 +433,13 @@ static i64 limit_caps(u64 keep, int last_cap)
         d[i].inheritable &= m;
     }
     return sys2(NR_capset, &h, d);
+}
+
+/* Cut every capability set to ``keep``; 0 on success, else the failing errno. */
+static i64 limit_caps(u64 keep, int last_cap)
+{
+    i64 r = cut_bounding(keep, last_cap);
+    return r < 0 ? r : cut_sets(keep);
 }
 
 struct k_sigaction { u64 handler, flags, restorer, mask; };
@@ -472,7 +533,16 @@ static __attribute__((noreturn)) void become(struct opts *o, char **envp)
     if (errfd > 3)
         sys3(NR_close_range, 3, errfd - 1, 0);
     close_from(errfd + 1);
-    if ((r = limit_caps(o->have_caps ? o->caps : 0, o->last_cap)) < 0)
+    if (o->have_uid) {  /* suexec: the ids while CAP_SETUID/SETGID are still ours */
+        if ((r = cut_bounding(o->have_caps ? o->caps : 0, o->last_cap)) < 0)
+            fail("caps", r);
+        if ((r = sys2(NR_setgroups, o->ngroups, o->groups)) < 0 ||
+            (r = sys3(NR_setresgid, o->gid, o->gid, o->gid)) < 0 ||
+            (r = sys3(NR_setresuid, o->uid, o->uid, o->uid)) < 0)
+            fail("ids", r);
+        if ((r = cut_sets(o->have_caps ? o->caps : 0)) < 0)
+            fail("caps", r);
+    } else if ((r = limit_caps(o->have_caps ? o->caps : 0, o->last_cap)) < 0)
         fail("caps", r);
     reset_signals(0);
     fail("exec", run(o->cmd, envp));
