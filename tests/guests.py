@@ -154,11 +154,23 @@ def host_mounts() -> list[str]:
         return [line.split()[4] for line in f]
 
 
+_PINNED: dict[int, int] = {}
+
+
 def pid_ns(pid: int) -> int | None:
+    """The inode number of ``pid``'s pid namespace.  The namespace is held open for the rest
+    of the session: once freed, its number may be given to another namespace (another test
+    run's guest), and a test asking "is anything left in it?" would see strangers."""
     try:
-        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+        fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    ino = os.fstat(fd).st_ino
+    if ino in _PINNED:
+        os.close(fd)
+    else:
+        _PINNED[ino] = fd
+    return ino
 
 
 def gone(pid: int) -> bool:
@@ -170,8 +182,16 @@ def gone(pid: int) -> bool:
         return True
 
 
+def _ns_ino(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def procs_in_ns(ns_ino: int) -> list[int]:
-    return [int(d) for d in os.listdir("/proc") if d.isdigit() and pid_ns(int(d)) == ns_ino]
+    """Processes in the pid namespace numbered ``ns_ino`` (one pid_ns() returned, so held)."""
+    return [int(d) for d in os.listdir("/proc") if d.isdigit() and _ns_ino(int(d)) == ns_ino]
 
 
 def eventually(check, seconds: float = 20.0) -> bool:  # type: ignore[no-untyped-def]

@@ -212,8 +212,9 @@ class Admin:
 def _holders(dev_ino: tuple[int, int], ns_ino: int | None) -> list[str]:
     """Every descriptor that a process of the pid namespace holds on the file ``dev_ino``."""
     out = []
+    members = set(procs_in_ns(ns_ino)) if ns_ino is not None else set()
     for d in os.listdir("/proc"):
-        if not d.isdigit() or pid_ns(int(d)) != ns_ino:
+        if not d.isdigit() or int(d) not in members:
             continue
         try:
             fds = os.listdir(f"/proc/{d}/fd")
