@@ -81,7 +81,7 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     for msg in left_out:
         print(f"vsunify: {msg}", file=sys.stderr)
     prog = Progress(sys.stderr.isatty() and not args.json and not args.quiet)
-    r = api.unify(paths, guests, opts, prog, skipped=left_out)
+    r = api.unify(paths, guests, opts, prog, skipped=left_out, skip_served=args.all)
     if args.json:
         print(json.dumps(r.summary.as_dict(), indent=2))
     elif not args.quiet:
