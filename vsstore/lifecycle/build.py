@@ -53,6 +53,7 @@ class BuildOptions:
     hostname: str | None = None
     context: int | None = None
     interfaces: tuple[str, ...] = ()
+    net: tuple[tuple[str, str], ...] = ()  # --netdev, --netprefix, ...: interfaces/{dev,...}
     args: tuple[str, ...] = ()  # the method's own arguments (after --)
 
 
@@ -73,21 +74,58 @@ def _write(p: Path, text: str) -> None:
     p.write_text(text)
 
 
-def _interface(conf: Path, i: int, spec: str) -> None:
-    """``IP[/PREFIX][,hostip=IP][,name=IFNAME]`` -> interfaces/N/{ip,prefix,hostip,name}."""
+def _interface(conf: Path, i: int, spec: str, net: dict[str, str]) -> None:
+    """``[LABEL=][DEV:]IP[/PREFIX|/MASK][,hostip=IP][,name=IFNAME]`` (util-vserver's form
+    and ours) -> interfaces/N/{ip,prefix|mask,dev,name,hostip}."""
     addr, *opts = spec.split(",")
-    try:
-        itf = ipaddress.ip_interface(addr if "/" in addr else addr + "/24")
-    except ValueError as e:
-        raise ConfigError(f"--interface {spec}: {e}; write IP/PREFIX[,hostip=IP]") from None
     d = conf / "interfaces" / str(i)
+    label, _, rest = addr.rpartition("=")
+    dev = ""
+    if ":" in rest.partition("/")[0]:
+        try:
+            ipaddress.ip_address(rest.partition("/")[0])
+        except ValueError:  # not an IPv6 address: DEV:IP
+            dev, _, rest = rest.partition(":")
+    ip, slash, prefix = rest.partition("/")
+    default_prefix = net.get("prefix") or net.get("mask") or ""
+    try:
+        itf = ipaddress.ip_interface(
+            f"{ip}/{prefix or default_prefix or ('64' if ':' in ip else '24')}"
+        )
+    except ValueError as e:
+        raise ConfigError(
+            f"--interface {spec}: {e}; write [DEV:]IP[/PREFIX][,hostip=IP][,name=IF]"
+        ) from None
     _write(d / "ip", f"{itf.ip}\n")
-    _write(d / "prefix", f"{itf.network.prefixlen}\n")
+    if slash or not default_prefix:
+        _write(d / "prefix", f"{itf.network.prefixlen}\n")
+    for k, v in (("dev", dev), ("name", label)):
+        if v:
+            _write(d / k, v + "\n")
     for o in opts:
         k, _, v = o.partition("=")
         if k not in ("hostip", "name") or not v:
             raise ConfigError(f"--interface {spec}: unknown option {o!r}; use hostip= or name=")
         _write(d / k, v + "\n")
+
+
+def _net_defaults(conf: Path, net: dict[str, str]) -> None:
+    """``--netdev``, ``--netprefix``, ``--netmask``, ``--netbcast`` (util-vserver's build
+    options) -> interfaces/{dev,prefix,mask,bcast}, the defaults of every interface."""
+    for k, v in net.items():
+        if k == "dev" and (len(v) > 15 or "/" in v or ":" in v or not v.strip()):
+            raise ConfigError(f"--netdev {v!r}: not an interface name")
+        if k in ("prefix", "mask"):
+            try:
+                ipaddress.ip_interface(f"10.0.0.1/{v}")
+            except ValueError:
+                raise ConfigError(f"--net{k} {v!r}: not a prefix length or mask") from None
+        if k == "bcast":
+            try:
+                ipaddress.IPv4Address(v)
+            except ValueError:
+                raise ConfigError(f"--netbcast {v!r}: not an IPv4 address") from None
+        _write(conf / "interfaces" / k, v + "\n")
 
 
 METHODS = ("skeleton", "debootstrap", "clone")
@@ -119,8 +157,10 @@ def build(paths: Paths, opts: BuildOptions) -> Guest:
         _write(conf / "uts" / "nodename", f"{opts.hostname or opts.name}\n")
         _write(conf / "fstab", "none /tmp tmpfs size=16m,mode=1777 0 0\n")
         os.symlink(root, conf / "vdir")
+        net = dict(opts.net)
+        _net_defaults(conf, net)
         for i, spec in enumerate(opts.interfaces):
-            _interface(conf, i, spec)
+            _interface(conf, i, spec, net)
         style = "plain"
         if opts.method == "skeleton":
             _skeleton(root, opts.hostname or opts.name)

@@ -29,7 +29,7 @@ from vsstore.runtime import cow_served
 from vsstore.safetree import GuestTree
 
 from . import build as buildmod
-from . import guestconf
+from . import compat, guestconf
 
 EXIT_STOPPED = 3  # status: not running (LSB's code for it)
 
@@ -47,6 +47,11 @@ def cmd_build(args: argparse.Namespace, paths: Paths) -> int:
             hostname=args.hostname,
             context=args.context,
             interfaces=tuple(args.interface or ()),
+            net=tuple(
+                (k, v)
+                for k in ("dev", "prefix", "mask", "bcast")
+                if (v := getattr(args, "net" + k))
+            ),
             args=tuple(args.method_args),
         ),
     )
@@ -59,8 +64,46 @@ def cmd_build(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
-    lifecycle.start(paths, _cfg(paths, args.name))
+    cfg = _cfg(paths, args.name)
+    ign = compat.ignored(cfg.guest)
+    if ign:  # a util-vserver host's entries: never passed over in silence
+        print(
+            f"vserver: warning: {cfg.name}: ignored (see 'vserver {cfg.name} check'): "
+            + ", ".join(shown(e.path) for e in ign),
+            file=sys.stderr,
+        )
+    lifecycle.start(paths, cfg)
     return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace, paths: Paths) -> int:
+    """Every entry of the guest's configuration, what is done with it or why not; exit 0
+    when the guest can start, the error's code when it cannot."""
+    g = resolve_guest(args.name, paths)
+    r = compat.check(g)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "guest": g.name,
+                    "can_start": r.error is None,
+                    "error": r.error.message if r.error else None,
+                    "entries": [
+                        {"path": e.path, "use": e.use.value, "why": e.why} for e in r.entries
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return r.code
+    w = max((len(shown(e.path)) for e in r.entries), default=4)
+    for e in r.entries:
+        print(f"{e.use.value:<8} {shown(e.path).ljust(w)}  {e.why}")
+    if r.error is None:
+        print(f"guest {g.name} can start")
+    else:
+        print(f"guest {g.name} cannot start: {r.error.message}")
+    return r.code
 
 
 def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
@@ -137,9 +180,10 @@ def cmd_exec(args: argparse.Namespace, paths: Paths) -> int:
 
 def cmd_enter(args: argparse.Namespace, paths: Paths) -> int:
     if args.cow:
-        return lifecycle.run_cow(paths, _cfg(paths, args.name), ["/bin/sh", "-l"])
+        cfg = _cfg(paths, args.name)
+        return lifecycle.run_cow(paths, cfg, [cfg.shell, "-l"])
     cfg, st = _running_cfg(paths, args.name)
-    return lifecycle.run_in(paths, cfg, st, ["/bin/sh", "-l"])
+    return lifecycle.run_in(paths, cfg, st, [cfg.shell, "-l"])
 
 
 # -- package management ------------------------------------------------------------------
@@ -327,7 +371,19 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--hostname")
     b.add_argument("--context", type=int)
-    b.add_argument("--interface", action="append", metavar="IP/PREFIX[,hostip=IP][,name=IF]")
+    b.add_argument(
+        "--interface",
+        action="append",
+        metavar="[DEV:]IP[/PREFIX][,hostip=IP][,name=IF]",
+        help="an address of the guest (repeatable; util-vserver's [LABEL=][DEV:]IP[/PREFIX] too)",
+    )
+    for opt, text in (
+        ("dev", "the guest's interface for --interface addresses without DEV: (util-vserver's)"),
+        ("prefix", "their prefix length (util-vserver's)"),
+        ("mask", "their netmask (util-vserver's)"),
+        ("bcast", "their broadcast address (util-vserver's)"),
+    ):
+        b.add_argument(f"--net{opt}", dest=f"net{opt}", help=text)
     b.add_argument(
         "method_args",
         nargs="*",
@@ -335,6 +391,13 @@ def parser() -> argparse.ArgumentParser:
         help="the method's own arguments, after --",
     )
     cmd("start", cmd_start, "start the guest in its own namespaces")
+    ck = cmd(
+        "check",
+        cmd_check,
+        "every entry of the guest's configuration: what is done with it, what is "
+        "ignored and why; exit 0 when the guest can start",
+    )
+    ck.add_argument("--json", action="store_true")
     cmd("stop", cmd_stop, "stop it: every process ends, no mount is left")
     cmd("restart", cmd_restart, "stop (if it runs), then start")
     cmd("status", cmd_status, "running or stopped (exit 3), and how")
