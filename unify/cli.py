@@ -12,7 +12,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from vsstore.clitools import common_options, run_cli
+from vsstore.clitools import common_options, require_root, run_cli
 from vsstore.config import Guest, Paths, configured_guests, resolve_guest
 from vsstore.errors import EXIT_OK, EXIT_PARTIAL, ConfigError
 from vsstore.excludes import ExcludeList
@@ -325,7 +325,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("vsunify", parser(), lambda a, paths: a.func(a, paths), argv)
+    def run(a: argparse.Namespace, paths: Paths) -> int:
+        if a.cmd in ("run", "deunify", "gc", "demo"):
+            require_root(
+                f"vsunify {a.cmd}",
+                "it changes root's guest trees and the store, sets immutable flags and "
+                "takes the host's lock",
+            )
+        return int(a.func(a, paths))
+
+    return run_cli("vsunify", parser(), run, argv)
 
 
 if __name__ == "__main__":

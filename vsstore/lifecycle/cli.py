@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from unify import api as unify_api
 from vsstore import lifecycle
-from vsstore.clitools import common_options, run_cli
+from vsstore.clitools import common_options, require_root, run_cli
 from vsstore.config import (
     Guest,
     Paths,
@@ -433,8 +433,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+ROOT_WHY = "guests run in namespaces made by root, from trees and run state only root may change"
+NO_ROOT = {"check"}  # reads the configuration only
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("vserver", parser(), lambda a, paths: a.func(a, paths), argv)
+    def run(a: argparse.Namespace, paths: Paths) -> int:
+        if a.command not in NO_ROOT:
+            require_root(f"vserver {a.command}", ROOT_WHY)
+        return int(a.func(a, paths))
+
+    return run_cli("vserver", parser(), run, argv)
 
 
 def _wrapper_main(prog: str, manager: str, argv: list[str] | None) -> int:
@@ -451,6 +460,7 @@ def _wrapper_main(prog: str, manager: str, argv: list[str] | None) -> int:
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- ARGS")
 
     def run(a: argparse.Namespace, paths: Paths) -> int:
+        require_root(prog, ROOT_WHY)
         unify, rest = _split_no_unify(list(a.rest))
         return package_command(paths, a.name, [manager, *rest], unify and not a.no_unify)
 
@@ -588,6 +598,7 @@ def stat_main(argv: list[str] | None = None) -> int:
     )
 
     def run(args: argparse.Namespace, paths: Paths) -> int:
+        require_root("vserver-stat", "it reads the processes and cgroups of root's guests")
         rows = []
         pids = {}
         for name in configured_names(paths):  # the run state needs no root tree
