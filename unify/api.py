@@ -74,12 +74,13 @@ def unify(
     progress: Progress | None = None,
     skipped: list[str] | None = None,
     skip_served: bool = False,
+    lock_wait: float = 0.0,
 ) -> RunResult:
     """Unify ``guests`` (a ``vsunify run``): guests a running overlay serves are refused
     (``skip_served``, as for ``--all``: left out with a warning, the run partial), those
     whose package manager holds its lock left out (said on stderr); one run at a time
-    (the lock), the index, the store.  ``skipped``: guests the caller left out already
-    (they make the result partial)."""
+    (the lock; ``lock_wait``: seconds to wait for it), the index, the store.  ``skipped``:
+    guests the caller left out already (they make the result partial)."""
     opts = opts or RunOptions()
     raise_open_files_limit()
     if opts.min_size < 1:
@@ -109,7 +110,7 @@ def unify(
         jobs=opts.jobs,
     )
     with ExitStack() as stack:
-        stack.enter_context(locked(paths))
+        stack.enter_context(locked(paths, lock_wait))
         index = open_index(stack, paths)
         store = stack.enter_context(
             Store(
@@ -193,8 +194,17 @@ def guest_excludes(
 
 
 @contextmanager
-def locked(paths: Paths) -> Iterator[None]:
-    with exclusive(paths.rundir / "vsunify.lock", "vsunify run"):
+def locked(paths: Paths, wait: float = 0.0) -> Iterator[None]:
+    """One vsunify run (or deunify, gc) at a time; ``wait``: how long to wait for another
+    to finish (saying so once on stderr) before giving up with BusyError."""
+
+    def waiting(holder: str) -> None:
+        print(
+            f"vsunify: waiting up to {wait:.0f} s for the vsunify lock (held by pid {holder})",
+            file=sys.stderr,
+        )
+
+    with exclusive(paths.rundir / "vsunify.lock", "vsunify run", wait, waiting):
         yield
 
 

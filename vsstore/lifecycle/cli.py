@@ -11,25 +11,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from unify import api as unify_api
 from vsstore import lifecycle
 from vsstore.clitools import common_options, require_root, run_cli
 from vsstore.config import (
     Guest,
     Paths,
-    configured_guests,
     configured_names,
     deletable_guest,
     resolve_guest,
     valid_name,
 )
-from vsstore.errors import EXIT_OK, ConfigError, StateError, VsError
+from vsstore.errors import EXIT_OK, ConfigError, StateError
 from vsstore.names import shown
-from vsstore.runtime import cow_served
 from vsstore.safetree import GuestTree
 
 from . import build as buildmod
-from . import compat, guestconf
+from . import compat, fleet, guestconf
 
 EXIT_STOPPED = 3  # status: not running (LSB's code for it)
 
@@ -190,39 +187,30 @@ def cmd_enter(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def _vsunify(paths: Paths, guests: list[Guest], quiet: bool = False) -> int:
-    """A vsunify run through its Python API; its exit code (an error is said, not raised:
-    what came before it, a build or a package upgrade, has succeeded)."""
-    try:
-        r = unify_api.unify(paths, guests)
-    except VsError as e:
-        print(f"vsunify: error: {e.message}", file=sys.stderr)
-        return e.exit_code
-    if not quiet:
-        print(r.line)
-    return r.code
+    return fleet.vsunify(paths, guests, quiet)
 
 
 def _unify_after(paths: Paths, name: str) -> int:
-    """An incremental vsunify run of this guest together with every other configured
-    guest it can be compared with (not served by a running overlay), so files that are
-    now the same as another guest's are shared again at once."""
-    served = cow_served(paths)
-    broken: list[ConfigError] = []
-    guests = [g for g in configured_guests(paths, broken) if os.path.realpath(g.root) not in served]
-    for e in broken:
-        print(f"vserver: warning: left out of vsunify: {e.message}", file=sys.stderr)
-    if name not in [g.name for g in guests]:
-        print(
-            f"vserver: {name} runs through the cow overlay; its files are unified when "
-            f"it is stopped (vsunify run {name})",
-            file=sys.stderr,
-        )
-        return EXIT_OK
-    return _vsunify(paths, guests, quiet=True)
+    return fleet.unify_after(paths, [name])
 
 
-def package_command(paths: Paths, name: str, argv: list[str], unify: bool = True) -> int:
-    """Run a package manager through the overlay, then re-unify (vapt-get, vrpm, pkg)."""
+def package_command(
+    paths: Paths,
+    name: str,
+    argv: list[str] | Callable[[Guest], list[str]],
+    unify: bool = True,
+    sel: fleet.Selection | None = None,
+) -> int:
+    """Run a package manager through the overlay, then re-unify (vapt-get, vrpm, pkg): in
+    guest ``name``, or in every guest ``sel`` selects (then one vsunify for them all)."""
+    if sel:
+        guests = fleet.select(paths, sel)
+        if callable(argv):
+            return fleet.run_all(paths, guests, argv, unify)
+        fixed: list[str] = argv
+        return fleet.run_all(paths, guests, lambda g: fixed, unify)
+    if callable(argv):
+        argv = argv(resolve_guest(name, paths))
     code = lifecycle.run_cow(paths, _cfg(paths, name), argv)
     if code == EXIT_OK and unify:
         ucode = _unify_after(paths, name)
@@ -252,12 +240,16 @@ def _split_no_unify(rest: list[str]) -> tuple[bool, list[str]]:
 
 def cmd_apt_get(args: argparse.Namespace, paths: Paths) -> int:
     unify, rest = _split_no_unify(list(args.args))
-    return package_command(paths, args.name, ["apt-get", *rest], unify and not args.no_unify)
+    return package_command(
+        paths, args.name, ["apt-get", *rest], unify and not args.no_unify, args.fleet
+    )
 
 
 def cmd_rpm(args: argparse.Namespace, paths: Paths) -> int:
     unify, rest = _split_no_unify(list(args.args))
-    return package_command(paths, args.name, ["rpm", *rest], unify and not args.no_unify)
+    return package_command(
+        paths, args.name, ["rpm", *rest], unify and not args.no_unify, args.fleet
+    )
 
 
 def _manager(g: Guest) -> str:
@@ -316,14 +308,19 @@ def cmd_pkg(args: argparse.Namespace, paths: Paths) -> int:
     unify = unify and not args.no_unify
     if not rest or rest[0] not in ("install", "remove", "update", "upgrade"):
         raise ConfigError("pkg: say install, remove, update or upgrade, then the packages")
+
+    def argv(g: Guest) -> list[str]:
+        base = PKG_ACTIONS[_manager(g)].get(rest[0])
+        if base is None:
+            raise ConfigError(
+                f"pkg {rest[0]}: not for a plain rpm guest; use 'vserver {g.name} rpm ...'"
+            )
+        return [*base, *rest[1:]]
+
+    if args.fleet:
+        return package_command(paths, "", argv, unify, args.fleet)
     g = resolve_guest(args.name, paths)
-    kind = _manager(g)
-    base = PKG_ACTIONS[kind].get(rest[0])
-    if base is None:
-        raise ConfigError(
-            f"pkg {rest[0]}: not for a plain rpm guest; use 'vserver {g.name} rpm ...'"
-        )
-    return package_command(paths, g.name, [*base, *rest[1:]], unify)
+    return package_command(paths, g.name, argv(g), unify)
 
 
 def cmd_delete(args: argparse.Namespace, paths: Paths) -> int:
@@ -350,7 +347,13 @@ def parser() -> argparse.ArgumentParser:
         description="Build, start, stop and enter guests "
         "(util-vserver's commands on a mainline kernel).",
     )
-    p.add_argument("name", metavar="NAME", help="the guest (configured in /etc/vservers/NAME)")
+    p.add_argument(
+        "name",
+        metavar="NAME",
+        help="the guest (configured in /etc/vservers/NAME); for apt-get, rpm and pkg "
+        "also --all, --running or --mark MARK (apps/init/mark): every guest selected, "
+        "then one vsunify",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(
@@ -437,13 +440,50 @@ ROOT_WHY = "guests run in namespaces made by root, from trees and run state only
 NO_ROOT = {"check"}  # reads the configuration only
 
 
+FLEET_NAME = "@fleet"  # stands for the guests selected; no guest can have this name
+FLEET_COMMANDS = {"apt-get", "rpm", "pkg"}
+
+
+def fleet_selection(argv: list[str]) -> tuple[fleet.Selection, list[str]]:
+    """``--all``, ``--running`` or ``--mark MARK`` among the options before the guest's
+    name: the selection, and the arguments with ``FLEET_NAME`` where the name goes."""
+    sel = fleet.Selection()
+    i = 0
+    out: list[str] = []
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":
+        a = argv[i]
+        if a == "--all":
+            sel = fleet.Selection(all=True)
+        elif a == "--running":
+            sel = fleet.Selection(running=True)
+        elif a == "--mark" and i + 1 < len(argv):
+            sel = fleet.Selection(mark=argv[i + 1])
+            i += 1
+        elif a.startswith("--mark="):
+            sel = fleet.Selection(mark=a.partition("=")[2])
+        else:
+            out.append(a)
+        i += 1
+    if not sel:
+        return sel, argv
+    return sel, [*out, FLEET_NAME, *argv[i:]]
+
+
 def main(argv: list[str] | None = None) -> int:
+    sel, args = fleet_selection(list(sys.argv[1:] if argv is None else argv))
+
     def run(a: argparse.Namespace, paths: Paths) -> int:
         if a.command not in NO_ROOT:
             require_root(f"vserver {a.command}", ROOT_WHY)
+        a.fleet = sel
+        if sel and a.command not in FLEET_COMMANDS:
+            raise ConfigError(
+                f"vserver {sel.text} {a.command}: {sel.text} is for "
+                f"{', '.join(sorted(FLEET_COMMANDS))} only; name one guest"
+            )
         return int(a.func(a, paths))
 
-    return run_cli("vserver", parser(), run, argv)
+    return run_cli("vserver", parser(), run, args)
 
 
 def _wrapper_main(prog: str, manager: str, argv: list[str] | None) -> int:
@@ -456,15 +496,16 @@ def _wrapper_main(prog: str, manager: str, argv: list[str] | None) -> int:
         "(util-vserver's wrapper).",
     )
     p.add_argument("--no-unify", action="store_true")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME|--all|--running|--mark MARK")
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- ARGS")
+    sel, args = fleet_selection(list(sys.argv[1:] if argv is None else argv))
 
     def run(a: argparse.Namespace, paths: Paths) -> int:
         require_root(prog, ROOT_WHY)
         unify, rest = _split_no_unify(list(a.rest))
-        return package_command(paths, a.name, [manager, *rest], unify and not a.no_unify)
+        return package_command(paths, a.name, [manager, *rest], unify and not a.no_unify, sel)
 
-    return run_cli(prog, p, run, argv)
+    return run_cli(prog, p, run, args)
 
 
 def vapt_get_main(argv: list[str] | None = None) -> int:
