@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     )
     for msg in left_out:
         print(f"vsunify: {msg}", file=sys.stderr)
-    prog = Progress(sys.stderr.isatty() and not args.json and not args.quiet)
+    prog = Progress((args.progress or sys.stderr.isatty()) and not args.json and not args.quiet)
     r = api.unify(paths, guests, opts, prog, skipped=left_out, skip_served=args.all)
     if args.json:
         print(json.dumps(r.summary.as_dict(), indent=2))
@@ -160,7 +160,8 @@ def cmd_deunify(args: argparse.Namespace, paths: Paths) -> int:
         stack.enter_context(api.locked(paths))
         index = api.open_index(stack, paths)
         tree = stack.enter_context(GuestTree(g.root, g.name))
-        t = maintain.deunify(tree, args.paths, index, immutable=os.geteuid() == 0)
+        prog = Progress((args.progress or sys.stderr.isatty()) and not args.json and not args.quiet)
+        t = maintain.deunify(tree, args.paths, index, immutable=os.geteuid() == 0, progress=prog)
     if args.json:
         print(json.dumps({"files": t.files, "bytes": t.bytes, "errors": t.errors}))
     else:
@@ -270,6 +271,9 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--log", metavar="FILE", help="append the summary line to FILE")
     r.add_argument(
+        "--progress", action="store_true", help="a progress line also when not on a terminal"
+    )
+    r.add_argument(
         "--syslog",
         action="store_true",
         help="send the summary line to syslog (the journal on systemd hosts)",
@@ -298,6 +302,9 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("deunify", parents=[common], help="give a guest private copies again")
     d.add_argument("guest", metavar="GUEST")
     d.add_argument("paths", nargs="*", metavar="PATH", help="paths inside the guest")
+    d.add_argument(
+        "--progress", action="store_true", help="a progress line also when not on a terminal"
+    )
     d.set_defaults(func=cmd_deunify)
 
     g = sub.add_parser("gc", parents=[common], help="remove store objects no guest links")

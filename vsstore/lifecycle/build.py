@@ -26,6 +26,8 @@ from vsstore.private import copy_file
 from vsstore.safetree import mount_id, open_child_dir, open_regular_at
 from vsstore.window import unsealed
 
+from . import progress
+
 SKELETON_DIRS = [
     ("bin", 0o755),
     ("dev", 0o755),
@@ -54,6 +56,7 @@ class BuildOptions:
     context: int | None = None
     interfaces: tuple[str, ...] = ()
     net: tuple[tuple[str, str], ...] = ()  # --netdev, --netprefix, ...: interfaces/{dev,...}
+    progress: bool = False  # a progress line on stderr while cloning
     args: tuple[str, ...] = ()  # the method's own arguments (after --)
 
 
@@ -168,7 +171,8 @@ def build(paths: Paths, opts: BuildOptions) -> Guest:
             _debootstrap(root, list(opts.args))
             style = "sysv" if (root / "etc/init.d/rc").exists() else "none"
         else:
-            style = _clone(paths, root, list(opts.args))
+            with progress.shown(f"clone into {opts.name}", opts.progress):
+                style = _clone(paths, root, list(opts.args))
         _write(conf / "apps" / "init" / "style", style + "\n")
         undo.pop_all()
     return Guest(opts.name, root, conf)
@@ -309,6 +313,7 @@ def _copy_dir(
                         seen[key] = rel + n
             finally:
                 os.close(fd)
+            progress.tick(st.st_size)
         elif stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(n, dir_fd=sfd), n, dir_fd=dfd)
             os.chown(n, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
@@ -318,7 +323,7 @@ def _copy_dir(
         # sockets are not copied: they belong to a running process
 
 
-def delete(paths: Paths, name: str) -> Guest:
+def delete(paths: Paths, name: str, show_progress: bool = False) -> Guest:
     """``vserver NAME delete --force``: remove a stopped, configured guest's tree and its
     configuration.  Only a tree strictly below the guests' root qualifies
     (``config.deletable_guest``); the guest's lock is held throughout, so nothing starts
@@ -341,7 +346,8 @@ def delete(paths: Paths, name: str) -> Guest:
         if st is not None:
             cleanup(paths, st)  # what a guest that ended by itself left
         if os.path.lexists(g.root):
-            remove_guest_tree(g.root, paths.vservers_root)
+            with progress.shown(f"delete {g.name}", show_progress):
+                remove_guest_tree(g.root, paths.vservers_root)
         assert g.confdir is not None  # deletable_guest: a configured guest
         shutil.rmtree(g.confdir)
     return g
@@ -511,6 +517,7 @@ def _clear_dir(dfd: int, where: str) -> list[str]:
             subdirs.append(n)
         else:
             _unlink(dfd, n, st, f"{where}/{n}")
+            progress.tick(st.st_size)
     return subdirs
 
 

@@ -50,6 +50,7 @@ def cmd_build(args: argparse.Namespace, paths: Paths) -> int:
                 if (v := getattr(args, "net" + k))
             ),
             args=tuple(args.method_args),
+            progress=args.progress or sys.stderr.isatty(),
         ),
     )
     if args.method == "clone":  # what the source shares is linked; join the rest now
@@ -334,7 +335,7 @@ def cmd_delete(args: argparse.Namespace, paths: Paths) -> int:
             f"this removes guest {g.name}'s tree {g.root} and its "
             f"configuration; repeat with --force to do it"
         )
-    buildmod.delete(paths, g.name)
+    buildmod.delete(paths, g.name, args.progress or sys.stderr.isatty())
     print(f"guest {g.name} deleted")
     return EXIT_OK
 
@@ -371,6 +372,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="|".join(buildmod.METHODS),
         help="how: skeleton (a minimal tree), debootstrap (Debian, -- -d SUITE "
         "[-m MIRROR]) or clone (another guest, -- --source GUEST)",
+    )
+    b.add_argument(
+        "--progress",
+        action="store_true",
+        help="a progress line (clone) also when not on a terminal",
     )
     b.add_argument("--hostname")
     b.add_argument("--context", type=int)
@@ -420,6 +426,9 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
     d = cmd("delete", cmd_delete, "remove a stopped guest's tree and configuration")
     d.add_argument("--force", action="store_true", help="do it")
+    d.add_argument(
+        "--progress", action="store_true", help="a progress line also when not on a terminal"
+    )
     for name, func, text in (
         ("apt-get", cmd_apt_get, "apt-get in the guest through the overlay, then vsunify"),
         ("rpm", cmd_rpm, "rpm in the guest through the overlay, then vsunify"),
