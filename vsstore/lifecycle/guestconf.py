@@ -6,9 +6,10 @@ mask,bcast,dev,name,hostip,nodev,disabled}`` (``interfaces/{dev,prefix,mask,bcas
 defaults), ``bcapabilities`` (one capability per line: ``CAP_X`` keeps one the default set
 drops, ``!CAP_X`` drops one more), ``apps/init/style`` (``plain``, ``sysv`` or ``none``),
 ``apps/init/cmd.start`` / ``cmd.stop`` (one argument per line), ``apps/init/stop-signal``,
-``apps/init/stop-timeout`` (or util-vserver's ``apps/init/killseq``: SIGNAL [WAIT SIGNAL]...),
-``apps/init/runlevel{,.start,.stop}`` (sysv), ``shell`` (what ``enter`` runs), ``cow`` (present: mount the guest through the overlay),
-``spaces/hostnet`` (present: the guest shares the host's network namespace; see below).
+``apps/init/stop-timeout`` (or util-vserver's ``apps/init/killseq``: SIGNAL [WAIT
+SIGNAL]...), ``apps/init/runlevel{,.start,.stop}`` (sysv), ``shell`` (what ``enter``
+runs), ``cow`` (present: mount the guest through the overlay), ``spaces/hostnet``
+(present: the guest shares the host's network namespace; see below).
 Everything is read before anything is started, and a bad entry is an error naming its file.
 Entries of a util-vserver host that have no meaning here (``rlimits/*.min``, ``cgroup/name``,
 ``uts/release``, ...) are accepted and left alone; ``vserver NAME check`` (``compat``) lists
@@ -383,8 +384,8 @@ def _rlimits(d: Path) -> dict[int, tuple[int, int]]:
 
 
 def _runlevel(d: Path, which: str, default: str) -> str:
-    """util-vserver's sysv ``apps/init/runlevel.start`` / ``.stop`` (``runlevel``: both
-    start's)."""
+    """util-vserver's sysv ``apps/init/runlevel.start`` / ``.stop`` (``runlevel`` alone:
+    the start runlevel)."""
     text = (_read(d / f"runlevel.{which}") or "").strip()
     if not text and which == "start":
         text = (_read(d / "runlevel") or "").strip()
