@@ -29,6 +29,7 @@ COMMANDS = [
     "vsunify run g",
     "vsunify deunify g",
     "vsunify gc",
+    "vsunify report --all",
     "vsunify demo",
     "vserver g build",
     "vserver new build -m skeleton",

@@ -333,11 +333,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     def run(a: argparse.Namespace, paths: Paths) -> int:
-        if a.cmd in ("run", "deunify", "gc", "demo"):
+        if a.cmd in ("run", "report", "deunify", "gc", "demo"):
             require_root(
                 f"vsunify {a.cmd}",
-                "it changes root's guest trees and the store, sets immutable flags and "
-                "takes the host's lock",
+                "it reads and changes root's guest trees, the store and the index, sets "
+                "immutable flags and takes the host's lock",
             )
         return int(a.func(a, paths))
 
