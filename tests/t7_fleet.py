@@ -123,6 +123,14 @@ def test_vserver_running_pkg_touches_only_running_guests(vs, host):
     assert p.returncode == EXIT_OK, p.stdout + p.stderr
     assert _calls(host, "g2") == ["apt-get update"]
     assert _calls(host, "g1") == _calls(host, "g3") == []
+    # a guest without a package manager fails alone; the others are done (exit 6)
+    (host.root / "g3/var/lib/dpkg/status").unlink()
+    p = vs("pkg", "--all", "upgrade", check=False)
+    assert p.returncode == EXIT_PARTIAL, p.stdout + p.stderr
+    assert "g3: error: cannot tell the guest's package manager" in p.stderr
+    assert "failed in 1 of 3 guests: g3 (exit 3)" in p.stderr
+    assert _calls(host, "g1") == ["apt-get upgrade -y"]
+    assert _calls(host, "g2") == ["apt-get update", "apt-get upgrade -y"]
     p = vs("start", "--all", check=False)
     assert p.returncode == EXIT_CONFIG and "apt-get, pkg, rpm only" in p.stderr
 

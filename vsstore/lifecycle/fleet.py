@@ -131,9 +131,10 @@ def run_all(
     done, failed = [], []
     code = EXIT_OK
     for g in guests:
-        print(f"vserver: {shown(g.name)}: {' '.join(argv_for(g))}", file=sys.stderr, flush=True)
         try:
-            c = run_cow(paths, guestconf.load(g), argv_for(g))
+            argv = argv_for(g)  # pkg: from the guest's package manager, which may be none
+            print(f"vserver: {shown(g.name)}: {' '.join(argv)}", file=sys.stderr, flush=True)
+            c = run_cow(paths, guestconf.load(g), argv)
         except VsError as e:
             print(f"vserver: {shown(g.name)}: error: {e.message}", file=sys.stderr)
             c = e.exit_code
