@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, Host
 from vsstore.errors import EXIT_NOTROOT
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -51,7 +51,7 @@ COMMANDS = [
 ]
 
 
-def _as_nobody(host, line: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+def _as_nobody(host: Host, line: str) -> subprocess.CompletedProcess[str]:
     prog, *args = line.format(base=host.base).split()
     mod, fn = ENTRY[prog]
     return subprocess.run(
@@ -71,7 +71,7 @@ def _as_nobody(host, line: str) -> subprocess.CompletedProcess[str]:  # type: ig
 
 
 @pytest.fixture
-def readable_host(host):  # type: ignore[no-untyped-def]
+def readable_host(host: Host) -> Host:
     """A configured guest g; the test directory readable by anyone (so that what a command
     meets first is its own privilege check, not a directory it cannot enter)."""
     host.guest("g", {"usr/f": b"data" * 10})

@@ -10,8 +10,11 @@ import os
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import REPO
+from guests import Vserver
+
+from conftest import REPO, Host
 from vsstore.errors import EXIT_CONFIG, EXIT_OK, EXIT_PARTIAL
 
 SHARED = b"the same data in every guest\n" * 50
@@ -50,7 +53,7 @@ touch -t 202001010000 /usr/share/fleet/new.txt
 NEW = "usr/share/fleet/new.txt"
 
 
-def _fleet_guest(vs, host, name: str, mark: str | None = None):  # type: ignore[no-untyped-def]
+def _fleet_guest(vs: Vserver, host: Host, name: str, mark: str | None = None) -> Path:
     root = vs.guest(
         name,
         files={"usr/bin/apt-get": PKG, "usr/bin/rpm": PKG, "var/lib/dpkg/status": b""},
@@ -63,7 +66,7 @@ def _fleet_guest(vs, host, name: str, mark: str | None = None):  # type: ignore[
     return root
 
 
-def _runs(host) -> int:  # type: ignore[no-untyped-def]
+def _runs(host: Host) -> int:
     db = sqlite3.connect(host.index)
     try:
         return int(db.execute("SELECT count(*) FROM run").fetchone()[0])
@@ -71,7 +74,7 @@ def _runs(host) -> int:  # type: ignore[no-untyped-def]
         db.close()
 
 
-def _wrapper(vs, prog: str, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+def _wrapper(vs: Vserver, prog: str, *args: str) -> subprocess.CompletedProcess[str]:
     fn = {"vapt-get": "vapt_get_main", "vrpm": "vrpm_main"}[prog]
     return subprocess.run(
         [
@@ -88,7 +91,7 @@ def _wrapper(vs, prog: str, *args: str) -> subprocess.CompletedProcess[str]:  # 
     )
 
 
-def _calls(host, name: str) -> list[str]:  # type: ignore[no-untyped-def]
+def _calls(host: Host, name: str) -> list[str]:
     f = host.root / name / "pkg-calls"
     return f.read_text().splitlines() if f.exists() else []
 

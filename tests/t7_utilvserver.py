@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
-from guests import IDLE
+from guests import IDLE, Vserver
 
-from conftest import REPO
+from conftest import REPO, Host
 from vsstore.config import Paths, resolve_guest
 from vsstore.errors import EXIT_CONFIG
 from vsstore.lifecycle import guestconf
@@ -25,7 +26,7 @@ INIT = (
 )
 
 
-def _util_vserver_guest(vs, host, name: str = "web"):  # type: ignore[no-untyped-def]
+def _util_vserver_guest(vs: Vserver, host: Host, name: str = "web") -> Path:
     root = vs.guest(name, init=INIT)
     for applet in ("ip", "ash"):
         os.symlink("busybox", root / "bin" / applet)
