@@ -70,6 +70,8 @@ def test_check_lists_every_entry_and_what_is_ignored(vs, host):
         "dlimits/0/directory",
         "sched/fill-rate",
         "run",
+        "fstab:1",  # util-vserver's default fstab: /proc and /dev/pts, which start mounts
+        "fstab:3",
     ):
         assert lines.pop(ignored) == "ignored", ignored
     assert "Linux-VServer kernel" in p.stdout  # each with its reason
@@ -89,6 +91,12 @@ def test_a_util_vserver_configuration_starts_with_what_maps(vs, host):
     p = vs("start", "web")
     assert "ignored (see 'vserver web check'): " in p.stderr
     assert "rlimits/nproc.min" in p.stderr and "cgroup/name" in p.stderr
+    assert "fstab:1" in p.stderr
+    # util-vserver's fstab lines for /proc and /dev/pts: ours are mounted, not theirs
+    mounts = vs.exec("web", "cat", "/proc/self/mounts")
+    assert [ln.split()[2] for ln in mounts.splitlines() if ln.split()[1] == "/tmp"] == ["tmpfs"]
+    for target in ("/proc", "/dev/pts"):  # one mount each: start's own
+        assert len([ln for ln in mounts.splitlines() if ln.split()[1] == target]) == 1
     assert vs.exec("web", "hostname").strip() == "web.example.org"
     assert vs.exec("web", "cat", "/proc/sys/kernel/domainname").strip() == "example.org"
     # interfaces/dev names the guest's interface; two addresses on eth0 share it

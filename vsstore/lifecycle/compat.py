@@ -219,11 +219,33 @@ def _walk(confdir: Path, limit: int = 10000) -> list[str]:
     return sorted(out[:limit])
 
 
+def _fstab_lines(fstab: Path) -> list[Entry]:
+    """The fstab lines start leaves out (what it mounts itself), as ``fstab:LINE``."""
+    try:
+        text = fstab.read_text(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if len(parts) >= 3 and not parts[0].startswith("#"):
+            why = guestconf.own_mount(parts[1])
+            if why is not None:
+                out.append(Entry(f"fstab:{i}", Use.IGNORED, f"{parts[1]}: {why}"))
+    return out
+
+
 def entries(guest: Guest) -> list[Entry]:
-    """Every entry of the guest's configuration directory and what is done with it."""
+    """Every entry of the guest's configuration directory and what is done with it (an
+    fstab line start leaves out is an entry of its own)."""
     if guest.confdir is None:
         return []
-    return [Entry(rel, *describe(rel)) for rel in _walk(guest.confdir)]
+    out = []
+    for rel in _walk(guest.confdir):
+        out.append(Entry(rel, *describe(rel)))
+        if rel == "fstab":
+            out.extend(_fstab_lines(guest.confdir / rel))
+    return out
 
 
 def ignored(guest: Guest) -> list[Entry]:

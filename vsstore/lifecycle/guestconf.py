@@ -190,6 +190,20 @@ def parse_mount_options(opts: str, where: str) -> tuple[int, str]:
     return flags, ",".join(data)
 
 
+# What start mounts itself (procdev): an fstab line for it (util-vserver's default fstab
+# has both) is left out, never mounted over ours (a /proc without the masks, the host's
+# devpts instance).  ``vserver NAME check`` names such lines.
+OWN_MOUNTS = {
+    "/proc": "start mounts /proc itself (with its masks)",
+    "/dev/pts": "start mounts a devpts instance of the guest's own",
+}
+
+
+def own_mount(target: str) -> str | None:
+    """Why an fstab line for ``target`` is left out (None: it is mounted)."""
+    return OWN_MOUNTS.get("/" + target.strip("/"))
+
+
 def _fstab(p: Path) -> list[FstabEntry]:
     out = []
     text = _read(p)
@@ -208,6 +222,8 @@ def _fstab(p: Path) -> list[FstabEntry]:
             )
         if any(c in ("..",) for c in target.split("/")):
             raise ConfigError(f"{where}: target {target!r} must not contain '..'")
+        if own_mount(target) is not None:
+            continue
         flags, data = parse_mount_options(parts[3] if len(parts) > 3 else "defaults", where)
         if fstype in ("none", "bind") and not flags & ns.MS_BIND:
             flags |= ns.MS_BIND
