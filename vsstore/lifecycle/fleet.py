@@ -83,9 +83,12 @@ def select(paths: Paths, sel: Selection) -> list[Guest]:
     return guests
 
 
-def vsunify(paths: Paths, guests: list[Guest], quiet: bool = False, wait: float = 0.0) -> int:
+def vsunify(
+    paths: Paths, guests: list[Guest], quiet: bool = False, wait: float = UNIFY_LOCK_WAIT
+) -> int:
     """A vsunify run through its Python API; its exit code (an error is said, not raised:
-    what came before it, a build or a package upgrade, has succeeded)."""
+    what came before it, a build or a package upgrade, has succeeded).  It waits up to
+    ``wait`` seconds for the vsunify lock."""
     try:
         r = unify_api.unify(paths, guests, lock_wait=wait)
     except VsError as e:
@@ -115,7 +118,7 @@ def unify_after(paths: Paths, names: list[str]) -> int:
             )
     if not any(n in ours for n in names):
         return EXIT_OK
-    return vsunify(paths, guests, quiet=True, wait=UNIFY_LOCK_WAIT)
+    return vsunify(paths, guests, quiet=True)
 
 
 def run_all(
