@@ -21,13 +21,13 @@ def test_clone_and_delete_show_their_progress(vs, host):
     lines = _lines(p.stderr, "clone into copy: ")
     assert lines, p.stderr
     n = re.match(r"clone into copy: (\d+) files", lines[-1])
-    assert n is not None and int(n.group(1)) >= 40
+    assert n is not None and int(n.group(1)) > 0  # redrawn at most every 0.1 s: any count
     assert (host.root / "copy/usr/lib/f7").read_bytes() == FILES["usr/lib/f7"]
     p = vs("delete", "copy", "--force", "--progress")
     lines = _lines(p.stderr, "delete copy: ")
     assert lines, p.stderr
     n = re.match(r"delete copy: (\d+) files", lines[-1])
-    assert n is not None and int(n.group(1)) >= 40
+    assert n is not None and int(n.group(1)) > 0  # redrawn at most every 0.1 s: any count
     assert not (host.root / "copy").exists()
     # without the option and without a terminal: no progress line
     vs("build", "copy2", "-m", "clone", "--", "--source", "src")
