@@ -75,6 +75,7 @@ def test_check_lists_every_entry_and_what_is_ignored(vs, host):
     ):
         assert lines.pop(ignored) == "ignored", ignored
     assert "Linux-VServer kernel" in p.stdout  # each with its reason
+    assert f"the guest's root tree: {host.root / 'web'}" in p.stdout
     j = json.loads(vs("check", "web", "--json").stdout)
     assert j["can_start"] and {e["path"] for e in j["entries"]} >= {"rlimits/nproc.min"}
     # an entry start refuses: check says which and why, and exits with start's code

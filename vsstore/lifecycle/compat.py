@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vsstore.config import Guest
 from vsstore.errors import EXIT_OK, VsError
+from vsstore.names import shown
 
 from . import cgroups, guestconf
 
@@ -242,7 +243,10 @@ def entries(guest: Guest) -> list[Entry]:
         return []
     out = []
     for rel in _walk(guest.confdir):
-        out.append(Entry(rel, *describe(rel)))
+        use, why = describe(rel)
+        if rel == "vdir":
+            why = f"{why}: {shown(str(guest.root))}"
+        out.append(Entry(rel, use, why))
         if rel == "fstab":
             out.extend(_fstab_lines(guest.confdir / rel))
     return out
