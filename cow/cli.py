@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from vsstore.clitools import common_options, run_cli
+from vsstore.clitools import common_options, require_root, run_cli
 from vsstore.config import Paths, resolve_guest
 from vsstore.errors import EXIT_OK, ConfigError
 
@@ -113,7 +113,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("vscow", parser(), lambda a, paths: a.func(a, paths), argv)
+    def run(a: argparse.Namespace, paths: Paths) -> int:
+        if a.func is not cmd_status:
+            require_root(
+                "vscow", "it mounts FUSE for root's guest trees and joins their namespaces"
+            )
+        return int(a.func(a, paths))
+
+    return run_cli("vscow", parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -73,22 +73,31 @@ def unify(
     opts: RunOptions | None = None,
     progress: Progress | None = None,
     skipped: list[str] | None = None,
+    skip_served: bool = False,
+    lock_wait: float = 0.0,
 ) -> RunResult:
-    """Unify ``guests`` (a ``vsunify run``): guests a running overlay serves are refused,
-    those whose package manager holds its lock left out (said on stderr); one run at a
-    time (the lock), the index, the store.  ``skipped``: guests the caller left out
-    already (they make the result partial)."""
+    """Unify ``guests`` (a ``vsunify run``): guests a running overlay serves are refused
+    (``skip_served``, as for ``--all``: left out with a warning, the run partial), those
+    whose package manager holds its lock left out (said on stderr); one run at a time
+    (the lock; ``lock_wait``: seconds to wait for it), the index, the store.  ``skipped``:
+    guests the caller left out already (they make the result partial)."""
     opts = opts or RunOptions()
     raise_open_files_limit()
     if opts.min_size < 1:
         raise ConfigError("--min-size must be at least 1")
+    served: list[str] = []
     if not opts.dry_run:
+        if skip_served:
+            guests, served = _skip_served(guests, paths)
         refuse_mounted(guests, paths)
     guests, busy = _skip_package_managers(guests)
+    busy = served + busy
     for msg in busy:
-        print(f"vsunify: {msg}", file=sys.stderr)
+        print(f"vsunify: warning: {msg}", file=sys.stderr)
     if busy and not guests:
-        raise BusyError("every guest named has a package manager at work; try again later")
+        if not served:
+            raise BusyError("every guest named has a package manager at work; try again later")
+        return RunResult(engine.Summary(dry_run=opts.dry_run), (skipped or []) + busy)
     excl = {
         g.name: guest_excludes(g, paths, opts.exclude, opts.default_excludes, opts.pkgdb_excludes)
         for g in guests
@@ -101,7 +110,7 @@ def unify(
         jobs=opts.jobs,
     )
     with ExitStack() as stack:
-        stack.enter_context(locked(paths))
+        stack.enter_context(locked(paths, lock_wait))
         index = open_index(stack, paths)
         store = stack.enter_context(
             Store(
@@ -124,6 +133,24 @@ def refuse_mounted(guests: list[Guest], paths: Paths) -> None:
                 f"{shown(g.name)} stop`, or `vscow umount {shown(at)}`), or leave "
                 f"it out"
             )
+
+
+def _skip_served(guests: list[Guest], paths: Paths) -> tuple[list[Guest], list[str]]:
+    """Leave out the guests a running overlay serves (a cow guest that runs); returns the
+    others and a message per guest left out."""
+    served = cow_served(paths)
+    keep, skipped = [], []
+    for g in guests:
+        at = served.get(os.path.realpath(g.root))
+        if at is None:
+            keep.append(g)
+        else:
+            skipped.append(
+                f"guest '{shown(g.name)}' skipped: the cow overlay at {shown(at)} serves "
+                f"it (it runs through the overlay); it is unified when it is not "
+                f"(`vserver {shown(g.name)} stop`)"
+            )
+    return keep, skipped
 
 
 def _skip_package_managers(guests: list[Guest]) -> tuple[list[Guest], list[str]]:
@@ -167,8 +194,17 @@ def guest_excludes(
 
 
 @contextmanager
-def locked(paths: Paths) -> Iterator[None]:
-    with exclusive(paths.rundir / "vsunify.lock", "vsunify run"):
+def locked(paths: Paths, wait: float = 0.0) -> Iterator[None]:
+    """One vsunify run (or deunify, gc) at a time; ``wait``: how long to wait for another
+    to finish (saying so once on stderr) before giving up with BusyError."""
+
+    def waiting(holder: str) -> None:
+        print(
+            f"vsunify: waiting up to {wait:.0f} s for the vsunify lock (held by pid {holder})",
+            file=sys.stderr,
+        )
+
+    with exclusive(paths.rundir / "vsunify.lock", "vsunify run", wait, waiting):
         yield
 
 

@@ -12,7 +12,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from vsstore.clitools import common_options, run_cli
+from vsstore.clitools import common_options, require_root, run_cli
 from vsstore.config import Guest, Paths, configured_guests, resolve_guest
 from vsstore.errors import EXIT_OK, EXIT_PARTIAL, ConfigError
 from vsstore.excludes import ExcludeList
@@ -80,8 +80,8 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     )
     for msg in left_out:
         print(f"vsunify: {msg}", file=sys.stderr)
-    prog = Progress(sys.stderr.isatty() and not args.json and not args.quiet)
-    r = api.unify(paths, guests, opts, prog, skipped=left_out)
+    prog = Progress((args.progress or sys.stderr.isatty()) and not args.json and not args.quiet)
+    r = api.unify(paths, guests, opts, prog, skipped=left_out, skip_served=args.all)
     if args.json:
         print(json.dumps(r.summary.as_dict(), indent=2))
     elif not args.quiet:
@@ -160,7 +160,8 @@ def cmd_deunify(args: argparse.Namespace, paths: Paths) -> int:
         stack.enter_context(api.locked(paths))
         index = api.open_index(stack, paths)
         tree = stack.enter_context(GuestTree(g.root, g.name))
-        t = maintain.deunify(tree, args.paths, index, immutable=os.geteuid() == 0)
+        prog = Progress((args.progress or sys.stderr.isatty()) and not args.json and not args.quiet)
+        t = maintain.deunify(tree, args.paths, index, immutable=os.geteuid() == 0, progress=prog)
     if args.json:
         print(json.dumps({"files": t.files, "bytes": t.bytes, "errors": t.errors}))
     else:
@@ -270,6 +271,9 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--log", metavar="FILE", help="append the summary line to FILE")
     r.add_argument(
+        "--progress", action="store_true", help="a progress line also when not on a terminal"
+    )
+    r.add_argument(
         "--syslog",
         action="store_true",
         help="send the summary line to syslog (the journal on systemd hosts)",
@@ -298,6 +302,9 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("deunify", parents=[common], help="give a guest private copies again")
     d.add_argument("guest", metavar="GUEST")
     d.add_argument("paths", nargs="*", metavar="PATH", help="paths inside the guest")
+    d.add_argument(
+        "--progress", action="store_true", help="a progress line also when not on a terminal"
+    )
     d.set_defaults(func=cmd_deunify)
 
     g = sub.add_parser("gc", parents=[common], help="remove store objects no guest links")
@@ -325,7 +332,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("vsunify", parser(), lambda a, paths: a.func(a, paths), argv)
+    def run(a: argparse.Namespace, paths: Paths) -> int:
+        if a.cmd in ("run", "report", "deunify", "gc", "demo"):
+            require_root(
+                f"vsunify {a.cmd}",
+                "it reads and changes root's guest trees, the store and the index, sets "
+                "immutable flags and takes the host's lock",
+            )
+        return int(a.func(a, paths))
+
+    return run_cli("vsunify", parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,13 @@ from dataclasses import dataclass, field
 from vsstore import attrs
 from vsstore.errors import NOSPACE_ERRNOS, NoSpaceError
 from vsstore.index import Index
+from vsstore.names import shown
 from vsstore.private import privatize
 from vsstore.safetree import GuestTree, split_rel
 from vsstore.store import Store
 from vsstore.window import unsealed
+
+from .progress import Progress
 
 log = logging.getLogger("vsstore")
 
@@ -32,11 +35,20 @@ class Tally:
         log.warning("%s", msg)
 
 
-def deunify(tree: GuestTree, paths: list[str], index: Index, immutable: bool) -> Tally:
+def deunify(
+    tree: GuestTree,
+    paths: list[str],
+    index: Index,
+    immutable: bool,
+    progress: Progress | None = None,
+) -> Tally:
     """Replace every shared (iunlink-marked) file under ``paths`` (default: the whole guest)
     by a private copy with the same content and metadata, atomically: copy to a temporary
-    name, fsync, swap with the name, check that the swap moved out the shared inode."""
+    name, fsync, swap with the name, check that the swap moved out the shared inode.
+    ``progress``: the files and bytes made private so far, redrawn as the walk goes."""
     tally = Tally()
+    prog = progress or Progress(False)
+    prog.phase(f"deunify {shown(tree.name)}: made private")
     starts = [p.strip("/") for p in paths] or [""]
     for start in starts:
         if start:
@@ -59,6 +71,8 @@ def deunify(tree: GuestTree, paths: list[str], index: Index, immutable: bool) ->
         ):
             if st.st_nlink > 1:
                 _deunify_one(tree, rel, st, index, immutable, tally)
+            prog.update(tally.files, tally.bytes)
+    prog.done()
     return tally
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import sys
 import traceback
 from collections.abc import Callable
 
 from .config import Paths
-from .errors import EXIT_INTERNAL, VsError
+from .errors import EXIT_INTERNAL, NotRootError, VsError
 
 
 def setup_logging(prog: str, verbose: bool, quiet: bool = False) -> None:
@@ -37,6 +38,13 @@ def raise_open_files_limit() -> None:
         logging.getLogger("vsstore").debug(
             "open files: soft limit raised from %d to %d", soft, hard
         )
+
+
+def require_root(what: str, why: str) -> None:
+    """Refuse, in one line with its own exit code (EXIT_NOTROOT), a command that needs
+    root when another user runs it, before it does anything."""
+    if os.geteuid() != 0:
+        raise NotRootError(f"{what} needs root ({why}); run it as root, e.g. with sudo")
 
 
 def common_options() -> argparse.ArgumentParser:

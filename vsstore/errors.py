@@ -22,6 +22,7 @@ EXIT_PARTIAL = 6  # finished, but some files were skipped (see the errors count)
 EXIT_UNSUPPORTED = 7  # this kernel/filesystem/privilege lacks something needed
 EXIT_STATE = 8  # the guest is not in the state the command needs (running/stopped)
 EXIT_NOSPACE = 9  # a filesystem we must write to is full (the index's, the guests')
+EXIT_NOTROOT = 10  # the command needs root and was run by another user
 EXIT_HOOK = 11  # an admin's hook script (scripts/pre-start, ...) failed: the guest did not start
 
 NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -84,6 +85,13 @@ class NoSpaceError(VsError):
         )
 
 
+class NotRootError(VsError):
+    """The command needs root (namespaces, guests' trees, immutable flags, the host's run
+    state) and was run by another user."""
+
+    exit_code = EXIT_NOTROOT
+
+
 def mount_point(path: str | os.PathLike[str]) -> str:
     """The mount point of the filesystem holding ``path`` (or its nearest existing parent)."""
     p = os.path.realpath(path)
@@ -117,6 +125,7 @@ ERRORS: dict[str, type[VsError]] = {
         UnsupportedError,
         StateError,
         NoSpaceError,
+        NotRootError,
         HookError,
     )
 }

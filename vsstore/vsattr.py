@@ -9,7 +9,7 @@ import stat
 import sys
 
 from . import attrs
-from .clitools import common_options, run_cli
+from .clitools import common_options, require_root, run_cli
 from .errors import EXIT_OK, EXIT_PARTIAL, ConfigError
 from .names import shown
 from .window import unsealed
@@ -32,6 +32,10 @@ def _cmd(args: argparse.Namespace) -> int:
     rc = EXIT_OK
     if args.cmd in ("set", "clear") and not (args.iunlink or args.immutable):
         args.iunlink = args.immutable = True
+    if args.cmd in ("set", "clear") and args.immutable:
+        require_root(
+            f"vsattr {args.cmd} --immutable", "the immutable flag needs CAP_LINUX_IMMUTABLE"
+        )
     for path in args.paths:
         try:
             fd = _open(path)

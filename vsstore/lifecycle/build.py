@@ -26,6 +26,8 @@ from vsstore.private import copy_file
 from vsstore.safetree import mount_id, open_child_dir, open_regular_at
 from vsstore.window import unsealed
 
+from . import progress
+
 SKELETON_DIRS = [
     ("bin", 0o755),
     ("dev", 0o755),
@@ -53,6 +55,8 @@ class BuildOptions:
     hostname: str | None = None
     context: int | None = None
     interfaces: tuple[str, ...] = ()
+    net: tuple[tuple[str, str], ...] = ()  # --netdev, --netprefix, ...: interfaces/{dev,...}
+    progress: bool = False  # a progress line on stderr while cloning
     args: tuple[str, ...] = ()  # the method's own arguments (after --)
 
 
@@ -73,21 +77,58 @@ def _write(p: Path, text: str) -> None:
     p.write_text(text)
 
 
-def _interface(conf: Path, i: int, spec: str) -> None:
-    """``IP[/PREFIX][,hostip=IP][,name=IFNAME]`` -> interfaces/N/{ip,prefix,hostip,name}."""
+def _interface(conf: Path, i: int, spec: str, net: dict[str, str]) -> None:
+    """``[LABEL=][DEV:]IP[/PREFIX|/MASK][,hostip=IP][,name=IFNAME]`` (util-vserver's form
+    and ours) -> interfaces/N/{ip,prefix|mask,dev,name,hostip}."""
     addr, *opts = spec.split(",")
-    try:
-        itf = ipaddress.ip_interface(addr if "/" in addr else addr + "/24")
-    except ValueError as e:
-        raise ConfigError(f"--interface {spec}: {e}; write IP/PREFIX[,hostip=IP]") from None
     d = conf / "interfaces" / str(i)
+    label, _, rest = addr.rpartition("=")
+    dev = ""
+    if ":" in rest.partition("/")[0]:
+        try:
+            ipaddress.ip_address(rest.partition("/")[0])
+        except ValueError:  # not an IPv6 address: DEV:IP
+            dev, _, rest = rest.partition(":")
+    ip, slash, prefix = rest.partition("/")
+    default_prefix = net.get("prefix") or net.get("mask") or ""
+    try:
+        itf = ipaddress.ip_interface(
+            f"{ip}/{prefix or default_prefix or ('64' if ':' in ip else '24')}"
+        )
+    except ValueError as e:
+        raise ConfigError(
+            f"--interface {spec}: {e}; write [DEV:]IP[/PREFIX][,hostip=IP][,name=IF]"
+        ) from None
     _write(d / "ip", f"{itf.ip}\n")
-    _write(d / "prefix", f"{itf.network.prefixlen}\n")
+    if slash or not default_prefix:
+        _write(d / "prefix", f"{itf.network.prefixlen}\n")
+    for k, v in (("dev", dev), ("name", label)):
+        if v:
+            _write(d / k, v + "\n")
     for o in opts:
         k, _, v = o.partition("=")
         if k not in ("hostip", "name") or not v:
             raise ConfigError(f"--interface {spec}: unknown option {o!r}; use hostip= or name=")
         _write(d / k, v + "\n")
+
+
+def _net_defaults(conf: Path, net: dict[str, str]) -> None:
+    """``--netdev``, ``--netprefix``, ``--netmask``, ``--netbcast`` (util-vserver's build
+    options) -> interfaces/{dev,prefix,mask,bcast}, the defaults of every interface."""
+    for k, v in net.items():
+        if k == "dev" and (len(v) > 15 or "/" in v or ":" in v or not v.strip()):
+            raise ConfigError(f"--netdev {v!r}: not an interface name")
+        if k in ("prefix", "mask"):
+            try:
+                ipaddress.ip_interface(f"10.0.0.1/{v}")
+            except ValueError:
+                raise ConfigError(f"--net{k} {v!r}: not a prefix length or mask") from None
+        if k == "bcast":
+            try:
+                ipaddress.IPv4Address(v)
+            except ValueError:
+                raise ConfigError(f"--netbcast {v!r}: not an IPv4 address") from None
+        _write(conf / "interfaces" / k, v + "\n")
 
 
 METHODS = ("skeleton", "debootstrap", "clone")
@@ -119,8 +160,10 @@ def build(paths: Paths, opts: BuildOptions) -> Guest:
         _write(conf / "uts" / "nodename", f"{opts.hostname or opts.name}\n")
         _write(conf / "fstab", "none /tmp tmpfs size=16m,mode=1777 0 0\n")
         os.symlink(root, conf / "vdir")
+        net = dict(opts.net)
+        _net_defaults(conf, net)
         for i, spec in enumerate(opts.interfaces):
-            _interface(conf, i, spec)
+            _interface(conf, i, spec, net)
         style = "plain"
         if opts.method == "skeleton":
             _skeleton(root, opts.hostname or opts.name)
@@ -128,7 +171,8 @@ def build(paths: Paths, opts: BuildOptions) -> Guest:
             _debootstrap(root, list(opts.args))
             style = "sysv" if (root / "etc/init.d/rc").exists() else "none"
         else:
-            style = _clone(paths, root, list(opts.args))
+            with progress.shown(f"clone into {opts.name}", opts.progress):
+                style = _clone(paths, root, list(opts.args))
         _write(conf / "apps" / "init" / "style", style + "\n")
         undo.pop_all()
     return Guest(opts.name, root, conf)
@@ -269,6 +313,7 @@ def _copy_dir(
                         seen[key] = rel + n
             finally:
                 os.close(fd)
+            progress.tick(st.st_size)
         elif stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(n, dir_fd=sfd), n, dir_fd=dfd)
             os.chown(n, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
@@ -278,7 +323,7 @@ def _copy_dir(
         # sockets are not copied: they belong to a running process
 
 
-def delete(paths: Paths, name: str) -> Guest:
+def delete(paths: Paths, name: str, show_progress: bool = False) -> Guest:
     """``vserver NAME delete --force``: remove a stopped, configured guest's tree and its
     configuration.  Only a tree strictly below the guests' root qualifies
     (``config.deletable_guest``); the guest's lock is held throughout, so nothing starts
@@ -301,7 +346,8 @@ def delete(paths: Paths, name: str) -> Guest:
         if st is not None:
             cleanup(paths, st)  # what a guest that ended by itself left
         if os.path.lexists(g.root):
-            remove_guest_tree(g.root, paths.vservers_root)
+            with progress.shown(f"delete {g.name}", show_progress):
+                remove_guest_tree(g.root, paths.vservers_root)
         assert g.confdir is not None  # deletable_guest: a configured guest
         shutil.rmtree(g.confdir)
     return g
@@ -471,6 +517,7 @@ def _clear_dir(dfd: int, where: str) -> list[str]:
             subdirs.append(n)
         else:
             _unlink(dfd, n, st, f"{where}/{n}")
+            progress.tick(st.st_size)
     return subdirs
 
 

@@ -84,7 +84,8 @@ def read_limits(d: Path) -> Limits:
     if not d.is_dir():
         return lim
     for f in sorted(d.iterdir()):
-        if f.name.startswith(".") or f.name in ("parent",):
+        # name: util-vserver's name for the guest's cgroup (vsstore names it after the guest)
+        if f.name.startswith(".") or f.name in ("parent", "name"):
             continue
         if f.name not in V2_SETTINGS and f.name not in V1_NAMES:
             raise ConfigError(

@@ -12,25 +12,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from unify import api as unify_api
 from vsstore import lifecycle
-from vsstore.clitools import common_options, run_cli
+from vsstore.clitools import common_options, require_root, run_cli
 from vsstore.config import (
     Guest,
     Paths,
-    configured_guests,
     configured_names,
     deletable_guest,
     resolve_guest,
     valid_name,
 )
-from vsstore.errors import EXIT_OK, ConfigError, StateError, VsError
+from vsstore.errors import EXIT_OK, ConfigError, StateError
 from vsstore.names import shown
-from vsstore.runtime import cow_served
 from vsstore.safetree import GuestTree
 
 from . import build as buildmod
-from . import guestconf
+from . import compat, fleet, guestconf
 
 EXIT_STOPPED = 3  # status: not running (LSB's code for it)
 
@@ -48,7 +45,13 @@ def cmd_build(args: argparse.Namespace, paths: Paths) -> int:
             hostname=args.hostname,
             context=args.context,
             interfaces=tuple(args.interface or ()),
+            net=tuple(
+                (k, v)
+                for k in ("dev", "prefix", "mask", "bcast")
+                if (v := getattr(args, "net" + k))
+            ),
             args=tuple(args.method_args),
+            progress=args.progress or sys.stderr.isatty(),
         ),
     )
     if args.method == "clone":  # what the source shares is linked; join the rest now
@@ -60,8 +63,46 @@ def cmd_build(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
-    lifecycle.start(paths, _cfg(paths, args.name))
+    cfg = _cfg(paths, args.name)
+    ign = compat.ignored(cfg.guest)
+    if ign:  # a util-vserver host's entries: never passed over in silence
+        print(
+            f"vserver: warning: {cfg.name}: ignored (see 'vserver {cfg.name} check'): "
+            + ", ".join(shown(e.path) for e in ign),
+            file=sys.stderr,
+        )
+    lifecycle.start(paths, cfg)
     return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace, paths: Paths) -> int:
+    """Every entry of the guest's configuration, what is done with it or why not; exit 0
+    when the guest can start, the error's code when it cannot."""
+    g = resolve_guest(args.name, paths)
+    r = compat.check(g)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "guest": g.name,
+                    "can_start": r.error is None,
+                    "error": r.error.message if r.error else None,
+                    "entries": [
+                        {"path": e.path, "use": e.use.value, "why": e.why} for e in r.entries
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return r.code
+    w = max((len(shown(e.path)) for e in r.entries), default=4)
+    for e in r.entries:
+        print(f"{e.use.value:<8} {shown(e.path).ljust(w)}  {e.why}")
+    if r.error is None:
+        print(f"guest {g.name} can start")
+    else:
+        print(f"guest {g.name} cannot start: {r.error.message}")
+    return r.code
 
 
 def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
@@ -148,48 +189,40 @@ def cmd_suexec(args: argparse.Namespace, paths: Paths) -> int:
 
 def cmd_enter(args: argparse.Namespace, paths: Paths) -> int:
     if args.cow:
-        return lifecycle.run_cow(paths, _cfg(paths, args.name), ["/bin/sh", "-l"])
+        cfg = _cfg(paths, args.name)
+        return lifecycle.run_cow(paths, cfg, [cfg.shell, "-l"])
     cfg, st = _running_cfg(paths, args.name)
-    return lifecycle.run_in(paths, cfg, st, ["/bin/sh", "-l"])
+    return lifecycle.run_in(paths, cfg, st, [cfg.shell, "-l"])
 
 
 # -- package management ------------------------------------------------------------------
 
 
 def _vsunify(paths: Paths, guests: list[Guest], quiet: bool = False) -> int:
-    """A vsunify run through its Python API; its exit code (an error is said, not raised:
-    what came before it, a build or a package upgrade, has succeeded)."""
-    try:
-        r = unify_api.unify(paths, guests)
-    except VsError as e:
-        print(f"vsunify: error: {e.message}", file=sys.stderr)
-        return e.exit_code
-    if not quiet:
-        print(r.line)
-    return r.code
+    return fleet.vsunify(paths, guests, quiet)
 
 
 def _unify_after(paths: Paths, name: str) -> int:
-    """An incremental vsunify run of this guest together with every other configured
-    guest it can be compared with (not served by a running overlay), so files that are
-    now the same as another guest's are shared again at once."""
-    served = cow_served(paths)
-    broken: list[ConfigError] = []
-    guests = [g for g in configured_guests(paths, broken) if os.path.realpath(g.root) not in served]
-    for e in broken:
-        print(f"vserver: warning: left out of vsunify: {e.message}", file=sys.stderr)
-    if name not in [g.name for g in guests]:
-        print(
-            f"vserver: {name} runs through the cow overlay; its files are unified when "
-            f"it is stopped (vsunify run {name})",
-            file=sys.stderr,
-        )
-        return EXIT_OK
-    return _vsunify(paths, guests, quiet=True)
+    return fleet.unify_after(paths, [name])
 
 
-def package_command(paths: Paths, name: str, argv: list[str], unify: bool = True) -> int:
-    """Run a package manager through the overlay, then re-unify (vapt-get, vrpm, pkg)."""
+def package_command(
+    paths: Paths,
+    name: str,
+    argv: list[str] | Callable[[Guest], list[str]],
+    unify: bool = True,
+    sel: fleet.Selection | None = None,
+) -> int:
+    """Run a package manager through the overlay, then re-unify (vapt-get, vrpm, pkg): in
+    guest ``name``, or in every guest ``sel`` selects (then one vsunify for them all)."""
+    if sel:
+        guests = fleet.select(paths, sel)
+        if callable(argv):
+            return fleet.run_all(paths, guests, argv, unify)
+        fixed: list[str] = argv
+        return fleet.run_all(paths, guests, lambda g: fixed, unify)
+    if callable(argv):
+        argv = argv(resolve_guest(name, paths))
     code = lifecycle.run_cow(paths, _cfg(paths, name), argv)
     if code == EXIT_OK and unify:
         ucode = _unify_after(paths, name)
@@ -219,12 +252,16 @@ def _split_no_unify(rest: list[str]) -> tuple[bool, list[str]]:
 
 def cmd_apt_get(args: argparse.Namespace, paths: Paths) -> int:
     unify, rest = _split_no_unify(list(args.args))
-    return package_command(paths, args.name, ["apt-get", *rest], unify and not args.no_unify)
+    return package_command(
+        paths, args.name, ["apt-get", *rest], unify and not args.no_unify, args.fleet
+    )
 
 
 def cmd_rpm(args: argparse.Namespace, paths: Paths) -> int:
     unify, rest = _split_no_unify(list(args.args))
-    return package_command(paths, args.name, ["rpm", *rest], unify and not args.no_unify)
+    return package_command(
+        paths, args.name, ["rpm", *rest], unify and not args.no_unify, args.fleet
+    )
 
 
 def _manager(g: Guest) -> str:
@@ -283,14 +320,19 @@ def cmd_pkg(args: argparse.Namespace, paths: Paths) -> int:
     unify = unify and not args.no_unify
     if not rest or rest[0] not in ("install", "remove", "update", "upgrade"):
         raise ConfigError("pkg: say install, remove, update or upgrade, then the packages")
+
+    def argv(g: Guest) -> list[str]:
+        base = PKG_ACTIONS[_manager(g)].get(rest[0])
+        if base is None:
+            raise ConfigError(
+                f"pkg {rest[0]}: not for a plain rpm guest; use 'vserver {g.name} rpm ...'"
+            )
+        return [*base, *rest[1:]]
+
+    if args.fleet:
+        return package_command(paths, "", argv, unify, args.fleet)
     g = resolve_guest(args.name, paths)
-    kind = _manager(g)
-    base = PKG_ACTIONS[kind].get(rest[0])
-    if base is None:
-        raise ConfigError(
-            f"pkg {rest[0]}: not for a plain rpm guest; use 'vserver {g.name} rpm ...'"
-        )
-    return package_command(paths, g.name, [*base, *rest[1:]], unify)
+    return package_command(paths, g.name, argv(g), unify)
 
 
 def cmd_delete(args: argparse.Namespace, paths: Paths) -> int:
@@ -304,7 +346,7 @@ def cmd_delete(args: argparse.Namespace, paths: Paths) -> int:
             f"this removes guest {g.name}'s tree {g.root} and its "
             f"configuration; repeat with --force to do it"
         )
-    buildmod.delete(paths, g.name)
+    buildmod.delete(paths, g.name, args.progress or sys.stderr.isatty())
     print(f"guest {g.name} deleted")
     return EXIT_OK
 
@@ -318,7 +360,13 @@ def parser() -> argparse.ArgumentParser:
         "(util-vserver's commands on a mainline kernel); 'vserver list [--json]' lists "
         "every configured guest.",
     )
-    p.add_argument("name", metavar="NAME", help="the guest (configured in /etc/vservers/NAME)")
+    p.add_argument(
+        "name",
+        metavar="NAME",
+        help="the guest (configured in /etc/vservers/NAME); for apt-get, rpm and pkg "
+        "also --all, --running or --mark MARK (apps/init/mark): every guest selected, "
+        "then one vsunify",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(
@@ -337,9 +385,26 @@ def parser() -> argparse.ArgumentParser:
         help="how: skeleton (a minimal tree), debootstrap (Debian, -- -d SUITE "
         "[-m MIRROR]) or clone (another guest, -- --source GUEST)",
     )
+    b.add_argument(
+        "--progress",
+        action="store_true",
+        help="a progress line (clone) also when not on a terminal",
+    )
     b.add_argument("--hostname")
     b.add_argument("--context", type=int)
-    b.add_argument("--interface", action="append", metavar="IP/PREFIX[,hostip=IP][,name=IF]")
+    b.add_argument(
+        "--interface",
+        action="append",
+        metavar="[DEV:]IP[/PREFIX][,hostip=IP][,name=IF]",
+        help="an address of the guest (repeatable; util-vserver's [LABEL=][DEV:]IP[/PREFIX] too)",
+    )
+    for opt, text in (
+        ("dev", "the guest's interface for --interface addresses without DEV: (util-vserver's)"),
+        ("prefix", "their prefix length (util-vserver's)"),
+        ("mask", "their netmask (util-vserver's)"),
+        ("bcast", "their broadcast address (util-vserver's)"),
+    ):
+        b.add_argument(f"--net{opt}", dest=f"net{opt}", help=text)
     b.add_argument(
         "method_args",
         nargs="*",
@@ -347,6 +412,13 @@ def parser() -> argparse.ArgumentParser:
         help="the method's own arguments, after --",
     )
     cmd("start", cmd_start, "start the guest in its own namespaces")
+    ck = cmd(
+        "check",
+        cmd_check,
+        "every entry of the guest's configuration: what is done with it, what is "
+        "ignored and why; exit 0 when the guest can start",
+    )
+    ck.add_argument("--json", action="store_true")
     cmd("stop", cmd_stop, "stop it: every process ends, no mount is left")
     cmd("restart", cmd_restart, "stop (if it runs), then start")
     cmd("status", cmd_status, "running or stopped (exit 3), and how")
@@ -369,6 +441,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
     d = cmd("delete", cmd_delete, "remove a stopped guest's tree and configuration")
     d.add_argument("--force", action="store_true", help="do it")
+    d.add_argument(
+        "--progress", action="store_true", help="a progress line also when not on a terminal"
+    )
     for name, func, text in (
         ("apt-get", cmd_apt_get, "apt-get in the guest through the overlay, then vsunify"),
         ("rpm", cmd_rpm, "rpm in the guest through the overlay, then vsunify"),
@@ -385,13 +460,59 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+ROOT_WHY = "guests run in namespaces made by root, from trees and run state only root may change"
+NO_ROOT = {"check"}  # reads the configuration only
+
+
+FLEET_NAME = "@fleet"  # stands for the guests selected; no guest can have this name
+FLEET_COMMANDS = {"apt-get", "rpm", "pkg"}
+
+
+def fleet_selection(argv: list[str]) -> tuple[fleet.Selection, list[str]]:
+    """``--all``, ``--running`` or ``--mark MARK`` among the options before the guest's
+    name: the selection, and the arguments with ``FLEET_NAME`` where the name goes."""
+    sel = fleet.Selection()
+    i = 0
+    out: list[str] = []
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":
+        a = argv[i]
+        if a == "--all":
+            sel = fleet.Selection(all=True)
+        elif a == "--running":
+            sel = fleet.Selection(running=True)
+        elif a == "--mark" and i + 1 < len(argv):
+            sel = fleet.Selection(mark=argv[i + 1])
+            i += 1
+        elif a.startswith("--mark="):
+            sel = fleet.Selection(mark=a.partition("=")[2])
+        else:
+            out.append(a)
+        i += 1
+    if not sel:
+        return sel, argv
+    return sel, [*out, FLEET_NAME, *argv[i:]]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if [a for a in args if not a.startswith("-")] == ["list"]:  # vserver list [--json]
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if [a for a in raw if not a.startswith("-")] == ["list"]:  # vserver list [--json]
         from . import listing
 
-        return listing.main([a for a in args if a != "list"])
-    return run_cli("vserver", parser(), lambda a, paths: a.func(a, paths), argv)
+        return listing.main([a for a in raw if a != "list"])
+    sel, args = fleet_selection(raw)
+
+    def run(a: argparse.Namespace, paths: Paths) -> int:
+        if a.command not in NO_ROOT:
+            require_root(f"vserver {a.command}", ROOT_WHY)
+        a.fleet = sel
+        if sel and a.command not in FLEET_COMMANDS:
+            raise ConfigError(
+                f"vserver {sel.text} {a.command}: {sel.text} is for "
+                f"{', '.join(sorted(FLEET_COMMANDS))} only; name one guest"
+            )
+        return int(a.func(a, paths))
+
+    return run_cli("vserver", parser(), run, args)
 
 
 def _wrapper_main(prog: str, manager: str, argv: list[str] | None) -> int:
@@ -404,14 +525,16 @@ def _wrapper_main(prog: str, manager: str, argv: list[str] | None) -> int:
         "(util-vserver's wrapper).",
     )
     p.add_argument("--no-unify", action="store_true")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME|--all|--running|--mark MARK")
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- ARGS")
+    sel, args = fleet_selection(list(sys.argv[1:] if argv is None else argv))
 
     def run(a: argparse.Namespace, paths: Paths) -> int:
+        require_root(prog, ROOT_WHY)
         unify, rest = _split_no_unify(list(a.rest))
-        return package_command(paths, a.name, [manager, *rest], unify and not a.no_unify)
+        return package_command(paths, a.name, [manager, *rest], unify and not a.no_unify, sel)
 
-    return run_cli(prog, p, run, argv)
+    return run_cli(prog, p, run, args)
 
 
 def vapt_get_main(argv: list[str] | None = None) -> int:
@@ -545,6 +668,7 @@ def stat_main(argv: list[str] | None = None) -> int:
     )
 
     def run(args: argparse.Namespace, paths: Paths) -> int:
+        require_root("vserver-stat", "it reads the processes and cgroups of root's guests")
         rows = []
         pids = {}
         for name in configured_names(paths):  # the run state needs no root tree

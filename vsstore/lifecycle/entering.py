@@ -243,7 +243,7 @@ def _run_temporary(
                 _join_guest(st, fds)
             else:
                 network.unshare(cfg, ns.CLONE_NEWUTS | ns.CLONE_NEWIPC)
-                socket.sethostname(cfg.nodename)
+                ns.set_uts(cfg.nodename, cfg.domainname)
                 ns.unshare(ns.CLONE_NEWPID)
             ns.unshare(ns.CLONE_NEWNS)
             ns.mount(None, "/", None, ns.MS_REC | ns.MS_SLAVE)

@@ -1,13 +1,19 @@
 """A guest's run-time configuration in util-vserver's layout, read and checked up front.
 
-``/etc/vservers/NAME/``: ``context`` (a number), ``uts/nodename``, ``fstab`` (fstab(5)
-lines; targets are paths inside the guest), ``interfaces/N/{ip,prefix|mask,dev,name,
-hostip}``, ``bcapabilities`` (one capability per line: ``CAP_X`` keeps one the default set
+``/etc/vservers/NAME/``: ``context`` (a number), ``uts/nodename``, ``uts/domainname``,
+``fstab`` (fstab(5) lines; targets are paths inside the guest), ``interfaces/N/{ip,prefix|
+mask,bcast,dev,name,hostip,nodev,disabled}`` (``interfaces/{dev,prefix,mask,bcast}``: the
+defaults), ``bcapabilities`` (one capability per line: ``CAP_X`` keeps one the default set
 drops, ``!CAP_X`` drops one more), ``apps/init/style`` (``plain``, ``sysv`` or ``none``),
 ``apps/init/cmd.start`` / ``cmd.stop`` (one argument per line), ``apps/init/stop-signal``,
-``apps/init/stop-timeout``, ``cow`` (present: mount the guest through the overlay),
-``spaces/hostnet`` (present: the guest shares the host's network namespace; see below).
+``apps/init/stop-timeout`` (or util-vserver's ``apps/init/killseq``: SIGNAL [WAIT
+SIGNAL]...), ``apps/init/runlevel{,.start,.stop}`` (sysv), ``shell`` (what ``enter``
+runs), ``cow`` (present: mount the guest through the overlay), ``spaces/hostnet``
+(present: the guest shares the host's network namespace; see below).
 Everything is read before anything is started, and a bad entry is an error naming its file.
+Entries of a util-vserver host that have no meaning here (``rlimits/*.min``, ``cgroup/name``,
+``uts/release``, ...) are accepted and left alone; ``vserver NAME check`` (``compat``) lists
+each entry and what is done with it.
 
 Network: every guest gets a network namespace of its own, with its loopback up and the
 veth pairs of ``interfaces/`` (none: loopback only), so it cannot see the host's
@@ -101,9 +107,10 @@ class FstabEntry:
 @dataclass(frozen=True, slots=True)
 class Interface:
     ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface
-    name: str  # inside the guest
+    name: str  # inside the guest; addresses with the same name share one veth pair
     host_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     where: str
+    broadcast: ipaddress.IPv4Address | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +118,8 @@ class GuestConfig:
     guest: Guest
     context: int | None
     nodename: str
+    domainname: str | None = None  # uts/domainname
+    shell: str = "/bin/sh"  # what 'enter' runs (util-vserver's 'shell' file)
     fstab: list[FstabEntry] = field(default_factory=list)
     interfaces: list[Interface] = field(default_factory=list)
     keep_caps: frozenset[int] = frozenset()
@@ -181,6 +190,20 @@ def parse_mount_options(opts: str, where: str) -> tuple[int, str]:
     return flags, ",".join(data)
 
 
+# What start mounts itself (procdev): an fstab line for it (util-vserver's default fstab
+# has both) is left out, never mounted over ours (a /proc without the masks, the host's
+# devpts instance).  ``vserver NAME check`` names such lines.
+OWN_MOUNTS = {
+    "/proc": "start mounts /proc itself (with its masks)",
+    "/dev/pts": "start mounts a devpts instance of the guest's own",
+}
+
+
+def own_mount(target: str) -> str | None:
+    """Why an fstab line for ``target`` is left out (None: it is mounted)."""
+    return OWN_MOUNTS.get("/" + target.strip("/"))
+
+
 def _fstab(p: Path) -> list[FstabEntry]:
     out = []
     text = _read(p)
@@ -199,6 +222,8 @@ def _fstab(p: Path) -> list[FstabEntry]:
             )
         if any(c in ("..",) for c in target.split("/")):
             raise ConfigError(f"{where}: target {target!r} must not contain '..'")
+        if own_mount(target) is not None:
+            continue
         flags, data = parse_mount_options(parts[3] if len(parts) > 3 else "defaults", where)
         if fstype in ("none", "bind") and not flags & ns.MS_BIND:
             flags |= ns.MS_BIND
@@ -207,20 +232,32 @@ def _fstab(p: Path) -> list[FstabEntry]:
 
 
 def _interfaces(d: Path) -> list[Interface]:
+    """``interfaces/N/`` one address each; ``interfaces/{dev,prefix,mask,bcast}`` are the
+    defaults of every N (util-vserver's layout).  ``dev`` (the host device the address
+    lived on under util-vserver, and so the name the guest saw it under) names the
+    guest's interface, ``name`` does when there is no ``dev`` (with one, it was only an
+    address label); several addresses on one name share one veth pair.  ``disabled``
+    leaves the entry out; ``nodev`` changes nothing (no address is ever put on a host
+    device: the host routes the address to the guest's veth)."""
     if not d.is_dir():
         return []
-    default_prefix = _read(d / "prefix")
+    default = {k: (_read(d / k) or "").strip() for k in ("prefix", "mask", "bcast", "dev")}
     out: list[Interface] = []
+    names: list[str] = []
     for sub in sorted(p for p in d.iterdir() if p.is_dir()):
+        if (sub / "disabled").exists():
+            continue
         ip = (_read(sub / "ip") or "").strip()
         if not ip:
             raise ConfigError(f"{sub}/ip: missing; each interface needs its address")
-        prefix = (_read(sub / "prefix") or default_prefix or "").strip()
-        mask = (_read(sub / "mask") or "").strip()
+
+        def get(k: str, sub: Path = sub) -> str:
+            return (_read(sub / k) or "").strip() or default[k]
+
+        own = (_read(sub / "prefix") or "").strip() or (_read(sub / "mask") or "").strip()
+        length = own or default["prefix"] or default["mask"]
         try:
-            addr = ipaddress.ip_interface(
-                f"{ip}/{prefix or mask or ('24' if ':' not in ip else '64')}"
-            )
+            addr = ipaddress.ip_interface(f"{ip}/{length or ('24' if ':' not in ip else '64')}")
         except ValueError as e:
             raise ConfigError(
                 f"{sub}: {e}; write an address to ip and a prefix length to prefix"
@@ -230,10 +267,21 @@ def _interfaces(d: Path) -> list[Interface]:
             hip = ipaddress.ip_address(host_ip) if host_ip else None
         except ValueError as e:
             raise ConfigError(f"{sub}/hostip: {e}") from None
-        name = (_read(sub / "name") or "").strip() or f"eth{len(out)}"
-        if len(name) > 15 or "/" in name or " " in name:
-            raise ConfigError(f"{sub}/name: {name!r} is not a valid interface name")
-        out.append(Interface(addr, name, hip, str(sub)))
+        bcast = get("bcast")
+        try:
+            bc = ipaddress.IPv4Address(bcast) if bcast else None
+        except ValueError as e:
+            raise ConfigError(f"{sub}/bcast: {e}; write an IPv4 broadcast address") from None
+        dev = get("dev")
+        name = dev or (_read(sub / "name") or "").strip()
+        if not name:
+            name = next(f"eth{i}" for i in range(len(out) + 1) if f"eth{i}" not in names)
+        if len(name) > 15 or "/" in name or " " in name or ":" in name:
+            raise ConfigError(
+                f"{sub}/{'dev' if dev else 'name'}: {name!r} is not a valid interface name"
+            )
+        names.append(name)
+        out.append(Interface(addr, name, hip, str(sub), bc))
     return out
 
 
@@ -264,6 +312,10 @@ def _signal(p: Path) -> int:
     text = (_read(p) or "").strip()
     if not text:
         return signal.SIGTERM
+    return _signal_name(text, p)
+
+
+def _signal_name(text: str, p: Path) -> int:
     try:
         return (
             int(text)
@@ -298,6 +350,10 @@ RLIMITS = {
 }
 
 
+# Limits only a Linux-VServer kernel has (util-vserver's rlimits/): left alone here.
+VSERVER_RLIMITS = {"anon", "dentry", "openfd", "shmem", "semary", "nsems", "nsock"}
+
+
 def _rlimits(d: Path) -> dict[int, tuple[int, int]]:
     """``rlimits/NAME`` (soft and hard), ``NAME.soft``, ``NAME.hard``: a number or inf."""
     if not d.is_dir():
@@ -305,6 +361,8 @@ def _rlimits(d: Path) -> dict[int, tuple[int, int]]:
     vals: dict[str, dict[str, int]] = {}
     for f in sorted(d.iterdir()):
         base, _, kind = f.name.partition(".")
+        if kind == "min" or (base in VSERVER_RLIMITS and kind in ("", "soft", "hard")):
+            continue  # a Linux-VServer kernel's own: 'vserver NAME check' says so
         if base not in RLIMITS or kind not in ("", "soft", "hard"):
             raise ConfigError(
                 f"{f}: unknown resource limit; use one of "
@@ -341,6 +399,57 @@ def _rlimits(d: Path) -> dict[int, tuple[int, int]]:
     return out
 
 
+def _runlevel(d: Path, which: str, default: str) -> str:
+    """util-vserver's sysv ``apps/init/runlevel.start`` / ``.stop`` (``runlevel`` alone:
+    the start runlevel)."""
+    text = (_read(d / f"runlevel.{which}") or "").strip()
+    if not text and which == "start":
+        text = (_read(d / "runlevel") or "").strip()
+    if not text:
+        return default
+    if len(text) != 1 or text not in "0123456sS":
+        raise ConfigError(f"{d}/runlevel.{which}: {text!r} is not a runlevel (0-6 or S)")
+    return text
+
+
+def _killseq(p: Path) -> tuple[int | None, float | None]:
+    """util-vserver's ``apps/init/killseq``: ``SIGNAL [WAIT SIGNAL]...``, as stop-signal
+    (the first signal) and stop-timeout (the first wait); the rest is what stop does
+    anyway: everything left in the guest is killed with SIGKILL."""
+    words = (_read(p) or "").split()
+    if not words:
+        return None, None
+    sig = _signal_name(words[0], p)
+    wait = None
+    if len(words) > 1:
+        try:
+            wait = float(words[1])
+        except ValueError:
+            raise ConfigError(
+                f"{p}: {words[1]!r} is not a wait in seconds; write SIGNAL [WAIT SIGNAL]..., "
+                f"e.g. 'SIGTERM 10 SIGKILL'"
+            ) from None
+    return sig, wait
+
+
+def _domainname(p: Path) -> str | None:
+    text = (_read(p) or "").strip()
+    if not text:
+        return None
+    if len(text) > 64:
+        raise ConfigError(f"{p}: longer than 64 characters")
+    return text
+
+
+def _shell(p: Path) -> str:
+    text = (_read(p) or "").strip()
+    if not text:
+        return "/bin/sh"
+    if not text.startswith("/") or "\n" in text:
+        raise ConfigError(f"{p}: {text!r}: write the absolute path of a shell inside the guest")
+    return text
+
+
 def load(guest: Guest) -> GuestConfig:
     """Read and check everything ``start`` and ``stop`` will need."""
     c = guest.confdir
@@ -362,8 +471,13 @@ def load(guest: Guest) -> GuestConfig:
         if style == "plain":
             start = ["/sbin/init"]
         elif style == "sysv":
-            start = ["/etc/init.d/rc", "3"]
-            stop = stop if stop is not None else ["/etc/init.d/rc", "0"]
+            level = _runlevel(c / "apps" / "init", "start", "3")
+            start = ["/etc/init.d/rc", level]
+            stop = (
+                stop
+                if stop is not None
+                else ["/etc/init.d/rc", _runlevel(c / "apps" / "init", "stop", "0")]
+            )
         elif style == "none":
             start = []  # pid 1 is ours and runs nothing; services come by 'exec'
         else:
@@ -373,7 +487,8 @@ def load(guest: Guest) -> GuestConfig:
             )
     if not start and style != "none":
         raise ConfigError(f"{c / 'apps/init/cmd.start'}: empty; one argument per line")
-    timeout = _number(c / "apps" / "init" / "stop-timeout", 10.0, "seconds")
+    kill_signal, kill_wait = _killseq(c / "apps" / "init" / "killseq")
+    timeout = _number(c / "apps" / "init" / "stop-timeout", kill_wait or 10.0, "seconds")
     nice = _number(c / "nice", None, "a nice level, -20..19")
     if nice is not None and (nice != int(nice) or not -20 <= nice <= 19):
         raise ConfigError(f"{c / 'nice'}: {nice:g} is not a nice level (-20..19)")
@@ -390,13 +505,19 @@ def load(guest: Guest) -> GuestConfig:
         guest=guest,
         context=int(ctx) if ctx is not None else None,
         nodename=nodename,
+        domainname=_domainname(c / "uts" / "domainname"),
+        shell=_shell(c / "shell"),
         fstab=_fstab(c / "fstab"),
         interfaces=interfaces,
         hostnet=hostnet,
         keep_caps=_caps(c / "bcapabilities", hostnet),
         init=start,
         stop=stop or None,
-        stop_signal=_signal(c / "apps" / "init" / "stop-signal"),
+        stop_signal=(
+            _signal(c / "apps" / "init" / "stop-signal")
+            if kill_signal is None or (c / "apps" / "init" / "stop-signal").exists()
+            else kill_signal
+        ),
         stop_timeout=float(timeout or 10.0),
         cow=(c / "cow").exists(),
         style=style,

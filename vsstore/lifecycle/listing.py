@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-from vsstore.clitools import common_options, run_cli
+from vsstore.clitools import common_options, require_root, run_cli
 from vsstore.config import Paths, configured_names, resolve_guest
 from vsstore.errors import EXIT_OK, VsError
 from vsstore.runtime import running
@@ -128,6 +128,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="as JSON (stable keys)")
 
     def run(a: argparse.Namespace, paths: Paths) -> int:
+        require_root("vserver list", "the run states it reads are root's")
         rows = [describe(paths, n) for n in configured_names(paths)]
         if a.json:
             print(json.dumps({"guests": [asdict(r) for r in rows]}, indent=2))

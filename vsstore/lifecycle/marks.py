@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from vsstore.clitools import common_options, run_cli
+from vsstore.clitools import common_options, require_root, run_cli
 from vsstore.config import Paths, configured_names, valid_name
 from vsstore.errors import EXIT_OK, EXIT_PARTIAL, ConfigError
 from vsstore.runtime import running
@@ -265,6 +265,7 @@ def _main(prog: str, action: str, argv: list[str] | None) -> int:
     )
 
     def run(a: argparse.Namespace, paths: Paths) -> int:
+        require_root(prog, "it starts and stops guests")
         if not valid_name(a.mark):
             raise ConfigError(f"--mark {a.mark!r}: a mark is a word such as 'default'")
         if a.jobs < 1:

@@ -13,7 +13,7 @@ from vsstore.errors import (
 )
 
 from . import ns
-from .guestconf import GuestConfig
+from .guestconf import GuestConfig, Interface
 
 HOSTNET_WARNING = (
     "spaces/hostnet: the guest shares the host's network namespace (its "
@@ -44,21 +44,33 @@ def _host_dev(cfg: GuestConfig, i: int) -> str:
     return f"{base}.{i}"
 
 
+def links(cfg: GuestConfig) -> list[list[Interface]]:
+    """The guest's interfaces grouped by name: one veth pair per name, with every address
+    configured for it (util-vserver's several addresses on one ``dev``)."""
+    out: dict[str, list[Interface]] = {}
+    for itf in cfg.interfaces:
+        out.setdefault(itf.name, []).append(itf)
+    return list(out.values())
+
+
 def host_side(cfg: GuestConfig, pid: int) -> list[str]:
     """The host's side of each configured interface: a veth pair, its peer moved into the
-    guest's network namespace, a route to the guest's address (and the host address)."""
+    guest's network namespace, a route to each of the guest's addresses on it (or the
+    host address)."""
     made = []
     try:
-        for i, itf in enumerate(cfg.interfaces):
+        for i, addrs in enumerate(links(cfg)):
             host, peer = _host_dev(cfg, i), f"vsp{pid}.{i}"[:15]
             _ip("link", "add", host, "type", "veth", "peer", "name", peer)
             made.append(host)
             _ip("link", "set", peer, "netns", str(pid))
-            if itf.host_ip is not None:
-                _ip("addr", "add", f"{itf.host_ip}/{itf.ip.network.prefixlen}", "dev", host)
+            for itf in addrs:
+                if itf.host_ip is not None:
+                    _ip("addr", "add", f"{itf.host_ip}/{itf.ip.network.prefixlen}", "dev", host)
             _ip("link", "set", host, "up")
-            if itf.host_ip is None:
-                _ip("route", "add", str(itf.ip.ip), "dev", host)
+            for itf in addrs:
+                if itf.host_ip is None:
+                    _ip("route", "add", str(itf.ip.ip), "dev", host)
     except ConfigError:
         for d in made:
             subprocess.run(["ip", "link", "del", d], capture_output=True)
@@ -68,10 +80,16 @@ def host_side(cfg: GuestConfig, pid: int) -> list[str]:
 
 def guest_side(cfg: GuestConfig) -> None:
     """Inside the new network namespace (the host's ``ip``, never the guest's)."""
-    for i, itf in enumerate(cfg.interfaces):
+    default = False
+    for i, addrs in enumerate(links(cfg)):
         peer = f"vsp{os.getpid()}.{i}"[:15]
-        _ip("link", "set", peer, "name", itf.name)
-        _ip("addr", "add", str(itf.ip), "dev", itf.name)
-        _ip("link", "set", itf.name, "up")
-        if itf.host_ip is not None and i == 0:
-            _ip("route", "add", "default", "via", str(itf.host_ip))
+        name = addrs[0].name
+        _ip("link", "set", peer, "name", name)
+        for itf in addrs:
+            bcast = ["broadcast", str(itf.broadcast)] if itf.broadcast is not None else []
+            _ip("addr", "add", str(itf.ip), *bcast, "dev", name)
+        _ip("link", "set", name, "up")
+        for itf in addrs:
+            if itf.host_ip is not None and not default:
+                _ip("route", "add", "default", "via", str(itf.host_ip))
+                default = True

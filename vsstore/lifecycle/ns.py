@@ -163,3 +163,12 @@ def link_up(name: str) -> None:
         req = struct.pack(_IFREQ, name.encode(), 0)
         flags = struct.unpack(_IFREQ, fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack(_IFREQ, name.encode(), flags | IFF_UP))
+
+
+def set_uts(nodename: str, domainname: str | None = None) -> None:
+    """The host and (NIS) domain name of this process's UTS namespace (util-vserver's
+    ``uts/nodename`` and ``uts/domainname``)."""
+    socket.sethostname(nodename)
+    if domainname is not None:
+        raw = domainname.encode()
+        _check(_libc.setdomainname(raw, ctypes.c_size_t(len(raw))), "setdomainname")

@@ -30,7 +30,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -333,7 +332,7 @@ def _setup(
     try:
         network.guest_side(cfg)
         tree = mounts.bind_root(cfg, source)
-        socket.sethostname(cfg.nodename)
+        ns.set_uts(cfg.nodename, cfg.domainname)
         cg = cgroups.of(cfg.cgroup_dirs)
         if cg is not None:
             cg.join()  # init and everything it starts are charged to the guest
