@@ -39,6 +39,9 @@ APPLETS = [
 
 
 IDLE = 'trap "exit 0" TERM; while :; do sleep 1 & wait; done'
+# an init whose processes do not change from one moment to the next (IDLE forks a sleep a
+# second), for tests that count them twice
+STEADY = 'trap "exit 0" TERM; sleep 100000 & while :; do wait; done'
 
 
 CORPUS = Path(os.environ.get("VSSTORE_BENCH_CACHE", "/var/cache/vsstore-bench")) / "debian"

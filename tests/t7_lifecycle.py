@@ -12,6 +12,7 @@ import sys
 from guests import (
     BUSYBOX,
     IDLE,
+    STEADY,
     debian_guest,
     eventually,
     gone,
@@ -278,8 +279,8 @@ def test_sysv_style_keeps_the_guest_up_after_rc_returns(vs, host):
 
 
 def test_vserver_stat_agrees_with_an_independent_count(vs, host):
-    vs.guest("g1", init="sleep 1000 & sleep 1000 & " + IDLE)
-    vs.guest("g2")
+    vs.guest("g1", init="sleep 1000 & sleep 1000 & " + STEADY)
+    vs.guest("g2", init=STEADY)
     vs("start", "g1")
     vs("start", "g2")
     rows = {r["name"]: r for r in vs.stat()}
