@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 
+from conftest import TEST_TMP, Host
 from vsstore.attrs import unseal_tree
 
 # XFS refuses to make a filesystem below 300 MiB; btrfs wants about 110.
@@ -65,6 +67,28 @@ def loop_fs(at: Path, kind: str, size_mib: int | None = None) -> Iterator[Path]:
         stack.callback(_umount, at)
         stack.callback(lambda: unseal_tree(at))  # runs first: immutable files block nothing
         yield at
+
+
+@contextmanager
+def reflink_host(kind: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
+    """A throw-away host (conftest.Host) whose guests, store and index live on a fresh
+    ``kind`` image (xfs, btrfs)."""
+    base = Path(tempfile.mkdtemp(prefix="vsstore-test-", dir=TEST_TMP))
+    try:
+        with loop_fs(base / kind, kind) as m:
+            env = {
+                "VSERVERS_CONFDIR": str(m / "etc" / "vservers"),
+                "VSERVERS_ROOT": str(m / "vservers"),
+                "VSSTORE_STATEDIR": str(m / "state"),
+                "VSSTORE_RUNDIR": str(m / "run"),
+                "VSSTORE_LOGDIR": str(m / "log"),
+            }
+            for k, v in env.items():
+                monkeypatch.setenv(k, v)
+            (m / "vservers").mkdir()
+            yield Host(m, env)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _umount(at: Path) -> None:

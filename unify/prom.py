@@ -105,6 +105,8 @@ def run_metrics(summary: dict[str, object], finished: float, exit_code: int) -> 
         ("errors", "Files the last run skipped with an error."),
         ("skipped_busy", "Files skipped because someone was writing them."),
         ("skipped_changed", "Files skipped because they changed meanwhile."),
+        ("files_deduped", "Files whose extents the last run shared (XFS, btrfs)."),
+        ("bytes_deduped", "Bytes of the files whose extents the last run shared."),
     ):
         m.gauge(f"vsstore_run_{key}", help_, int(_number(summary, key)))
     return m
