@@ -26,6 +26,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .syscalls import fs_type
+
 # linux/fs.h: _IOWR(0x94, 54, struct file_dedupe_range)
 FIDEDUPERANGE = 0xC0189436
 FILE_DEDUPE_RANGE_SAME = 0
@@ -180,6 +182,22 @@ def extents(fd: int, sync: bool = False) -> list[Extent]:
         if last or mapped < _EXTENTS_PER_CALL:
             return out
         start = out[-1].logical + out[-1].length
+
+
+XFS_MAGIC = 0x58465342
+BTRFS_MAGIC = 0x9123683E
+
+
+def may_share(fd: int) -> bool:
+    """Whether the filesystem of ``fd`` is one whose files can share extents (by its type,
+    without writing anything: what a report asks; a run probes)."""
+    return fs_type(fd) in (XFS_MAGIC, BTRFS_MAGIC)
+
+
+def shared_ranges(fd: int) -> list[tuple[int, int]]:
+    """(physical start, end) of the file's extents the filesystem says are shared (with any
+    file), where they have a place on the device."""
+    return [(e.physical, e.physical + e.length) for e in extents(fd) if e.shared and e.located]
 
 
 def shared_bytes(fd: int) -> int:
