@@ -185,3 +185,16 @@ def test_ext4_guests_behave_as_before(host: Host) -> None:
     assert "--reflink-only" in p.stderr and "XFS" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert flags(a / "etc/big.db") == "uia"
+
+
+def test_the_command_line_says_what_it_shared(rhost: Host) -> None:
+    rhost.guest("a", {"etc/big.db": BIG, "srv/key": BIG[:-2]})
+    rhost.guest("b", {"etc/big.db": BIG, "srv/key": BIG[:-2]})
+    p = rhost.vsunify("run", "--no-reflink", "--reflink-only", "a", "b", check=False)
+    assert p.returncode == 2 and "not allowed with" in p.stderr
+    out = rhost.run_json("--exclude", "=/srv", "a", "b")
+    assert (out["reflink"], out["files_deduped"], out["bytes_deduped"]) == ("on", 1, len(BIG))
+    line = rhost.vsunify("run", "a", "b").stdout
+    assert "0 shared extents" in line
+    rules = rhost.vsunify("excludes", "a").stdout
+    assert "=/tmp" in rules and "default list" in rules
