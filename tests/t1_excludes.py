@@ -84,6 +84,9 @@ def test_equals_rules_mean_never_touched_and_prune_the_extent_walk():
     assert ex.excluded("srv/data/x") and not ex.untouched("srv/data/x")  # extents only
     assert ex.excluded("etc/passwd") and not ex.untouched("etc/passwd")
     assert ex.untouched("tmp/x") and ex.untouched("proc/1/maps")  # built-in '=' rules
+    for secret in ("etc/shadow", "etc/gshadow-", "etc/ssh/ssh_host_ed25519_key", "root/.ssh/id"):
+        assert ex.untouched(secret), secret
+    assert not ex.untouched("etc/ssh/sshd_config") and not ex.untouched("etc/passwd")
     assert not ex.excluded("usr/bin/ls") and not ex.untouched("usr/bin/ls")
     # The hardlink walk prunes every exclude; the extent walk only what '=' covers first.
     assert ex.prune("etc") and ex.prune("srv/secret") and ex.prune("tmp")

@@ -121,6 +121,8 @@ def report_metrics(rep: Report) -> Metrics:
         ("disk_bytes", "Bytes on disk of the distinct inodes."),
         ("shared_bytes", "Bytes on disk of inodes shared with other guests."),
         ("saved_bytes", "Bytes the sharing saves."),
+        ("hardlink_saved_bytes", "Bytes shared inodes (hardlinks) save."),
+        ("extent_saved_bytes", "Bytes extents shared between inodes save (XFS, btrfs)."),
     ):  # GuestFigures' fields
         for g, fig in sorted(rep.guests.items()):
             m.gauge(f"vsstore_guest_{key}", help_ + " Per guest.", getattr(fig, key), guest=g)
