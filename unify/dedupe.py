@@ -49,6 +49,7 @@ class Reflink(Enum):
     ONLY = "only"
 
 
+FLUSH_ROWS = 512  # extent rows kept before they are written to the index
 BATCH = 64  # destinations held open per call (the kernel takes up to extents.MAX_DESTS)
 # The kernel refusing one destination for a reason of its own: left alone, no error.
 _LEAVE = (errno.EPERM, errno.ETXTBSY, errno.EBUSY, errno.EINVAL, errno.EACCES)
@@ -133,10 +134,14 @@ class Sharer:
         ranked = sorted(inside, key=lambda m: m.obj is None) or sorted(
             members, key=lambda m: m.obj is None
         )
-        dests = [m for m in members if m not in inside]
+        # Objects are sealed: never a destination (nor worth opening as one).
+        ids = {id(m) for m in inside}
+        dests = [m for m in members if id(m) not in ids and m.obj is None]
         for src in ranked:
             if self._share_from(src, [m for m in dests if m is not src], cluster):
-                return
+                break
+        if len(self.new_rows) >= FLUSH_ROWS:
+            self.finish()  # what is shared stays remembered if the run is killed later
 
     def _share_from(self, src: _Member, dests: list[_Member], cluster: int | None) -> bool:
         """Share ``dests`` with ``src``; False if ``src`` cannot be opened as it was seen."""
