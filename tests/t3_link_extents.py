@@ -192,6 +192,11 @@ def test_the_command_line_says_what_it_shared(rhost: Host) -> None:
     rhost.guest("b", {"etc/big.db": BIG, "srv/key": BIG[:-2]})
     p = rhost.vsunify("run", "--no-reflink", "--reflink-only", "a", "b", check=False)
     assert p.returncode == 2 and "not allowed with" in p.stderr
+    a = rhost.root / "a/etc/big.db"
+    dry = rhost.run_json("--dry-run", "--exclude", "=/srv", "a", "b")
+    assert (dry["reflink"], dry["files_deduped"], dry["bytes_deduped"]) == ("on", 1, len(BIG))
+    assert set(physical(a)).isdisjoint(physical(rhost.root / "b/etc/big.db"))
+    assert not rhost.store.exists()  # a dry run makes no store (its probe leaves nothing)
     out = rhost.run_json("--exclude", "=/srv", "a", "b")
     assert (out["reflink"], out["files_deduped"], out["bytes_deduped"]) == ("on", 1, len(BIG))
     line = rhost.vsunify("run", "a", "b").stdout
