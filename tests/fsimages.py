@@ -70,12 +70,14 @@ def loop_fs(at: Path, kind: str, size_mib: int | None = None) -> Iterator[Path]:
 
 
 @contextmanager
-def reflink_host(kind: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
+def reflink_host(
+    kind: str, monkeypatch: pytest.MonkeyPatch, size_mib: int | None = None
+) -> Iterator[Host]:
     """A throw-away host (conftest.Host) whose guests, store and index live on a fresh
     ``kind`` image (xfs, btrfs)."""
     base = Path(tempfile.mkdtemp(prefix="vsstore-test-", dir=TEST_TMP))
     try:
-        with loop_fs(base / kind, kind) as m:
+        with loop_fs(base / kind, kind, size_mib) as m:
             env = {
                 "VSERVERS_CONFDIR": str(m / "etc" / "vservers"),
                 "VSERVERS_ROOT": str(m / "vservers"),
