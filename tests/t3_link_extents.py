@@ -95,6 +95,8 @@ def test_duplicates_whose_metadata_differ_share_blocks_with_the_object(rhost: Ho
     d = rhost.guest("d", {"usr/bin/y": (BIN, 0o755, 0, 0, 1_500_000_000)})
     os.setxattr(d / "usr/bin/y", "security.capability", cap)
     before = {p: _stat(p) for p in (b / "usr/bin/y", d / "usr/bin/y")}
+    dry = unify_run("a", "b", "c", "d", dry_run=True)  # what is linked is not counted twice
+    assert (dry.files_linked, dry.files_deduped) == (1, 2)
     s = unify_run("a", "b", "c", "d")
     assert (s.files_linked, s.files_deduped, s.errors) == (1, 2, 0)
     obj = _object(rhost, a / "usr/bin/y")

@@ -456,7 +456,7 @@ class _Pipeline:
             if not todo or (not objs and len(todo) < 2):
                 continue
             if self.opts.dry_run:
-                _dry(todo, objs, self.linker.stats)
+                _dry(todo, objs, self.linker.stats, self.linker.forget)
             else:
                 self.plans.append((key, todo, objs))
 
@@ -476,8 +476,11 @@ class _Pipeline:
         self.linker.unify_all(plans, tick=self.tick)
 
 
-def _dry(todo: list[scan.InodeRec], objs: list, stats: Summary) -> None:
-    """What a real run would do with this group, without touching anything."""
+def _dry(
+    todo: list[scan.InodeRec], objs: list, stats: Summary, gone: list[tuple[int, int]]
+) -> None:
+    """What a real run would do with this group, without touching anything; ``gone``
+    hears the inodes it would replace (the extent phase leaves them out)."""
     if not objs:
         seeds = [m for m in todo if m.all_names_seen]
         if not seeds:
@@ -489,3 +492,4 @@ def _dry(todo: list[scan.InodeRec], objs: list, stats: Summary) -> None:
         stats.files_linked += len(m.names)
         if m.all_names_seen:
             stats.bytes_saved += m.size
+            gone.append((m.dev, m.ino))
