@@ -349,6 +349,9 @@ def test_report_counts_shared_extents_apart_from_hardlinks(rhost: Host) -> None:
     assert alone - t["disk_bytes"] == t["saved_bytes"]  # what they cost alone minus together
     table = rhost.vsunify("report", "--all", "--no-record").stdout
     assert "by shared extents" in table
+    page = rhost.base / "report.html"
+    rhost.vsunify("report", "--all", "--no-record", "--html", str(page))
+    assert f"{human(ext)} by shared extents" in page.read_text()
     prom = rhost.base / "report.prom"
     rhost.vsunify("report", "--all", "--no-record", "--prom", str(prom))
     assert f"vsstore_host_extent_saved_bytes {ext}" in prom.read_text().splitlines()
