@@ -7,6 +7,7 @@ ext4 guests behave as before."""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,3 +206,23 @@ def test_the_command_line_says_what_it_shared(rhost: Host) -> None:
     assert "0 shared extents" in line
     rules = rhost.vsunify("excludes", "a").stdout
     assert "=/tmp" in rules and "default list" in rules
+
+
+def test_files_already_sharing_the_sources_blocks_are_not_compared_again(rhost: Host) -> None:
+    """A reflink copy (what `build -m clone` makes) is found in place by FIEMAP: remembered,
+    not handed to the kernel to read and compare again."""
+    a = rhost.guest("a", {"etc/big.db": BIG})
+    b = rhost.guest("b", {})
+    (b / "etc").mkdir()
+    subprocess.run(
+        ["cp", "-a", "--reflink=always", str(a / "etc/big.db"), str(b / "etc")], check=True
+    )
+    rhost.guest("c", {"etc/big.db": BIG})
+    s = unify_run("a", "b", "c")
+    assert (s.files_deduped, s.errors) == (1, 0)  # c only
+    assert (
+        physical(a / "etc/big.db")
+        == physical(b / "etc/big.db")
+        == physical(rhost.root / "c/etc/big.db")
+    )
+    assert unify_run("a", "b", "c").files_deduped == 0

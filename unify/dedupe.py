@@ -78,6 +78,18 @@ class _Member:
     cluster: int | None  # from its index row, while that is valid
 
 
+def _placed(fd: int) -> list[tuple[int, int, int]] | None:
+    """Where the file's data lies (logical, physical, length per extent), if every extent
+    has a place on the device and is shared; None otherwise (then it must be compared)."""
+    try:
+        got = extents.extents(fd)
+    except OSError:
+        return None
+    if not got or not all(e.located and e.shared for e in got):
+        return None
+    return [(e.logical, e.physical, e.length) for e in got]
+
+
 class Sharer:
     """Shares the extents of one group at a time; the index rows follow at ``finish``.
     ``stats``: the run's Summary (files_deduped, bytes_deduped, errors, messages)."""
@@ -158,19 +170,29 @@ class Sharer:
             cid = cluster if cluster is not None else src.ino
             if src.cluster != cid:
                 self._remember(src, sfd, cid)
+            where = _placed(sfd)
             for start in range(0, len(dests), BATCH):
-                self._batch(sfd, dests[start : start + BATCH], cid)
+                self._batch(sfd, dests[start : start + BATCH], cid, where)
         finally:
             os.close(sfd)
         return True
 
-    def _batch(self, sfd: int, dests: list[_Member], cid: int) -> None:
+    def _batch(
+        self, sfd: int, dests: list[_Member], cid: int, where: list[tuple[int, int, int]] | None
+    ) -> None:
         opened: list[tuple[_Member, int]] = []
         try:
             for m in dests:
                 fd = self._open(m, dest=True)
-                if fd is not None:
-                    opened.append((m, fd))
+                if fd is None:
+                    continue
+                if where is not None and _placed(fd) == where:
+                    # Already the source's blocks (a reflink copy, an earlier dedupe): the
+                    # kernel would read both to compare for nothing; remembered as shared.
+                    self._remember(m, fd, cid)
+                    os.close(fd)
+                    continue
+                opened.append((m, fd))
             if not opened:
                 return
             point("dedupe", paths=[m.rec.names[0] for m, _ in opened if m.rec is not None])
