@@ -186,7 +186,12 @@ class Sharer:
                 fd = self._open(m, dest=True)
                 if fd is None:
                     continue
-                if where is not None and _placed(fd) == where:
+                if (
+                    where is not None
+                    and _placed(fd) == where
+                    and m.rec is not None
+                    and m.rec.same_stat(os.fstat(fd))  # nobody wrote it meanwhile
+                ):
                     # Already the source's blocks (a reflink copy, an earlier dedupe): the
                     # kernel would read both to compare for nothing; remembered as shared.
                     self._remember(m, fd, cid)
