@@ -320,8 +320,11 @@ class Index:
             self.db.executemany("INSERT OR REPLACE INTO inode VALUES (?,?,?,?,?,?,?,?,?)", rows)
 
     def forget(self, dev: int, inos: Iterable[int]) -> None:
+        """Inodes that are no more (their cache and extent rows)."""
+        keys = [(dev, i) for i in inos]
         with self.transaction():
-            self.db.executemany("DELETE FROM inode WHERE dev=? AND ino=?", ((dev, i) for i in inos))
+            self.db.executemany("DELETE FROM inode WHERE dev=? AND ino=?", keys)
+            self.db.executemany("DELETE FROM extent WHERE dev=? AND ino=?", keys)
 
     # -- extent sharing ----------------------------------------------------------------
 
