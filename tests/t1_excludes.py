@@ -77,6 +77,27 @@ def test_prune_only_when_no_include_can_reach_below():
     assert not rules("+~*.so", "/usr").prune("usr")  # a '~' include can match anywhere
 
 
+def test_equals_rules_mean_never_touched_and_prune_the_extent_walk():
+    ex = build_excludes(cli=["=/srv/secret", "=~*.key", "-/srv/data"])
+    assert ex.excluded("srv/secret/x") and ex.untouched("srv/secret/x")
+    assert ex.untouched("opt/site.key") and ex.match("opt/site.key").text == "=~*.key"
+    assert ex.excluded("srv/data/x") and not ex.untouched("srv/data/x")  # extents only
+    assert ex.excluded("etc/passwd") and not ex.untouched("etc/passwd")
+    assert ex.untouched("tmp/x") and ex.untouched("proc/1/maps")  # built-in '=' rules
+    for secret in ("etc/shadow", "etc/gshadow-", "etc/ssh/ssh_host_ed25519_key", "root/.ssh/id"):
+        assert ex.untouched(secret), secret
+    assert not ex.untouched("etc/ssh/sshd_config") and not ex.untouched("etc/passwd")
+    assert not ex.excluded("usr/bin/ls") and not ex.untouched("usr/bin/ls")
+    # The hardlink walk prunes every exclude; the extent walk only what '=' covers first.
+    assert ex.prune("etc") and ex.prune("srv/secret") and ex.prune("tmp")
+    assert not ex.prune_untouched("etc") and not ex.prune_untouched("srv/data")
+    assert ex.prune_untouched("tmp") and ex.prune_untouched("proc/1")
+    assert ex.prune_untouched("srv/secret")
+    assert rules("=/srv/secret", "+/srv/secret/pub").prune_untouched("srv/secret")
+    assert not rules("/srv/secret/pub", "=/srv/secret").prune_untouched("srv/secret")
+    assert not rules("~*.db", "=/srv").prune_untouched("srv")  # a '~' rule reaches below
+
+
 @pytest.mark.parametrize("bad", ["etc/passwd", "~a/b", "/usr/[abc", "~"])
 def test_bad_rules_are_rejected(bad):
     with pytest.raises(ValueError):

@@ -7,8 +7,13 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from html.parser import HTMLParser
 
+import pytest
+from fsimages import REFLINK_KINDS, physical, reflink_host
+
+from conftest import Host
 from unify.progress import human
 
 BIG = b"B" * 300_000  # in all four guests
@@ -311,3 +316,42 @@ def test_memory_figures_as_text_json_html_and_prometheus(monkeypatch):
     assert page.cells[-8:] == ["g1", "2", "1.1 MiB", "1.1 MiB", "g2", "1", "886.9 KiB", "878.9 KiB"]
     nobody = memory.measure({})
     assert report.format_memory(nobody) == "\nmemory: no guest is running"
+
+
+@pytest.fixture(params=REFLINK_KINDS)
+def rhost(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
+    with reflink_host(request.param, monkeypatch) as h:
+        yield h
+
+
+def test_report_counts_shared_extents_apart_from_hardlinks(rhost: Host) -> None:
+    """Three guests: a binary hardlinked in all three, a database deduped between a and b.
+    The report's figures against FIEMAP's and stat's own."""
+    db = os.urandom(1 << 20) + b"db"
+    for i, g in enumerate("abc"):
+        files = {"usr/bin/x": BIG, f"etc/own-{g}": OWN * (500 + i)}
+        if g in "ab":
+            files["etc/app.db"] = db
+        rhost.guest(g, files)
+    rhost.vsunify("run", "--all")
+    rep = json.loads(rhost.vsunify("report", "--json", "--all").stdout)
+    a, b = rhost.root / "a/etc/app.db", rhost.root / "b/etc/app.db"
+    assert physical(a) == physical(b) and os.stat(a).st_ino != os.stat(b).st_ino
+    ext = sum(length for _, length in physical(a))
+    x = os.stat(rhost.root / "a/usr/bin/x").st_blocks * 512
+    g, t = rep["guests"], rep["total"]
+    assert (t["hardlink_saved_bytes"], t["extent_saved_bytes"]) == (2 * x, ext)
+    assert t["saved_bytes"] == 2 * x + ext
+    assert [g[n]["extent_saved_bytes"] for n in "abc"] == [ext // 2, ext // 2, 0]
+    assert [g[n]["extent_shared_bytes"] for n in "abc"] == [ext, ext, 0]
+    assert g["a"]["saved_bytes"] == g["a"]["hardlink_saved_bytes"] + ext // 2
+    alone = sum(g[n]["disk_bytes"] for n in "abc")
+    assert alone - t["disk_bytes"] == t["saved_bytes"]  # what they cost alone minus together
+    table = rhost.vsunify("report", "--all", "--no-record").stdout
+    assert "by shared extents" in table
+    page = rhost.base / "report.html"
+    rhost.vsunify("report", "--all", "--no-record", "--html", str(page))
+    assert f"{human(ext)} by shared extents" in page.read_text()
+    prom = rhost.base / "report.prom"
+    rhost.vsunify("report", "--all", "--no-record", "--prom", str(prom))
+    assert f"vsstore_host_extent_saved_bytes {ext}" in prom.read_text().splitlines()

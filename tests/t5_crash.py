@@ -10,6 +10,7 @@ import signal
 import sqlite3
 
 import pytest
+from fsimages import physical, reflink_host
 
 from conftest import flags, snapshot
 
@@ -101,3 +102,31 @@ def test_kill_with_hostile_names_in_flight(host, point):
             == os.stat(host.root / "g1/usr/lib" / n).st_ino
         )
         assert flags(host.root / "g0/usr/lib" / n) == "UIa"
+
+
+@pytest.fixture
+def xfs_host(monkeypatch):
+
+    with reflink_host("xfs", monkeypatch) as h:
+        yield h
+
+
+@pytest.mark.parametrize("nth", [1, 3])
+def test_kill_in_the_extent_phase(xfs_host, nth):
+    """On XFS, killed just before a FIDEDUPERANGE call: nothing of any guest changed, and
+    the next run shares what is left (the kernel's call is the only step: no journal)."""
+    host = xfs_host
+    rnd = random.Random(2)
+    etc = {f"etc/conf{i}": rnd.randbytes(rnd.randint(5000, 90_000)) for i in range(8)}
+    for g in range(3):
+        host.guest(f"g{g}", {**etc, "usr/lib/f0": b"shared" * 100})
+    before = {f"g{g}": snapshot(host.root / f"g{g}") for g in range(3)}
+    p = host.vsunify("run", "--all", check=False, env={"VSSTORE_CRASH_AT": f"dedupe:{nth}"})
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)
+    check_nothing_lost(host, before)
+    out = host.run_json("--all")
+    assert out["errors"] == 0 and out["files_deduped"] >= 16 - (nth - 1) * 2
+    check_nothing_lost(host, before)
+    check_tidy(host)
+    for rel in etc:
+        assert len({tuple(physical(host.root / f"g{g}" / rel)) for g in range(3)}) == 1, rel

@@ -111,3 +111,43 @@ def test_package_database_keeps_every_conffile_private_and_dpkg_verify_is_clean(
             ["dpkg", "--root", str(host.root / g), "--verify"], capture_output=True, text=True
         )
         assert v.returncode == 0 and v.stdout == "", v.stdout[:2000]
+
+
+@pytest.fixture
+def xfs_host(monkeypatch):
+    from fsimages import reflink_host
+
+    with reflink_host("xfs", monkeypatch, size_mib=768) as h:
+        yield h
+
+
+def _used(mnt: Path) -> int:
+    os.sync()
+    subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)  # XFS frees unlinked inodes
+    subprocess.run(["fsfreeze", "-u", str(mnt)], check=True)
+    st = os.statvfs(mnt)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def test_two_debian_copies_on_xfs_share_etc_and_var_and_keep_every_file(xfs_host):
+    """The issue's first target as a test of space, not time: two copies of one Debian
+    guest on XFS; after a default run the second costs at most 10% of the first, every
+    file keeps its content and metadata (times included) and /etc stays the guests' own."""
+    host = xfs_host
+    base = _used(host.base)
+    subprocess.run(["cp", "-a", str(CORPUS / GUESTS[0]), str(host.root / "a")], check=True)
+    one = _used(host.base) - base
+    subprocess.run(["cp", "-a", str(CORPUS / GUESTS[0]), str(host.root / "b")], check=True)
+    before = {g: snapshot(host.root / g) for g in "ab"}
+    times = {p: os.lstat(p).st_mtime_ns for p in (host.root / "b/etc").rglob("*")}
+    out = host.run_json(str(host.root / "a"), str(host.root / "b"))
+    assert out["errors"] == 0 and out["reflink"] == "on" and out["files_deduped"] > 300
+    two = _used(host.base) - base
+    assert two - one <= 0.10 * one, (one, two)
+    assert {g: snapshot(host.root / g) for g in "ab"} == before
+    assert {p: os.lstat(p).st_mtime_ns for p in times} == times
+    passwd = host.root / "b/etc/passwd"
+    assert os.stat(passwd).st_ino != os.stat(host.root / "a/etc/passwd").st_ino
+    with open(passwd, "a") as f:  # the guest's own file: writable, the other copy unchanged
+        f.write("x:x:1234:1234::/:/bin/false\n")
+    assert (host.root / "a/etc/passwd").read_bytes() == before["a"]["etc/passwd"][0]

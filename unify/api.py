@@ -25,6 +25,7 @@ from vsstore.safetree import GuestTree
 from vsstore.store import Store
 
 from . import engine
+from .dedupe import Reflink
 from .progress import Progress, human
 
 log = logging.getLogger("vsstore")
@@ -43,6 +44,7 @@ class RunOptions:
     default_excludes: bool = True
     pkgdb_excludes: bool = True
     store: Path | None = None  # default: the store below the guests' root
+    reflink: Reflink = Reflink.AUTO  # --no-reflink: OFF, --reflink-only: ONLY
 
 
 @dataclass(slots=True)
@@ -59,10 +61,16 @@ class RunResult:
         """The run's one-line summary, as vsunify prints and logs it."""
         s = self.summary
         verb = "would link" if s.dry_run else "linked"
+        shared = ""
+        if s.reflink == "on":
+            shared = (
+                f", {s.files_deduped} {'would share' if s.dry_run else 'shared'} extents "
+                f"({human(s.bytes_deduped)})"
+            )
         return (
             f"vsunify: {s.guests} guests, {s.files_scanned} files scanned, "
             f"{s.files_hashed} hashed ({human(s.bytes_hashed)}), {s.files_linked} {verb}, "
-            f"{human(s.bytes_saved)} {'to save' if s.dry_run else 'saved'}, "
+            f"{human(s.bytes_saved)} {'to save' if s.dry_run else 'saved'}{shared}, "
             f"{s.errors} errors, {s.duration:.1f}s"
         )
 
@@ -108,6 +116,7 @@ def unify(
         immutable=opts.immutable,
         dry_run=opts.dry_run,
         jobs=opts.jobs,
+        reflink=opts.reflink,
     )
     with ExitStack() as stack:
         stack.enter_context(locked(paths, lock_wait))

@@ -21,6 +21,7 @@ from vsstore.safetree import GuestTree
 from vsstore.store import Store
 
 from . import api, htmlreport, maintain, prom, report
+from .dedupe import Reflink
 from .progress import Progress, human
 
 log = logging.getLogger("vsstore")
@@ -77,6 +78,7 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
         default_excludes=not args.no_default_excludes,
         pkgdb_excludes=not args.no_pkgdb_excludes,
         store=Path(args.store) if args.store else None,
+        reflink=args.reflink,
     )
     for msg in left_out:
         print(f"vsunify: {msg}", file=sys.stderr)
@@ -255,6 +257,24 @@ def parser() -> argparse.ArgumentParser:
         "--no-immutable",
         action="store_true",
         help="do not set FS_IMMUTABLE_FL on shared inodes (marker only)",
+    )
+    rf = r.add_mutually_exclusive_group()
+    rf.add_argument(
+        "--no-reflink",
+        action="store_const",
+        dest="reflink",
+        const=Reflink.OFF,
+        default=Reflink.AUTO,
+        help="share no extents, only hardlinks (default: where the filesystem can, "
+        "XFS with reflink or btrfs, excluded files and duplicates whose metadata differ "
+        "share their blocks)",
+    )
+    rf.add_argument(
+        "--reflink-only",
+        action="store_const",
+        dest="reflink",
+        const=Reflink.ONLY,
+        help="share extents only, link nothing (exit 7 where the filesystem cannot)",
     )
     r.add_argument(
         "--jobs",

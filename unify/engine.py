@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from vsstore.config import Guest
-from vsstore.errors import ConfigError
+from vsstore.errors import ConfigError, UnsupportedError
 from vsstore.excludes import ExcludeList
 from vsstore.hashing import content_digests, meta_class, read_xattrs
 from vsstore.index import Index
@@ -20,7 +20,8 @@ from vsstore.names import shown
 from vsstore.safetree import GuestTree
 from vsstore.store import Key, Store, StoreObject
 
-from . import apply, scan
+from . import apply, dedupe, scan
+from .dedupe import Reflink
 from .progress import Progress
 
 log = logging.getLogger("vsstore")
@@ -33,6 +34,7 @@ class Options:
     immutable: bool = True
     dry_run: bool = False
     jobs: int = 8
+    reflink: Reflink = Reflink.AUTO
     link_limit: int | None = None  # tests only
 
 
@@ -53,6 +55,9 @@ class Summary:
     skipped_busy: int = 0
     skipped_changed: int = 0
     leftovers: int = 0
+    files_deduped: int = 0  # files whose extents this run shared (FIDEDUPERANGE)
+    bytes_deduped: int = 0  # ... and their sizes
+    reflink: str = "off"  # "on", "off", or "unavailable: WHY"
     duration: float = 0.0
     dry_run: bool = False
     messages: list[str] = field(default_factory=list)
@@ -105,7 +110,10 @@ def _hash_one(rec: scan.InodeRec) -> Hashed | str | None:
     it simply went away (a guest deleting or replacing files is no error)."""
     tree, rel = rec.names[0]
     try:
-        fd = tree.open_regular(rel, expect=(rec.dev, rec.ino))
+        try:  # reading leaves the atime alone too (O_NOATIME: the owner or CAP_FOWNER)
+            fd = tree.open_regular(rel, expect=(rec.dev, rec.ino), flags=os.O_RDONLY | os.O_NOATIME)
+        except PermissionError:
+            fd = tree.open_regular(rel, expect=(rec.dev, rec.ino))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
@@ -142,10 +150,11 @@ def run(
     summ = Summary(guests=len(guests), dry_run=opts.dry_run)
     if not opts.dry_run:  # 0. What a crashed run left in flight: finished or undone.
         summ.messages += apply.recover(index, store, opts.immutable)
+    extents_on = _extents_available(store, opts, summ)
     trees = open_trees(guests, store)
     try:
         objects = _Objects.scan(store)
-        sc = _walk(trees, excludes, opts, objects, summ, prog)
+        sc = _walk(trees, excludes, opts, objects, summ, prog, extents_on)
         by_size, to_hash = _look_up(sc, objects, index)
         linker = apply.Linker(
             store,
@@ -169,6 +178,8 @@ def run(
         _hash_and_link(pipe, to_hash, prog)
         if not opts.dry_run:
             _record(index, linker)
+        if extents_on:
+            _share_extents(sc, store, index, opts, summ, prog, set(linker.forget))
     finally:
         prog.done()
         for t in trees:
@@ -176,6 +187,23 @@ def run(
     summ.duration = time.monotonic() - t0
     index.record_run(started, summ.duration, len(guests), asdict(summ), opts.dry_run)
     return summ
+
+
+def _extents_available(store: Store, opts: Options, summ: Summary) -> bool:
+    """0b. Whether this run shares extents: asked for, and the store's filesystem can."""
+    if opts.reflink is Reflink.OFF:
+        return False
+    why = dedupe.unavailable(store)
+    if why is None:
+        summ.reflink = "on"
+        return True
+    if opts.reflink is Reflink.ONLY:
+        raise UnsupportedError(
+            f"--reflink-only: {shown(store.path)}: {why}; put the guests on XFS "
+            f"(mkfs.xfs -m reflink=1) or btrfs, or leave --reflink-only out"
+        )
+    summ.reflink = f"unavailable: {why}"
+    return False
 
 
 @dataclass(slots=True)
@@ -210,8 +238,10 @@ def _walk(
     objects: _Objects,
     summ: Summary,
     prog: Progress,
+    extents_on: bool = False,
 ) -> scan.Scan:
-    """2. Walk the guests: an InodeRec per candidate inode, with every name seen."""
+    """2. Walk the guests: an InodeRec per candidate inode, with every name seen (and,
+    when extents are shared, the private ones too)."""
     prog.phase("scan")
     sc = scan.scan(
         trees,
@@ -220,6 +250,8 @@ def _walk(
         tick=lambda n, b: prog.update(n, b),
         known=objects.known,
         jobs=2,
+        link=opts.reflink is not Reflink.ONLY,
+        extents=extents_on,
     )
     summ.files_scanned = sc.files_scanned
     summ.errors += sc.errors
@@ -243,13 +275,20 @@ def _look_up(
     those inodes (returned by size), the ones the index knows unchanged take their
     digests from it; the others (returned second) are to be hashed."""
     size_count = Counter(r.size for r in sc.inodes.values())
-    cache: dict[int, dict] = {}
     by_size: dict[int, list[scan.InodeRec]] = {}
-    to_hash: list[scan.InodeRec] = []
     for rec in sc.inodes.values():
         if size_count[rec.size] < 2 and rec.size not in objects.sizes:
             continue
         by_size.setdefault(rec.size, []).append(rec)
+    return by_size, _from_index([r for rs in by_size.values() for r in rs], index)
+
+
+def _from_index(recs: list[scan.InodeRec], index: Index) -> list[scan.InodeRec]:
+    """Digests of ``recs`` the index knows for their unchanged inodes; the others are
+    returned, to be hashed."""
+    cache: dict[int, dict] = {}
+    to_hash: list[scan.InodeRec] = []
+    for rec in recs:
         rows = cache.get(rec.dev)
         if rows is None:
             rows = cache[rec.dev] = index.load(rec.dev)
@@ -264,7 +303,59 @@ def _look_up(
             rec.meta, rec.meta_any = c.meta, c.meta_any
         else:
             to_hash.append(rec)
-    return by_size, to_hash
+    return to_hash
+
+
+def _share_extents(
+    sc: scan.Scan,
+    store: Store,
+    index: Index,
+    opts: Options,
+    summ: Summary,
+    prog: Progress,
+    gone: set[tuple[int, int]],
+) -> None:
+    """7. Extents: the private inodes and those the hardlinks left (their metadata
+    differ), grouped with the store's objects (the ones this run made too) by size and
+    digest, share their blocks (unify/dedupe.py).  Only sizes held twice are read."""
+    prog.phase("extents")
+    objs = [o for group in store.scan().values() for o in group]
+    obj_inos = {(store.dev, o.ino) for o in objs}
+    cands = [
+        r
+        for r in (*sc.private.values(), *sc.inodes.values())
+        if (r.dev, r.ino) not in obj_inos and (r.dev, r.ino) not in gone
+    ]
+    size_count = Counter(r.size for r in cands) + Counter(o.size for o in objs)
+    cands = [r for r in cands if size_count[r.size] >= 2]
+    to_hash = _from_index([r for r in cands if r.digest is None], index)
+    rows = []
+    chunks = [to_hash[i : i + CHUNK_FILES] for i in range(0, len(to_hash), CHUNK_FILES)]
+    with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+        for chunk, results in zip(chunks, pool.map(_hash_chunk, chunks), strict=True):
+            for rec, res in zip(chunk, results, strict=True):
+                if isinstance(res, str):
+                    summ.errors += 1
+                    summ.messages.append(res)
+                    log.warning("%s", res)
+                elif res is not None:
+                    rec.digest, rec.strong, rec.meta, rec.meta_any = res
+                    summ.files_hashed += 1
+                    summ.bytes_hashed += rec.size
+                    rows.append((rec.dev, rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns, *res))
+    if rows and not opts.dry_run:
+        index.store(rows)
+    groups: dict[tuple[int, bytes], list[scan.InodeRec]] = {}
+    for r in cands:
+        if r.digest is not None:
+            groups.setdefault((r.size, r.digest), []).append(r)
+    by_digest: dict[tuple[int, bytes], list[StoreObject]] = {}
+    for o in objs:
+        by_digest.setdefault((o.size, o.key[0]), []).append(o)
+    sharer = dedupe.Sharer(store, index, summ, opts.dry_run)
+    for key, recs in groups.items():
+        sharer.share(recs, by_digest.get(key, []))
+    sharer.finish()
 
 
 def _hash_and_link(pipe: _Pipeline, to_hash: list[scan.InodeRec], prog: Progress) -> None:
@@ -365,7 +456,7 @@ class _Pipeline:
             if not todo or (not objs and len(todo) < 2):
                 continue
             if self.opts.dry_run:
-                _dry(todo, objs, self.linker.stats)
+                _dry(todo, objs, self.linker.stats, self.linker.forget)
             else:
                 self.plans.append((key, todo, objs))
 
@@ -385,8 +476,11 @@ class _Pipeline:
         self.linker.unify_all(plans, tick=self.tick)
 
 
-def _dry(todo: list[scan.InodeRec], objs: list, stats: Summary) -> None:
-    """What a real run would do with this group, without touching anything."""
+def _dry(
+    todo: list[scan.InodeRec], objs: list, stats: Summary, gone: list[tuple[int, int]]
+) -> None:
+    """What a real run would do with this group, without touching anything; ``gone``
+    hears the inodes it would replace (the extent phase leaves them out)."""
     if not objs:
         seeds = [m for m in todo if m.all_names_seen]
         if not seeds:
@@ -398,3 +492,4 @@ def _dry(todo: list[scan.InodeRec], objs: list, stats: Summary) -> None:
         stats.files_linked += len(m.names)
         if m.all_names_seen:
             stats.bytes_saved += m.size
+            gone.append((m.dev, m.ino))

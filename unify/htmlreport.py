@@ -104,6 +104,18 @@ def _guest_svg(guests: dict[str, GuestFigures], w: int = 640) -> str:
     )
 
 
+def _split(rep: Report) -> str:
+    """What shared inodes and shared extents each save (XFS, btrfs), when extents count."""
+    t = rep.total
+    if not (t.extent_saved_bytes or t.extent_shared_bytes):
+        return ""
+    return (
+        f'<p id="split">{escape(human(t.hardlink_saved_bytes))} by shared inodes '
+        f"(hardlinks: disk and page cache), {escape(human(t.extent_saved_bytes))} by shared "
+        f"extents (disk only; the guests keep their own files).</p>"
+    )
+
+
 def render(rep: Report) -> str:
     guests, total = rep.guests, rep.total
     out = [
@@ -116,6 +128,7 @@ def render(rep: Report) -> str:
         f" saved: the guests take {escape(human(total.disk_bytes))} on disk "
         f"together, {escape(human(total.disk_bytes + total.saved_bytes))} "
         f"alone ({rep.share_ratio:.0%} saved).</p>",
+        _split(rep),
         "<h2>Saved over time</h2>",
         _trend_svg(rep.history.snapshots if rep.history is not None else []),
         "<h2>Per guest</h2>",

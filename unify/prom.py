@@ -105,6 +105,8 @@ def run_metrics(summary: dict[str, object], finished: float, exit_code: int) -> 
         ("errors", "Files the last run skipped with an error."),
         ("skipped_busy", "Files skipped because someone was writing them."),
         ("skipped_changed", "Files skipped because they changed meanwhile."),
+        ("files_deduped", "Files whose extents the last run shared (XFS, btrfs)."),
+        ("bytes_deduped", "Bytes of the files whose extents the last run shared."),
     ):
         m.gauge(f"vsstore_run_{key}", help_, int(_number(summary, key)))
     return m
@@ -119,6 +121,8 @@ def report_metrics(rep: Report) -> Metrics:
         ("disk_bytes", "Bytes on disk of the distinct inodes."),
         ("shared_bytes", "Bytes on disk of inodes shared with other guests."),
         ("saved_bytes", "Bytes the sharing saves."),
+        ("hardlink_saved_bytes", "Bytes shared inodes (hardlinks) save."),
+        ("extent_saved_bytes", "Bytes extents shared between inodes save (XFS, btrfs)."),
     ):  # GuestFigures' fields
         for g, fig in sorted(rep.guests.items()):
             m.gauge(f"vsstore_guest_{key}", help_ + " Per guest.", getattr(fig, key), guest=g)

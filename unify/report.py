@@ -4,15 +4,24 @@ For every regular file name: apparent bytes (st_size).  For every distinct inode
 disk (st_blocks * 512), counted once per guest and once for the host.  An inode held by k
 guests saves (k-1) copies on the host; each of those guests is credited (k-1)/k of it, so the
 guests' savings add up to the host's.
+
+On XFS and btrfs distinct inodes may also share extents (FIEMAP's shared flag and physical
+place): a stretch of the device that m guests reach, through any of their inodes, is
+counted once for the host and once per guest, and each of those guests is credited
+(m-1)/m of it, hardlinks included.  ``hardlink_saved_bytes`` is what the inodes alone save
+(the figure without extents), ``extent_saved_bytes`` what shared extents add.
 """
 
 from __future__ import annotations
 
 import heapq
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from vsstore import extents
+from vsstore.extents import may_share
 from vsstore.index import RunRecord, Snapshot
 from vsstore.memory import Measurement
 from vsstore.names import shown
@@ -31,6 +40,9 @@ class GuestFigures:
     saved_bytes: int = 0
     # bytes on disk of this guest's inodes that k other guests share too: {k: bytes}
     shared_with: dict[int, int] = field(default_factory=dict)
+    hardlink_saved_bytes: int = 0  # saved by shared inodes
+    extent_saved_bytes: int = 0  # saved by extents shared between distinct inodes
+    extent_shared_bytes: int = 0  # its bytes in extents another guest's inode shares
 
     @property
     def share_ratio(self) -> float:
@@ -46,6 +58,9 @@ class GuestFigures:
             "saved_bytes": self.saved_bytes,
             "share_ratio": self.share_ratio,
             "shared_with": {str(k): v for k, v in sorted(self.shared_with.items())},
+            "hardlink_saved_bytes": self.hardlink_saved_bytes,
+            "extent_saved_bytes": self.extent_saved_bytes,
+            "extent_shared_bytes": self.extent_shared_bytes,
         }
 
 
@@ -152,10 +167,12 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
     blocks: dict[tuple[int, int], int] = {}
     first_name: dict[tuple[int, int], str] = {}
     per_guest_inodes: dict[str, set[tuple[int, int]]] = {}
+    ranges: dict[tuple[int, int], list[tuple[int, int]]] = {}  # shared extents, by inode
     for t in trees:
         gname = shown(t.name)  # as every figure and table names the guest
         g = rep.guests[gname] = GuestFigures()
         inos = per_guest_inodes[gname] = set()
+        sharing = may_share(t.fd)
         for rel, st in t.walk():
             g.files += 1
             g.apparent_bytes += st.st_size
@@ -165,6 +182,8 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
                 blocks[k] = st.st_blocks * 512
                 holders.setdefault(k, set()).add(gname)
                 first_name.setdefault(k, t.where(rel))
+                if sharing and k not in ranges and st.st_blocks:
+                    ranges[k] = _shared_ranges(t, rel, k)
     for name, inos in per_guest_inodes.items():
         g = rep.guests[name]
         saved = 0.0
@@ -176,7 +195,9 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
                 g.shared_bytes += b
                 g.shared_with[n - 1] = g.shared_with.get(n - 1, 0) + b
                 saved += b * (n - 1) / n
-        g.saved_bytes = round(saved)
+        g.saved_bytes = g.hardlink_saved_bytes = round(saved)
+    hardlink_saved = sum(g.disk_bytes for g in rep.guests.values()) - sum(blocks.values())
+    together = sum(blocks.values()) - _count_extents(rep, holders, ranges)
     top = heapq.nlargest(
         TOP_SHARED, ((blocks[k] * (len(h) - 1), k) for k, h in holders.items() if len(h) > 1)
     )
@@ -186,9 +207,12 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
     tot = rep.total
     tot.files = sum(g.files for g in rep.guests.values())
     tot.apparent_bytes = sum(g.apparent_bytes for g in rep.guests.values())
-    tot.disk_bytes = sum(blocks.values())
+    tot.disk_bytes = together
     tot.shared_bytes = sum(b for k, b in blocks.items() if len(holders[k]) > 1)
     tot.saved_bytes = sum(g.disk_bytes for g in rep.guests.values()) - tot.disk_bytes
+    tot.hardlink_saved_bytes = hardlink_saved
+    tot.extent_saved_bytes = tot.saved_bytes - hardlink_saved
+    tot.extent_shared_bytes = sum(g.extent_shared_bytes for g in rep.guests.values())
     if store is not None:
         objs = [o for os_ in store.scan().values() for o in os_]
         links = Counter(o.nlink - 1 for o in objs)
@@ -202,6 +226,69 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
             dict(links),
         )
     return rep
+
+
+def _shared_ranges(t: GuestTree, rel: str, k: tuple[int, int]) -> list[tuple[int, int]]:
+    """The inode's shared extents on the device (none if it cannot be read as seen)."""
+    try:
+        fd = t.open_regular(rel, expect=k, flags=os.O_RDONLY | os.O_NOATIME)
+    except OSError:
+        return []
+    try:
+        return extents.shared_ranges(fd)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+
+
+def _count_extents(
+    rep: Report,
+    holders: dict[tuple[int, int], set[str]],
+    ranges: dict[tuple[int, int], list[tuple[int, int]]],
+) -> int:
+    """Shared extents between distinct inodes: each stretch of the device that several
+    inodes reach is taken off the guests' disk bytes (once per guest: what it would cost
+    alone) and their savings are moved from per-inode to per-stretch credit ((m-1)/m for m
+    guests reaching it).  Returns the bytes to take off the host's sum of inodes."""
+    events: list[tuple[int, int, int, tuple[int, int]]] = []
+    for k, rs in ranges.items():
+        for start, end in rs:
+            events.append((k[0], start, 1, k))
+            events.append((k[0], end, -1, k))
+    events.sort(key=lambda e: (e[0], e[1], e[2]))
+    active: Counter[tuple[int, int]] = Counter()
+    extra: dict[str, float] = {}
+    off_host = 0
+    prev: tuple[int, int] | None = None
+    for dev, pos, delta, k in events:
+        if prev is not None and prev[0] == dev and pos > prev[1] and len(active) > 1:
+            length = pos - prev[1]
+            inodes = list(active)
+            off_host += length * (len(inodes) - 1)
+            reach: Counter[str] = Counter()
+            for i in inodes:
+                reach.update(holders[i])
+            m = len(reach)
+            for gname, n in reach.items():
+                g = rep.guests[gname]
+                g.disk_bytes -= length * (n - 1)
+                g.extent_shared_bytes += length if m > 1 else 0
+                was = sum(
+                    length * (len(holders[i]) - 1) / len(holders[i])
+                    for i in inodes
+                    if gname in holders[i]
+                )
+                extra[gname] = extra.get(gname, 0.0) + length * (m - 1) / m - was
+        active[k] += delta
+        if not active[k]:
+            del active[k]
+        prev = (dev, pos)
+    for gname, x in extra.items():
+        g = rep.guests[gname]
+        g.extent_saved_bytes = round(x)
+        g.saved_bytes = g.hardlink_saved_bytes + g.extent_saved_bytes
+    return off_host
 
 
 def format_table(rep: Report) -> str:
@@ -241,6 +328,17 @@ def format_table(rep: Report) -> str:
     ]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    if rep.total.extent_saved_bytes or rep.total.extent_shared_bytes:
+        t = rep.total
+        lines.append(
+            f"saved by shared inodes (hardlinks) {human(t.hardlink_saved_bytes)}, by shared "
+            f"extents {human(t.extent_saved_bytes)}; per guest:"
+        )
+        for name, g in sorted(rep.guests.items()):
+            lines.append(
+                f"  {name}: hardlinks {human(g.hardlink_saved_bytes)}, extents "
+                f"{human(g.extent_saved_bytes)} ({human(g.extent_shared_bytes)} in shared extents)"
+            )
     if rep.store is not None:
         s = rep.store
         lines.append(

@@ -55,7 +55,10 @@ class InodeRec:
 
 @dataclass(slots=True)
 class Scan:
-    inodes: dict[tuple[int, int], InodeRec] = field(default_factory=dict)
+    inodes: dict[tuple[int, int], InodeRec] = field(default_factory=dict)  # to hardlink
+    # Inodes kept out of the hardlinks (by an exclude, or by --reflink-only) whose extents
+    # may be shared; none that is in ``inodes`` as well.
+    private: dict[tuple[int, int], InodeRec] = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)  # guest name -> names scanned
     files_scanned: int = 0
     errors: int = 0
@@ -67,21 +70,52 @@ def _walk_one(
     ex: ExcludeList,
     min_size: int,
     known: Mapping[int, os.stat_result] | None,
-) -> tuple[list[tuple[str, os.stat_result]], list[str], list[str]]:
-    """One guest's candidates, leftover temporary names and error messages."""
+    link: bool,
+    extents: bool,
+) -> tuple[
+    list[tuple[str, os.stat_result]], list[tuple[str, os.stat_result]], list[str], list[str]
+]:
+    """One guest's candidates (to hardlink; private, for extents), leftover temporary
+    names and error messages."""
     found: list[tuple[str, os.stat_result]] = []
+    private: list[tuple[str, os.stat_result]] = []
     leftovers: list[str] = []
     errors: list[str] = []
 
     def on_error(rel: str, e: OSError) -> None:
         errors.append(f"{tree.where(rel)}: skipped: {e.strerror or e}")
 
-    for rel, st in tree.walk(prune_dir=ex.prune, known=known, on_error=on_error):
+    prune = ex.prune_untouched if extents else ex.prune
+    for rel, st in tree.walk(prune_dir=prune, known=known, on_error=on_error):
         if ".vsu~" in rel and TMP_RE.match(rel.rpartition("/")[2]):
             leftovers.append(tree.where(rel))
-        elif st.st_size >= min_size and not ex.excluded(rel):
-            found.append((rel, st))
-    return found, leftovers, errors
+        elif st.st_size >= min_size:
+            r = ex.match(rel)
+            if r is None or r.include:
+                (found if link else private).append((rel, st))
+            elif extents and not r.untouched:
+                private.append((rel, st))
+    return found, private, leftovers, errors
+
+
+def _add(
+    inodes: dict[tuple[int, int], InodeRec], tree: GuestTree, rel: str, st: os.stat_result
+) -> None:
+    key = (st.st_dev, st.st_ino)
+    rec = inodes.get(key)
+    if rec is None:
+        rec = inodes[key] = InodeRec(
+            st.st_dev,
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            st.st_nlink,
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+        )
+    rec.names.append((tree, rel))
 
 
 def scan(
@@ -91,38 +125,34 @@ def scan(
     tick: Callable[[int, int], None] | None = None,
     known: Mapping[int, os.stat_result] | None = None,
     jobs: int = 4,
+    link: bool = True,
+    extents: bool = False,
 ) -> Scan:
-    """Collect regular files of at least ``min_size`` bytes that no exclude rule covers.
+    """Collect regular files of at least ``min_size`` bytes that no exclude rule covers
+    (``link``: else they go to ``private``) and, with ``extents``, those an exclude but
+    no '=' rule covers (``private``).
     ``known``: stats of sealed store objects, so their names need no stat (see walk).
     Guests are walked in parallel threads: on a cold cache the walk waits on directory and
     inode reads, and several guests keep several of them in flight."""
     out = Scan()
     inodes = out.inodes
     with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(trees)))) as pool:
-        walks = pool.map(lambda t: _walk_one(t, excludes[t.name], min_size, known), trees)
-        for tree, (found, leftovers, errors) in zip(trees, walks, strict=True):
+        walks = pool.map(
+            lambda t: _walk_one(t, excludes[t.name], min_size, known, link, extents), trees
+        )
+        for tree, (found, private, leftovers, errors) in zip(trees, walks, strict=True):
             for msg in errors:
                 log.warning("%s", msg)
             out.errors += len(errors)
             out.leftovers += leftovers
             for rel, st in found:
-                key = (st.st_dev, st.st_ino)
-                rec = inodes.get(key)
-                if rec is None:
-                    rec = inodes[key] = InodeRec(
-                        st.st_dev,
-                        st.st_ino,
-                        st.st_size,
-                        st.st_mtime_ns,
-                        st.st_ctime_ns,
-                        st.st_nlink,
-                        st.st_mode,
-                        st.st_uid,
-                        st.st_gid,
-                    )
-                rec.names.append((tree, rel))
-            out.files[tree.name] = len(found)
-            out.files_scanned += len(found)
+                _add(inodes, tree, rel, st)
+            for rel, st in private:
+                _add(out.private, tree, rel, st)
+            out.files[tree.name] = len(found) + len(private)
+            out.files_scanned += len(found) + len(private)
             if tick is not None:
                 tick(out.files_scanned, 0)
+    for key in inodes.keys() & out.private.keys():
+        del out.private[key]  # one name may be hardlinked: that decides for the inode
     return out

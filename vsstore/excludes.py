@@ -1,5 +1,10 @@
 """Exclude lists: which files of a guest may never be unified.
 
+An exclude keeps a file out of the hardlinks (it stays the guest's own inode); where the
+filesystem shares extents, its blocks may still be shared with identical files (the kernel
+compares them; the file keeps its inode, metadata and write access).  A ``=`` rule keeps a
+file out of both: never touched at all.
+
 Rules come, in order of precedence, from ``--exclude``, the guest's list, the host's list,
 providers such as package databases (config files), and the built-in default list; the first
 rule that matches a path decides.  The syntax is documented in ``data/vunify-exclude``.
@@ -28,10 +33,12 @@ class Rule:
     basename: bool
     reason: str
     literal: bool = False  # a path from a package database: no glob characters, ever
+    untouched: bool = False  # '=': neither hardlinked nor extent-shared
 
     @property
     def text(self) -> str:
-        return ("+" if self.include else "") + ("~" if self.basename else "") + self.pattern
+        mark = "+" if self.include else "=" if self.untouched else ""
+        return mark + ("~" if self.basename else "") + self.pattern
 
     @property
     def subtree(self) -> str | None:
@@ -59,9 +66,11 @@ class Rule:
 def parse_rule(line: str, reason: str) -> Rule:
     """Parse one rule; raises ValueError with a short explanation."""
     text = line.strip()
-    include = False
+    include = untouched = False
     if text.startswith("+"):
         include, text = True, text[1:]
+    elif text.startswith("="):
+        untouched, text = True, text[1:]
     elif text.startswith("-"):
         text = text[1:]
     basename = text.startswith("~")
@@ -74,7 +83,9 @@ def parse_rule(line: str, reason: str) -> Rule:
     if "\0" in text:
         raise ValueError("NUL character")
     _glob_regex(text, basename)  # validates brackets
-    return Rule(pattern=text, include=include, basename=basename, reason=reason)
+    return Rule(
+        pattern=text, include=include, basename=basename, reason=reason, untouched=untouched
+    )
 
 
 def read_rules(path: Path, reason: str) -> list[Rule]:
@@ -216,8 +227,35 @@ class ExcludeList:
         return None
 
     def excluded(self, rel: str) -> bool:
+        """Never hardlinked (an exclude or a '=' rule decides)."""
         r = self.match(rel)
         return r is not None and not r.include
+
+    def untouched(self, rel: str) -> bool:
+        """Never touched at all, not even its extents (a '=' rule decides)."""
+        r = self.match(rel)
+        return r is not None and r.untouched
+
+    def prune_untouched(self, rel_dir: str) -> bool:
+        """True when nothing below directory ``rel_dir`` may be touched at all (a '='
+        subtree rule decides before any other rule could reach below it): the walk of a
+        run that shares extents too may skip it."""
+        d = "/" + rel_dir
+        for block in self._blocks:
+            if block.exact is not None:
+                if block.match(d) is not None:
+                    return False  # a package database's exclude: extents may be shared
+                continue
+            for r in block.rules:
+                sub = r.subtree
+                if sub is not None and (d == sub or d.startswith(sub.rstrip("/") + "/")):
+                    return r.untouched
+                if r.untouched:
+                    continue
+                lp = r.literal_prefix
+                if r.basename or lp.startswith(d + "/") or (d + "/").startswith(lp):
+                    return False
+        return False
 
     def prune(self, rel_dir: str) -> bool:
         """True when nothing below directory ``rel_dir`` can be included, so the walk may

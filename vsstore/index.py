@@ -59,6 +59,18 @@ CREATE TABLE IF NOT EXISTS inode (
     meta_any BLOB NOT NULL,      -- the same without mtime (for --ignore-mtime)
     PRIMARY KEY (dev, ino)
 ) WITHOUT ROWID;
+-- One row per inode whose extents a run shared (FIDEDUPERANGE) with the others of its
+-- cluster, so an unchanged re-run does not ask the kernel again.  Valid only while size,
+-- mtime_ns and ctime_ns still match (sharing extents changes neither).
+CREATE TABLE IF NOT EXISTS extent (
+    dev      INTEGER NOT NULL,
+    ino      INTEGER NOT NULL,
+    size     INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    cluster  INTEGER NOT NULL,   -- inode number of the file the cluster was first shared from
+    PRIMARY KEY (dev, ino)
+) WITHOUT ROWID;
 -- One row per finished run, for reports and trends.
 CREATE TABLE IF NOT EXISTS run (
     id            INTEGER PRIMARY KEY,
@@ -106,6 +118,14 @@ class Cached:
     strong: bytes
     meta: bytes
     meta_any: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ExtentRow:
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    cluster: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,8 +320,27 @@ class Index:
             self.db.executemany("INSERT OR REPLACE INTO inode VALUES (?,?,?,?,?,?,?,?,?)", rows)
 
     def forget(self, dev: int, inos: Iterable[int]) -> None:
+        """Inodes that are no more (their cache and extent rows)."""
+        keys = [(dev, i) for i in inos]
         with self.transaction():
-            self.db.executemany("DELETE FROM inode WHERE dev=? AND ino=?", ((dev, i) for i in inos))
+            self.db.executemany("DELETE FROM inode WHERE dev=? AND ino=?", keys)
+            self.db.executemany("DELETE FROM extent WHERE dev=? AND ino=?", keys)
+
+    # -- extent sharing ----------------------------------------------------------------
+
+    def load_extents(self, dev: int) -> dict[int, ExtentRow]:
+        """Every extent row of one device, by inode number."""
+        return {
+            r[0]: ExtentRow(*r[1:])
+            for r in self.db.execute(
+                "SELECT ino, size, mtime_ns, ctime_ns, cluster FROM extent WHERE dev=?", (dev,)
+            )
+        }
+
+    def store_extents(self, rows: Iterable[tuple[int, int, int, int, int, int]]) -> None:
+        """Insert or replace rows (dev, ino, size, mtime_ns, ctime_ns, cluster)."""
+        with self.transaction():
+            self.db.executemany("INSERT OR REPLACE INTO extent VALUES (?,?,?,?,?,?)", rows)
 
     # -- journal -----------------------------------------------------------------------
 

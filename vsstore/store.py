@@ -122,12 +122,16 @@ class Store:
         out: dict[Key, list[StoreObject]] = {}
         if self.fd < 0:
             return out
+        # The directory fds are kept open: list each from its start again (btrfs goes on
+        # from where the last listing ended, and so missed objects made since).
+        os.lseek(self.fd, 0, os.SEEK_SET)
         with os.scandir(self.fd) as top:
             prefixes = sorted(
                 e.name for e in top if len(e.name) == 2 and e.is_dir(follow_symlinks=False)
             )
         for prefix in prefixes:
             fd = self.subdir(prefix)
+            os.lseek(fd, 0, os.SEEK_SET)
             with os.scandir(fd) as it:
                 for e in it:
                     m = _NAME_RE.match(e.name)
