@@ -1,4 +1,4 @@
-"""``vserver NAME build|start|stop|restart|status|running|enter|exec|delete`` and
+"""``vserver NAME build|start|stop|restart|status|running|console|enter|exec|delete`` and
 ``vserver-stat``: util-vserver's commands over the lifecycle (``vsstore.lifecycle``)."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from vsstore.runtime import cow_served
 from vsstore.safetree import GuestTree
 
 from . import build as buildmod
-from . import guestconf
+from . import console, guestconf
 
 EXIT_STOPPED = 3  # status: not running (LSB's code for it)
 
@@ -59,8 +59,20 @@ def cmd_build(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
-    lifecycle.start(paths, _cfg(paths, args.name))
+    cfg = _cfg(paths, args.name)
+    st = lifecycle.start(paths, cfg)
+    print(
+        f"guest {cfg.name} started: style {cfg.style}, init pid {st.init_pid} "
+        f"({' '.join(cfg.init) or 'our reaper'}); console: vserver {cfg.name} console; "
+        f"log: {paths.logdir / f'vserver-{cfg.name}.log'}"
+    )
     return EXIT_OK
+
+
+def cmd_console(args: argparse.Namespace, paths: Paths) -> int:
+    if not valid_name(args.name):
+        raise ConfigError(f"guest name {args.name!r} is not valid (letters, digits and '._+-')")
+    return console.attach(paths, args.name)
 
 
 def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
@@ -339,6 +351,12 @@ def parser() -> argparse.ArgumentParser:
     cmd("restart", cmd_restart, "stop (if it runs), then start")
     cmd("status", cmd_status, "running or stopped (exit 3), and how")
     cmd("running", cmd_running, "exit 0 if it runs, else 1")
+    cmd(
+        "console",
+        cmd_console,
+        "attach to the running guest's console (init's output and input); "
+        "Ctrl-] three times within a second detaches",
+    )
     for name, func, text in (
         ("exec", cmd_exec, "run a command inside the running guest"),
         ("enter", cmd_enter, "a login shell inside the running guest"),

@@ -3,7 +3,7 @@
 ``/etc/vservers/NAME/``: ``context`` (a number), ``uts/nodename``, ``fstab`` (fstab(5)
 lines; targets are paths inside the guest), ``interfaces/N/{ip,prefix|mask,dev,name,
 hostip}``, ``bcapabilities`` (one capability per line: ``CAP_X`` keeps one the default set
-drops, ``!CAP_X`` drops one more), ``apps/init/style`` (``plain``, ``sysv`` or ``none``),
+drops, ``!CAP_X`` drops one more), ``apps/init/style`` (``systemd``, ``plain``, ``sysv`` or ``none``),
 ``apps/init/cmd.start`` / ``cmd.stop`` (one argument per line), ``apps/init/stop-signal``,
 ``apps/init/stop-timeout``, ``cow`` (present: mount the guest through the overlay),
 ``spaces/hostnet`` (present: the guest shares the host's network namespace; see below).
@@ -120,8 +120,8 @@ class GuestConfig:
     stop_timeout: float = 10.0
     cow: bool = False
     hostnet: bool = False  # spaces/hostnet: the host's network namespace, not its own
-    style: str = "plain"  # sysv: the start command runs under a pid 1 of ours (it exits);
-    # none: that pid 1 alone
+    style: str = "plain"  # STYLES: systemd and plain: the start command is pid 1; sysv: it
+    # runs under a pid 1 of ours (and may exit); none: that pid 1 alone
     helper: str | None = None  # the static helper that enters (lifecycle.helper), set by start
     rlimits: dict[int, tuple[int, int]] = field(default_factory=dict)  # resource -> soft, hard
     nice: int | None = None
@@ -260,10 +260,14 @@ def _caps(p: Path, hostnet: bool = False) -> frozenset[int]:
     return frozenset(keep)
 
 
-def _signal(p: Path) -> int:
+def _signal(p: Path, default: int | None = None) -> int:
     text = (_read(p) or "").strip()
     if not text:
-        return signal.SIGTERM
+        return default if default is not None else signal.SIGTERM
+    if text.upper().removeprefix("SIG").startswith("RTMIN+"):  # systemd's SIGRTMIN+3
+        n = text.upper().removeprefix("SIG")[len("RTMIN+") :]
+        if n.isdigit() and signal.SIGRTMIN + int(n) <= signal.SIGRTMAX:
+            return int(signal.SIGRTMIN) + int(n)
     try:
         return (
             int(text)
@@ -341,6 +345,52 @@ def _rlimits(d: Path) -> dict[int, tuple[int, int]]:
     return out
 
 
+# apps/init/style: what runs as the guest's pid 1.
+STYLES = {
+    "systemd": "the guest's systemd is pid 1 and boots its default target",
+    "plain": "the start command (default /sbin/init) is pid 1",
+    "sysv": "the start command (default /etc/init.d/rc 3) runs under a pid 1 of ours",
+    "none": "a pid 1 of ours alone; services come by 'vserver NAME exec'",
+}
+DEFAULT_START = {
+    "systemd": ["/sbin/init"],
+    "plain": ["/sbin/init"],
+    "sysv": ["/etc/init.d/rc", "3"],
+}
+# systemd powers off on SIGRTMIN+3 (what nspawn and machinectl send), and takes its time
+# stopping its units.
+STOP_SIGNAL = {"systemd": int(signal.SIGRTMIN) + 3}
+STOP_TIMEOUT = {"systemd": 30.0}
+
+
+def _init_commands(
+    c: Path, style: str, start: list[str] | None, stop: list[str] | None
+) -> tuple[list[str], list[str] | None]:
+    """The start and stop commands of ``style``: what cmd.start and cmd.stop say, or the
+    style's defaults.  An unknown style, or a cmd.start the style would not run, is an
+    error naming the file: nothing is silently ignored."""
+    if style not in STYLES:
+        raise ConfigError(
+            f"{c / 'apps/init/style'}: unknown style {style!r}; use one of "
+            f"{', '.join(STYLES)} (README: Booting a guest)"
+        )
+    if style == "none":
+        if start:
+            raise ConfigError(
+                f"{c / 'apps/init/cmd.start'}: style none runs no start command; write "
+                f"plain (the command is pid 1) or sysv (it runs under our pid 1) to "
+                f"{c / 'apps/init/style'}, or remove cmd.start"
+            )
+        return [], stop  # pid 1 is ours and runs nothing; services come by 'exec'
+    if start is None:
+        start = DEFAULT_START[style]
+        if style == "sysv" and stop is None:
+            stop = ["/etc/init.d/rc", "0"]
+    if not start:
+        raise ConfigError(f"{c / 'apps/init/cmd.start'}: empty; one argument per line")
+    return start, stop
+
+
 def load(guest: Guest) -> GuestConfig:
     """Read and check everything ``start`` and ``stop`` will need."""
     c = guest.confdir
@@ -358,22 +408,10 @@ def load(guest: Guest) -> GuestConfig:
     style = (_read(c / "apps" / "init" / "style") or "plain").strip()
     start = _lines(c / "apps" / "init" / "cmd.start")
     stop = _lines(c / "apps" / "init" / "cmd.stop")
-    if start is None:
-        if style == "plain":
-            start = ["/sbin/init"]
-        elif style == "sysv":
-            start = ["/etc/init.d/rc", "3"]
-            stop = stop if stop is not None else ["/etc/init.d/rc", "0"]
-        elif style == "none":
-            start = []  # pid 1 is ours and runs nothing; services come by 'exec'
-        else:
-            raise ConfigError(
-                f"{c / 'apps/init/style'}: unknown style {style!r}; use plain, "
-                f"sysv or none, or write the command to apps/init/cmd.start"
-            )
-    if not start and style != "none":
-        raise ConfigError(f"{c / 'apps/init/cmd.start'}: empty; one argument per line")
-    timeout = _number(c / "apps" / "init" / "stop-timeout", 10.0, "seconds")
+    start, stop = _init_commands(c, style, start, stop)
+    timeout = _number(
+        c / "apps" / "init" / "stop-timeout", STOP_TIMEOUT.get(style, 10.0), "seconds"
+    )
     nice = _number(c / "nice", None, "a nice level, -20..19")
     if nice is not None and (nice != int(nice) or not -20 <= nice <= 19):
         raise ConfigError(f"{c / 'nice'}: {nice:g} is not a nice level (-20..19)")
@@ -396,7 +434,7 @@ def load(guest: Guest) -> GuestConfig:
         keep_caps=_caps(c / "bcapabilities", hostnet),
         init=start,
         stop=stop or None,
-        stop_signal=_signal(c / "apps" / "init" / "stop-signal"),
+        stop_signal=_signal(c / "apps" / "init" / "stop-signal", STOP_SIGNAL.get(style)),
         stop_timeout=float(timeout or 10.0),
         cow=(c / "cow").exists(),
         style=style,

@@ -53,7 +53,7 @@ from vsstore.errors import (
 from vsstore.lock import exclusive
 from vsstore.safetree import GuestTree
 
-from . import cgroups, entering, helper, mounts, network, ns, overlay, procdev
+from . import boot, cgroups, console, entering, helper, mounts, network, ns, overlay, procdev, relay
 from .guestconf import GuestConfig, default_caps
 
 
@@ -114,11 +114,20 @@ def start(paths: Paths, cfg: GuestConfig) -> runtime.RunState:
                 undo.callback(overlay.remove, paths, cow_at, cfg.name)
                 source = os.path.join(cow_at, cfg.name)
             cfg = dataclasses.replace(cfg, helper=str(helper.binary(paths.statedir)))
+            if boot.boots(cfg):  # (before the v1 cgroup: undone after its kill)
+                d2 = boot.cgroup2_dir(cfg, cgroups.detect())
+                if d2 is not None:
+                    boot.make_cgroup2(d2)
+                    undo.callback(cgroups.GuestCgroup({boot.CGROUP2_KEY: d2}).remove)
+                    cfg = dataclasses.replace(cfg, cgroup_dirs={boot.CGROUP2_KEY: str(d2)})
             cg = _make_cgroup(cfg)
             if cg is not None:
                 undo.callback(cg.remove)
                 undo.callback(cg.kill)
-                cfg = dataclasses.replace(cfg, cgroup_dirs={k: str(v) for k, v in cg.dirs.items()})
+                cfg = dataclasses.replace(
+                    cfg,
+                    cgroup_dirs={**cfg.cgroup_dirs, **{k: str(v) for k, v in cg.dirs.items()}},
+                )
             st = _spawn(paths, cfg, source, cow_at)
             undo.pop_all()
         return st
@@ -207,13 +216,14 @@ def _monitor(
     go_r, go_w = os.pipe()  # monitor -> setup: network configured
     ex_r, ex_w = os.pipe2(os.O_CLOEXEC)  # init -> monitor: why exec failed (EOF: it ran)
     gate_r, gate_w = os.pipe2(os.O_CLOEXEC)  # monitor -> init: go on (the overlay knows it)
-    setup = os.fork()
+    con_m, con_i = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    setup = os.fork()  # init -> monitor (con_i -> con_m): its console's pty master
     if setup == 0:
-        for f in (up_r, go_w, ex_r, report, gate_w):
+        for f in (up_r, go_w, ex_r, report, gate_w, con_m.detach()):
             os.close(f)
-        _setup(cfg, source, up_w, go_r, ex_w, gate_r)
+        _setup(cfg, source, up_w, go_r, ex_w, gate_r, con_i.detach())
         os._exit(0)
-    for f in (up_w, go_r, ex_w, gate_r):
+    for f in (up_w, go_r, ex_w, gate_r, con_i.detach()):
         os.close(f)
     up = os.fdopen(up_r, "rb")
     first = json.loads(up.readline() or b'{"error": "setup died", "class": "VsError"}')
@@ -252,6 +262,8 @@ def _monitor(
         os.kill(init, signal.SIGKILL)  # a sysv/none pid 1 of ours would wait for ever
         os.waitpid(init, 0)
         fail(ConfigError(_init_failure(cfg, why)))
+    master = console.receive_master(con_m)
+    con_m.close()
     st = runtime.RunState(
         name=cfg.name,
         init_pid=init,
@@ -272,27 +284,65 @@ def _monitor(
         rlimits={str(k): list(v) for k, v in cfg.rlimits.items()},
     )
     runtime.write_state(paths, st)
-    say(f"started: init pid {init} ({' '.join(cfg.init)})")
+    say(f"started: style {cfg.style}, init pid {init} ({' '.join(cfg.init) or 'our reaper'})")
     if cfg.hostnet:
         say(f"warning: {network.HOSTNET_WARNING}")
+    con = None
+    if master is not None:
+        try:
+            con = console.Server(master, 1, console.socket_path(paths, cfg.name))
+        except OSError as e:
+            say(f"warning: no console ({e.strerror}); its output is lost")
+            os.close(master)
     os.write(report, json.dumps({"state": st.__dict__}).encode() + b"\n")
     os.close(report)
-    status = 0
-    while True:  # reap: init, and whatever else a subreaper inherits
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        if pid == init:
-            break
+    status = _wait_init(init, con)
     code = os.waitstatus_to_exitcode(status)
     say(f"init ended ({'signal ' + str(-code) if code < 0 else 'exit ' + str(code)}); cleaning up")
     for dev in hostside:
         subprocess.run(["ip", "link", "del", dev], capture_output=True)
     cleanup(paths, st)
     say("stopped")
+
+
+def _wait_init(init: int, con: console.Server | None) -> int:  # pragma: no cover - monitor
+    """Reap init, and whatever else a subreaper inherits, meanwhile serving the console;
+    returns init's wait status."""
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes the poll below
+    status = 0
+    try:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == init:
+                break
+            if pid != 0:
+                continue  # another one reaped; there may be more
+            p = select.poll()
+            p.register(wake_r, select.POLLIN)
+            if con is not None:
+                con.register(p)
+            for fd, ev in p.poll():
+                if fd == wake_r:
+                    while True:
+                        try:
+                            if not os.read(wake_r, 512):
+                                break
+                        except BlockingIOError:
+                            break
+                elif con is not None:
+                    con.handle(fd, ev)
+    finally:
+        signal.set_wakeup_fd(-1)
+        if con is not None:
+            con.close()  # what init wrote last goes to the log
+        os.close(wake_r)
+        os.close(wake_w)
+    return status
 
 
 def _setup(
@@ -302,6 +352,7 @@ def _setup(
     go: int,
     exec_fd: int,
     gate: int,
+    con: int,
 ) -> None:  # pragma: no cover - runs in a forked child
     """In new namespaces: mounts, network, hostname; then fork init."""
 
@@ -333,7 +384,7 @@ def _setup(
         cg = cgroups.of(cfg.cgroup_dirs)
         if cg is not None:
             cg.join()  # init and everything it starts are charged to the guest
-        ns.unshare(ns.CLONE_NEWPID)
+        ns.unshare(ns.CLONE_NEWPID | (boot.CLONE_NEWCGROUP if boot.boots(cfg) else 0))
     except (OSError, VsError) as e:
         tell(to_wire(e if isinstance(e, VsError) else ConfigError(str(e))))
         return
@@ -344,14 +395,15 @@ def _setup(
             os._exit(127)
         os.close(gate)
         try:
-            _init(cfg, tree, exec_fd)
+            _init(cfg, tree, exec_fd, con)
         except BaseException as e:  # noqa: BLE001 - reported to the monitor
             os.write(exec_fd, (getattr(e, "message", None) or str(e)).encode())
         os._exit(127)
+    os.close(con)
     tell({"init": init})
 
 
-def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int) -> None:  # pragma: no cover
+def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int, con: int) -> None:  # pragma: no cover
     """pid 1 of the guest until the helper takes over: its own mount namespace (the pivot
     must move no other process's root: setup's Python still runs), /proc, /dev,
     pivot_root, and the helper by descriptor, which becomes the guest's init (sysv/none:
@@ -364,8 +416,36 @@ def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int) -> None:  # pragma: n
     env = {"PATH": helper.GUEST_PATH, "container": "vserver", "HOME": "/", "TERM": "linux"}
     tree = mounts.own_mount_ns(tree)
     procdev.mount_proc_and_dev(cfg, tree)
-    hfd, _ = helper.place_fds(hfd, {}, exec_fd)
+    slave = _console(tree, con)
+    if boot.boots(cfg):
+        boot.prepare(cfg, tree)
+    hfd, _ = helper.place_fds(hfd, {0: slave, 1: slave, 2: slave}, exec_fd)
     helper.pivot_and_exec(tree, hfd, args, env)
+
+
+def _console(tree: GuestTree, con: int) -> int:  # pragma: no cover - in init
+    """/dev/console: a new pty of the guest's devpts, its slave bound over an empty file
+    on our /dev (tmpfs); the master goes to the monitor.  Returns the slave: init's
+    stdin, stdout and stderr."""
+    master, slave = relay.open_pty(tree.fd)
+    dev = tree.open_in_root("dev", os.O_RDONLY | os.O_DIRECTORY)  # our tmpfs, just mounted
+    try:
+        fd = os.open(
+            "console",
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=dev,
+        )
+        try:
+            ns.mount(f"/proc/self/fd/{slave}", f"/proc/self/fd/{fd}", None, ns.MS_BIND)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dev)
+    with socket.socket(fileno=con) as s:
+        console.send_master(s, master)
+    os.close(master)
+    return slave
 
 
 def _init_failure(cfg: GuestConfig, raw: bytes) -> str:
@@ -421,12 +501,17 @@ def _signal(pid: int, started: int, sig: int) -> None:
 
 
 def _catches(pid: int, sig: int) -> bool:
-    """Has process ``pid`` a handler for ``sig`` (SigCgt in /proc/PID/status)?"""
+    """Has process ``pid`` a handler for ``sig`` (SigCgt in /proc/PID/status), or does it
+    block it (SigBlk: it takes it from a signalfd, as systemd does; a blocked signal is
+    queued, never dropped)?"""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+                if (
+                    line.startswith(("SigCgt:", "SigBlk:"))
+                    and int(line.split()[1], 16) >> (sig - 1) & 1
+                ):
+                    return True
     except OSError:
         pass
     return False
@@ -496,4 +581,5 @@ def cleanup(paths: Paths, st: runtime.RunState) -> None:
             print(f"vserver {st.name}: {e.message}", file=sys.stderr)
     cur = runtime.read_state(paths, st.name)
     if cur is not None and cur.init_pid == st.init_pid:
+        console.socket_path(paths, st.name).unlink(missing_ok=True)
         runtime.state_file(paths, st.name).unlink(missing_ok=True)
