@@ -168,6 +168,35 @@ def test_init_console_is_dev_console_a_pty_of_the_guest(vs, host):
     assert major == 136  # a pty slave (Unix98), bound over /dev/console
 
 
+def test_ttys_are_ptys_of_the_guest_named_to_init_and_attachable(vs, host):
+    vs.guest(
+        "g1",
+        init="printf 'on-%s\\n' tty1 > /dev/tty1; "  # (the log names the command)
+        'while read -r l < /dev/tty2; do echo "tty2:$l" > /dev/tty2; done',
+        conf={"apps/init/stop-signal": "SIGKILL\n", "apps/init/ttys": "2\n"},
+    )
+    vs("start", "g1")
+    env = vs.exec("g1", "cat", "/proc/1/environ").split("\0")
+    assert "container_ttys=pts/1 pts/2" in env  # systemd's getty generator reads it
+    with Admin(vs, "g1", "console", "--tty", "1") as a:
+        a.expect(b"on-tty1")  # written before anyone attached: it waited in the pty
+        a.send(b"\x1d\x1d\x1d")
+        assert a.wait() == 0
+    with Admin(vs, "g1", "console", "--tty", "2") as a:
+        a.expect(b"Ctrl-] three times")
+        a.send(b"x\r")
+        a.expect(b"tty2:x")
+        a.send(b"\x1d\x1d\x1d")
+        assert a.wait() == 0
+    assert "on-tty1" not in (host.base / "log/vserver-g1.log").read_text()  # not logged
+    p = vs("console", "g1", "--tty", "3", check=False)
+    assert p.returncode == EXIT_CONFIG and "apps/init/ttys" in p.stderr
+    (host.conf / "g1/apps/init/ttys").write_text("many\n")
+    vs("stop", "g1")
+    p = vs("start", "g1", check=False)
+    assert p.returncode == EXIT_CONFIG and "apps/init/ttys" in p.stderr
+
+
 # -- a guest that boots systemd -------------------------------------------------------------
 
 

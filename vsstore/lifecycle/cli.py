@@ -72,7 +72,7 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
 def cmd_console(args: argparse.Namespace, paths: Paths) -> int:
     if not valid_name(args.name):
         raise ConfigError(f"guest name {args.name!r} is not valid (letters, digits and '._+-')")
-    return console.attach(paths, args.name)
+    return console.attach(paths, args.name, args.tty)
 
 
 def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
@@ -351,11 +351,14 @@ def parser() -> argparse.ArgumentParser:
     cmd("restart", cmd_restart, "stop (if it runs), then start")
     cmd("status", cmd_status, "running or stopped (exit 3), and how")
     cmd("running", cmd_running, "exit 0 if it runs, else 1")
-    cmd(
+    c = cmd(
         "console",
         cmd_console,
         "attach to the running guest's console (init's output and input); "
         "Ctrl-] three times within a second detaches",
+    )
+    c.add_argument(
+        "--tty", type=int, default=0, metavar="N", help="its /dev/ttyN instead (apps/init/ttys)"
     )
     for name, func, text in (
         ("exec", cmd_exec, "run a command inside the running guest"),

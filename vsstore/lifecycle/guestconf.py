@@ -123,6 +123,7 @@ class GuestConfig:
     style: str = "plain"  # STYLES: systemd and plain: the start command is pid 1; sysv: it
     # runs under a pid 1 of ours (and may exit); none: that pid 1 alone
     helper: str | None = None  # the static helper that enters (lifecycle.helper), set by start
+    ttys: int = 0  # apps/init/ttys: /dev/tty1..N, ptys of the guest's devpts (lifecycle.console)
     rlimits: dict[int, tuple[int, int]] = field(default_factory=dict)  # resource -> soft, hard
     nice: int | None = None
     cgroup: Limits = field(default_factory=Limits)
@@ -361,6 +362,7 @@ DEFAULT_START = {
 # stopping its units.
 STOP_SIGNAL = {"systemd": int(signal.SIGRTMIN) + 3}
 STOP_TIMEOUT = {"systemd": 30.0}
+MAX_TTYS = 12
 
 
 def _init_commands(
@@ -413,6 +415,9 @@ def load(guest: Guest) -> GuestConfig:
         c / "apps" / "init" / "stop-timeout", STOP_TIMEOUT.get(style, 10.0), "seconds"
     )
     nice = _number(c / "nice", None, "a nice level, -20..19")
+    ttys = _number(c / "apps" / "init" / "ttys", 0, f"how many /dev/ttyN, 0..{MAX_TTYS}")
+    if ttys is None or ttys != int(ttys) or not 0 <= ttys <= MAX_TTYS:
+        raise ConfigError(f"{c / 'apps/init/ttys'}: {ttys:g} is not a count (0..{MAX_TTYS})")
     if nice is not None and (nice != int(nice) or not -20 <= nice <= 19):
         raise ConfigError(f"{c / 'nice'}: {nice:g} is not a nice level (-20..19)")
     parent = (_read(c.parent / ".defaults" / "cgroup" / "parent") or "").strip() or None
@@ -440,6 +445,7 @@ def load(guest: Guest) -> GuestConfig:
         style=style,
         rlimits=_rlimits(c / "rlimits"),
         nice=int(nice) if nice is not None else None,
+        ttys=int(ttys),
         cgroup=read_limits(c / "cgroup"),
         cgroup_parent=parent,
     )

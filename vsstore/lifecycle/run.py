@@ -26,11 +26,13 @@ time, so a reused pid is never taken for the guest.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -55,6 +57,8 @@ from vsstore.safetree import GuestTree
 
 from . import boot, cgroups, console, entering, helper, mounts, network, ns, overlay, procdev, relay
 from .guestconf import GuestConfig, default_caps
+
+TIOCGPTN = 0x80045430  # a pty master's number in its devpts
 
 
 def stop_config(st: runtime.RunState) -> GuestConfig:
@@ -262,7 +266,7 @@ def _monitor(
         os.kill(init, signal.SIGKILL)  # a sysv/none pid 1 of ours would wait for ever
         os.waitpid(init, 0)
         fail(ConfigError(_init_failure(cfg, why)))
-    master = console.receive_master(con_m)
+    masters = console.receive_masters(con_m)
     con_m.close()
     st = runtime.RunState(
         name=cfg.name,
@@ -288,12 +292,13 @@ def _monitor(
     if cfg.hostnet:
         say(f"warning: {network.HOSTNET_WARNING}")
     con = None
-    if master is not None:
+    if masters:
         try:
-            con = console.Server(master, 1, console.socket_path(paths, cfg.name))
+            con = console.Server(masters, 1, console.socket_path(paths, cfg.name))
         except OSError as e:
             say(f"warning: no console ({e.strerror}); its output is lost")
-            os.close(master)
+            for m in masters:
+                os.close(m)
     os.write(report, json.dumps({"state": st.__dict__}).encode() + b"\n")
     os.close(report)
     status = _wait_init(init, con)
@@ -416,36 +421,51 @@ def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int, con: int) -> None:  #
     env = {"PATH": helper.GUEST_PATH, "container": "vserver", "HOME": "/", "TERM": "linux"}
     tree = mounts.own_mount_ns(tree)
     procdev.mount_proc_and_dev(cfg, tree)
-    slave = _console(tree, con)
+    slave, ttys = _consoles(tree, con, cfg.ttys)
+    if ttys:  # systemd starts a getty on each (container-getty@N)
+        env["container_ttys"] = " ".join(ttys)
     if boot.boots(cfg):
         boot.prepare(cfg, tree)
     hfd, _ = helper.place_fds(hfd, {0: slave, 1: slave, 2: slave}, exec_fd)
     helper.pivot_and_exec(tree, hfd, args, env)
 
 
-def _console(tree: GuestTree, con: int) -> int:  # pragma: no cover - in init
-    """/dev/console: a new pty of the guest's devpts, its slave bound over an empty file
-    on our /dev (tmpfs); the master goes to the monitor.  Returns the slave: init's
-    stdin, stdout and stderr."""
-    master, slave = relay.open_pty(tree.fd)
+def _consoles(tree: GuestTree, con: int, ttys: int) -> tuple[int, list[str]]:  # pragma: no cover
+    """/dev/console and /dev/tty1..``ttys``: new ptys of the guest's devpts, each slave
+    bound over an empty file on our /dev (tmpfs); the masters go to the monitor.  Returns
+    the console's slave (init's stdin, stdout and stderr) and the ttys' names in devpts
+    (pts/N, for systemd's container_ttys)."""
+    masters: list[int] = []
+    names: list[str] = []
     dev = tree.open_in_root("dev", os.O_RDONLY | os.O_DIRECTORY)  # our tmpfs, just mounted
     try:
-        fd = os.open(
-            "console",
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=dev,
-        )
-        try:
-            ns.mount(f"/proc/self/fd/{slave}", f"/proc/self/fd/{fd}", None, ns.MS_BIND)
-        finally:
-            os.close(fd)
+        for i in range(ttys + 1):
+            master, slave = relay.open_pty(tree.fd)
+            masters.append(master)
+            name = "console" if i == 0 else f"tty{i}"
+            fd = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=dev,
+            )
+            try:
+                ns.mount(f"/proc/self/fd/{slave}", f"/proc/self/fd/{fd}", None, ns.MS_BIND)
+            finally:
+                os.close(fd)
+            if i == 0:
+                console_slave = slave
+            else:
+                n = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
+                names.append(f"pts/{n}")
+                os.close(slave)
     finally:
         os.close(dev)
     with socket.socket(fileno=con) as s:
-        console.send_master(s, master)
-    os.close(master)
-    return slave
+        console.send_masters(s, masters)
+    for m in masters:
+        os.close(m)
+    return console_slave, names
 
 
 def _init_failure(cfg: GuestConfig, raw: bytes) -> str:
