@@ -48,12 +48,14 @@ def boots(cfg: GuestConfig) -> bool:
     return cfg.style == "systemd"
 
 
-def cgroup2_dir(cfg: GuestConfig, layout: cgroups.Layout) -> Path | None:
-    """Where the guest's cgroup2 directory goes: None when its cgroup is a v2 one already
-    (its "unified" directory), else a ``vserver-NAME`` beside our own in the host's cgroup2
-    tree.  UnsupportedError on a host without cgroup2."""
-    if layout.version == 2:
-        return None
+def cgroup2_dir(cfg: GuestConfig, cg: cgroups.GuestCgroup | None) -> Path:
+    """The guest's cgroup2 directory, the root of its cgroup namespace: on a cgroup v2
+    host ``guest`` below its cgroup (whose limits stay out of the guest's reach: a
+    namespace's root cgroup's own files would be writable from inside unless the host
+    mounts cgroup2 with nsdelegate); on a hybrid host ``vserver-NAME`` beside our own
+    cgroup in the host's cgroup2 tree.  UnsupportedError on a host without cgroup2."""
+    if cg is not None and "unified" in cg.dirs:
+        return cg.dirs["unified"] / "guest"
     mine, root = _own_cgroup2()
     if root is None or mine is None:
         raise UnsupportedError(
@@ -62,6 +64,13 @@ def cgroup2_dir(cfg: GuestConfig, layout: cgroups.Layout) -> Path | None:
             f"'hybrid' layout) or write another style to apps/init/style"
         )
     return root / mine.lstrip("/") / f"vserver-{cfg.name}"
+
+
+def remove_cgroup2(d: Path) -> None:
+    """End what is in the guest's cgroup2 directory and remove it (a start undone)."""
+    g = cgroups.GuestCgroup({CGROUP2_KEY: d})
+    g.kill()
+    g.remove()
 
 
 def _own_cgroup2() -> tuple[str | None, Path | None]:

@@ -118,19 +118,17 @@ def start(paths: Paths, cfg: GuestConfig) -> runtime.RunState:
                 undo.callback(overlay.remove, paths, cow_at, cfg.name)
                 source = os.path.join(cow_at, cfg.name)
             cfg = dataclasses.replace(cfg, helper=str(helper.binary(paths.statedir)))
-            if boot.boots(cfg):  # (before the v1 cgroup: undone after its kill)
-                d2 = boot.cgroup2_dir(cfg, cgroups.detect())
-                if d2 is not None:
-                    boot.make_cgroup2(d2)
-                    undo.callback(cgroups.GuestCgroup({boot.CGROUP2_KEY: d2}).remove)
-                    cfg = dataclasses.replace(cfg, cgroup_dirs={boot.CGROUP2_KEY: str(d2)})
             cg = _make_cgroup(cfg)
             if cg is not None:
                 undo.callback(cg.remove)
                 undo.callback(cg.kill)
+                cfg = dataclasses.replace(cfg, cgroup_dirs={k: str(v) for k, v in cg.dirs.items()})
+            if boot.boots(cfg):  # last: where init ends up (joined last), the namespace's root
+                d2 = boot.cgroup2_dir(cfg, cg)
+                boot.make_cgroup2(d2)
+                undo.callback(boot.remove_cgroup2, d2)
                 cfg = dataclasses.replace(
-                    cfg,
-                    cgroup_dirs={**cfg.cgroup_dirs, **{k: str(v) for k, v in cg.dirs.items()}},
+                    cfg, cgroup_dirs={**cfg.cgroup_dirs, boot.CGROUP2_KEY: str(d2)}
                 )
             st = _spawn(paths, cfg, source, cow_at)
             undo.pop_all()
@@ -279,6 +277,7 @@ def _monitor(
         started=time.time(),
         context=cfg.context,
         reaper=cfg.style in ("sysv", "none"),
+        style=cfg.style,
         cgroup=dict(cfg.cgroup_dirs),
         stop=cfg.stop,
         stop_signal=int(cfg.stop_signal),
@@ -520,31 +519,35 @@ def _signal(pid: int, started: int, sig: int) -> None:
         os.close(fd)
 
 
-def _catches(pid: int, sig: int) -> bool:
-    """Has process ``pid`` a handler for ``sig`` (SigCgt in /proc/PID/status), or does it
-    block it (SigBlk: it takes it from a signalfd, as systemd does; a blocked signal is
-    queued, never dropped)?"""
+def _catches(pid: int, sig: int, blocked: bool = False) -> bool:
+    """Has process ``pid`` a handler for ``sig`` (SigCgt in /proc/PID/status)?  With
+    ``blocked``, a blocked ``sig`` counts too: an init that takes its signals from a
+    signalfd (systemd, our reaper) blocks them for good, and a blocked signal is queued.
+    (Not for any init: a shell blocks signals for a moment while it forks, and a signal
+    queued then with no handler is dropped when unblocked.)"""
+    want = ("SigCgt:", "SigBlk:") if blocked else ("SigCgt:",)
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if (
-                    line.startswith(("SigCgt:", "SigBlk:"))
-                    and int(line.split()[1], 16) >> (sig - 1) & 1
-                ):
+                if line.startswith(want) and int(line.split()[1], 16) >> (sig - 1) & 1:
                     return True
     except OSError:
         pass
     return False
 
 
-def _wait_handler(pid: int, started: int, sig: int, deadline: float) -> None:
+def _wait_handler(pid: int, started: int, sig: int, deadline: float, blocked: bool) -> None:
     """Wait (up to ``deadline``) until init has a handler for ``sig``: a pid namespace's
     init never gets a signal it has no handler for, not even from the host, and right
     after start it may not have installed it yet (a signal sent then would be lost, and
     stop would wait for its whole timeout).  SIGKILL and SIGSTOP need no handler."""
     if sig in (signal.SIGKILL, signal.SIGSTOP):
         return
-    while runtime.alive(pid, started) and not _catches(pid, sig) and time.monotonic() < deadline:
+    while (
+        runtime.alive(pid, started)
+        and not _catches(pid, sig, blocked)
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
 
 
@@ -567,7 +570,13 @@ def stop(paths: Paths, name: str) -> None:
                 entering.run_in(paths, cfg, st, cfg.stop, timeout=cfg.stop_timeout)
             except VsError:
                 pass  # a failing stop command: the signal and the kill still follow
-        _wait_handler(st.init_pid, st.init_start, cfg.stop_signal, deadline)
+        _wait_handler(
+            st.init_pid,
+            st.init_start,
+            cfg.stop_signal,
+            deadline,
+            blocked=st.reaper or st.style == "systemd",
+        )
         _signal(st.init_pid, st.init_start, cfg.stop_signal)
         if not _wait_gone(st.init_pid, st.init_start, max(0.0, deadline - time.monotonic())):
             cg = cgroups.of(st.cgroup)
