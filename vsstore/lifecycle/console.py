@@ -73,6 +73,7 @@ class _Line:
         os.set_blocking(master, False)
         self.client: socket.socket | None = None
         self.to_master = bytearray()
+        self.hung = False  # EIO: hung up for good (never polled again: no busy loop)
 
     def drop_client(self) -> None:
         if self.client is not None:
@@ -110,6 +111,8 @@ class Server:
     def register(self, p: select.poll) -> None:
         p.register(self.listener, select.POLLIN)
         for n, line in enumerate(self.lines):
+            if line.hung:
+                continue
             if n == 0 or line.client is not None:
                 p.register(line.master, select.POLLIN | (select.POLLOUT if line.to_master else 0))
             if line.client is not None and len(line.to_master) < BUFFER:
@@ -157,6 +160,8 @@ class Server:
             n = int(want) if want.strip().isdigit() else -1
             if not 0 <= n < len(self.lines):
                 conn.sendall(HELLO_NOTTY)
+            elif self.lines[n].hung:
+                conn.sendall(b"hung up\n")  # the client says: it did not answer
             elif self.lines[n].client is not None:
                 conn.sendall(HELLO_BUSY)
             else:
@@ -177,7 +182,9 @@ class Server:
             except BlockingIOError:
                 return
             except OSError as e:
-                if e.errno == errno.EIO:
+                if e.errno == errno.EIO:  # with a slave of ours open: a hang-up
+                    line.hung = True
+                    line.drop_client()
                     return
                 raise
             if not data:
