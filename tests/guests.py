@@ -123,6 +123,7 @@ class Vserver:
             os.utime(root / rel, (1_600_000_000, 1_600_000_000))
         c = self.host.conf / name
         (c / "apps/init/cmd.start").write_text(f"/bin/sh\n-c\n{init}\n")
+        (c / "apps/init/style").write_text("plain\n")  # build found no init: none
         for rel, text in (conf or {}).items():
             (c / rel).parent.mkdir(parents=True, exist_ok=True)
             (c / rel).write_text(text)

@@ -111,6 +111,7 @@ def test_a_started_guest_sees_its_own_processes_hostname_and_mounts(vs, host):
     assert not any(str(host.base) in m for m in mounts)
     assert sorted(vs.exec("g1", "ls", "/dev").split()) == sorted(
         [
+            "console",
             "full",
             "null",
             "ptmx",

@@ -92,6 +92,7 @@ class RunState:
     started: float
     context: int | None
     reaper: bool = False  # pid 1 is our reaping process (style sysv/none), not the guest's
+    style: str = ""  # apps/init/style at start ("": a run state from before it was kept)
     cgroup: dict[str, str] = dataclasses.field(default_factory=dict)  # its directories
     # What stop needs, as the guest was started: stop works from the run state alone,
     # whatever the configuration says now (run states written before these fields

@@ -23,10 +23,10 @@ from vsstore.config import Guest, Paths, configured_names, deletable_guest, vali
 from vsstore.errors import ConfigError, StateError, UnsafeTreeError
 from vsstore.names import shown
 from vsstore.private import copy_file
-from vsstore.safetree import mount_id, open_child_dir, open_regular_at
+from vsstore.safetree import GuestTree, mount_id, open_child_dir, open_regular_at
 from vsstore.window import unsealed
 
-from . import progress
+from . import initstyle, progress
 
 SKELETON_DIRS = [
     ("bin", 0o755),
@@ -164,15 +164,18 @@ def build(paths: Paths, opts: BuildOptions) -> Guest:
         _net_defaults(conf, net)
         for i, spec in enumerate(opts.interfaces):
             _interface(conf, i, spec, net)
-        style = "plain"
-        if opts.method == "skeleton":
-            _skeleton(root, opts.hostname or opts.name)
-        elif opts.method == "debootstrap":
-            _debootstrap(root, list(opts.args))
-            style = "sysv" if (root / "etc/init.d/rc").exists() else "none"
-        else:
+        if opts.method == "clone":
             with progress.shown(f"clone into {opts.name}", opts.progress):
                 style = _clone(paths, root, list(opts.args))
+        else:
+            if opts.method == "skeleton":
+                _skeleton(root, opts.hostname or opts.name)
+            else:
+                _debootstrap(root, list(opts.args))
+            with GuestTree(root, opts.name) as tree:
+                found = initstyle.detect(tree)
+            style = found.style
+            print(f"guest {opts.name}: init style {style} ({found.why})")
         _write(conf / "apps" / "init" / "style", style + "\n")
         undo.pop_all()
     return Guest(opts.name, root, conf)

@@ -239,15 +239,20 @@ class GuestCgroup:
             f.write_text(f"{pid or os.getpid()}\n")
 
     def pids(self) -> list[int]:
-        d = self.dirs.get("unified") or self.dirs.get("pids") or self.dirs.get("memory")
+        """Every process in the cgroup, in its sub-cgroups too (a booted systemd moves
+        them into its slices, on cgroup2)."""
+        v2 = self.dirs.get("unified") or self.dirs.get("cgroup2")
+        d = v2 or self.dirs.get("pids") or self.dirs.get("memory")
         if d is None:
             return []
-        try:
-            return [int(x) for x in _read(d / "cgroup.procs").split()]
-        except OSError as e:
-            if e.errno in GONE:
-                return []  # removed meanwhile: nobody is left in it
-            raise
+        out: list[int] = []
+        for sub in [d, *(_subtree(d) if v2 is not None else [])]:
+            try:
+                out += [int(x) for x in _read(sub / "cgroup.procs").split()]
+            except OSError as e:
+                if e.errno not in GONE:  # removed meanwhile: nobody is left in it
+                    raise
+        return out
 
     def kill(self, timeout: float = 10.0) -> None:
         """End every process in the cgroup: cgroup.kill on v2; freeze, SIGKILL, thaw on v1
@@ -263,7 +268,7 @@ class GuestCgroup:
 
     def _kill(self, timeout: float) -> None:
         end = time.monotonic() + timeout
-        d2 = self.dirs.get("unified")
+        d2 = self.dirs.get("unified") or self.dirs.get("cgroup2")
         fz = self.dirs.get("freezer")
         while True:
             if d2 is not None and (d2 / "cgroup.kill").exists():
@@ -319,8 +324,10 @@ class GuestCgroup:
 
     def remove(self) -> None:
         """Remove the (empty) directories; one removed already (by whoever cleaned up
-        first) is fine."""
-        for d in self.dirs.values():
+        first) is fine; sub-cgroups (a booted systemd's) go first."""
+        for d in [s for top in self.dirs.values() for s in _subtree(top)] + list(
+            self.dirs.values()
+        ):
             for _ in range(100):
                 try:
                     d.rmdir()
@@ -335,6 +342,15 @@ class GuestCgroup:
     def usage(self) -> dict[str, int | None]:
         """Memory charged (file-backed, anonymous), CPU time, limits (runtime's reading)."""
         return runtime.cgroup_usage({k: str(v) for k, v in self.dirs.items()})
+
+
+def _subtree(d: Path) -> list[Path]:
+    """The cgroups below ``d``, deepest first (names a guest chose: only listed and
+    removed, and cgroupfs holds no symlinks)."""
+    out: list[Path] = []
+    for top, dirs, _files in os.walk(d, topdown=False):
+        out += [Path(top) / x for x in dirs]
+    return out
 
 
 def _read(p: Path) -> str:

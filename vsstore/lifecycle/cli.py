@@ -1,5 +1,5 @@
-"""``vserver NAME build|start|stop|restart|status|running|enter|exec|suexec|delete``,
-``vserver list`` and ``vserver-stat``: util-vserver's commands over the lifecycle
+"""``vserver NAME build|start|stop|restart|status|running|console|enter|exec|suexec|check|
+delete``, ``vserver list`` and ``vserver-stat``: util-vserver's commands over the lifecycle
 (``vsstore.lifecycle``)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from vsstore.names import shown
 from vsstore.safetree import GuestTree
 
 from . import build as buildmod
-from . import compat, fleet, guestconf
+from . import compat, console, fleet, guestconf
 
 EXIT_STOPPED = 3  # status: not running (LSB's code for it)
 
@@ -71,7 +71,12 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
             + ", ".join(shown(e.path) for e in ign),
             file=sys.stderr,
         )
-    lifecycle.start(paths, cfg)
+    st = lifecycle.start(paths, cfg)
+    print(
+        f"guest {cfg.name} started: style {cfg.style}, init pid {st.init_pid} "
+        f"({' '.join(cfg.init) or 'our reaper'}); console: vserver {cfg.name} console; "
+        f"log: {paths.logdir / f'vserver-{cfg.name}.log'}"
+    )
     return EXIT_OK
 
 
@@ -103,6 +108,12 @@ def cmd_check(args: argparse.Namespace, paths: Paths) -> int:
     else:
         print(f"guest {g.name} cannot start: {r.error.message}")
     return r.code
+
+
+def cmd_console(args: argparse.Namespace, paths: Paths) -> int:
+    if not valid_name(args.name):
+        raise ConfigError(f"guest name {args.name!r} is not valid (letters, digits and '._+-')")
+    return console.attach(paths, args.name, args.tty)
 
 
 def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
@@ -423,6 +434,15 @@ def parser() -> argparse.ArgumentParser:
     cmd("restart", cmd_restart, "stop (if it runs), then start")
     cmd("status", cmd_status, "running or stopped (exit 3), and how")
     cmd("running", cmd_running, "exit 0 if it runs, else 1")
+    c = cmd(
+        "console",
+        cmd_console,
+        "attach to the running guest's console (init's output and input); "
+        "Ctrl-] three times within a second detaches",
+    )
+    c.add_argument(
+        "--tty", type=int, default=0, metavar="N", help="its /dev/ttyN instead (apps/init/ttys)"
+    )
     for name, func, text in (
         ("exec", cmd_exec, "run a command inside the running guest"),
         ("enter", cmd_enter, "a login shell inside the running guest"),

@@ -105,7 +105,12 @@ CATALOGUE: list[tuple[str, Use, str]] = [
     ("badness", Use.IGNORED, "the OOM bias is not set"),
     ("ncontext", Use.IGNORED, "network context id: " + KERNEL),
     ("tag", Use.IGNORED, "disk tagging: " + KERNEL),
-    ("apps/init/style", Use.USED, "how the guest's init runs (plain, sysv, none)"),
+    ("apps/init/style", Use.USED, "how the guest's init runs (systemd, plain, sysv, none)"),
+    (
+        "apps/init/ttys",
+        Use.USED,
+        "how many /dev/ttyN ptys the guest gets (vserver NAME console --tty N)",
+    ),
     ("apps/init/cmd.start", Use.USED, "the start command"),
     ("apps/init/cmd.stop", Use.USED, "the stop command"),
     ("apps/init/cmd.prepare", Use.IGNORED, "not run; put it in cmd.start"),
@@ -114,13 +119,13 @@ CATALOGUE: list[tuple[str, Use, str]] = [
     (
         "apps/init/killseq",
         Use.USED,
-        "its first signal and wait are stop's signal and timeout; then everything "
-        "left is killed with SIGKILL",
+        "its first signal and wait are stop's signal and timeout (a systemd guest keeps "
+        "SIGRTMIN+3); then everything left is killed with SIGKILL",
     ),
     ("apps/init/runlevel", Use.USED, "the sysv start runlevel"),
     ("apps/init/runlevel.start", Use.USED, "the sysv start runlevel"),
     ("apps/init/runlevel.stop", Use.USED, "the sysv stop runlevel"),
-    ("apps/init/mark", Use.USED, "the guest's mark (--mark of the fleet commands)"),
+    ("apps/init/mark", Use.USED, "the guest's mark (vserver-start --mark, the fleet commands)"),
     ("apps/init/depends", Use.USED, "guests started before this one (vserver-start)"),
     ("apps/init/*", Use.IGNORED, "not an init setting vsstore knows"),
     ("apps/vunify/exclude", Use.USED, "vsunify's exclude rules for this guest"),

@@ -125,7 +125,7 @@ def run_in(
     signal)."""
     if not argv:
         raise ConfigError("no command given; vserver NAME exec COMMAND [ARGS...]")
-    kinds = ("ipc", "uts", "net", "pid", "mnt", "root")
+    kinds = ("ipc", "uts", "net", "pid", "cgroup", "mnt", "root")  # cgroup: a booted guest's
     with ExitStack() as stack:
         hfd = helper.load(helper.binary(paths.statedir))
         stack.callback(os.close, hfd)
@@ -153,8 +153,8 @@ def run_in(
                     "exec",
                     cfg,
                     argv,
-                    setns=tuple(placed[:5]),
-                    root=placed[5],
+                    setns=tuple(placed[:6]),
+                    root=placed[6],
                     ctty=stdio.ctty if std else None,
                     ids=(user.uid, user.gid, user.groups) if user is not None else None,
                 )

@@ -4,7 +4,8 @@
 ``fstab`` (fstab(5) lines; targets are paths inside the guest), ``interfaces/N/{ip,prefix|
 mask,bcast,dev,name,hostip,nodev,disabled}`` (``interfaces/{dev,prefix,mask,bcast}``: the
 defaults), ``bcapabilities`` (one capability per line: ``CAP_X`` keeps one the default set
-drops, ``!CAP_X`` drops one more), ``apps/init/style`` (``plain``, ``sysv`` or ``none``),
+drops, ``!CAP_X`` drops one more), ``apps/init/style`` (``systemd``, ``plain``, ``sysv`` or
+``none``),
 ``apps/init/cmd.start`` / ``cmd.stop`` (one argument per line), ``apps/init/stop-signal``,
 ``apps/init/stop-timeout`` (or util-vserver's ``apps/init/killseq``: SIGNAL [WAIT
 SIGNAL]...), ``apps/init/runlevel{,.start,.stop}`` (sysv), ``shell`` (what ``enter``
@@ -129,9 +130,10 @@ class GuestConfig:
     stop_timeout: float = 10.0
     cow: bool = False
     hostnet: bool = False  # spaces/hostnet: the host's network namespace, not its own
-    style: str = "plain"  # sysv: the start command runs under a pid 1 of ours (it exits);
-    # none: that pid 1 alone
+    style: str = "plain"  # STYLES: systemd and plain: the start command is pid 1; sysv: it
+    # runs under a pid 1 of ours (and may exit); none: that pid 1 alone
     helper: str | None = None  # the static helper that enters (lifecycle.helper), set by start
+    ttys: int = 0  # apps/init/ttys: /dev/tty1..N, ptys of the guest's devpts (lifecycle.console)
     rlimits: dict[int, tuple[int, int]] = field(default_factory=dict)  # resource -> soft, hard
     nice: int | None = None
     cgroup: Limits = field(default_factory=Limits)
@@ -308,14 +310,18 @@ def _caps(p: Path, hostnet: bool = False) -> frozenset[int]:
     return frozenset(keep)
 
 
-def _signal(p: Path) -> int:
+def _signal(p: Path, default: int | None = None) -> int:
     text = (_read(p) or "").strip()
     if not text:
-        return signal.SIGTERM
+        return default if default is not None else signal.SIGTERM
     return _signal_name(text, p)
 
 
 def _signal_name(text: str, p: Path) -> int:
+    if text.upper().removeprefix("SIG").startswith("RTMIN+"):  # systemd's SIGRTMIN+3
+        n = text.upper().removeprefix("SIG")[len("RTMIN+") :]
+        if n.isdigit() and signal.SIGRTMIN + int(n) <= signal.SIGRTMAX:
+            return int(signal.SIGRTMIN) + int(n)
     try:
         return (
             int(text)
@@ -450,6 +456,55 @@ def _shell(p: Path) -> str:
     return text
 
 
+# apps/init/style: what runs as the guest's pid 1.
+STYLES = {
+    "systemd": "the guest's systemd is pid 1 and boots its default target",
+    "plain": "the start command (default /sbin/init) is pid 1",
+    "sysv": "the start command (default /etc/init.d/rc 3) runs under a pid 1 of ours",
+    "none": "a pid 1 of ours alone; services come by 'vserver NAME exec'",
+}
+DEFAULT_START = {
+    "systemd": ["/sbin/init"],
+    "plain": ["/sbin/init"],
+    "sysv": ["/etc/init.d/rc", "3"],  # the runlevel: apps/init/runlevel{,.start}
+}
+# systemd powers off on SIGRTMIN+3 (what nspawn and machinectl send), and takes its time
+# stopping its units.
+STOP_SIGNAL = {"systemd": int(signal.SIGRTMIN) + 3}
+STOP_TIMEOUT = {"systemd": 30.0}
+MAX_TTYS = 12
+
+
+def _init_commands(
+    c: Path, style: str, start: list[str] | None, stop: list[str] | None
+) -> tuple[list[str], list[str] | None]:
+    """The start and stop commands of ``style``: what cmd.start and cmd.stop say, or the
+    style's defaults.  An unknown style, or a cmd.start the style would not run, is an
+    error naming the file: nothing is silently ignored."""
+    if style not in STYLES:
+        raise ConfigError(
+            f"{c / 'apps/init/style'}: unknown style {style!r}; use one of "
+            f"{', '.join(STYLES)} (README: Booting a guest)"
+        )
+    if style == "none":
+        if start:
+            raise ConfigError(
+                f"{c / 'apps/init/cmd.start'}: style none runs no start command; write "
+                f"plain (the command is pid 1) or sysv (it runs under our pid 1) to "
+                f"{c / 'apps/init/style'}, or remove cmd.start"
+            )
+        return [], stop  # pid 1 is ours and runs nothing; services come by 'exec'
+    if start is None:
+        start = DEFAULT_START[style]
+        if style == "sysv":
+            start = ["/etc/init.d/rc", _runlevel(c / "apps" / "init", "start", "3")]
+            if stop is None:
+                stop = ["/etc/init.d/rc", _runlevel(c / "apps" / "init", "stop", "0")]
+    if not start:
+        raise ConfigError(f"{c / 'apps/init/cmd.start'}: empty; one argument per line")
+    return start, stop
+
+
 def load(guest: Guest) -> GuestConfig:
     """Read and check everything ``start`` and ``stop`` will need."""
     c = guest.confdir
@@ -467,29 +522,17 @@ def load(guest: Guest) -> GuestConfig:
     style = (_read(c / "apps" / "init" / "style") or "plain").strip()
     start = _lines(c / "apps" / "init" / "cmd.start")
     stop = _lines(c / "apps" / "init" / "cmd.stop")
-    if start is None:
-        if style == "plain":
-            start = ["/sbin/init"]
-        elif style == "sysv":
-            level = _runlevel(c / "apps" / "init", "start", "3")
-            start = ["/etc/init.d/rc", level]
-            stop = (
-                stop
-                if stop is not None
-                else ["/etc/init.d/rc", _runlevel(c / "apps" / "init", "stop", "0")]
-            )
-        elif style == "none":
-            start = []  # pid 1 is ours and runs nothing; services come by 'exec'
-        else:
-            raise ConfigError(
-                f"{c / 'apps/init/style'}: unknown style {style!r}; use plain, "
-                f"sysv or none, or write the command to apps/init/cmd.start"
-            )
-    if not start and style != "none":
-        raise ConfigError(f"{c / 'apps/init/cmd.start'}: empty; one argument per line")
+    start, stop = _init_commands(c, style, start, stop)
     kill_signal, kill_wait = _killseq(c / "apps" / "init" / "killseq")
-    timeout = _number(c / "apps" / "init" / "stop-timeout", kill_wait or 10.0, "seconds")
+    if style == "systemd":  # util-vserver's killseq predates it: SIGTERM only re-executes it
+        kill_signal = None
+    timeout = _number(
+        c / "apps" / "init" / "stop-timeout", kill_wait or STOP_TIMEOUT.get(style, 10.0), "seconds"
+    )
     nice = _number(c / "nice", None, "a nice level, -20..19")
+    ttys = _number(c / "apps" / "init" / "ttys", 0, f"how many /dev/ttyN, 0..{MAX_TTYS}")
+    if ttys is None or ttys != int(ttys) or not 0 <= ttys <= MAX_TTYS:
+        raise ConfigError(f"{c / 'apps/init/ttys'}: {ttys:g} is not a count (0..{MAX_TTYS})")
     if nice is not None and (nice != int(nice) or not -20 <= nice <= 19):
         raise ConfigError(f"{c / 'nice'}: {nice:g} is not a nice level (-20..19)")
     parent = (_read(c.parent / ".defaults" / "cgroup" / "parent") or "").strip() or None
@@ -514,7 +557,7 @@ def load(guest: Guest) -> GuestConfig:
         init=start,
         stop=stop or None,
         stop_signal=(
-            _signal(c / "apps" / "init" / "stop-signal")
+            _signal(c / "apps" / "init" / "stop-signal", STOP_SIGNAL.get(style))
             if kill_signal is None or (c / "apps" / "init" / "stop-signal").exists()
             else kill_signal
         ),
@@ -523,6 +566,7 @@ def load(guest: Guest) -> GuestConfig:
         style=style,
         rlimits=_rlimits(c / "rlimits"),
         nice=int(nice) if nice is not None else None,
+        ttys=int(ttys),
         cgroup=read_limits(c / "cgroup"),
         cgroup_parent=parent,
     )

@@ -26,10 +26,13 @@ time, so a reused pid is never taken for the guest.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -52,8 +55,23 @@ from vsstore.errors import (
 from vsstore.lock import exclusive
 from vsstore.safetree import GuestTree
 
-from . import cgroups, entering, helper, hooks, mounts, network, ns, overlay, procdev
+from . import (
+    boot,
+    cgroups,
+    console,
+    entering,
+    helper,
+    hooks,
+    mounts,
+    network,
+    ns,
+    overlay,
+    procdev,
+    relay,
+)
 from .guestconf import GuestConfig, default_caps
+
+TIOCGPTN = 0x80045430  # a pty master's number in its devpts
 
 
 def stop_config(st: runtime.RunState) -> GuestConfig:
@@ -120,6 +138,13 @@ def start(paths: Paths, cfg: GuestConfig) -> runtime.RunState:
                 undo.callback(cg.remove)
                 undo.callback(cg.kill)
                 cfg = dataclasses.replace(cfg, cgroup_dirs={k: str(v) for k, v in cg.dirs.items()})
+            if boot.boots(cfg):  # last: where init ends up (joined last), the namespace's root
+                d2 = boot.cgroup2_dir(cfg, cg)
+                boot.make_cgroup2(d2)
+                undo.callback(boot.remove_cgroup2, d2)
+                cfg = dataclasses.replace(
+                    cfg, cgroup_dirs={**cfg.cgroup_dirs, boot.CGROUP2_KEY: str(d2)}
+                )
             hooks.run(paths, cfg.name, "pre-start", root)
             st = _spawn(paths, cfg, source, cow_at)
             undo.pop_all()
@@ -210,13 +235,14 @@ def _monitor(
     go_r, go_w = os.pipe()  # monitor -> setup: network configured
     ex_r, ex_w = os.pipe2(os.O_CLOEXEC)  # init -> monitor: why exec failed (EOF: it ran)
     gate_r, gate_w = os.pipe2(os.O_CLOEXEC)  # monitor -> init: go on (the overlay knows it)
-    setup = os.fork()
+    con_m, con_i = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    setup = os.fork()  # init -> monitor (con_i -> con_m): its console's pty master
     if setup == 0:
-        for f in (up_r, go_w, ex_r, report, gate_w):
+        for f in (up_r, go_w, ex_r, report, gate_w, con_m.detach()):
             os.close(f)
-        _setup(cfg, source, up_w, go_r, ex_w, gate_r)
+        _setup(cfg, source, up_w, go_r, ex_w, gate_r, con_i.detach())
         os._exit(0)
-    for f in (up_w, go_r, ex_w, gate_r):
+    for f in (up_w, go_r, ex_w, gate_r, con_i.detach()):
         os.close(f)
     up = os.fdopen(up_r, "rb")
     first = json.loads(up.readline() or b'{"error": "setup died", "class": "VsError"}')
@@ -255,6 +281,8 @@ def _monitor(
         os.kill(init, signal.SIGKILL)  # a sysv/none pid 1 of ours would wait for ever
         os.waitpid(init, 0)
         fail(ConfigError(_init_failure(cfg, why)))
+    masters = console.receive_masters(con_m)
+    con_m.close()
     st = runtime.RunState(
         name=cfg.name,
         init_pid=init,
@@ -266,6 +294,7 @@ def _monitor(
         started=time.time(),
         context=cfg.context,
         reaper=cfg.style in ("sysv", "none"),
+        style=cfg.style,
         cgroup=dict(cfg.cgroup_dirs),
         stop=cfg.stop,
         stop_signal=int(cfg.stop_signal),
@@ -275,27 +304,66 @@ def _monitor(
         rlimits={str(k): list(v) for k, v in cfg.rlimits.items()},
     )
     runtime.write_state(paths, st)
-    say(f"started: init pid {init} ({' '.join(cfg.init)})")
+    say(f"started: style {cfg.style}, init pid {init} ({' '.join(cfg.init) or 'our reaper'})")
     if cfg.hostnet:
         say(f"warning: {network.HOSTNET_WARNING}")
+    con = None
+    if masters:
+        try:
+            con = console.Server(masters, 1, console.socket_path(paths, cfg.name))
+        except OSError as e:
+            say(f"warning: no console ({e.strerror}); its output is lost")
+            for m in masters:
+                os.close(m)
     os.write(report, json.dumps({"state": st.__dict__}).encode() + b"\n")
     os.close(report)
-    status = 0
-    while True:  # reap: init, and whatever else a subreaper inherits
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        if pid == init:
-            break
+    status = _wait_init(init, con)
     code = os.waitstatus_to_exitcode(status)
     say(f"init ended ({'signal ' + str(-code) if code < 0 else 'exit ' + str(code)}); cleaning up")
     for dev in hostside:
         subprocess.run(["ip", "link", "del", dev], capture_output=True)
     cleanup(paths, st)
     say("stopped")
+
+
+def _wait_init(init: int, con: console.Server | None) -> int:  # pragma: no cover - monitor
+    """Reap init, and whatever else a subreaper inherits, meanwhile serving the console;
+    returns init's wait status."""
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes the poll below
+    status = 0
+    try:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == init:
+                break
+            if pid != 0:
+                continue  # another one reaped; there may be more
+            p = select.poll()
+            p.register(wake_r, select.POLLIN)
+            if con is not None:
+                con.register(p)
+            for fd, ev in p.poll():
+                if fd == wake_r:
+                    while True:
+                        try:
+                            if not os.read(wake_r, 512):
+                                break
+                        except BlockingIOError:
+                            break
+                elif con is not None:
+                    con.handle(fd, ev)
+    finally:
+        signal.set_wakeup_fd(-1)
+        if con is not None:
+            con.close()  # what init wrote last goes to the log
+        os.close(wake_r)
+        os.close(wake_w)
+    return status
 
 
 def _setup(
@@ -305,6 +373,7 @@ def _setup(
     go: int,
     exec_fd: int,
     gate: int,
+    con: int,
 ) -> None:  # pragma: no cover - runs in a forked child
     """In new namespaces: mounts, network, hostname; then fork init."""
 
@@ -336,7 +405,7 @@ def _setup(
         cg = cgroups.of(cfg.cgroup_dirs)
         if cg is not None:
             cg.join()  # init and everything it starts are charged to the guest
-        ns.unshare(ns.CLONE_NEWPID)
+        ns.unshare(ns.CLONE_NEWPID | (boot.CLONE_NEWCGROUP if boot.boots(cfg) else 0))
     except (OSError, VsError) as e:
         tell(to_wire(e if isinstance(e, VsError) else ConfigError(str(e))))
         return
@@ -347,14 +416,15 @@ def _setup(
             os._exit(127)
         os.close(gate)
         try:
-            _init(cfg, tree, exec_fd)
+            _init(cfg, tree, exec_fd, con)
         except BaseException as e:  # noqa: BLE001 - reported to the monitor
             os.write(exec_fd, (getattr(e, "message", None) or str(e)).encode())
         os._exit(127)
+    os.close(con)
     tell({"init": init})
 
 
-def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int) -> None:  # pragma: no cover
+def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int, con: int) -> None:  # pragma: no cover
     """pid 1 of the guest until the helper takes over: its own mount namespace (the pivot
     must move no other process's root: setup's Python still runs), /proc, /dev,
     pivot_root, and the helper by descriptor, which becomes the guest's init (sysv/none:
@@ -367,8 +437,51 @@ def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int) -> None:  # pragma: n
     env = {"PATH": helper.GUEST_PATH, "container": "vserver", "HOME": "/", "TERM": "linux"}
     tree = mounts.own_mount_ns(tree)
     procdev.mount_proc_and_dev(cfg, tree)
-    hfd, _ = helper.place_fds(hfd, {}, exec_fd)
+    slave, ttys = _consoles(tree, con, cfg.ttys)
+    if ttys:  # systemd starts a getty on each (container-getty@N)
+        env["container_ttys"] = " ".join(ttys)
+    if boot.boots(cfg):
+        boot.prepare(cfg, tree)
+    hfd, _ = helper.place_fds(hfd, {0: slave, 1: slave, 2: slave}, exec_fd)
     helper.pivot_and_exec(tree, hfd, args, env)
+
+
+def _consoles(tree: GuestTree, con: int, ttys: int) -> tuple[int, list[str]]:  # pragma: no cover
+    """/dev/console and /dev/tty1..``ttys``: new ptys of the guest's devpts, each slave
+    bound over an empty file on our /dev (tmpfs); the masters go to the monitor.  Returns
+    the console's slave (init's stdin, stdout and stderr) and the ttys' names in devpts
+    (pts/N, for systemd's container_ttys)."""
+    masters: list[int] = []
+    names: list[str] = []
+    dev = tree.open_in_root("dev", os.O_RDONLY | os.O_DIRECTORY)  # our tmpfs, just mounted
+    try:
+        for i in range(ttys + 1):
+            master, slave = relay.open_pty(tree.fd)
+            masters.append(master)
+            name = "console" if i == 0 else f"tty{i}"
+            fd = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=dev,
+            )
+            try:
+                ns.mount(f"/proc/self/fd/{slave}", f"/proc/self/fd/{fd}", None, ns.MS_BIND)
+            finally:
+                os.close(fd)
+            if i == 0:
+                console_slave = slave
+            else:
+                n = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
+                names.append(f"pts/{n}")
+                os.close(slave)
+    finally:
+        os.close(dev)
+    with socket.socket(fileno=con) as s:
+        console.send_masters(s, masters)
+    for m in masters:
+        os.close(m)
+    return console_slave, names
 
 
 def _init_failure(cfg: GuestConfig, raw: bytes) -> str:
@@ -423,26 +536,35 @@ def _signal(pid: int, started: int, sig: int) -> None:
         os.close(fd)
 
 
-def _catches(pid: int, sig: int) -> bool:
-    """Has process ``pid`` a handler for ``sig`` (SigCgt in /proc/PID/status)?"""
+def _catches(pid: int, sig: int, blocked: bool = False) -> bool:
+    """Has process ``pid`` a handler for ``sig`` (SigCgt in /proc/PID/status)?  With
+    ``blocked``, a blocked ``sig`` counts too: an init that takes its signals from a
+    signalfd (systemd, our reaper) blocks them for good, and a blocked signal is queued.
+    (Not for any init: a shell blocks signals for a moment while it forks, and a signal
+    queued then with no handler is dropped when unblocked.)"""
+    want = ("SigCgt:", "SigBlk:") if blocked else ("SigCgt:",)
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+                if line.startswith(want) and int(line.split()[1], 16) >> (sig - 1) & 1:
+                    return True
     except OSError:
         pass
     return False
 
 
-def _wait_handler(pid: int, started: int, sig: int, deadline: float) -> None:
+def _wait_handler(pid: int, started: int, sig: int, deadline: float, blocked: bool) -> None:
     """Wait (up to ``deadline``) until init has a handler for ``sig``: a pid namespace's
     init never gets a signal it has no handler for, not even from the host, and right
     after start it may not have installed it yet (a signal sent then would be lost, and
     stop would wait for its whole timeout).  SIGKILL and SIGSTOP need no handler."""
     if sig in (signal.SIGKILL, signal.SIGSTOP):
         return
-    while runtime.alive(pid, started) and not _catches(pid, sig) and time.monotonic() < deadline:
+    while (
+        runtime.alive(pid, started)
+        and not _catches(pid, sig, blocked)
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
 
 
@@ -466,7 +588,13 @@ def stop(paths: Paths, name: str) -> None:
                 entering.run_in(paths, cfg, st, cfg.stop, timeout=cfg.stop_timeout)
             except VsError:
                 pass  # a failing stop command: the signal and the kill still follow
-        _wait_handler(st.init_pid, st.init_start, cfg.stop_signal, deadline)
+        _wait_handler(
+            st.init_pid,
+            st.init_start,
+            cfg.stop_signal,
+            deadline,
+            blocked=st.reaper or st.style == "systemd",
+        )
         _signal(st.init_pid, st.init_start, cfg.stop_signal)
         if not _wait_gone(st.init_pid, st.init_start, max(0.0, deadline - time.monotonic())):
             cg = cgroups.of(st.cgroup)
@@ -502,4 +630,5 @@ def cleanup(paths: Paths, st: runtime.RunState) -> None:
             print(f"vserver {st.name}: {e.message}", file=sys.stderr)
     cur = runtime.read_state(paths, st.name)
     if cur is not None and cur.init_pid == st.init_pid:
+        console.socket_path(paths, st.name).unlink(missing_ok=True)
         runtime.state_file(paths, st.name).unlink(missing_ok=True)
