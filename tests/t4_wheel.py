@@ -28,6 +28,7 @@ def installed(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
     shutil.copytree(
         REPO,
         src,
+        symlinks=True,  # as a checkout holds them (a fixture's util-vserver "run" link dangles)
         ignore=shutil.ignore_patterns(
             ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache"
         ),
