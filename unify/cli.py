@@ -304,6 +304,10 @@ def parser() -> argparse.ArgumentParser:
         "report",
         parents=[common],
         help="savings per guest and in total, the store, the most saving files, the trend",
+        description="Savings per guest and in total, from the guest trees themselves.",
+        epilog="columns (bytes; on-disk figures count files, directories and symlinks, "
+        "each inode once, as du does):\n" + report.legend(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     rp.add_argument("guests", nargs="*", metavar="GUEST")
     rp.add_argument("--all", action="store_true")

@@ -9,7 +9,7 @@ from html import escape
 from vsstore.index import Snapshot
 
 from .progress import human
-from .report import GuestFigures, Report
+from .report import COLUMNS, GuestFigures, Report, table_row
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;max-width:70em}
@@ -83,18 +83,18 @@ def _guest_svg(guests: dict[str, GuestFigures], w: int = 640) -> str:
     if not guests:
         return ""
     bar, gap, left = 18, 6, 140
-    top = max(g.disk_bytes for g in guests.values()) or 1
+    top = max(g.alone_bytes for g in guests.values()) or 1
     h = len(guests) * (bar + gap) + 10
     parts = []
     for i, (name, g) in enumerate(sorted(guests.items())):
-        disk, saved = g.disk_bytes, g.saved_bytes
+        disk, saved = g.alone_bytes, g.saved_bytes
         y = 5 + i * (bar + gap)
         full = (w - left - 10) * disk / top
         part = (w - left - 10) * saved / top
         parts.append(
             f'<text x="{left - 6}" y="{y + bar - 5}" text-anchor="end">{escape(name)}</text>'
             f'<rect class="disk" x="{left}" y="{y}" width="{full:.1f}" height="{bar}" '
-            f'fill="#ccd"><title>{escape(name)}: {human(disk)} on disk</title></rect>'
+            f'fill="#ccd"><title>{escape(name)}: {human(disk)} alone</title></rect>'
             f'<rect class="saved" x="{left}" y="{y}" width="{part:.1f}" height="{bar}" '
             f'fill="#2a7"><title>{escape(name)}: {human(saved)} saved</title></rect>'
         )
@@ -126,7 +126,7 @@ def render(rep: Report) -> str:
         f'<p class="muted">report of {escape(_when(rep.taken))}</p>',
         f'<p><span class="big" id="saved">{escape(human(total.saved_bytes))}</span>'
         f" saved: the guests take {escape(human(total.disk_bytes))} on disk "
-        f"together, {escape(human(total.disk_bytes + total.saved_bytes))} "
+        f"together, {escape(human(total.alone_bytes))} "
         f"alone ({rep.share_ratio:.0%} saved).</p>",
         _split(rep),
         "<h2>Saved over time</h2>",
@@ -136,43 +136,17 @@ def render(rep: Report) -> str:
     ]
     rows = [
         [
-            n,
-            str(g.files),
-            human(g.apparent_bytes),
-            human(g.disk_bytes),
-            human(g.shared_bytes),
-            human(g.saved_bytes),
-            f"{g.share_ratio:.0%}",
+            *table_row(n, g),
             ", ".join(f"{k}: {human(v)}" for k, v in sorted(g.shared_with.items())),
         ]
         for n, g in sorted(guests.items())
     ]
-    rows.append(
-        [
-            "TOTAL",
-            str(total.files),
-            human(total.apparent_bytes),
-            human(total.disk_bytes),
-            human(total.shared_bytes),
-            human(total.saved_bytes),
-            f"{rep.share_ratio:.0%}",
-            "",
-        ]
-    )
+    rows.append([*table_row("TOTAL", total), ""])
     out.append(
         _table(
-            [
-                "guest",
-                "files",
-                "apparent",
-                "on disk",
-                "shared",
-                "saved",
-                "share",
-                "shared with k others",
-            ],
+            ["guest", *(c for c, _ in COLUMNS), "shared with k others"],
             rows,
-            {1, 2, 3, 4, 5, 6},
+            set(range(1, len(COLUMNS) + 1)),
         )
     )
     if rep.top_shared:
