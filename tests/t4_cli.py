@@ -10,7 +10,7 @@ import sys
 from collections import Counter
 
 from conftest import REPO, fill, flags, inode, small_fs, snapshot
-from vsstore.errors import EXIT_BUSY, EXIT_CONFIG, EXIT_NOSPACE, EXIT_PARTIAL
+from vsstore.errors import EXIT_BUSY, EXIT_CONFIG, EXIT_NOSPACE, EXIT_NOTGUEST, EXIT_PARTIAL
 
 BIN = bytes(range(256)) * 64
 LIB = b"\x7fELF" + bytes(reversed(range(256))) * 100
@@ -495,3 +495,27 @@ def test_a_dangling_vdir_does_not_stop_the_other_guests(host):
     rep = host.vsunify("report", "--json", "--all")
     assert set(json.loads(rep.stdout)["guests"]) == {"a", "b"} and "'gone'" in rep.stderr
     _fails(host.vsunify("run", "gone", check=False), EXIT_CONFIG, "'gone'", "vdir")
+
+
+def test_run_refuses_a_path_that_is_no_guest_unless_forced(host):
+    """``vsunify run --dry-run /usr`` on the host: a path neither configured nor under the
+    guests' root is refused with exit 12 and says why; --force-path takes it; a configured
+    guest's tree elsewhere (its vdir) and a tree under the root are taken as ever."""
+    foreign = host.base / "elsewhere"
+    for d in ("x", "y"):
+        (foreign / d / "usr").mkdir(parents=True)
+        (foreign / d / "usr/tool").write_bytes(BIN)
+    p = host.vsunify("run", "--dry-run", str(foreign / "x"), str(foreign / "y"), check=False)
+    assert p.returncode == EXIT_NOTGUEST, p
+    assert len(p.stderr.splitlines()) == 1
+    assert str(foreign / "x") in p.stderr and "--force-path" in p.stderr
+    assert "Traceback" not in p.stderr
+    forced = host.vsunify(
+        "run", "--dry-run", "--json", "--force-path", str(foreign / "x"), str(foreign / "y")
+    )
+    assert json.loads(forced.stdout)["files_scanned"] == 2
+    host.guest("a", distro())
+    conf = host.base / "etc/vservers/b"
+    conf.mkdir(parents=True)
+    (conf / "vdir").symlink_to(foreign / "y")  # configured, its tree elsewhere
+    host.vsunify("run", "--dry-run", str(host.root / "a"), str(foreign / "y"))
