@@ -225,6 +225,27 @@ def test_the_html_report_is_one_page_with_both_charts(host):
     assert len(points) == 2  # two reports so far
     bars = [a for t, a in page.svgs["guests"] if t == "rect" and a.get("class") == "saved"]
     assert len(bars) == 4
+    trend_svg = re.search(r'<svg id="trend".*?</svg>', text)
+    assert trend_svg is not None
+    yticks = re.findall(r'class="axis-y"[^>]*>([^<]+)<', trend_svg.group(0))
+    assert yticks[0] == "0 B" and len(yticks) == 5  # a y axis from 0, in bytes
+    assert all(re.fullmatch(r"[\d.]+ (B|KiB|MiB|GiB|TiB)", t) for t in yticks), yticks
+    snaps = rep["history"]["snapshots"]
+    first = time.strftime("%Y-%m-%d %H:%M", time.localtime(snaps[0]["taken"]))
+    last = time.strftime("%Y-%m-%d %H:%M", time.localtime(snaps[-1]["taken"]))
+    assert f"2 reports, {first} to {last}" in trend_svg.group(0)  # the date range
+    assert 'class="legend"' in trend_svg.group(0)
+    guests_svg = re.search(r'<svg id="guests".*?</svg>', text)
+    assert guests_svg is not None
+    xticks = re.findall(r'class="axis-x"[^>]*>([^<]+)<', guests_svg.group(0))
+    assert xticks[0] == "0 B" and "bytes on disk" in guests_svg.group(0)
+    legend = re.findall(r'class="legend"[^>]*>([^<]+)<', guests_svg.group(0))
+    assert legend[0].startswith("on disk now") and legend[1].startswith("saved")
+    # each bar: its part on disk now, then what it saved: together what it costs alone
+    disks = [a for t, a in page.svgs["guests"] if t == "rect" and a.get("class") == "disk"]
+    big = max(rep["guests"].values(), key=lambda g: g["alone_bytes"])
+    longest = max(float(d["width"]) + float(b["width"]) for d, b in zip(disks, bars, strict=True))
+    assert longest <= 640 - 140 - 20 and big["alone_bytes"] > 0
     widths = {float(a["width"]) for a in bars}
     assert len(widths) == 2  # a and b save more than c and d
     for g in "abcd":
