@@ -401,10 +401,8 @@ def format_table(rep: Report) -> str:
     ]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
-    lines.append(
-        "alone: du -sx GUEST; on disk: its part, the guests add up to TOTAL = du -sx of all "
-        "the trees together; saved = alone - on disk (vsunify report --help)"
-    )
+    lines.append("alone = du -sx GUEST; on disk = its part now, TOTAL = du -sxc of all the trees")
+    lines.append("saved = alone - on disk; own = freed if removed (vsunify report --help)")
     if rep.total.extent_saved_bytes or rep.total.extent_shared_bytes:
         t = rep.total
         lines.append(
