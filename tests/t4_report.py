@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from fsimages import REFLINK_KINDS, physical, reflink_host
@@ -61,7 +64,101 @@ def test_report_counts_how_many_guests_share_each_byte(host):
         (2, blocks[mid]),
     ]
     assert top[0]["path"].endswith(":/usr/lib/big.so")
-    assert rep["total"]["disk_bytes"] == sum(blocks.values())
+
+
+def _du(*trees: Path) -> int:
+    """``du -sx --block-size=1`` of the trees together (an inode counted once)."""
+    out = subprocess.run(
+        ["du", "-sxc", "--block-size=1", *map(str, trees)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out.splitlines()[-1].split()[0])
+
+
+def _walk_all(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """Every name below root (root included) on its filesystem, as du -x sees them."""
+    dev = os.lstat(root).st_dev
+    yield "", os.lstat(root)
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if st.st_dev == dev:
+                yield os.path.relpath(p, root), st
+        dirs[:] = [d for d in dirs if os.lstat(os.path.join(dirpath, d)).st_dev == dev]
+
+
+def _figures(host) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
+    """The report's figures, computed from an independent walk of every inode."""
+    holders: dict[tuple[int, int], set[str]] = {}
+    blocks: dict[tuple[int, int], int] = {}
+    names: dict[str, list[tuple[tuple[int, int], os.stat_result]]] = {}
+    for g in "abc":
+        names[g] = []
+        for _rel, st in _walk_all(host.root / g):
+            k = (st.st_dev, st.st_ino)
+            blocks[k] = st.st_blocks * 512
+            holders.setdefault(k, set()).add(g)
+            names[g].append((k, st))
+    figs: dict[str, dict[str, float]] = {}
+    for g in "abc":
+        inos = {k for k, _ in names[g]}
+        files = [(k, st) for k, st in names[g] if stat.S_ISREG(st.st_mode)]
+        figs[g] = {
+            "files": len(files),
+            "apparent_bytes": sum(st.st_size for _, st in files),
+            "shared_bytes": sum(st.st_size for k, st in files if len(holders[k]) > 1),
+            "alone_bytes": sum(blocks[k] for k in inos),
+            "disk_bytes": sum(blocks[k] / len(holders[k]) for k in inos),
+            "own_bytes": sum(blocks[k] for k in inos if len(holders[k]) == 1),
+        }
+    return figs
+
+
+def test_report_figures_add_up_as_du_counts_them(host):
+    """Per guest and in total, every column against an independent walk of every inode
+    (files, directories, symlinks) and du: "on disk" changes when unifying, the guests'
+    figures add up to the TOTAL, which is du -sx of the trees together."""
+    for i, g in enumerate("abc"):
+        tree = host.guest(g, {"usr/lib/big.so": BIG, "usr/lib/mid.so": MID, f"own-{g}": OWN * i})
+        (tree / "usr/share/empty").mkdir(parents=True)
+        (tree / "usr/lib/libbig.so.1").symlink_to("big.so")
+        os.link(tree / f"own-{g}", tree / "own-link")  # two names, one inode, counted once
+    before = json.loads(host.vsunify("report", "--json", "--all", "--no-record").stdout)
+    host.vsunify("run", "--all", "--no-default-excludes")
+    rep = json.loads(host.vsunify("report", "--json", "--all").stdout)
+    want = _figures(host)
+    trees = [host.root / g for g in "abc"]
+    for g in "abc":
+        got, w = rep["guests"][g], want[g]
+        for key in ("files", "apparent_bytes", "shared_bytes", "alone_bytes", "own_bytes"):
+            assert got[key] == w[key], (g, key)
+        assert abs(got["disk_bytes"] - w["disk_bytes"]) <= 3  # rounded to the byte
+        assert got["saved_bytes"] == got["alone_bytes"] - got["disk_bytes"]
+        assert got["shared_bytes"] <= got["apparent_bytes"]
+        assert got["alone_bytes"] == _du(host.root / g)
+        assert before["guests"][g]["disk_bytes"] == before["guests"][g]["alone_bytes"]
+        assert got["disk_bytes"] < before["guests"][g]["disk_bytes"]  # unifying shows
+    total = rep["total"]
+    for key in ("files", "apparent_bytes", "shared_bytes", "alone_bytes", "disk_bytes"):
+        assert total[key] == sum(rep["guests"][g][key] for g in "abc"), key
+    for key in ("own_bytes", "saved_bytes"):
+        assert total[key] == sum(rep["guests"][g][key] for g in "abc"), key
+    assert total["disk_bytes"] == _du(*trees)
+    assert total["saved_bytes"] == total["alone_bytes"] - total["disk_bytes"] > 300_000
+    table = host.vsunify("report", "--all", "--no-record").stdout.splitlines()
+    head = table[0].split()
+    assert head == ["guest", "files", "apparent", "shared", "alone", "on", "disk", "own"][:8] + [
+        "saved",
+        "share",
+    ]
+    totals = next(line for line in table if line.startswith("TOTAL"))
+    assert human(total["disk_bytes"]) in totals and human(total["alone_bytes"]) in totals
+    helptext = host.vsunify("report", "--help").stdout
+    for column in ("apparent", "shared", "alone", "on disk", "own", "saved", "share"):
+        assert f"\n  {column} " in helptext, column
 
 
 def test_each_report_adds_to_the_trend_and_runs_are_listed(host):
@@ -128,6 +225,27 @@ def test_the_html_report_is_one_page_with_both_charts(host):
     assert len(points) == 2  # two reports so far
     bars = [a for t, a in page.svgs["guests"] if t == "rect" and a.get("class") == "saved"]
     assert len(bars) == 4
+    trend_svg = re.search(r'<svg id="trend".*?</svg>', text)
+    assert trend_svg is not None
+    yticks = re.findall(r'class="axis-y"[^>]*>([^<]+)<', trend_svg.group(0))
+    assert yticks[0] == "0 B" and len(yticks) == 5  # a y axis from 0, in bytes
+    assert all(re.fullmatch(r"[\d.]+ (B|KiB|MiB|GiB|TiB)", t) for t in yticks), yticks
+    snaps = rep["history"]["snapshots"]
+    first = time.strftime("%Y-%m-%d %H:%M", time.localtime(snaps[0]["taken"]))
+    last = time.strftime("%Y-%m-%d %H:%M", time.localtime(snaps[-1]["taken"]))
+    assert f"2 reports, {first} to {last}" in trend_svg.group(0)  # the date range
+    assert 'class="legend"' in trend_svg.group(0)
+    guests_svg = re.search(r'<svg id="guests".*?</svg>', text)
+    assert guests_svg is not None
+    xticks = re.findall(r'class="axis-x"[^>]*>([^<]+)<', guests_svg.group(0))
+    assert xticks[0] == "0 B" and "bytes on disk" in guests_svg.group(0)
+    legend = re.findall(r'class="legend"[^>]*>([^<]+)<', guests_svg.group(0))
+    assert legend[0].startswith("on disk now") and legend[1].startswith("saved")
+    # each bar: its part on disk now, then what it saved: together what it costs alone
+    disks = [a for t, a in page.svgs["guests"] if t == "rect" and a.get("class") == "disk"]
+    big = max(rep["guests"].values(), key=lambda g: g["alone_bytes"])
+    longest = max(float(d["width"]) + float(b["width"]) for d, b in zip(disks, bars, strict=True))
+    assert longest <= 640 - 140 - 20 and big["alone_bytes"] > 0
     widths = {float(a["width"]) for a in bars}
     assert len(widths) == 2  # a and b save more than c and d
     for g in "abcd":
@@ -345,7 +463,7 @@ def test_report_counts_shared_extents_apart_from_hardlinks(rhost: Host) -> None:
     assert [g[n]["extent_saved_bytes"] for n in "abc"] == [ext // 2, ext // 2, 0]
     assert [g[n]["extent_shared_bytes"] for n in "abc"] == [ext, ext, 0]
     assert g["a"]["saved_bytes"] == g["a"]["hardlink_saved_bytes"] + ext // 2
-    alone = sum(g[n]["disk_bytes"] for n in "abc")
+    alone = sum(g[n]["alone_bytes"] for n in "abc")
     assert alone - t["disk_bytes"] == t["saved_bytes"]  # what they cost alone minus together
     table = rhost.vsunify("report", "--all", "--no-record").stdout
     assert "by shared extents" in table

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vsstore.clitools import common_options, require_root, run_cli
 from vsstore.config import Guest, Paths, configured_guests, resolve_guest
-from vsstore.errors import EXIT_OK, EXIT_PARTIAL, ConfigError
+from vsstore.errors import EXIT_OK, EXIT_PARTIAL, ConfigError, NotAGuestError
 from vsstore.excludes import ExcludeList
 from vsstore.names import shown
 from vsstore.safetree import GuestTree
@@ -66,8 +66,26 @@ def _excludes(args: argparse.Namespace, g: Guest, paths: Paths) -> ExcludeList:
     )
 
 
+def _refuse_foreign_paths(guests: list[Guest], paths: Paths) -> None:
+    """A guest given as a path must be a configured guest's tree or lie under the guests'
+    root: ``vsunify run /usr`` would seal the host's own files into the store."""
+    base = paths.vservers_root.resolve()
+    known = {g.root.resolve() for g in configured_guests(paths, [])}
+    for g in guests:
+        root = g.root.resolve()
+        if root in known or (root != base and root.is_relative_to(base)):
+            continue
+        raise NotAGuestError(
+            f"{shown(str(g.root))}: neither a configured guest's tree nor under the guests' "
+            f"root {shown(str(base))}; vsunify would link (and seal immutable) the files there "
+            f"as a guest's: name a guest, or add --force-path if this tree is one"
+        )
+
+
 def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     guests, left_out = _guests(args, paths)
+    if not args.force_path:
+        _refuse_foreign_paths(guests, paths)
     opts = api.RunOptions(
         min_size=args.min_size,
         ignore_mtime=args.ignore_mtime,
@@ -242,6 +260,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--all", action="store_true", help="every configured guest")
     r.add_argument("--dry-run", "-n", action="store_true", help="change nothing; report")
     r.add_argument(
+        "--force-path",
+        action="store_true",
+        help="accept a GUEST path that is neither a configured guest's tree nor under the "
+        "guests' root (exit 12 without)",
+    )
+    r.add_argument(
         "--ignore-mtime",
         action="store_true",
         help="link files that differ only in mtime (they take the object's)",
@@ -304,6 +328,10 @@ def parser() -> argparse.ArgumentParser:
         "report",
         parents=[common],
         help="savings per guest and in total, the store, the most saving files, the trend",
+        description="Savings per guest and in total, from the guest trees themselves.",
+        epilog="columns (bytes; on-disk figures count files, directories and symlinks, "
+        "each inode once, as du does):\n" + report.legend(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     rp.add_argument("guests", nargs="*", metavar="GUEST")
     rp.add_argument("--all", action="store_true")

@@ -12,6 +12,7 @@ import argparse
 import os
 import random
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -74,6 +75,29 @@ def build_guests(base: Path, n: int) -> list[str]:
     return names
 
 
+def _du_check(root: Path, names: list[str]) -> None:
+    """What du says of the same trees: the table's figures to check against."""
+    from .progress import human
+
+    du = shutil.which("du")
+    if du is None:
+        return
+    trees = [str(root / n) for n in names]
+    out = subprocess.run(
+        [du, "-sxc", "--block-size=1", *trees], capture_output=True, text=True, check=False
+    ).stdout.splitlines()
+    if len(out) != len(trees) + 1:
+        return
+    alone = subprocess.run(
+        [du, "-sx", "--block-size=1", trees[0]], capture_output=True, text=True, check=False
+    ).stdout.split()
+    total = int(out[-1].split()[0])
+    print(
+        f"\ndemo: du agrees: du -sx {names[0]} = {human(int(alone[0]))} ({names[0]}'s alone); "
+        f"du -sxc of all {len(names)} trees = {human(total)} (TOTAL on disk)"
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     from .cli import main as vsunify
 
@@ -101,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
         rc = vsunify(["run", "--all"] + (["--json"] if args.json else []))
         print("\ndemo: after unification")
         vsunify(["report", "--all"] + (["--json"] if args.json else []))
+        _du_check(base / "vservers", names)
         print("\ndemo: a second run reads nothing new")
         vsunify(["run", "--all"])
         return rc

@@ -173,7 +173,7 @@ def run(
             objects,
             by_size,
             sc,
-            tick=lambda: prog.update(summ.files_linked, 0),
+            tick=prog.refresh,  # linking moves no counter of the line: redraw it
         )
         _hash_and_link(pipe, to_hash, prog)
         if not opts.dry_run:
@@ -366,7 +366,7 @@ def _hash_and_link(pipe: _Pipeline, to_hash: list[scan.InodeRec], prog: Progress
     for size in list(pipe.by_size):
         if not remaining[size]:
             pipe.size_ready(size)
-    prog.phase("hash+link", total_bytes=sum(r.size for r in to_hash))
+    prog.phase("hash+link", len(to_hash), sum(r.size for r in to_hash))
     done_bytes = 0
     chunks = [to_hash[i : i + CHUNK_FILES] for i in range(0, len(to_hash), CHUNK_FILES)]
     with ThreadPoolExecutor(max_workers=max(1, pipe.opts.jobs)) as pool:

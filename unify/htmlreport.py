@@ -9,7 +9,7 @@ from html import escape
 from vsstore.index import Snapshot
 
 from .progress import human
-from .report import GuestFigures, Report
+from .report import COLUMNS, GuestFigures, Report, table_row
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;max-width:70em}
@@ -42,21 +42,47 @@ def _table(head: list[str], rows: list[list[str]], numeric: set[int]) -> str:
     return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _trend_svg(snaps: list[Snapshot], w: int = 640, h: int = 200) -> str:
-    """Line of saved bytes over the report snapshots."""
+def _ticks(top: float, n: int = 4) -> list[float]:
+    """n+1 round values from 0 up to at least top (1, 2 or 5 times a power of 1024 or 10)."""
+    if top <= 0:
+        return [float(i) for i in range(n + 1)]
+    unit = 1.0
+    while top / unit >= 1024:
+        unit *= 1024
+    raw = top / unit / n
+    mag = 10 ** len(str(int(raw))) / 10 if raw >= 1 else 1.0
+    while mag > raw and mag > 0.001:
+        mag /= 10
+    step = next((m * mag for m in (1, 2, 5, 10) if m * mag >= raw), 10 * mag)
+    return [i * step * unit for i in range(n + 1)]
+
+
+def _trend_svg(snaps: list[Snapshot], w: int = 640, h: int = 220) -> str:
+    """Saved bytes at every report: y axis in bytes with ticks, x axis the reports' dates
+    (the range written under it), a legend."""
     if not snaps:
         return '<p class="muted">No history yet: every report adds a point.</p>'
-    pad = 40
+    left, right, top_pad, bottom = 70, 20, 30, 40
     ys = [float(s.saved_bytes) for s in snaps]
-    top = max(ys) or 1.0
+    ticks = _ticks(max(ys))
+    top = ticks[-1] or 1.0
     n = len(ys)
+    t0, t1 = snaps[0].taken, snaps[-1].taken
 
     def x(i: int) -> float:
-        return pad + (w - 2 * pad) * (i / (n - 1) if n > 1 else 0.5)
+        span = t1 - t0
+        frac = (snaps[i].taken - t0) / span if span > 0 else (i / (n - 1) if n > 1 else 0.5)
+        return left + (w - left - right) * frac
 
     def y(v: float) -> float:
-        return h - pad - (h - 2 * pad) * v / top
+        return h - bottom - (h - top_pad - bottom) * v / top
 
+    grid = "".join(
+        f'<line x1="{left}" y1="{y(t):.1f}" x2="{w - right}" y2="{y(t):.1f}" stroke="#eee"/>'
+        f'<text class="axis-y" x="{left - 6}" y="{y(t) + 4:.1f}" text-anchor="end">'
+        f"{escape(human(int(t)))}</text>"
+        for t in ticks
+    )
     pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(ys))
     dots = "".join(
         f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="#2a7">'
@@ -64,43 +90,72 @@ def _trend_svg(snaps: list[Snapshot], w: int = 640, h: int = 200) -> str:
         f"</circle>"
         for i, v in enumerate(ys)
     )
-    first, last = _when(snaps[0].taken), _when(snaps[-1].taken)
+    first, last = _when(t0), _when(t1)
     return (
         f'<svg id="trend" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
-        f'aria-label="saved bytes over time">'
-        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#999"/>'
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#999"/>'
+        f'aria-label="saved bytes at each report, {escape(first)} to {escape(last)}">'
+        f"{grid}"
+        f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="#999"/>'
+        f'<line x1="{left}" y1="{top_pad}" x2="{left}" y2="{h - bottom}" stroke="#999"/>'
         f'<polyline points="{pts}" fill="none" stroke="#2a7" stroke-width="2"/>{dots}'
-        f'<text x="{pad}" y="{pad - 8}">{escape(human(int(top)))} saved</text>'
-        f'<text x="{pad}" y="{h - pad + 16}">{escape(first)}</text>'
-        f'<text x="{w - pad}" y="{h - pad + 16}" text-anchor="end">{escape(last)}</text>'
+        f'<text x="{left}" y="{top_pad - 12}">bytes saved (du: the guests alone minus '
+        f"together)</text>"
+        f'<rect x="{w - right - 150}" y="{top_pad - 22}" width="12" height="3" fill="#2a7"/>'
+        f'<text class="legend" x="{w - right - 132}" y="{top_pad - 18}">saved, per report</text>'
+        f'<text class="axis-x" x="{left}" y="{h - bottom + 16}">{escape(first)}</text>'
+        f'<text class="axis-x" x="{w - right}" y="{h - bottom + 16}" text-anchor="end">'
+        f"{escape(last)}</text>"
+        f'<text class="range" x="{(left + w - right) / 2:.0f}" y="{h - 6}" '
+        f'text-anchor="middle">{n} reports, {escape(first)} to {escape(last)}</text>'
         f"</svg>"
     )
 
 
 def _guest_svg(guests: dict[str, GuestFigures], w: int = 640) -> str:
-    """Per guest: a bar of what it would cost alone, the saved part in green."""
+    """Per guest: a bar of what it costs alone, split into its part on disk now and the
+    saved part (green); an x axis in bytes and a legend."""
     if not guests:
         return ""
-    bar, gap, left = 18, 6, 140
-    top = max(g.disk_bytes for g in guests.values()) or 1
-    h = len(guests) * (bar + gap) + 10
-    parts = []
+    bar, gap, left, right, head, foot = 18, 6, 140, 20, 26, 34
+    ticks = _ticks(max(g.alone_bytes for g in guests.values()))
+    top = ticks[-1] or 1
+    span = w - left - right
+    h = head + len(guests) * (bar + gap) + foot
+    parts = [
+        f'<rect x="{left}" y="4" width="12" height="12" fill="#ccd"/>'
+        f'<text class="legend" x="{left + 16}" y="14">on disk now (its part)</text>'
+        f'<rect x="{left + 170}" y="4" width="12" height="12" fill="#2a7"/>'
+        f'<text class="legend" x="{left + 186}" y="14">saved; together: alone '
+        f"(du -sx GUEST)</text>"
+    ]
+    base = head + len(guests) * (bar + gap)
+    for t in ticks:
+        tx = left + span * t / top
+        parts.append(
+            f'<line x1="{tx:.1f}" y1="{head - 4}" x2="{tx:.1f}" y2="{base}" stroke="#eee"/>'
+            f'<text class="axis-x" x="{tx:.1f}" y="{base + 14}" text-anchor="middle">'
+            f"{escape(human(int(t)))}</text>"
+        )
     for i, (name, g) in enumerate(sorted(guests.items())):
         disk, saved = g.disk_bytes, g.saved_bytes
-        y = 5 + i * (bar + gap)
-        full = (w - left - 10) * disk / top
-        part = (w - left - 10) * saved / top
+        y = head + i * (bar + gap)
+        full = span * disk / top
+        part = span * saved / top
         parts.append(
             f'<text x="{left - 6}" y="{y + bar - 5}" text-anchor="end">{escape(name)}</text>'
             f'<rect class="disk" x="{left}" y="{y}" width="{full:.1f}" height="{bar}" '
-            f'fill="#ccd"><title>{escape(name)}: {human(disk)} on disk</title></rect>'
-            f'<rect class="saved" x="{left}" y="{y}" width="{part:.1f}" height="{bar}" '
-            f'fill="#2a7"><title>{escape(name)}: {human(saved)} saved</title></rect>'
+            f'fill="#ccd"><title>{escape(name)}: {human(disk)} on disk now</title></rect>'
+            f'<rect class="saved" x="{left + full:.1f}" y="{y}" width="{part:.1f}" '
+            f'height="{bar}" fill="#2a7"><title>{escape(name)}: {human(saved)} saved'
+            f"</title></rect>"
         )
+    parts.append(
+        f'<line x1="{left}" y1="{base}" x2="{w - right}" y2="{base}" stroke="#999"/>'
+        f'<text x="{left + span / 2:.0f}" y="{h - 4}" text-anchor="middle">bytes on disk</text>'
+    )
     return (
         f'<svg id="guests" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
-        f'aria-label="per guest: on disk and saved">{"".join(parts)}</svg>'
+        f'aria-label="per guest: on disk now and saved, in bytes">{"".join(parts)}</svg>'
     )
 
 
@@ -126,7 +181,7 @@ def render(rep: Report) -> str:
         f'<p class="muted">report of {escape(_when(rep.taken))}</p>',
         f'<p><span class="big" id="saved">{escape(human(total.saved_bytes))}</span>'
         f" saved: the guests take {escape(human(total.disk_bytes))} on disk "
-        f"together, {escape(human(total.disk_bytes + total.saved_bytes))} "
+        f"together, {escape(human(total.alone_bytes))} "
         f"alone ({rep.share_ratio:.0%} saved).</p>",
         _split(rep),
         "<h2>Saved over time</h2>",
@@ -136,43 +191,17 @@ def render(rep: Report) -> str:
     ]
     rows = [
         [
-            n,
-            str(g.files),
-            human(g.apparent_bytes),
-            human(g.disk_bytes),
-            human(g.shared_bytes),
-            human(g.saved_bytes),
-            f"{g.share_ratio:.0%}",
+            *table_row(n, g),
             ", ".join(f"{k}: {human(v)}" for k, v in sorted(g.shared_with.items())),
         ]
         for n, g in sorted(guests.items())
     ]
-    rows.append(
-        [
-            "TOTAL",
-            str(total.files),
-            human(total.apparent_bytes),
-            human(total.disk_bytes),
-            human(total.shared_bytes),
-            human(total.saved_bytes),
-            f"{rep.share_ratio:.0%}",
-            "",
-        ]
-    )
+    rows.append([*table_row("TOTAL", total), ""])
     out.append(
         _table(
-            [
-                "guest",
-                "files",
-                "apparent",
-                "on disk",
-                "shared",
-                "saved",
-                "share",
-                "shared with k others",
-            ],
+            ["guest", *(c for c, _ in COLUMNS), "shared with k others"],
             rows,
-            {1, 2, 3, 4, 5, 6},
+            set(range(1, len(COLUMNS) + 1)),
         )
     )
     if rep.top_shared:

@@ -118,8 +118,10 @@ def report_metrics(rep: Report) -> Metrics:
     for key, help_ in (
         ("files", "Regular files (names)."),
         ("apparent_bytes", "Sum of file sizes (names)."),
-        ("disk_bytes", "Bytes on disk of the distinct inodes."),
-        ("shared_bytes", "Bytes on disk of inodes shared with other guests."),
+        ("alone_bytes", "Bytes on disk by itself (du -sx of its tree)."),
+        ("disk_bytes", "Its part of the host's bytes on disk (an inode k guests hold: 1/k)."),
+        ("own_bytes", "Bytes on disk in inodes no other guest holds."),
+        ("shared_bytes", "Sizes of its files another guest holds too."),
         ("saved_bytes", "Bytes the sharing saves."),
         ("hardlink_saved_bytes", "Bytes shared inodes (hardlinks) save."),
         ("extent_saved_bytes", "Bytes extents shared between inodes save (XFS, btrfs)."),

@@ -1,15 +1,27 @@
 """Savings report: per guest and for the host, from the trees themselves (not the index).
 
-For every regular file name: apparent bytes (st_size).  For every distinct inode: bytes on
-disk (st_blocks * 512), counted once per guest and once for the host.  An inode held by k
-guests saves (k-1) copies on the host; each of those guests is credited (k-1)/k of it, so the
-guests' savings add up to the host's.
+The figures, each defined once (README "Reading the report", ``vsunify report --help``):
+
+- files, apparent: the guest's regular file names and their sizes (st_size).
+- shared: the apparent size of those of its files that another guest holds too (the same
+  inode); never more than apparent.
+- alone: bytes on disk of every inode the guest's tree reaches (files, directories,
+  symlinks; st_blocks * 512, each inode once), what ``du -sx --block-size=1 GUEST`` says:
+  what the guest costs by itself, with or without unification.
+- on disk: its part of the host's bytes on disk now: an inode k guests hold counts 1/k for
+  each.  The guests' figures add up to the TOTAL, which is ``du -sx`` of all the guest trees
+  together (du counts an inode once).
+- own: bytes on disk of the inodes no other guest holds: what removing the guest frees.
+- saved: alone - on disk (an inode k guests hold saves (k-1)/k of itself for each); the
+  guests' figures add up to the TOTAL, the sum of alone minus the bytes on disk together.
+- share: saved / alone.
 
 On XFS and btrfs distinct inodes may also share extents (FIEMAP's shared flag and physical
 place): a stretch of the device that m guests reach, through any of their inodes, is
-counted once for the host and once per guest, and each of those guests is credited
+counted once for the host and once per guest (alone), and each of those guests is credited
 (m-1)/m of it, hardlinks included.  ``hardlink_saved_bytes`` is what the inodes alone save
-(the figure without extents), ``extent_saved_bytes`` what shared extents add.
+(the figure without extents), ``extent_saved_bytes`` what shared extents add; du does not
+see extents, so there "alone" and the TOTAL are below du's.
 """
 
 from __future__ import annotations
@@ -33,11 +45,13 @@ TOP_SHARED = 20  # files listed in "top_shared"
 
 @dataclass(slots=True)
 class GuestFigures:
-    files: int = 0
-    apparent_bytes: int = 0
-    disk_bytes: int = 0
-    shared_bytes: int = 0
-    saved_bytes: int = 0
+    files: int = 0  # regular file names
+    apparent_bytes: int = 0  # their sizes
+    shared_bytes: int = 0  # sizes of its files another guest holds too (<= apparent)
+    alone_bytes: int = 0  # on disk by itself: du -sx of its tree
+    disk_bytes: int = 0  # its part of the host's bytes on disk (inode / holders)
+    own_bytes: int = 0  # on disk in inodes only it holds: what removing it frees
+    saved_bytes: int = 0  # alone - on disk
     # bytes on disk of this guest's inodes that k other guests share too: {k: bytes}
     shared_with: dict[int, int] = field(default_factory=dict)
     hardlink_saved_bytes: int = 0  # saved by shared inodes
@@ -46,15 +60,17 @@ class GuestFigures:
 
     @property
     def share_ratio(self) -> float:
-        """Of its bytes on disk, the part other guests share."""
-        return round(self.shared_bytes / self.disk_bytes, 4) if self.disk_bytes else 0.0
+        """Of what it costs alone, the part sharing saves."""
+        return round(self.saved_bytes / self.alone_bytes, 4) if self.alone_bytes else 0.0
 
     def as_dict(self) -> dict[str, object]:
         return {
             "files": self.files,
             "apparent_bytes": self.apparent_bytes,
-            "disk_bytes": self.disk_bytes,
             "shared_bytes": self.shared_bytes,
+            "alone_bytes": self.alone_bytes,
+            "disk_bytes": self.disk_bytes,
+            "own_bytes": self.own_bytes,
             "saved_bytes": self.saved_bytes,
             "share_ratio": self.share_ratio,
             "shared_with": {str(k): v for k, v in sorted(self.shared_with.items())},
@@ -128,9 +144,8 @@ class Report:
 
     @property
     def share_ratio(self) -> float:
-        """Saved bytes / what the guests would cost alone (the total's share)."""
-        before = sum(g.disk_bytes for g in self.guests.values())
-        return round(self.total.saved_bytes / before, 4) if before else 0.0
+        """Saved bytes / what the guests cost alone (the total's share)."""
+        return self.total.share_ratio
 
     def as_dict(self) -> dict[str, object]:
         total = self.total.as_dict()
@@ -167,36 +182,58 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
     blocks: dict[tuple[int, int], int] = {}
     first_name: dict[tuple[int, int], str] = {}
     per_guest_inodes: dict[str, set[tuple[int, int]]] = {}
+    # apparent size of each guest's file names, by inode: for "shared" once holders are known
+    per_guest_sizes: dict[str, Counter[tuple[int, int]]] = {}
     ranges: dict[tuple[int, int], list[tuple[int, int]]] = {}  # shared extents, by inode
     for t in trees:
         gname = shown(t.name)  # as every figure and table names the guest
         g = rep.guests[gname] = GuestFigures()
         inos = per_guest_inodes[gname] = set()
+        sizes = per_guest_sizes[gname] = Counter()
         sharing = may_share(t.fd)
-        for rel, st in t.walk():
+
+        def inode(
+            rel: str,
+            st: os.stat_result,
+            inos: set[tuple[int, int]] = inos,
+            gname: str = gname,
+            t: GuestTree = t,
+        ) -> tuple[int, int] | None:
+            """Count an inode once for this guest; its key if it is new to it."""
+            k = (st.st_dev, st.st_ino)
+            if k in inos:
+                return None
+            inos.add(k)
+            blocks[k] = st.st_blocks * 512
+            holders.setdefault(k, set()).add(gname)
+            first_name.setdefault(k, t.where(rel))
+            return k
+
+        inode("", os.fstat(t.fd))  # the guest's root directory, as du counts it
+        for rel, st in t.walk(on_other=inode):
             g.files += 1
             g.apparent_bytes += st.st_size
-            k = (st.st_dev, st.st_ino)
-            if k not in inos:
-                inos.add(k)
-                blocks[k] = st.st_blocks * 512
-                holders.setdefault(k, set()).add(gname)
-                first_name.setdefault(k, t.where(rel))
-                if sharing and k not in ranges and st.st_blocks:
-                    ranges[k] = _shared_ranges(t, rel, k)
+            sizes[(st.st_dev, st.st_ino)] += st.st_size
+            k = inode(rel, st)
+            if k is not None and sharing and k not in ranges and st.st_blocks:
+                ranges[k] = _shared_ranges(t, rel, k)
     for name, inos in per_guest_inodes.items():
         g = rep.guests[name]
         saved = 0.0
         for k in inos:
             b = blocks[k]
-            g.disk_bytes += b
+            g.alone_bytes += b
             n = len(holders[k])
             if n > 1:
-                g.shared_bytes += b
                 g.shared_with[n - 1] = g.shared_with.get(n - 1, 0) + b
                 saved += b * (n - 1) / n
+            else:
+                g.own_bytes += b
+        g.shared_bytes = sum(
+            size for k, size in per_guest_sizes[name].items() if len(holders[k]) > 1
+        )
         g.saved_bytes = g.hardlink_saved_bytes = round(saved)
-    hardlink_saved = sum(g.disk_bytes for g in rep.guests.values()) - sum(blocks.values())
+    hardlink_saved = sum(g.alone_bytes for g in rep.guests.values()) - sum(blocks.values())
     together = sum(blocks.values()) - _count_extents(rep, holders, ranges)
     top = heapq.nlargest(
         TOP_SHARED, ((blocks[k] * (len(h) - 1), k) for k, h in holders.items() if len(h) > 1)
@@ -205,14 +242,18 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
         SharedFile(first_name[k], len(holders[k]), blocks[k], saved) for saved, k in top
     ]
     tot = rep.total
-    tot.files = sum(g.files for g in rep.guests.values())
-    tot.apparent_bytes = sum(g.apparent_bytes for g in rep.guests.values())
+    for g in rep.guests.values():
+        tot.files += g.files
+        tot.apparent_bytes += g.apparent_bytes
+        tot.shared_bytes += g.shared_bytes
+        tot.alone_bytes += g.alone_bytes
+        tot.own_bytes += g.own_bytes
+        tot.extent_shared_bytes += g.extent_shared_bytes
     tot.disk_bytes = together
-    tot.shared_bytes = sum(b for k, b in blocks.items() if len(holders[k]) > 1)
-    tot.saved_bytes = sum(g.disk_bytes for g in rep.guests.values()) - tot.disk_bytes
+    tot.saved_bytes = tot.alone_bytes - together
     tot.hardlink_saved_bytes = hardlink_saved
     tot.extent_saved_bytes = tot.saved_bytes - hardlink_saved
-    tot.extent_shared_bytes = sum(g.extent_shared_bytes for g in rep.guests.values())
+    _settle(rep)
     if store is not None:
         objs = [o for os_ in store.scan().values() for o in os_]
         links = Counter(o.nlink - 1 for o in objs)
@@ -226,6 +267,22 @@ def build(trees: list[GuestTree], store: Store | None) -> Report:
             dict(links),
         )
     return rep
+
+
+def _settle(rep: Report) -> None:
+    """Each guest's on disk = alone - saved, its saved rounded so that the guests' figures
+    add up to the TOTAL's to the byte (the rounding left over goes to the guest saving most)."""
+    guests = rep.guests.values()
+    if not guests:
+        return
+    for attr in ("hardlink_saved_bytes", "extent_saved_bytes"):
+        left = getattr(rep.total, attr) - sum(getattr(g, attr) for g in guests)
+        if left:
+            most = max(guests, key=lambda g: g.saved_bytes)
+            setattr(most, attr, getattr(most, attr) + left)
+    for g in guests:
+        g.saved_bytes = g.hardlink_saved_bytes + g.extent_saved_bytes
+        g.disk_bytes = g.alone_bytes - g.saved_bytes
 
 
 def _shared_ranges(t: GuestTree, rel: str, k: tuple[int, int]) -> list[tuple[int, int]]:
@@ -272,7 +329,7 @@ def _count_extents(
             m = len(reach)
             for gname, n in reach.items():
                 g = rep.guests[gname]
-                g.disk_bytes -= length * (n - 1)
+                g.alone_bytes -= length * (n - 1)
                 g.extent_shared_bytes += length if m > 1 else 0
                 was = sum(
                     length * (len(holders[i]) - 1) / len(holders[i])
@@ -285,39 +342,55 @@ def _count_extents(
             del active[k]
         prev = (dev, pos)
     for gname, x in extra.items():
-        g = rep.guests[gname]
-        g.extent_saved_bytes = round(x)
-        g.saved_bytes = g.hardlink_saved_bytes + g.extent_saved_bytes
+        rep.guests[gname].extent_saved_bytes = round(x)
     return off_host
+
+
+COLUMNS = (
+    ("files", "regular file names"),
+    ("apparent", "their sizes (st_size)"),
+    ("shared", "sizes of those of its files another guest holds too (part of apparent)"),
+    ("alone", "on disk by itself, files, directories and symlinks: du -sx GUEST"),
+    (
+        "on disk",
+        "its part of the host's disk now (an inode k guests hold: 1/k each); "
+        "the guests add up to TOTAL = du -sx of all guest trees together",
+    ),
+    ("own", "on disk in inodes no other guest holds: what removing the guest frees"),
+    ("saved", "alone - on disk"),
+    ("share", "saved / alone"),
+)
+"""The table's columns and what each means (report --help, the table's legend, README)."""
+
+
+def legend() -> str:
+    """The columns, one line each: for report --help."""
+    return "\n".join(f"  {name:<9} {what}" for name, what in COLUMNS)
+
+
+def table_row(name: str, g: GuestFigures) -> tuple[str, ...]:
+    """One row of the table, in COLUMNS' order after the guest's name."""
+    from .progress import human
+
+    return (
+        name,
+        str(g.files),
+        human(g.apparent_bytes),
+        human(g.shared_bytes),
+        human(g.alone_bytes),
+        human(g.disk_bytes),
+        human(g.own_bytes),
+        human(g.saved_bytes),
+        f"{g.share_ratio:.0%}",
+    )
 
 
 def format_table(rep: Report) -> str:
     from .progress import human
 
-    rows = [("guest", "files", "apparent", "on disk", "shared", "saved", "share")]
-    for name, g in sorted(rep.guests.items()):
-        rows.append(
-            (
-                name,
-                str(g.files),
-                human(g.apparent_bytes),
-                human(g.disk_bytes),
-                human(g.shared_bytes),
-                human(g.saved_bytes),
-                f"{g.share_ratio:.0%}",
-            )
-        )
-    rows.append(
-        (
-            "TOTAL",
-            str(rep.total.files),
-            human(rep.total.apparent_bytes),
-            human(rep.total.disk_bytes),
-            human(rep.total.shared_bytes),
-            human(rep.total.saved_bytes),
-            f"{rep.share_ratio:.0%}",
-        )
-    )
+    rows = [("guest", *(name for name, _ in COLUMNS))]
+    rows += [table_row(name, g) for name, g in sorted(rep.guests.items())]
+    rows.append(table_row("TOTAL", rep.total))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(
@@ -328,6 +401,8 @@ def format_table(rep: Report) -> str:
     ]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    lines.append("alone = du -sx GUEST; on disk = its part now, TOTAL = du -sxc of all the trees")
+    lines.append("saved = alone - on disk; own = freed if removed (vsunify report --help)")
     if rep.total.extent_saved_bytes or rep.total.extent_shared_bytes:
         t = rep.total
         lines.append(

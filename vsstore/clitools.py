@@ -56,6 +56,21 @@ def common_options() -> argparse.ArgumentParser:
     return p
 
 
+def version() -> str:
+    """The installed package's version (its metadata: pyproject.toml's)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("vsstore")
+    except PackageNotFoundError:
+        return "unknown (not installed: run scripts/setup)"
+
+
+# vsstore.manpages sets this to see the parser each command really parses with.
+parser_sink: Callable[[str, argparse.ArgumentParser], None] | None = None
+
+
 def run_cli(
     prog: str,
     parser: argparse.ArgumentParser,
@@ -65,6 +80,10 @@ def run_cli(
     """Parse, resolve the host's roots (``Paths``, from the environment) once, run, and map
     exceptions to exit codes: VsError -> its code and one line, anything else -> 1 with a
     hint to use --debug (the traceback with it)."""
+    if "--version" not in parser._option_string_actions:
+        parser.add_argument("--version", action="version", version=f"{prog} (vsstore) {version()}")
+    if parser_sink is not None:
+        parser_sink(prog, parser)
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     setup_logging(prog, getattr(args, "verbose", False), getattr(args, "quiet", False))

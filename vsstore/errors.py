@@ -24,6 +24,7 @@ EXIT_STATE = 8  # the guest is not in the state the command needs (running/stopp
 EXIT_NOSPACE = 9  # a filesystem we must write to is full (the index's, the guests')
 EXIT_NOTROOT = 10  # the command needs root and was run by another user
 EXIT_HOOK = 11  # an admin's hook script (scripts/pre-start, ...) failed: the guest did not start
+EXIT_NOTGUEST = 12  # a path given as a guest is neither a configured guest nor under the root
 
 NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -113,6 +114,13 @@ class HookError(VsError):
     exit_code = EXIT_HOOK
 
 
+class NotAGuestError(VsError):
+    """A path named as a guest is no configured guest's tree and not under the guests' root
+    (``vsunify run /usr``): refused unless ``--force-path``; the message says why."""
+
+    exit_code = EXIT_NOTGUEST
+
+
 # -- errors across a fork's pipe ------------------------------------------------------------
 
 ERRORS: dict[str, type[VsError]] = {
@@ -127,6 +135,7 @@ ERRORS: dict[str, type[VsError]] = {
         NoSpaceError,
         NotRootError,
         HookError,
+        NotAGuestError,
     )
 }
 

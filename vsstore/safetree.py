@@ -207,13 +207,17 @@ class GuestTree:
         on_error: Callable[[str, OSError], None] | None = None,
         start: str = "",
         known: Mapping[int, os.stat_result] | None = None,
+        on_other: Callable[[str, os.stat_result], object] | None = None,
     ) -> Iterator[tuple[str, os.stat_result]]:
         """Yield (rel, lstat) for every regular file, depth first, never following a
         symlink and never descending into another filesystem.  ``prune_dir(rel)`` may skip
         a directory; ``on_error(rel, exc)`` hears about directories that could not be read.
         ``start`` walks only that subtree.  ``known`` maps inode numbers whose stat the caller
         already has (sealed store objects, which cannot change): a regular file whose
-        directory entry names one of them is reported with that stat, without a syscall."""
+        directory entry names one of them is reported with that stat, without a syscall.
+        ``on_other(rel, lstat)`` hears about every other entry on this filesystem (directories,
+        symlinks, devices: what ``du -x`` counts besides files), the start directory not
+        included."""
         start = start.strip("/")
         if start:
             fd = self.open_beneath(start, os.O_RDONLY | os.O_DIRECTORY)
@@ -267,7 +271,11 @@ class GuestTree:
                                 continue  # a mount point: another filesystem
                             if prune_dir is not None and prune_dir(child):
                                 continue
+                            if on_other is not None:
+                                on_other(child, st)
                             subdirs.append((child, st.st_ino))
+                        elif on_other is not None:
+                            on_other(child, st)
             except OSError as e:
                 if on_error:
                     on_error(rel, e)

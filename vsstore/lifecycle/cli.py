@@ -388,6 +388,17 @@ def parser() -> argparse.ArgumentParser:
         return c
 
     b = cmd("build", cmd_build, "make a guest: tree and configuration")
+    b.formatter_class = argparse.RawDescriptionHelpFormatter
+    b.epilog = (
+        "methods and their arguments (after --):\n"
+        "  -m skeleton                        a minimal tree (the default; no arguments)\n"
+        "  -m debootstrap -- -d SUITE [-m MIRROR] [DEBOOTSTRAP OPTIONS...]\n"
+        "                                     Debian, e.g. vserver web build -m debootstrap "
+        "-- -d bookworm\n"
+        "  -m clone -- --source GUEST         a copy of another guest (a name or a path), "
+        "its unified\n"
+        "                                     files linked, not copied"
+    )
     b.add_argument(
         "-m",
         dest="method",
