@@ -79,8 +79,9 @@ DEFAULT_REFUSED: dict[str, tuple[str, ...]] = {
     "rawio": ("iopl", "ioperm"),
     "acct": ("acct",),
     "quota": ("quotactl", "quotactl_fd"),
-    # setting the clock (reading it, adjtimex with no mode, stays: CAP_SYS_TIME guards writes)
-    "clock": ("settimeofday", "clock_settime", "stime"),
+    # setting the clock; adjtimex and clock_adjtime stay, as in Docker's profile since
+    # moby#33403 and #40929: with no mode they read, and CAP_SYS_TIME guards the rest
+    "clock": ("settimeofday", "clock_settime", "clock_settime64", "stime"),
     # obsolete, refused by Docker's profile too
     "obsolete": ("uselib", "_sysctl", "nfsservctl", "lookup_dcookie", "ustat", "sysfs"),
 }
