@@ -33,6 +33,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from vsstore.errors import ConfigError, UnsupportedError
 
@@ -181,8 +182,8 @@ def read(p: Path, text: str | None) -> Policy:
 _COMPANIONS = {"x86_64": ("X86", "X32"), "aarch64": ("ARM",)}
 
 
-def build(policy: Policy) -> bytes:
-    """The BPF program (struct sock_filter[]) for this machine's architectures."""
+def _filter(policy: Policy) -> Any:
+    """libseccomp's filter for the policy, on this machine's architectures."""
     lib = _lib()
     f = lib.SyscallFilter(lib.ALLOW)
     for arch in _COMPANIONS.get(platform.machine(), ()):
@@ -200,22 +201,12 @@ def build(policy: Policy) -> bytes:
             f.add_rule(lib.ERRNO(errno.ENOSYS), name)
         else:
             f.add_rule(eperm, name)
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        f.export_bpf(_Fd(w))
-        os.close(w)
-        w = -1
-        out = b""
-        while chunk := os.read(r, 65536):
-            out += chunk
-    finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
-    return out
+    return f
 
 
 class _Fd:
+    """What libseccomp's export asks of a file: its descriptor."""
+
     def __init__(self, fd: int) -> None:
         self._fd = fd
 
@@ -224,17 +215,15 @@ class _Fd:
 
 
 def program_fd(policy: Policy) -> int:
-    """A sealed, close-on-exec memfd holding the policy's BPF program, for the helper's
-    ``--seccomp``."""
-    prog = build(policy)
-    if not prog or len(prog) % 8 or len(prog) > 4096 * 8:
-        raise UnsupportedError(f"libseccomp made a filter of {len(prog)} bytes; cannot use it")
+    """A sealed, close-on-exec memfd holding the policy's BPF program (struct
+    sock_filter[], as ``seccomp_export_bpf`` writes it), for the helper's ``--seccomp``."""
+    f = _filter(policy)
     fd = os.memfd_create("vsseccomp", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        view = memoryview(prog)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.lseek(fd, 0, os.SEEK_SET)
+        f.export_bpf(_Fd(fd))
+        size = os.fstat(fd).st_size
+        if not size or size % 8 or size > 4096 * 8:
+            raise UnsupportedError(f"libseccomp made a filter of {size} bytes; cannot use it")
         fcntl.fcntl(
             fd,
             fcntl.F_ADD_SEALS,
@@ -244,3 +233,12 @@ def program_fd(policy: Policy) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def build(policy: Policy) -> bytes:
+    """The policy's BPF program (what ``program_fd`` holds)."""
+    fd = program_fd(policy)
+    try:
+        return os.pread(fd, 4096 * 8 + 1, 0)
+    finally:
+        os.close(fd)
