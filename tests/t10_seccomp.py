@@ -15,7 +15,7 @@ import pytest
 from guests import CORPUS, Vserver, debian_guest
 
 from vsstore.errors import EXIT_CONFIG
-from vsstore.lifecycle import seccomp
+from vsstore.lifecycle import helper, seccomp
 
 PROBE_C = r"""
 #define _GNU_SOURCE
@@ -225,3 +225,47 @@ def test_32_bit_calls_get_the_same_answer(vs, host, probe):
     if got["getppid32"] == ENOSYS:
         pytest.skip("this kernel runs no i386 code (IA32_EMULATION off)")
     assert got == {"getppid32": 0, "keyctl32": EPERM}  # refused, not killed
+
+
+def _run_helper(path: Path, args: list[str], prog: int) -> tuple[int, bytes, bytes]:
+    r, w = os.pipe()
+
+    def place() -> None:
+        os.dup2(w, 3)
+        os.dup2(prog, 4)
+
+    p = subprocess.run(
+        [str(path), *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        close_fds=False,
+        timeout=10,
+        preexec_fn=place,
+    )
+    os.close(w)
+    why = os.read(r, 100)
+    os.close(r)
+    return p.returncode, p.stdout, why
+
+
+def test_the_helper_installs_the_program_it_is_given_and_refuses_a_bad_one(host, tmp_path):
+    path = helper.binary(host.base / "state")
+    cmd = ["exec", "--errfd", "3", "--last-cap", "40", "--seccomp", "4", "--"]
+    fd = seccomp.program_fd(seccomp.Policy.default())
+    try:
+        code, out, why = _run_helper(
+            path, [*cmd, "/bin/grep", "^Seccomp:", "/proc/self/status"], fd
+        )
+    finally:
+        os.close(fd)
+    assert (code, why) == (0, b"") and out.split() == [b"Seccomp:", b"2"]
+    for bad in (b"", b"1234567", b"\0" * (8 * 4097)):  # empty, torn, too long
+        mfd = os.memfd_create("bad")
+        os.write(mfd, bad)
+        try:
+            code, _, why = _run_helper(path, [*cmd, "/bin/true"], mfd)
+        finally:
+            os.close(mfd)
+        assert (code, why) == (127, b"vsguest:seccomp:22\n"), bad[:8]
+    with pytest.raises(ValueError, match="syscall filter"):
+        helper.argv("exec", None, ["/bin/true"], seccomp=None)
