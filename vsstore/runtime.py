@@ -103,6 +103,7 @@ class RunState:
     keep_caps: list[int] | None = None  # capabilities the stop command keeps (None: default)
     rlimits: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # res: soft, hard
     nice: int | None = None
+    seccomp: list[str] | None = None  # +NAME/-NAME against the default filter (seccomp.Policy)
 
     @property
     def running(self) -> bool:

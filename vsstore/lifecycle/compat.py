@@ -94,6 +94,7 @@ CATALOGUE: list[tuple[str, Use, str]] = [
         "not made: util-vserver's vlan devices, scopes and tun/tap devices",
     ),
     ("bcapabilities", Use.USED, "capabilities kept (CAP_X) or dropped (!CAP_X)"),
+    ("seccomp", Use.USED, "changes to the default syscall filter: +NAME allows, -NAME refuses"),
     ("capabilities", Use.IGNORED, "the 2.4 kernels' file; bcapabilities is read"),
     ("ccapabilities", Use.IGNORED, "context capabilities: " + KERNEL),
     ("ncapabilities", Use.IGNORED, "network context capabilities: " + KERNEL),

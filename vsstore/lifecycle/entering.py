@@ -26,7 +26,7 @@ from vsstore.errors import (
 )
 from vsstore.safetree import GuestTree
 
-from . import cgroups, helper, mounts, network, ns, overlay, procdev, relay
+from . import cgroups, helper, mounts, network, ns, overlay, procdev, relay, seccomp
 from .guestconf import GuestConfig
 from .users import GuestUser
 
@@ -129,6 +129,8 @@ def run_in(
     with ExitStack() as stack:
         hfd = helper.load(helper.binary(paths.statedir))
         stack.callback(os.close, hfd)
+        sfd = seccomp.program_fd(cfg.seccomp)
+        stack.callback(os.close, sfd)
         fds = _open_guest(cfg, st, kinds)
         for fd in fds.values():
             stack.callback(os.close, fd)
@@ -148,7 +150,7 @@ def run_in(
                 if cg is not None:
                     cg.join()  # charged to the guest, ended with it
                 std = {i: slave for i in range(3) if stdio.tty[i]} if slave is not None else {}
-                prog, placed = helper.place_fds(hfd, std, ex_w, tuple(fds[k] for k in kinds))
+                prog, placed = helper.place_fds(hfd, std, ex_w, (*(fds[k] for k in kinds), sfd))
                 args = helper.argv(
                     "exec",
                     cfg,
@@ -157,6 +159,7 @@ def run_in(
                     root=placed[6],
                     ctty=stdio.ctty if std else None,
                     ids=(user.uid, user.gid, user.groups) if user is not None else None,
+                    seccomp=placed[7],
                 )
                 os.execve(prog, args, _command_env(user))
             except BaseException as e:  # noqa: BLE001
@@ -193,6 +196,8 @@ def run_cow(paths: Paths, cfg: GuestConfig, argv: list[str]) -> int:
     with ExitStack() as stack:
         hfd = helper.load(helper.binary(paths.statedir))
         stack.callback(os.close, hfd)
+        sfd = seccomp.program_fd(cfg.seccomp)
+        stack.callback(os.close, sfd)
         overlay.sweep_temporary(paths, cow_at)
         overlay.add(paths, cow_at, share, str(cfg.guest.root))
 
@@ -208,7 +213,7 @@ def run_cow(paths: Paths, cfg: GuestConfig, argv: list[str]) -> int:
             st,
             os.path.join(cow_at, share),
             argv,
-            hfd,
+            (hfd, sfd),
             lambda pid: overlay.attach(paths, cow_at, share, pid),
         )
 
@@ -218,12 +223,13 @@ def _run_temporary(
     st: runtime.RunState | None,
     source: str,
     argv: list[str],
-    hfd: int,
+    progs: tuple[int, int],
     attach: Callable[[int], None],
 ) -> int:
     """The command in the guest's (or new) namespaces, its root the overlay's share
     ``source``; ``attach(pid)`` tells the overlay that ``pid``'s pid namespace is the
-    share's, before anything runs in it."""
+    share's, before anything runs in it; ``progs``: the helper's and the filter's
+    descriptors."""
     fds = _open_guest(cfg, st, ("ipc", "uts", "net", "pid")) if st is not None else {}
     stdio = relay.Stdio.probe()
     # On a terminal: the leader opens a pty in the devpts it mounts and hands us the master.
@@ -255,7 +261,7 @@ def _run_temporary(
                 if os.read(gate_r, 1) != b"1":  # attached to the overlay first
                     os._exit(127)
                 os.close(gate_r)
-                _lead(cfg, tree, argv, stdio, fwd, ex_w, hfd)
+                _lead(cfg, tree, argv, stdio, fwd, ex_w, progs)
             os.close(gate_r)
             try:
                 attach(leader)
@@ -329,7 +335,7 @@ def _lead(
     stdio: relay.Stdio,
     sock: socket.socket | None,
     ex_w: int,
-    hfd: int,
+    progs: tuple[int, int],
 ) -> NoReturn:  # pragma: no cover
     """The command's leader, in the guest's pid namespace: a mount namespace of its own (the
     pivot must not move the root of the Python that waits for it), /proc and /dev, on a
@@ -347,8 +353,15 @@ def _lead(
             sock.recv(1)  # the vserver process has set its size and mode
             sock.close()
             std = {i: slave for i in range(3) if stdio.tty[i]}
-        prog, _ = helper.place_fds(hfd, std, ex_w)
-        args = helper.argv("exec", cfg, argv, detach=True, ctty=stdio.ctty if std else None)
+        prog, placed = helper.place_fds(progs[0], std, ex_w, (progs[1],))
+        args = helper.argv(
+            "exec",
+            cfg,
+            argv,
+            detach=True,
+            ctty=stdio.ctty if std else None,
+            seccomp=placed[0],
+        )
         helper.pivot_and_exec(tree, prog, args, _command_env())
     except BaseException as e:  # noqa: BLE001
         os.write(ex_w, json.dumps(to_wire(e)).encode())

@@ -10,7 +10,8 @@ drops, ``!CAP_X`` drops one more), ``apps/init/style`` (``systemd``, ``plain``, 
 ``apps/init/stop-timeout`` (or util-vserver's ``apps/init/killseq``: SIGNAL [WAIT
 SIGNAL]...), ``apps/init/runlevel{,.start,.stop}`` (sysv), ``shell`` (what ``enter``
 runs), ``cow`` (present: mount the guest through the overlay), ``spaces/hostnet``
-(present: the guest shares the host's network namespace; see below).
+(present: the guest shares the host's network namespace; see below), ``seccomp`` (changes
+to the default syscall filter: ``+NAME`` allows, ``-NAME`` refuses; lifecycle.seccomp).
 Everything is read before anything is started, and a bad entry is an error naming its file.
 Entries of a util-vserver host that have no meaning here (``rlimits/*.min``, ``cgroup/name``,
 ``uts/release``, ...) are accepted and left alone; ``vserver NAME check`` (``compat``) lists
@@ -38,6 +39,8 @@ from vsstore.errors import ConfigError
 
 from . import ns
 from .cgroups import Limits, read_limits
+from .seccomp import Policy
+from .seccomp import read as read_seccomp
 
 # What a guest may never do by default (util-vserver's reduced set, plus what later
 # kernels added): mount, load modules, raw I/O, set the clock, make devices, configure the
@@ -139,6 +142,7 @@ class GuestConfig:
     cgroup: Limits = field(default_factory=Limits)
     cgroup_parent: str | None = None  # beneath which the guest's cgroup is made
     cgroup_dirs: dict[str, str] = field(default_factory=dict)  # the guest's cgroup, by start
+    seccomp: Policy = field(default_factory=Policy.default)  # its syscall filter
 
     @property
     def name(self) -> str:
@@ -569,4 +573,5 @@ def load(guest: Guest) -> GuestConfig:
         ttys=int(ttys),
         cgroup=read_limits(c / "cgroup"),
         cgroup_parent=parent,
+        seccomp=read_seccomp(c / "seccomp", _read(c / "seccomp")),
     )

@@ -169,10 +169,15 @@ def argv(
     detach: bool = False,
     ctty: int | None = None,
     ids: tuple[int, int, tuple[int, ...]] | None = None,
+    seccomp: int | None,
 ) -> list[str]:
     """The helper's command line: MODE (exec, init, sysv, none), its steps, and for a
     command the guest's limits and capabilities from ``cfg`` (None: keep none); ``ids``:
-    the command's uid, gid and supplementary groups (suexec; exec mode only)."""
+    the command's uid, gid and supplementary groups (suexec; exec mode only); ``seccomp``:
+    a descriptor of the command's syscall filter (lifecycle.seccomp.program_fd): required,
+    so that nothing of a guest runs unfiltered (None only for mode none: no command)."""
+    if seccomp is None and mode != "none":
+        raise ValueError("a guest's command needs its syscall filter")
     a = ["vsguest", mode, "--errfd", str(ERRFD), "--last-cap", str(ns.last_cap())]
     for fd in setns:
         a += ["--setns", str(fd)]
@@ -182,6 +187,8 @@ def argv(
         a.append("--detach-old-root")
     if ctty is not None:
         a += ["--ctty", str(ctty)]
+    if seccomp is not None:
+        a += ["--seccomp", str(seccomp)]
     if ids is not None:
         a += ["--uid", str(ids[0]), "--gid", str(ids[1])]
         if ids[2]:
@@ -210,6 +217,7 @@ STEPS = {
     "close": "closing descriptors",
     "caps": "cutting capabilities",
     "ids": "setting the user and groups",
+    "seccomp": "installing the syscall filter",
     "waiter": "securing the waiting process",
 }
 

@@ -68,6 +68,7 @@ from . import (
     overlay,
     procdev,
     relay,
+    seccomp,
 )
 from .guestconf import GuestConfig, default_caps
 
@@ -90,6 +91,7 @@ def stop_config(st: runtime.RunState) -> GuestConfig:
         nice=st.nice,
         cgroup_dirs=dict(st.cgroup),
         rlimits={int(k): (int(v[0]), int(v[1])) for k, v in st.rlimits.items()},
+        seccomp=seccomp.Policy.from_changes(st.seccomp),
     )
 
 
@@ -231,6 +233,10 @@ def _monitor(
         os.close(report)
         os._exit(1)
 
+    try:
+        sfd = seccomp.program_fd(cfg.seccomp)  # init's syscall filter, made on the host
+    except VsError as e:
+        fail(e)
     up_r, up_w = os.pipe()  # setup -> monitor: unshared (netns ready for veth); init pid
     go_r, go_w = os.pipe()  # monitor -> setup: network configured
     ex_r, ex_w = os.pipe2(os.O_CLOEXEC)  # init -> monitor: why exec failed (EOF: it ran)
@@ -240,9 +246,9 @@ def _monitor(
     if setup == 0:
         for f in (up_r, go_w, ex_r, report, gate_w, con_m.detach()):
             os.close(f)
-        _setup(cfg, source, up_w, go_r, ex_w, gate_r, con_i.detach())
+        _setup(cfg, source, up_w, go_r, ex_w, gate_r, con_i.detach(), sfd)
         os._exit(0)
-    for f in (up_w, go_r, ex_w, gate_r, con_i.detach()):
+    for f in (up_w, go_r, ex_w, gate_r, con_i.detach(), sfd):
         os.close(f)
     up = os.fdopen(up_r, "rb")
     first = json.loads(up.readline() or b'{"error": "setup died", "class": "VsError"}')
@@ -302,6 +308,7 @@ def _monitor(
         keep_caps=sorted(cfg.keep_caps),
         nice=cfg.nice,
         rlimits={str(k): list(v) for k, v in cfg.rlimits.items()},
+        seccomp=cfg.seccomp.changes(),
     )
     runtime.write_state(paths, st)
     say(f"started: style {cfg.style}, init pid {init} ({' '.join(cfg.init) or 'our reaper'})")
@@ -374,8 +381,10 @@ def _setup(
     exec_fd: int,
     gate: int,
     con: int,
+    sfd: int,
 ) -> None:  # pragma: no cover - runs in a forked child
-    """In new namespaces: mounts, network, hostname; then fork init."""
+    """In new namespaces: mounts, network, hostname; then fork init (``sfd``: its syscall
+    filter, lifecycle.seccomp)."""
 
     def tell(msg: dict[str, Any]) -> None:
         os.write(up, json.dumps(msg).encode() + b"\n")
@@ -416,7 +425,7 @@ def _setup(
             os._exit(127)
         os.close(gate)
         try:
-            _init(cfg, tree, exec_fd, con)
+            _init(cfg, tree, exec_fd, con, sfd)
         except BaseException as e:  # noqa: BLE001 - reported to the monitor
             os.write(exec_fd, (getattr(e, "message", None) or str(e)).encode())
         os._exit(127)
@@ -424,7 +433,9 @@ def _setup(
     tell({"init": init})
 
 
-def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int, con: int) -> None:  # pragma: no cover
+def _init(
+    cfg: GuestConfig, tree: GuestTree, exec_fd: int, con: int, sfd: int
+) -> None:  # pragma: no cover
     """pid 1 of the guest until the helper takes over: its own mount namespace (the pivot
     must move no other process's root: setup's Python still runs), /proc, /dev,
     pivot_root, and the helper by descriptor, which becomes the guest's init (sysv/none:
@@ -433,7 +444,6 @@ def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int, con: int) -> None:  #
     hfd = helper.load(cfg.helper)
     ns.prctl(ns.PR_SET_DUMPABLE, 0)
     mode = cfg.style if cfg.style in ("sysv", "none") else "init"
-    args = helper.argv(mode, cfg, cfg.init, detach=True)
     env = {"PATH": helper.GUEST_PATH, "container": "vserver", "HOME": "/", "TERM": "linux"}
     tree = mounts.own_mount_ns(tree)
     procdev.mount_proc_and_dev(cfg, tree)
@@ -442,7 +452,8 @@ def _init(cfg: GuestConfig, tree: GuestTree, exec_fd: int, con: int) -> None:  #
         env["container_ttys"] = " ".join(ttys)
     if boot.boots(cfg):
         boot.prepare(cfg, tree)
-    hfd, _ = helper.place_fds(hfd, {0: slave, 1: slave, 2: slave}, exec_fd)
+    hfd, placed = helper.place_fds(hfd, {0: slave, 1: slave, 2: slave}, exec_fd, (sfd,))
+    args = helper.argv(mode, cfg, cfg.init, detach=True, seccomp=placed[0])
     helper.pivot_and_exec(tree, hfd, args, env)
 
 

@@ -35,6 +35,11 @@
  *                      bounding set is cut and before the other sets are (which a uid other
  *                      than 0 empties anyway); both or neither
  *   --groups A,B,...   with --uid: its supplementary groups (default none)
+ *   --seccomp FD       a BPF program (struct sock_filter[], as libseccomp exports it) read
+ *                      from FD at once (FD is closed); installed as the command's syscall
+ *                      filter after descriptors are closed and before capabilities and
+ *                      ids are cut: while CAP_SYS_ADMIN is still ours, so without
+ *                      no_new_privs (setuid programs in the guest keep working)
  * Descriptors 0-2 are the command's; every other one is closed before it runs.  Its
  * environment is this program's; a COMMAND without '/' is searched in its PATH.
  */
@@ -50,7 +55,8 @@ enum { NR_read = 0, NR_write = 1, NR_close = 3, NR_rt_sigaction = 13,
        NR_capget = 125, NR_capset = 126, NR_setpriority = 141, NR_prctl = 157,
        NR_chroot = 161, NR_umount2 = 166, NR_exit_group = 231, NR_signalfd4 = 289,
        NR_pipe2 = 293, NR_prlimit64 = 302, NR_setns = 308, NR_close_range = 436,
-       NR_setresuid = 117, NR_setresgid = 119, NR_setgroups = 116 };
+       NR_setresuid = 117, NR_setresgid = 119, NR_setgroups = 116, NR_pread64 = 17,
+       NR_seccomp = 317 };
 
 static i64 sys6(i64 n, i64 a, i64 b, i64 c, i64 d, i64 e, i64 f)
 {
@@ -73,7 +79,8 @@ enum { NR_read = 63, NR_write = 64, NR_close = 57, NR_rt_sigaction = 134,
        NR_setsid = 157, NR_capget = 90, NR_capset = 91, NR_setpriority = 140,
        NR_prctl = 167, NR_chroot = 51, NR_umount2 = 39, NR_exit_group = 94,
        NR_signalfd4 = 74, NR_pipe2 = 59, NR_prlimit64 = 261, NR_setns = 268,
-       NR_close_range = 436, NR_setresuid = 147, NR_setresgid = 149, NR_setgroups = 159 };
+       NR_close_range = 436, NR_setresuid = 147, NR_setresgid = 149, NR_setgroups = 159,
+       NR_pread64 = 67, NR_seccomp = 277 };
 
 static i64 sys6(i64 n, i64 a, i64 b, i64 c, i64 d, i64 e, i64 f)
 {
@@ -141,6 +148,8 @@ enum { PR_SET_PDEATHSIG = 1, PR_SET_DUMPABLE = 4, PR_SET_NAME = 15, PR_CAPBSET_D
 #define MAX_RLIMITS 16
 #define MAX_GROUPS 64
 #define ID_MAX 0xfffffffeUL
+#define BPF_MAX 4096  /* BPF_MAXINSNS */
+#define SECCOMP_SET_MODE_FILTER 1
 
 static int errfd = -1;
 
@@ -249,8 +258,14 @@ struct opts {
     int nrl;
     int have_uid, have_gid, have_groups, ngroups;
     u32 uid, gid, groups[MAX_GROUPS];
+    int seccomp;
     char **cmd;
 };
+
+struct sock_filter { unsigned short code; unsigned char jt, jf; u32 k; };
+struct sock_fprog { unsigned short len; struct sock_filter *filter; };
+static struct sock_filter filter[BPF_MAX];
+static unsigned short filter_len;
 
 /* "A,B,C": at most MAX_GROUPS group numbers */
 static int parse_groups(const char *s, struct opts *o)
@@ -309,6 +324,7 @@ static void parse(int argc, char **argv, struct opts *o)
     o->last_cap = -1;
     o->caps = 0;
     o->have_uid = o->have_gid = o->have_groups = o->ngroups = 0;
+    o->seccomp = -1;
     o->cmd = 0;
     if (argc < 2)
         fail("args", EINVAL);
@@ -377,6 +393,9 @@ static void parse(int argc, char **argv, struct opts *o)
         } else if (same(a, "--groups")) {
             if (o->have_groups++ || parse_groups(v, o))
                 fail("args", EINVAL);
+        } else if (same(a, "--seccomp")) {
+            if (o->seccomp >= 0 || parse_fd(v, &o->seccomp) || o->seccomp < 3)
+                fail("args", EINVAL);
         } else if (same(a, "--last-cap")) {
             if (o->last_cap >= 0 || parse_u64(v, 10, 63, &n))
                 fail("args", EINVAL);
@@ -392,6 +411,35 @@ static void parse(int argc, char **argv, struct opts *o)
         fail("args", EINVAL);
     if (o->mode != EXEC && (o->nns || o->root >= 0))
         fail("args", EINVAL);  /* a guest's pid 1 is started by lifecycle's own steps */
+}
+
+/* -- the syscall filter --------------------------------------------------------------- */
+
+/* The whole program from ``fd`` (at most BPF_MAX instructions), then ``fd`` closed. */
+static void read_filter(int fd)
+{
+    u64 got = 0, size = sizeof filter;
+    i64 r;
+    for (;;) {
+        r = sys4(NR_pread64, fd, (char *)filter + got, size - got, got);
+        if (r == -EINTR)
+            continue;
+        if (r < 0)
+            fail("seccomp", r);
+        if (r == 0)
+            break;
+        got += (u64)r;
+        if (got == size) {  /* one byte more means too long */
+            char b;
+            if (sys4(NR_pread64, fd, &b, 1, got) != 0)
+                fail("seccomp", EINVAL);
+            break;
+        }
+    }
+    if (got == 0 || got % sizeof filter[0])
+        fail("seccomp", EINVAL);
+    filter_len = (unsigned short)(got / sizeof filter[0]);
+    sys1(NR_close, fd);
 }
 
 /* -- capabilities and signals ---------------------------------------------------------- */
@@ -533,6 +581,11 @@ static __attribute__((noreturn)) void become(struct opts *o, char **envp)
     if (errfd > 3)
         sys3(NR_close_range, 3, errfd - 1, 0);
     close_from(errfd + 1);
+    if (filter_len) {  /* CAP_SYS_ADMIN is ours still: no no_new_privs needed */
+        struct sock_fprog prog = { filter_len, filter };
+        if ((r = sys3(NR_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog)) < 0)
+            fail("seccomp", r);
+    }
     if (o->have_uid) {  /* suexec: the ids while CAP_SETUID/SETGID are still ours */
         if ((r = cut_bounding(o->have_caps ? o->caps : 0, o->last_cap)) < 0)
             fail("caps", r);
@@ -605,6 +658,8 @@ int main(int argc, char **argv, char **envp)
     sys5(NR_prctl, PR_SET_DUMPABLE, 0, 0, 0, 0);  /* first: no ptrace, no /proc/PID/fd */
     sys5(NR_prctl, PR_SET_NAME, (u64)"vsguest", 0, 0, 0);
     parse(argc, argv, &o);
+    if (o.seccomp >= 0)
+        read_filter(o.seccomp);
     if (o.mode == EXEC)  /* our caller gone (killed): the command gets a hangup */
         sys5(NR_prctl, PR_SET_PDEATHSIG, SIGHUP, 0, 0, 0);
     mask = o.mode == EXEC ? BIT(SIGCHLD) | BIT(SIGHUP) | BIT(SIGINT) | BIT(SIGQUIT) |
