@@ -164,3 +164,13 @@ def fs_type(fd: int) -> int:
     if _libc.fstatfs(ctypes.c_int(fd), buf) != 0:
         return 0
     return int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], "little")
+
+
+def seal_memfd(fd: int) -> None:
+    """Seal a memfd for good: no write, resize or further seal (what the helper and the
+    syscall filter are handed in, so nothing can change them after they are checked)."""
+    fcntl.fcntl(
+        fd,
+        fcntl.F_ADD_SEALS,
+        fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE,
+    )
