@@ -104,6 +104,7 @@ class RunState:
     rlimits: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # res: soft, hard
     nice: int | None = None
     seccomp: list[str] | None = None  # +NAME/-NAME against the default filter (seccomp.Policy)
+    userns: list[int] | None = None  # uid start, count, gid start, count (lifecycle.userns)
 
     @property
     def running(self) -> bool:

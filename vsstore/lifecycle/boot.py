@@ -97,6 +97,18 @@ def make_cgroup2(d: Path) -> None:
         d.mkdir()
 
 
+def delegate_cgroup2(d: Path, uid: int, gid: int) -> None:
+    """The guest's cgroup2 directory handed to its root in a user namespace (host ids
+    ``uid``/``gid``): the directory and the files a manager writes to create and fill
+    sub-groups (systemd's delegation contract), never the limits set on it from above."""
+    os.chown(d, uid, gid)
+    for f in ("cgroup.procs", "cgroup.threads", "cgroup.subtree_control"):
+        try:
+            os.chown(d / f, uid, gid)
+        except FileNotFoundError:
+            pass
+
+
 def unshare_cgroup() -> None:  # pragma: no cover - in the forked setup
     """The guest's cgroup namespace: made once this process is in the guest's cgroups, so
     its root is theirs and init, forked next, sees itself at "/"."""

@@ -58,6 +58,11 @@ def cmd_build(args: argparse.Namespace, paths: Paths) -> int:
         code = _vsunify(paths, [g])
         if code != EXIT_OK:
             return code
+    if args.userns and g.confdir is not None:
+        from . import userns
+
+        m = userns.enable(g.confdir.parent, g.name)
+        print(f"guest {g.name}: its root is host uid {m.uid} (a user namespace of its own)")
     print(f"guest {g.name} built in {g.root} (configuration {g.confdir})")
     return EXIT_OK
 
@@ -139,7 +144,13 @@ def cmd_restart(args: argparse.Namespace, paths: Paths) -> int:
 def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
     cfg = _cfg(paths, args.name)
     st = lifecycle.running(paths, cfg.name)
-    if not cfg.cow:  # how to change its packages (shared files are immutable here)
+    if cfg.wants_userns:  # exec --cow cannot serve a user namespace (lifecycle.userns)
+        hint = (
+            f"upgrade packages with 'vserver {cfg.name} userns disable', then 'vapt-get "
+            f"{cfg.name} -- ARGS', then 'vserver {cfg.name} userns enable --start N' with "
+            f"its range (the overlay cannot serve a user namespace)"
+        )
+    elif not cfg.cow:  # how to change its packages (shared files are immutable here)
         hint = (
             f"upgrade packages with 'vapt-get {cfg.name} -- ARGS' (or 'vserver {cfg.name} "
             f"exec --cow COMMAND'): a package manager run directly fails on shared files"
@@ -158,6 +169,11 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         f"{len(lifecycle.guest_pids(st))} processes, up {_uptime(st.started)}, "
         f"root {st.root} mounted {mode}"
     )
+    if st.userns:
+        print(
+            f"user namespace: its uids 0..{st.userns[1] - 1} are the host's "
+            f"{st.userns[0]}..{st.userns[0] + st.userns[1] - 1}"
+        )
     if hint and not st.cow:
         print(hint)
     return EXIT_OK
@@ -346,6 +362,37 @@ def cmd_pkg(args: argparse.Namespace, paths: Paths) -> int:
     return package_command(paths, g.name, argv(g), unify)
 
 
+def cmd_userns(args: argparse.Namespace, paths: Paths) -> int:
+    """``userns enable [--start N] [--count N] | disable | show``: the guest's user
+    namespace (lifecycle.userns), changed only while it is stopped."""
+    from . import userns
+
+    g = resolve_guest(args.name, paths)
+    if g.confdir is None:
+        raise ConfigError(f"guest {g.name} has no configuration; build it first")
+    if args.action == "show":
+        r = userns.read(g.confdir)
+        if r is None:
+            print(f"guest {g.name}: no user namespace (its root is the host's, with fewer caps)")
+        else:
+            uid, gid = (v if isinstance(v, str) else f"{v[0]}..{v[0] + v[1] - 1}" for v in r)
+            print(f"guest {g.name}: user namespace: host uids {uid}, gids {gid}")
+        return EXIT_OK
+    with lifecycle.guest_lock(paths, g.name):
+        if lifecycle.running(paths, g.name):
+            raise StateError(f"guest {g.name} is running; stop it first")
+        if args.action == "disable":
+            had = userns.disable(g.confdir)
+            print(f"guest {g.name}: " + ("user namespace removed" if had else "had none"))
+            return EXIT_OK
+        m = userns.enable(g.confdir.parent, g.name, args.start, args.count)
+    print(
+        f"guest {g.name}: user namespace enabled: its uids and gids 0..{m.uid_count - 1} "
+        f"are the host's {m.uid}..{m.uid + m.uid_count - 1} from its next start"
+    )
+    return EXIT_OK
+
+
 def cmd_delete(args: argparse.Namespace, paths: Paths) -> int:
     """A configured guest only, whose tree lies strictly below the guests' root
     (``config.deletable_guest`` says why not, before --force is even considered)."""
@@ -412,6 +459,11 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a progress line (clone) also when not on a terminal",
     )
+    b.add_argument(
+        "--userns",
+        action="store_true",
+        help="run it in a user namespace of its own (vserver NAME userns enable)",
+    )
     b.add_argument("--hostname")
     b.add_argument("--context", type=int)
     b.add_argument(
@@ -470,6 +522,19 @@ def parser() -> argparse.ArgumentParser:
     c = cmd("suexec", cmd_suexec, "run a command inside the running guest as one of its users")
     c.add_argument("user", metavar="USER", help="a user of the guest's /etc/passwd, or a uid")
     c.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
+    u = cmd(
+        "userns",
+        cmd_userns,
+        "give the stopped guest a user namespace of its own (its root becomes an "
+        "unprivileged host uid, its files stay as they are), take it away, or show it",
+    )
+    u.add_argument("action", choices=("enable", "disable", "show"))
+    u.add_argument(
+        "--start", type=int, metavar="N", help="enable: the first host id (default: a free one)"
+    )
+    u.add_argument(
+        "--count", type=int, default=65536, metavar="N", help="enable: how many ids (65536)"
+    )
     d = cmd("delete", cmd_delete, "remove a stopped guest's tree and configuration")
     d.add_argument("--force", action="store_true", help="do it")
     d.add_argument(

@@ -95,6 +95,16 @@ CATALOGUE: list[tuple[str, Use, str]] = [
     ),
     ("bcapabilities", Use.USED, "capabilities kept (CAP_X) or dropped (!CAP_X)"),
     ("seccomp", Use.USED, "changes to the default syscall filter: +NAME allows, -NAME refuses"),
+    (
+        "userns/uid",
+        Use.USED,
+        "the host uids of the guest's user namespace (START COUNT, or auto)",
+    ),
+    (
+        "userns/gid",
+        Use.USED,
+        "the host gids of the guest's user namespace (START COUNT, or auto)",
+    ),
     ("capabilities", Use.IGNORED, "the 2.4 kernels' file; bcapabilities is read"),
     ("ccapabilities", Use.IGNORED, "context capabilities: " + KERNEL),
     ("ncapabilities", Use.IGNORED, "network context capabilities: " + KERNEL),

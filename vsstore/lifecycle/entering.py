@@ -26,7 +26,7 @@ from vsstore.errors import (
 )
 from vsstore.safetree import GuestTree
 
-from . import cgroups, helper, mounts, network, ns, overlay, procdev, relay, seccomp
+from . import cgroups, helper, mounts, network, ns, overlay, procdev, relay, seccomp, userns
 from .guestconf import GuestConfig
 from .users import GuestUser
 
@@ -57,6 +57,12 @@ def _open_guest(cfg: GuestConfig, st: runtime.RunState, kinds: tuple[str, ...]) 
             f"guest {cfg.name}: cannot join it ({e.strerror}); is it running?"
         ) from None
     return fds
+
+
+def _ours(kind: str, fd: int) -> bool:
+    """Whether namespace descriptor ``fd`` is our own namespace of ``kind``."""
+    a, b = os.fstat(fd), os.stat(f"/proc/self/ns/{kind}")
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _join_guest(st: runtime.RunState, fds: dict[str, int]) -> None:  # pragma: no cover - child
@@ -125,7 +131,16 @@ def run_in(
     signal)."""
     if not argv:
         raise ConfigError("no command given; vserver NAME exec COMMAND [ARGS...]")
-    kinds = ("ipc", "uts", "net", "pid", "cgroup", "mnt", "root")  # cgroup: a booted guest's
+    # cgroup: a booted guest's; user (first: the others belong to it): a guest with a user
+    # namespace, joined as its root (host ids START+0), never as the host's
+    idmap = userns.IdMap.from_list(st.userns)
+    spaces: tuple[str, ...] = ("ipc", "uts", "net", "pid", "cgroup", "mnt")
+    if idmap is not None:
+        spaces = ("user", *spaces)
+    kinds = (*spaces, "root")
+    ids = (user.uid, user.gid, user.groups) if user is not None else None
+    if idmap is not None and ids is None:
+        ids = (0, 0, ())  # the guest's root, not the host's (unmapped) uid 0
     with ExitStack() as stack:
         hfd = helper.load(helper.binary(paths.statedir))
         stack.callback(os.close, hfd)
@@ -134,11 +149,18 @@ def run_in(
         fds = _open_guest(cfg, st, kinds)
         for fd in fds.values():
             stack.callback(os.close, fd)
+        # A namespace the guest shares with us (a cgroup namespace it has none of, the
+        # host's net with spaces/hostnet) is not joined: from inside a user namespace we
+        # could not join one of the host's, and it would change nothing.
+        spaces = tuple(k for k in spaces if not _ours(k, fds[k]))
+        kinds = (*spaces, "root")
         stdio = relay.Stdio.probe()
         master = slave = None
         if stdio.any:
             master, slave = relay.open_pty(fds["root"])
             stack.callback(os.close, master)
+            if idmap is not None:  # the guest's, not a host file its root cannot use
+                os.fchown(slave, idmap.uid + (user.uid if user else 0), -1)
             relay.copy_settings(stdio, slave)
         ex_r, ex_w = os.pipe2(os.O_CLOEXEC)
         stack.callback(os.close, ex_r)
@@ -151,15 +173,16 @@ def run_in(
                     cg.join()  # charged to the guest, ended with it
                 std = {i: slave for i in range(3) if stdio.tty[i]} if slave is not None else {}
                 prog, placed = helper.place_fds(hfd, std, ex_w, (*(fds[k] for k in kinds), sfd))
+                n = len(spaces)
                 args = helper.argv(
                     "exec",
                     cfg,
                     argv,
-                    setns=tuple(placed[:6]),
-                    root=placed[6],
+                    setns=tuple(placed[:n]),
+                    root=placed[n],
                     ctty=stdio.ctty if std else None,
-                    ids=(user.uid, user.gid, user.groups) if user is not None else None,
-                    seccomp=placed[7],
+                    ids=ids,
+                    seccomp=placed[n + 1],
                 )
                 os.execve(prog, args, _command_env(user))
             except BaseException as e:  # noqa: BLE001
@@ -191,6 +214,12 @@ def run_cow(paths: Paths, cfg: GuestConfig, argv: list[str]) -> int:
     st = runtime.running(paths, cfg.name)
     if st is not None and st.cow:
         return run_in(paths, cfg, st, argv)  # it runs through the overlay already
+    if cfg.wants_userns or (st is not None and st.userns):
+        raise ConfigError(
+            f"guest {cfg.name} has a user namespace (userns/), and the cow overlay cannot "
+            f"serve one (FUSE mounts take no idmap with pyfuse3); run the command without "
+            f"--cow on the running guest, or 'vserver {cfg.name} userns disable' first"
+        )
     cow_at = str(overlay.mountpoint(paths))
     share = f"{cfg.name}~{os.getpid()}"
     with ExitStack() as stack:

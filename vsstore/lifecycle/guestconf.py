@@ -11,7 +11,9 @@ drops, ``!CAP_X`` drops one more), ``apps/init/style`` (``systemd``, ``plain``, 
 SIGNAL]...), ``apps/init/runlevel{,.start,.stop}`` (sysv), ``shell`` (what ``enter``
 runs), ``cow`` (present: mount the guest through the overlay), ``spaces/hostnet``
 (present: the guest shares the host's network namespace; see below), ``seccomp`` (changes
-to the default syscall filter: ``+NAME`` allows, ``-NAME`` refuses; lifecycle.seccomp).
+to the default syscall filter: ``+NAME`` allows, ``-NAME`` refuses; lifecycle.seccomp),
+``userns/{uid,gid}`` (``START COUNT`` or ``auto``: the guest runs in a user namespace of its
+own over an idmapped root; lifecycle.userns).
 Everything is read before anything is started, and a bad entry is an error naming its file.
 Entries of a util-vserver host that have no meaning here (``rlimits/*.min``, ``cgroup/name``,
 ``uts/release``, ...) are accepted and left alone; ``vserver NAME check`` (``compat``) lists
@@ -37,7 +39,7 @@ from pathlib import Path
 from vsstore.config import Guest
 from vsstore.errors import ConfigError
 
-from . import ns
+from . import ns, userns
 from .cgroups import Limits, read_limits
 from .seccomp import Policy
 from .seccomp import read as read_seccomp
@@ -143,6 +145,8 @@ class GuestConfig:
     cgroup_parent: str | None = None  # beneath which the guest's cgroup is made
     cgroup_dirs: dict[str, str] = field(default_factory=dict)  # the guest's cgroup, by start
     seccomp: Policy = field(default_factory=Policy.default)  # its syscall filter
+    wants_userns: bool = False  # userns/ is configured (its ranges are resolved by start)
+    userns: userns.IdMap | None = None  # the guest's id ranges, set by start
 
     @property
     def name(self) -> str:
@@ -548,6 +552,19 @@ def load(guest: Guest) -> GuestConfig:
             f"{c / 'interfaces'}/ (veth pairs in the guest's own network) "
             f"exclude each other; remove one of them"
         )
+    wants_userns = userns.read(c) is not None
+    cow = (c / "cow").exists()
+    clash = {
+        "cow": (cow, "FUSE mounts take no idmap with pyfuse3"),
+        "spaces/hostnet": (hostnet, "guest root would have no rights in the host's network"),
+    }
+    for what, (flag, why) in clash.items():
+        if wants_userns and flag:
+            raise ConfigError(
+                f"{c / 'userns'}/ (a user namespace of the guest's own) and {c / what} "
+                f"exclude each other ({why}); remove one of them (vserver {guest.name} "
+                f"userns disable removes the first)"
+            )
     return GuestConfig(
         guest=guest,
         context=int(ctx) if ctx is not None else None,
@@ -566,12 +583,13 @@ def load(guest: Guest) -> GuestConfig:
             else kill_signal
         ),
         stop_timeout=float(timeout or 10.0),
-        cow=(c / "cow").exists(),
+        cow=cow,
         style=style,
         rlimits=_rlimits(c / "rlimits"),
         nice=int(nice) if nice is not None else None,
         ttys=int(ttys),
         cgroup=read_limits(c / "cgroup"),
         cgroup_parent=parent,
-        seccomp=read_seccomp(c / "seccomp", _read(c / "seccomp")),
+        seccomp=read_seccomp(c / "seccomp", _read(c / "seccomp"), wants_userns),
+        wants_userns=wants_userns,
     )

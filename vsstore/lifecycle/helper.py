@@ -35,6 +35,7 @@ from typing import NoReturn
 
 from vsstore.errors import UnsupportedError
 from vsstore.safetree import GuestTree
+from vsstore.syscalls import seal_memfd
 
 from . import ns
 from .guestconf import GuestConfig
@@ -120,9 +121,11 @@ def check_static(image: bytes, what: str) -> None:
         raise bad(f"ELF type {e_type}, not a static executable")
 
 
-def load(path: str | os.PathLike[str]) -> int:
+def load(path: str | os.PathLike[str], owner: tuple[int, int] | None = None) -> int:
     """A sealed, close-on-exec memfd holding the helper, checked; execute it with
-    ``os.execve(fd, argv, env)``.  Call before anything of the guest is in reach."""
+    ``os.execve(fd, argv, env)``.  Call before anything of the guest is in reach.
+    ``owner``: the host ids it belongs to (a guest root in a user namespace executes it;
+    to host root's own file it has no rights)."""
     with open(path, "rb") as f:
         image = f.read()
     check_static(image, str(path))
@@ -144,11 +147,9 @@ def load(path: str | os.PathLike[str]) -> int:
         while view:
             view = view[os.write(fd, view) :]
         os.fchmod(fd, 0o500)
-        fcntl.fcntl(
-            fd,
-            fcntl.F_ADD_SEALS,
-            fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE,
-        )
+        if owner is not None:
+            os.fchown(fd, *owner)
+        seal_memfd(fd)
     except BaseException:
         os.close(fd)
         raise

@@ -6,6 +6,7 @@ guest's tree."""
 from __future__ import annotations
 
 import os
+import stat
 
 from vsstore.errors import (
     UnsafeTreeError,
@@ -95,8 +96,11 @@ def mount_proc_and_dev(cfg: GuestConfig, tree: GuestTree) -> None:  # pragma: no
     )
     dev = tree.open_in_root("dev", os.O_RDONLY | os.O_DIRECTORY)
     for name, major, minor in DEVICES:
-        os.mknod(name, 0o666 | 0o020000, os.makedev(major, minor), dir_fd=dev)
-        os.chmod(name, 0o666, dir_fd=dev)
+        if cfg.userns is None:
+            os.mknod(name, 0o666 | 0o020000, os.makedev(major, minor), dir_fd=dev)
+            os.chmod(name, 0o666, dir_fd=dev)
+        else:  # no mknod in a user namespace: the host's node bound onto an empty file
+            _bind_host_node(dev, name, major, minor)
     for name, target in DEV_LINKS:
         os.symlink(target, name, dir_fd=dev)
     for d in ("pts", "shm"):
@@ -114,3 +118,20 @@ def mount_proc_and_dev(cfg: GuestConfig, tree: GuestTree) -> None:  # pragma: no
     mounts.mount_in(
         tree, "shm", "/dev/shm", "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=1777", "/dev/shm"
     )
+
+
+def _bind_host_node(dev: int, name: str, major: int, minor: int) -> None:  # pragma: no cover
+    """The host's /dev/NAME bound over a new empty file NAME in ``dev``, once it is checked
+    to be the character device it should be (the host's /dev, not the guest's)."""
+    src = os.open(f"/dev/{name}", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(src)
+        if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(major, minor):
+            raise UnsafeTreeError(f"the host's /dev/{name} is not the device {major}:{minor}")
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666, dir_fd=dev)
+        try:
+            ns.mount(f"/proc/self/fd/{src}", f"/proc/self/fd/{fd}", None, ns.MS_BIND)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(src)

@@ -69,6 +69,7 @@ from . import (
     procdev,
     relay,
     seccomp,
+    userns,
 )
 from .guestconf import GuestConfig, default_caps
 
@@ -135,6 +136,10 @@ def start(paths: Paths, cfg: GuestConfig) -> runtime.RunState:
                 undo.callback(overlay.remove, paths, cow_at, cfg.name)
                 source = os.path.join(cow_at, cfg.name)
             cfg = dataclasses.replace(cfg, helper=str(helper.binary(paths.statedir)))
+            if cfg.wants_userns:
+                assert cfg.guest.confdir is not None
+                m = userns.resolve(cfg.guest.confdir.parent, cfg.name)
+                cfg = dataclasses.replace(cfg, userns=m)
             cg = _make_cgroup(cfg)
             if cg is not None:
                 undo.callback(cg.remove)
@@ -144,6 +149,8 @@ def start(paths: Paths, cfg: GuestConfig) -> runtime.RunState:
                 d2 = boot.cgroup2_dir(cfg, cg)
                 boot.make_cgroup2(d2)
                 undo.callback(boot.remove_cgroup2, d2)
+                if cfg.userns is not None:  # delegated to guest root, as nspawn -U does
+                    boot.delegate_cgroup2(d2, cfg.userns.uid, cfg.userns.gid)
                 cfg = dataclasses.replace(
                     cfg, cgroup_dirs={**cfg.cgroup_dirs, boot.CGROUP2_KEY: str(d2)}
                 )
@@ -309,9 +316,15 @@ def _monitor(
         nice=cfg.nice,
         rlimits={str(k): list(v) for k, v in cfg.rlimits.items()},
         seccomp=cfg.seccomp.changes(),
+        userns=cfg.userns.to_list() if cfg.userns is not None else None,
     )
     runtime.write_state(paths, st)
     say(f"started: style {cfg.style}, init pid {init} ({' '.join(cfg.init) or 'our reaper'})")
+    if cfg.userns is not None:
+        say(
+            f"user namespace: guest uids 0..{cfg.userns.uid_count - 1} are host uids "
+            f"{cfg.userns.uid}..{cfg.userns.uid + cfg.userns.uid_count - 1}"
+        )
     if cfg.hostnet:
         say(f"warning: {network.HOSTNET_WARNING}")
     con = None
@@ -391,9 +404,31 @@ def _setup(
 
     # The pid namespace comes last, just before init is forked: the first child forked
     # after it becomes its pid 1 (the network set-up runs the host's ip before that).
+    # In a user namespace (cfg.userns) the mounts are made first, with the host's rights
+    # (an idmapped root needs them), then we become the guest's root and make the uts, ipc,
+    # net and pid namespaces, so they belong to the guest's user namespace.
+    tree = None
     try:
-        network.unshare(cfg, ns.CLONE_NEWNS | ns.CLONE_NEWUTS | ns.CLONE_NEWIPC)
-        ns.mount(None, "/", None, ns.MS_REC | ns.MS_SLAVE)
+        owner = (cfg.userns.uid, cfg.userns.gid) if cfg.userns is not None else None
+        assert cfg.helper is not None
+        hfd = helper.load(cfg.helper, owner)  # a guest root could not read our copy
+        if cfg.userns is None:
+            network.unshare(cfg, ns.CLONE_NEWNS | ns.CLONE_NEWUTS | ns.CLONE_NEWIPC)
+            ns.mount(None, "/", None, ns.MS_REC | ns.MS_SLAVE)
+        else:
+            ufd = userns.create(cfg.userns)
+            ns.unshare(ns.CLONE_NEWNS)
+            ns.mount(None, "/", None, ns.MS_REC | ns.MS_SLAVE)
+            tree = mounts.bind_root(cfg, source, ufd)
+            cg = cgroups.of(cfg.cgroup_dirs)
+            if cg is not None:
+                cg.join()  # with the host's rights, while we have them
+            userns.enter(ufd)
+            os.close(ufd)
+            network.unshare(cfg, ns.CLONE_NEWUTS | ns.CLONE_NEWIPC)
+    except VsError as e:
+        tell(to_wire(e))
+        return
     except OSError as e:
         tell(
             to_wire(
@@ -409,11 +444,12 @@ def _setup(
         return  # the monitor gave up
     try:
         network.guest_side(cfg)
-        tree = mounts.bind_root(cfg, source)
+        if tree is None:
+            tree = mounts.bind_root(cfg, source)
+            cg = cgroups.of(cfg.cgroup_dirs)
+            if cg is not None:
+                cg.join()  # init and everything it starts are charged to the guest
         ns.set_uts(cfg.nodename, cfg.domainname)
-        cg = cgroups.of(cfg.cgroup_dirs)
-        if cg is not None:
-            cg.join()  # init and everything it starts are charged to the guest
         ns.unshare(ns.CLONE_NEWPID | (boot.CLONE_NEWCGROUP if boot.boots(cfg) else 0))
     except (OSError, VsError) as e:
         tell(to_wire(e if isinstance(e, VsError) else ConfigError(str(e))))
@@ -425,7 +461,7 @@ def _setup(
             os._exit(127)
         os.close(gate)
         try:
-            _init(cfg, tree, exec_fd, con, sfd)
+            _init(cfg, tree, hfd, exec_fd, con, sfd)
         except BaseException as e:  # noqa: BLE001 - reported to the monitor
             os.write(exec_fd, (getattr(e, "message", None) or str(e)).encode())
         os._exit(127)
@@ -434,18 +470,16 @@ def _setup(
 
 
 def _init(
-    cfg: GuestConfig, tree: GuestTree, exec_fd: int, con: int, sfd: int
+    cfg: GuestConfig, tree: GuestTree, hfd: int, exec_fd: int, con: int, sfd: int
 ) -> None:  # pragma: no cover
     """pid 1 of the guest until the helper takes over: its own mount namespace (the pivot
     must move no other process's root: setup's Python still runs), /proc, /dev,
     pivot_root, and the helper by descriptor, which becomes the guest's init (sysv/none:
     forks it, or not, and stays as the reaping pid 1 without capabilities)."""
-    assert cfg.helper is not None
-    hfd = helper.load(cfg.helper)
     ns.prctl(ns.PR_SET_DUMPABLE, 0)
     mode = cfg.style if cfg.style in ("sysv", "none") else "init"
     env = {"PATH": helper.GUEST_PATH, "container": "vserver", "HOME": "/", "TERM": "linux"}
-    tree = mounts.own_mount_ns(tree)
+    tree = mounts.own_mount_ns(tree, cfg.userns is not None)
     procdev.mount_proc_and_dev(cfg, tree)
     slave, ttys = _consoles(tree, con, cfg.ttys)
     if ttys:  # systemd starts a getty on each (container-getty@N)

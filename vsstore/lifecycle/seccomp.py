@@ -27,7 +27,6 @@ without it.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import platform
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from types import ModuleType
 from typing import Any
 
 from vsstore.errors import ConfigError, UnsupportedError
+from vsstore.syscalls import seal_memfd
 
 CLONE_NEWUSER = 0x10000000
 
@@ -62,7 +62,8 @@ DEFAULT_REFUSED: dict[str, tuple[str, ...]] = {
     # open_by_handle_at walks any inode of a filesystem, past the guest's root (shocker);
     # name_to_handle_at stays (systemd asks it for mount ids; a handle alone opens nothing)
     "handle": ("open_by_handle_at",),
-    # guests have no user namespace: mounts are the host's business
+    # mounts are the host's business, unless the guest has a user namespace of its own
+    # (lifecycle.userns): then its mounts are its namespace's (read(in_userns=True))
     "mount": (
         "mount",
         "umount",
@@ -157,9 +158,13 @@ def known(name: str) -> bool:
     return bool(lib.resolve_syscall(lib.Arch.NATIVE, name) != -1)
 
 
-def read(p: Path, text: str | None) -> Policy:
-    """The policy of a guest whose ``seccomp`` file ``p`` holds ``text`` (None: absent)."""
+def read(p: Path, text: str | None, in_userns: bool = False) -> Policy:
+    """The policy of a guest whose ``seccomp`` file ``p`` holds ``text`` (None: absent);
+    ``in_userns``: the guest has a user namespace of its own, whose root may mount in its
+    own mount namespace (if granted CAP_SYS_ADMIN), as with systemd-nspawn -U."""
     refused = set(default_refused())
+    if in_userns:
+        refused -= set(DEFAULT_REFUSED["mount"])
     for n, raw in enumerate((text or "").splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -224,11 +229,7 @@ def program_fd(policy: Policy) -> int:
         size = os.fstat(fd).st_size
         if not size or size % 8 or size > 4096 * 8:
             raise UnsupportedError(f"libseccomp made a filter of {size} bytes; cannot use it")
-        fcntl.fcntl(
-            fd,
-            fcntl.F_ADD_SEALS,
-            fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE,
-        )
+        seal_memfd(fd)
     except BaseException:
         os.close(fd)
         raise
