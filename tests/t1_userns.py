@@ -88,3 +88,12 @@ def test_enable_refuses_an_overlap_and_a_cow_guest(tmp_path):
         userns.enable(tmp_path, "c")
     assert userns.disable(tmp_path / "b") and not (tmp_path / "b/userns").exists()
     assert not userns.disable(tmp_path / "b")
+
+
+def test_a_hand_written_range_overlapping_another_guests_is_refused_at_start(tmp_path):
+    _conf(tmp_path, "a", "2000000000 65536\n", "2000000000 65536\n")
+    _conf(tmp_path, "b", "2000000100 65536\n", "auto\n")
+    with pytest.raises(ConfigError) as e:
+        userns.resolve(tmp_path, "b")
+    assert "b/userns/uid" in e.value.message and "overlap" in e.value.message
+    assert (tmp_path / "b/userns/gid").read_text() == "auto\n"  # nothing written

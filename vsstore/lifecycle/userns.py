@@ -160,7 +160,23 @@ def taken(confroot: Path, but: str | None = None) -> list[tuple[int, int]]:
             out += _ranges_of(Path(f).read_text(errors="replace"))
         except OSError:
             pass
+    for f in ("/etc/passwd", "/etc/group"):  # the host's own users above 65535 (LDAP...)
+        try:
+            text = Path(f).read_text(errors="replace")
+        except OSError:
+            continue
+        for ln in text.splitlines()[:1_000_000]:
+            parts = ln.split(":")
+            if len(parts) > 2 and parts[2].isdigit() and int(parts[2]) >= MIN_START:
+                out.append((int(parts[2]), 1))
     return out
+
+
+def _overlap(start: int, count: int, used: list[tuple[int, int]]) -> tuple[int, int] | None:
+    for s, c in used:
+        if s < start + count and start < s + c:
+            return s, c
+    return None
 
 
 def pick(used: list[tuple[int, int]], size: int = AUTO_SIZE) -> int:
@@ -193,13 +209,23 @@ def resolve(confroot: Path, name: str) -> IdMap | None:
     r = read(confdir)
     if r is None:
         return None
-    uid, gid = r
-    if isinstance(uid, str) or isinstance(gid, str):
-        with exclusive(confroot / ".userns.lock", "picking a range of host ids", wait=30):
-            r = read(confdir)
-            assert r is not None
-            uid, gid = r
-            used = taken(confroot, but=name)
+    with exclusive(confroot / ".userns.lock", "picking a range of host ids", wait=30):
+        r = read(confdir)
+        assert r is not None
+        uid, gid = r
+        used = taken(confroot, but=name)
+        for kind, v in (("uid", uid), ("gid", gid)):
+            if isinstance(v, str):
+                continue
+            other = _overlap(v[0], v[1], used)
+            if other is not None:  # two guests' roots would be one host user
+                raise ConfigError(
+                    f"{confdir / 'userns' / kind}: host ids {v[0]}..{v[0] + v[1] - 1} "
+                    f"overlap {other[0]}..{other[0] + other[1] - 1}, given to another guest, "
+                    f"a host user or /etc/subuid or /etc/subgid; write 'auto' to have a "
+                    f"free range picked"
+                )
+        if isinstance(uid, str) or isinstance(gid, str):
             start = pick(used)
             uid = (start, AUTO_SIZE) if isinstance(uid, str) else uid
             gid = (start, AUTO_SIZE) if isinstance(gid, str) else gid
@@ -386,12 +412,13 @@ def enable(confroot: Path, name: str, start: int | None = None, count: int = AUT
         else:
             where = confdir / "userns"
             _parse(where, f"{start} {count}")  # the same checks as the files get
-            for s, c in used:
-                if s < start + count and start < s + c:
-                    raise ConfigError(
-                        f"host ids {start}..{start + count - 1} overlap {s}..{s + c - 1}, "
-                        f"given to another guest or in /etc/subuid or /etc/subgid; "
-                        f"choose another START or leave it out to have one picked"
-                    )
+            other = _overlap(start, count, used)
+            if other is not None:
+                s, c = other
+                raise ConfigError(
+                    f"host ids {start}..{start + count - 1} overlap {s}..{s + c - 1}, "
+                    f"given to another guest, a host user or /etc/subuid or /etc/subgid; "
+                    f"choose another START or leave it out to have one picked"
+                )
         write_range(confdir, (start, count), (start, count))
     return IdMap(start, count, start, count)
