@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from guests import BUSYBOX, host_mounts, pid_ns, procs_in_ns
@@ -204,6 +205,14 @@ def test_exec_enter_suexec_veth_and_cgroup_work_inside(vs, host):
     out = vs("enter", "g1", input="id -u; cat /proc/self/uid_map\nexit\n").stdout
     assert "0" in out.split() and str(R1) in out.split()
     assert "vserver-g1" in vs.exec("g1", "cat", "/proc/self/cgroup")
+    st = vs.state("g1")
+    limits = [
+        Path(d) / "pids.max" for d in st["cgroup"].values() if (Path(d) / "pids.max").exists()
+    ]
+    assert limits and all(f.read_text().strip() == "50" for f in limits)
+    assert st["init_pid"] in [
+        int(x) for f in limits for x in (f.parent / "cgroup.procs").read_text().split()
+    ]
     assert vs.exec("g1", "cat", "/proc/self/limits")  # readable, and /proc is the guest's
     ps = vs.exec("g1", "ps", "-o", "pid")
     assert all(int(p) < 50 for p in ps.split()[1:])
