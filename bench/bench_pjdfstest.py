@@ -381,8 +381,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def remove_work(work: Path) -> None:
+    """Remove the work directory, once nothing is mounted below it (else leave it, said)."""
+    left = [m for m in mountpoints() if m.startswith(f"{work}/")]
+    if left:
+        log(f"still mounted, NOT removing {work}: {left}")
+        return
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the cleanup runs
     if os.geteuid() != 0:
         print("bench_pjdfstest: run as root (pjdfstest changes owners, mounts)", file=sys.stderr)
         return 2
@@ -393,7 +403,7 @@ def main(argv: list[str]) -> int:
         results: dict[str, Outcome] = {}
         with ExitStack() as stack:
             work = Path(tempfile.mkdtemp(prefix="vsstore-pjdfstest-", dir=args.work))
-            stack.callback(shutil.rmtree, work, ignore_errors=True)
+            stack.callback(remove_work, work)
             for name in args.only or TOOLS:
                 tool = Tool(name, work / name)
                 with tool.mounted():
@@ -401,7 +411,7 @@ def main(argv: list[str]) -> int:
                 if args.save:
                     args.save.mkdir(parents=True, exist_ok=True)
                     (args.save / f"{name}.prove.txt").write_text(results[name].output)
-                shutil.rmtree(tool.base, ignore_errors=True)
+                remove_work(tool.base)
     except BenchError as e:
         print(f"bench_pjdfstest: {e}", file=sys.stderr)
         return 1

@@ -205,6 +205,14 @@ def test_sockets_device_nodes_fifo_links_and_modes_as_posix_has_them(cow, host):
         os.mknod(d / "loop", stat.S_IFBLK | 0o600, os.makedev(7, 0))
         assert os.lstat(d / "null").st_rdev == os.makedev(1, 3)
         assert stat.S_ISBLK(os.lstat(back / "loop").st_mode)
+        # without CAP_MKNOD (as every guest) the kernel refuses a device node before cow
+        p = subprocess.run(
+            ["setpriv", "--bounding-set", "-mknod", "mknod", str(d / "dev"), "c", "1", "3"],
+            capture_output=True,
+            text=True,
+        )
+        assert p.returncode != 0 and "not permitted" in p.stderr
+        assert not os.path.lexists(back / "dev")
         os.mkfifo(d / "fifo", 0o620)
         os.link(d / "fifo", d / "fifo2")
         assert os.lstat(d / "fifo").st_nlink == 2
