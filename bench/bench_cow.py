@@ -714,17 +714,24 @@ def render(
         "",
     ]
     out += [f"- {n}: `{m}`" for n, m in mounts.items()]
-    out += [
-        "",
+    small = (
+        "The small-file rows run in the benchmark's own Python (`os.open(O_CREAT|O_EXCL)` "
+        "+ one 4 KiB `os.write` + close per file, relative to a directory fd; then "
+        "`os.unlink` each, `rmdir`)."
+    )
+    trees = (
         "Cold: the contender is unmounted and mounted again (so no daemon keeps state "
         "from an earlier run), then `sync; echo 3 > /proc/sys/vm/drop_caches`; warm: the "
         f"best of {WARM_RUNS} runs of the same command right after the cold one (kernel "
         "caches fill over more than one run).  The contenders take turns per "
         "operation (their order rotates by round).  GNU tar reads no file contents when "
         "the archive is /dev/null, so `tar -cf /dev/null .` times metadata only; the "
-        f"`tar -cf - . \\| cat` row reads the contents as well (with `--exclude=./{BIG}`).  The small-file rows run in "
-        "the benchmark's own Python (`os.open(O_CREAT|O_EXCL)` + one 4 KiB `os.write` + "
-        "close per file, relative to a directory fd; then `os.unlink` each, `rmdir`).",
+        f"`tar -cf - . \\| cat` row reads the contents as well (with `--exclude=./{BIG}`).  "
+    )
+    out += [
+        "",
+        ("The contenders take turns (their order rotates by round).  " if ctx.small_only else trees)
+        + small,
         "",
         "### Wall time (seconds, median)",
         "",
