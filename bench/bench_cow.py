@@ -11,7 +11,8 @@ operations, side by side in one run: tar of the tree (metadata only, and with co
 stat of every name (find), a sequential read of the 1 GiB file, each cold (fresh mount and
 dropped caches) and warm, and 5000 small files created, written and deleted.  A markdown
 section goes to stdout, to ``--markdown FILE`` if given, and is appended to bench/RESULTS.md
-(unless ``--no-results``).
+(unless ``--no-results``).  ``--small-only`` times the small files alone, in a guest tree of
+a few files (no corpus, no large file): minutes instead of an hour.
 """
 
 from __future__ import annotations
@@ -269,6 +270,7 @@ class Context:
     mnt_base: Path
     contenders: list[Contender]
     big_sha256: str = ""
+    small_only: bool = False  # --small-only: a tiny tree, the small-file phases alone
     samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     tree_files: int = 0
     tree_bytes: int = 0
@@ -286,12 +288,24 @@ def log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-def prepare(ctx: Context, corpus: Path) -> None:
-    """A cp -a of the guest per contender, the large file in each, empty upper/work."""
+def tiny_guest(root: Path) -> None:
+    """The tree of --small-only: a few directories and files."""
+    for d in ("etc", "usr/lib", "var/tmp"):
+        (root / d).mkdir(parents=True)
+    (root / "etc/hostname").write_text(f"{GUEST}\n")
+    (root / "usr/lib/libx.so").write_bytes(b"library " * 512)
+
+
+def prepare(ctx: Context, corpus: Path | None) -> None:
+    """A cp -a of the guest per contender (with --small-only a tiny tree), the large file
+    in each (not with --small-only), empty upper/work."""
     for c in ctx.contenders:
-        log(f"cp -a {corpus / GUEST} -> {c.lower}")
         c.base.mkdir(parents=True)
-        sh(["cp", "-a", "--", corpus / GUEST, c.lower])
+        if corpus is None:
+            tiny_guest(c.lower)
+        else:
+            log(f"cp -a {corpus / GUEST} -> {c.lower}")
+            sh(["cp", "-a", "--", corpus / GUEST, c.lower])
         if c.name in ("overlayfs", "fuse-overlayfs"):
             (c.base / "upper").mkdir()
             (c.base / "work").mkdir()
@@ -302,6 +316,8 @@ def prepare(ctx: Context, corpus: Path) -> None:
             files += 1
             size += os.lstat(os.path.join(dirpath, n)).st_size
     ctx.tree_files, ctx.tree_bytes = files, size
+    if ctx.small_only:
+        return
     log(f"writing a {ctx.big_mib} MiB random file into every tree")
     outs = [open(c.lower / BIG, "wb") for c in ctx.contenders]
     digest = hashlib.sha256()
@@ -377,7 +393,7 @@ def record(ctx: Context, key: str, who: str, secs: float) -> None:
 def one_round(ctx: Context, r: int) -> None:
     """Every benchmark for every contender (the order of contenders rotates by round)."""
     order = ctx.contenders[r % len(ctx.contenders) :] + ctx.contenders[: r % len(ctx.contenders)]
-    for key, _label, cmd in TREE_BENCHES:
+    for key, _label, cmd in () if ctx.small_only else TREE_BENCHES:
         for c in order:
             # Cold: a fresh mount (no daemon state) and no page, dentry or inode cache.
             c.umount()
@@ -437,17 +453,19 @@ def verify(ctx: Context) -> None:
                 f"missing: {missing})"
             )
         h = hashlib.sha256()
-        with open(c.root / BIG, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        if h.hexdigest() != ctx.big_sha256:
-            problems.append(f"**{c.name}: {BIG} read back with the wrong content**")
+        if not ctx.small_only:
+            with open(c.root / BIG, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            if h.hexdigest() != ctx.big_sha256:
+                problems.append(f"**{c.name}: {BIG} read back with the wrong content**")
         if (c.root / SMALL_DIR).exists():
             problems.append(f"**{c.name}: {SMALL_DIR} still exists after the delete phase**")
     ctx.checks += problems or [
         f"all {len(ctx.contenders)} contenders show the same tree as the native one "
-        f"({len(ref)} names: type, mode, size, owner, path) and the same {BIG} content "
-        f"(sha256), and no {SMALL_DIR} left over"
+        f"({len(ref)} names: type, mode, size, owner, path)"
+        + ("" if ctx.small_only else f" and the same {BIG} content (sha256)")
+        + f", and no {SMALL_DIR} left over"
     ]
     noise = "unknown argument ignored: lazytime"  # fuse-overlayfs says so on every mount
     for c in ctx.contenders:
@@ -637,17 +655,17 @@ def render(
     script = os.path.relpath(Path(__file__).resolve(), REPO)
     names = [c.name for c in ctx.contenders]
     rows = []
-    bs = benches(ctx.files, ctx.big_mib)
+    bs = [b for b in benches(ctx.files, ctx.big_mib) if not ctx.small_only or "small" in b.key]
     for b in bs:
         label = b.label
         cells = [f"{med(ctx, b.key, n):.3f}" for n in names]
         ratio = med(ctx, b.key, "cow") / med(ctx, b.key, "fuse-overlayfs")
         rows.append([label, *cells, f"{ratio:.2f}"])
     spread_rows = [[b.key, *(rng(ctx.samples[b.key][n]) for n in names)] for b in bs]
-    tg = targets(ctx)
+    tg = [] if ctx.small_only else targets(ctx)
     met = all(t[3] for t in tg)
     out = [
-        f"## cow overlay benchmark ({now})",
+        f"## cow overlay benchmark{', small files only' if ctx.small_only else ''} ({now})",
         "",
         "Command (as root, from the checkout):",
         "",
@@ -669,15 +687,21 @@ def render(
         f"them: {ctx.load[-1]} (the benchmark alone keeps about one core busy)"
     )
     out.append(f"- {ctx.others}")
+    tree = (
+        f"Each contender has its own tiny tree ({ctx.tree_files} names: `--small-only`, no "
+        f"corpus, no large file), all on the same filesystem:"
+        if ctx.small_only
+        else f"Each contender has its own `cp -a` of the corpus guest `{GUEST}` "
+        f"(`bench/corpus.sh`; {ctx.tree_files} names, {ctx.tree_bytes / 2**20:.0f} MiB "
+        f"apparent, without the large file) plus `{BIG}` ({ctx.big_mib} MiB of random "
+        f"bytes) at its root, written before anything is mounted, all on the same "
+        f"filesystem:"
+    )
     out += [
         "",
         "### Setup",
         "",
-        f"Each contender has its own `cp -a` of the corpus guest `{GUEST}` "
-        f"(`bench/corpus.sh`; {ctx.tree_files} names, {ctx.tree_bytes / 2**20:.0f} MiB "
-        f"apparent, without the large file) plus `{BIG}` ({ctx.big_mib} MiB of random "
-        f"bytes) at its root, written before anything is mounted, all on the same "
-        f"filesystem:",
+        tree,
         "",
         "- native: the plain directory;",
         "- overlayfs: `mount -t overlay overlay -o lowerdir=TREE,upperdir=UP,workdir=WORK MNT`;",
@@ -690,17 +714,24 @@ def render(
         "",
     ]
     out += [f"- {n}: `{m}`" for n, m in mounts.items()]
-    out += [
-        "",
+    small = (
+        "The small-file rows run in the benchmark's own Python (`os.open(O_CREAT|O_EXCL)` "
+        "+ one 4 KiB `os.write` + close per file, relative to a directory fd; then "
+        "`os.unlink` each, `rmdir`)."
+    )
+    trees = (
         "Cold: the contender is unmounted and mounted again (so no daemon keeps state "
         "from an earlier run), then `sync; echo 3 > /proc/sys/vm/drop_caches`; warm: the "
         f"best of {WARM_RUNS} runs of the same command right after the cold one (kernel "
         "caches fill over more than one run).  The contenders take turns per "
         "operation (their order rotates by round).  GNU tar reads no file contents when "
         "the archive is /dev/null, so `tar -cf /dev/null .` times metadata only; the "
-        f"`tar -cf - . \\| cat` row reads the contents as well (with `--exclude=./{BIG}`).  The small-file rows run in "
-        "the benchmark's own Python (`os.open(O_CREAT|O_EXCL)` + one 4 KiB `os.write` + "
-        "close per file, relative to a directory fd; then `os.unlink` each, `rmdir`).",
+        f"`tar -cf - . \\| cat` row reads the contents as well (with `--exclude=./{BIG}`).  "
+    )
+    out += [
+        "",
+        ("The contenders take turns (their order rotates by round).  " if ctx.small_only else trees)
+        + small,
         "",
         "### Wall time (seconds, median)",
         "",
@@ -708,6 +739,10 @@ def render(
     out += table(["operation", *names, "cow / fuse-overlayfs"], rows)
     out += ["", "Range (min-max) over the rounds:", ""]
     out += table(["operation", *names], spread_rows)
+    if ctx.small_only:
+        out += ["", "### Checks", ""]
+        out += [f"- {c}" for c in ctx.checks]
+        return "\n".join(out) + "\n"
     out += [
         "",
         "### Target",
@@ -761,6 +796,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "whose vscow mounts the test suite sweeps away (default: %(default)s)",
     )
     p.add_argument("--files", type=int, default=5000, help="small files (default: %(default)s)")
+    p.add_argument(
+        "--small-only",
+        action="store_true",
+        help="only the small files, in a tree of a few files (no corpus, no large file)",
+    )
     p.add_argument(
         "--big-mib",
         type=int,
@@ -839,7 +879,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         check_environment(args)
-        corpus = Path(sh(["bash", BENCH_DIR / "corpus.sh", args.cache]).strip().splitlines()[-1])
+        corpus = (
+            None
+            if args.small_only
+            else Path(sh(["bash", BENCH_DIR / "corpus.sh", args.cache]).strip().splitlines()[-1])
+        )
     except BenchError as e:
         log(str(e))
         return 2
@@ -863,6 +907,7 @@ def main(argv: list[str] | None = None) -> int:
             work,
             mnt,
             [Contender(n, work / n, mnt / n, cow_env if n == "cow" else {}) for n in CONTENDERS],
+            small_only=args.small_only,
         )
         facts = machine_facts(work)
         versions = tool_versions(source_state(SOURCE_DIRS)[0])

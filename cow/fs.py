@@ -69,6 +69,30 @@ def _only_size(fields: pyfuse3.SetattrFields) -> bool:
     )
 
 
+_DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
+_NODE_KINDS = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFREG, *_DEVICES)
+
+
+def _asked(mode: int, ctx: pyfuse3.RequestContext) -> int:
+    """The permission bits a new node gets: the mode the request carries with the caller's
+    umask applied (the kernel may have applied it already; again is harmless), never the
+    daemon's own umask."""
+    return mode & 0o7777 & ~ctx.umask
+
+
+def _perm_differs(st: os.stat_result, perm: int) -> bool:
+    """Does a node just made lack the permission bits ``perm`` asked for (a directory's
+    setgid bit is the parent's to give)?"""
+    have = stat.S_IMODE(st.st_mode)
+    return (have & ~stat.S_ISGID if stat.S_ISDIR(st.st_mode) else have) != perm
+
+
+def _new_gid(dfd: int, ctx: pyfuse3.RequestContext) -> int:
+    """The group of a node the caller makes in directory ``dfd``: the directory's when it
+    is setgid (-1: as the kernel gave it), else the caller's."""
+    return -1 if os.fstat(dfd).st_mode & stat.S_ISGID else ctx.gid
+
+
 class _Target(NamedTuple):
     """A name a setattr changes: its base name in directory ``dfd``; a guest's root is its
     own fd (``base`` empty)."""
@@ -284,15 +308,15 @@ class CowFS(pyfuse3.Operations):
         fh: int | None,
     ) -> None:
         """What a setattr asks of ``name`` (whose stat is ``st``), one change at a time:
-        size, mode, owner, times."""
+        size, owner, mode (exactly as asked), times."""
         t = self._target(name)
         try:
             if fields.update_size:
                 self._set_size(name[0], t, fh, attr.st_size)
+            if fields.update_uid or fields.update_gid:  # first: a chown clears set-id bits
+                self._set_owner(t, attr, fields)
             if fields.update_mode:
                 self._set_mode(t, st, attr.st_mode)
-            if fields.update_uid or fields.update_gid:
-                self._set_owner(t, attr, fields)
             if fields.update_atime or fields.update_mtime:
                 self._set_times(name, t, attr, fields)
         except OSError as e:
@@ -442,8 +466,9 @@ class CowFS(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        perm = _asked(mode, ctx) & 0o1777  # mkdir takes no set-id bits (setgid: inherited)
         return await self._make(
-            parent_inode, name, ctx, lambda n, d: os.mkdir(n, mode & ~ctx.umask, dir_fd=d)
+            parent_inode, name, ctx, lambda n, d: os.mkdir(n, perm, dir_fd=d), perm
         )
 
     async def symlink(
@@ -456,10 +481,20 @@ class CowFS(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if not stat.S_ISFIFO(mode):
-            raise pyfuse3.FUSEError(errno.EPERM)  # only fifos: no devices in guests
+        # Fifos, sockets (bind), device nodes and plain files.  The kernel already refused
+        # a device node to a caller without CAP_MKNOD (every guest drops it); one made here
+        # lands in the caller's own tree (``_in_dir``), never in the store, and the overlay
+        # is mounted nodev, so it opens no device through the mount.
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        if kind not in _NODE_KINDS:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        perm = _asked(mode, ctx)
         return await self._make(
-            parent_inode, name, ctx, lambda n, d: os.mkfifo(n, mode & 0o7777 & ~ctx.umask, dir_fd=d)
+            parent_inode,
+            name,
+            ctx,
+            lambda n, d: os.mknod(n, kind | perm, rdev if kind in _DEVICES else 0, dir_fd=d),
+            perm,
         )
 
     def _in_dir(
@@ -494,12 +529,24 @@ class CowFS(pyfuse3.Operations):
         name: bytes,
         ctx: pyfuse3.RequestContext,
         make: Callable[[str, int], None],
+        perm: int | None = None,
     ) -> pyfuse3.EntryAttributes:
+        """Make ``name`` with ``make(name, dirfd)``, owned by the caller, with exactly the
+        permission bits ``perm`` (None: a symlink, which has none)."""
         guest, rel, n, dfd = self._in_dir(parent_inode, name, ctx)
         try:
             make(n, dfd)
-            os.chown(n, ctx.uid, ctx.gid, dir_fd=dfd, follow_symlinks=False)
+            os.chown(n, ctx.uid, _new_gid(dfd, ctx), dir_fd=dfd, follow_symlinks=False)
             st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
+            if perm is not None and _perm_differs(st, perm):
+                # the daemon's umask, or the set-id bits our chown cleared
+                os.chmod(
+                    n,
+                    perm | (st.st_mode & stat.S_ISGID if stat.S_ISDIR(st.st_mode) else 0),
+                    dir_fd=dfd,
+                    follow_symlinks=False,
+                )
+                st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
         except OSError as e:
             raise fuse_error(e) from None
         finally:
@@ -609,13 +656,20 @@ class CowFS(pyfuse3.Operations):
         d1, d2 = open_dir(self.trees, (g, sh)), open_dir(self.trees, (g, rel))
         n = os.fsdecode(new_name)
         try:
-            fd = self._open_shared(g, sb, d1, (node.dev, node.ino))
-            try:
-                with unsealed(fd, self.immutable, what=self.trees[g].where(src[1])):
-                    os.link(sb, n, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
-            finally:
-                os.close(fd)
+            if stat.S_ISREG(found[1].st_mode):
+                # possibly shared: its seal (if ours) is lifted for the link
+                fd = self._open_shared(g, sb, d1, (node.dev, node.ino))
+                try:
+                    with unsealed(fd, self.immutable, what=self.trees[g].where(src[1])):
+                        os.link(sb, n, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
+                finally:
+                    os.close(fd)
+            else:  # a fifo, socket, device node or symlink: never shared, never sealed
+                os.link(sb, n, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
             st = os.stat(n, dir_fd=d2, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) != (node.dev, node.ino):  # replaced meanwhile: undo
+                os.unlink(n, dir_fd=d2)
+                raise pyfuse3.FUSEError(errno.ESTALE)
         except OSError as e:
             raise fuse_error(e) from None
         finally:
@@ -739,14 +793,13 @@ class CowFS(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         guest, rel, n, dfd = self._in_dir(parent_inode, name, ctx)
         try:
-            fd = os.open(
-                n,
-                flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                mode & 0o7777 & ~ctx.umask,
-                dir_fd=dfd,
-            )
-            os.fchown(fd, ctx.uid, ctx.gid)
+            perm = _asked(mode, ctx)
+            fd = os.open(n, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, perm, dir_fd=dfd)
+            os.fchown(fd, ctx.uid, _new_gid(dfd, ctx))
             st = os.fstat(fd)
+            if _perm_differs(st, perm):  # the daemon's umask, or set-id bits chown cleared
+                os.fchmod(fd, perm)
+                st = os.fstat(fd)
         except OSError as e:
             raise fuse_error(e) from None
         finally:

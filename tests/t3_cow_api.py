@@ -397,7 +397,7 @@ def test_nothing_crosses_guests_and_the_list_of_guests_is_fixed(fs, host):
     assert refused(fs, "mkdir", ROOT, b"c", 0o755, HOST) == errno.EPERM
     assert refused(fs, "rmdir", ROOT, b"a", HOST) == errno.EPERM
     assert refused(fs, "rename", ROOT, b"a", ROOT, b"c", 0, HOST) == errno.EPERM
-    assert refused(fs, "mknod", usr_a, b"dev", stat.S_IFCHR | 0o600, 0x0101, HOST) == errno.EPERM
+    assert refused(fs, "mknod", ROOT, b"c", stat.S_IFCHR | 0o600, 0x0101, HOST) == errno.EPERM
     assert sorted(os.listdir(host.root / "b/usr")) == ["lib", "own-b"]
 
 
@@ -438,6 +438,101 @@ def test_files_directories_and_fifos_are_made_with_the_callers_owner_and_umask(f
     assert call(fs, "readlink", nid(fs, "a/usr/link"), HOST) == b"new"
     assert attr.st_ino == inode(usr / "new")
     assert refused(fs, "rmdir", d, b"lib", HOST) == errno.ENOTEMPTY
+
+
+@contextmanager
+def daemon_umask(mask: int) -> Iterator[None]:
+    """The process umask (the daemon's) set to ``mask`` for the block."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_mknod_makes_fifos_sockets_device_nodes_and_files_in_the_callers_tree(fs, host):
+    d, usr = nid(fs, "a/usr"), host.root / "a/usr"
+    ctx = Ctx(HOST.pid, uid=1000, gid=1001, umask=0o002)
+    store_before = sorted(p.name for p in host.store.rglob("*"))
+    made = {
+        b"fifo": (stat.S_IFIFO | 0o664, 0),
+        b"sock": (stat.S_IFSOCK | 0o775, 0),  # what bind(2) of a unix socket asks
+        b"chr": (stat.S_IFCHR | 0o620, os.makedev(1, 3)),
+        b"blk": (stat.S_IFBLK | 0o660, os.makedev(7, 200)),
+        b"reg": (stat.S_IFREG | 0o644, 0),
+    }
+    for name, (mode, rdev) in made.items():
+        attr = call(fs, "mknod", d, name, mode, rdev, ctx)
+        st = os.lstat(usr / os.fsdecode(name))
+        assert (st.st_mode, st.st_uid, st.st_gid) == (mode, 1000, 1001), name
+        assert st.st_rdev == rdev and attr.st_rdev == rdev and attr.st_mode == mode, name
+        assert attr.st_ino == nid(fs, f"a/usr/{os.fsdecode(name)}"), name
+    assert sorted(p.name for p in host.store.rglob("*")) == store_before  # never in the store
+    assert not any((host.root / "b/usr" / os.fsdecode(n)).exists() for n in made)
+    assert refused(fs, "mknod", d, b"dir", stat.S_IFDIR | 0o755, 0, ctx) == errno.EINVAL
+
+
+def test_new_nodes_get_exactly_the_mode_asked_whatever_the_daemons_umask(fs, host):
+    """The kernel applied the caller's umask (the request carries it too); the daemon's
+    own umask is never applied, and the set-id bits our chown to the caller clears come
+    back.  A setgid directory gives its group and its setgid bit (Linux)."""
+    d, usr = nid(fs, "a/usr"), host.root / "a/usr"
+    ctx = Ctx(HOST.pid, uid=1000, gid=1001, umask=0)
+    with daemon_umask(0o077):
+        fi, attr = call(fs, "create", d, b"f", 0o620, os.O_WRONLY, ctx)
+        call(fs, "release", fi.fh)
+        fi, _ = call(fs, "create", d, b"suid", 0o6777, os.O_WRONLY, ctx)
+        call(fs, "release", fi.fh)
+        call(fs, "mkdir", d, b"dir", 0o777, ctx)
+        call(fs, "mknod", d, b"p", stat.S_IFIFO | 0o666, 0, ctx)
+        call(fs, "mknod", d, b"sgid", stat.S_IFREG | 0o2755, 0, ctx)
+    assert stat.S_IMODE(attr.st_mode) == 0o620
+    for name, mode in (("f", 0o620), ("suid", 0o6777), ("dir", 0o777), ("p", 0o666)):
+        assert stat.S_IMODE(os.lstat(usr / name).st_mode) == mode, name
+    assert stat.S_IMODE(os.lstat(usr / "sgid").st_mode) == 0o2755
+    os.chown(usr / "dir", 0, 2000)
+    os.chmod(usr / "dir", 0o2777)
+    sub = nid(fs, "a/usr/dir")
+    with daemon_umask(0o022):
+        fi, _ = call(fs, "create", sub, b"f", 0o666, os.O_WRONLY, ctx)
+        call(fs, "release", fi.fh)
+        call(fs, "mkdir", sub, b"sub", 0o775, ctx)
+    st, sst = os.lstat(usr / "dir/f"), os.lstat(usr / "dir/sub")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o666, 1000, 2000)
+    assert (stat.S_IMODE(sst.st_mode), sst.st_uid, sst.st_gid) == (0o2775, 1000, 2000)
+
+
+def test_a_chown_with_a_mode_keeps_the_mode_asked_and_copy_up_keeps_set_id_bits(fs, host):
+    usr = host.root / "a/usr"
+    (usr / "x").write_bytes(b"x")
+    os.chmod(usr / "x", 0o755)
+    call(fs, "setattr", nid(fs, "a/usr/x"), *changes(uid=1000, mode=0o104755), None, HOST)
+    st = os.lstat(usr / "x")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o4755, 1000)
+    # a setuid file shared by both guests: the writing guest's copy keeps every mode bit
+    for g in "ab":
+        host.guest(g, {"usr/bin/su": (SHARED, 0o4755)})
+    unify("a", "b")
+    assert inode(usr / "bin/su") == inode(host.root / "b/usr/bin/su")
+    write(fs, nid(fs, "a/usr/bin/su"), b"more")
+    copy = os.lstat(usr / "bin/su")
+    assert copy.st_nlink == 1 and stat.S_IMODE(copy.st_mode) == 0o4755
+    assert stat.S_IMODE(os.lstat(host.root / "b/usr/bin/su").st_mode) == 0o4755
+
+
+def test_fifos_sockets_device_nodes_and_symlinks_can_be_hardlinked(fs, host):
+    d, usr = nid(fs, "a/usr"), host.root / "a/usr"
+    os.mkfifo(usr / "fifo")
+    os.mknod(usr / "chr", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.mknod(usr / "sock", stat.S_IFSOCK | 0o755)
+    os.symlink("own-a", usr / "link")
+    for name in ("fifo", "chr", "sock", "link"):
+        node = nid(fs, f"a/usr/{name}")
+        attr = call(fs, "link", node, d, f"{name}2".encode(), HOST)
+        assert attr.st_ino == node and attr.st_nlink == 2, name
+        assert inode(usr / f"{name}2") == inode(usr / name), name
+        assert ("a", f"usr/{name}2") in fs.nodes.get(node).names
+    assert os.readlink(usr / "link2") == "own-a"
 
 
 # -- which guest is calling ----------------------------------------------------------------
@@ -537,6 +632,8 @@ def test_a_guests_process_can_change_nothing_in_another_guests_tree(fs, host):
             "create": ("create", usr, b"new", 0o644, os.O_WRONLY, ctx),
             "mkdir": ("mkdir", usr, b"d", 0o755, ctx),
             "mkfifo": ("mknod", usr, b"p", stat.S_IFIFO | 0o644, 0, ctx),
+            "mknod a device": ("mknod", usr, b"c", stat.S_IFCHR | 0o644, os.makedev(1, 3), ctx),
+            "bind a socket": ("mknod", usr, b"s", stat.S_IFSOCK | 0o755, 0, ctx),
             "symlink": ("symlink", usr, b"l", b"own-b", ctx),
             "rename": ("rename", usr, b"own-b", usr, b"moved", 0, ctx),
             "unlink": ("unlink", usr, b"own-b", ctx),
