@@ -70,6 +70,10 @@ def _only_size(fields: pyfuse3.SetattrFields) -> bool:
 
 
 _DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
+# A pyfuse3 whose opendir may ask the kernel to cache the directory's entries (FOPEN_CACHE_DIR
+# with FOPEN_KEEP_CACHE): ours, patched by scripts/pyfuse3/build.sh; a stock pyfuse3 lists
+# every directory through us each time.
+CACHE_DIRS = "cache_readdir" in dir(pyfuse3.FileInfo)
 _NODE_KINDS = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFREG, *_DEVICES)
 
 
@@ -132,7 +136,8 @@ class CowFS(pyfuse3.Operations):
         self.callers = Callers(self.trees)
         self.kernel = KernelCache()
         self.copyup = CopyUp(self.trees, self.nodes, self.callers, self.kernel, immutable)
-        self.dir_handles: dict[int, tuple[Name, list[tuple[str, os.stat_result]]]] = {}
+        # opendir's handles: the directory, and its entries once a readdir read them
+        self.dir_handles: dict[int, tuple[Name, list[tuple[str, os.stat_result]] | None]] = {}
         self.copy_handles: set[int] = set()  # open on a copy, reached through a shared node
         self.handle_node: dict[int, Node] = {}  # open handle -> the node it is open on
         self.next_dh = 1
@@ -424,12 +429,25 @@ class CowFS(pyfuse3.Operations):
 
     # -- directories -----------------------------------------------------------------------
 
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
+        """A handle; the entries are read at the first readdir, for with the kernel's
+        directory cache (CACHE_DIRS) a directory listed before is listed again without
+        any readdir reaching us.  The root (the guests, which change with the shares) is
+        never cached: its listing is made here."""
+        fh = self.next_dh
+        self.next_dh += 1
         if inode == ROOT:
             entries = [(g, os.fstat(t.fd)) for g, t in sorted(self.trees.items())]
-            name: Name = ("", "")
-        else:
-            name = self.nodes.dir_name(inode)
+            self.dir_handles[fh] = (("", ""), entries)
+            return fh
+        self.dir_handles[fh] = (self.nodes.dir_name(inode), None)
+        if CACHE_DIRS:
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
+        return fh
+
+    def _entries(self, fh: int) -> tuple[Name, list[tuple[str, os.stat_result]]]:
+        name, entries = self.dir_handles[fh]
+        if entries is None:
             dfd = open_dir(self.trees, name)
             entries = []
             try:
@@ -442,13 +460,11 @@ class CowFS(pyfuse3.Operations):
             finally:
                 os.close(dfd)
             entries.sort()
-        fh = self.next_dh
-        self.next_dh += 1
-        self.dir_handles[fh] = (name, entries)
-        return fh
+            self.dir_handles[fh] = (name, entries)
+        return name, entries
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        name, entries = self.dir_handles[fh]
+        name, entries = self._entries(fh)
         for i in range(start_id, len(entries)):
             n, st = entries[i]
             child: Name = (n, "") if not name[0] else (name[0], join(name[1], n))

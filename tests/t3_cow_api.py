@@ -31,7 +31,7 @@ import pytest
 import trio
 
 from conftest import flags, inode
-from cow.fs import CowFS
+from cow.fs import CACHE_DIRS, CowFS
 from unify import engine
 from vsstore import syscalls
 from vsstore.config import Paths, resolve_guest
@@ -135,7 +135,8 @@ def readdir_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def listing(fs: CowFS, node: int, ctx: Ctx = HOST) -> list[str]:
-    fh = call(fs, "opendir", node, ctx)
+    got = call(fs, "opendir", node, ctx)
+    fh = got.fh if isinstance(got, pyfuse3.FileInfo) else got
     names: list[str] = []
     try:
         call(fs, "readdir", fh, 0, names)
@@ -750,3 +751,18 @@ def test_a_request_that_fails_unexpectedly_is_eio_never_another_exception(fs, mo
 
     monkeypatch.setattr(fs.nodes, "get", broken)
     assert refused(fs, "getattr", 12345, HOST) == errno.EIO
+
+
+def test_directories_but_the_root_are_opened_for_the_kernels_directory_cache(fs, host):
+    """The suite's pyfuse3 is the patched one (scripts/pyfuse3/build.sh), so a guest's
+    directories go to the kernel with FOPEN_CACHE_DIR and FOPEN_KEEP_CACHE; the root, the
+    list of guests, never (it changes with the shares); entries are read at readdir."""
+    assert CACHE_DIRS
+    got = call(fs, "opendir", nid(fs, "a/usr"), HOST)
+    assert isinstance(got, pyfuse3.FileInfo) and got.cache_readdir and got.keep_cache
+    assert fs.dir_handles[got.fh][1] is None  # nothing read yet
+    names: list[str] = []
+    call(fs, "readdir", got.fh, 0, names)
+    call(fs, "releasedir", got.fh)
+    assert names == sorted(os.listdir(host.root / "a/usr"))
+    assert isinstance(call(fs, "opendir", ROOT, HOST), int)

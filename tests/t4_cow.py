@@ -597,3 +597,19 @@ while True:
     assert flags(host.root / "b/usr/lib/libx.so") == "UIa"
     assert sorted(os.listdir(host.root / "a/usr/lib")) == ["libx.so"]
     assert str(cow) in mounts()
+
+
+def test_a_directory_listed_once_is_listed_again_by_the_kernel_alone(cow, host):
+    """The kernel's directory cache (FOPEN_CACHE_DIR): a name put into a guest's tree
+    beside the overlay, the directory's mtime put back, does not show in the cached listing
+    (no readdir reached the daemon; without the cache it would: the daemon reads the
+    directory anew); a change through the overlay invalidates it, and the listing is whole
+    again.  (A directory whose mtime changes is read anew at its next listing.)"""
+    d, under = cow / "a/usr", host.root / "a/usr"
+    first = sorted(os.listdir(d))
+    before = os.stat(under)
+    (under / "beside").write_bytes(b"made beside the overlay")
+    os.utime(under, ns=(before.st_atime_ns, before.st_mtime_ns))  # the kernel sees no change
+    assert sorted(os.listdir(d)) == first  # served from the kernel's cache
+    (d / "through").write_bytes(b"made through the overlay")
+    assert sorted(os.listdir(d)) == sorted([*first, "beside", "through"])
