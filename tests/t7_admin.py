@@ -52,6 +52,7 @@ def test_list_shows_every_configured_guest_with_its_state(vs, host):
         "init_pid",
         "root",
         "error",
+        "userns",
     ]
     assert all(list(g) == keys for g in got)  # stable: every key, in this order
     broken, db, web = got
@@ -71,15 +72,25 @@ def test_list_shows_every_configured_guest_with_its_state(vs, host):
         "init_pid": None,
         "root": str(host.root / "db"),
         "error": None,
+        "userns": None,
     }
     assert broken["state"] == "stopped" and "context" in broken["error"]  # listed all the same
 
     lines = _list(vs).splitlines()
     head = lines[0]
-    assert head.split() == ["NAME", "STATE", "CTX", "STYLE", "MARK", "COW", "UPTIME", "IPS"]
+    assert head.split() == ["NAME", "STATE", "CTX", "STYLE", "MARK", "COW", "ROOT", "UPTIME", "IPS"]
     rows = {ln.split()[0]: ln for ln in lines[1:4]}
     assert rows["web"].split()[1:6] == ["running", "42", "plain", "default", "no"]
-    assert rows["db"].split()[1:] == ["stopped", "7", "none", "-", "yes", "-", "10.9.8.7/24"]
+    assert rows["db"].split()[1:] == [
+        "stopped",
+        "7",
+        "none",
+        "-",
+        "yes",
+        "host",
+        "-",
+        "10.9.8.7/24",
+    ]
     for col in ("STATE", "STYLE", "MARK", "COW", "IPS"):  # left-aligned under their heads
         at = head.index(col)
         for ln in rows.values():
@@ -91,7 +102,17 @@ def test_list_shows_every_configured_guest_with_its_state(vs, host):
 
 def test_list_of_a_host_without_guests_is_empty(vs, host):
     assert json.loads(_list(vs, "--json")) == {"guests": []}
-    assert _list(vs).split() == ["NAME", "STATE", "CTX", "STYLE", "MARK", "COW", "UPTIME", "IPS"]
+    assert _list(vs).split() == [
+        "NAME",
+        "STATE",
+        "CTX",
+        "STYLE",
+        "MARK",
+        "COW",
+        "ROOT",
+        "UPTIME",
+        "IPS",
+    ]
 
 
 PASSWD = b"""root:x:0:0:root:/root:/bin/sh

@@ -6,6 +6,7 @@ static probe of t10_seccomp for the calls busybox has no applet for."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from guests import BUSYBOX, host_mounts, pid_ns, procs_in_ns
+from t7_admin import _list
 
 from conftest import REPO
 from vsstore.errors import EXIT_CONFIG, EXIT_STATE
@@ -99,9 +101,13 @@ def _status(pid: int) -> dict[str, str]:
 def test_guest_root_is_uid_0_inside_and_an_unprivileged_uid_outside(vs, host):
     _userns_guest(vs, host, "g1", start=R1)
     assert (host.conf / "g1/userns/uid").read_text() == f"{R1} 65536\n"
+    listed = json.loads(_list(vs, "--json"))["guests"]
+    assert [g["userns"] for g in listed] == [R1]
     vs("start", "g1")
     assert vs.exec("g1", "id", "-u").strip() == "0"
     assert vs.exec("g1", "id", "-g").strip() == "0"
+    rows = [ln.split() for ln in _list(vs).splitlines()]
+    assert rows[0][6] == "ROOT" and rows[1][:2] == ["g1", "running"] and rows[1][6] == str(R1)
     assert vs.exec("g1", "cat", "/proc/self/uid_map").split() == ["0", str(R1), "65536"]
     assert vs.exec("g1", "cat", "/proc/self/gid_map").split() == ["0", str(R1), "65536"]
     st = vs.state("g1")

@@ -2,7 +2,8 @@
 shows the running ones with their usage).
 
 Per guest: its state (running or stopped), context, init style, addresses, mark, whether
-it runs through the cow overlay, and how long it has run.  A running guest's context and
+it runs through the cow overlay, whose uid its root is on the host (a user namespace, or
+the host's root), and how long it has run.  A running guest's context and
 overlay come from its run state (what it was started with), a stopped one's from its
 configuration; a guest whose configuration cannot be read is listed all the same, with the
 error (``error`` in JSON, a note below the table), so one broken guest never hides the
@@ -21,7 +22,7 @@ from vsstore.config import Paths, configured_names, resolve_guest
 from vsstore.errors import EXIT_OK, VsError
 from vsstore.runtime import running
 
-from . import guestconf, marks
+from . import guestconf, marks, userns
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,7 @@ class Listed:
     init_pid: int | None
     root: str | None
     error: str | None  # why (part of) the configuration could not be read
+    userns: int | None = None  # the host uid of its root in a user namespace (None: host root)
 
 
 def describe(paths: Paths, name: str) -> Listed:
@@ -57,6 +59,12 @@ def describe(paths: Paths, name: str) -> Listed:
     except VsError as e:
         mark = None
         errors.append(e.message)
+    rootuid = None
+    if st is not None and st.userns:
+        rootuid = st.userns[0]
+    elif st is None and cfg is not None and cfg.wants_userns and cfg.guest.confdir is not None:
+        r = userns.read(cfg.guest.confdir)  # "auto" not yet resolved: shown as -1
+        rootuid = r[0][0] if r is not None and not isinstance(r[0], str) else -1
     if st is not None:
         context, cow, root = st.context, st.cow is not None, st.root
     else:
@@ -74,6 +82,7 @@ def describe(paths: Paths, name: str) -> Listed:
         init_pid=st.init_pid if st is not None else None,
         root=root,
         error="; ".join(errors) or None,
+        userns=rootuid,
     )
 
 
@@ -89,7 +98,7 @@ def _uptime(s: float | None) -> str:
 
 def table(rows: list[Listed]) -> list[str]:
     """The aligned text table (every column as wide as its widest cell)."""
-    head = ["NAME", "STATE", "CTX", "STYLE", "MARK", "COW", "UPTIME", "IPS"]
+    head = ["NAME", "STATE", "CTX", "STYLE", "MARK", "COW", "ROOT", "UPTIME", "IPS"]
     cells = [
         [
             r.name,
@@ -98,13 +107,14 @@ def table(rows: list[Listed]) -> list[str]:
             r.style or "?",
             r.mark or "-",
             "yes" if r.cow else "no",
+            "host" if r.userns is None else "auto" if r.userns < 0 else str(r.userns),
             _uptime(r.uptime_s),
             ",".join(r.ips) or "-",
         ]
         for r in rows
     ]
     widths = [max(len(c[i]) for c in [head, *cells]) for i in range(len(head))]
-    right = {2, 6}  # numbers
+    right = {2, 7}  # numbers
 
     def line(c: list[str]) -> str:
         return "  ".join(
