@@ -36,17 +36,19 @@ class KernelCache:
 
     def __init__(self) -> None:
         self.mounted = False  # set by the daemon once the FUSE session is up
-        self._stale: queue.SimpleQueue[int] | None = None  # node ids whose attrs changed
+        # node ids whose attributes (False) or attributes and listing (True) changed
+        self._stale: queue.SimpleQueue[tuple[int, bool]] | None = None
 
     def forget_entry(self, parent: int, base: str) -> None:
         """The kernel's entry ``base`` in directory node ``parent`` is out of date."""
         if self.mounted:
             pyfuse3.invalidate_entry_async(parent, os.fsencode(base))
 
-    def forget_attrs(self, nid: int) -> None:
-        """Make the kernel ask again for node ``nid``'s attributes.  Sent from a thread of
-        its own, after the current request is answered: a notification written while the
-        kernel waits on this loop could wait on the loop itself."""
+    def forget_attrs(self, nid: int, listing: bool = False) -> None:
+        """Make the kernel ask again for node ``nid``'s attributes (``listing``: and, for
+        a directory, its entries, which it caches).  Sent from a thread of its own, after
+        the current request is answered: a notification written while the kernel waits
+        on this loop could wait on the loop itself."""
         if not self.mounted:
             return
         if self._stale is None:
@@ -54,22 +56,22 @@ class KernelCache:
             threading.Thread(
                 target=self._notify_attrs, args=(self._stale,), daemon=True, name="vscow-inval"
             ).start()
-        self._stale.put(nid)
+        self._stale.put((nid, listing))
 
     @staticmethod
-    def _notify_attrs(stale: queue.SimpleQueue[int]) -> None:
+    def _notify_attrs(stale: queue.SimpleQueue[tuple[int, bool]]) -> None:
         while True:
-            nid = stale.get()
+            nid, listing = stale.get()
             if nid < 0:
                 return
             try:
-                pyfuse3.invalidate_inode(nid, attr_only=True)
+                pyfuse3.invalidate_inode(nid, attr_only=not listing)
             except (OSError, RuntimeError) as e:  # forgotten meanwhile, or unmounted
                 log.debug("invalidate attributes of node %d: %s", nid, e)
 
     def close(self) -> None:
         if self._stale is not None:
-            self._stale.put(-1)
+            self._stale.put((-1, False))
 
 
 class CopyUp:

@@ -70,10 +70,13 @@ def _only_size(fields: pyfuse3.SetattrFields) -> bool:
 
 
 _DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
-# A pyfuse3 whose opendir may ask the kernel to cache the directory's entries (FOPEN_CACHE_DIR
-# with FOPEN_KEEP_CACHE): ours, patched by scripts/pyfuse3/build.sh; a stock pyfuse3 lists
-# every directory through us each time.
-CACHE_DIRS = "cache_readdir" in dir(pyfuse3.FileInfo)
+# Our pyfuse3 (patched by scripts/pyfuse3/build.sh) lets opendir answer ENOSYS: the kernel
+# then sends no opendir or releasedir again, caches every directory's entries
+# (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR; a change through the overlay, a new mtime or our
+# invalidation drops them) and hands readdir the directory's inode.  On a stock pyfuse3
+# every listing is read through us, opendir to releasedir.
+NO_OPENDIR = hasattr(pyfuse3, "no_opendir")
+LISTINGS_KEPT = 64  # directories whose entries are kept for a readdir that goes on
 _NODE_KINDS = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFREG, *_DEVICES)
 
 
@@ -136,8 +139,9 @@ class CowFS(pyfuse3.Operations):
         self.callers = Callers(self.trees)
         self.kernel = KernelCache()
         self.copyup = CopyUp(self.trees, self.nodes, self.callers, self.kernel, immutable)
-        # opendir's handles: the directory, and its entries once a readdir read them
-        self.dir_handles: dict[int, tuple[Name, list[tuple[str, os.stat_result]] | None]] = {}
+        self.dir_handles: dict[int, int] = {}  # opendir's handles: their directory nodes
+        # the entries of the directories listed last, by node (readdir goes on at offsets)
+        self.listings: dict[int, tuple[Name, list[tuple[str, os.stat_result]]]] = {}
         self.copy_handles: set[int] = set()  # open on a copy, reached through a shared node
         self.handle_node: dict[int, Node] = {}  # open handle -> the node it is open on
         self.next_dh = 1
@@ -174,11 +178,13 @@ class CowFS(pyfuse3.Operations):
             raise ValueError(f"no guest {name!r} in this overlay")
         self.callers.detach(name)
         self.nodes.drop_guest(name)
+        self.listings.clear()  # its directories' nodes are gone
         tree.close()
         self._root_changed(name)
 
     def _root_changed(self, name: str) -> None:
         """Make the kernel forget what it knows of the root listing and of ``name``."""
+        self.kernel.forget_attrs(ROOT, listing=True)  # the kernel caches the list of guests
         try:  # asynchronous: the synchronous call would wait on this very loop
             self.kernel.forget_entry(ROOT, name)  # nothing cached before the mount
         except (OSError, RuntimeError):
@@ -257,6 +263,7 @@ class CowFS(pyfuse3.Operations):
         for nid, n in inode_list:
             if self.nodes.forget(nid, n):
                 self.callers.forget(nid)
+                self.listings.pop(nid, None)
 
     async def getattr(
         self,
@@ -429,25 +436,27 @@ class CowFS(pyfuse3.Operations):
 
     # -- directories -----------------------------------------------------------------------
 
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
-        """A handle; the entries are read at the first readdir, for with the kernel's
-        directory cache (CACHE_DIRS) a directory listed before is listed again without
-        any readdir reaching us.  The root (the guests, which change with the shares) is
-        never cached: its listing is made here."""
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        """ENOSYS with our pyfuse3 (NO_OPENDIR: the kernel caches listings, and readdir
+        gets the inode), else a handle whose entries are read at the first readdir."""
+        if NO_OPENDIR:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         fh = self.next_dh
         self.next_dh += 1
-        if inode == ROOT:
-            entries = [(g, os.fstat(t.fd)) for g, t in sorted(self.trees.items())]
-            self.dir_handles[fh] = (("", ""), entries)
-            return fh
-        self.dir_handles[fh] = (self.nodes.dir_name(inode), None)
-        if CACHE_DIRS:
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
+        self.dir_handles[fh] = inode
         return fh
 
-    def _entries(self, fh: int) -> tuple[Name, list[tuple[str, os.stat_result]]]:
-        name, entries = self.dir_handles[fh]
-        if entries is None:
+    def _entries(self, inode: int, again: bool) -> tuple[Name, list[tuple[str, os.stat_result]]]:
+        """Directory node ``inode``'s name and entries (sorted, so offsets are stable), read
+        anew when ``again`` (a listing from its start) or not kept from its start."""
+        kept = self.listings.get(inode)
+        if kept is not None and not again:
+            return kept
+        if inode == ROOT:
+            name: Name = ("", "")
+            entries = [(g, os.fstat(t.fd)) for g, t in sorted(self.trees.items())]
+        else:
+            name = self.nodes.dir_name(inode)
             dfd = open_dir(self.trees, name)
             entries = []
             try:
@@ -460,11 +469,15 @@ class CowFS(pyfuse3.Operations):
             finally:
                 os.close(dfd)
             entries.sort()
-            self.dir_handles[fh] = (name, entries)
+        self.listings.pop(inode, None)
+        self.listings[inode] = (name, entries)
+        while len(self.listings) > LISTINGS_KEPT:
+            del self.listings[next(iter(self.listings))]
         return name, entries
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        name, entries = self._entries(fh)
+        inode = fh if NO_OPENDIR else self.dir_handles[fh]
+        name, entries = self._entries(inode, start_id == 0)
         for i in range(start_id, len(entries)):
             n, st = entries[i]
             child: Name = (n, "") if not name[0] else (name[0], join(name[1], n))

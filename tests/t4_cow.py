@@ -435,6 +435,7 @@ def test_rename_noreplace_and_exchange(cow):
 
 
 def test_guests_can_be_added_to_and_removed_from_a_running_overlay(cow, host):
+    assert sorted(os.listdir(cow)) == ["a", "b"]  # the kernel caches it: it must follow
     host.guest("c", {"usr/lib/libx.so": SHARED, "etc/hostname": b"c\n"})
     env = {**os.environ, **host.env}
 
@@ -602,7 +603,7 @@ while True:
 def test_a_directory_listed_once_is_listed_again_by_the_kernel_alone(cow, host):
     """The kernel's directory cache (FOPEN_CACHE_DIR): a name put into a guest's tree
     beside the overlay, the directory's mtime put back, does not show in the cached listing
-    (no readdir reached the daemon; without the cache it would: the daemon reads the
+    (no request reached the daemon; without the cache it would: the daemon reads the
     directory anew); a change through the overlay invalidates it, and the listing is whole
     again.  (A directory whose mtime changes is read anew at its next listing.)"""
     d, under = cow / "a/usr", host.root / "a/usr"
