@@ -2,9 +2,11 @@
 # pyfuse3 with the directory cache: pyfuse3 3.5.0's source (pinned by its sha256) with
 # scripts/pyfuse3/cache-readdir.patch, built into a wheel once (cached outside the checkout)
 # and installed into the virtualenv $1.  The patch lets Operations.opendir return a FileInfo
-# whose keep_cache and cache_readdir reach the kernel (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR):
-# a directory listed once is listed again from the page cache, with no request to the
-# daemon (README, "Libraries, and why").  Small, and written to be offered upstream.
+# whose keep_cache and cache_readdir reach the kernel (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR),
+# or answer ENOSYS (the kernel's "no opendir" mode: every directory cached, no opendir or
+# releasedir sent again), readdir then being handed the directory's inode: a directory
+# listed once is listed again from the page cache, with no request to the daemon (README,
+# "Libraries, and why").  Small, and written to be offered upstream.
 set -euo pipefail
 venv=$1
 here=$(cd "$(dirname "$0")" && pwd)
