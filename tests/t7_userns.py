@@ -244,6 +244,9 @@ def test_enable_disable_and_refusals(vs, host):
     vs("build", "g3", "-m", "skeleton", "--userns")
     start3 = int((host.conf / "g3/userns/uid").read_text().split()[0])
     assert start3 not in (start, start2)
+    vs("build", "g4", "-m", "clone", "--", "--source", "g2")  # a copy gets a range of its own
+    start4 = int((host.conf / "g4/userns/uid").read_text().split()[0])
+    assert start4 not in (start, start2, start3)
     p = vs("userns", "g2", "enable", "--start", str(start + 10), check=False)
     assert p.returncode == EXIT_CONFIG and "overlap" in p.stderr
     p = vs("userns", "g2", "enable", "--start", "1000", check=False)

@@ -26,7 +26,7 @@ from vsstore.private import copy_file
 from vsstore.safetree import GuestTree, mount_id, open_child_dir, open_regular_at
 from vsstore.window import unsealed
 
-from . import initstyle, progress
+from . import initstyle, progress, userns
 
 SKELETON_DIRS = [
     ("bin", 0o755),
@@ -248,6 +248,8 @@ def _clone(paths: Paths, root: Path, args: list[str]) -> str:
         os.close(dfd)
     style = "plain"
     if src.confdir is not None:
+        if userns.read(src.confdir) is not None:  # a namespaced guest's copy: one too, its own
+            userns.enable(paths.confdir, root.name)
         for f in ("style", "cmd.start", "cmd.stop", "stop-signal", "stop-timeout"):
             p = src.confdir / "apps" / "init" / f
             if p.is_file():
