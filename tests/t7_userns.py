@@ -348,3 +348,17 @@ def test_a_debootstrapped_systemd_guest_boots_in_its_namespace_and_stops_clean(v
     finally:
         vs("stop", "sd", check=False)
     assert _leftovers(host, st, ns_ino) == []
+
+
+def test_the_guests_root_made_by_build_is_a_barrier_a_namespaced_guest_still_starts_behind(
+    vs, host
+):
+    """build makes the guests' root (when missing) mode 000, as util-vserver's barrier: no
+    host user passes it, and neither could a namespaced guest's root, which never needs to
+    (its tree is reopened through descriptors, never by the host's path)."""
+    host.root.rmdir()
+    _userns_guest(vs, host, "g1", start=R1)
+    assert os.stat(host.root).st_mode & 0o7777 == 0
+    vs("start", "g1")
+    assert vs.exec("g1", "id", "-u").strip() == "0"
+    vs("stop", "g1")

@@ -154,6 +154,9 @@ def build(paths: Paths, opts: BuildOptions) -> Guest:
     with ExitStack() as undo:
         conf.mkdir(parents=True)
         undo.callback(shutil.rmtree, conf, True)
+        if not paths.vservers_root.exists():  # util-vserver's barrier: no host user passes
+            paths.vservers_root.mkdir(mode=0o000, parents=True)
+            os.chmod(paths.vservers_root, 0o000)
         root.mkdir(parents=True, exist_ok=True)
         undo.callback(_remove_tree, root, paths.vservers_root)
         _write(conf / "context", f"{opts.context or _free_context(paths)}\n")
