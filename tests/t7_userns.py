@@ -266,6 +266,13 @@ def test_enable_disable_and_refusals(vs, host):
     assert p.returncode == EXIT_CONFIG and "cow" in p.stderr
     p = vs("exec", "g2", "--cow", "true", check=False)
     assert p.returncode == EXIT_CONFIG and "user namespace" in p.stderr
+    for flag in ("cow", "spaces/hostnet"):  # written after enable: start refuses, naming both
+        (host.conf / "g2" / flag).parent.mkdir(exist_ok=True)
+        (host.conf / "g2" / flag).write_text("")
+        p = vs("start", "g2", check=False)
+        assert p.returncode == EXIT_CONFIG and "exclude each other" in p.stderr
+        assert flag in p.stderr and vs.state("g2") is None
+        (host.conf / "g2" / flag).unlink()
     # bad files: one line naming the file
     (host.conf / "g2/userns/gid").write_text("lots\n")
     p = vs("start", "g2", check=False)
