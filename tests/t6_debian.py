@@ -39,7 +39,10 @@ def test_debian_guests_save_what_hardlink_saves_and_keep_every_file(host):
         subprocess.run(["cp", "-a", str(CORPUS / g), str(theirs / g)], check=True)
     before = {g: snapshot(host.root / g) for g in GUESTS}
     du_before = du(*ours)
-    assert du(*[theirs / g for g in GUESTS]) == du_before
+    # two cp -a of the same trees: equal but for a directory block here and there (ext4
+    # gives a directory its blocks as its entries arrive); the savings compared below are
+    # hundreds of MiB
+    assert abs(du(*[theirs / g for g in GUESTS]) - du_before) <= 64 * 4096
 
     nothing_excluded = (
         "--no-default-excludes",
