@@ -15,7 +15,7 @@ from vsstore.config import Guest
 from vsstore.errors import ConfigError, UnsupportedError
 from vsstore.excludes import ExcludeList
 from vsstore.hashing import content_digests, meta_class, read_xattrs
-from vsstore.index import Index
+from vsstore.index import Cached, Index
 from vsstore.names import shown
 from vsstore.safetree import GuestTree
 from vsstore.store import Key, Store, StoreObject
@@ -285,25 +285,27 @@ def _look_up(
 
 def _from_index(recs: list[scan.InodeRec], index: Index) -> list[scan.InodeRec]:
     """Digests of ``recs`` the index knows for their unchanged inodes; the others are
-    returned, to be hashed."""
-    cache: dict[int, dict] = {}
+    returned, to be hashed.  Each device's rows are read in one query."""
+    cache: dict[int, dict[int, Cached]] = {}
     to_hash: list[scan.InodeRec] = []
+    same = _interned()
     for rec in recs:
         rows = cache.get(rec.dev)
         if rows is None:
             rows = cache[rec.dev] = index.load(rec.dev)
         c = rows.get(rec.ino)
-        if (
-            c is not None
-            and c.size == rec.size
-            and c.mtime_ns == rec.mtime_ns
-            and c.ctime_ns == rec.ctime_ns
-        ):
-            rec.digest, rec.strong = c.digest, c.strong
-            rec.meta, rec.meta_any = c.meta, c.meta_any
+        if c is not None and c[1] == rec.size and c[2] == rec.mtime_ns and c[3] == rec.ctime_ns:
+            rec.digest, rec.strong = c[4], c[5]
+            rec.meta, rec.meta_any = same(c[6]), same(c[7])
         else:
             to_hash.append(rec)
     return to_hash
+
+
+def _interned() -> Callable[[bytes], bytes]:
+    """One bytes object for equal values: metadata classes are few, inodes many."""
+    seen: dict[bytes, bytes] = {}
+    return lambda b: seen.setdefault(b, b)
 
 
 def _share_extents(
@@ -413,6 +415,7 @@ class _Pipeline:
         self.plans: list[tuple[Key, list[scan.InodeRec], list]] = []
         self.new_rows: list = []
         self.hashed_point_passed = False
+        self.same = _interned()
 
     def hashed(self, rec: scan.InodeRec, res: Hashed | str | None) -> None:
         """One inode's digests (or why not): counted, and its index row kept for the next
@@ -424,7 +427,8 @@ class _Pipeline:
             return
         if res is None:
             return
-        rec.digest, rec.strong, rec.meta, rec.meta_any = res
+        rec.digest, rec.strong = res[0], res[1]
+        rec.meta, rec.meta_any = self.same(res[2]), self.same(res[3])
         self.summ.files_hashed += 1
         self.summ.bytes_hashed += rec.size
         self.new_rows.append(

@@ -28,9 +28,6 @@ class InodeRec:
     mtime_ns: int
     ctime_ns: int
     nlink: int
-    mode: int
-    uid: int
-    gid: int
     names: list[tuple[GuestTree, str]] = field(default_factory=list)
     digest: bytes | None = None  # xxh3-128
     strong: bytes | None = None  # BLAKE3-256
@@ -65,6 +62,17 @@ class Scan:
     leftovers: list[str] = field(default_factory=list)
 
 
+Found = list[tuple[str, InodeRec]]
+
+
+def _rec(dev: int, st: os.stat_result) -> InodeRec:
+    """What a run keeps of a name's stat (``dev``: the guest's, one int object for all;
+    a file bind-mounted into the guest keeps its own)."""
+    if st.st_dev != dev:
+        dev = st.st_dev
+    return InodeRec(dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+
+
 def _walk_one(
     tree: GuestTree,
     ex: ExcludeList,
@@ -72,49 +80,39 @@ def _walk_one(
     known: Mapping[int, os.stat_result] | None,
     link: bool,
     extents: bool,
-) -> tuple[
-    list[tuple[str, os.stat_result]], list[tuple[str, os.stat_result]], list[str], list[str]
-]:
+) -> tuple[Found, Found, list[str], list[str]]:
     """One guest's candidates (to hardlink; private, for extents), leftover temporary
-    names and error messages."""
-    found: list[tuple[str, os.stat_result]] = []
-    private: list[tuple[str, os.stat_result]] = []
+    names and error messages.  Each candidate is turned into a record at once: a run
+    keeps no stat_result (with its float times) per name."""
+    found: Found = []
+    private: Found = []
     leftovers: list[str] = []
     errors: list[str] = []
+    dev = tree.dev
 
     def on_error(rel: str, e: OSError) -> None:
         errors.append(f"{tree.where(rel)}: skipped: {e.strerror or e}")
 
+    # No rules at all (the content-only run): no match per name.
+    match = ex.match if ex.rules else None
     prune = ex.prune_untouched if extents else ex.prune
-    for rel, st in tree.walk(prune_dir=prune, known=known, on_error=on_error):
+    for rel, st in tree.walk(prune_dir=prune if ex.rules else None, known=known, on_error=on_error):
         if ".vsu~" in rel and TMP_RE.match(rel.rpartition("/")[2]):
             leftovers.append(tree.where(rel))
         elif st.st_size >= min_size:
-            r = ex.match(rel)
+            r = match(rel) if match is not None else None
             if r is None or r.include:
-                (found if link else private).append((rel, st))
+                (found if link else private).append((rel, _rec(dev, st)))
             elif extents and not r.untouched:
-                private.append((rel, st))
+                private.append((rel, _rec(dev, st)))
     return found, private, leftovers, errors
 
 
-def _add(
-    inodes: dict[tuple[int, int], InodeRec], tree: GuestTree, rel: str, st: os.stat_result
-) -> None:
-    key = (st.st_dev, st.st_ino)
+def _add(inodes: dict[tuple[int, int], InodeRec], tree: GuestTree, rel: str, new: InodeRec) -> None:
+    key = (new.dev, new.ino)
     rec = inodes.get(key)
     if rec is None:
-        rec = inodes[key] = InodeRec(
-            st.st_dev,
-            st.st_ino,
-            st.st_size,
-            st.st_mtime_ns,
-            st.st_ctime_ns,
-            st.st_nlink,
-            st.st_mode,
-            st.st_uid,
-            st.st_gid,
-        )
+        rec = inodes[key] = new
     rec.names.append((tree, rel))
 
 
@@ -145,10 +143,10 @@ def scan(
                 log.warning("%s", msg)
             out.errors += len(errors)
             out.leftovers += leftovers
-            for rel, st in found:
-                _add(inodes, tree, rel, st)
-            for rel, st in private:
-                _add(out.private, tree, rel, st)
+            for rel, rec in found:
+                _add(inodes, tree, rel, rec)
+            for rel, rec in private:
+                _add(out.private, tree, rel, rec)
             out.files[tree.name] = len(found) + len(private)
             out.files_scanned += len(found) + len(private)
             if tick is not None:

@@ -109,15 +109,9 @@ HISTORY_KEEP = 400  # rows of run and snapshot history kept (more than a year of
 Row = tuple[int, int, int, int, int, bytes, bytes, bytes, bytes]
 
 
-@dataclass(frozen=True, slots=True)
-class Cached:
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    digest: bytes
-    strong: bytes
-    meta: bytes
-    meta_any: bytes
+# A cached row as load() gives it: (ino, size, mtime_ns, ctime_ns, digest, strong, meta,
+# meta_any), the row itself (no object per row: a re-run loads every row of a device).
+Cached = tuple[int, int, int, int, bytes, bytes, bytes, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,9 +297,9 @@ class Index:
     # -- inode cache -------------------------------------------------------------------
 
     def load(self, dev: int) -> dict[int, Cached]:
-        """All cached rows of one device, keyed by inode number."""
+        """All cached rows of one device, keyed by inode number, in one query."""
         return {
-            r[0]: Cached(*r[1:])
+            r[0]: r
             for r in self.db.execute(
                 "SELECT ino, size, mtime_ns, ctime_ns, digest, strong, meta, meta_any FROM inode "
                 "WHERE dev=?",
