@@ -36,6 +36,9 @@ class Options:
     jobs: int = 8
     reflink: Reflink = Reflink.AUTO
     link_limit: int | None = None  # tests only
+    # Inodes one walk may hold; a run over more goes on in passes by size range (each
+    # walks the guests again).  About 0.6 KiB each while a pass hashes and links them.
+    max_inodes: int | None = 250_000
 
 
 @dataclass(slots=True)
@@ -154,8 +157,8 @@ def run(
     trees = open_trees(guests, store)
     try:
         objects = _Objects.scan(store)
-        sc = _walk(trees, excludes, opts, objects, summ, prog, extents_on)
-        by_size, to_hash = _look_up(sc, objects, index)
+        budget = None if extents_on else opts.max_inodes
+        sc = _walk(trees, excludes, opts, objects, summ, prog, extents_on, budget=budget)
         linker = apply.Linker(
             store,
             index,
@@ -165,19 +168,20 @@ def run(
             link_limit=opts.link_limit,
             fds=apply.fds_free() - 2 * max(1, opts.jobs) - 32,
         )
-        linker.known = sc.inodes
-        pipe = _Pipeline(
-            opts,
-            linker,
-            index,
-            objects,
-            by_size,
-            sc,
-            tick=prog.refresh,  # linking moves no counter of the line: redraw it
-        )
-        _hash_and_link(pipe, to_hash, prog)
-        if not opts.dry_run:
-            _record(index, linker)
+        if sc.complete:
+            _unify_pass(sc, opts, linker, index, objects, prog)
+        else:
+            # 2b. Too many inodes to hold at once: the walk counted them by size, and the
+            # run goes on in passes over size ranges, each walking the guests again and
+            # keeping only its sizes (a group of duplicates has one size: no group is cut).
+            ranges = _size_ranges(sc.sizes, budget or 1)
+            log.info("%d inodes: unifying in %d passes by size", sc.sizes.total(), len(ranges))
+            hashed_point = False
+            for lo_hi in ranges:
+                part = _walk(trees, excludes, opts, objects, None, prog, False, sizes=lo_hi)
+                hashed_point = _unify_pass(part, opts, linker, index, objects, prog, hashed_point)
+                # What this pass recorded is in the index: nothing of it is kept.
+                linker.known, linker.index_rows, linker.forget = {}, [], []
         if extents_on:
             _share_extents(sc, store, index, opts, summ, prog, set(linker.forget))
     finally:
@@ -187,6 +191,49 @@ def run(
     summ.duration = time.monotonic() - t0
     index.record_run(started, summ.duration, len(guests), asdict(summ), opts.dry_run)
     return summ
+
+
+def _unify_pass(
+    sc: scan.Scan,
+    opts: Options,
+    linker: apply.Linker,
+    index: Index,
+    objects: _Objects,
+    prog: Progress,
+    hashed_point: bool = False,
+) -> bool:
+    """3-6 for the inodes of one walk: look up, hash, link, record.  Returns whether the
+    'hashed' point (tests) has passed."""
+    by_size, to_hash = _look_up(sc, objects, index)
+    linker.known = sc.inodes
+    pipe = _Pipeline(
+        opts,
+        linker,
+        index,
+        objects,
+        by_size,
+        sc,
+        tick=prog.refresh,  # linking moves no counter of the line: redraw it
+    )
+    pipe.hashed_point_passed = hashed_point
+    _hash_and_link(pipe, to_hash, prog)
+    if not opts.dry_run:
+        _record(index, linker)
+    return pipe.hashed_point_passed
+
+
+def _size_ranges(sizes: Counter[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive size ranges [lo, hi) covering every size, each holding about
+    ``budget`` inodes (one size never split)."""
+    ranges: list[tuple[int, int]] = []
+    lo, held = 0, 0
+    for size in sorted(sizes):
+        if held and held + sizes[size] > budget:
+            ranges.append((lo, size))
+            lo, held = size, 0
+        held += sizes[size]
+    ranges.append((lo, 1 << 63))
+    return ranges
 
 
 def _extents_available(store: Store, opts: Options, summ: Summary) -> bool:
@@ -218,6 +265,16 @@ class _Objects:
     # walk: their stats by inode number.
     known: dict[int, os.stat_result]
 
+    def records(self) -> dict[int, scan.InodeRec]:
+        """A fresh record per sealed object, by inode number: the walk adds the names of
+        each to its record instead of making one per name."""
+        return {
+            ino: scan.InodeRec(
+                st.st_dev, ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink
+            )
+            for ino, st in self.known.items()
+        }
+
     @classmethod
     def scan(cls, store: Store) -> _Objects:
         by_key = store.scan()
@@ -236,12 +293,15 @@ def _walk(
     excludes: dict[str, ExcludeList],
     opts: Options,
     objects: _Objects,
-    summ: Summary,
+    summ: Summary | None,
     prog: Progress,
     extents_on: bool = False,
+    budget: int | None = None,
+    sizes: tuple[int, int] | None = None,
 ) -> scan.Scan:
     """2. Walk the guests: an InodeRec per candidate inode, with every name seen (and,
-    when extents are shared, the private ones too)."""
+    when extents are shared, the private ones too).  ``summ``: the run's first walk, whose
+    counts and messages go there (a pass over a size range walks again: see run)."""
     prog.phase("scan")
     sc = scan.scan(
         trees,
@@ -252,7 +312,12 @@ def _walk(
         jobs=2,
         link=opts.reflink is not Reflink.ONLY,
         extents=extents_on,
+        objects=objects.records(),
+        sizes=sizes,
+        budget=budget,
     )
+    if summ is None:
+        return sc
     summ.files_scanned = sc.files_scanned
     summ.errors += sc.errors
     summ.leftovers = len(sc.leftovers)
