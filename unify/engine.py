@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import gc
+import itertools
 import logging
 import os
 import time
-from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from vsstore.config import Guest
@@ -27,6 +29,9 @@ from .progress import Progress
 log = logging.getLogger("vsstore")
 
 
+MAX_INODES = 250_000  # the default bound of Options.max_inodes
+
+
 @dataclass(slots=True)
 class Options:
     min_size: int = 16
@@ -38,7 +43,7 @@ class Options:
     link_limit: int | None = None  # tests only
     # Inodes one walk may hold; a run over more goes on in passes by size range (each
     # walks the guests again).  About 0.6 KiB each while a pass hashes and links them.
-    max_inodes: int | None = 250_000
+    max_inodes: int | None = MAX_INODES
 
 
 @dataclass(slots=True)
@@ -155,6 +160,11 @@ def run(
         summ.messages += apply.recover(index, store, opts.immutable)
     extents_on = _extents_available(store, opts, summ)
     trees = open_trees(guests, store)
+    # The records of a run are many small objects (a few per name) without cycles; the
+    # cyclic collector would trace them all again and again as they pile up (half the
+    # time of a walk).  It waits until the run is over.
+    gc_was = gc.isenabled()
+    gc.disable()
     try:
         objects = _Objects.scan(store)
         budget = None if extents_on else opts.max_inodes
@@ -185,6 +195,8 @@ def run(
         if extents_on:
             _share_extents(sc, store, index, opts, summ, prog, set(linker.forget))
     finally:
+        if gc_was:
+            gc.enable()
         prog.done()
         for t in trees:
             t.close()
@@ -436,8 +448,9 @@ def _hash_and_link(pipe: _Pipeline, to_hash: list[scan.InodeRec], prog: Progress
     prog.phase("hash+link", len(to_hash), sum(r.size for r in to_hash))
     done_bytes = 0
     chunks = [to_hash[i : i + CHUNK_FILES] for i in range(0, len(to_hash), CHUNK_FILES)]
-    with ThreadPoolExecutor(max_workers=max(1, pipe.opts.jobs)) as pool:
-        for chunk, results in zip(chunks, pool.map(_hash_chunk, chunks), strict=True):
+    jobs = max(1, pipe.opts.jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for chunk, results in zip(chunks, _ahead(pool, _hash_chunk, chunks, 4 * jobs), strict=True):
             for rec, res in zip(chunk, results, strict=True):
                 done_bytes += rec.size
                 pipe.hashed(rec, res)
@@ -447,6 +460,26 @@ def _hash_and_link(pipe: _Pipeline, to_hash: list[scan.InodeRec], prog: Progress
             prog.update(pipe.summ.files_hashed, done_bytes)
             pipe.flush()
     pipe.flush(force=True)
+
+
+def _ahead(
+    pool: ThreadPoolExecutor,
+    fn: Callable[[list[scan.InodeRec]], list[Hashed | str | None]],
+    chunks: list[list[scan.InodeRec]],
+    ahead: int,
+) -> Iterator[list[Hashed | str | None]]:
+    """``pool.map(fn, chunks)`` with at most ``ahead`` chunks in flight: the readers
+    outrun the linking, and their results (digests of every file) would pile up."""
+    pending: deque[Future[list[Hashed | str | None]]] = deque()
+    todo = iter(chunks)
+    for chunk in itertools.islice(todo, ahead):
+        pending.append(pool.submit(fn, chunk))
+    while pending:
+        done = pending.popleft()
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending.append(pool.submit(fn, nxt))
+        yield done.result()
 
 
 def _record(index: Index, linker: apply.Linker) -> None:
