@@ -149,6 +149,13 @@ class Bench:
             "VSSTORE_RUNDIR": str(base / "run"),
             "VSSTORE_LOGDIR": str(base / "log"),
         }
+        # Compiled modules kept (as an installed package has them), below base.
+        self.py_env = {
+            **self.env,
+            "PYTHONPATH": str(REPO),
+            "PYTHONPYCACHEPREFIX": str(base / "pycache"),
+            "PYTHONDONTWRITEBYTECODE": "",
+        }
         self.rows: list[tuple[str, Sample, Sample]] = []
 
     def make(self) -> None:
@@ -175,8 +182,7 @@ class Bench:
             str(self.v / ".hash"),
             *(str(self.v / n) for n in self.names),
         ]
-        env = {**self.env, "PYTHONPATH": str(REPO)}
-        return timed(argv, env)
+        return timed(argv, self.py_env)
 
     def hardlink(self) -> Sample:
         return timed(["hardlink", "-c", *(str(self.h / n) for n in self.names)], {})
@@ -210,7 +216,7 @@ class Bench:
             timed(
                 [sys.executable, "-m", "unify.cli", "deunify", "--json", str(self.v / name)]
                 + ["/" + rel_path(i) for i in picks],
-                {**self.env, "PYTHONPATH": str(REPO)},
+                self.py_env,
             )
         n = replace_some([self.v, self.h], self.names, picks)
         log(f"{n} files replaced")

@@ -29,7 +29,7 @@ from .progress import Progress
 log = logging.getLogger("vsstore")
 
 
-MAX_INODES = 250_000  # the default bound of Options.max_inodes
+MAX_INODES = 150_000  # the default bound of Options.max_inodes
 
 
 @dataclass(slots=True)

@@ -81,6 +81,7 @@ class Budget:
 @dataclass(slots=True)
 class _GuestWalk:
     found: Found = field(default_factory=list)
+    objects: Found = field(default_factory=list)  # names of store objects (to hardlink)
     private: Found = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -145,8 +146,11 @@ def _walk_one(
             counts[size] += 1
             if budget.over:
                 continue
-            rec = _rec(dev, st)
-        into.append((rel, rec))
+            into.append((rel, _rec(dev, st)))
+        elif into is found:
+            out.objects.append((rel, rec))
+        else:
+            into.append((rel, rec))
     out.count = n
     return out
 
@@ -199,6 +203,8 @@ def scan(
             out.leftovers += w.leftovers
             out.sizes.update(w.sizes)
             if not state.over:
+                for rel, rec in w.objects:
+                    rec.names.append((tree, rel))  # in ``inodes`` at the end
                 for rel, rec in w.found:
                     _add(inodes, tree, rel, rec)
                 for rel, rec in w.private:
@@ -212,6 +218,10 @@ def scan(
             out.files_scanned += w.count
             if tick is not None:
                 tick(out.files_scanned, 0)
+    if objects is not None and not state.over:
+        for rec in objects.values():
+            if rec.names:
+                inodes.setdefault((rec.dev, rec.ino), rec)
     for key in inodes.keys() & out.private.keys():
         del out.private[key]  # one name may be hardlinked: that decides for the inode
     return out
