@@ -340,19 +340,22 @@ class Index:
 
     def journal_add(self, rows: Iterable[tuple[str, str, str, str, str, int, int]]) -> list[int]:
         """Rows (kind, root, dir, name, tmp, orig_ino, obj_ino), committed together; their
-        ids.  Paths go in as bytes, whatever they hold."""
-        ids: list[int] = []
+        ids.  Paths go in as bytes, whatever they hold.  One statement for all rows: the
+        ids follow the largest in the table, which the write lock of the transaction keeps
+        from moving meanwhile."""
         fse = os.fsencode
         with self.transaction():
-            for kind, root, d, name, tmp, orig_ino, obj_ino in rows:
-                cur = self.db.execute(
-                    "INSERT INTO journal (kind, root, dir, name, tmp, "
-                    "orig_ino, obj_ino) VALUES (?,?,?,?,?,?,?)",
-                    (kind, fse(root), fse(d), fse(name), fse(tmp), orig_ino, obj_ino),
-                )
-                assert cur.lastrowid is not None
-                ids.append(cur.lastrowid)
-        return ids
+            top = self.db.execute("SELECT coalesce(max(id), 0) FROM journal").fetchone()[0]
+            values = [
+                (top + n, kind, fse(root), fse(d), fse(name), fse(tmp), orig_ino, obj_ino)
+                for n, (kind, root, d, name, tmp, orig_ino, obj_ino) in enumerate(rows, 1)
+            ]
+            self.db.executemany(
+                "INSERT INTO journal (id, kind, root, dir, name, tmp, orig_ino, obj_ino) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                values,
+            )
+        return [v[0] for v in values]
 
     def journal_done(self, ids: Iterable[int]) -> None:
         with self.transaction():
