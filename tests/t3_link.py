@@ -597,3 +597,13 @@ def test_a_rerun_rereads_a_file_changed_with_the_same_size_and_mtime(host, how):
     assert s.files_hashed == 1 and s.files_linked >= 1 and s.errors == 0
     assert inode(a / "f") == inode(b / "f")
     assert (a / "f").read_bytes() == (b / "f").read_bytes() == BIN + b"A"
+
+
+def test_one_guest_over_the_bound_is_unified_in_passes(host):
+    """A single guest with more inodes than ``max_inodes`` (the walker itself stops
+    keeping records): its duplicates are linked all the same."""
+    files = {f"d{n % 3}/f{n}": BIN[: 40 + n % 9] for n in range(60)}
+    host.guest("solo", files)
+    s = unify_run(host, "solo", max_inodes=5)
+    assert s.errors == 0 and s.objects_created == 9 and s.files_linked == 60 - 9
+    assert len({inode(host.root / "solo" / rel) for rel in files}) == 9

@@ -116,6 +116,7 @@ def _walk_one(
     found, private, counts = out.found, out.private, out.sizes
     dev = tree.dev
     lo, hi = sizes if sizes is not None else (0, 1 << 63)
+    limit = budget.limit
 
     def on_error(rel: str, e: OSError) -> None:
         out.errors.append(f"{tree.where(rel)}: skipped: {e.strerror or e}")
@@ -147,6 +148,10 @@ def _walk_one(
             if budget.over:
                 continue
             into.append((rel, _rec(dev, st)))
+            if limit is not None and len(found) + len(private) > limit:
+                budget.over = True  # one guest alone holds more: no pass can keep all
+                found.clear()
+                private.clear()
         elif into is found:
             out.objects.append((rel, rec))
         else:
@@ -202,7 +207,12 @@ def scan(
             out.errors += len(w.errors)
             out.leftovers += w.leftovers
             out.sizes.update(w.sizes)
-            if not state.over:
+            over = state.over  # once: a walker may set it meanwhile
+            if over and out.complete:  # a walker found one guest too many
+                out.complete = False
+                inodes.clear()
+                out.private.clear()
+            if not over:
                 for rel, rec in w.objects:
                     rec.names.append((tree, rel))  # in ``inodes`` at the end
                 for rel, rec in w.found:
