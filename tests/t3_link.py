@@ -538,3 +538,72 @@ def test_a_full_guest_filesystem_stops_the_run_after_finishing_its_window(host):
         assert all(inode(root / "a" / rel) == inode(root / "b" / rel) for rel in files)
         assert _journal_rows(host) == 0
         assert {g: snapshot(root / g) for g in "ab"} == before
+
+
+def _layout(i: int) -> dict[str, bytes]:
+    """Files of many sizes: shared by every guest, by some, and each guest's own."""
+    files = {f"usr/lib/s{n}": BIN[: 100 + 37 * n] for n in range(12)}
+    files.update({f"usr/share/p{n}": BIN[:50] + bytes([n, i % 2]) * (5 + n) for n in range(6)})
+    files.update({f"etc/own{n}": BIN[:80] + bytes([i, n]) * (3 + n) for n in range(4)})
+    return files
+
+
+def test_a_run_in_passes_by_size_links_what_one_pass_would(host):
+    """A walk over more inodes than ``max_inodes`` goes on in passes by size range: the
+    same links, objects and savings as one pass (here: what a dry run of one pass says)."""
+    names = [f"g{i}" for i in range(5)]
+    for i, g in enumerate(names):
+        root = host.guest(g, _layout(i))
+        os.link(root / "usr/lib/s3", root / "usr/lib/s3-again")  # a second name
+    want = unify_run(host, *names, dry_run=True, max_inodes=None)
+    got = unify_run(host, *names, max_inodes=7)
+    assert want.objects_created > 3 and want.files_linked > 40
+    assert (got.objects_created, got.files_linked, got.bytes_saved, got.errors) == (
+        want.objects_created,
+        want.files_linked,
+        want.bytes_saved,
+        0,
+    )
+    assert got.files_scanned == want.files_scanned == 5 * (len(_layout(0)) + 1)
+    for rel in _layout(0):
+        inos = {inode(host.root / g / rel) for g in names}
+        assert all(
+            (host.root / g / rel).read_bytes() == _layout(i)[rel] for i, g in enumerate(names)
+        )
+        assert len(inos) == (1 if rel.startswith("usr/lib") else 2 if "/p" in rel else 5), rel
+    again = unify_run(host, *names, max_inodes=7)
+    assert (again.files_hashed, again.files_linked, again.errors) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("how", ["in place", "new inode"])
+def test_a_rerun_rereads_a_file_changed_with_the_same_size_and_mtime(host, how):
+    """The index keys a digest by size, mtime and ctime: a file rewritten with the same
+    size and its old mtime put back is read again (its ctime moved)."""
+    a = host.guest("a", {"f": BIN + b"A"})
+    b = host.guest("b", {"f": BIN + b"B"})
+    first = unify_run(host, "a", "b")
+    assert (first.files_hashed, first.files_linked) == (2, 0)
+    old = os.stat(b / "f")
+    if how == "in place":
+        with open(b / "f", "r+b") as f:
+            f.write(BIN + b"A")
+    else:
+        (b / "f.new").write_bytes(BIN + b"A")
+        os.rename(b / "f.new", b / "f")
+    os.utime(b / "f", ns=(old.st_atime_ns, old.st_mtime_ns))
+    st = os.stat(b / "f")
+    assert (st.st_size, st.st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    s = unify_run(host, "a", "b")
+    assert s.files_hashed == 1 and s.files_linked >= 1 and s.errors == 0
+    assert inode(a / "f") == inode(b / "f")
+    assert (a / "f").read_bytes() == (b / "f").read_bytes() == BIN + b"A"
+
+
+def test_one_guest_over_the_bound_is_unified_in_passes(host):
+    """A single guest with more inodes than ``max_inodes`` (the walker itself stops
+    keeping records): its duplicates are linked all the same."""
+    files = {f"d{n % 3}/f{n}": BIN[: 40 + n % 9] for n in range(60)}
+    host.guest("solo", files)
+    s = unify_run(host, "solo", max_inodes=5)
+    assert s.errors == 0 and s.objects_created == 9 and s.files_linked == 60 - 9
+    assert len({inode(host.root / "solo" / rel) for rel in files}) == 9

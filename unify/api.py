@@ -45,6 +45,7 @@ class RunOptions:
     pkgdb_excludes: bool = True
     store: Path | None = None  # default: the store below the guests' root
     reflink: Reflink = Reflink.AUTO  # --no-reflink: OFF, --reflink-only: ONLY
+    max_inodes: int | None = engine.MAX_INODES  # --max-inodes (0: None, no bound)
 
 
 @dataclass(slots=True)
@@ -117,6 +118,7 @@ def unify(
         dry_run=opts.dry_run,
         jobs=opts.jobs,
         reflink=opts.reflink,
+        max_inodes=opts.max_inodes,
     )
     with ExitStack() as stack:
         stack.enter_context(locked(paths, lock_wait))

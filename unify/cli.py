@@ -20,7 +20,7 @@ from vsstore.names import shown
 from vsstore.safetree import GuestTree
 from vsstore.store import Store
 
-from . import api, htmlreport, maintain, prom, report
+from . import api, engine, htmlreport, maintain, prom, report
 from .dedupe import Reflink
 from .progress import Progress, human
 
@@ -97,6 +97,7 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
         pkgdb_excludes=not args.no_pkgdb_excludes,
         store=Path(args.store) if args.store else None,
         reflink=args.reflink,
+        max_inodes=args.max_inodes or None,
     )
     for msg in left_out:
         print(f"vsunify: {msg}", file=sys.stderr)
@@ -306,6 +307,14 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=8,
         help="reading/hashing threads (default 8: more reads in flight)",
+    )
+    r.add_argument(
+        "--max-inodes",
+        type=int,
+        metavar="N",
+        default=engine.MAX_INODES,
+        help="inodes one walk holds in memory, about 1 KiB each (default %(default)s; "
+        "0: no bound); over more, the run walks the guests again once per size range",
     )
     r.add_argument(
         "--prom",

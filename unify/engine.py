@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import errno
+import gc
+import itertools
 import logging
 import os
 import time
-from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from vsstore.config import Guest
 from vsstore.errors import ConfigError, UnsupportedError
 from vsstore.excludes import ExcludeList
 from vsstore.hashing import content_digests, meta_class, read_xattrs
-from vsstore.index import Index
+from vsstore.index import Cached, Index
 from vsstore.names import shown
 from vsstore.safetree import GuestTree
 from vsstore.store import Key, Store, StoreObject
@@ -27,6 +29,9 @@ from .progress import Progress
 log = logging.getLogger("vsstore")
 
 
+MAX_INODES = 150_000  # the default bound of Options.max_inodes
+
+
 @dataclass(slots=True)
 class Options:
     min_size: int = 16
@@ -36,6 +41,9 @@ class Options:
     jobs: int = 8
     reflink: Reflink = Reflink.AUTO
     link_limit: int | None = None  # tests only
+    # Inodes one walk may hold; a run over more goes on in passes by size range (each
+    # walks the guests again).  About 0.6 KiB each while a pass hashes and links them.
+    max_inodes: int | None = MAX_INODES
 
 
 @dataclass(slots=True)
@@ -152,10 +160,15 @@ def run(
         summ.messages += apply.recover(index, store, opts.immutable)
     extents_on = _extents_available(store, opts, summ)
     trees = open_trees(guests, store)
+    # The records of a run are many small objects (a few per name) without cycles; the
+    # cyclic collector would trace them all again and again as they pile up (half the
+    # time of a walk).  It waits until the run is over.
+    gc_was = gc.isenabled()
+    gc.disable()
     try:
         objects = _Objects.scan(store)
-        sc = _walk(trees, excludes, opts, objects, summ, prog, extents_on)
-        by_size, to_hash = _look_up(sc, objects, index)
+        budget = None if extents_on else opts.max_inodes
+        sc = _walk(trees, excludes, opts, objects, summ, prog, extents_on, budget=budget)
         linker = apply.Linker(
             store,
             index,
@@ -165,28 +178,74 @@ def run(
             link_limit=opts.link_limit,
             fds=apply.fds_free() - 2 * max(1, opts.jobs) - 32,
         )
-        linker.known = sc.inodes
-        pipe = _Pipeline(
-            opts,
-            linker,
-            index,
-            objects,
-            by_size,
-            sc,
-            tick=prog.refresh,  # linking moves no counter of the line: redraw it
-        )
-        _hash_and_link(pipe, to_hash, prog)
-        if not opts.dry_run:
-            _record(index, linker)
+        if sc.complete:
+            _unify_pass(sc, opts, linker, index, objects, prog)
+        else:
+            # 2b. Too many inodes to hold at once: the walk counted them by size, and the
+            # run goes on in passes over size ranges, each walking the guests again and
+            # keeping only its sizes (a group of duplicates has one size: no group is cut).
+            ranges = _size_ranges(sc.sizes, budget or 1)
+            log.info("%d inodes: unifying in %d passes by size", sc.sizes.total(), len(ranges))
+            hashed_point = False
+            for lo_hi in ranges:
+                part = _walk(trees, excludes, opts, objects, None, prog, False, sizes=lo_hi)
+                hashed_point = _unify_pass(part, opts, linker, index, objects, prog, hashed_point)
+                # What this pass recorded is in the index: nothing of it is kept.
+                linker.known, linker.index_rows, linker.forget = {}, [], []
         if extents_on:
             _share_extents(sc, store, index, opts, summ, prog, set(linker.forget))
     finally:
+        if gc_was:
+            gc.enable()
         prog.done()
         for t in trees:
             t.close()
     summ.duration = time.monotonic() - t0
     index.record_run(started, summ.duration, len(guests), asdict(summ), opts.dry_run)
     return summ
+
+
+def _unify_pass(
+    sc: scan.Scan,
+    opts: Options,
+    linker: apply.Linker,
+    index: Index,
+    objects: _Objects,
+    prog: Progress,
+    hashed_point: bool = False,
+) -> bool:
+    """3-6 for the inodes of one walk: look up, hash, link, record.  Returns whether the
+    'hashed' point (tests) has passed."""
+    by_size, to_hash = _look_up(sc, objects, index)
+    linker.known = sc.inodes
+    pipe = _Pipeline(
+        opts,
+        linker,
+        index,
+        objects,
+        by_size,
+        sc,
+        tick=prog.refresh,  # linking moves no counter of the line: redraw it
+    )
+    pipe.hashed_point_passed = hashed_point
+    _hash_and_link(pipe, to_hash, prog)
+    if not opts.dry_run:
+        _record(index, linker)
+    return pipe.hashed_point_passed
+
+
+def _size_ranges(sizes: Counter[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive size ranges [lo, hi) covering every size, each holding about
+    ``budget`` inodes (one size never split)."""
+    ranges: list[tuple[int, int]] = []
+    lo, held = 0, 0
+    for size in sorted(sizes):
+        if held and held + sizes[size] > budget:
+            ranges.append((lo, size))
+            lo, held = size, 0
+        held += sizes[size]
+    ranges.append((lo, 1 << 63))
+    return ranges
 
 
 def _extents_available(store: Store, opts: Options, summ: Summary) -> bool:
@@ -218,6 +277,16 @@ class _Objects:
     # walk: their stats by inode number.
     known: dict[int, os.stat_result]
 
+    def records(self) -> dict[int, scan.InodeRec]:
+        """A fresh record per sealed object, by inode number: the walk adds the names of
+        each to its record instead of making one per name."""
+        return {
+            ino: scan.InodeRec(
+                st.st_dev, ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink
+            )
+            for ino, st in self.known.items()
+        }
+
     @classmethod
     def scan(cls, store: Store) -> _Objects:
         by_key = store.scan()
@@ -236,12 +305,15 @@ def _walk(
     excludes: dict[str, ExcludeList],
     opts: Options,
     objects: _Objects,
-    summ: Summary,
+    summ: Summary | None,
     prog: Progress,
     extents_on: bool = False,
+    budget: int | None = None,
+    sizes: tuple[int, int] | None = None,
 ) -> scan.Scan:
     """2. Walk the guests: an InodeRec per candidate inode, with every name seen (and,
-    when extents are shared, the private ones too)."""
+    when extents are shared, the private ones too).  ``summ``: the run's first walk, whose
+    counts and messages go there (a pass over a size range walks again: see run)."""
     prog.phase("scan")
     sc = scan.scan(
         trees,
@@ -252,7 +324,12 @@ def _walk(
         jobs=2,
         link=opts.reflink is not Reflink.ONLY,
         extents=extents_on,
+        objects=objects.records(),
+        sizes=sizes,
+        budget=budget,
     )
+    if summ is None:
+        return sc
     summ.files_scanned = sc.files_scanned
     summ.errors += sc.errors
     summ.leftovers = len(sc.leftovers)
@@ -285,25 +362,27 @@ def _look_up(
 
 def _from_index(recs: list[scan.InodeRec], index: Index) -> list[scan.InodeRec]:
     """Digests of ``recs`` the index knows for their unchanged inodes; the others are
-    returned, to be hashed."""
-    cache: dict[int, dict] = {}
+    returned, to be hashed.  Each device's rows are read in one query."""
+    cache: dict[int, dict[int, Cached]] = {}
     to_hash: list[scan.InodeRec] = []
+    same = _interned()
     for rec in recs:
         rows = cache.get(rec.dev)
         if rows is None:
             rows = cache[rec.dev] = index.load(rec.dev)
         c = rows.get(rec.ino)
-        if (
-            c is not None
-            and c.size == rec.size
-            and c.mtime_ns == rec.mtime_ns
-            and c.ctime_ns == rec.ctime_ns
-        ):
-            rec.digest, rec.strong = c.digest, c.strong
-            rec.meta, rec.meta_any = c.meta, c.meta_any
+        if c is not None and c[1] == rec.size and c[2] == rec.mtime_ns and c[3] == rec.ctime_ns:
+            rec.digest, rec.strong = c[4], c[5]
+            rec.meta, rec.meta_any = same(c[6]), same(c[7])
         else:
             to_hash.append(rec)
     return to_hash
+
+
+def _interned() -> Callable[[bytes], bytes]:
+    """One bytes object for equal values: metadata classes are few, inodes many."""
+    seen: dict[bytes, bytes] = {}
+    return lambda b: seen.setdefault(b, b)
 
 
 def _share_extents(
@@ -369,8 +448,9 @@ def _hash_and_link(pipe: _Pipeline, to_hash: list[scan.InodeRec], prog: Progress
     prog.phase("hash+link", len(to_hash), sum(r.size for r in to_hash))
     done_bytes = 0
     chunks = [to_hash[i : i + CHUNK_FILES] for i in range(0, len(to_hash), CHUNK_FILES)]
-    with ThreadPoolExecutor(max_workers=max(1, pipe.opts.jobs)) as pool:
-        for chunk, results in zip(chunks, pool.map(_hash_chunk, chunks), strict=True):
+    jobs = max(1, pipe.opts.jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for chunk, results in zip(chunks, _ahead(pool, _hash_chunk, chunks, 4 * jobs), strict=True):
             for rec, res in zip(chunk, results, strict=True):
                 done_bytes += rec.size
                 pipe.hashed(rec, res)
@@ -380,6 +460,26 @@ def _hash_and_link(pipe: _Pipeline, to_hash: list[scan.InodeRec], prog: Progress
             prog.update(pipe.summ.files_hashed, done_bytes)
             pipe.flush()
     pipe.flush(force=True)
+
+
+def _ahead(
+    pool: ThreadPoolExecutor,
+    fn: Callable[[list[scan.InodeRec]], list[Hashed | str | None]],
+    chunks: list[list[scan.InodeRec]],
+    ahead: int,
+) -> Iterator[list[Hashed | str | None]]:
+    """``pool.map(fn, chunks)`` with at most ``ahead`` chunks in flight: the readers
+    outrun the linking, and their results (digests of every file) would pile up."""
+    pending: deque[Future[list[Hashed | str | None]]] = deque()
+    todo = iter(chunks)
+    for chunk in itertools.islice(todo, ahead):
+        pending.append(pool.submit(fn, chunk))
+    while pending:
+        done = pending.popleft()
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending.append(pool.submit(fn, nxt))
+        yield done.result()
 
 
 def _record(index: Index, linker: apply.Linker) -> None:
@@ -413,6 +513,7 @@ class _Pipeline:
         self.plans: list[tuple[Key, list[scan.InodeRec], list]] = []
         self.new_rows: list = []
         self.hashed_point_passed = False
+        self.same = _interned()
 
     def hashed(self, rec: scan.InodeRec, res: Hashed | str | None) -> None:
         """One inode's digests (or why not): counted, and its index row kept for the next
@@ -424,7 +525,8 @@ class _Pipeline:
             return
         if res is None:
             return
-        rec.digest, rec.strong, rec.meta, rec.meta_any = res
+        rec.digest, rec.strong = res[0], res[1]
+        rec.meta, rec.meta_any = self.same(res[2]), self.same(res[3])
         self.summ.files_hashed += 1
         self.summ.bytes_hashed += rec.size
         self.new_rows.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,9 +29,6 @@ class InodeRec:
     mtime_ns: int
     ctime_ns: int
     nlink: int
-    mode: int
-    uid: int
-    gid: int
     names: list[tuple[GuestTree, str]] = field(default_factory=list)
     digest: bytes | None = None  # xxh3-128
     strong: bytes | None = None  # BLAKE3-256
@@ -63,6 +61,40 @@ class Scan:
     files_scanned: int = 0
     errors: int = 0
     leftovers: list[str] = field(default_factory=list)
+    complete: bool = True  # False: over the budget; ``inodes`` and ``private`` are empty
+    sizes: Counter[int] = field(default_factory=Counter)  # new (non-object) inodes by size
+
+
+Found = list[tuple[str, InodeRec]]
+
+
+class Budget:
+    """How many inodes one pass of the walk may keep (None: no limit).  Once the guests
+    walked so far hold more, the pass drops its records and only counts sizes (``over``),
+    so that the run can go on in passes over size ranges (see engine.run)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.over = False
+
+
+@dataclass(slots=True)
+class _GuestWalk:
+    found: Found = field(default_factory=list)
+    objects: Found = field(default_factory=list)  # names of store objects (to hardlink)
+    private: Found = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    count: int = 0  # candidate names, in any size range
+    sizes: Counter[int] = field(default_factory=Counter)  # new inodes' sizes, by count
+
+
+def _rec(dev: int, st: os.stat_result) -> InodeRec:
+    """What a run keeps of a name's stat (``dev``: the guest's, one int object for all;
+    a file bind-mounted into the guest keeps its own)."""
+    if st.st_dev != dev:
+        dev = st.st_dev
+    return InodeRec(dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
 
 
 def _walk_one(
@@ -70,51 +102,69 @@ def _walk_one(
     ex: ExcludeList,
     min_size: int,
     known: Mapping[int, os.stat_result] | None,
+    objects: Mapping[int, InodeRec] | None,
     link: bool,
     extents: bool,
-) -> tuple[
-    list[tuple[str, os.stat_result]], list[tuple[str, os.stat_result]], list[str], list[str]
-]:
+    sizes: tuple[int, int] | None,
+    budget: Budget,
+) -> _GuestWalk:
     """One guest's candidates (to hardlink; private, for extents), leftover temporary
-    names and error messages."""
-    found: list[tuple[str, os.stat_result]] = []
-    private: list[tuple[str, os.stat_result]] = []
-    leftovers: list[str] = []
-    errors: list[str] = []
+    names and error messages.  Each candidate is turned into a record at once: a run
+    keeps no stat_result (with its float times) per name, and a name of a store object
+    (``objects``, by inode number) gets that object's one record."""
+    out = _GuestWalk()
+    found, private, counts = out.found, out.private, out.sizes
+    dev = tree.dev
+    lo, hi = sizes if sizes is not None else (0, 1 << 63)
+    limit = budget.limit
 
     def on_error(rel: str, e: OSError) -> None:
-        errors.append(f"{tree.where(rel)}: skipped: {e.strerror or e}")
+        out.errors.append(f"{tree.where(rel)}: skipped: {e.strerror or e}")
 
-    prune = ex.prune_untouched if extents else ex.prune
+    # No rules at all (the content-only run): no match per name.
+    match = ex.match if ex.rules else None
+    prune = (ex.prune_untouched if extents else ex.prune) if ex.rules else None
+    n = 0
     for rel, st in tree.walk(prune_dir=prune, known=known, on_error=on_error):
         if ".vsu~" in rel and TMP_RE.match(rel.rpartition("/")[2]):
-            leftovers.append(tree.where(rel))
-        elif st.st_size >= min_size:
-            r = ex.match(rel)
-            if r is None or r.include:
-                (found if link else private).append((rel, st))
-            elif extents and not r.untouched:
-                private.append((rel, st))
-    return found, private, leftovers, errors
+            out.leftovers.append(tree.where(rel))
+            continue
+        size = st.st_size
+        if size < min_size:
+            continue
+        r = match(rel) if match is not None else None
+        if r is None or r.include:
+            into = found if link else private
+        elif extents and not r.untouched:
+            into = private
+        else:
+            continue
+        n += 1
+        if size < lo or size >= hi:
+            continue  # another pass's
+        rec = objects.get(st.st_ino) if objects is not None else None
+        if rec is None or rec.dev != st.st_dev:
+            counts[size] += 1
+            if budget.over:
+                continue
+            into.append((rel, _rec(dev, st)))
+            if limit is not None and len(found) + len(private) > limit:
+                budget.over = True  # one guest alone holds more: no pass can keep all
+                found.clear()
+                private.clear()
+        elif into is found:
+            out.objects.append((rel, rec))
+        else:
+            into.append((rel, rec))
+    out.count = n
+    return out
 
 
-def _add(
-    inodes: dict[tuple[int, int], InodeRec], tree: GuestTree, rel: str, st: os.stat_result
-) -> None:
-    key = (st.st_dev, st.st_ino)
+def _add(inodes: dict[tuple[int, int], InodeRec], tree: GuestTree, rel: str, new: InodeRec) -> None:
+    key = (new.dev, new.ino)
     rec = inodes.get(key)
     if rec is None:
-        rec = inodes[key] = InodeRec(
-            st.st_dev,
-            st.st_ino,
-            st.st_size,
-            st.st_mtime_ns,
-            st.st_ctime_ns,
-            st.st_nlink,
-            st.st_mode,
-            st.st_uid,
-            st.st_gid,
-        )
+        rec = inodes[key] = new
     rec.names.append((tree, rel))
 
 
@@ -127,32 +177,61 @@ def scan(
     jobs: int = 4,
     link: bool = True,
     extents: bool = False,
+    objects: Mapping[int, InodeRec] | None = None,
+    sizes: tuple[int, int] | None = None,
+    budget: int | None = None,
 ) -> Scan:
     """Collect regular files of at least ``min_size`` bytes that no exclude rule covers
     (``link``: else they go to ``private``) and, with ``extents``, those an exclude but
     no '=' rule covers (``private``).
-    ``known``: stats of sealed store objects, so their names need no stat (see walk).
+    ``known``: stats of sealed store objects, so their names need no stat (see walk), and
+    ``objects`` their records (fresh ones for each scan: names are added to them).
+    ``sizes``: keep only inodes of sizes in [lo, hi) (the others are counted only).
+    ``budget``: keep at most about this many inodes; past it, ``complete`` is False, no
+    inode is kept and ``sizes`` counts the new inodes by size.
     Guests are walked in parallel threads: on a cold cache the walk waits on directory and
     inode reads, and several guests keep several of them in flight."""
     out = Scan()
     inodes = out.inodes
+    state = Budget(budget)
     with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(trees)))) as pool:
         walks = pool.map(
-            lambda t: _walk_one(t, excludes[t.name], min_size, known, link, extents), trees
+            lambda t: _walk_one(
+                t, excludes[t.name], min_size, known, objects, link, extents, sizes, state
+            ),
+            trees,
         )
-        for tree, (found, private, leftovers, errors) in zip(trees, walks, strict=True):
-            for msg in errors:
+        for tree, w in zip(trees, walks, strict=True):
+            for msg in w.errors:
                 log.warning("%s", msg)
-            out.errors += len(errors)
-            out.leftovers += leftovers
-            for rel, st in found:
-                _add(inodes, tree, rel, st)
-            for rel, st in private:
-                _add(out.private, tree, rel, st)
-            out.files[tree.name] = len(found) + len(private)
-            out.files_scanned += len(found) + len(private)
+            out.errors += len(w.errors)
+            out.leftovers += w.leftovers
+            out.sizes.update(w.sizes)
+            over = state.over  # once: a walker may set it meanwhile
+            if over and out.complete:  # a walker found one guest too many
+                out.complete = False
+                inodes.clear()
+                out.private.clear()
+            if not over:
+                for rel, rec in w.objects:
+                    rec.names.append((tree, rel))  # in ``inodes`` at the end
+                for rel, rec in w.found:
+                    _add(inodes, tree, rel, rec)
+                for rel, rec in w.private:
+                    _add(out.private, tree, rel, rec)
+                if budget is not None and len(inodes) + len(out.private) > budget:
+                    state.over = True  # the walkers keep counting, no more
+                    out.complete = False
+                    inodes.clear()
+                    out.private.clear()
+            out.files[tree.name] = w.count
+            out.files_scanned += w.count
             if tick is not None:
                 tick(out.files_scanned, 0)
+    if objects is not None and not state.over:
+        for rec in objects.values():
+            if rec.names:
+                inodes.setdefault((rec.dev, rec.ino), rec)
     for key in inodes.keys() & out.private.keys():
         del out.private[key]  # one name may be hardlinked: that decides for the inode
     return out

@@ -109,15 +109,9 @@ HISTORY_KEEP = 400  # rows of run and snapshot history kept (more than a year of
 Row = tuple[int, int, int, int, int, bytes, bytes, bytes, bytes]
 
 
-@dataclass(frozen=True, slots=True)
-class Cached:
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    digest: bytes
-    strong: bytes
-    meta: bytes
-    meta_any: bytes
+# A cached row as load() gives it: (ino, size, mtime_ns, ctime_ns, digest, strong, meta,
+# meta_any), the row itself (no object per row: a re-run loads every row of a device).
+Cached = tuple[int, int, int, int, bytes, bytes, bytes, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,9 +297,9 @@ class Index:
     # -- inode cache -------------------------------------------------------------------
 
     def load(self, dev: int) -> dict[int, Cached]:
-        """All cached rows of one device, keyed by inode number."""
+        """All cached rows of one device, keyed by inode number, in one query."""
         return {
-            r[0]: Cached(*r[1:])
+            r[0]: r
             for r in self.db.execute(
                 "SELECT ino, size, mtime_ns, ctime_ns, digest, strong, meta, meta_any FROM inode "
                 "WHERE dev=?",
@@ -346,19 +340,22 @@ class Index:
 
     def journal_add(self, rows: Iterable[tuple[str, str, str, str, str, int, int]]) -> list[int]:
         """Rows (kind, root, dir, name, tmp, orig_ino, obj_ino), committed together; their
-        ids.  Paths go in as bytes, whatever they hold."""
-        ids: list[int] = []
+        ids.  Paths go in as bytes, whatever they hold.  One statement for all rows: the
+        ids follow the largest in the table, which the write lock of the transaction keeps
+        from moving meanwhile."""
         fse = os.fsencode
         with self.transaction():
-            for kind, root, d, name, tmp, orig_ino, obj_ino in rows:
-                cur = self.db.execute(
-                    "INSERT INTO journal (kind, root, dir, name, tmp, "
-                    "orig_ino, obj_ino) VALUES (?,?,?,?,?,?,?)",
-                    (kind, fse(root), fse(d), fse(name), fse(tmp), orig_ino, obj_ino),
-                )
-                assert cur.lastrowid is not None
-                ids.append(cur.lastrowid)
-        return ids
+            top = self.db.execute("SELECT coalesce(max(id), 0) FROM journal").fetchone()[0]
+            values = [
+                (top + n, kind, fse(root), fse(d), fse(name), fse(tmp), orig_ino, obj_ino)
+                for n, (kind, root, d, name, tmp, orig_ino, obj_ino) in enumerate(rows, 1)
+            ]
+            self.db.executemany(
+                "INSERT INTO journal (id, kind, root, dir, name, tmp, orig_ino, obj_ino) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                values,
+            )
+        return [v[0] for v in values]
 
     def journal_done(self, ids: Iterable[int]) -> None:
         with self.transaction():
