@@ -24,7 +24,7 @@ from pathlib import Path
 
 from vsstore.errors import ConfigError, UnsupportedError
 from vsstore.lock import exclusive
-from vsstore.syscalls import _libc
+from vsstore.syscalls import AT_EMPTY_PATH, AT_FDCWD, _check, _libc
 
 from . import ns
 
@@ -39,11 +39,9 @@ SYS_open_tree = 428
 SYS_move_mount = 429
 SYS_mount_setattr = 442
 OPEN_TREE_CLONE = 1
-AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
-AT_FDCWD = -100
 MOUNT_ATTR_IDMAP = 0x00100000
 
 
@@ -86,13 +84,17 @@ def _parse(p: Path, text: str) -> tuple[int, int] | str:
             f"{p}: {text.strip()[:40]!r} is not 'START COUNT' or 'auto'; write e.g. "
             f"'auto' (a free range of 65536 ids is picked and written here)"
         ) from None
+    _check_range(p, start, count)
+    return start, count
+
+
+def _check_range(p: Path, start: int, count: int) -> None:
     if start < MIN_START or count < 1 or start + count - 1 > MAX_ID:
         raise ConfigError(
             f"{p}: {start} {count} is not a range of host ids for a guest: START must "
             f"be at least {MIN_START} (the host's own users are below) and COUNT at least 1 "
             f"(65536 for a whole distribution); write 'auto' to have one picked"
         )
-    return start, count
 
 
 def read(confdir: Path) -> tuple[tuple[int, int] | str, tuple[int, int] | str] | None:
@@ -288,28 +290,31 @@ class _MountAttr(ctypes.Structure):
     ]
 
 
-def _syscall(nr: int, *args: object) -> int:
-    r = int(_libc.syscall(ctypes.c_long(nr), *args))
-    if r < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return r
+def _clone(dirfd: int, path: str) -> int:
+    """A detached, recursive copy of the mount at ``path`` (relative to ``dirfd``; "" for
+    ``dirfd`` itself)."""
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE | (AT_EMPTY_PATH if not path else 0)
+    return _check(
+        _libc.syscall(SYS_open_tree, ctypes.c_int(dirfd), os.fsencode(path), ctypes.c_uint(flags)),
+        "open_tree",
+    )
 
 
 def _clone_idmapped(dirfd: int, path: str, userns_fd: int) -> int:
-    """A detached, recursive copy of the mount at ``path`` (relative to ``dirfd``; "" for
-    ``dirfd`` itself) with every mount in it idmapped into ``userns_fd``."""
-    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE | (AT_EMPTY_PATH if not path else 0)
-    fd = _syscall(SYS_open_tree, ctypes.c_int(dirfd), os.fsencode(path), ctypes.c_uint(flags))
+    """``_clone`` with every mount in the copy idmapped into ``userns_fd``."""
+    fd = _clone(dirfd, path)
     try:
         attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
-        _syscall(
-            SYS_mount_setattr,
-            ctypes.c_int(fd),
-            b"",
-            ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE),
-            ctypes.byref(attr),
-            ctypes.c_size_t(ctypes.sizeof(attr)),
+        _check(
+            _libc.syscall(
+                SYS_mount_setattr,
+                ctypes.c_int(fd),
+                b"",
+                ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE),
+                ctypes.byref(attr),
+                ctypes.c_size_t(ctypes.sizeof(attr)),
+            ),
+            "mount_setattr",
         )
     except OSError:
         os.close(fd)
@@ -321,13 +326,16 @@ def _move(fd: int, target_dirfd: int, target: str) -> None:
     """Attach the detached mount ``fd`` at ``target`` (relative to ``target_dirfd``; ""
     for ``target_dirfd`` itself)."""
     flags = MOVE_MOUNT_F_EMPTY_PATH | (MOVE_MOUNT_T_EMPTY_PATH if not target else 0)
-    _syscall(
-        SYS_move_mount,
-        ctypes.c_int(fd),
-        b"",
-        ctypes.c_int(target_dirfd),
-        os.fsencode(target),
-        ctypes.c_uint(flags),
+    _check(
+        _libc.syscall(
+            SYS_move_mount,
+            ctypes.c_int(fd),
+            b"",
+            ctypes.c_int(target_dirfd),
+            os.fsencode(target),
+            ctypes.c_uint(flags),
+        ),
+        "move_mount",
     )
 
 
@@ -368,12 +376,7 @@ def remount_cwd() -> None:  # pragma: no cover - in init
     """Our working directory's mount (with what is below it) mounted again onto itself, and
     entered: a mount namespace made in a user namespace locks what it copied, and
     pivot_root refuses a locked new root; a mount made here is not locked."""
-    fd = _syscall(
-        SYS_open_tree,
-        ctypes.c_int(AT_FDCWD),
-        b".",
-        ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE),
-    )
+    fd = _clone(AT_FDCWD, ".")
     try:
         _move(fd, AT_FDCWD, ".")
         os.fchdir(fd)
@@ -410,8 +413,7 @@ def enable(confroot: Path, name: str, start: int | None = None, count: int = AUT
         if start is None:
             start = pick(used, count)
         else:
-            where = confdir / "userns"
-            _parse(where, f"{start} {count}")  # the same checks as the files get
+            _check_range(confdir / "userns", start, count)
             other = _overlap(start, count, used)
             if other is not None:
                 s, c = other
