@@ -217,3 +217,15 @@ def debian_guest(host, name: str) -> Path:  # type: ignore[no-untyped-def]
     os.symlink(root, c / "vdir")
     (c / "apps/init/style").write_text("none\n")
     return root
+
+
+def static_program(d: Path, source: str, name: str = "probe") -> Path:
+    """``source`` (C) compiled statically into ``d/name``: a program for a guest's tree
+    that needs nothing of it (busybox has no applet for the calls the tests probe)."""
+    (d / f"{name}.c").write_text(source)
+    subprocess.run(
+        ["gcc", "-O2", "-static", "-o", str(d / name), str(d / f"{name}.c")],
+        check=True,
+        capture_output=True,
+    )
+    return d / name

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from guests import CORPUS, Vserver, debian_guest
+from guests import CORPUS, Vserver, debian_guest, static_program
 
 from vsstore.errors import EXIT_CONFIG
 from vsstore.lifecycle import helper, seccomp
@@ -81,14 +81,7 @@ EPERM, ENOSYS = 1, 38
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("seccomp")
-    (d / "probe.c").write_text(PROBE_C)
-    subprocess.run(
-        ["gcc", "-O2", "-static", "-o", str(d / "probe"), str(d / "probe.c")],
-        check=True,
-        capture_output=True,
-    )
-    return d / "probe"
+    return static_program(tmp_path_factory.mktemp("seccomp"), PROBE_C)
 
 
 def _guest(

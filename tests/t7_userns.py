@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from guests import BUSYBOX, host_mounts, pid_ns, procs_in_ns
+from guests import BUSYBOX, host_mounts, pid_ns, procs_in_ns, static_program
 from t7_admin import _list
 
 from conftest import REPO
@@ -74,15 +74,8 @@ EPERM = 1
 
 
 @pytest.fixture(scope="module")
-def probe(tmp_path_factory: pytest.TempPathFactory):
-    d = tmp_path_factory.mktemp("userns")
-    (d / "probe.c").write_text(PROBE_C)
-    subprocess.run(
-        ["gcc", "-O2", "-static", "-o", str(d / "probe"), str(d / "probe.c")],
-        check=True,
-        capture_output=True,
-    )
-    return d / "probe"
+def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return static_program(tmp_path_factory.mktemp("userns"), PROBE_C)
 
 
 def _userns_guest(vs, host, name, start=None, conf=None, files=None):
