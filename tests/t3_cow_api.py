@@ -30,6 +30,7 @@ import pyfuse3
 import pytest
 import trio
 
+import cow.fs
 from conftest import flags, inode
 from cow.fs import NO_OPENDIR, CowFS
 from unify import engine
@@ -773,3 +774,15 @@ def test_opendir_leaves_directories_to_the_kernels_cache_and_readdir_goes_by_nod
     call(fs, "readdir", nid(fs, "a/usr"), 1, rest)
     assert rest == names[1:]
     assert listing(fs, ROOT) == ["a", "b"]
+
+
+def test_on_a_stock_pyfuse3_directories_are_listed_through_handles(fs, host, monkeypatch):
+    """Without our pyfuse3 (NO_OPENDIR false) opendir gives a handle, readdir lists through
+    it and releasedir drops it."""
+    monkeypatch.setattr(cow.fs, "NO_OPENDIR", False)
+    fh = call(fs, "opendir", nid(fs, "a/usr"), HOST)
+    names: list[str] = []
+    call(fs, "readdir", fh, 0, names)
+    assert names == sorted(os.listdir(host.root / "a/usr"))
+    call(fs, "releasedir", fh)
+    assert fh not in fs.dir_handles
