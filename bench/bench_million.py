@@ -33,22 +33,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchhost import drop_caches, log  # noqa: E402
+
 from vsstore.attrs import unseal_tree  # noqa: E402
 
 SHARED = 0.9  # share of each guest's files that every guest has
 CHANGED = 0.01  # share of the files the "changed" phase replaces
 PER_DIR = 100  # files per directory
 MAX_SIZE = 1 << 20
-
-
-def log(msg: str) -> None:
-    print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def size_of(rnd: random.Random) -> int:

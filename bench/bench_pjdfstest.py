@@ -36,6 +36,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench_cow import mountpoints, wait_mounted
+from bench_unify import BenchError
+from benchhost import log
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 TOOLS = ("cow", "fuse-overlayfs")
@@ -52,14 +56,6 @@ NEEDED = {
     "unshare": "util-linux",
 }
 AUTOMAKE_AUX = Path("/usr/share/automake-1.16")
-
-
-class BenchError(Exception):
-    """A tool failed or the environment is not fit for the run."""
-
-
-def log(msg: str) -> None:
-    print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
 def run(argv: list[str], env: dict[str, str] | None = None) -> str:
@@ -112,20 +108,6 @@ def build(tarball: Path, cache: Path) -> Path:
 
 
 # -- mounts --------------------------------------------------------------------------------
-
-
-def mountpoints() -> set[str]:
-    with open("/proc/self/mountinfo") as f:
-        return {line.split()[4].replace("\\040", " ") for line in f}
-
-
-def wait_mounted(path: Path, mounted: bool, timeout: float = 15.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if (str(path) in mountpoints()) == mounted:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def make_guest(root: Path) -> None:
