@@ -19,8 +19,8 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import pyfuse3
@@ -87,32 +87,35 @@ def _asked(mode: int, ctx: pyfuse3.RequestContext) -> int:
     return mode & 0o7777 & ~ctx.umask
 
 
-def _perm_differs(st: os.stat_result, perm: int) -> bool:
-    """Does a node just made lack the permission bits ``perm`` asked for (a directory's
-    setgid bit is the parent's to give)?"""
-    have = stat.S_IMODE(st.st_mode)
-    return (have & ~stat.S_ISGID if stat.S_ISDIR(st.st_mode) else have) != perm
-
-
-def _new_gid(dfd: int, ctx: pyfuse3.RequestContext) -> int:
-    """The group of a node the caller makes in directory ``dfd``: the directory's when it
-    is setgid (-1: as the kernel gave it), else the caller's."""
-    return -1 if os.fstat(dfd).st_mode & stat.S_ISGID else ctx.gid
+@contextmanager
+def _made_by(ctx: pyfuse3.RequestContext) -> Iterator[None]:
+    """Nodes made in the block belong to the caller from their birth (the thread's
+    filesystem ids are the caller's), with exactly the mode asked (no daemon umask): no
+    chown or chmod by name follows, where a guest process working on the tree directly
+    could have put a file of its own (a set-id one) under the name meanwhile."""
+    old = os.umask(0)
+    try:
+        with syscalls.fs_ids(ctx.uid, ctx.gid):
+            yield
+    finally:
+        os.umask(old)
 
 
 class _Target(NamedTuple):
-    """A name a setattr changes: its base name in directory ``dfd``; a guest's root is its
-    own fd (``base`` empty)."""
+    """The inode a setattr changes, held by an O_PATH descriptor (checked to be the inode
+    asked for, where that is known): a name the guest swaps meanwhile changes nothing."""
 
-    dfd: int
-    base: str
+    fd: int
+    st: os.stat_result
+
+    @property
+    def path(self) -> str:
+        """The inode itself (the magic link of its descriptor, never followed further)."""
+        return f"/proc/self/fd/{self.fd}"
 
     def call(self, fn: Callable[..., None], *args: Any, **kw: Any) -> None:
-        """``fn`` (os.chmod, os.chown, os.utime) on the name itself, never on what a
-        symlink leads to."""
-        if self.base:
-            return fn(self.base, *args, dir_fd=self.dfd, follow_symlinks=False, **kw)
-        return fn(self.dfd, *args, **kw)
+        """``fn`` (os.chmod, os.chown, os.utime) on the inode."""
+        fn(self.path, *args, **kw)
 
 
 class CowFS(pyfuse3.Operations):
@@ -302,39 +305,42 @@ class CowFS(pyfuse3.Operations):
             return self._truncate_open(node, fh, attr.st_size)
         found = self.nodes.resolve(node) if node.names else None
         name, copied = self.copyup.name_to_change(ctx, node, found)
-        st = found[1] if found is not None and not copied else lstat(self.trees, name)
-        self._change(name, st, attr, fields, fh)
+        # Not copied: the name held the node's inode just now, and must still (else
+        # ESTALE); a copy (made now or before) is whatever the caller's name holds.
+        t = self._target(name, None if copied else (node.dev, node.ino))
+        try:
+            st = self._change(name[0], t, attr, fields, fh)
+        finally:
+            os.close(t.fd)
         if copied:
             # The kernel applies the answer to ``inode``, the shared inode every guest
             # sees: it gets the shared inode's attributes; the caller's name now leads
             # to the changed copy (its entry was invalidated).
             return self._shared_attr(node)
-        return self._attr(inode, lstat(self.trees, name))
+        return self._attr(inode, st)
 
     def _change(
         self,
-        name: Name,
-        st: os.stat_result,
+        guest: str,
+        t: _Target,
         attr: pyfuse3.EntryAttributes,
         fields: pyfuse3.SetattrFields,
         fh: int | None,
-    ) -> None:
-        """What a setattr asks of ``name`` (whose stat is ``st``), one change at a time:
-        size, owner, mode (exactly as asked), times."""
-        t = self._target(name)
+    ) -> os.stat_result:
+        """What a setattr asks of inode ``t``, one change at a time: size, owner, mode
+        (exactly as asked), times; returns its stat afterwards."""
         try:
             if fields.update_size:
-                self._set_size(name[0], t, fh, attr.st_size)
+                self._set_size(t, fh, attr.st_size)
             if fields.update_uid or fields.update_gid:  # first: a chown clears set-id bits
                 self._set_owner(t, attr, fields)
             if fields.update_mode:
-                self._set_mode(t, st, attr.st_mode)
+                self._set_mode(t, attr.st_mode)
             if fields.update_atime or fields.update_mtime:
-                self._set_times(name, t, attr, fields)
+                self._set_times(t, attr, fields)
+            return os.fstat(t.fd)
         except OSError as e:
             raise fuse_error(e) from None
-        finally:
-            os.close(t.dfd)
 
     def _truncate_open(self, node: Node, fh: int, size: int) -> pyfuse3.EntryAttributes:
         """ftruncate on an open file: the handle already is the right file (a copy, when
@@ -347,28 +353,49 @@ class CowFS(pyfuse3.Operations):
         except OSError as e:
             raise fuse_error(e) from None
 
-    def _target(self, name: Name) -> _Target:
+    def _target(self, name: Name, expect: tuple[int, int] | None) -> _Target:
+        """The inode ``name`` holds, opened without following it (a guest's root: its own
+        descriptor); ESTALE unless it is the inode ``expect``ed."""
         guest, rel = name
-        head, _, base = rel.rpartition("/")
-        return _Target(
-            open_dir(self.trees, (guest, head)) if rel else os.dup(self.trees[guest].fd), base
-        )
+        try:
+            if rel:
+                head, _, base = rel.rpartition("/")
+                dfd = open_dir(self.trees, (guest, head))
+                try:
+                    fd = os.open(base, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                finally:
+                    os.close(dfd)
+            else:
+                fd = os.dup(self.trees[guest].fd)
+        except OSError as e:
+            raise fuse_error(e) from None
+        st = os.fstat(fd)
+        if expect is not None and (st.st_dev, st.st_ino) != expect:
+            os.close(fd)
+            log.debug("setattr %s:/%s: replaced since it was found", guest, rel)
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return _Target(fd, st)
 
-    def _set_size(self, guest: str, t: _Target, fh: int | None, size: int) -> None:
-        """truncate: through the caller's handle if it gave one, else by the name (a
-        regular file only)."""
+    @staticmethod
+    def _set_size(t: _Target, fh: int | None, size: int) -> None:
+        """truncate: through the caller's handle if it gave one, else the inode reopened
+        for writing (a regular file only)."""
         if fh is not None:
             os.ftruncate(fh, size)
             return
-        fd = self.trees[guest].open_regular(t.base, dirfd=t.dfd, flags=os.O_WRONLY)
+        if stat.S_ISDIR(t.st.st_mode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if not stat.S_ISREG(t.st.st_mode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        fd = os.open(t.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
 
     @staticmethod
-    def _set_mode(t: _Target, st: os.stat_result, mode: int) -> None:
-        if t.base and stat.S_ISLNK(st.st_mode):
+    def _set_mode(t: _Target, mode: int) -> None:
+        if stat.S_ISLNK(t.st.st_mode):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # Linux has no mode of a symlink
         t.call(os.chmod, stat.S_IMODE(mode))
 
@@ -382,11 +409,12 @@ class CowFS(pyfuse3.Operations):
             attr.st_gid if fields.update_gid else -1,
         )
 
+    @staticmethod
     def _set_times(
-        self, name: Name, t: _Target, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+        t: _Target, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
     ) -> None:
-        """utimes: a time not given stays as the name has it now."""
-        cur = lstat(self.trees, name)
+        """utimes: a time not given stays as the inode has it now."""
+        cur = os.fstat(t.fd)
         t.call(
             os.utime,
             ns=(
@@ -496,9 +524,7 @@ class CowFS(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         perm = _asked(mode, ctx) & 0o1777  # mkdir takes no set-id bits (setgid: inherited)
-        return await self._make(
-            parent_inode, name, ctx, lambda n, d: os.mkdir(n, perm, dir_fd=d), perm
-        )
+        return await self._make(parent_inode, name, ctx, lambda n, d: os.mkdir(n, perm, dir_fd=d))
 
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
@@ -523,7 +549,6 @@ class CowFS(pyfuse3.Operations):
             name,
             ctx,
             lambda n, d: os.mknod(n, kind | perm, rdev if kind in _DEVICES else 0, dir_fd=d),
-            perm,
         )
 
     def _in_dir(
@@ -558,24 +583,13 @@ class CowFS(pyfuse3.Operations):
         name: bytes,
         ctx: pyfuse3.RequestContext,
         make: Callable[[str, int], None],
-        perm: int | None = None,
     ) -> pyfuse3.EntryAttributes:
-        """Make ``name`` with ``make(name, dirfd)``, owned by the caller, with exactly the
-        permission bits ``perm`` (None: a symlink, which has none)."""
+        """Make ``name`` with ``make(name, dirfd)``, as the caller (``_made_by``)."""
         guest, rel, n, dfd = self._in_dir(parent_inode, name, ctx)
         try:
-            make(n, dfd)
-            os.chown(n, ctx.uid, _new_gid(dfd, ctx), dir_fd=dfd, follow_symlinks=False)
+            with _made_by(ctx):
+                make(n, dfd)
             st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
-            if perm is not None and _perm_differs(st, perm):
-                # the daemon's umask, or the set-id bits our chown cleared
-                os.chmod(
-                    n,
-                    perm | (st.st_mode & stat.S_ISGID if stat.S_ISDIR(st.st_mode) else 0),
-                    dir_fd=dfd,
-                    follow_symlinks=False,
-                )
-                st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
         except OSError as e:
             raise fuse_error(e) from None
         finally:
@@ -712,21 +726,28 @@ class CowFS(pyfuse3.Operations):
     # Our own marker (trusted/user.vsstore.*) is invisible and untouchable through the
     # overlay; changing any other xattr of a shared inode copies it up first.
 
-    def _xattr_fd(self, name: Name) -> int:
+    def _xattr_fd(self, name: Name, expect: tuple[int, int] | None = None) -> int:
+        """A descriptor of the directory or regular file ``name`` holds (ESTALE unless it
+        is the inode ``expect``ed): opened once without following it, then reopened
+        through that descriptor, so both opens reach the same inode."""
         tree = self.trees[name[0]]
         try:
-            fd = tree.open_beneath(name[1], os.O_PATH) if name[1] else os.dup(tree.fd)
+            pfd = tree.open_beneath(name[1], os.O_PATH) if name[1] else os.dup(tree.fd)
             try:
-                mode = os.fstat(fd).st_mode
+                st = os.fstat(pfd)
+                if expect is not None and (st.st_dev, st.st_ino) != expect:
+                    raise pyfuse3.FUSEError(errno.ESTALE)
+                if stat.S_ISDIR(st.st_mode):
+                    flags = os.O_RDONLY | os.O_DIRECTORY
+                elif stat.S_ISREG(st.st_mode):
+                    flags = os.O_RDONLY | os.O_NONBLOCK
+                else:
+                    raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # symlinks, fifos: no xattrs here
+                return os.open(f"/proc/self/fd/{pfd}", flags | os.O_CLOEXEC)
             finally:
-                os.close(fd)
-            if stat.S_ISDIR(mode):
-                return tree.open_beneath(name[1], os.O_RDONLY | os.O_DIRECTORY)
-            if stat.S_ISREG(mode):
-                return tree.open_regular(name[1])
+                os.close(pfd)
         except OSError as e:
             raise fuse_error(e) from None
-        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # symlinks, fifos: no xattrs here
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         n = os.fsdecode(name)
@@ -765,8 +786,8 @@ class CowFS(pyfuse3.Operations):
         if is_ours(n) or inode == ROOT:
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self.nodes.get(inode)
-        name, _ = self.copyup.name_to_change(ctx, node, self.nodes.resolve(node))
-        fd = self._xattr_fd(name)
+        name, copied = self.copyup.name_to_change(ctx, node, self.nodes.resolve(node))
+        fd = self._xattr_fd(name, None if copied else (node.dev, node.ino))
         try:
             if value is None:
                 os.removexattr(fd, n)
@@ -822,13 +843,16 @@ class CowFS(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         guest, rel, n, dfd = self._in_dir(parent_inode, name, ctx)
         try:
-            perm = _asked(mode, ctx)
-            fd = os.open(n, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, perm, dir_fd=dfd)
-            os.fchown(fd, ctx.uid, _new_gid(dfd, ctx))
+            # The kernel found no such name just now.  O_EXCL: a file a guest process put
+            # there meanwhile is never opened (nor handed over) in its place.
+            with _made_by(ctx):
+                fd = os.open(
+                    n,
+                    flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    _asked(mode, ctx),
+                    dir_fd=dfd,
+                )
             st = os.fstat(fd)
-            if _perm_differs(st, perm):  # the daemon's umask, or set-id bits chown cleared
-                os.fchmod(fd, perm)
-                st = os.fstat(fd)
         except OSError as e:
             raise fuse_error(e) from None
         finally:

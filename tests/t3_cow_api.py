@@ -786,3 +786,105 @@ def test_on_a_stock_pyfuse3_directories_are_listed_through_handles(fs, host, mon
     assert names == sorted(os.listdir(host.root / "a/usr"))
     call(fs, "releasedir", fh)
     assert fh not in fs.dir_handles
+
+
+def _planted(path: Path) -> Path:
+    """A set-uid file of another user (1234) beside ``path``, as a guest process would
+    leave it to be renamed into a name the overlay is making."""
+    planted = path.with_name(".planted")
+    planted.write_bytes(b"planted\n")
+    os.chown(planted, 1234, 1234)
+    os.chmod(planted, 0o4755)
+    return planted
+
+
+def _as_planted(path: Path) -> None:
+    st = os.lstat(path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 1234, 0o4755)
+    assert path.read_bytes() == b"planted\n"
+
+
+@pytest.mark.parametrize("op", ["mkdir", "mknod", "symlink"])
+def test_a_file_swapped_in_right_after_a_node_is_made_is_never_chowned_or_chmodded(
+    fs, host, monkeypatch, op
+):
+    """A guest process working on the tree directly (during ``exec --cow``) renames its own
+    set-uid file into the name the instant the overlay made the node: the node is born
+    the caller's (no chown or chmod by name follows), so the planted file keeps its owner
+    and mode, and no set-uid file of the caller's is made."""
+    usr = host.root / "a/usr"
+    real = {"mkdir": os.mkdir, "mknod": os.mknod, "symlink": os.symlink}[op]
+
+    def then_swap(*args: Any, **kw: Any) -> None:
+        real(*args, **kw)
+        monkeypatch.setattr(os, op, real)
+        target = usr / "new"
+        if target.is_dir() and not target.is_symlink():
+            target.rmdir()
+        os.rename(_planted(target), target)
+
+    monkeypatch.setattr(os, op, then_swap)
+    ctx = Ctx(HOST.pid, uid=0, gid=0, umask=0o022)  # the host's root, through exec --cow
+    d = nid(fs, "a/usr")
+    if op == "mkdir":
+        call(fs, "mkdir", d, b"new", 0o755, ctx)
+    elif op == "mknod":
+        call(fs, "mknod", d, b"new", stat.S_IFREG | 0o644, 0, ctx)
+    else:
+        call(fs, "symlink", d, b"new", b"target", ctx)
+    _as_planted(usr / "new")
+
+
+def test_create_never_opens_a_file_a_guest_put_in_the_name_meanwhile(fs, host):
+    """The kernel sends create only for a name it just found missing; a file a guest
+    process put there since is refused (EEXIST), never opened, chowned or chmodded."""
+    usr = host.root / "a/usr"
+    os.rename(_planted(usr / "new"), usr / "new")
+    ctx = Ctx(HOST.pid, uid=0, gid=0)
+    d = nid(fs, "a/usr")
+    assert refused(fs, "create", d, b"new", 0o644, os.O_WRONLY | os.O_TRUNC, ctx) == errno.EEXIST
+    _as_planted(usr / "new")
+
+
+def test_a_setattr_changes_only_the_inode_it_was_asked_for(fs, host, monkeypatch):
+    """Between finding a private file's name and changing it, a guest process renames its
+    own set-uid file over that name: the chown and chmod that root asked for the first
+    file fail (ESTALE) and the planted file keeps its owner and mode."""
+    usr = host.root / "a/usr"
+    node = nid(fs, "a/usr/own-a")
+    resolve = fs.nodes.resolve
+
+    def then_replace(n):  # type: ignore[no-untyped-def]
+        found = resolve(n)
+        monkeypatch.setattr(fs.nodes, "resolve", resolve)
+        os.rename(_planted(usr / "own-a"), usr / "own-a")
+        return found
+
+    monkeypatch.setattr(fs.nodes, "resolve", then_replace)
+    assert refused(fs, "setattr", node, *changes(uid=0, gid=0, mode=0o104755), None, HOST) == (
+        errno.ESTALE
+    )
+    _as_planted(usr / "own-a")
+    # the same request on the name as it is now changes exactly that inode
+    setattr_(fs, nid(fs, "a/usr/own-a"), uid=0, gid=0, mode=0o100700)
+    st = os.lstat(usr / "own-a")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o700)
+
+
+def test_an_xattr_change_reaches_only_the_inode_it_was_asked_for(fs, host, monkeypatch):
+    """The same swap before a setxattr (say security.capability by root): ESTALE, and the
+    planted file gets no attribute."""
+    usr = host.root / "a/usr"
+    node = nid(fs, "a/usr/own-a")
+    resolve = fs.nodes.resolve
+
+    def then_replace(n):  # type: ignore[no-untyped-def]
+        found = resolve(n)
+        monkeypatch.setattr(fs.nodes, "resolve", resolve)
+        os.rename(_planted(usr / "own-a"), usr / "own-a")
+        return found
+
+    monkeypatch.setattr(fs.nodes, "resolve", then_replace)
+    assert refused(fs, "setxattr", node, b"user.granted", b"1", HOST) == errno.ESTALE
+    assert "user.granted" not in os.listxattr(usr / "own-a")
+    _as_planted(usr / "own-a")

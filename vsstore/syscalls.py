@@ -13,6 +13,8 @@ import fcntl
 import os
 import signal
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -37,6 +39,10 @@ FS_IOC_GETFLAGS = 0x80086601
 FS_IOC_SETFLAGS = 0x40086602
 FS_IMMUTABLE_FL = 0x00000010
 FS_APPEND_FL = 0x00000020
+
+PR_GET_SECUREBITS = 27
+PR_SET_SECUREBITS = 28
+SECBIT_NO_SETUID_FIXUP = 1 << 2  # linux/securebits.h: fsuid changes keep capabilities
 
 F_SETLEASE = 1024
 F_GETLEASE = 1025
@@ -174,3 +180,30 @@ def seal_memfd(fd: int) -> None:
         fcntl.F_ADD_SEALS,
         fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE,
     )
+
+
+@contextmanager
+def fs_ids(uid: int, gid: int) -> Iterator[None]:
+    """In the block, the calling thread makes files as ``uid``:``gid`` (its filesystem ids,
+    setfsuid(2): per thread) and keeps its capabilities (SECBIT_NO_SETUID_FIXUP), so a node
+    is born with its owner and never needs a chown by name afterwards, and the caller's
+    permission checks stay the kernel's job before the request (FUSE's default_permissions).
+    A setgid directory still gives its group, as for any maker."""
+    bits = _check(_libc.prctl(PR_GET_SECUREBITS, 0, 0, 0, 0), "prctl(PR_GET_SECUREBITS)")
+    _check(
+        _libc.prctl(PR_SET_SECUREBITS, bits | SECBIT_NO_SETUID_FIXUP, 0, 0, 0),
+        "prctl(PR_SET_SECUREBITS)",
+    )
+    old_gid = _libc.setfsgid(ctypes.c_uint(gid))
+    old_uid = _libc.setfsuid(ctypes.c_uint(uid))
+    try:
+        # setfsuid answers the previous id, success or not: ask again (-1 changes nothing)
+        if _libc.setfsuid(ctypes.c_uint(0xFFFFFFFF)) != uid:
+            raise OSError(errno.EPERM, f"setfsuid({uid}) refused")
+        if _libc.setfsgid(ctypes.c_uint(0xFFFFFFFF)) != gid:
+            raise OSError(errno.EPERM, f"setfsgid({gid}) refused")
+        yield
+    finally:
+        _libc.setfsuid(ctypes.c_uint(old_uid))
+        _libc.setfsgid(ctypes.c_uint(old_gid))
+        _libc.prctl(PR_SET_SECUREBITS, bits, 0, 0, 0)
