@@ -607,3 +607,43 @@ def test_one_guest_over_the_bound_is_unified_in_passes(host):
     s = unify_run(host, "solo", max_inodes=5)
     assert s.errors == 0 and s.objects_created == 9 and s.files_linked == 60 - 9
     assert len({inode(host.root / "solo" / rel) for rel in files}) == 9
+
+
+def test_a_breached_object_moves_every_guest_name_to_a_fresh_copy(host):
+    """On a filesystem that lets a writer holding an object open write despite the seal,
+    the linker evacuates: every name of the object in the run's guests (a guest's two
+    names of it too), and the store's, move to a fresh sealed copy, though a run keeps
+    only one name per object (a walk finds the others)."""
+    g = {n: host.guest(n, {"usr/f": BIN, "usr/lib/g": BIN}) for n in "abc"}
+    unify_run(host, "a", "b", "c")
+    old = inode(g["a"] / "usr/f")
+    paths = Paths.from_env()
+    store, idx = Store(paths.default_store), Index(paths.index_file)
+    trees = engine.open_trees([resolve_guest(n, paths) for n in "abc"], store)
+    try:
+        linker = apply.Linker(
+            store, idx, immutable=True, ignore_mtime=False, stats=engine.Summary()
+        )
+        linker.trees = trees
+        (obj,) = [o for group in store.scan().values() for o in group]
+        odir, oname = store.dir_and_name(obj)
+        ofd = os.open(oname, os.O_RDONLY, dir_fd=odir)
+        try:
+            attrs.set_immutable(ofd, False)  # as the window left it
+            linker.evacuate(obj, ofd)
+            left = os.fstat(ofd).st_nlink
+        finally:
+            os.close(ofd)
+    finally:
+        for t in trees:
+            t.close()
+        store.close()
+        idx.close()
+    new = inode(g["a"] / "usr/f")
+    assert new != old and left == 0
+    names = [g[n] / rel for n in "abc" for rel in ("usr/f", "usr/lib/g")]
+    assert {inode(p) for p in names} == {new}
+    assert all(p.read_bytes() == BIN for p in names)
+    obj_path = next(p for p in host.store.rglob("*") if p.is_file())
+    assert inode(obj_path) == new and flags(obj_path) == "UIa"
+    assert os.stat(obj_path).st_nlink == 7

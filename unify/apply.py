@@ -231,9 +231,9 @@ class Linker:
         self.window = min(WINDOW_NAMES, room // 5)
         self.closer_fds = self.window
         self.dir_fds = min(DIR_FDS, room // 5)
-        # Every name the walk saw per inode, so that a compromised object's names can be
-        # moved to a fresh copy (evacuate).
+        # The walk's records by inode (of a store object: one name, not all).
         self.known: dict[tuple[int, int], InodeRec] = {}
+        self.trees: list[GuestTree] = []  # the run's guests: a breach walks them (evacuate)
         self.closer: Closer | None = None  # set by unify_all
         self.dirs = _Dirs(self.dir_fds)
         # Journal planning of the current chunk (see unify_all).
@@ -816,10 +816,26 @@ class Linker:
             attrs.seal(ofd, self.immutable)
             raise
 
+    def names_of(self, st: os.stat_result) -> list[tuple[GuestTree, str]]:
+        """Every name of inode ``st`` in the run's guests, by a walk of them all (the run
+        keeps one name per store object, not all: a breach is rare, a million names are
+        not).  Entries are matched by their directory entry's inode number, no stat."""
+        known = {st.st_ino: st}
+        found: list[tuple[GuestTree, str]] = []
+        for tree in self.trees:
+            if tree.dev != st.st_dev:
+                continue
+            found += [
+                (tree, rel)
+                for rel, s in tree.walk(known=known)
+                if s.st_ino == st.st_ino and s.st_dev == st.st_dev
+            ]
+        return found
+
     def evacuate(self, obj: StoreObject, ofd: int) -> None:
-        """Move every name of ``obj`` that this run knows (the store's and the guests') to a
-        fresh sealed copy.  Called with ``obj`` unsealed.  The old inode keeps only names the
-        run did not see, and the pending writer's open file."""
+        """Move every name of ``obj`` in the run's guests (and the store's) to a fresh
+        sealed copy.  Called with ``obj`` unsealed.  The old inode keeps only names outside
+        the run's guests, and the pending writer's open file."""
         odir, obase = self.store.dir_and_name(obj)
         st = os.fstat(ofd)
         tmp = tmp_name()
@@ -827,8 +843,7 @@ class Linker:
         moved = 0
         dirs = _Dirs(self.dir_fds)
         try:
-            rec = self.known.get((st.st_dev, st.st_ino))
-            for tree, rel in rec.names if rec else []:
+            for tree, rel in self.names_of(st):
                 d, base = split_rel(rel)
                 t = tmp_name()
                 try:

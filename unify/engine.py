@@ -178,6 +178,7 @@ def run(
             link_limit=opts.link_limit,
             fds=apply.fds_free() - 2 * max(1, opts.jobs) - 32,
         )
+        linker.trees = trees
         if sc.complete:
             _unify_pass(sc, opts, linker, index, objects, prog)
         else:
@@ -320,7 +321,6 @@ def _walk(
         excludes,
         opts.min_size,
         tick=lambda n, b: prog.update(n, b),
-        known=objects.known,
         jobs=2,
         link=opts.reflink is not Reflink.ONLY,
         extents=extents_on,
@@ -350,14 +350,19 @@ def _look_up(
 ) -> tuple[dict[int, list[scan.InodeRec]], list[scan.InodeRec]]:
     """3. What needs reading: only sizes shared with another inode or an object.  Of
     those inodes (returned by size), the ones the index knows unchanged take their
-    digests from it; the others (returned second) are to be hashed."""
-    size_count = Counter(r.size for r in sc.inodes.values())
+    digests from it; the others (returned second) are to be hashed.  Store objects the
+    walk met are looked up too, but grouped by nobody (a group finds its objects by
+    key): one whose row is stale is only read again, and resealed (_Pipeline.hashed)."""
+    inos = objects.inos
+    new = [r for r in sc.inodes.values() if (r.dev, r.ino) not in inos]
+    size_count = Counter(r.size for r in new)
     by_size: dict[int, list[scan.InodeRec]] = {}
-    for rec in sc.inodes.values():
+    for rec in new:
         if size_count[rec.size] < 2 and rec.size not in objects.sizes:
             continue
         by_size.setdefault(rec.size, []).append(rec)
-    return by_size, _from_index([r for rs in by_size.values() for r in rs], index)
+    seen = [r for r in sc.inodes.values() if (r.dev, r.ino) in inos]
+    return by_size, _from_index([r for rs in by_size.values() for r in rs] + seen, index)
 
 
 def _from_index(recs: list[scan.InodeRec], index: Index) -> list[scan.InodeRec]:

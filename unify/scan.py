@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ TMP_RE = re.compile(r"^\.vsu~[0-9a-f]{16}$")
 
 @dataclass(slots=True)
 class InodeRec:
-    """A candidate inode and every name the walk found for it."""
+    """A candidate inode and every name the walk found for it (of a store object: one)."""
 
     dev: int
     ino: int
@@ -81,7 +82,6 @@ class Budget:
 @dataclass(slots=True)
 class _GuestWalk:
     found: Found = field(default_factory=list)
-    objects: Found = field(default_factory=list)  # names of store objects (to hardlink)
     private: Found = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -101,7 +101,6 @@ def _walk_one(
     tree: GuestTree,
     ex: ExcludeList,
     min_size: int,
-    known: Mapping[int, os.stat_result] | None,
     objects: Mapping[int, InodeRec] | None,
     link: bool,
     extents: bool,
@@ -125,37 +124,63 @@ def _walk_one(
     match = ex.match if ex.rules else None
     prune = (ex.prune_untouched if extents else ex.prune) if ex.rules else None
     n = 0
-    for rel, st in tree.walk(prune_dir=prune, known=known, on_error=on_error):
-        if ".vsu~" in rel and TMP_RE.match(rel.rpartition("/")[2]):
-            out.leftovers.append(tree.where(rel))
-            continue
-        size = st.st_size
-        if size < min_size:
-            continue
-        r = match(rel) if match is not None else None
-        if r is None or r.include:
-            into = found if link else private
-        elif extents and not r.untouched:
-            into = private
-        else:
-            continue
-        n += 1
-        if size < lo or size >= hi:
-            continue  # another pass's
-        rec = objects.get(st.st_ino) if objects is not None else None
-        if rec is None or rec.dev != st.st_dev:
-            counts[size] += 1
-            if budget.over:
+    for prefix, entries in tree.listings(prune_dir=prune, on_error=on_error):
+        for entry in entries:
+            name = entry.name
+            if ".vsu~" in name and TMP_RE.match(name):
+                out.leftovers.append(tree.where(prefix + name))
                 continue
-            into.append((rel, _rec(dev, st)))
-            if limit is not None and len(found) + len(private) > limit:
-                budget.over = True  # one guest alone holds more: no pass can keep all
-                found.clear()
-                private.clear()
-        elif into is found:
-            out.objects.append((rel, rec))
-        else:
-            into.append((rel, rec))
+            # A name of a store object (its directory entry's inode number: no stat; the
+            # guest is on the store's filesystem): its record is the object's.
+            rec = objects.get(entry.inode()) if objects is not None else None
+            if rec is not None and rec.dev == dev:
+                size = rec.size
+                st = None
+            else:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    on_error(prefix + name, e)
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # no longer a file
+                size = st.st_size
+                rec = None
+            if size < min_size:
+                continue
+            if match is not None:
+                r = match(prefix + name)
+                if r is None or r.include:
+                    into = found if link else private
+                elif extents and not r.untouched:
+                    into = private
+                else:
+                    continue
+            else:
+                into = found if link else private
+            n += 1
+            if size < lo or size >= hi:
+                continue  # another pass's
+            if rec is not None:
+                if into is found:
+                    # One name per object is kept (to read it through, should its index
+                    # row be stale), not every one; a breach finds them all by a walk
+                    # (apply.Linker.evacuate).  Walkers of two guests may both add one.
+                    if not rec.names:
+                        rec.names.append((tree, prefix + name))
+                else:
+                    into.append((prefix + name, rec))
+            elif st is not None:
+                counts[size] += 1
+                if budget.over:
+                    continue
+                into.append((prefix + name, _rec(dev, st)))
+                if limit is not None and len(found) + len(private) > limit:
+                    budget.over = True  # one guest alone holds more: no pass can keep all
+                    found.clear()
+                    private.clear()
     out.count = n
     return out
 
@@ -173,7 +198,6 @@ def scan(
     excludes: dict[str, ExcludeList],
     min_size: int,
     tick: Callable[[int, int], None] | None = None,
-    known: Mapping[int, os.stat_result] | None = None,
     jobs: int = 4,
     link: bool = True,
     extents: bool = False,
@@ -184,8 +208,8 @@ def scan(
     """Collect regular files of at least ``min_size`` bytes that no exclude rule covers
     (``link``: else they go to ``private``) and, with ``extents``, those an exclude but
     no '=' rule covers (``private``).
-    ``known``: stats of sealed store objects, so their names need no stat (see walk), and
-    ``objects`` their records (fresh ones for each scan: names are added to them).
+    ``objects``: a record per sealed store object by inode number (fresh ones for each
+    scan: a name is added to them); a name whose directory entry holds one needs no stat.
     ``sizes``: keep only inodes of sizes in [lo, hi) (the others are counted only).
     ``budget``: keep at most about this many inodes; past it, ``complete`` is False, no
     inode is kept and ``sizes`` counts the new inodes by size.
@@ -197,7 +221,7 @@ def scan(
     with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(trees)))) as pool:
         walks = pool.map(
             lambda t: _walk_one(
-                t, excludes[t.name], min_size, known, objects, link, extents, sizes, state
+                t, excludes[t.name], min_size, objects, link, extents, sizes, state
             ),
             trees,
         )
@@ -213,8 +237,6 @@ def scan(
                 inodes.clear()
                 out.private.clear()
             if not over:
-                for rel, rec in w.objects:
-                    rec.names.append((tree, rel))  # in ``inodes`` at the end
                 for rel, rec in w.found:
                     _add(inodes, tree, rel, rec)
                 for rel, rec in w.private:

@@ -218,6 +218,42 @@ class GuestTree:
         ``on_other(rel, lstat)`` hears about every other entry on this filesystem (directories,
         symlinks, devices: what ``du -x`` counts besides files), the start directory not
         included."""
+        for prefix, entries in self.listings(prune_dir, on_error, start, on_other):
+            for entry in entries:
+                if known is not None:
+                    kst = known.get(entry.inode())
+                    if kst is not None:
+                        yield prefix + entry.name, kst
+                        continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    if on_error:
+                        on_error(prefix + entry.name, e)
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield prefix + entry.name, st
+                elif on_other is not None:  # it changed kind since it was listed
+                    on_other(prefix + entry.name, st)
+
+    def listings(
+        self,
+        prune_dir: Callable[[str], bool] | None = None,
+        on_error: Callable[[str, OSError], None] | None = None,
+        start: str = "",
+        on_other: Callable[[str, os.stat_result], object] | None = None,
+    ) -> Iterator[tuple[str, list[os.DirEntry[str]]]]:
+        """The walk's directories, depth first, one at a time: (prefix, entries), where
+        ``prefix`` is the directory's path with a trailing slash (empty at the root) and
+        ``entries`` those its listing says are regular files, unstat'ed (their
+        ``inode()``, ``name`` and ``stat(follow_symlinks=False)`` are valid until the next
+        step).  Lets a caller with its own loop (unify/scan.py) pay for a name only what it
+        needs: most names of a unified guest need no syscall at all.  Directories are
+        stat'ed (another filesystem is never entered; one swapped during the walk is
+        skipped), and so is everything else, for ``on_other`` only.  Arguments as for
+        ``walk``."""
         start = start.strip("/")
         if start:
             fd = self.open_beneath(start, os.O_RDONLY | os.O_DIRECTORY)
@@ -247,26 +283,26 @@ class GuestTree:
                         )
                     continue
                 prefix = rel + "/" if rel else ""
+                files: list[os.DirEntry[str]] = []
                 with os.scandir(fd) as it:
                     for entry in it:
-                        child = prefix + entry.name
-                        if known is not None:
-                            kst = known.get(entry.inode())
-                            if kst is not None and entry.is_file(follow_symlinks=False):
-                                yield child, kst
-                                continue
                         try:
+                            if entry.is_file(follow_symlinks=False):
+                                files.append(entry)
+                                continue
+                            if not (on_other is not None or entry.is_dir(follow_symlinks=False)):
+                                continue
                             st = entry.stat(follow_symlinks=False)
                         except FileNotFoundError:
                             continue
                         except OSError as e:
                             if on_error:
-                                on_error(child, e)
+                                on_error(prefix + entry.name, e)
                             continue
-                        mode = st.st_mode
-                        if stat.S_ISREG(mode):
-                            yield child, st
-                        elif stat.S_ISDIR(mode):
+                        if stat.S_ISREG(st.st_mode):
+                            files.append(entry)  # it became one since it was listed
+                        elif stat.S_ISDIR(st.st_mode):
+                            child = prefix + entry.name
                             if st.st_dev != self.dev:
                                 continue  # a mount point: another filesystem
                             if prune_dir is not None and prune_dir(child):
@@ -275,7 +311,9 @@ class GuestTree:
                                 on_other(child, st)
                             subdirs.append((child, st.st_ino))
                         elif on_other is not None:
-                            on_other(child, st)
+                            on_other(prefix + entry.name, st)
+                if files:
+                    yield prefix, files
             except OSError as e:
                 if on_error:
                     on_error(rel, e)
