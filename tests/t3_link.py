@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -647,3 +648,52 @@ def test_a_breached_object_moves_every_guest_name_to_a_fresh_copy(host):
     obj_path = next(p for p in host.store.rglob("*") if p.is_file())
     assert inode(obj_path) == new and flags(obj_path) == "UIa"
     assert os.stat(obj_path).st_nlink == 7
+
+
+def _hashing_threads() -> list[str]:
+    """The threads that hash files in the next run (names, in order)."""
+    seen: list[str] = []
+
+    def hook(d: bytes) -> bytes:
+        seen.append(threading.current_thread().name)
+        return d
+
+    hashing.digest_hook = hook
+    return seen
+
+
+def test_files_in_the_page_cache_are_hashed_by_the_run_itself(host):
+    """Cached data is read in the run's own thread: threads reading small cached files
+    spend more CPU handing the interpreter's lock around than reading."""
+    for g in "ab":
+        host.guest(g, {f"usr/f{i}": BIN + bytes([i]) for i in range(5)})
+    seen = _hashing_threads()
+    s = unify_run(host, "a", "b")
+    assert s.files_linked == 5 and len(seen) == 10
+    assert set(seen) == {threading.main_thread().name}
+
+
+def test_files_to_be_read_from_disk_are_hashed_by_reader_threads(host):
+    """Data not in the page cache is read by the pool's threads, where reads overlap."""
+    paths = []
+    for g in "ab":
+        root = host.guest(g, {f"usr/f{i}": BIN + bytes([i]) for i in range(5)})
+        paths += [root / f"usr/f{i}" for i in range(5)]
+    for p in paths:  # written back, then dropped from the page cache
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    cached = subprocess.run(
+        ["fincore", "--raw", "--noheadings", "--output", "PAGES", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert cached == ["0"] * len(paths)  # (fincore asks mincore(2): it reads nothing)
+    seen = _hashing_threads()
+    s = unify_run(host, "a", "b")
+    assert s.files_linked == 5 and len(seen) == 10
+    assert threading.main_thread().name not in seen
