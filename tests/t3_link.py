@@ -650,36 +650,8 @@ def test_a_breached_object_moves_every_guest_name_to_a_fresh_copy(host):
     assert os.stat(obj_path).st_nlink == 7
 
 
-def _hashing_threads() -> list[str]:
-    """The threads that hash files in the next run (names, in order)."""
-    seen: list[str] = []
-
-    def hook(d: bytes) -> bytes:
-        seen.append(threading.current_thread().name)
-        return d
-
-    hashing.digest_hook = hook
-    return seen
-
-
-def test_files_in_the_page_cache_are_hashed_by_the_run_itself(host):
-    """Cached data is read in the run's own thread: threads reading small cached files
-    spend more CPU handing the interpreter's lock around than reading."""
-    for g in "ab":
-        host.guest(g, {f"usr/f{i}": BIN + bytes([i]) for i in range(5)})
-    seen = _hashing_threads()
-    s = unify_run(host, "a", "b")
-    assert s.files_linked == 5 and len(seen) == 10
-    assert set(seen) == {threading.main_thread().name}
-
-
-def test_files_to_be_read_from_disk_are_hashed_by_reader_threads(host):
-    """Data not in the page cache is read by the pool's threads, where reads overlap."""
-    paths = []
-    for g in "ab":
-        root = host.guest(g, {f"usr/f{i}": BIN + bytes([i]) for i in range(5)})
-        paths += [root / f"usr/f{i}" for i in range(5)]
-    for p in paths:  # written back, then dropped from the page cache
+def _drop_from_page_cache(paths: list) -> None:
+    for p in paths:  # written back, then dropped
         fd = os.open(p, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -693,7 +665,37 @@ def test_files_to_be_read_from_disk_are_hashed_by_reader_threads(host):
         check=True,
     ).stdout.split()
     assert cached == ["0"] * len(paths)  # (fincore asks mincore(2): it reads nothing)
-    seen = _hashing_threads()
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "on-disk"])
+def test_files_are_read_ahead_and_hashed_by_the_run_itself(host, monkeypatch, cached):
+    """The run hashes in its own thread, cached data or not (reader threads spent more CPU
+    handing the interpreter's lock around than reading small files); the data of the
+    files ahead is asked for first (WILLNEED), so the kernel reads them meanwhile."""
+    paths = []
+    for g in "ab":
+        root = host.guest(g, {f"usr/f{i}": BIN + bytes([i]) for i in range(5)})
+        paths += [root / f"usr/f{i}" for i in range(5)]
+    if not cached:
+        _drop_from_page_cache(paths)
+    events: list[str] = []
+    fadvise = os.posix_fadvise
+
+    def spy(fd: int, off: int, n: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED:
+            events.append("willneed")
+        fadvise(fd, off, n, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    seen: list[str] = []  # the hashing threads
+
+    def hook(d: bytes) -> bytes:
+        events.append("digest")
+        seen.append(threading.current_thread().name)
+        return d
+
+    hashing.digest_hook = hook
     s = unify_run(host, "a", "b")
     assert s.files_linked == 5 and len(seen) == 10
-    assert threading.main_thread().name not in seen
+    assert set(seen) == {threading.main_thread().name}
+    assert events == ["willneed"] * 10 + ["digest"] * 10  # one chunk: all asked for first

@@ -306,7 +306,8 @@ def parser() -> argparse.ArgumentParser:
         "-j",
         type=int,
         default=8,
-        help="reading/hashing threads (default 8: more reads in flight)",
+        help="how far reading runs ahead of hashing: the data of 32 x N files is asked "
+        "for at once (default 8)",
     )
     r.add_argument(
         "--max-inodes",

@@ -9,7 +9,6 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from vsstore.config import Guest
@@ -105,42 +104,43 @@ def open_trees(guests: list[Guest], store: Store) -> list[GuestTree]:
 
 
 Hashed = tuple[bytes, bytes, bytes, bytes]  # xxh3, blake3, meta, meta_any
-CHUNK_FILES = 64  # files per hashing task: amortises the thread pool's per-task cost
+CHUNK_FILES = 64  # files hashed between two looks at what can be linked
+WILLNEED_MAX = 8 << 20  # of a large file, the start is asked for; readahead does the rest
 
 
-def _hash_chunk(recs: list[scan.InodeRec]) -> list[Hashed | str | None]:
-    return [_hash_one(r) for r in recs]
-
-
-def _hash_one(rec: scan.InodeRec, nowait: bool = False) -> Hashed | str | None:
-    """Digest and metadata classes of one inode; a message if it could not be read; None if
-    it simply went away (a guest deleting or replacing files is no error).  ``nowait``:
-    BlockingIOError, having read nothing, unless its data is in the page cache."""
+def _open_to_hash(rec: scan.InodeRec) -> int | str | None:
+    """``rec`` opened for reading, or what hashing it answers when it cannot be: None if
+    it simply went away (a guest deleting or replacing files is no error), else a
+    message."""
     tree, rel = rec.names[0]
     try:
         try:  # reading leaves the atime alone too (O_NOATIME: the owner or CAP_FOWNER)
-            fd = tree.open_regular(rel, expect=(rec.dev, rec.ino), flags=os.O_RDONLY | os.O_NOATIME)
+            return tree.open_regular(
+                rel, expect=(rec.dev, rec.ino), flags=os.O_RDONLY | os.O_NOATIME
+            )
         except PermissionError:
-            fd = tree.open_regular(rel, expect=(rec.dev, rec.ino))
+            return tree.open_regular(rel, expect=(rec.dev, rec.ino))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
         if e.errno == errno.ESTALE:
             return None
         return f"{tree.where(rel)}: skipped: cannot open: {e.strerror}"
+
+
+def _hash_open(rec: scan.InodeRec, fd: int) -> Hashed | str | None:
+    """Digest and metadata classes of ``rec``, opened as ``fd`` (closed here); a message
+    if it could not be read."""
+    tree, rel = rec.names[0]
     try:
         st = os.fstat(fd)
         if not rec.same_stat(st):
             return f"{tree.where(rel)}: skipped: changed during the run"
-        digest, strong = content_digests(fd, rec.size, nowait)
+        digest, strong = content_digests(fd, rec.size)
         xattrs = read_xattrs(fd)
         if not rec.same_stat(os.fstat(fd)):
             return f"{tree.where(rel)}: skipped: changed while it was read"
         return digest, strong, meta_class(st, xattrs, False), meta_class(st, xattrs, True)
-    except BlockingIOError:
-        if nowait:
-            raise
-        return f"{tree.where(rel)}: skipped: read would block"
     except OSError as e:
         return f"{tree.where(rel)}: skipped: {e.strerror}"
     finally:
@@ -173,6 +173,7 @@ def run(
         objects = _Objects.scan(store)
         budget = None if extents_on else opts.max_inodes
         sc = _walk(trees, excludes, opts, objects, summ, prog, extents_on, budget=budget)
+        ahead = _read_ahead(opts)
         linker = apply.Linker(
             store,
             index,
@@ -180,11 +181,11 @@ def run(
             ignore_mtime=opts.ignore_mtime,
             stats=summ,
             link_limit=opts.link_limit,
-            fds=apply.fds_free() - 2 * max(1, opts.jobs) - 32,
+            fds=apply.fds_free() - ahead - 32,
         )
         linker.trees = trees
         if sc.complete:
-            _unify_pass(sc, opts, linker, index, objects, prog)
+            _unify_pass(sc, opts, linker, index, objects, prog, ahead)
         else:
             # 2b. Too many inodes to hold at once: the walk counted them by size, and the
             # run goes on in passes over size ranges, each walking the guests again and
@@ -194,11 +195,13 @@ def run(
             hashed_point = False
             for lo_hi in ranges:
                 part = _walk(trees, excludes, opts, objects, None, prog, False, sizes=lo_hi)
-                hashed_point = _unify_pass(part, opts, linker, index, objects, prog, hashed_point)
+                hashed_point = _unify_pass(
+                    part, opts, linker, index, objects, prog, ahead, hashed_point
+                )
                 # What this pass recorded is in the index: nothing of it is kept.
                 linker.known, linker.index_rows, linker.forget = {}, [], []
         if extents_on:
-            _share_extents(sc, store, index, opts, summ, prog, set(linker.forget))
+            _share_extents(sc, store, index, opts, summ, prog, set(linker.forget), ahead)
     finally:
         if gc_was:
             gc.enable()
@@ -217,6 +220,7 @@ def _unify_pass(
     index: Index,
     objects: _Objects,
     prog: Progress,
+    ahead: int,
     hashed_point: bool = False,
 ) -> bool:
     """3-6 for the inodes of one walk: look up, hash, link, record.  Returns whether the
@@ -233,7 +237,7 @@ def _unify_pass(
         tick=prog.refresh,  # linking moves no counter of the line: redraw it
     )
     pipe.hashed_point_passed = hashed_point
-    _hash_and_link(pipe, to_hash, prog)
+    _hash_and_link(pipe, to_hash, prog, ahead)
     if not opts.dry_run:
         _record(index, linker)
     return pipe.hashed_point_passed
@@ -402,6 +406,7 @@ def _share_extents(
     summ: Summary,
     prog: Progress,
     gone: set[tuple[int, int]],
+    ahead: int,
 ) -> None:
     """7. Extents: the private inodes and those the hardlinks left (their metadata
     differ), grouped with the store's objects (the ones this run made too) by size and
@@ -418,19 +423,17 @@ def _share_extents(
     cands = [r for r in cands if size_count[r.size] >= 2]
     to_hash = _from_index([r for r in cands if r.digest is None], index)
     rows = []
-    chunks = [to_hash[i : i + CHUNK_FILES] for i in range(0, len(to_hash), CHUNK_FILES)]
-    with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
-        for chunk, results in zip(chunks, pool.map(_hash_chunk, chunks), strict=True):
-            for rec, res in zip(chunk, results, strict=True):
-                if isinstance(res, str):
-                    summ.errors += 1
-                    summ.messages.append(res)
-                    log.warning("%s", res)
-                elif res is not None:
-                    rec.digest, rec.strong, rec.meta, rec.meta_any = res
-                    summ.files_hashed += 1
-                    summ.bytes_hashed += rec.size
-                    rows.append((rec.dev, rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns, *res))
+    for chunk, results in _hashed(to_hash, ahead):
+        for rec, res in zip(chunk, results, strict=True):
+            if isinstance(res, str):
+                summ.errors += 1
+                summ.messages.append(res)
+                log.warning("%s", res)
+            elif res is not None:
+                rec.digest, rec.strong, rec.meta, rec.meta_any = res
+                summ.files_hashed += 1
+                summ.bytes_hashed += rec.size
+                rows.append((rec.dev, rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns, *res))
     if rows and not opts.dry_run:
         index.store(rows)
     groups: dict[tuple[int, bytes], list[scan.InodeRec]] = {}
@@ -446,64 +449,72 @@ def _share_extents(
     sharer.finish()
 
 
-def _hash_and_link(pipe: _Pipeline, to_hash: list[scan.InodeRec], prog: Progress) -> None:
-    """4+5. Hash in threads (xxhash and blake3 release the GIL, so reads overlap) and, as
-    soon as every inode of one size has its digests, group that size and link it in this
-    thread while the readers go on."""
+def _hash_and_link(
+    pipe: _Pipeline, to_hash: list[scan.InodeRec], prog: Progress, ahead: int
+) -> None:
+    """4+5. Hash (the kernel reading ahead, see _hashed) and, as soon as every inode of
+    one size has its digests, group that size and link it."""
     remaining = Counter(r.size for r in to_hash)
     for size in list(pipe.by_size):
         if not remaining[size]:
             pipe.size_ready(size)
     prog.phase("hash+link", len(to_hash), sum(r.size for r in to_hash))
     done_bytes = 0
-    chunks = [to_hash[i : i + CHUNK_FILES] for i in range(0, len(to_hash), CHUNK_FILES)]
-    jobs = max(1, pipe.opts.jobs)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for chunk, results in _hashed(pool, chunks, 4 * jobs):
-            for rec, res in zip(chunk, results, strict=True):
-                done_bytes += rec.size
-                pipe.hashed(rec, res)
-                remaining[rec.size] -= 1
-                if not remaining[rec.size]:
-                    pipe.size_ready(rec.size)
-            prog.update(pipe.summ.files_hashed, done_bytes)
-            pipe.flush()
+    for chunk, results in _hashed(to_hash, ahead):
+        for rec, res in zip(chunk, results, strict=True):
+            done_bytes += rec.size
+            pipe.hashed(rec, res)
+            remaining[rec.size] -= 1
+            if not remaining[rec.size]:
+                pipe.size_ready(rec.size)
+        prog.update(pipe.summ.files_hashed, done_bytes)
+        pipe.flush()
     pipe.flush(force=True)
 
 
+def _read_ahead(opts: Options) -> int:
+    """How many files ``_hashed`` holds open ahead: 32 per ``--jobs`` (default 8: 256
+    reads the kernel may do at once), a quarter of the free descriptors at most."""
+    return max(1, min(32 * max(1, opts.jobs), (apply.fds_free() - 32) // 4))
+
+
 def _hashed(
-    pool: ThreadPoolExecutor, chunks: list[list[scan.InodeRec]], ahead: int
+    recs: list[scan.InodeRec], ahead: int
 ) -> Iterator[tuple[list[scan.InodeRec], list[Hashed | str | None]]]:
-    """Each chunk with its digests, in order.  A chunk whose first file's data is in the
-    page cache is hashed in this thread; the others in the pool's threads, where reads
-    from disk overlap.  Threads reading cached small files spend more time handing the
-    interpreter's lock back and forth (a futex call or two per system call) than reading:
-    a first run over a warm cache took 1.4x the CPU through threads.  At most ``ahead``
-    chunks are in flight, so that the readers do not outrun the linking and pile up
-    digests."""
-    pending: deque[
-        tuple[list[scan.InodeRec], Future[list[Hashed | str | None]] | Hashed | str | None]
-    ] = deque()
-    todo = iter(chunks)
+    """The inodes with their digests, in order, in chunks, read in this thread.  The next
+    ``ahead`` files are opened beforehand and their data asked for (POSIX_FADV_WILLNEED:
+    the kernel reads them in the background, many at once), so that reading from disk
+    overlaps the hashing and linking here without threads: reader threads spent more CPU
+    handing the interpreter's lock back and forth (one or two futex calls per system call,
+    60 per file) than reading small files."""
+    opened: deque[tuple[scan.InodeRec, int | str | None]] = deque()
+    todo = iter(recs)
 
-    def queue() -> None:
-        chunk = next(todo, None)
-        if chunk is None:
-            return
-        try:
-            pending.append((chunk, _hash_one(chunk[0], nowait=True)))
-        except BlockingIOError:
-            pending.append((chunk, pool.submit(_hash_chunk, chunk)))
+    def fill() -> None:
+        while len(opened) < ahead:
+            rec = next(todo, None)
+            if rec is None:
+                return
+            fd = _open_to_hash(rec)
+            if isinstance(fd, int):
+                os.posix_fadvise(fd, 0, min(rec.size, WILLNEED_MAX), os.POSIX_FADV_WILLNEED)
+            opened.append((rec, fd))
 
-    for _ in range(ahead):
-        queue()
-    while pending:
-        chunk, got = pending.popleft()
-        queue()
-        if isinstance(got, Future):
-            yield chunk, got.result()
-        else:
-            yield chunk, [got, *_hash_chunk(chunk[1:])]
+    try:
+        fill()
+        while opened:
+            chunk: list[scan.InodeRec] = []
+            results: list[Hashed | str | None] = []
+            while opened and len(chunk) < CHUNK_FILES:
+                rec, fd = opened.popleft()
+                chunk.append(rec)
+                results.append(_hash_open(rec, fd) if isinstance(fd, int) else fd)
+                fill()
+            yield chunk, results
+    finally:  # the run stopped early: what was opened ahead is closed
+        for _, fd in opened:
+            if isinstance(fd, int):
+                os.close(fd)
 
 
 def _record(index: Index, linker: apply.Linker) -> None:
