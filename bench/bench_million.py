@@ -4,9 +4,9 @@
 Generates G guests with N files in all (90% the same in every guest, 10% each guest's
 own; sizes log-normal, a few KiB; fixed seed) twice, one copy per tool, in a temporary
 directory on the filesystem of /var/tmp; then runs both tools, alternating, for these
-phases: first run (caches dropped), unchanged re-run warm and cold (caches dropped), re-run
-after 1% of the files were replaced (an upgrade: the same new content in every guest), and
-a run after one more guest was added.  Per run: wall time, CPU (user+sys) and peak RSS of
+phases: first run (caches dropped), unchanged re-run warm (the tool's tree walked by `du`
+just before) and cold (caches dropped), re-run after 1% of the files were replaced (an
+upgrade: the same new content in every guest), and a run after one more guest was added.  Per run: wall time, CPU (user+sys) and peak RSS of
 the tool's process (os.wait4).  Prints a markdown table with the ratios; always removes
 the trees (unsealing the immutable store objects first).
 
@@ -181,9 +181,14 @@ class Bench:
 
     def phase(self, label: str, cold: bool) -> None:
         samples = []
-        for tool in (self.vsunify, self.hardlink):
+        for tool, tree in ((self.vsunify, self.v), (self.hardlink, self.h)):
             if cold:
                 drop_caches()
+            else:
+                # Warm: this tool's tree walked just before (every directory and inode
+                # read, untimed): a machine that reclaims its page cache on its own (this
+                # VM does) or the other tool's run in between could leave it cold.
+                subprocess.run(["du", "-s", str(tree)], stdout=subprocess.DEVNULL, check=True)
             samples.append(tool())
         v, h = samples
         self.rows.append((label, v, h))
