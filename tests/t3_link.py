@@ -699,3 +699,11 @@ def test_files_are_read_ahead_and_hashed_by_the_run_itself(host, monkeypatch, ca
     assert s.files_linked == 5 and len(seen) == 10
     assert set(seen) == {threading.main_thread().name}
     assert events == ["willneed"] * 10 + ["digest"] * 10  # one chunk: all asked for first
+    # what is asked for ahead is bounded in bytes too (a small page cache): here one file
+    events.clear()
+    for g in "cd":
+        host.guest(g, {f"usr/f{i}": BIN + bytes([i]) for i in range(3)})
+    monkeypatch.setattr(engine, "AHEAD_BYTES", 1)
+    s = unify_run(host, "a", "b", "c", "d")
+    assert s.files_linked == 6
+    assert events == ["willneed", "digest"] * 6

@@ -127,10 +127,9 @@ class Sharer:
             for r in recs
         ]
         for o in objs:
-            st = o.st
             c = (
-                self._cluster(self.store.dev, o.ino, o.size, st.st_mtime_ns, st.st_ctime_ns)
-                if st is not None
+                self._cluster(self.store.dev, o.ino, o.size, *o.stamp)
+                if o.stamp is not None
                 else None
             )
             members.append(_Member(self.store.dev, o.ino, o.size, None, o, c))

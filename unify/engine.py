@@ -106,6 +106,7 @@ def open_trees(guests: list[Guest], store: Store) -> list[GuestTree]:
 Hashed = tuple[bytes, bytes, bytes, bytes]  # xxh3, blake3, meta, meta_any
 CHUNK_FILES = 64  # files hashed between two looks at what can be linked
 WILLNEED_MAX = 8 << 20  # of a large file, the start is asked for; readahead does the rest
+AHEAD_BYTES = 64 << 20  # asked for ahead of the hashing at most (the page cache may be small)
 
 
 def _open_to_hash(rec: scan.InodeRec) -> int | str | None:
@@ -282,18 +283,15 @@ class _Objects:
     by_ino: dict[int, StoreObject]
     inos: set[tuple[int, int]]  # (dev, ino): a guest inode that is an object already
     sizes: set[int]  # a size held by an object is worth reading even if one guest has it
-    # Sealed objects cannot change, so guest names that point at them need no stat in the
-    # walk: their stats by inode number.
-    known: dict[int, os.stat_result]
+    dev: int  # the store's filesystem
 
     def records(self) -> dict[int, scan.InodeRec]:
-        """A fresh record per sealed object, by inode number: the walk adds the names of
-        each to its record instead of making one per name."""
+        """A fresh record per object, by inode number: a guest name that holds one needs
+        no stat in the walk (a sealed object cannot change) and no record of its own."""
         return {
-            ino: scan.InodeRec(
-                st.st_dev, ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink
-            )
-            for ino, st in self.known.items()
+            o.ino: scan.InodeRec(self.dev, o.ino, o.size, *o.stamp, o.nlink)
+            for o in self.by_ino.values()
+            if o.stamp is not None
         }
 
     @classmethod
@@ -305,7 +303,7 @@ class _Objects:
             {o.ino: o for o in objs},
             {(store.dev, o.ino) for o in objs},
             {o.size for o in objs},
-            {o.ino: o.st for o in objs if o.st is not None},
+            store.dev,
         )
 
 
@@ -482,22 +480,25 @@ def _hashed(
     recs: list[scan.InodeRec], ahead: int
 ) -> Iterator[tuple[list[scan.InodeRec], list[Hashed | str | None]]]:
     """The inodes with their digests, in order, in chunks, read in this thread.  The next
-    ``ahead`` files are opened beforehand and their data asked for (POSIX_FADV_WILLNEED:
-    the kernel reads them in the background, many at once), so that reading from disk
-    overlaps the hashing and linking here without threads: reader threads spent more CPU
-    handing the interpreter's lock back and forth (one or two futex calls per system call,
-    60 per file) than reading small files."""
+    ``ahead`` files (AHEAD_BYTES at most) are opened beforehand and their data asked for
+    (POSIX_FADV_WILLNEED: the kernel reads them in the background, many at once), so that
+    reading from disk overlaps the hashing and linking here without threads: reader
+    threads spent more CPU handing the interpreter's lock back and forth (one or two futex
+    calls per system call, 60 per file) than reading small files."""
     opened: deque[tuple[scan.InodeRec, int | str | None]] = deque()
     todo = iter(recs)
+    asked = 0  # bytes asked for and not hashed yet: at most AHEAD_BYTES (and one file)
 
     def fill() -> None:
-        while len(opened) < ahead:
+        nonlocal asked
+        while len(opened) < ahead and asked < AHEAD_BYTES:
             rec = next(todo, None)
             if rec is None:
                 return
             fd = _open_to_hash(rec)
             if isinstance(fd, int):
                 os.posix_fadvise(fd, 0, min(rec.size, WILLNEED_MAX), os.POSIX_FADV_WILLNEED)
+                asked += min(rec.size, WILLNEED_MAX)
             opened.append((rec, fd))
 
     try:
@@ -507,6 +508,8 @@ def _hashed(
             results: list[Hashed | str | None] = []
             while opened and len(chunk) < CHUNK_FILES:
                 rec, fd = opened.popleft()
+                if isinstance(fd, int):
+                    asked -= min(rec.size, WILLNEED_MAX)
                 chunk.append(rec)
                 results.append(_hash_open(rec, fd) if isinstance(fd, int) else fd)
                 fill()

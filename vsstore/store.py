@@ -35,7 +35,7 @@ class StoreObject:
     nlink: int
     size: int
     full: bool = False  # reached EMLINK this run
-    st: os.stat_result | None = None  # as seen by scan()
+    stamp: tuple[int, int] | None = None  # (mtime_ns, ctime_ns) as scan() saw them
     strong: bytes | None = None  # BLAKE3 of the content, once known this run
     expect: Meta | None = None  # its metadata as verified against its name this run
 
@@ -150,7 +150,7 @@ class Store:
                             st.st_ino,
                             st.st_nlink,
                             st.st_size,
-                            st=st,
+                            stamp=(st.st_mtime_ns, st.st_ctime_ns),
                         )
                     )
         for objs in out.values():
