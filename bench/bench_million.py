@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchhost import drop_caches, log  # noqa: E402
+from benchhost import CONTENT_ONLY, drop_caches, log  # noqa: E402
 
 from vsstore.attrs import unseal_tree  # noqa: E402
 
@@ -164,11 +164,7 @@ class Bench:
             "-m",
             "unify.cli",
             "run",
-            "--no-default-excludes",
-            "--no-pkgdb-excludes",
-            "--ignore-mtime",
-            "--min-size",
-            "1",
+            *CONTENT_ONLY,
             "--json",
             "--store",
             str(self.v / ".hash"),

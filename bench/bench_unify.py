@@ -39,6 +39,8 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
+from benchhost import CONTENT_ONLY
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 BASE_GUESTS = ("bookworm-minbase", "bookworm-services", "trixie-minbase")
@@ -227,11 +229,7 @@ def tool_command(
         return [
             ctx.vsunify,
             "run",
-            "--no-default-excludes",
-            "--no-pkgdb-excludes",
-            "--ignore-mtime",
-            "--min-size",
-            "1",
+            *CONTENT_ONLY,
             "--json",
             "--store",
             str(rnd / ".hash-vsunify"),

@@ -13,6 +13,17 @@ REPO = Path(__file__).resolve().parent.parent
 CORPUS = Path(os.environ.get("VSSTORE_BENCH_CACHE", "/var/cache/vsstore-bench")) / "debian"
 
 
+# vsunify with no excludes at all and mtimes ignored: the content-only comparison with
+# `hardlink -c` (bench_unify, bench_million).
+CONTENT_ONLY = (
+    "--no-default-excludes",
+    "--no-pkgdb-excludes",
+    "--ignore-mtime",
+    "--min-size",
+    "1",
+)
+
+
 def log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
