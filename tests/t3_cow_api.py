@@ -19,7 +19,7 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -696,14 +696,23 @@ def test_removing_a_guest_lets_go_of_its_names_and_of_a_namespace_only_it_had(fs
 # -- races a mount cannot force ------------------------------------------------------------
 
 
-def _replace_after_resolve(fs: CowFS, monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+def _replace_after_resolve(
+    fs: CowFS,
+    monkeypatch: pytest.MonkeyPatch,
+    path: Path,
+    plant: Callable[[Path], Path] | None = None,
+) -> None:
     """The next time the overlay finds a name holding a node, the guest replaces ``path``
-    with a file of its own right after (once)."""
+    with a file of its own right after (once): what ``plant(path)`` made, renamed over it,
+    or else a file "planted" (a shared name unsealed for it, as the overlay's rename does)."""
     resolve = fs.nodes.resolve
 
     def then_replace(node):  # type: ignore[no-untyped-def]
         found = resolve(node)
         monkeypatch.setattr(fs.nodes, "resolve", resolve)
+        if plant is not None:
+            os.rename(plant(path), path)
+            return found
         planted = path.with_name(".planted")
         planted.write_bytes(b"planted\n")
         fd = os.open(path, os.O_RDONLY)
@@ -852,15 +861,7 @@ def test_a_setattr_changes_only_the_inode_it_was_asked_for(fs, host, monkeypatch
     file fail (ESTALE) and the planted file keeps its owner and mode."""
     usr = host.root / "a/usr"
     node = nid(fs, "a/usr/own-a")
-    resolve = fs.nodes.resolve
-
-    def then_replace(n):  # type: ignore[no-untyped-def]
-        found = resolve(n)
-        monkeypatch.setattr(fs.nodes, "resolve", resolve)
-        os.rename(_planted(usr / "own-a"), usr / "own-a")
-        return found
-
-    monkeypatch.setattr(fs.nodes, "resolve", then_replace)
+    _replace_after_resolve(fs, monkeypatch, usr / "own-a", _planted)
     assert refused(fs, "setattr", node, *changes(uid=0, gid=0, mode=0o104755), None, HOST) == (
         errno.ESTALE
     )
@@ -876,15 +877,7 @@ def test_an_xattr_change_reaches_only_the_inode_it_was_asked_for(fs, host, monke
     planted file gets no attribute."""
     usr = host.root / "a/usr"
     node = nid(fs, "a/usr/own-a")
-    resolve = fs.nodes.resolve
-
-    def then_replace(n):  # type: ignore[no-untyped-def]
-        found = resolve(n)
-        monkeypatch.setattr(fs.nodes, "resolve", resolve)
-        os.rename(_planted(usr / "own-a"), usr / "own-a")
-        return found
-
-    monkeypatch.setattr(fs.nodes, "resolve", then_replace)
+    _replace_after_resolve(fs, monkeypatch, usr / "own-a", _planted)
     assert refused(fs, "setxattr", node, b"user.granted", b"1", HOST) == errno.ESTALE
     assert "user.granted" not in os.listxattr(usr / "own-a")
     _as_planted(usr / "own-a")

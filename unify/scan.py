@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from vsstore.excludes import ExcludeList
-from vsstore.safetree import GuestTree
+from vsstore.safetree import GuestTree, lstat_entry
 
 log = logging.getLogger("vsstore")
 
@@ -137,14 +137,8 @@ def _walk_one(
                 size = rec.size
                 st = None
             else:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                except OSError as e:
-                    on_error(prefix + name, e)
-                    continue
-                if not stat.S_ISREG(st.st_mode):
+                st = lstat_entry(entry, prefix, on_error)
+                if st is None or not stat.S_ISREG(st.st_mode):
                     continue  # no longer a file
                 size = st.st_size
                 rec = None

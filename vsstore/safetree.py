@@ -60,6 +60,21 @@ def open_regular_at(
         os.close(pfd)
 
 
+def lstat_entry(
+    entry: os.DirEntry[str], prefix: str, on_error: Callable[[str, OSError], None] | None
+) -> os.stat_result | None:
+    """A listed entry's lstat; None if it is gone since, or cannot be read (told to
+    ``on_error`` with its path, ``prefix`` + its name)."""
+    try:
+        return entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if on_error:
+            on_error(prefix + entry.name, e)
+        return None
+
+
 def mount_id(fd: int) -> int:
     """The id of the mount ``fd`` lies on (/proc/self/fdinfo: every kernel since 3.15)."""
     with open(f"/proc/self/fdinfo/{fd}") as f:
@@ -225,13 +240,8 @@ class GuestTree:
                     if kst is not None:
                         yield prefix + entry.name, kst
                         continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                except OSError as e:
-                    if on_error:
-                        on_error(prefix + entry.name, e)
+                st = lstat_entry(entry, prefix, on_error)
+                if st is None:
                     continue
                 if stat.S_ISREG(st.st_mode):
                     yield prefix + entry.name, st
@@ -290,14 +300,12 @@ class GuestTree:
                             if entry.is_file(follow_symlinks=False):
                                 files.append(entry)
                                 continue
-                            if not (on_other is not None or entry.is_dir(follow_symlinks=False)):
+                            if on_other is None and not entry.is_dir(follow_symlinks=False):
                                 continue
-                            st = entry.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue
-                        except OSError as e:
-                            if on_error:
-                                on_error(prefix + entry.name, e)
+                        except OSError:
+                            pass  # the lstat below tells
+                        st = lstat_entry(entry, prefix, on_error)
+                        if st is None:
                             continue
                         if stat.S_ISREG(st.st_mode):
                             files.append(entry)  # it became one since it was listed
