@@ -27,27 +27,11 @@ CHUNK = 1 << 20
 digest_hook: Callable[[bytes], bytes] | None = None
 
 
-def content_digests(fd: int, size: int, nowait: bool = False) -> tuple[bytes, bytes]:
-    """(xxh3-128, BLAKE3-256) of the file's first ``size`` bytes, in one read.
-    ``nowait``: BlockingIOError unless the start of the data is in the page cache
-    (preadv2 RWF_NOWAIT; also where the kernel cannot tell), before anything is read."""
+def content_digests(fd: int, size: int) -> tuple[bytes, bytes]:
+    """(xxh3-128, BLAKE3-256) of the file's first ``size`` bytes, in one read."""
     fast = xxhash.xxh3_128()
     strong = blake3.blake3()
     off = 0
-    if nowait and size:
-        buf = bytearray(min(CHUNK, size))
-        try:
-            got = os.preadv(fd, [buf], 0, os.RWF_NOWAIT)
-        except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise BlockingIOError(errno.EAGAIN, "cannot tell") from None
-            raise
-        if got == 0 and size:
-            raise BlockingIOError(errno.EAGAIN, "nothing cached")
-        view = memoryview(buf)[:got]
-        fast.update(view)
-        strong.update(view)
-        off = got
     while off < size:
         data = os.pread(fd, min(CHUNK, size - off), off)
         if not data:
