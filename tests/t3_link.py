@@ -3,6 +3,7 @@ to make guests misbehave at exact moments.  Real files, real leases, real flags.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -707,3 +708,14 @@ def test_files_are_read_ahead_and_hashed_by_the_run_itself(host, monkeypatch, ca
     s = unify_run(host, "a", "b", "c", "d")
     assert s.files_linked == 6
     assert events == ["willneed", "digest"] * 6
+
+
+def test_a_filesystem_that_refuses_the_advice_is_read_all_the_same(host, monkeypatch):
+    def refuse(fd: int, off: int, n: int, advice: int) -> None:
+        raise OSError(errno.EINVAL, "not here")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    for g in "ab":
+        host.guest(g, {f"usr/f{i}": BIN + bytes([i]) for i in range(3)})
+    s = unify_run(host, "a", "b")
+    assert (s.files_linked, s.errors) == (3, 0)

@@ -497,7 +497,10 @@ def _hashed(
                 return
             fd = _open_to_hash(rec)
             if isinstance(fd, int):
-                os.posix_fadvise(fd, 0, min(rec.size, WILLNEED_MAX), os.POSIX_FADV_WILLNEED)
+                try:
+                    os.posix_fadvise(fd, 0, min(rec.size, WILLNEED_MAX), os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass  # advice only: the read below still reads it
                 asked += min(rec.size, WILLNEED_MAX)
             opened.append((rec, fd))
 
