@@ -240,6 +240,22 @@ def _children(pid: int) -> list[int]:
         return [int(c) for c in f.read().split()]
 
 
+def _children_now(pid: int) -> list[int]:
+    """``_children``, none once ``pid`` is gone."""
+    try:
+        return _children(pid)
+    except FileNotFoundError:
+        return []
+
+
+def _runs(pid: int, name: str, ns: int | None) -> bool:
+    """Is ``pid`` (still) a process called ``name`` in pid namespace ``ns``?"""
+    try:
+        return pid_ns(pid) == ns and _status(pid)["Name"] == name
+    except FileNotFoundError:
+        return False
+
+
 # -- planted modules --------------------------------------------------------------------------
 
 PLANTED_PY = [
@@ -531,16 +547,21 @@ def test_the_helper_keeps_nothing_a_guest_process_could_use(vs, host):
     vs("start", "g1")
     guest_ns = pid_ns(vs.state("g1")["init_pid"])
     with Admin(vs, "g1", "exec", "sleep", "30") as a:
-        assert eventually(lambda: _children(a.p.pid), 10)
-        waiter = _children(a.p.pid)[0]
         # the command runs (sleep, in the guest's pid namespace) only once its waiting half
-        # has dropped everything
-        assert eventually(
-            lambda: any(
-                pid_ns(c) == guest_ns and _status(c)["Name"] == "sleep" for c in _children(waiter)
-            ),
-            10,
-        )
+        # has dropped everything; the waiter is the child of vserver whose child that is
+        # (vserver's other children come and go: one seen may be gone a moment later)
+        waiters: list[int] = []
+
+        def waiting() -> bool:
+            waiters[:] = [
+                c
+                for c in _children_now(a.p.pid)
+                if any(_runs(k, "sleep", guest_ns) for k in _children_now(c))
+            ]
+            return bool(waiters)
+
+        assert eventually(waiting, 10)
+        waiter = waiters[0]
         st = _status(waiter)
         for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
             assert int(st[k], 16) == 0, (k, st[k])
