@@ -109,9 +109,9 @@ def test_open_regular_takes_the_callers_open_flags(tree):
     assert os.stat(tree.root / "usr/bin/ls").st_size == 0
 
 
-def test_walk_reports_known_inodes_without_a_stat(tree):
-    st = os.stat(tree.root / "usr/bin/ls")
-    marker = os.stat(tree.root)  # any stat object: proves it came from the mapping
-    got = dict(tree.walk(known={st.st_ino: marker}))
-    assert got["usr/bin/ls"] is marker
-    assert dict(tree.walk())["usr/bin/ls"].st_ino == st.st_ino
+def test_listings_give_each_directorys_files_unstated_with_their_inode_numbers(tree):
+    os.symlink("bin/ls", tree.root / "usr/ls-link")
+    got = {prefix + e.name: e.inode() for prefix, entries in tree.listings() for e in entries}
+    assert got == {rel: st.st_ino for rel, st in tree.walk()}  # regular files only
+    assert got["usr/bin/ls"] == os.stat(tree.root / "usr/bin/ls").st_ino
+    assert "usr/ls-link" not in got

@@ -820,17 +820,14 @@ class Linker:
         """Every name of inode ``st`` in the run's guests, by a walk of them all (the run
         keeps one name per store object, not all: a breach is rare, a million names are
         not).  Entries are matched by their directory entry's inode number, no stat."""
-        known = {st.st_ino: st}
-        found: list[tuple[GuestTree, str]] = []
-        for tree in self.trees:
-            if tree.dev != st.st_dev:
-                continue
-            found += [
-                (tree, rel)
-                for rel, s in tree.walk(known=known)
-                if s.st_ino == st.st_ino and s.st_dev == st.st_dev
-            ]
-        return found
+        return [
+            (tree, prefix + e.name)
+            for tree in self.trees
+            if tree.dev == st.st_dev
+            for prefix, entries in tree.listings()
+            for e in entries
+            if e.inode() == st.st_ino
+        ]
 
     def evacuate(self, obj: StoreObject, ofd: int) -> None:
         """Move every name of ``obj`` in the run's guests (and the store's) to a fresh

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import syscalls
@@ -221,25 +221,16 @@ class GuestTree:
         prune_dir: Callable[[str], bool] | None = None,
         on_error: Callable[[str, OSError], None] | None = None,
         start: str = "",
-        known: Mapping[int, os.stat_result] | None = None,
         on_other: Callable[[str, os.stat_result], object] | None = None,
     ) -> Iterator[tuple[str, os.stat_result]]:
         """Yield (rel, lstat) for every regular file, depth first, never following a
         symlink and never descending into another filesystem.  ``prune_dir(rel)`` may skip
         a directory; ``on_error(rel, exc)`` hears about directories that could not be read.
-        ``start`` walks only that subtree.  ``known`` maps inode numbers whose stat the caller
-        already has (sealed store objects, which cannot change): a regular file whose
-        directory entry names one of them is reported with that stat, without a syscall.
-        ``on_other(rel, lstat)`` hears about every other entry on this filesystem (directories,
+        ``start`` walks only that subtree.  ``on_other(rel, lstat)`` hears about every other entry on this filesystem (directories,
         symlinks, devices: what ``du -x`` counts besides files), the start directory not
         included."""
         for prefix, entries in self.listings(prune_dir, on_error, start, on_other):
             for entry in entries:
-                if known is not None:
-                    kst = known.get(entry.inode())
-                    if kst is not None:
-                        yield prefix + entry.name, kst
-                        continue
                 st = lstat_entry(entry, prefix, on_error)
                 if st is None:
                     continue
