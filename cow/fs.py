@@ -353,9 +353,11 @@ class CowFS(pyfuse3.Operations):
         except OSError as e:
             raise fuse_error(e) from None
 
-    def _target(self, name: Name, expect: tuple[int, int] | None) -> _Target:
-        """The inode ``name`` holds, opened without following it (a guest's root: its own
-        descriptor); ESTALE unless it is the inode ``expect``ed."""
+    def _target(self, name: Name, expect: tuple[int, int] | None = None) -> _Target:
+        """The inode ``name`` holds, opened without following it (O_PATH: a symlink is its
+        own inode; a guest's root: its own descriptor); ESTALE unless it is the inode
+        ``expect``ed.  Opened from its directory, not by the whole path below the root,
+        which may be longer than PATH_MAX (pjdfstest's */03.t)."""
         guest, rel = name
         try:
             if rel:
@@ -372,7 +374,7 @@ class CowFS(pyfuse3.Operations):
         st = os.fstat(fd)
         if expect is not None and (st.st_dev, st.st_ino) != expect:
             os.close(fd)
-            log.debug("setattr %s:/%s: replaced since it was found", guest, rel)
+            log.debug("%s:/%s: replaced since it was found", guest, rel)
             raise pyfuse3.FUSEError(errno.ESTALE)
         return _Target(fd, st)
 
@@ -727,27 +729,21 @@ class CowFS(pyfuse3.Operations):
     # overlay; changing any other xattr of a shared inode copies it up first.
 
     def _xattr_fd(self, name: Name, expect: tuple[int, int] | None = None) -> int:
-        """A descriptor of the directory or regular file ``name`` holds (ESTALE unless it
-        is the inode ``expect``ed): opened once without following it, then reopened
-        through that descriptor, so both opens reach the same inode."""
-        tree = self.trees[name[0]]
+        """A descriptor of the directory or regular file ``name`` holds (``_target``: ESTALE
+        unless it is the inode ``expect``ed), reopened through the target's descriptor."""
+        t = self._target(name, expect)
         try:
-            pfd = tree.open_beneath(name[1], os.O_PATH) if name[1] else os.dup(tree.fd)
-            try:
-                st = os.fstat(pfd)
-                if expect is not None and (st.st_dev, st.st_ino) != expect:
-                    raise pyfuse3.FUSEError(errno.ESTALE)
-                if stat.S_ISDIR(st.st_mode):
-                    flags = os.O_RDONLY | os.O_DIRECTORY
-                elif stat.S_ISREG(st.st_mode):
-                    flags = os.O_RDONLY | os.O_NONBLOCK
-                else:
-                    raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # symlinks, fifos: no xattrs here
-                return os.open(f"/proc/self/fd/{pfd}", flags | os.O_CLOEXEC)
-            finally:
-                os.close(pfd)
+            if stat.S_ISDIR(t.st.st_mode):
+                flags = os.O_RDONLY | os.O_DIRECTORY
+            elif stat.S_ISREG(t.st.st_mode):
+                flags = os.O_RDONLY | os.O_NONBLOCK
+            else:
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # symlinks, fifos: no xattrs here
+            return os.open(t.path, flags | os.O_CLOEXEC)
         except OSError as e:
             raise fuse_error(e) from None
+        finally:
+            os.close(t.fd)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         n = os.fsdecode(name)
