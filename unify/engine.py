@@ -359,15 +359,16 @@ def _look_up(
     digests from it; the others (returned second) are to be hashed.  Store objects the
     walk met are looked up too, but grouped by nobody (a group finds its objects by
     key): one whose row is stale is only read again, and resealed (_Pipeline.hashed)."""
-    inos = objects.inos
-    new = [r for r in sc.inodes.values() if (r.dev, r.ino) not in inos]
+    new: list[scan.InodeRec] = []
+    seen: list[scan.InodeRec] = []
+    for r in sc.inodes.values():
+        (seen if (r.dev, r.ino) in objects.inos else new).append(r)
     size_count = Counter(r.size for r in new)
     by_size: dict[int, list[scan.InodeRec]] = {}
     for rec in new:
         if size_count[rec.size] < 2 and rec.size not in objects.sizes:
             continue
         by_size.setdefault(rec.size, []).append(rec)
-    seen = [r for r in sc.inodes.values() if (r.dev, r.ino) in inos]
     return by_size, _from_index([r for rs in by_size.values() for r in rs] + seen, index)
 
 
@@ -485,7 +486,7 @@ def _hashed(
     reading from disk overlaps the hashing and linking here without threads: reader
     threads spent more CPU handing the interpreter's lock back and forth (one or two futex
     calls per system call, 60 per file) than reading small files."""
-    opened: deque[tuple[scan.InodeRec, int | str | None]] = deque()
+    opened: deque[tuple[scan.InodeRec, int | str | None, int]] = deque()  # ..., bytes asked
     todo = iter(recs)
     asked = 0  # bytes asked for and not hashed yet: at most AHEAD_BYTES (and one file)
 
@@ -496,13 +497,15 @@ def _hashed(
             if rec is None:
                 return
             fd = _open_to_hash(rec)
+            want = 0
             if isinstance(fd, int):
+                want = min(rec.size, WILLNEED_MAX)
                 try:
-                    os.posix_fadvise(fd, 0, min(rec.size, WILLNEED_MAX), os.POSIX_FADV_WILLNEED)
+                    os.posix_fadvise(fd, 0, want, os.POSIX_FADV_WILLNEED)
                 except OSError:
                     pass  # advice only: the read below still reads it
-                asked += min(rec.size, WILLNEED_MAX)
-            opened.append((rec, fd))
+            asked += want
+            opened.append((rec, fd, want))
 
     try:
         fill()
@@ -510,15 +513,14 @@ def _hashed(
             chunk: list[scan.InodeRec] = []
             results: list[Hashed | str | None] = []
             while opened and len(chunk) < CHUNK_FILES:
-                rec, fd = opened.popleft()
-                if isinstance(fd, int):
-                    asked -= min(rec.size, WILLNEED_MAX)
+                rec, fd, want = opened.popleft()
+                asked -= want
                 chunk.append(rec)
                 results.append(_hash_open(rec, fd) if isinstance(fd, int) else fd)
                 fill()
             yield chunk, results
     finally:  # the run stopped early: what was opened ahead is closed
-        for _, fd in opened:
+        for _, fd, _ in opened:
             if isinstance(fd, int):
                 os.close(fd)
 
