@@ -7,10 +7,13 @@ directory on the filesystem of /var/tmp; then runs both tools, alternating, for 
 phases: first run (caches dropped), unchanged re-run warm (the tool's tree walked by `du`
 just before) and cold (caches dropped), re-run after 1% of the files were replaced (an
 upgrade: the same new content in every guest), and a run after one more guest was added.  Per run: wall time, CPU (user+sys) and peak RSS of
-the tool's process (os.wait4).  Prints a markdown table with the ratios; always removes
-the trees (unsealing the immutable store objects first).
+the tool's process (os.wait4), and the size of vsunify's index after the run.  Prints a
+markdown table with the ratios; always removes the trees (unsealing the immutable store
+objects first).  ``--tools vsunify --phases first,warm`` measures vsunify's memory on a
+host too large to hold twice (5,000,000 names: 100 guests).
 
     nice python bench/bench_million.py [--guests 10] [--files 500000] [--markdown FILE]
+                                       [--tools vsunify,hardlink] [--phases first,...]
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ SHARED = 0.9  # share of each guest's files that every guest has
 CHANGED = 0.01  # share of the files the "changed" phase replaces
 PER_DIR = 100  # files per directory
 MAX_SIZE = 1 << 20
+TOOLS = ("vsunify", "hardlink")
+PHASES = ("first", "warm", "cold", "changed", "added")
 
 
 def size_of(rnd: random.Random) -> int:
@@ -128,8 +133,17 @@ def timed(argv: list[str], env: dict[str, str]) -> Sample:
 
 
 class Bench:
-    def __init__(self, base: Path, guests: int, files: int) -> None:
+    def __init__(
+        self,
+        base: Path,
+        guests: int,
+        files: int,
+        tools: tuple[str, ...] = TOOLS,
+        phases: tuple[str, ...] = PHASES,
+    ) -> None:
         self.base = base
+        self.tools = tools
+        self.phases = phases
         self.names = [f"g{i:03d}" for i in range(guests)]
         self.per_guest = files // guests
         self.v = base / "vsunify"
@@ -148,15 +162,28 @@ class Bench:
             "PYTHONPYCACHEPREFIX": str(base / "pycache"),
             "PYTHONDONTWRITEBYTECODE": "",
         }
-        self.rows: list[tuple[str, Sample, Sample]] = []
+        # Per phase: vsunify's and hardlink's samples (None: not run), the index's bytes.
+        self.rows: list[tuple[str, Sample | None, Sample | None, int]] = []
+
+    def roots(self) -> list[Path]:
+        """One tree per tool measured."""
+        return [
+            root for tool, root in (("vsunify", self.v), ("hardlink", self.h)) if tool in self.tools
+        ]
 
     def make(self) -> None:
         t0 = time.monotonic()
         for g, name in enumerate(self.names):
-            write_guest([self.v / name, self.h / name], g, self.per_guest)
+            write_guest([r / name for r in self.roots()], g, self.per_guest)
         log(
-            f"{len(self.names)} x {self.per_guest} files made twice in {time.monotonic() - t0:.0f} s"
+            f"{len(self.names)} x {self.per_guest} files made {len(self.roots())} time(s) "
+            f"in {time.monotonic() - t0:.0f} s"
         )
+
+    def index_bytes(self) -> int:
+        """vsunify's index on disk (the database and its write-ahead log)."""
+        state = self.base / "state"
+        return sum(p.stat().st_size for p in state.glob("index.sqlite*")) if state.exists() else 0
 
     def vsunify(self) -> Sample:
         argv = [
@@ -176,8 +203,14 @@ class Bench:
         return timed(["hardlink", "-c", *(str(self.h / n) for n in self.names)], {})
 
     def phase(self, label: str, cold: bool) -> None:
-        samples = []
-        for tool, tree in ((self.vsunify, self.v), (self.hardlink, self.h)):
+        samples: list[Sample | None] = []
+        for name, tool, tree in (
+            ("vsunify", self.vsunify, self.v),
+            ("hardlink", self.hardlink, self.h),
+        ):
+            if name not in self.tools:
+                samples.append(None)
+                continue
             if cold:
                 drop_caches()
             else:
@@ -187,38 +220,48 @@ class Bench:
                 subprocess.run(["du", "-s", str(tree)], stdout=subprocess.DEVNULL, check=True)
             samples.append(tool())
         v, h = samples
-        self.rows.append((label, v, h))
-        extra = ""
-        try:
-            js = json.loads(v.out)
-            extra = f" (vsunify hashed {js['files_hashed']}, linked {js['files_linked']})"
-        except (ValueError, KeyError):
-            pass
-        log(
-            f"{label}: vsunify {v.wall:.2f} s {v.cpu:.1f} cpu {v.rss >> 20} MiB; "
-            f"hardlink {h.wall:.2f} s {h.cpu:.1f} cpu {h.rss >> 20} MiB{extra}"
-        )
+        idx = self.index_bytes()
+        self.rows.append((label, v, h, idx))
+        said = [label + ":"]
+        if v is not None:
+            said.append(f"vsunify {v.wall:.2f} s {v.cpu:.1f} cpu {v.rss >> 20} MiB")
+            try:
+                js = json.loads(v.out)
+                said.append(f"(hashed {js['files_hashed']}, linked {js['files_linked']},")
+            except (ValueError, KeyError):
+                said.append("(")
+            said.append(f"index {idx / 2**20:.1f} MiB);")
+        if h is not None:
+            said.append(f"hardlink {h.wall:.2f} s {h.cpu:.1f} cpu {h.rss >> 20} MiB")
+        log(" ".join(said))
 
     def run(self) -> None:
         self.make()
-        self.phase("first run (cold)", cold=True)
-        self.phase("unchanged re-run, warm", cold=False)
-        self.phase("unchanged re-run, cold", cold=True)
-        picks = pick_changed(self.per_guest)
-        for name in self.names:  # unified files are sealed: made private first, untimed
-            timed(
-                [sys.executable, "-m", "unify.cli", "deunify", "--json", str(self.v / name)]
-                + ["/" + rel_path(i) for i in picks],
-                self.py_env,
-            )
-        n = replace_some([self.v, self.h], self.names, picks)
-        log(f"{n} files replaced")
-        self.phase("re-run after 1% changed (warm)", cold=False)
-        g = len(self.names)
-        name = f"g{g:03d}"
-        write_guest([self.v / name, self.h / name], g, self.per_guest)
-        self.names.append(name)
-        self.phase("one guest added (warm)", cold=False)
+        if "first" in self.phases:
+            self.phase("first run (cold)", cold=True)
+        if "warm" in self.phases:
+            self.phase("unchanged re-run, warm", cold=False)
+        if "cold" in self.phases:
+            self.phase("unchanged re-run, cold", cold=True)
+        if "changed" in self.phases:
+            picks = pick_changed(self.per_guest)
+            if "vsunify" in self.tools:
+                for name in self.names:  # unified files are sealed: made private first, untimed
+                    timed(
+                        [sys.executable, "-m", "unify.cli", "deunify", "--json"]
+                        + [str(self.v / name)]
+                        + ["/" + rel_path(i) for i in picks],
+                        self.py_env,
+                    )
+            n = replace_some(self.roots(), self.names, picks)
+            log(f"{n} files replaced")
+            self.phase("re-run after 1% changed (warm)", cold=False)
+        if "added" in self.phases:
+            g = len(self.names)
+            name = f"g{g:03d}"
+            write_guest([r / name for r in self.roots()], g, self.per_guest)
+            self.names.append(name)
+            self.phase("one guest added (warm)", cold=False)
 
     def remove(self) -> None:
         if not self.base.exists():
@@ -240,14 +283,22 @@ def markdown(b: Bench, guests: int, files: int, cmd: str, took: float) -> str:
         f"Python {platform.python_version()}; total {took / 60:.1f} min.",
         "",
         "| phase | vsunify wall (s) | hardlink wall (s) | ratio | vsunify CPU (s) | "
-        "hardlink CPU (s) | ratio | vsunify peak RSS (MiB) | hardlink peak RSS (MiB) |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "hardlink CPU (s) | ratio | vsunify peak RSS (MiB) | hardlink peak RSS (MiB) | "
+        "vsunify index (MiB) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for label, v, h in b.rows:
+
+    def f(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    for label, v, h, idx in b.rows:
+        wall = v.wall / h.wall if v and h else None
+        cpu = v.cpu / max(h.cpu, 0.01) if v and h else None
         out.append(
-            f"| {label} | {v.wall:.2f} | {h.wall:.2f} | {v.wall / h.wall:.2f} | "
-            f"{v.cpu:.1f} | {h.cpu:.1f} | {v.cpu / max(h.cpu, 0.01):.2f} | "
-            f"{v.rss / 2**20:.0f} | {h.rss / 2**20:.0f} |"
+            f"| {label} | {f(v and v.wall, '.2f')} | {f(h and h.wall, '.2f')} | "
+            f"{f(wall, '.2f')} | {f(v and v.cpu, '.1f')} | {f(h and h.cpu, '.1f')} | "
+            f"{f(cpu, '.2f')} | {f(v and v.rss / 2**20, '.0f')} | "
+            f"{f(h and h.rss / 2**20, '.0f')} | {f(v and idx / 2**20, '.1f')} |"
         )
     return "\n".join(out) + "\n"
 
@@ -258,16 +309,28 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=500_000, help="files in all the guests")
     ap.add_argument("--markdown", metavar="FILE", help="append the table to FILE")
     ap.add_argument("--dir", default="/var/tmp", help="where the temporary host goes")
+    ap.add_argument(
+        "--tools", default=",".join(TOOLS), help="which of vsunify,hardlink to run (both)"
+    )
+    ap.add_argument("--phases", default=",".join(PHASES), help=f"which of {','.join(PHASES)} (all)")
     args = ap.parse_args()
+    tools = tuple(t for t in args.tools.split(",") if t)
+    phases = tuple(p for p in args.phases.split(",") if p)
+    if not tools or set(tools) - set(TOOLS) or set(phases) - set(PHASES):
+        print(
+            f"bench_million: --tools takes {','.join(TOOLS)}, --phases {','.join(PHASES)}",
+            file=sys.stderr,
+        )
+        return 2
     if os.geteuid() != 0:
         print("bench_million: run as root (drops caches; vsunify seals objects)", file=sys.stderr)
         return 2
-    if not shutil.which("hardlink"):
+    if "hardlink" in tools and not shutil.which("hardlink"):
         print("bench_million: hardlink (util-linux) not found", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_a: sys.exit(143))
     base = Path(tempfile.mkdtemp(prefix="vsstore-bench-million-", dir=args.dir))
-    b = Bench(base, args.guests, args.files)
+    b = Bench(base, args.guests, args.files, tools, phases)
     t0 = time.monotonic()
     try:
         b.run()

@@ -83,7 +83,10 @@ def test_index_round_trip_and_corrupt_file_is_moved_aside(tmp_path):
     path = tmp_path / "state" / "index.sqlite"
     idx = Index(path)
     idx.store([(1, 2, 3, 4, 5, b"d" * 16, b"s" * 32, b"m" * 8, b"a" * 8)])
+    idx.store([(1, 7, 300, 4, 5, b"e" * 16, b"t" * 32, b"m" * 8, b"a" * 8)])
     assert idx.load(1)[2] == (2, 3, 4, 5, b"d" * 16, b"s" * 32, b"m" * 8, b"a" * 8)
+    assert set(idx.load(1)) == {2, 7} and idx.load(2) == {}
+    assert set(idx.load(1, (3, 299))) == {2} and set(idx.load(1, (4, 300))) == {7}
     idx.close()
     path.write_bytes(b"this is not a database" * 100)
     for extra in ("-wal", "-shm"):

@@ -577,6 +577,30 @@ def test_a_run_in_passes_by_size_links_what_one_pass_would(host):
     assert (again.files_hashed, again.files_linked, again.errors) == (0, 0, 0)
 
 
+def test_a_pass_by_size_reads_only_its_sizes_from_the_index(host, monkeypatch):
+    """A run in passes holds one pass's index rows, not the whole index: each pass asks
+    the index for the sizes it walked, and an unchanged re-run still reads nothing."""
+    names = [f"g{i}" for i in range(5)]
+    for i, g in enumerate(names):
+        host.guest(g, _layout(i))
+    unify_run(host, *names, max_inodes=7)
+    idx = Index(Paths.from_env().index_file)
+    total = len(list(idx))
+    idx.close()
+    loaded: list[int] = []
+    real = Index.load
+
+    def load(self, dev, sizes=None):
+        rows = real(self, dev, sizes)
+        loaded.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(Index, "load", load)
+    again = unify_run(host, *names, max_inodes=7)
+    assert (again.files_hashed, again.files_linked, again.errors) == (0, 0, 0)
+    assert len(loaded) > 2 and sum(loaded) <= total and max(loaded) < total / 2, (loaded, total)
+
+
 @pytest.mark.parametrize("how", ["in place", "new inode"])
 def test_a_rerun_rereads_a_file_changed_with_the_same_size_and_mtime(host, how):
     """The index keys a digest by size, mtime and ctime: a file rewritten with the same

@@ -374,14 +374,20 @@ def _look_up(
 
 def _from_index(recs: list[scan.InodeRec], index: Index) -> list[scan.InodeRec]:
     """Digests of ``recs`` the index knows for their unchanged inodes; the others are
-    returned, to be hashed.  Each device's rows are read in one query."""
+    returned, to be hashed.  Each device's rows are read in one query, only those of the
+    sizes ``recs`` span: a pass over a size range holds its own rows, not the whole
+    index."""
+    if not recs:
+        return []
+    sizes = [r.size for r in recs]
+    span = (min(sizes), max(sizes))
     cache: dict[int, dict[int, Cached]] = {}
     to_hash: list[scan.InodeRec] = []
     same = _interned()
     for rec in recs:
         rows = cache.get(rec.dev)
         if rows is None:
-            rows = cache[rec.dev] = index.load(rec.dev)
+            rows = cache[rec.dev] = index.load(rec.dev, span)
         c = rows.get(rec.ino)
         if c is not None and c[1] == rec.size and c[2] == rec.mtime_ns and c[3] == rec.ctime_ns:
             rec.digest, rec.strong = c[4], c[5]

@@ -296,16 +296,19 @@ class Index:
 
     # -- inode cache -------------------------------------------------------------------
 
-    def load(self, dev: int) -> dict[int, Cached]:
-        """All cached rows of one device, keyed by inode number, in one query."""
-        return {
-            r[0]: r
-            for r in self.db.execute(
-                "SELECT ino, size, mtime_ns, ctime_ns, digest, strong, meta, meta_any FROM inode "
-                "WHERE dev=?",
-                (dev,),
-            )
-        }
+    def load(self, dev: int, sizes: tuple[int, int] | None = None) -> dict[int, Cached]:
+        """The cached rows of one device, keyed by inode number, in one query; ``sizes``:
+        only those of sizes in [lo, hi] (a run in passes by size holds one pass's rows, not
+        the whole index)."""
+        query = (
+            "SELECT ino, size, mtime_ns, ctime_ns, digest, strong, meta, meta_any FROM inode "
+            "WHERE dev=?"
+        )
+        args: tuple[int, ...] = (dev,)
+        if sizes is not None:
+            query += " AND size BETWEEN ? AND ?"
+            args += sizes
+        return {r[0]: r for r in self.db.execute(query, args)}
 
     def store(self, rows: Iterable[Row]) -> None:
         """Insert or replace rows (dev, ino, size, mtime_ns, ctime_ns, digest, strong, meta,
