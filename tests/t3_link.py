@@ -19,6 +19,7 @@ from vsstore.config import Paths, resolve_guest
 from vsstore.errors import NoSpaceError
 from vsstore.excludes import build_excludes
 from vsstore.index import Index
+from vsstore.safetree import GuestTree
 from vsstore.store import Store
 
 BIN = b"\x7fELF" + bytes(range(256)) * 40
@@ -132,6 +133,69 @@ def test_a_file_changed_between_hashing_and_linking_is_not_replaced(host):
     s = unify_run(host, "a", "b")
     assert s.files_linked == 0 and s.skipped_changed == 1 and s.errors >= 1
     assert (b / "f").read_bytes() == b"CHANGED" + BIN[7:]
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("keep", [engine.KEEP_FDS, 1, 0])
+def test_the_linker_leases_the_descriptor_the_hashing_read(host, monkeypatch, keep):
+    """A file hashed is linked through the descriptor the hashing opened (one safe open
+    per file, not two), as many as ``KEEP_FDS`` at once; past it, or without, the linker
+    opens the name again.  The same links either way, and no descriptor left open."""
+    files = {f"usr/lib/f{i}": BIN + bytes([i]) for i in range(5)}
+    for g in "abc":
+        host.guest(g, files)
+    opened: list[str] = []
+    real = GuestTree.open_regular
+
+    def counting(self, rel, *a, **kw):
+        opened.append(rel)
+        return real(self, rel, *a, **kw)
+
+    monkeypatch.setattr(GuestTree, "open_regular", counting)
+    monkeypatch.setattr(engine, "KEEP_FDS", keep)
+    before = _fds()
+    s = unify_run(host, "a", "b", "c")
+    assert _fds() == before
+    assert (s.files_hashed, s.files_linked, s.objects_created, s.errors) == (15, 10, 5, 0)
+    reopened = len(opened) - s.files_hashed
+    assert reopened == (15 if keep == 0 else 15 - keep if keep < 15 else 0), opened
+    for i in range(5):
+        assert len({inode(host.root / g / f"usr/lib/f{i}") for g in "abc"}) == 1
+
+
+def test_a_file_removed_between_hashing_and_linking_is_no_error(host):
+    """The guest deleted it after it was read (its descriptor still open for the linker):
+    nothing to do, as for a file gone before it was read."""
+    host.guest("a", {"f": BIN})
+    b = host.guest("b", {"f": BIN})
+    apply.HOOKS["hashed"] = lambda **_: os.unlink(b / "f")
+    s = unify_run(host, "a", "b")
+    assert (s.files_linked, s.errors, s.objects_created) == (0, 0, 0)
+    assert not (b / "f").exists() and (host.root / "a/f").read_bytes() == BIN
+
+
+def test_a_directory_swapped_between_hashing_and_linking_keeps_both_files(host):
+    """The guest moved the directory of a file that was read and put another file of the
+    same size under the old name: the inode read is not what the name holds now; the
+    new file stays the guest's own, the one read keeps its content."""
+    host.guest("a", {"usr/lib/f": BIN})
+    b = host.guest("b", {"usr/lib/f": BIN})
+    other = bytes(reversed(BIN))
+
+    def swap(**_):
+        os.rename(b / "usr/lib", b / "usr/lib.old")
+        (b / "usr/lib").mkdir()
+        (b / "usr/lib/f").write_bytes(other)
+
+    apply.HOOKS["hashed"] = swap
+    unify_run(host, "a", "b")
+    assert (b / "usr/lib/f").read_bytes() == other
+    assert (b / "usr/lib.old/f").read_bytes() == BIN
+    assert inode(b / "usr/lib/f") != inode(host.root / "a/usr/lib/f")
+    assert not [p for p in (b / "usr/lib").iterdir() if p.name != "f"]
 
 
 def test_a_file_open_for_writing_is_left_alone(host):

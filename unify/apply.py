@@ -233,6 +233,8 @@ class Linker:
         self.dir_fds = min(DIR_FDS, room // 5)
         # The walk's records by inode (of a store object: one name, not all).
         self.known: dict[tuple[int, int], InodeRec] = {}
+        # Files the hashing read, still open (engine._Pipeline.keep): taken, not reopened.
+        self.kept: dict[tuple[int, int], int] = {}
         self.trees: list[GuestTree] = []  # the run's guests: a breach walks them (evacuate)
         self.closer: Closer | None = None  # set by unify_all
         self.dirs = _Dirs(self.dir_fds)
@@ -257,17 +259,25 @@ class Linker:
     # -- opening -------------------------------------------------------------------------
 
     def _open_verified(self, rec: InodeRec) -> int | None:
-        """Open ``rec`` by its first name, leased and unchanged since the walk, or None."""
+        """Open ``rec`` (the descriptor the hashing read it by, if kept, else by its first
+        name), leased and unchanged since the walk, or None.  A kept descriptor is the
+        inode that was hashed whatever its names became since; the fstat below (a rename
+        or link moves the ctime too) and the swap's check of every name see the rest."""
         tree, rel = rec.names[0]
-        try:
-            fd = tree.open_regular(rel, expect=(rec.dev, rec.ino))
-        except (FileNotFoundError, NotADirectoryError):
-            return None  # gone since the walk: nothing to do
-        except OSError as e:
-            if e.errno == errno.ESTALE:
-                self.stats.skipped_changed += 1
-            self._error(f"{self._where(rec)}: skipped: {e.strerror}")
-            return None
+        fd = self.kept.pop((rec.dev, rec.ino), None)
+        if fd is not None and not rec.same_stat(os.fstat(fd)):
+            os.close(fd)  # changed or gone since: its name says which (as if not kept)
+            fd = None
+        if fd is None:
+            try:
+                fd = tree.open_regular(rel, expect=(rec.dev, rec.ino))
+            except (FileNotFoundError, NotADirectoryError):
+                return None  # gone since the walk: nothing to do
+            except OSError as e:
+                if e.errno == errno.ESTALE:
+                    self.stats.skipped_changed += 1
+                self._error(f"{self._where(rec)}: skipped: {e.strerror}")
+                return None
         ok = False
         try:
             if not syscalls.take_read_lease(fd):

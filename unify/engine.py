@@ -107,6 +107,7 @@ Hashed = tuple[bytes, bytes, bytes, bytes]  # xxh3, blake3, meta, meta_any
 CHUNK_FILES = 64  # files hashed between two looks at what can be linked
 WILLNEED_MAX = 8 << 20  # of a large file, the start is asked for; readahead does the rest
 AHEAD_BYTES = 64 << 20  # asked for ahead of the hashing at most (the page cache may be small)
+KEEP_FDS = 4096  # hashed files held open for the linker at most (see _Pipeline.keep)
 
 
 def _open_to_hash(rec: scan.InodeRec) -> int | str | None:
@@ -129,10 +130,15 @@ def _open_to_hash(rec: scan.InodeRec) -> int | str | None:
         return f"{tree.where(rel)}: skipped: cannot open: {e.strerror}"
 
 
-def _hash_open(rec: scan.InodeRec, fd: int) -> Hashed | str | None:
-    """Digest and metadata classes of ``rec``, opened as ``fd`` (closed here); a message
-    if it could not be read."""
+Keep = Callable[[scan.InodeRec, int], bool]
+
+
+def _hash_open(rec: scan.InodeRec, fd: int, keep: Keep | None = None) -> Hashed | str | None:
+    """Digest and metadata classes of ``rec``, opened as ``fd`` (closed here unless
+    ``keep`` takes it: the file read without a fault); a message if it could not be
+    read."""
     tree, rel = rec.names[0]
+    kept = False
     try:
         st = os.fstat(fd)
         if not rec.same_stat(st):
@@ -141,11 +147,13 @@ def _hash_open(rec: scan.InodeRec, fd: int) -> Hashed | str | None:
         xattrs = read_xattrs(fd)
         if not rec.same_stat(os.fstat(fd)):
             return f"{tree.where(rel)}: skipped: changed while it was read"
+        kept = keep is not None and keep(rec, fd)
         return digest, strong, meta_class(st, xattrs, False), meta_class(st, xattrs, True)
     except OSError as e:
         return f"{tree.where(rel)}: skipped: {e.strerror}"
     finally:
-        os.close(fd)
+        if not kept:
+            os.close(fd)
 
 
 def run(
@@ -175,6 +183,7 @@ def run(
         budget = None if extents_on else opts.max_inodes
         sc = _walk(trees, excludes, opts, objects, summ, prog, extents_on, budget=budget)
         ahead = _read_ahead(opts)
+        keep = _kept_max(ahead)
         linker = apply.Linker(
             store,
             index,
@@ -182,11 +191,11 @@ def run(
             ignore_mtime=opts.ignore_mtime,
             stats=summ,
             link_limit=opts.link_limit,
-            fds=apply.fds_free() - ahead - 32,
+            fds=apply.fds_free() - ahead - keep - 32,
         )
         linker.trees = trees
         if sc.complete:
-            _unify_pass(sc, opts, linker, index, objects, prog, ahead)
+            _unify_pass(sc, opts, linker, index, objects, prog, ahead, keep)
         else:
             # 2b. Too many inodes to hold at once: the walk counted them by size, and the
             # run goes on in passes over size ranges, each walking the guests again and
@@ -197,7 +206,7 @@ def run(
             for lo_hi in ranges:
                 part = _walk(trees, excludes, opts, objects, None, prog, False, sizes=lo_hi)
                 hashed_point = _unify_pass(
-                    part, opts, linker, index, objects, prog, ahead, hashed_point
+                    part, opts, linker, index, objects, prog, ahead, keep, hashed_point
                 )
                 # What this pass recorded is in the index: nothing of it is kept.
                 linker.known, linker.index_rows, linker.forget = {}, [], []
@@ -222,6 +231,7 @@ def _unify_pass(
     objects: _Objects,
     prog: Progress,
     ahead: int,
+    keep: int,
     hashed_point: bool = False,
 ) -> bool:
     """3-6 for the inodes of one walk: look up, hash, link, record.  Returns whether the
@@ -236,6 +246,7 @@ def _unify_pass(
         by_size,
         sc,
         tick=prog.refresh,  # linking moves no counter of the line: redraw it
+        keep_max=keep,
     )
     pipe.hashed_point_passed = hashed_point
     _hash_and_link(pipe, to_hash, prog, ahead)
@@ -465,16 +476,19 @@ def _hash_and_link(
             pipe.size_ready(size)
     prog.phase("hash+link", len(to_hash), sum(r.size for r in to_hash))
     done_bytes = 0
-    for chunk, results in _hashed(to_hash, ahead):
-        for rec, res in zip(chunk, results, strict=True):
-            done_bytes += rec.size
-            pipe.hashed(rec, res)
-            remaining[rec.size] -= 1
-            if not remaining[rec.size]:
-                pipe.size_ready(rec.size)
-        prog.update(pipe.summ.files_hashed, done_bytes)
-        pipe.flush()
-    pipe.flush(force=True)
+    try:
+        for chunk, results in _hashed(to_hash, ahead, pipe.keep):
+            for rec, res in zip(chunk, results, strict=True):
+                done_bytes += rec.size
+                pipe.hashed(rec, res)
+                remaining[rec.size] -= 1
+                if not remaining[rec.size]:
+                    pipe.size_ready(rec.size)
+            prog.update(pipe.summ.files_hashed, done_bytes)
+            pipe.flush()
+        pipe.flush(force=True)
+    finally:
+        pipe.release()
 
 
 def _read_ahead(opts: Options) -> int:
@@ -483,15 +497,22 @@ def _read_ahead(opts: Options) -> int:
     return max(1, min(32 * max(1, opts.jobs), (apply.fds_free() - 32) // 4))
 
 
+def _kept_max(ahead: int) -> int:
+    """How many hashed files the linker may find still open (KEEP_FDS, a quarter of the
+    descriptors left free by the read-ahead at most)."""
+    return max(0, min(KEEP_FDS, (apply.fds_free() - ahead - 32) // 4))
+
+
 def _hashed(
-    recs: list[scan.InodeRec], ahead: int
+    recs: list[scan.InodeRec], ahead: int, keep: Keep | None = None
 ) -> Iterator[tuple[list[scan.InodeRec], list[Hashed | str | None]]]:
     """The inodes with their digests, in order, in chunks, read in this thread.  The next
     ``ahead`` files (AHEAD_BYTES at most) are opened beforehand and their data asked for
     (POSIX_FADV_WILLNEED: the kernel reads them in the background, many at once), so that
     reading from disk overlaps the hashing and linking here without threads: reader
     threads spent more CPU handing the interpreter's lock back and forth (one or two futex
-    calls per system call, 60 per file) than reading small files."""
+    calls per system call, 60 per file) than reading small files.  ``keep`` may take a
+    file's descriptor once it is hashed (see _Pipeline.keep)."""
     opened: deque[tuple[scan.InodeRec, int | str | None, int]] = deque()  # ..., bytes asked
     todo = iter(recs)
     asked = 0  # bytes asked for and not hashed yet: at most AHEAD_BYTES (and one file)
@@ -522,7 +543,7 @@ def _hashed(
                 rec, fd, want = opened.popleft()
                 asked -= want
                 chunk.append(rec)
-                results.append(_hash_open(rec, fd) if isinstance(fd, int) else fd)
+                results.append(_hash_open(rec, fd, keep) if isinstance(fd, int) else fd)
                 fill()
             yield chunk, results
     finally:  # the run stopped early: what was opened ahead is closed
@@ -541,7 +562,11 @@ def _record(index: Index, linker: apply.Linker) -> None:
 
 class _Pipeline:
     """Groups one size class at a time, as soon as all its inodes are hashed, and hands
-    the groups to the linker in chunks (see Linker.unify_all)."""
+    the groups to the linker in chunks (see Linker.unify_all).  A file hashed is kept
+    open for the linker (``keep``), up to ``keep_max`` at once: the linker then leases
+    the inode that was read instead of opening its name again (four system calls less
+    per file, the safe open being two opens).  What no plan takes is closed as soon as
+    its size is grouped, what a plan left over after the linker ran."""
 
     FLUSH = 128
 
@@ -554,8 +579,11 @@ class _Pipeline:
         by_size: dict[int, list[scan.InodeRec]],
         sc: scan.Scan,
         tick: Callable[[], None],
+        keep_max: int = 0,
     ) -> None:
         self.opts, self.linker, self.index = opts, linker, index
+        self.kept = linker.kept  # (dev, ino) -> the descriptor the hashing read it by
+        self.keep_max = 0 if opts.dry_run else keep_max
         self.objects, self.by_size, self.sc = objects, by_size, sc
         self.summ = linker.stats  # the run's Summary
         self.tick = tick
@@ -595,12 +623,37 @@ class _Pipeline:
         if obj is not None and not self.opts.dry_run:
             self.linker.reseal(obj, rec)
 
+    def keep(self, rec: scan.InodeRec, fd: int) -> bool:
+        """Take the descriptor of a file just hashed, if there is room (not a store
+        object's: no plan links one)."""
+        if len(self.kept) >= self.keep_max or (rec.dev, rec.ino) in self.objects.inos:
+            return False
+        self.kept[(rec.dev, rec.ino)] = fd
+        return True
+
+    def _drop(self, recs: list[scan.InodeRec]) -> None:
+        """Close what is kept of ``recs``."""
+        if self.kept:
+            for rec in recs:
+                fd = self.kept.pop((rec.dev, rec.ino), None)
+                if fd is not None:
+                    os.close(fd)
+
+    def release(self) -> None:
+        """Close everything still kept (the end of the pass, or an error)."""
+        fds = list(self.kept.values())
+        self.kept.clear()
+        for fd in fds:
+            os.close(fd)
+
     def size_ready(self, size: int) -> None:
         groups: dict[Key, list[scan.InodeRec]] = {}
-        for rec in self.by_size.pop(size, []):
+        recs = self.by_size.pop(size, [])
+        for rec in recs:
             meta = rec.meta_any if self.opts.ignore_mtime else rec.meta
             if rec.digest is not None and meta is not None:
                 groups.setdefault((rec.digest, meta), []).append(rec)
+        planned: set[int] = set()
         for key, members in groups.items():
             objs = self.objects.by_key.get(key, [])
             todo = [m for m in members if (m.dev, m.ino) not in self.objects.inos]
@@ -610,6 +663,8 @@ class _Pipeline:
                 _dry(todo, objs, self.linker.stats, self.linker.forget)
             else:
                 self.plans.append((key, todo, objs))
+                planned.update(id(m) for m in todo)
+        self._drop([r for r in recs if id(r) not in planned])
 
     def flush(self, force: bool = False) -> None:
         if not self.plans or (not force and len(self.plans) < self.FLUSH):
@@ -624,7 +679,11 @@ class _Pipeline:
             apply.point("hashed", inodes=self.sc.inodes)
             self.hashed_point_passed = True
         plans, self.plans = self.plans, []
-        self.linker.unify_all(plans, tick=self.tick)
+        try:
+            self.linker.unify_all(plans, tick=self.tick)
+        finally:
+            for _, members, _ in plans:  # what the linker did not take (skipped, EMLINK)
+                self._drop(members)
 
 
 def _dry(
