@@ -9,11 +9,12 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import fill, flags, inode, small_fs, snapshot
-from unify import apply, engine
+from unify import apply, engine, scan
 from vsstore import attrs, hashing
 from vsstore.config import Paths, resolve_guest
 from vsstore.errors import NoSpaceError
@@ -639,6 +640,128 @@ def test_a_run_in_passes_by_size_links_what_one_pass_would(host):
         assert len(inos) == (1 if rel.startswith("usr/lib") else 2 if "/p" in rel else 5), rel
     again = unify_run(host, *names, max_inodes=7)
     assert (again.files_hashed, again.files_linked, again.errors) == (0, 0, 0)
+
+
+def test_a_run_in_passes_walks_each_guest_once(host, monkeypatch):
+    """The passes read the first walk's records back from its spill: every guest is
+    walked once however many passes there are; a run within its budget spills nothing."""
+    names = [f"g{i}" for i in range(5)]
+    for i, g in enumerate(names):
+        host.guest(g, _layout(i))
+    walked: list[str] = []
+    real_listings = GuestTree.listings
+
+    def listings(self, *a, **kw):
+        walked.append(self.name)
+        return real_listings(self, *a, **kw)
+
+    started: list[int] = []
+    real_start = scan.Spill.start
+
+    def start(self):
+        started.append(1)
+        real_start(self)
+
+    monkeypatch.setattr(GuestTree, "listings", listings)
+    monkeypatch.setattr(scan.Spill, "start", start)
+    passes: list[tuple[int, int]] = []
+    real_from_spill = scan.from_spill
+    monkeypatch.setattr(
+        scan,
+        "from_spill",
+        lambda sp, t, sizes, o: passes.append(sizes) or real_from_spill(sp, t, sizes, o),
+    )
+    s = unify_run(host, *names, max_inodes=7)
+    assert s.errors == 0 and s.files_linked > 40
+    assert len(passes) > 3 and started
+    assert sorted(walked) == sorted(names)
+    walked.clear()
+    started.clear()
+    again = unify_run(host, *names, max_inodes=None)
+    assert (again.files_hashed, again.files_linked) == (0, 0)
+    assert sorted(walked) == sorted(names) and not started
+
+
+def test_a_file_changed_after_the_walk_of_a_run_in_passes_is_left_alone(host, monkeypatch):
+    """A pass works from the first walk's records: a file a guest rewrote since (the same
+    size, before its pass) is skipped as changed, and kept as the guest wrote it; the
+    next run links it."""
+    names = [f"g{i}" for i in range(5)]
+    for i, g in enumerate(names):
+        host.guest(g, _layout(i))
+    target = host.root / "g1/usr/lib/s11"  # the largest shared size: the last pass's
+    real_from_spill = scan.from_spill
+
+    def from_spill(sp, trees, sizes, objects):
+        lo, hi = sizes
+        if lo <= target.stat().st_size < hi and target.read_bytes() == BIN[: 100 + 37 * 11]:
+            with open(target, "r+b") as f:
+                f.write(b"X")
+        return real_from_spill(sp, trees, sizes, objects)
+
+    monkeypatch.setattr(scan, "from_spill", from_spill)
+    s = unify_run(host, *names, max_inodes=7)
+    assert target.read_bytes() == b"X" + BIN[1 : 100 + 37 * 11]
+    assert os.stat(target).st_nlink == 1
+    assert s.errors == 1 and any("g1:/usr/lib/s11: skipped: changed" in m for m in s.messages)
+    monkeypatch.setattr(scan, "from_spill", real_from_spill)
+    with open(target, "r+b") as f:
+        f.write(BIN[:1])
+    was = os.stat(host.root / "g0/usr/lib/s11")
+    os.utime(target, ns=(was.st_atime_ns, was.st_mtime_ns))
+    again = unify_run(host, *names, max_inodes=7)
+    assert again.errors == 0 and again.files_linked == 1
+    assert inode(target) == inode(host.root / "g0/usr/lib/s11")
+
+
+def test_a_spill_gives_back_each_record_of_a_size_range_with_its_name(tmp_path):
+    """Names as bytes (not UTF-8, a newline), records across the reader's 4 MiB chunks."""
+    trees = [object(), object()]
+    sp = scan.Spill(tmp_path)
+    buf = bytearray()
+    hostile = os.fsdecode(b"usr/\xff\nname")
+    want = []
+    for i in range(120_000):
+        rel = hostile if i % 1000 == 0 else f"d/{i:06d}-" + "x" * (i % 40)
+        raw = os.fsencode(rel)
+        buf += scan._SPILLED.pack(7, i, i % 50, -i, i, 1 + i % 3, i % 2, len(raw)) + raw
+        if 10 <= i % 50 < 20:
+            want.append((i % 2, rel, (7, i, i % 50, -i, i, 1 + i % 3)))
+        if len(buf) > 300_000:
+            sp.add(buf)
+            if i > 60_000:
+                sp.start()
+    sp.add(buf)
+    sp.start()
+    assert os.listdir(tmp_path) == []  # unlinked from the start
+    got = [
+        (trees.index(t), rel, (r.dev, r.ino, r.size, r.mtime_ns, r.ctime_ns, r.nlink))
+        for t, rel, r in sp.read(trees, 10, 20)
+    ]
+    assert got == want and len(got) == 24_000
+    assert sum(1 for _ in sp.read(trees, 0, 1 << 63)) == 120_000
+    sp.close()
+
+
+def test_a_full_state_filesystem_stops_a_run_in_passes_before_it_changes_anything(
+    host, monkeypatch
+):
+    """The spill cannot be written: NoSpaceError naming the state directory's filesystem,
+    every guest as it was."""
+    names = [f"g{i}" for i in range(3)]
+    for i, g in enumerate(names):
+        host.guest(g, _layout(i))
+    before = {g: snapshot(host.root / g) for g in names}
+    with small_fs(host.base / "state", 1) as state:
+        filler: list[Path] = []
+        real_start = scan.Spill.start
+        monkeypatch.setattr(
+            scan.Spill, "start", lambda self: filler.append(fill(state)) or real_start(self)
+        )
+        with pytest.raises(NoSpaceError, match=f"no space left on {state} for the walk"):
+            unify_run(host, *names, max_inodes=7)
+        assert filler
+        assert {g: snapshot(host.root / g) for g in names} == before
 
 
 def test_a_pass_by_size_reads_only_its_sizes_from_the_index(host, monkeypatch):

@@ -178,10 +178,14 @@ def run(
     # time of a walk).  It waits until the run is over.
     gc_was = gc.isenabled()
     gc.disable()
+    spill: scan.Spill | None = None
     try:
         objects = _Objects.scan(store)
         budget = None if extents_on else opts.max_inodes
-        sc = _walk(trees, excludes, opts, objects, summ, prog, extents_on, budget=budget)
+        if budget is not None:
+            spill = scan.Spill(index.path.parent)
+        records = objects.records()
+        sc = _walk(trees, excludes, opts, records, summ, prog, extents_on, budget, spill)
         ahead = _read_ahead(opts)
         keep = _kept_max(ahead)
         linker = apply.Linker(
@@ -197,14 +201,16 @@ def run(
         if sc.complete:
             _unify_pass(sc, opts, linker, index, objects, prog, ahead, keep)
         else:
-            # 2b. Too many inodes to hold at once: the walk counted them by size, and the
-            # run goes on in passes over size ranges, each walking the guests again and
-            # keeping only its sizes (a group of duplicates has one size: no group is cut).
+            # 2b. Too many inodes to hold at once: the walk counted them by size and wrote
+            # them to the spill, and the run goes on in passes over size ranges, each
+            # reading back only its sizes (a group of duplicates has one size: no group is
+            # cut).
+            assert spill is not None
             ranges = _size_ranges(sc.sizes, budget or 1)
             log.info("%d inodes: unifying in %d passes by size", sc.sizes.total(), len(ranges))
             hashed_point = False
             for lo_hi in ranges:
-                part = _walk(trees, excludes, opts, objects, None, prog, False, sizes=lo_hi)
+                part = scan.from_spill(spill, trees, lo_hi, records)
                 hashed_point = _unify_pass(
                     part, opts, linker, index, objects, prog, ahead, keep, hashed_point
                 )
@@ -213,6 +219,8 @@ def run(
         if extents_on:
             _share_extents(sc, store, index, opts, summ, prog, set(linker.forget), ahead)
     finally:
+        if spill is not None:
+            spill.close()
         if gc_was:
             gc.enable()
         prog.done()
@@ -322,16 +330,17 @@ def _walk(
     trees: list[GuestTree],
     excludes: dict[str, ExcludeList],
     opts: Options,
-    objects: _Objects,
-    summ: Summary | None,
+    records: dict[int, scan.InodeRec],
+    summ: Summary,
     prog: Progress,
     extents_on: bool = False,
     budget: int | None = None,
-    sizes: tuple[int, int] | None = None,
+    spill: scan.Spill | None = None,
 ) -> scan.Scan:
     """2. Walk the guests: an InodeRec per candidate inode, with every name seen (and,
-    when extents are shared, the private ones too).  ``summ``: the run's first walk, whose
-    counts and messages go there (a pass over a size range walks again: see run)."""
+    when extents are shared, the private ones too); ``records``: the store objects' (a
+    name of one gets its record).  Counts and messages go to ``summ``.  Over ``budget``
+    inodes, the candidates are in ``spill`` (see run)."""
     prog.phase("scan")
     sc = scan.scan(
         trees,
@@ -341,12 +350,10 @@ def _walk(
         jobs=2,
         link=opts.reflink is not Reflink.ONLY,
         extents=extents_on,
-        objects=objects.records(),
-        sizes=sizes,
+        objects=records,
         budget=budget,
+        spill=spill,
     )
-    if summ is None:
-        return sc
     summ.files_scanned = sc.files_scanned
     summ.errors += sc.errors
     summ.leftovers = len(sc.leftovers)

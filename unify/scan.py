@@ -6,11 +6,17 @@ import logging
 import os
 import re
 import stat
+import struct
+import tempfile
+import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
+from vsstore.errors import NOSPACE_ERRNOS, NoSpaceError
 from vsstore.excludes import ExcludeList
 from vsstore.safetree import GuestTree, lstat_entry
 
@@ -79,6 +85,94 @@ class Budget:
         self.over = False
 
 
+# A spilled candidate: dev, ino, size, mtime_ns, ctime_ns, nlink, guest (its index in the
+# run's trees), length of the name; the name's bytes follow.
+_SPILLED = struct.Struct("<QQQqqIHH")
+
+
+class Spill:
+    """The first walk's candidates, on disk, so that a run in passes by size reads each
+    pass's records back instead of walking every guest again: a name costs a stat and
+    several microseconds of Python to walk, well under one to read back.  Held in memory
+    until the walk goes over its budget (``start``; a run that fits writes nothing), then
+    in an unlinked temporary file (O_TMPFILE) in ``directory``: nothing of it outlives
+    the run, however it ends.  The records are the first walk's: a file changed since is
+    skipped by the checks before hashing and linking, as one changed between a walk and
+    its hashing always was."""
+
+    FLUSH = 1 << 20  # a walker hands its buffer over at this size
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.file: BinaryIO | None = None
+        self.pending: list[bytes] = []
+        self.lock = threading.Lock()  # walkers hand buffers over from their threads
+
+    def add(self, buf: bytearray) -> None:
+        """Take a walker's buffer (and empty it)."""
+        with self.lock:
+            if self.file is None:
+                self.pending.append(bytes(buf))
+            else:
+                self._write(buf)
+        buf.clear()
+
+    def start(self) -> None:
+        """The walk is over its budget: what is held and all that comes goes to disk."""
+        with self.lock:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile(dir=self.directory, buffering=0)
+                for b in self.pending:
+                    self._write(b)
+                self.pending.clear()
+
+    def drop(self) -> None:
+        """The walk kept everything: nothing to read back."""
+        self.pending.clear()
+
+    def _write(self, b: bytes | bytearray) -> None:
+        assert self.file is not None
+        try:
+            self.file.write(b)
+        except OSError as e:
+            if e.errno in NOSPACE_ERRNOS:
+                raise NoSpaceError.on(
+                    self.directory,
+                    "the walk's list of files (one run in passes by size)",
+                    "nothing was changed",
+                ) from None
+            raise
+
+    def read(
+        self, trees: list[GuestTree], lo: int, hi: int
+    ) -> Iterator[tuple[GuestTree, str, InodeRec]]:
+        """The records of sizes in [lo, hi), with their guest and name."""
+        assert self.file is not None
+        self.file.seek(0)
+        head = _SPILLED.size
+        unpack = _SPILLED.unpack_from
+        data = b""
+        while chunk := self.file.read(4 << 20):
+            data += chunk
+            pos, end = 0, len(data)
+            while pos + head <= end:
+                dev, ino, size, mtime, ctime, nlink, g, n = unpack(data, pos)
+                if pos + head + n > end:
+                    break
+                if lo <= size < hi:
+                    rel = os.fsdecode(data[pos + head : pos + head + n])
+                    yield trees[g], rel, InodeRec(dev, ino, size, mtime, ctime, nlink)
+                pos += head + n
+            data = data[pos:]
+        if data:
+            raise OSError(f"vsunify: spill file truncated ({len(data)} bytes left)")
+
+    def close(self) -> None:
+        self.pending.clear()
+        if self.file is not None:
+            self.file.close()
+
+
 @dataclass(slots=True)
 class _GuestWalk:
     found: Found = field(default_factory=list)
@@ -106,11 +200,15 @@ def _walk_one(
     extents: bool,
     sizes: tuple[int, int] | None,
     budget: Budget,
+    spill: Spill | None = None,
+    tid: int = 0,
 ) -> _GuestWalk:
     """One guest's candidates (to hardlink; private, for extents), leftover temporary
     names and error messages.  Each candidate is turned into a record at once: a run
     keeps no stat_result (with its float times) per name, and a name of a store object
-    (``objects``, by inode number) gets that object's one record."""
+    (``objects``, by inode number) gets that object's one record.  ``spill``: every
+    candidate to hardlink that is no store object is written there too (as guest
+    ``tid``), kept or not."""
     out = _GuestWalk()
     found, private, counts = out.found, out.private, out.sizes
     dev = tree.dev
@@ -124,6 +222,8 @@ def _walk_one(
     match = ex.match if ex.rules else None
     prune = (ex.prune_untouched if extents else ex.prune) if ex.rules else None
     n = 0
+    buf = bytearray()
+    pack = _SPILLED.pack
     for prefix, entries in tree.listings(prune_dir=prune, on_error=on_error):
         for entry in entries:
             name = entry.name
@@ -168,6 +268,23 @@ def _walk_one(
                     into.append((prefix + name, rec))
             elif st is not None:
                 counts[size] += 1
+                if spill is not None and into is found:
+                    raw = os.fsencode(prefix + name)
+                    buf += pack(
+                        st.st_dev,
+                        st.st_ino,
+                        size,
+                        st.st_mtime_ns,
+                        st.st_ctime_ns,
+                        st.st_nlink,
+                        tid,
+                        len(raw),
+                    )
+                    buf += raw
+                    if len(buf) >= Spill.FLUSH:
+                        if budget.over:
+                            spill.start()
+                        spill.add(buf)
                 if budget.over:
                     continue
                 into.append((prefix + name, _rec(dev, st)))
@@ -175,6 +292,8 @@ def _walk_one(
                     budget.over = True  # one guest alone holds more: no pass can keep all
                     found.clear()
                     private.clear()
+    if spill is not None and buf:
+        spill.add(buf)
     out.count = n
     return out
 
@@ -198,6 +317,7 @@ def scan(
     objects: Mapping[int, InodeRec] | None = None,
     sizes: tuple[int, int] | None = None,
     budget: int | None = None,
+    spill: Spill | None = None,
 ) -> Scan:
     """Collect regular files of at least ``min_size`` bytes that no exclude rule covers
     (``link``: else they go to ``private``) and, with ``extents``, those an exclude but
@@ -206,18 +326,30 @@ def scan(
     scan: a name is added to them); a name whose directory entry holds one needs no stat.
     ``sizes``: keep only inodes of sizes in [lo, hi) (the others are counted only).
     ``budget``: keep at most about this many inodes; past it, ``complete`` is False, no
-    inode is kept and ``sizes`` counts the new inodes by size.
+    inode is kept and ``sizes`` counts the new inodes by size; a pass then reads its
+    sizes from ``spill`` (``from_spill``), where the walk wrote every candidate.
     Guests are walked in parallel threads: on a cold cache the walk waits on directory and
     inode reads, and several guests keep several of them in flight."""
     out = Scan()
     inodes = out.inodes
     state = Budget(budget)
+    if spill is not None and (extents or len(trees) > 0xFFFF):
+        raise ValueError("a spill holds candidates to hardlink of 65,535 guests at most")
     with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(trees)))) as pool:
         walks = pool.map(
-            lambda t: _walk_one(
-                t, excludes[t.name], min_size, objects, link, extents, sizes, state
+            lambda it: _walk_one(
+                it[1],
+                excludes[it[1].name],
+                min_size,
+                objects,
+                link,
+                extents,
+                sizes,
+                state,
+                spill,
+                it[0],
             ),
-            trees,
+            enumerate(trees),
         )
         for tree, w in zip(trees, walks, strict=True):
             for msg in w.errors:
@@ -240,14 +372,39 @@ def scan(
                     out.complete = False
                     inodes.clear()
                     out.private.clear()
+                    if spill is not None:
+                        spill.start()
             out.files[tree.name] = w.count
             out.files_scanned += w.count
             if tick is not None:
                 tick(out.files_scanned, 0)
+    if spill is not None:
+        if state.over:
+            spill.start()
+        else:
+            spill.drop()
     if objects is not None and not state.over:
         for rec in objects.values():
             if rec.names:
                 inodes.setdefault((rec.dev, rec.ino), rec)
     for key in inodes.keys() & out.private.keys():
         del out.private[key]  # one name may be hardlinked: that decides for the inode
+    return out
+
+
+def from_spill(
+    spill: Spill,
+    trees: list[GuestTree],
+    sizes: tuple[int, int],
+    objects: Mapping[int, InodeRec],
+) -> Scan:
+    """One pass's inodes, as a walk limited to ``sizes`` would find them, from the first
+    walk's ``spill`` and its ``objects`` (the records that walk gave store objects' names)."""
+    out = Scan()
+    lo, hi = sizes
+    for tree, rel, rec in spill.read(trees, lo, hi):
+        _add(out.inodes, tree, rel, rec)
+    for rec in objects.values():
+        if rec.names and lo <= rec.size < hi:
+            out.inodes.setdefault((rec.dev, rec.ino), rec)
     return out
