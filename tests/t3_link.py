@@ -167,6 +167,34 @@ def test_the_linker_leases_the_descriptor_the_hashing_read(host, monkeypatch, ke
         assert len({inode(host.root / g / f"usr/lib/f{i}") for g in "abc"}) == 1
 
 
+def test_no_index_row_is_written_for_an_inode_the_run_replaced(host, monkeypatch):
+    """The hashes of a first run are stored after its links: the inodes that became
+    names of objects (gone) get no row only to lose it again; the ones kept do, and an
+    unchanged re-run reads nothing."""
+    files = {f"usr/lib/f{i}": BIN + bytes([i]) for i in range(5)}
+    files["etc/own"] = BIN[:99]
+    inos = {}
+    for g in "abc":
+        root = host.guest(g, {**files, "etc/own": BIN[:99] + g.encode()})
+        inos.update({(g, rel): inode(root / rel) for rel in files})
+    stored: list[int] = []
+    real = Index.store
+
+    def store(self, rows):
+        rows = list(rows)
+        stored.extend(r[1] for r in rows)
+        return real(self, rows)
+
+    monkeypatch.setattr(Index, "store", store)
+    s = unify_run(host, "a", "b", "c")
+    assert (s.files_hashed, s.files_linked) == (18, 10)
+    replaced = {i for (g, rel), i in inos.items() if inode(host.root / g / rel) != i}
+    assert len(replaced) == 10 and not replaced & set(stored), stored
+    assert {inos[(g, "etc/own")] for g in "abc"} <= set(stored)
+    again = unify_run(host, "a", "b", "c")
+    assert (again.files_hashed, again.files_linked, again.errors) == (0, 0, 0)
+
+
 def test_a_file_removed_between_hashing_and_linking_is_no_error(host):
     """The guest deleted it after it was read (its descriptor still open for the linker):
     nothing to do, as for a file gone before it was read."""

@@ -679,18 +679,24 @@ class _Pipeline:
                 self.index.store(self.new_rows)
                 self.new_rows = []
             return
-        if not self.opts.dry_run and self.new_rows:
-            self.index.store(self.new_rows)  # hashes survive a crash of what follows
-            self.new_rows = []
         if not self.hashed_point_passed:
             apply.point("hashed", inodes=self.sc.inodes)
             self.hashed_point_passed = True
         plans, self.plans = self.plans, []
+        gone = len(self.linker.forget)
         try:
             self.linker.unify_all(plans, tick=self.tick)
         finally:
             for _, members, _ in plans:  # what the linker did not take (skipped, EMLINK)
                 self._drop(members)
+        # The rows of what was hashed, after the linking: not those of the inodes it
+        # replaced (most of a first run's), which would only be written to be deleted.
+        # A crash in between loses hashes only (the next run reads those files again).
+        if self.new_rows and not self.opts.dry_run:
+            replaced = set(self.linker.forget[gone:])
+            rows = [r for r in self.new_rows if (r[0], r[1]) not in replaced]
+            self.new_rows = []
+            self.index.store(rows)
 
 
 def _dry(
