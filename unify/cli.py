@@ -315,7 +315,8 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         default=engine.MAX_INODES,
         help="inodes one walk holds in memory, about 1 KiB each (default %(default)s; "
-        "0: no bound); over more, the run walks the guests again once per size range",
+        "0: no bound); over more, the run goes on in passes by size range, read back "
+        "from a temporary list of the walk's files beside the index",
     )
     r.add_argument(
         "--prom",
