@@ -195,6 +195,31 @@ def test_no_index_row_is_written_for_an_inode_the_run_replaced(host, monkeypatch
     assert (again.files_hashed, again.files_linked, again.errors) == (0, 0, 0)
 
 
+def test_the_index_lookup_holds_no_row_beyond_its_record(tmp_path):
+    """The rows are merged with the records in inode order: what the lookup leaves on
+    the records (their digests) is all it allocates; it never holds the rows as a
+    dict (about 0.4 KiB per inode)."""
+    import tracemalloc
+
+    idx = Index(tmp_path / "index.sqlite")
+    n = 20_000
+    idx.store(
+        (1, i, 100 + i % 7, i, i, i.to_bytes(16, "big"), bytes(32), b"m" * 8, b"a" * 8)
+        for i in range(n)
+    )
+    recs = [scan.InodeRec(1, i, 100 + i % 7, i, i if i % 10 else -1, 1) for i in range(n, 0, -1)]
+    tracemalloc.start()
+    try:
+        to_hash = engine._from_index(recs, idx)
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        idx.close()
+    assert [r.ino for r in to_hash] == [i for i in range(n, 0, -1) if i % 10 == 0 or i == n]
+    assert all(r.digest == r.ino.to_bytes(16, "big") for r in recs if r not in to_hash)
+    assert peak - current < n * 40, (peak, current)
+
+
 def test_a_file_removed_between_hashing_and_linking_is_no_error(host):
     """The guest deleted it after it was read (its descriptor still open for the linker):
     nothing to do, as for a file gone before it was read."""
@@ -803,14 +828,14 @@ def test_a_pass_by_size_reads_only_its_sizes_from_the_index(host, monkeypatch):
     total = len(list(idx))
     idx.close()
     loaded: list[int] = []
-    real = Index.load
+    real = Index.rows
 
-    def load(self, dev, sizes=None):
-        rows = real(self, dev, sizes)
-        loaded.append(len(rows))
-        return rows
+    def rows(self, dev, sizes=None):
+        got = list(real(self, dev, sizes))
+        loaded.append(len(got))
+        return iter(got)
 
-    monkeypatch.setattr(Index, "load", load)
+    monkeypatch.setattr(Index, "rows", rows)
     again = unify_run(host, *names, max_inodes=7)
     assert (again.files_hashed, again.files_linked, again.errors) == (0, 0, 0)
     assert len(loaded) > 2 and sum(loaded) <= total and max(loaded) < total / 2, (loaded, total)

@@ -15,7 +15,7 @@ from vsstore.config import Guest
 from vsstore.errors import ConfigError, UnsupportedError
 from vsstore.excludes import ExcludeList
 from vsstore.hashing import content_digests, meta_class, read_xattrs
-from vsstore.index import Cached, Index
+from vsstore.index import Index
 from vsstore.names import shown
 from vsstore.safetree import GuestTree
 from vsstore.store import Key, Store, StoreObject
@@ -391,28 +391,39 @@ def _look_up(
 
 
 def _from_index(recs: list[scan.InodeRec], index: Index) -> list[scan.InodeRec]:
-    """Digests of ``recs`` the index knows for their unchanged inodes; the others are
-    returned, to be hashed.  Each device's rows are read in one query, only those of the
-    sizes ``recs`` span: a pass over a size range holds its own rows, not the whole
-    index."""
+    """Digests of ``recs`` (none has any yet) the index knows for their unchanged inodes;
+    the others are returned, in their order, to be hashed.  Each device's rows of the
+    sizes ``recs`` span are read in one query, in inode order, and merged with the
+    records sorted the same way: no row is held beyond its record (a dict of a million
+    rows was most of a re-run's memory)."""
     if not recs:
         return []
     sizes = [r.size for r in recs]
     span = (min(sizes), max(sizes))
-    cache: dict[int, dict[int, Cached]] = {}
-    to_hash: list[scan.InodeRec] = []
-    same = _interned()
+    by_dev: dict[int, list[scan.InodeRec]] = {}
     for rec in recs:
-        rows = cache.get(rec.dev)
-        if rows is None:
-            rows = cache[rec.dev] = index.load(rec.dev, span)
-        c = rows.get(rec.ino)
-        if c is not None and c[1] == rec.size and c[2] == rec.mtime_ns and c[3] == rec.ctime_ns:
-            rec.digest, rec.strong = c[4], c[5]
-            rec.meta, rec.meta_any = same(c[6]), same(c[7])
-        else:
-            to_hash.append(rec)
-    return to_hash
+        by_dev.setdefault(rec.dev, []).append(rec)
+    same = _interned()
+    for dev, mine in by_dev.items():
+        mine.sort(key=_ino)
+        i, n = 0, len(mine)
+        for c in index.rows(dev, span):
+            ino = c[0]
+            while i < n and mine[i].ino < ino:
+                i += 1
+            if i == n:
+                break
+            while i < n and mine[i].ino == ino:
+                rec = mine[i]
+                if c[1] == rec.size and c[2] == rec.mtime_ns and c[3] == rec.ctime_ns:
+                    rec.digest, rec.strong = c[4], c[5]
+                    rec.meta, rec.meta_any = same(c[6]), same(c[7])
+                i += 1
+    return [r for r in recs if r.digest is None]
+
+
+def _ino(rec: scan.InodeRec) -> int:
+    return rec.ino
 
 
 def _interned() -> Callable[[bytes], bytes]:

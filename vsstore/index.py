@@ -297,9 +297,13 @@ class Index:
     # -- inode cache -------------------------------------------------------------------
 
     def load(self, dev: int, sizes: tuple[int, int] | None = None) -> dict[int, Cached]:
-        """The cached rows of one device, keyed by inode number, in one query; ``sizes``:
-        only those of sizes in [lo, hi] (a run in passes by size holds one pass's rows, not
-        the whole index)."""
+        """The cached rows of one device (``rows``), keyed by inode number."""
+        return {r[0]: r for r in self.rows(dev, sizes)}
+
+    def rows(self, dev: int, sizes: tuple[int, int] | None = None) -> Iterator[Cached]:
+        """The cached rows of one device in inode order, one query; ``sizes``: only those
+        of sizes in [lo, hi] (a run in passes by size reads one pass's rows, and merges
+        them with its records without holding them: engine._from_index)."""
         query = (
             "SELECT ino, size, mtime_ns, ctime_ns, digest, strong, meta, meta_any FROM inode "
             "WHERE dev=?"
@@ -308,7 +312,7 @@ class Index:
         if sizes is not None:
             query += " AND size BETWEEN ? AND ?"
             args += sizes
-        return {r[0]: r for r in self.db.execute(query, args)}
+        return iter(self.db.execute(query + " ORDER BY ino", args))
 
     def store(self, rows: Iterable[Row]) -> None:
         """Insert or replace rows (dev, ino, size, mtime_ns, ctime_ns, digest, strong, meta,
