@@ -782,6 +782,7 @@ def test_a_spill_gives_back_each_record_of_a_size_range_with_its_name(tmp_path):
             want.append((i % 2, rel, (7, i, i % 50, -i, i, 1 + i % 3)))
         if len(buf) > 300_000:
             sp.add(buf)
+            buf = bytearray()
             if i > 60_000:
                 sp.start()
     sp.add(buf)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -94,46 +95,57 @@ class Spill:
     """The first walk's candidates, on disk, so that a run in passes by size reads each
     pass's records back instead of walking every guest again: a name costs a stat and
     several microseconds of Python to walk, well under one to read back.  Held in memory
-    until the walk goes over its budget (``start``; a run that fits writes nothing), then
-    in an unlinked temporary file (O_TMPFILE) in ``directory``: nothing of it outlives
-    the run, however it ends.  The records are the first walk's: a file changed since is
+    (HOLD bytes at most) until the walk goes over its budget (``start``; a small run
+    writes nothing), then in an unlinked temporary file (O_TMPFILE) in ``directory``:
+    nothing of it outlives the run, however it ends.  The records are the first walk's: a file changed since is
     skipped by the checks before hashing and linking, as one changed between a walk and
     its hashing always was."""
 
     FLUSH = 1 << 20  # a walker hands its buffer over at this size
+    HOLD = 4 << 20  # held in memory at most before the file is made
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.file: BinaryIO | None = None
-        self.pending: list[bytes] = []
+        self.pending: list[bytearray] = []
+        self.held = 0
         self.lock = threading.Lock()  # walkers hand buffers over from their threads
 
     def add(self, buf: bytearray) -> None:
-        """Take a walker's buffer (and empty it)."""
+        """Take a walker's buffer (the walker goes on with a new one)."""
         with self.lock:
-            if self.file is None:
-                self.pending.append(bytes(buf))
-            else:
-                self._write(buf)
-        buf.clear()
+            if self.file is None and self.held + len(buf) <= self.HOLD:
+                self.pending.append(buf)
+                self.held += len(buf)
+                return
+            self._start()
+            self._write(buf)
 
     def start(self) -> None:
         """The walk is over its budget: what is held and all that comes goes to disk."""
         with self.lock:
-            if self.file is None:
-                self.file = tempfile.TemporaryFile(dir=self.directory, buffering=0)
-                for b in self.pending:
-                    self._write(b)
-                self.pending.clear()
+            self._start()
+
+    def _start(self) -> None:
+        if self.file is None:
+            self.file = tempfile.TemporaryFile(dir=self.directory, buffering=0)
+            for b in self.pending:
+                self._write(b)
+            self.pending.clear()
 
     def drop(self) -> None:
         """The walk kept everything: nothing to read back."""
-        self.pending.clear()
+        self.close()
 
     def _write(self, b: bytes | bytearray) -> None:
         assert self.file is not None
         try:
-            self.file.write(b)
+            view = memoryview(b)
+            while view:
+                n = self.file.write(view)
+                if not n:
+                    raise OSError(errno.EIO, "short write")
+                view = view[n:]
         except OSError as e:
             if e.errno in NOSPACE_ERRNOS:
                 raise NoSpaceError.on(
@@ -171,6 +183,7 @@ class Spill:
         self.pending.clear()
         if self.file is not None:
             self.file.close()
+            self.file = None
 
 
 @dataclass(slots=True)
@@ -285,6 +298,7 @@ def _walk_one(
                         if budget.over:
                             spill.start()
                         spill.add(buf)
+                        buf = bytearray()
                 if budget.over:
                     continue
                 into.append((prefix + name, _rec(dev, st)))
