@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -769,7 +770,7 @@ def test_a_file_changed_after_the_walk_of_a_run_in_passes_is_left_alone(host, mo
 
 def test_a_spill_gives_back_each_record_of_a_size_range_with_its_name(tmp_path):
     """Names as bytes (not UTF-8, a newline), records across the reader's 4 MiB chunks."""
-    trees = [object(), object()]
+    trees = [types.SimpleNamespace(dev=7, n=0), types.SimpleNamespace(dev=7, n=1)]
     sp = scan.Spill(tmp_path)
     buf = bytearray()
     hostile = os.fsdecode(b"usr/\xff\nname")

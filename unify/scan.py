@@ -163,6 +163,7 @@ class Spill:
         self.file.seek(0)
         head = _SPILLED.size
         unpack = _SPILLED.unpack_from
+        devs = {t.dev: t.dev for t in trees}  # one int object per device, as the walk has
         data = b""
         while chunk := self.file.read(4 << 20):
             data += chunk
@@ -173,6 +174,7 @@ class Spill:
                     break
                 if lo <= size < hi:
                     rel = os.fsdecode(data[pos + head : pos + head + n])
+                    dev = devs.setdefault(dev, dev)
                     yield trees[g], rel, InodeRec(dev, ino, size, mtime, ctime, nlink)
                 pos += head + n
             data = data[pos:]
