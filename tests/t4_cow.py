@@ -100,15 +100,28 @@ def _in_new_pidns(cow, host, guest: str, script: str) -> subprocess.Popen:
     )
 
 
-def attach_children_ns(cow, name: str, pid: int) -> None:
-    """Attach the pid namespace that ``unshare --pid --fork`` (process ``pid``) made for
-    its child, once it has made it."""
+def attach_children_ns(cow, name: str, p: subprocess.Popen) -> None:
+    """Attach the pid namespace that ``unshare --pid --fork`` (process ``p``) made for
+    its child, once it has made it.  If ``p`` ended first, the failure says why (its
+    stderr): CI saw it gone once, without a word."""
     own = os.stat("/proc/self/ns/pid").st_ino
-    for _ in range(500):
-        if os.stat(f"/proc/{pid}/ns/pid_for_children").st_ino != own:
-            break
-        time.sleep(0.01)
-    fd = os.open(f"/proc/{pid}/ns/pid_for_children", os.O_RDONLY)
+    path = f"/proc/{p.pid}/ns/pid_for_children"
+    end = time.monotonic() + 30
+    fd = -1
+    while fd < 0:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            if os.fstat(fd).st_ino == own:  # not made yet
+                os.close(fd)
+                fd = -1
+        except FileNotFoundError:
+            pass
+        if fd < 0:
+            if p.poll() is not None or time.monotonic() > end:
+                p.kill()
+                _, err = p.communicate(timeout=30)
+                raise AssertionError(f"unshare ended ({p.returncode}) before its namespace: {err}")
+            time.sleep(0.01)
     try:
         control.attach(Paths.from_env(), str(cow), name, fd)
     finally:
@@ -120,7 +133,7 @@ def test_a_writer_is_told_apart_by_its_attached_pid_namespace(cow, host):
     reports it for a chrooted process in that namespace (the rest: t3_cow_api)."""
     p = _in_new_pidns(cow, host, "b", "echo from-b >> /usr/lib/libx.so")
     try:
-        attach_children_ns(cow, "b", p.pid)
+        attach_children_ns(cow, "b", p)
         _, err = p.communicate("go\n", timeout=30)
     finally:
         p.kill()
