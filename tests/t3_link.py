@@ -769,7 +769,8 @@ def test_a_file_changed_after_the_walk_of_a_run_in_passes_is_left_alone(host, mo
 
 
 def test_a_spill_gives_back_each_record_of_a_size_range_with_its_name(tmp_path):
-    """Names as bytes (not UTF-8, a newline), records across the reader's 4 MiB chunks."""
+    """Names as bytes (not UTF-8, a newline; one longer than 65,535 bytes, as a walk
+    by components can reach), records across the reader's 4 MiB chunks."""
     trees = [types.SimpleNamespace(dev=7, n=0), types.SimpleNamespace(dev=7, n=1)]
     sp = scan.Spill(tmp_path)
     buf = bytearray()
@@ -777,6 +778,8 @@ def test_a_spill_gives_back_each_record_of_a_size_range_with_its_name(tmp_path):
     want = []
     for i in range(120_000):
         rel = hostile if i % 1000 == 0 else f"d/{i:06d}-" + "x" * (i % 40)
+        if i == 12_010:
+            rel = "/".join(["y" * 250] * 280)
         raw = os.fsencode(rel)
         buf += scan._SPILLED.pack(7, i, i % 50, -i, i, 1 + i % 3, i % 2, len(raw)) + raw
         if 10 <= i % 50 < 20:

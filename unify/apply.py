@@ -265,9 +265,7 @@ class Linker:
         or link moves the ctime too) and the swap's check of every name see the rest."""
         tree, rel = rec.names[0]
         fd = self.kept.pop((rec.dev, rec.ino), None)
-        if fd is not None and not rec.same_stat(os.fstat(fd)):
-            os.close(fd)  # changed or gone since: its name says which (as if not kept)
-            fd = None
+        kept = fd is not None
         if fd is None:
             try:
                 fd = tree.open_regular(rel, expect=(rec.dev, rec.ino))
@@ -285,6 +283,10 @@ class Linker:
                 self._error(f"{self._where(rec)}: skipped: open for writing by another process")
                 return None
             if not rec.same_stat(os.fstat(fd)):
+                if kept:  # changed or gone since it was read: its name tells which
+                    os.close(fd)
+                    fd = -1
+                    return self._open_verified(rec)
                 self.stats.skipped_changed += 1
                 self._error(f"{self._where(rec)}: skipped: changed since it was hashed")
                 return None
@@ -302,7 +304,7 @@ class Linker:
             ok = True
             return fd
         finally:
-            if not ok:
+            if not ok and fd >= 0:
                 os.close(fd)
 
     def _open_object(self, obj: StoreObject) -> int | None:

@@ -10,6 +10,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from operator import attrgetter
 
 from vsstore.config import Guest
 from vsstore.errors import ConfigError, UnsupportedError
@@ -405,7 +406,7 @@ def _from_index(recs: list[scan.InodeRec], index: Index) -> list[scan.InodeRec]:
         by_dev.setdefault(rec.dev, []).append(rec)
     same = _interned()
     for dev, mine in by_dev.items():
-        mine.sort(key=_ino)
+        mine.sort(key=attrgetter("ino"))
         i, n = 0, len(mine)
         for c in index.rows(dev, span):
             ino = c[0]
@@ -420,10 +421,6 @@ def _from_index(recs: list[scan.InodeRec], index: Index) -> list[scan.InodeRec]:
                     rec.meta, rec.meta_any = same(c[6]), same(c[7])
                 i += 1
     return [r for r in recs if r.digest is None]
-
-
-def _ino(rec: scan.InodeRec) -> int:
-    return rec.ino
 
 
 def _interned() -> Callable[[bytes], bytes]:

@@ -87,8 +87,9 @@ class Budget:
 
 
 # A spilled candidate: dev, ino, size, mtime_ns, ctime_ns, nlink, guest (its index in the
-# run's trees), length of the name; the name's bytes follow.
-_SPILLED = struct.Struct("<QQQqqIHH")
+# run's trees), length of the name; the name's bytes follow.  Four bytes for the length: a
+# walk that resolves by components (no openat2) goes deeper than PATH_MAX.
+_SPILLED = struct.Struct("<QQQqqIII")
 
 
 class Spill:
@@ -132,10 +133,6 @@ class Spill:
             for b in self.pending:
                 self._write(b)
             self.pending.clear()
-
-    def drop(self) -> None:
-        """The walk kept everything: nothing to read back."""
-        self.close()
 
     def _write(self, b: bytes | bytearray) -> None:
         assert self.file is not None
@@ -349,8 +346,8 @@ def scan(
     out = Scan()
     inodes = out.inodes
     state = Budget(budget)
-    if spill is not None and (extents or len(trees) > 0xFFFF):
-        raise ValueError("a spill holds candidates to hardlink of 65,535 guests at most")
+    if spill is not None and extents:
+        raise ValueError("a spill holds candidates to hardlink only (a run in passes)")
     with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(trees)))) as pool:
         walks = pool.map(
             lambda it: _walk_one(
@@ -398,7 +395,7 @@ def scan(
         if state.over:
             spill.start()
         else:
-            spill.drop()
+            spill.close()  # the walk kept everything: nothing to read back
     if objects is not None and not state.over:
         for rec in objects.values():
             if rec.names:

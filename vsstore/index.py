@@ -296,10 +296,6 @@ class Index:
 
     # -- inode cache -------------------------------------------------------------------
 
-    def load(self, dev: int, sizes: tuple[int, int] | None = None) -> dict[int, Cached]:
-        """The cached rows of one device (``rows``), keyed by inode number."""
-        return {r[0]: r for r in self.rows(dev, sizes)}
-
     def rows(self, dev: int, sizes: tuple[int, int] | None = None) -> Iterator[Cached]:
         """The cached rows of one device in inode order, one query; ``sizes``: only those
         of sizes in [lo, hi] (a run in passes by size reads one pass's rows, and merges
