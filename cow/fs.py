@@ -32,7 +32,7 @@ from vsstore.window import unsealed
 
 from .callers import Callers
 from .copyup import CopyUp, KernelCache
-from .nodes import ROOT, Name, Node, Nodes, fuse_error, join, lstat, open_dir
+from .nodes import ROOT, Name, Node, Nodes, fuse_error, join, link_target, lstat, open_dir
 
 log = logging.getLogger("vsstore.cow")
 P = ParamSpec("P")
@@ -129,6 +129,7 @@ class CowFS(pyfuse3.Operations):
     ENTRY_TIMEOUT = 3600.0
     ATTR_TIMEOUT = 3600.0
     enable_writeback_cache = False
+    enable_symlink_cache = True  # our pyfuse3 asks for FUSE_CAP_CACHE_SYMLINKS (nodes.py)
 
     def __init__(
         self,
@@ -436,15 +437,16 @@ class CowFS(pyfuse3.Operations):
             return self._attr(node.id, node.st, True)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        guest, rel = self.nodes.some_name(self.nodes.get(inode))
-        head, _, base = rel.rpartition("/")
-        dfd = open_dir(self.trees, (guest, head))
-        try:
-            return os.fsencode(os.readlink(base, dir_fd=dfd))
-        except OSError as e:
-            raise fuse_error(e) from None
-        finally:
-            os.close(dfd)
+        """The node's own target (the kernel keeps it for as long as it holds the node),
+        read through a descriptor of its inode; ESTALE once no name holds it."""
+        node = self.nodes.get(inode)
+        for _ in range(3):  # a name swapped between the check and the open: another name
+            name = self.nodes.some_name(node)
+            target = link_target(self.trees, name, (node.dev, node.ino))
+            if target is not None:
+                node.target = target
+                return target
+        raise pyfuse3.FUSEError(errno.ESTALE)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         tree = next(iter(self.trees.values()), None)

@@ -4,6 +4,11 @@ A node id is the backing inode's number (a fresh one above 2**48 when two filesy
 numbers collide), so an inode shared by several guests is one FUSE node and one page cache.
 Each node keeps the (guest, path) names it was reached by; a name is checked to still hold
 the node's inode before it is used, and dropped when it does not (copied up, replaced).
+
+The kernel keeps a symlink's target once read (FUSE_CAP_CACHE_SYMLINKS) for as long as it
+holds the node, so a node id never passes to another symlink: a symlink node remembers the
+target it answered, and an inode number that comes back holding another target (the old
+symlink removed, its number given to a new one) gets a node of its own.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -34,6 +40,7 @@ class Node:
     lookups: int = 0
     st: os.stat_result | None = None  # last seen: answers getattr once no name is left
     fhs: set[int] = field(default_factory=set)  # open handles on this very inode
+    target: bytes | None = None  # a symlink's target, once the kernel was told it
 
 
 def fuse_error(e: OSError) -> pyfuse3.FUSEError:
@@ -70,6 +77,28 @@ def lstat(trees: Trees, name: Name) -> os.stat_result:
         os.close(dfd)
 
 
+def link_target(trees: Trees, name: Name, key: tuple[int, int]) -> bytes | None:
+    """The target of the symlink ``name`` if that name still holds the inode ``key``, read
+    through a descriptor of that very inode (no swap between the check and the read); None
+    if it does not, or cannot be read."""
+    tree = trees.get(name[0])
+    if tree is None or not name[1]:
+        return None
+    try:
+        fd = tree.open_beneath(name[1], os.O_PATH | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != key or not stat.S_ISLNK(st.st_mode):
+            return None
+        return os.fsencode(os.readlink("", dir_fd=fd))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 class Nodes:
     """Node ids by backing inode, and each node's names."""
 
@@ -83,6 +112,13 @@ class Nodes:
         """The node of the inode ``st``, reached (now) as ``name``."""
         key = (st.st_dev, st.st_ino)
         nid = self.by_inode.get(key)
+        if nid is not None and stat.S_ISLNK(st.st_mode):
+            old = self.nodes[nid]
+            if old.target is not None and link_target(self.trees, name, key) != old.target:
+                # Another symlink under the old one's number (or one we cannot read): the
+                # kernel may still hold the old node and its target; this one is new.
+                old.names.clear()
+                nid = None
         if nid is None:
             nid = (
                 st.st_ino if st.st_ino not in self.nodes and st.st_ino != ROOT else self._fresh_id()
@@ -117,7 +153,8 @@ class Nodes:
         if node.lookups > 0:
             return False
         del self.nodes[nid]
-        self.by_inode.pop((node.dev, node.ino), None)
+        if self.by_inode.get((node.dev, node.ino)) == nid:  # not passed on to a new node
+            del self.by_inode[(node.dev, node.ino)]
         return True
 
     def drop_guest(self, guest: str) -> None:

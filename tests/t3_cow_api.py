@@ -543,6 +543,62 @@ def test_fifos_sockets_device_nodes_and_symlinks_can_be_hardlinked(fs, host):
     assert os.readlink(usr / "link2") == "own-a"
 
 
+def _link_again(path: Path, target: str, ino: int) -> None:
+    """Make ``path`` a symlink to ``target`` under the inode number ``ino`` (a removed
+    symlink's: ext4 hands a freed number out again at once)."""
+    for _ in range(50):
+        path.unlink(missing_ok=True)
+        os.symlink(target, path)
+        if os.lstat(path).st_ino == ino:
+            return
+    raise AssertionError(f"the filesystem never gave inode {ino} out again")
+
+
+def test_a_symlinks_node_answers_its_own_target_and_keeps_its_id(fs, host):
+    os.symlink("own-a", host.root / "a/usr/link")
+    node = nid(fs, "a/usr/link")
+    assert call(fs, "readlink", node, HOST) == b"own-a"
+    assert fs.nodes.get(node).target == b"own-a"
+    assert nid(fs, "a/usr/link") == node  # the same symlink: the same node
+    assert sorted(listing(fs, nid(fs, "a/usr"))) == ["lib", "link", "own-a"]
+    assert nid(fs, "a/usr/link") == node
+
+
+def test_a_symlink_given_a_removed_ones_inode_number_is_a_new_node(fs, host):
+    """The kernel keeps a symlink's target for as long as it holds the node; a new
+    symlink under the old one's inode number (the guest holds the old one open, O_PATH)
+    must not reach the kernel as the node it holds, or it would read the old target."""
+    path = host.root / "a/usr/link"
+    os.symlink("own-a", path)
+    old = nid(fs, "a/usr/link")
+    assert call(fs, "readlink", old, HOST) == b"own-a"
+    _link_again(path, "lib/libx.so", os.lstat(path).st_ino)
+    new = nid(fs, "a/usr/link")
+    assert new != old
+    assert call(fs, "readlink", new, HOST) == b"lib/libx.so"
+    assert refused(fs, "readlink", old, HOST) == errno.ESTALE  # its inode is gone
+    call(fs, "forget", [(old, 1)])  # the old node's end leaves the new one reachable
+    assert nid(fs, "a/usr/link") == new
+    # made through the overlay: the same
+    d = nid(fs, "a/usr")
+    call(fs, "unlink", d, b"link", HOST)
+    made = call(fs, "symlink", d, b"link", b"own-a", HOST)
+    assert os.lstat(path).st_ino == fs.nodes.get(new).ino  # the number came back again
+    assert made.st_ino != new
+    assert call(fs, "readlink", made.st_ino, HOST) == b"own-a"
+
+
+def test_a_symlink_never_read_keeps_its_node_when_its_number_comes_back(fs, host):
+    """Nothing is kept for a symlink the kernel was never told the target of: its inode
+    number, given to another symlink, keeps the node (no readlink in the lookup)."""
+    path = host.root / "a/usr/link"
+    os.symlink("own-a", path)
+    node = nid(fs, "a/usr/link")
+    _link_again(path, "lib", os.lstat(path).st_ino)
+    assert nid(fs, "a/usr/link") == node
+    assert call(fs, "readlink", node, HOST) == b"lib"
+
+
 # -- which guest is calling ----------------------------------------------------------------
 
 

@@ -627,3 +627,36 @@ def test_a_directory_listed_once_is_listed_again_by_the_kernel_alone(cow, host):
     assert sorted(os.listdir(d)) == first  # served from the kernel's cache
     (d / "through").write_bytes(b"made through the overlay")
     assert sorted(os.listdir(d)) == sorted([*first, "beside", "through"])
+
+
+def test_a_symlink_read_once_is_read_again_from_the_kernels_cache(cow, host):
+    """FUSE_CAP_CACHE_SYMLINKS: once read, a symlink's target comes from the kernel.  The
+    symlink renamed beside the overlay (the same inode, so the same target), the daemon
+    could no longer find it (ESTALE), yet reading it through the overlay still works."""
+    os.symlink("own-a", host.root / "a/usr/link")
+    link = cow / "a/usr/link"
+    assert os.readlink(link) == "own-a"
+    os.rename(host.root / "a/usr/link", host.root / "a/usr/moved")
+    assert os.readlink(link) == "own-a"  # no request reached the daemon
+
+
+def test_a_new_symlink_never_shows_a_removed_ones_cached_target(cow, host):
+    """A guest holds its symlink open (O_PATH), removes it, and makes another under the
+    same name: the filesystem gives the new one the old inode number, the kernel still
+    holds the old node with its target cached; the new symlink is read as itself."""
+    link, under = cow / "a/usr/link", host.root / "a/usr/link"
+    os.symlink("own-a", link)
+    ino = os.lstat(under).st_ino
+    held = os.open(link, os.O_PATH | os.O_NOFOLLOW)
+    try:
+        assert os.readlink(link) == "own-a"
+        for i in range(50):
+            os.unlink(link)
+            os.symlink(f"lib/{i}", link)
+            if os.lstat(under).st_ino == ino:
+                break
+        assert os.lstat(under).st_ino == ino, "the filesystem gave the number out no more"
+        assert os.readlink(link) == f"lib/{i}"
+        assert os.readlink("", dir_fd=held) == "own-a"  # the old one, as the kernel holds it
+    finally:
+        os.close(held)

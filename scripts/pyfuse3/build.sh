@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# pyfuse3 with the directory cache: pyfuse3 3.5.0's source (pinned by its sha256) with
-# scripts/pyfuse3/cache-readdir.patch, built into a wheel once (cached outside the checkout)
+# pyfuse3 with the kernel's caches: pyfuse3 3.5.0's source (pinned by its sha256) with
+# scripts/pyfuse3/*.patch applied in name order, built into a wheel once (cached outside the checkout)
 # and installed into the virtualenv $1.  The patch lets Operations.opendir return a FileInfo
 # whose keep_cache and cache_readdir reach the kernel (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR),
 # or answer ENOSYS (the kernel's "no opendir" mode: every directory cached, no opendir or
 # releasedir sent again), readdir then being handed the directory's inode: a directory
-# listed once is listed again from the page cache, with no request to the daemon (README,
-# "Libraries, and why").  Small, and written to be offered upstream.
+# listed once is listed again from the page cache, with no request to the daemon.
+# cache-symlinks.patch lets Operations.enable_symlink_cache ask for FUSE_CAP_CACHE_SYMLINKS
+# (a symlink's target read once, then kept by the kernel).  README, "Libraries, and why".
+# Small, and written to be offered upstream.
 set -euo pipefail
 venv=$1
 here=$(cd "$(dirname "$0")" && pwd)
@@ -14,7 +16,7 @@ version=3.5.0
 url=https://files.pythonhosted.org/packages/b9/a9/ce2c0513e9611ee2ffeeb482a33d23a210326801d48866df30a989562d43/pyfuse3-$version.tar.gz
 sha=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 cache=${VSSTORE_BUILD_CACHE:-/var/cache/vsstore-build}
-patch_sha=$(sha256sum "$here/cache-readdir.patch" | cut -c1-12)
+patch_sha=$(cat "$here"/*.patch | sha256sum | cut -c1-12)
 local_version=$version+vsstore.$patch_sha  # a new patch is a new version
 wheels=$cache/pyfuse3-$patch_sha
 
@@ -34,7 +36,9 @@ if ! ls "$wheels"/pyfuse3-*.whl >/dev/null 2>&1; then
     fi
     tar xzf "$sdist" -C "$work"
     src=$work/pyfuse3-$version
-    patch -s -d "$src" -p1 < "$here/cache-readdir.patch"
+    for p in "$here"/*.patch; do
+        patch -s -d "$src" -p1 < "$p"
+    done
     rm -f "$src/src/pyfuse3/__init__.c"  # generated from the patched .pyx by Cython
     SETUPTOOLS_SCM_PRETEND_VERSION=$local_version \
         "$venv/bin/pip" wheel -q --disable-pip-version-check --no-deps -w "$wheels" "$src" >&2
