@@ -245,16 +245,25 @@ class CowFS(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         n = os.fsdecode(name)
+        dfd = -1
         if parent_inode == ROOT:
             if n not in self.trees:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             child: Name = (n, "")
         else:
-            g, rel = self.nodes.dir_name(parent_inode)
             if n in (".", ".."):
                 raise pyfuse3.FUSEError(errno.ENOENT)
+            (g, rel), dfd = self.nodes.open_dir(parent_inode)
             child = (g, join(rel, n))
-        st = lstat(self.trees, child)
+        if dfd < 0:
+            st = lstat(self.trees, child)
+        else:
+            try:
+                st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
+            except OSError as e:
+                raise fuse_error(e) from None
+            finally:
+                os.close(dfd)
         node = self.nodes.node(st, child)
         node.lookups += 1
         node.st = st
@@ -566,9 +575,13 @@ class CowFS(pyfuse3.Operations):
         of guests) cannot be changed."""
         if parent_inode == ROOT:
             raise pyfuse3.FUSEError(errno.EPERM)
-        guest, rel = self.nodes.dir_name(parent_inode)
-        self.callers.check(ctx, guest)
-        return guest, rel, os.fsdecode(name), open_dir(self.trees, (guest, rel))
+        (guest, rel), dfd = self.nodes.open_dir(parent_inode)
+        try:
+            self.callers.check(ctx, guest)
+        except BaseException:
+            os.close(dfd)
+            raise
+        return guest, rel, os.fsdecode(name), dfd
 
     def _open_shared(
         self, guest: str, n: str, dfd: int, expect: tuple[int, int] | None = None
@@ -751,7 +764,13 @@ class CowFS(pyfuse3.Operations):
         n = os.fsdecode(name)
         if is_ours(n) or inode == ROOT:
             raise pyfuse3.FUSEError(errno.ENODATA)
-        fd = self._xattr_fd(self.nodes.some_name(self.nodes.get(inode)))
+        node = self.nodes.get(inode)
+        for fh in node.fhs:  # open on this very inode: asked at every write (for
+            try:  # security.capability, to drop it), answered without a path walk
+                return os.getxattr(fh, n)
+            except OSError as e:
+                raise fuse_error(e) from None
+        fd = self._xattr_fd(self.nodes.some_name(node))
         try:
             return os.getxattr(fd, n)
         except OSError as e:

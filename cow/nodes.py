@@ -200,6 +200,30 @@ class Nodes:
             del node.names[n]
         return None
 
+    def open_dir(self, nid: int) -> tuple[Name, int]:
+        """A directory node's name and a descriptor of it, opened beneath its guest's root
+        and checked to be the node's inode (names that hold something else are dropped):
+        one open and one fstat, where checking the name and then opening it walked the path
+        twice.  The caller closes the descriptor."""
+        node = self.get(nid)
+        for n in list(node.names):
+            tree = self.trees.get(n[0])
+            if tree is None:
+                continue
+            try:
+                fd = tree.open_beneath(n[1], os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                del node.names[n]
+                continue
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (node.dev, node.ino):
+                node.st = st
+                return n, fd
+            os.close(fd)
+            del node.names[n]
+        log.debug("node %d (inode %d): no name holds it any more", node.id, node.ino)
+        raise pyfuse3.FUSEError(errno.ESTALE)
+
     def dir_name(self, nid: int) -> Name:
         """The (guest, rel) of a directory node (directories have one name)."""
         return self.some_name(self.get(nid))

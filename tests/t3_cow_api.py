@@ -817,6 +817,46 @@ def test_a_shared_name_replaced_after_lookup_is_written_as_the_guests_own_file(
     assert obj.read_bytes() == SHARED and flags(obj) == "UIa" and os.stat(obj).st_nlink == 2
 
 
+def test_a_directory_swapped_as_it_is_opened_is_never_made_in(fs, host, monkeypatch):
+    """A change in a directory opens the directory node's name once and checks the
+    descriptor is the node's inode: a directory a guest process swaps in at that moment
+    gets nothing (ESTALE), where checking the name and then opening it again made the
+    file in the swapped-in directory."""
+    d = nid(fs, "a/usr")
+    tree = fs.trees["a"]
+    opened = tree.open_beneath
+    usr = host.root / "a/usr"
+
+    def swap_then_open(rel: str, flags_: int = os.O_RDONLY, mode: int = 0) -> int:
+        if rel == "usr" and flags_ & os.O_DIRECTORY:
+            monkeypatch.setattr(tree, "open_beneath", opened)
+            os.rename(usr, usr.with_name("usr.old"))
+            usr.mkdir()
+        return opened(rel, flags_, mode)
+
+    monkeypatch.setattr(tree, "open_beneath", swap_then_open)
+    assert refused(fs, "create", d, b"new", 0o644, os.O_WRONLY, HOST) == errno.ESTALE
+    assert os.listdir(usr) == []
+    assert "new" not in os.listdir(usr.with_name("usr.old"))
+
+
+def test_getxattr_of_an_open_file_answers_through_its_handle(fs, host):
+    """A file open through the overlay answers getxattr (asked at every write) through its
+    handle: no path walk, and the answer holds after its last name is gone, as fgetxattr
+    does."""
+    path = host.root / "a/usr/own-a"
+    os.setxattr(path, "user.color", b"red")
+    node = nid(fs, "a/usr/own-a")
+    fi = call(fs, "open", node, os.O_WRONLY, HOST)
+    try:
+        path.unlink()
+        assert call(fs, "getxattr", node, b"user.color", HOST) == b"red"
+        assert refused(fs, "getxattr", node, b"security.capability", HOST) == errno.ENODATA
+    finally:
+        call(fs, "release", fi.fh)
+    assert refused(fs, "getxattr", node, b"user.color", HOST) == errno.ESTALE
+
+
 def test_a_request_that_fails_unexpectedly_is_eio_never_another_exception(fs, monkeypatch):
     def broken(nid: int) -> None:
         raise RuntimeError("a bug")
