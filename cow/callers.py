@@ -121,7 +121,15 @@ class Callers:
         else the guests attached to the caller's pid namespace or the nearest one it is
         nested in (empty: nobody we know, e.g. a chrooted host process).  Only what the
         kernel gave the process counts, never a path it can shape (a guest may chroot)."""
-        try:
+        first = _ns_key(pid, "pid")  # one system call: a guest's or the host's, mostly
+        if first is None:
+            return frozenset()
+        ns = self.pidns.get(first)
+        if ns is not None:
+            return frozenset(ns.guests)
+        if first == self.own_ns[0]:
+            return self._host_or_nobody(pid)
+        try:  # nested in a guest's, maybe: walk up its parents
             fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return frozenset()
@@ -132,12 +140,7 @@ class Callers:
                 if ns is not None:
                     return frozenset(ns.guests)
                 if (st.st_dev, st.st_ino) == self.own_ns[0]:
-                    try:
-                        root = os.readlink(f"/proc/{pid}/root")
-                    except OSError:
-                        return frozenset()
-                    host = root == "/" and _ns_key(pid, "mnt") == self.own_ns[1]
-                    return None if host else frozenset()
+                    return self._host_or_nobody(pid)
                 try:
                     parent = fcntl.ioctl(fd, NS_GET_PARENT)
                 except OSError:
@@ -161,6 +164,16 @@ class Callers:
                 guest,
             )
             raise pyfuse3.FUSEError(errno.EACCES)
+
+    def _host_or_nobody(self, pid: int) -> frozenset[str] | None:
+        """A process in the host's pid namespace: the host (None) with its root "/" and
+        the host's mount namespace, else nobody we know (a chrooted host process)."""
+        try:
+            root = os.readlink(f"/proc/{pid}/root")
+        except OSError:
+            return frozenset()
+        host = root == "/" and _ns_key(pid, "mnt") == self.own_ns[1]
+        return None if host else frozenset()
 
     def mine(self, guest: str, who: frozenset[str]) -> bool:
         """Is ``guest`` one of ``who``, or the same tree served under another name (two

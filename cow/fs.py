@@ -214,18 +214,15 @@ class CowFS(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = 0 if shared else self.ENTRY_TIMEOUT
         a.attr_timeout = self.ATTR_TIMEOUT
-        for f in (
-            "st_mode",
-            "st_nlink",
-            "st_uid",
-            "st_gid",
-            "st_rdev",
-            "st_size",
-            "st_atime_ns",
-            "st_mtime_ns",
-            "st_ctime_ns",
-        ):
-            setattr(a, f, getattr(st, f))
+        a.st_mode = st.st_mode
+        a.st_nlink = st.st_nlink
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
         a.st_blksize = 4096
         a.st_blocks = st.st_blocks
         return a
@@ -286,18 +283,18 @@ class CowFS(pyfuse3.Operations):
         if inode == ROOT:
             return self._root_attr()
         node = self.nodes.get(inode)
+        for fh in node.fhs:  # open on this very inode (asked around every write): no path
+            try:  # walk, and it holds after the last name is gone (unlinked while open)
+                node.st = os.fstat(fh)
+                return self._attr(inode, node.st)
+            except OSError:
+                break
         try:
             return self._attr(inode, self.nodes.resolve(node)[1])
         except pyfuse3.FUSEError:
-            # No name holds the inode any more: unlinked while open (its handles know
-            # it), or every guest copied this shared inode up while the kernel still
-            # holds it (its open files write to the copies): its last known attributes.
-            for fh in node.fhs:
-                try:
-                    node.st = os.fstat(fh)
-                    break
-                except OSError:
-                    continue
+            # No name holds the inode any more: every guest copied this shared inode up
+            # while the kernel still holds it (its open files write to the copies): its
+            # last known attributes.
             if node.st is None:
                 raise
             return self._attr(inode, node.st)

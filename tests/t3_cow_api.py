@@ -448,6 +448,29 @@ def test_files_directories_and_fifos_are_made_with_the_callers_owner_and_umask(f
     assert refused(fs, "rmdir", d, b"lib", HOST) == errno.ENOTEMPTY
 
 
+def test_a_node_made_for_the_daemons_own_ids_changes_no_credentials(fs, host, monkeypatch):
+    """Root's nodes are made as they are (the thread's ids already root's): no credential
+    change per request; another caller's still get theirs."""
+    calls: list[str] = []
+    libc = syscalls._libc
+
+    class Libc:
+        def __getattr__(self, name: str) -> Callable[..., int]:
+            if name in ("prctl", "setfsuid", "setfsgid"):
+                calls.append(name)
+                raise AssertionError(f"{name} called")
+            return getattr(libc, name)  # openat2 and the rest
+
+    monkeypatch.setattr(syscalls, "_libc", Libc())
+    d = nid(fs, "a/usr")
+    fi, _ = call(fs, "create", d, b"root-s", 0o644, os.O_WRONLY, HOST)
+    call(fs, "release", fi.fh)
+    call(fs, "mkdir", d, b"root-dir", 0o755, HOST)
+    assert calls == [] and os.lstat(host.root / "a/usr/root-s").st_uid == 0
+    assert refused(fs, "mkdir", d, b"theirs", 0o755, Ctx(HOST.pid, uid=1000)) == errno.EIO
+    assert calls and not (host.root / "a/usr/theirs").exists()
+
+
 @contextmanager
 def daemon_umask(mask: int) -> Iterator[None]:
     """The process umask (the daemon's) set to ``mask`` for the block."""
@@ -840,16 +863,23 @@ def test_a_directory_swapped_as_it_is_opened_is_never_made_in(fs, host, monkeypa
     assert "new" not in os.listdir(usr.with_name("usr.old"))
 
 
-def test_getxattr_of_an_open_file_answers_through_its_handle(fs, host):
-    """A file open through the overlay answers getxattr (asked at every write) through its
-    handle: no path walk, and the answer holds after its last name is gone, as fgetxattr
-    does."""
+def test_getattr_and_getxattr_of_an_open_file_answer_through_its_handle(fs, host, monkeypatch):
+    """A file open through the overlay answers getattr and getxattr (the kernel asks both
+    around every write) through its handle: no name is looked for, and the answer holds
+    after its last name is gone, as fstat and fgetxattr do."""
     path = host.root / "a/usr/own-a"
     os.setxattr(path, "user.color", b"red")
     node = nid(fs, "a/usr/own-a")
     fi = call(fs, "open", node, os.O_WRONLY, HOST)
     try:
+        call(fs, "write", fi.fh, 0, b"longer than it was\n")
+        with monkeypatch.context() as m:
+            m.setattr(fs.nodes, "resolve", None)  # no name looked for
+            m.setattr(fs.nodes, "some_name", None)
+            assert call(fs, "getattr", node, HOST).st_size == len(b"longer than it was\n")
+            assert call(fs, "getxattr", node, b"user.color", HOST) == b"red"
         path.unlink()
+        assert call(fs, "getattr", node, HOST).st_nlink == 0
         assert call(fs, "getxattr", node, b"user.color", HOST) == b"red"
         assert refused(fs, "getxattr", node, b"security.capability", HOST) == errno.ENODATA
     finally:

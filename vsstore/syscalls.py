@@ -188,7 +188,11 @@ def fs_ids(uid: int, gid: int) -> Iterator[None]:
     setfsuid(2): per thread) and keeps its capabilities (SECBIT_NO_SETUID_FIXUP), so a node
     is born with its owner and never needs a chown by name afterwards, and the caller's
     permission checks stay the kernel's job before the request (FUSE's default_permissions).
-    A setgid directory still gives its group, as for any maker."""
+    A setgid directory still gives its group, as for any maker.  Ids the thread has
+    already (its effective ones: the daemon's root making a node for root) change nothing."""
+    if uid == os.geteuid() and gid == os.getegid():
+        yield
+        return
     bits = _check(_libc.prctl(PR_GET_SECUREBITS, 0, 0, 0, 0), "prctl(PR_GET_SECUREBITS)")
     _check(
         _libc.prctl(PR_SET_SECUREBITS, bits | SECBIT_NO_SETUID_FIXUP, 0, 0, 0),
