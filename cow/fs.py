@@ -645,6 +645,8 @@ class CowFS(pyfuse3.Operations):
         if node is not None:
             node.names.pop((guest, join(rel, n)), None)
             node.st = st
+        if directory or st.st_nlink <= 1:
+            self.nodes.retire(st)
 
     async def rename(
         self,
@@ -694,6 +696,12 @@ class CowFS(pyfuse3.Operations):
             dnode.names.pop(new, None)
             if flags & syscalls.RENAME_EXCHANGE:
                 dnode.names[old] = None
+        if (
+            dst is not None
+            and not flags & syscalls.RENAME_EXCHANGE
+            and (stat.S_ISDIR(dst.st_mode) or dst.st_nlink <= 1)
+        ):
+            self.nodes.retire(dst)  # replaced: its last name went
         snode = self.nodes.find(src)
         if snode is not None:
             snode.names.pop(old, None)

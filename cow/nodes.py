@@ -157,6 +157,16 @@ class Nodes:
             del self.by_inode[(node.dev, node.ino)]
         return True
 
+    def retire(self, st: os.stat_result) -> None:
+        """The inode ``st`` lost its last name through the overlay.  The filesystem may give
+        its number to the next inode it makes, in any guest, while the kernel still holds
+        this node (an open file, an O_PATH descriptor): that inode gets a node of its own,
+        never this one, whose names are gone (opening it again through /proc finds none)."""
+        nid = self.by_inode.pop((st.st_dev, st.st_ino), None)
+        node = self.nodes.get(nid) if nid is not None else None
+        if node is not None:
+            node.names.clear()
+
     def drop_guest(self, guest: str) -> None:
         """A guest leaves the overlay: none of its names leads to a node any more."""
         for node in self.nodes.values():

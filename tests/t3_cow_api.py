@@ -611,6 +611,34 @@ def test_a_symlink_given_a_removed_ones_inode_number_is_a_new_node(fs, host):
     assert call(fs, "readlink", made.st_ino, HOST) == b"own-a"
 
 
+@pytest.mark.parametrize("how", ["unlink", "rename over it"])
+def test_a_file_removed_through_the_overlay_never_lends_its_node_to_a_new_inode(fs, host, how):
+    """A guest holds its file (the kernel keeps the node: an O_PATH descriptor) and removes
+    it; the filesystem gives the number to the next file made (in any guest on that
+    filesystem).  That file gets a node of its own: were it the old node, the guest could
+    reopen the new file through /proc/self/fd of its descriptor."""
+    usr = host.root / "a/usr"
+    (usr / "mine").write_bytes(b"mine\n")
+    old = nid(fs, "a/usr/mine")
+    ino = os.lstat(usr / "mine").st_ino
+    d = nid(fs, "a/usr")
+    if how == "unlink":
+        call(fs, "unlink", d, b"mine", HOST)
+    else:
+        (usr / "other").write_bytes(b"other\n")
+        nid(fs, "a/usr/other")
+        call(fs, "rename", d, b"other", d, b"mine", 0, HOST)
+    for i in range(50):
+        fi, made = call(fs, "create", d, f"new{i}".encode(), 0o644, os.O_WRONLY, HOST)
+        call(fs, "release", fi.fh)
+        if os.lstat(usr / f"new{i}").st_ino == ino:
+            break
+    assert os.lstat(usr / f"new{i}").st_ino == ino, "the filesystem gave the number out no more"
+    assert made.st_ino != old
+    assert refused(fs, "open", old, os.O_RDONLY, HOST) == errno.ESTALE
+    assert call(fs, "getattr", made.st_ino, HOST).st_size == 0
+
+
 def test_a_symlink_never_read_keeps_its_node_when_its_number_comes_back(fs, host):
     """Nothing is kept for a symlink the kernel was never told the target of: its inode
     number, given to another symlink, keeps the node (no readlink in the lookup)."""

@@ -660,3 +660,28 @@ def test_a_new_symlink_never_shows_a_removed_ones_cached_target(cow, host):
         assert os.readlink("", dir_fd=held) == "own-a"  # the old one, as the kernel holds it
     finally:
         os.close(held)
+
+
+def test_a_removed_file_held_open_never_reopens_as_the_file_given_its_number(cow, host):
+    """A guest holds its file by an O_PATH descriptor and removes it; the filesystem gives
+    the number to the next file made.  Reopening the descriptor through /proc/self/fd
+    reaches the removed file's node, which opens nothing (ESTALE), never the new file:
+    the new one is a node of its own (otherwise any guest on that filesystem could read the
+    file that took the number)."""
+    usr, under = cow / "a/usr", host.root / "a/usr"
+    (usr / "mine").write_bytes(b"mine\n")
+    ino = os.lstat(under / "mine").st_ino
+    held = os.open(usr / "mine", os.O_PATH)
+    try:
+        os.unlink(usr / "mine")
+        for i in range(50):
+            (usr / f"new{i}").write_bytes(b"the new file's secret\n")
+            if os.lstat(under / f"new{i}").st_ino == ino:
+                break
+        assert os.lstat(under / f"new{i}").st_ino == ino, "the number was not given out"
+        assert os.stat(usr / f"new{i}").st_ino != os.fstat(held).st_ino
+        with pytest.raises(OSError) as e:
+            os.open(f"/proc/self/fd/{held}", os.O_RDONLY)
+        assert e.value.errno == errno.ESTALE
+    finally:
+        os.close(held)
