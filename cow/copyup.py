@@ -139,6 +139,7 @@ class CopyUp:
             try:
                 cst = privatize(str(tree.root), head, dfd, base, ofd, None, self.immutable)
                 node.st = os.fstat(ofd)  # answers for it once no guest's name holds it
+                stored = attrs.has_marker(ofd)  # a store object: one link is the store's
             finally:
                 os.close(ofd)
         except OSError as e:
@@ -153,23 +154,25 @@ class CopyUp:
         self._invalidate((guest, head), base)
         self.kernel.forget_attrs(node.id)  # one link fewer, for every guest that caches it
         # The guest's other names of the shared inode were one file for it: they follow.
-        for other in [n for n in node.names if n[0] == guest]:
-            self.relink(node, other, name, copy)
+        others = [n for n in node.names if n[0] == guest]
+        moved = sum(self.relink(node, other, name, copy) for other in others)
+        self.nodes.let_go(node, name, node.st.st_nlink - stored - moved)  # guest names left
         return cst
 
-    def relink(self, node: Node, other: Name, copied: Name, copy: Node) -> None:
+    def relink(self, node: Node, other: Name, copied: Name, copy: Node) -> bool:
         """Point ``other`` (a name of ``node`` in the same guest) at the copy made for
-        ``copied``: link, swap, check, as for every replacement."""
+        ``copied``: link, swap, check, as for every replacement.  True once it does."""
         guest, rel = other
         tree = self.trees[guest]
         head, _, base = rel.rpartition("/")
         chead, _, cbase = copied[1].rpartition("/")
         dfd, cdfd = open_dir(self.trees, (guest, head)), open_dir(self.trees, (guest, chead))
+        moved = False
         try:
             ofd = tree.open_regular(base, dirfd=dfd)
             try:
                 if (os.fstat(ofd).st_dev, os.fstat(ofd).st_ino) != (node.dev, node.ino):
-                    return
+                    return False
                 t = tmp_name()
                 os.link(cbase, t, src_dir_fd=cdfd, dst_dir_fd=dfd, follow_symlinks=False)
                 with unsealed(ofd, self.immutable, what=self.trees[guest].where(rel)):
@@ -179,6 +182,7 @@ class CopyUp:
                     else:
                         node.names.pop(other, None)
                         copy.names[other] = None
+                        moved = True
                     os.unlink(t, dir_fd=dfd)
             finally:
                 os.close(ofd)
@@ -190,6 +194,7 @@ class CopyUp:
             os.close(dfd)
             os.close(cdfd)
         self._invalidate((guest, head), base)
+        return moved
 
     def _invalidate(self, parent: Name, base: str) -> None:
         """The kernel's entry for ``base`` in directory ``parent`` (if it knows the

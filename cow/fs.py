@@ -624,6 +624,7 @@ class CowFS(pyfuse3.Operations):
         guest, rel, n, dfd = self._in_dir(parent_inode, name, ctx)
         try:
             st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
+            left = 0 if directory else st.st_nlink - 1  # the guest names that may hold it
             if directory:
                 os.rmdir(n, dir_fd=dfd)
             elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
@@ -633,6 +634,7 @@ class CowFS(pyfuse3.Operations):
                 try:
                     with unsealed(fd, self.immutable, what=self.trees[guest].where(join(rel, n))):
                         os.unlink(n, dir_fd=dfd)
+                    left = os.fstat(fd).st_nlink - attrs.has_marker(fd)  # the store's is none
                 finally:
                     os.close(fd)
             else:
@@ -643,10 +645,8 @@ class CowFS(pyfuse3.Operations):
             os.close(dfd)
         node = self.nodes.find(st)
         if node is not None:
-            node.names.pop((guest, join(rel, n)), None)
             node.st = st
-        if directory or st.st_nlink <= 1:
-            self.nodes.retire(st)
+            self.nodes.let_go(node, (guest, join(rel, n)), left)
 
     async def rename(
         self,
@@ -672,18 +672,23 @@ class CowFS(pyfuse3.Operations):
                 dst: os.stat_result | None = os.stat(b, dir_fd=d2, follow_symlinks=False)
             except FileNotFoundError:
                 dst = None
+            left = 0  # guest names that may hold what was renamed over, once it is
             with ExitStack() as windows:  # a shared inode on either side: unsealed for it
                 for d, rel, n in ((d1, r1, a), (d2, r2, b)):
                     try:
                         st = os.stat(n, dir_fd=d, follow_symlinks=False)
                     except FileNotFoundError:
                         continue
+                    if d is d2 and not stat.S_ISDIR(st.st_mode):
+                        left = st.st_nlink - 1
                     if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                         fd = self._open_shared(g1, n, d)
                         windows.callback(os.close, fd)
                         windows.enter_context(
                             unsealed(fd, self.immutable, what=self.trees[g1].where(join(rel, n)))
                         )
+                        if d is d2:
+                            left -= attrs.has_marker(fd)  # the store's link is no guest's
                 syscalls.renameat2(d1, a, d2, b, flags)
         except OSError as e:
             raise fuse_error(e) from None
@@ -692,16 +697,12 @@ class CowFS(pyfuse3.Operations):
             os.close(d2)
         old, new = (g1, join(r1, a)), (g2, join(r2, b))
         dnode = self.nodes.find(dst) if dst else None
-        if dnode is not None:  # replaced, or (RENAME_EXCHANGE) moved to the old name
-            dnode.names.pop(new, None)
+        if dnode is not None:  # moved to the old name (RENAME_EXCHANGE), or replaced
             if flags & syscalls.RENAME_EXCHANGE:
+                dnode.names.pop(new, None)
                 dnode.names[old] = None
-        if (
-            dst is not None
-            and not flags & syscalls.RENAME_EXCHANGE
-            and (stat.S_ISDIR(dst.st_mode) or dst.st_nlink <= 1)
-        ):
-            self.nodes.retire(dst)  # replaced: its last name went
+            else:
+                self.nodes.let_go(dnode, new, left)
         snode = self.nodes.find(src)
         if snode is not None:
             snode.names.pop(old, None)

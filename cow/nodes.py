@@ -157,15 +157,17 @@ class Nodes:
             del self.by_inode[(node.dev, node.ino)]
         return True
 
-    def retire(self, st: os.stat_result) -> None:
-        """The inode ``st`` lost its last name through the overlay.  The filesystem may give
-        its number to the next inode it makes, in any guest, while the kernel still holds
-        this node (an open file, an O_PATH descriptor): that inode gets a node of its own,
-        never this one, whose names are gone (opening it again through /proc finds none)."""
-        nid = self.by_inode.pop((st.st_dev, st.st_ino), None)
-        node = self.nodes.get(nid) if nid is not None else None
-        if node is not None:
-            node.names.clear()
+    def let_go(self, node: Node, name: Name, left: int) -> None:
+        """``name`` no longer holds ``node``'s inode (removed, renamed over, copied up
+        through the overlay), which ``left`` guest names may still hold (not counting the
+        store's).  With none left the inode may be freed (a store object by vsunify, once
+        every guest copied it up) and the filesystem give its number to the next inode it
+        makes, in any guest, while the kernel still holds this node (an open file, an O_PATH
+        descriptor): that inode gets a node of its own, never this one (reopened through
+        /proc, it would open the new file)."""
+        node.names.pop(name, None)
+        if left <= 0 and self.by_inode.get((node.dev, node.ino)) == node.id:
+            del self.by_inode[(node.dev, node.ino)]
 
     def drop_guest(self, guest: str) -> None:
         """A guest leaves the overlay: none of its names leads to a node any more."""

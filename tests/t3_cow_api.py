@@ -639,6 +639,31 @@ def test_a_file_removed_through_the_overlay_never_lends_its_node_to_a_new_inode(
     assert call(fs, "getattr", made.st_ino, HOST).st_size == 0
 
 
+def test_a_file_with_another_name_left_keeps_its_node(fs, host):
+    """Removing one of a guest's two hardlinks leaves the inode its node: the other name,
+    looked up later, is the same node (one kernel inode, one page cache)."""
+    usr = host.root / "a/usr"
+    os.link(usr / "own-a", usr / "own-a2")
+    node = nid(fs, "a/usr/own-a")
+    call(fs, "unlink", nid(fs, "a/usr"), b"own-a", HOST)
+    assert nid(fs, "a/usr/own-a2") == node
+
+
+def test_a_shared_inode_every_guest_copied_up_is_let_go_of(fs, host):
+    """Once every guest's name of a shared inode is copied up, only the store may hold it,
+    and vsunify may free it: its number, given to a new inode, must reach a node of its
+    own.  The shared node keeps answering for the kernel that holds it."""
+    shared = nid(fs, "a/usr/lib/libx.so")
+    key = (fs.nodes.get(shared).dev, fs.nodes.get(shared).ino)
+    write(fs, shared, b"a's\n")  # the host's last walk was a's name
+    assert key in fs.nodes.by_inode  # b's name still holds it
+    assert nid(fs, "b/usr/lib/libx.so") == shared
+    write(fs, shared, b"b's\n")
+    assert key not in fs.nodes.by_inode
+    assert call(fs, "getattr", shared, HOST).st_size == len(SHARED)  # its last attributes
+    assert (host.root / "b/usr/lib/libx.so").read_bytes() == SHARED + b"b's\n"
+
+
 def test_a_symlink_never_read_keeps_its_node_when_its_number_comes_back(fs, host):
     """Nothing is kept for a symlink the kernel was never told the target of: its inode
     number, given to another symlink, keeps the node (no readlink in the lookup)."""
