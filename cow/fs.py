@@ -674,12 +674,12 @@ class CowFS(pyfuse3.Operations):
                 dst = None
             left = 0  # guest names that may hold what was renamed over, once it is
             with ExitStack() as windows:  # a shared inode on either side: unsealed for it
-                for d, rel, n in ((d1, r1, a), (d2, r2, b)):
+                for side, (d, rel, n) in enumerate(((d1, r1, a), (d2, r2, b))):
                     try:
                         st = os.stat(n, dir_fd=d, follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    if d is d2 and not stat.S_ISDIR(st.st_mode):
+                    if side and not stat.S_ISDIR(st.st_mode):  # the name renamed over
                         left = st.st_nlink - 1
                     if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                         fd = self._open_shared(g1, n, d)
@@ -687,7 +687,7 @@ class CowFS(pyfuse3.Operations):
                         windows.enter_context(
                             unsealed(fd, self.immutable, what=self.trees[g1].where(join(rel, n)))
                         )
-                        if d is d2:
+                        if side:
                             left -= attrs.has_marker(fd)  # the store's link is no guest's
                 syscalls.renameat2(d1, a, d2, b, flags)
         except OSError as e:
