@@ -25,7 +25,7 @@ from vsstore.private import privatize, tmp_name
 from vsstore.window import unsealed
 
 from .callers import Callers
-from .nodes import Name, Node, Nodes, Trees, fuse_error, lstat, open_dir
+from .nodes import Name, Node, Nodes, Trees, fuse_error, lstat, open_name_dir
 
 log = logging.getLogger("vsstore.cow")
 
@@ -133,7 +133,7 @@ class CopyUp:
         guest, rel = name
         tree = self.trees[guest]
         head, _, base = rel.rpartition("/")
-        dfd = open_dir(self.trees, (guest, head))
+        dfd = open_name_dir(self.trees, (guest, head))
         try:
             ofd = tree.open_regular(base, dirfd=dfd)
             try:
@@ -166,7 +166,10 @@ class CopyUp:
         tree = self.trees[guest]
         head, _, base = rel.rpartition("/")
         chead, _, cbase = copied[1].rpartition("/")
-        dfd, cdfd = open_dir(self.trees, (guest, head)), open_dir(self.trees, (guest, chead))
+        dfd, cdfd = (
+            open_name_dir(self.trees, (guest, head)),
+            open_name_dir(self.trees, (guest, chead)),
+        )
         moved = False
         try:
             ofd = tree.open_regular(base, dirfd=dfd)

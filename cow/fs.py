@@ -32,7 +32,7 @@ from vsstore.window import unsealed
 
 from .callers import Callers
 from .copyup import CopyUp, KernelCache
-from .nodes import ROOT, Name, Node, Nodes, fuse_error, join, link_target, lstat, open_dir
+from .nodes import ROOT, Name, Node, Nodes, fuse_error, join, link_target, lstat, open_name_dir
 
 log = logging.getLogger("vsstore.cow")
 P = ParamSpec("P")
@@ -283,12 +283,13 @@ class CowFS(pyfuse3.Operations):
         if inode == ROOT:
             return self._root_attr()
         node = self.nodes.get(inode)
-        for fh in node.fhs:  # open on this very inode (asked around every write): no path
-            try:  # walk, and it holds after the last name is gone (unlinked while open)
+        fh = next(iter(node.fhs), None)  # open on this very inode (asked around every write):
+        if fh is not None:  # no path walk, and it holds after the last name is gone
+            try:
                 node.st = os.fstat(fh)
                 return self._attr(inode, node.st)
             except OSError:
-                break
+                pass
         try:
             return self._attr(inode, self.nodes.resolve(node)[1])
         except pyfuse3.FUSEError:
@@ -369,7 +370,7 @@ class CowFS(pyfuse3.Operations):
         try:
             if rel:
                 head, _, base = rel.rpartition("/")
-                dfd = open_dir(self.trees, (guest, head))
+                dfd = open_name_dir(self.trees, (guest, head))
                 try:
                     fd = os.open(base, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
                 finally:
@@ -446,12 +447,12 @@ class CowFS(pyfuse3.Operations):
         """The node's own target (the kernel keeps it for as long as it holds the node),
         read through a descriptor of its inode; ESTALE once no name holds it."""
         node = self.nodes.get(inode)
-        for _ in range(3):  # a name swapped between the check and the open: another name
-            name = self.nodes.some_name(node)
+        for name in list(node.names):
             target = link_target(self.trees, name, (node.dev, node.ino))
             if target is not None:
                 node.target = target
                 return target
+            node.names.pop(name, None)  # holds another inode now (or none): not this node's
         raise pyfuse3.FUSEError(errno.ESTALE)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -494,8 +495,7 @@ class CowFS(pyfuse3.Operations):
             name: Name = ("", "")
             entries = [(g, os.fstat(t.fd)) for g, t in sorted(self.trees.items())]
         else:
-            name = self.nodes.dir_name(inode)
-            dfd = open_dir(self.trees, name)
+            name, dfd = self.nodes.open_dir(inode)
             entries = []
             try:
                 with os.scandir(dfd) as it:
@@ -659,42 +659,16 @@ class CowFS(pyfuse3.Operations):
     ) -> None:
         if ROOT in (parent_inode_old, parent_inode_new):
             raise pyfuse3.FUSEError(errno.EPERM)
-        g1, r1 = self.nodes.dir_name(parent_inode_old)
-        g2, r2 = self.nodes.dir_name(parent_inode_new)
-        if g1 != g2:
-            raise pyfuse3.FUSEError(errno.EXDEV)
-        self.callers.check(ctx, g1)
         a, b = os.fsdecode(name_old), os.fsdecode(name_new)
-        d1, d2 = open_dir(self.trees, (g1, r1)), open_dir(self.trees, (g2, r2))
-        try:
-            src = os.stat(a, dir_fd=d1, follow_symlinks=False)
-            try:
-                dst: os.stat_result | None = os.stat(b, dir_fd=d2, follow_symlinks=False)
-            except FileNotFoundError:
-                dst = None
-            left = 0  # guest names that may hold what was renamed over, once it is
-            with ExitStack() as windows:  # a shared inode on either side: unsealed for it
-                for side, (d, rel, n) in enumerate(((d1, r1, a), (d2, r2, b))):
-                    try:
-                        st = os.stat(n, dir_fd=d, follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    if side and not stat.S_ISDIR(st.st_mode):  # the name renamed over
-                        left = st.st_nlink - 1
-                    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                        fd = self._open_shared(g1, n, d)
-                        windows.callback(os.close, fd)
-                        windows.enter_context(
-                            unsealed(fd, self.immutable, what=self.trees[g1].where(join(rel, n)))
-                        )
-                        if side:
-                            left -= attrs.has_marker(fd)  # the store's link is no guest's
-                syscalls.renameat2(d1, a, d2, b, flags)
-        except OSError as e:
-            raise fuse_error(e) from None
-        finally:
-            os.close(d1)
-            os.close(d2)
+        with ExitStack() as dirs:  # both directories, each checked to be its node's inode
+            (g1, r1), d1 = self.nodes.open_dir(parent_inode_old)
+            dirs.callback(os.close, d1)
+            (g2, r2), d2 = self.nodes.open_dir(parent_inode_new)
+            dirs.callback(os.close, d2)
+            if g1 != g2:
+                raise pyfuse3.FUSEError(errno.EXDEV)
+            self.callers.check(ctx, g1)
+            src, dst, left = self._rename_in(g1, (d1, r1, a), (d2, r2, b), flags)
         old, new = (g1, join(r1, a)), (g2, join(r2, b))
         dnode = self.nodes.find(dst) if dst else None
         if dnode is not None:  # moved to the old name (RENAME_EXCHANGE), or replaced
@@ -708,25 +682,80 @@ class CowFS(pyfuse3.Operations):
             snode.names.pop(old, None)
             snode.names[new] = None
 
+    def _rename_in(
+        self,
+        guest: str,
+        frm: tuple[int, str, str],
+        to: tuple[int, str, str],
+        flags: int,
+    ) -> tuple[os.stat_result, os.stat_result | None, int]:
+        """rename(2) of ``frm`` to ``to`` (directory descriptor, its path, the name) in
+        ``guest``, a shared inode on either side unsealed for it: what each name held
+        before, and how many guest names may still hold what was renamed over."""
+        (d1, _, a), (d2, _, b) = frm, to
+        try:
+            src = os.stat(a, dir_fd=d1, follow_symlinks=False)
+            try:
+                dst: os.stat_result | None = os.stat(b, dir_fd=d2, follow_symlinks=False)
+            except FileNotFoundError:
+                dst = None
+            left = 0  # guest names that may hold what was renamed over, once it is
+            with ExitStack() as windows:  # a shared inode on either side: unsealed for it
+                for side, ((d, rel, n), st) in enumerate(((frm, src), (to, dst))):
+                    if st is None:
+                        continue
+                    if side and not stat.S_ISDIR(st.st_mode):  # the name renamed over
+                        left = st.st_nlink - 1
+                    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                        fd = self._open_shared(guest, n, d)
+                        windows.callback(os.close, fd)
+                        windows.enter_context(
+                            unsealed(fd, self.immutable, what=self.trees[guest].where(join(rel, n)))
+                        )
+                        if side:
+                            left -= attrs.has_marker(fd)  # the store's link is no guest's
+                syscalls.renameat2(d1, a, d2, b, flags)
+        except OSError as e:
+            raise fuse_error(e) from None
+        return src, dst, left
+
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         node = self.nodes.get(inode)
-        g, rel = self.nodes.dir_name(new_parent_inode)
-        self.callers.check(ctx, g)
-        found = self.nodes.holding(node, g, self.callers.last_lookup(ctx.pid, node))
-        if found is None:
-            raise pyfuse3.FUSEError(errno.EXDEV)  # no hardlinks across guests
+        with ExitStack() as dirs:
+            (g, rel), d2 = self.nodes.open_dir(new_parent_inode)  # checked to be its inode
+            dirs.callback(os.close, d2)
+            self.callers.check(ctx, g)
+            found = self.nodes.holding(node, g, self.callers.last_lookup(ctx.pid, node))
+            if found is None:
+                raise pyfuse3.FUSEError(errno.EXDEV)  # no hardlinks across guests
+            sh, _, sb = found[0][1].rpartition("/")
+            d1 = open_name_dir(self.trees, (g, sh))  # the source is checked by its inode below
+            dirs.callback(os.close, d1)
+            st = self._link_in(g, node, (d1, found, sb), (d2, os.fsdecode(new_name)))
+        node.names[(g, join(rel, os.fsdecode(new_name)))] = None
+        node.lookups += 1
+        return self._attr(inode, st)
+
+    def _link_in(
+        self,
+        guest: str,
+        node: Node,
+        frm: tuple[int, tuple[Name, os.stat_result], str],
+        to: tuple[int, str],
+    ) -> os.stat_result:
+        """link(2) of ``node``'s name ``frm`` (directory descriptor, the name found holding
+        the node and its stat, the last component) to ``to`` in ``guest``; the new name's
+        stat, ESTALE (and no new name) if it is not the node's inode."""
+        (d1, found, sb), (d2, n) = frm, to
         src = found[0]
-        sh, _, sb = src[1].rpartition("/")
-        d1, d2 = open_dir(self.trees, (g, sh)), open_dir(self.trees, (g, rel))
-        n = os.fsdecode(new_name)
         try:
             if stat.S_ISREG(found[1].st_mode):
                 # possibly shared: its seal (if ours) is lifted for the link
-                fd = self._open_shared(g, sb, d1, (node.dev, node.ino))
+                fd = self._open_shared(guest, sb, d1, (node.dev, node.ino))
                 try:
-                    with unsealed(fd, self.immutable, what=self.trees[g].where(src[1])):
+                    with unsealed(fd, self.immutable, what=self.trees[guest].where(src[1])):
                         os.link(sb, n, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
                 finally:
                     os.close(fd)
@@ -738,12 +767,7 @@ class CowFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ESTALE)
         except OSError as e:
             raise fuse_error(e) from None
-        finally:
-            os.close(d1)
-            os.close(d2)
-        node.names[(g, join(rel, n))] = None
-        node.lookups += 1
-        return self._attr(inode, st)
+        return st
 
     # -- extended attributes -----------------------------------------------------------
     # Our own marker (trusted/user.vsstore.*) is invisible and untouchable through the
@@ -771,8 +795,9 @@ class CowFS(pyfuse3.Operations):
         if is_ours(n) or inode == ROOT:
             raise pyfuse3.FUSEError(errno.ENODATA)
         node = self.nodes.get(inode)
-        for fh in node.fhs:  # open on this very inode: asked at every write (for
-            try:  # security.capability, to drop it), answered without a path walk
+        fh = next(iter(node.fhs), None)  # open on this very inode: asked at every write
+        if fh is not None:  # (for security.capability, to drop it), answered without a walk
+            try:
                 return os.getxattr(fh, n)
             except OSError as e:
                 raise fuse_error(e) from None

@@ -51,8 +51,9 @@ def join(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
 
-def open_dir(trees: Trees, name: Name) -> int:
-    """A guest directory, opened beneath its root (no symlink, no mount crossed)."""
+def open_name_dir(trees: Trees, name: Name) -> int:
+    """A guest directory by name, opened beneath its root (no symlink, no mount crossed).
+    Whether it is some node's inode is the caller's to check (see Nodes.open_dir)."""
     tree = trees[name[0]]
     try:
         return tree.open_beneath(name[1], os.O_RDONLY | os.O_DIRECTORY)
@@ -68,7 +69,7 @@ def lstat(trees: Trees, name: Name) -> os.stat_result:
     if not name[1]:
         return os.fstat(tree.fd)
     head, _, tail = name[1].rpartition("/")
-    dfd = open_dir(trees, (name[0], head))
+    dfd = open_name_dir(trees, (name[0], head))
     try:
         return os.stat(tail, dir_fd=dfd, follow_symlinks=False)
     except OSError as e:
@@ -235,7 +236,3 @@ class Nodes:
             del node.names[n]
         log.debug("node %d (inode %d): no name holds it any more", node.id, node.ino)
         raise pyfuse3.FUSEError(errno.ESTALE)
-
-    def dir_name(self, nid: int) -> Name:
-        """The (guest, rel) of a directory node (directories have one name)."""
-        return self.some_name(self.get(nid))

@@ -893,27 +893,40 @@ def test_a_shared_name_replaced_after_lookup_is_written_as_the_guests_own_file(
     assert obj.read_bytes() == SHARED and flags(obj) == "UIa" and os.stat(obj).st_nlink == 2
 
 
-def test_a_directory_swapped_as_it_is_opened_is_never_made_in(fs, host, monkeypatch):
-    """A change in a directory opens the directory node's name once and checks the
+@pytest.mark.parametrize("op", ["create", "rename", "link", "readdir"])
+def test_a_directory_swapped_as_it_is_opened_is_never_changed_or_listed(fs, host, monkeypatch, op):
+    """A request in a directory opens the directory node's name once and checks the
     descriptor is the node's inode: a directory a guest process swaps in at that moment
-    gets nothing (ESTALE), where checking the name and then opening it again made the
-    file in the swapped-in directory."""
-    d = nid(fs, "a/usr")
+    is neither changed nor listed (ESTALE), where checking the name and then opening it
+    again made, renamed or linked the file in the swapped-in directory, or listed it."""
+    usr = host.root / "a/usr"
+    (usr / "x").write_bytes(b"x")
+    (host.root / "a/f").write_bytes(b"f")
+    d, f = nid(fs, "a/usr"), nid(fs, "a/f")
     tree = fs.trees["a"]
     opened = tree.open_beneath
-    usr = host.root / "a/usr"
 
     def swap_then_open(rel: str, flags_: int = os.O_RDONLY, mode: int = 0) -> int:
         if rel == "usr" and flags_ & os.O_DIRECTORY:
             monkeypatch.setattr(tree, "open_beneath", opened)
             os.rename(usr, usr.with_name("usr.old"))
             usr.mkdir()
+            (usr / "x").write_bytes(b"planted")
         return opened(rel, flags_, mode)
 
     monkeypatch.setattr(tree, "open_beneath", swap_then_open)
-    assert refused(fs, "create", d, b"new", 0o644, os.O_WRONLY, HOST) == errno.ESTALE
-    assert os.listdir(usr) == []
-    assert "new" not in os.listdir(usr.with_name("usr.old"))
+    if op == "create":
+        assert refused(fs, "create", d, b"new", 0o644, os.O_WRONLY, HOST) == errno.ESTALE
+    elif op == "rename":
+        assert refused(fs, "rename", d, b"x", d, b"new", 0, HOST) == errno.ESTALE
+    elif op == "link":
+        assert refused(fs, "link", f, d, b"new", HOST) == errno.ESTALE
+    else:
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            listing(fs, d)
+        assert e.value.errno == errno.ESTALE
+    assert os.listdir(usr) == ["x"] and (usr / "x").read_bytes() == b"planted"
+    assert sorted(os.listdir(usr.with_name("usr.old"))) == ["lib", "own-a", "x"]
 
 
 def test_getattr_and_getxattr_of_an_open_file_answer_through_its_handle(fs, host, monkeypatch):
