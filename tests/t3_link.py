@@ -137,6 +137,29 @@ def test_a_file_changed_between_hashing_and_linking_is_not_replaced(host):
     assert (b / "f").read_bytes() == b"CHANGED" + BIN[7:]
 
 
+def test_a_file_written_after_it_was_opened_for_hashing_is_skipped(host, monkeypatch):
+    """The hashing opens files ahead and looks at each once, after reading it, against
+    the walk's stat: a write between the open and the read (or during it) is seen there,
+    and the file is neither indexed nor linked."""
+    host.guest("a", {"f": BIN})
+    b = host.guest("b", {"f": BIN})
+    victim = inode(b / "f")
+    real = engine.content_digests
+
+    def write_first(fd: int, size: int) -> tuple[bytes, bytes]:
+        if os.fstat(fd).st_ino == victim:
+            with open(b / "f", "r+b") as f:
+                f.write(b"CHANGED")
+            os.utime(b / "f", ns=(1, 1))
+        return real(fd, size)
+
+    monkeypatch.setattr(engine, "content_digests", write_first)
+    s = unify_run(host, "a", "b")
+    assert s.files_linked == 0 and s.errors == 1
+    assert any("f: skipped: changed during the run" in m for m in s.messages), s.messages
+    assert (b / "f").read_bytes() == b"CHANGED" + BIN[7:] and inode(b / "f") == victim
+
+
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 

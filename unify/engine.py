@@ -141,13 +141,13 @@ def _hash_open(rec: scan.InodeRec, fd: int, keep: Keep | None = None) -> Hashed 
     tree, rel = rec.names[0]
     kept = False
     try:
+        digest, strong = content_digests(fd, rec.size)
+        xattrs = read_xattrs(fd)
+        # One look, after the read, against the walk's: a change before or during the read
+        # moved the ctime (and what it says of the mode, owner and xattrs read with it).
         st = os.fstat(fd)
         if not rec.same_stat(st):
             return f"{tree.where(rel)}: skipped: changed during the run"
-        digest, strong = content_digests(fd, rec.size)
-        xattrs = read_xattrs(fd)
-        if not rec.same_stat(os.fstat(fd)):
-            return f"{tree.where(rel)}: skipped: changed while it was read"
         kept = keep is not None and keep(rec, fd)
         return digest, strong, meta_class(st, xattrs, False), meta_class(st, xattrs, True)
     except OSError as e:
