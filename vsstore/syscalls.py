@@ -15,6 +15,7 @@ import signal
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -78,12 +79,29 @@ def have_openat2() -> bool:
     return _openat2_works
 
 
+_hows: dict[tuple[int, int, int], tuple[_OpenHow, Any]] = {}  # (flags, mode, resolve) ->
+
+
+def _how(flags: int, mode: int, resolve: int) -> tuple[_OpenHow, Any]:
+    """The open_how of these arguments and a reference to it, made once (a few per run):
+    ctypes structures are slow to build, and openat2 runs once per file hashed."""
+    key = (flags, mode, resolve)
+    got = _hows.get(key)
+    if got is None:
+        how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+        got = _hows[key] = (how, ctypes.byref(how))
+    return got
+
+
+_HOW_SIZE = ctypes.sizeof(_OpenHow)
+
+
 def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
     """openat2(2); raises OSError with the path on failure (EINTR/EAGAIN retried)."""
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    ref = _how(flags, mode, resolve)[1]
     raw = os.fsencode(path)
     while True:
-        fd = _libc.syscall(SYS_openat2, dirfd, raw, ctypes.byref(how), ctypes.sizeof(how))
+        fd = _libc.syscall(SYS_openat2, dirfd, raw, ref, _HOW_SIZE)
         if fd >= 0:
             return fd
         e = ctypes.get_errno()
