@@ -4,6 +4,7 @@ to make guests misbehave at exact moments.  Real files, real leases, real flags.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 
 from conftest import fill, flags, inode, small_fs, snapshot
 from unify import apply, engine, scan
-from vsstore import attrs, hashing
+from vsstore import attrs, hashing, syscalls
 from vsstore.config import Paths, resolve_guest
 from vsstore.errors import NoSpaceError
 from vsstore.excludes import build_excludes
@@ -1011,3 +1012,54 @@ def test_a_filesystem_that_refuses_the_advice_is_read_all_the_same(host, monkeyp
         host.guest(g, {f"usr/f{i}": BIN + bytes([i]) for i in range(3)})
     s = unify_run(host, "a", "b")
     assert (s.files_linked, s.errors) == (3, 0)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_the_closer_takes_finished_descriptors_a_batch_at_a_time_and_closes_all(
+    tmp_path, monkeypatch
+):
+    """Finished descriptors reach the closing thread in batches (a window's two or three
+    each would wake it once per window), never more at once than its bound, and every one
+    is closed when the linker is done."""
+    monkeypatch.setattr(apply.Closer, "BATCH", 4)
+    fds = [os.open(tmp_path, os.O_RDONLY) for _ in range(12)]
+    closer = apply.Closer(max_fds=6)
+    try:
+        closer.close_later(fds[:2])
+        closer.close_later(fds[2:3])
+        assert closer.q.empty() and closer.pending == fds[:3]  # below a batch: kept
+        closer.close_later(fds[3:5])
+        assert closer.pending == [] and closer.waiting <= 6  # a batch: handed over
+        closer.close_later(fds[5:12])  # more than the bound at once: handed over whole
+        assert closer.pending == []
+    finally:
+        closer.finish()
+    assert closer.waiting == 0 and not any(_is_open(fd) for fd in fds)
+
+
+def test_a_window_lets_go_of_its_leases_before_its_descriptors_wait_for_the_closer(
+    host, monkeypatch
+):
+    """The closer takes descriptors a batch at a time, so they may wait a while: none of
+    them still holds its lease then (a guest's writer of a joiner left as it was would
+    wait for the batch)."""
+    host.guest("a", {"f": BIN, "g": BIN + b"g"})
+    host.guest("b", {"f": BIN, "g": BIN + b"g"})
+    leases: list[int] = []
+    real = apply.Closer.close_later
+
+    def looking(self: apply.Closer, fds: list[int]) -> None:
+        leases.extend(fcntl.fcntl(fd, syscalls.F_GETLEASE) for fd in fds)
+        real(self, fds)
+
+    monkeypatch.setattr(apply.Closer, "close_later", looking)
+    s = unify_run(host, "a", "b")
+    assert s.files_linked == 2 and len(leases) >= 4
+    assert set(leases) == {fcntl.F_UNLCK}

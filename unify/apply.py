@@ -95,14 +95,19 @@ def fds_free() -> int:
 class Closer:
     """Closes finished fds in a background thread.  Closing our last fd on a replaced
     duplicate is where the kernel frees its blocks; done here, that work overlaps with the
-    next batches instead of stalling them.  Bounded by the number of fds waiting (at most
-    ``max_fds``, or one batch when a batch is larger), so they never pile up towards the
-    process's open-file limit."""
+    next batches instead of stalling them.  The fds go over ``BATCH`` at a time: one
+    window's two or three each would wake the thread (and hand the interpreter's lock back
+    and forth) once per window.  Bounded by the number of fds waiting (at most ``max_fds``,
+    or one batch when a batch is larger), so they never pile up towards the process's
+    open-file limit."""
+
+    BATCH = 64
 
     def __init__(self, max_fds: int = 1024) -> None:
         self.q: queue.SimpleQueue[list[int] | None] = queue.SimpleQueue()
         self.max_fds = max_fds
         self.waiting = 0
+        self.pending: list[int] = []  # not handed over yet
         self.cv = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="vsunify-closer", daemon=True)
         self.thread.start()
@@ -121,6 +126,17 @@ class Closer:
     def close_later(self, fds: list[int]) -> None:
         if not fds:
             return
+        self.pending += fds
+        if (
+            len(self.pending) >= min(self.BATCH, self.max_fds)
+            or self.waiting + len(self.pending) > self.max_fds  # (read unlocked: only falls)
+        ):
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        fds, self.pending = self.pending, []
+        if not fds:
+            return
         with self.cv:
             while self.waiting and self.waiting + len(fds) > self.max_fds:
                 self.cv.wait()
@@ -128,6 +144,7 @@ class Closer:
         self.q.put(fds)
 
     def finish(self) -> None:
+        self._hand_over()
         self.q.put(None)
         self.thread.join()
 
@@ -569,7 +586,11 @@ class Linker:
             return self._window(obj, ofd, new, objs, ready, dirs)
         finally:
             if self.closer is not None:
-                self.closer.close_later(held)  # closing releases the leases too
+                # The window is over: its leases go now, not when the closer gets to the
+                # descriptors (a guest's writer of a joiner left unlinked waits for no batch).
+                for fd in held:
+                    syscalls.release_lease(fd)
+                self.closer.close_later(held)
             else:
                 for fd in held:
                     os.close(fd)

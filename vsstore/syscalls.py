@@ -176,6 +176,15 @@ def take_read_lease(fd: int) -> bool:
     return True
 
 
+def release_lease(fd: int) -> None:
+    """Let go of our lease on ``fd``, if it still has one (a broken lease is gone already)."""
+    try:
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EINVAL, errno.EBADF):
+            raise
+
+
 def lease_held(fd: int) -> bool:
     """True while the read lease on ``fd`` has not been broken by a would-be writer."""
     return fcntl.fcntl(fd, F_GETLEASE) == fcntl.F_RDLCK

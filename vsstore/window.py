@@ -197,14 +197,6 @@ def _lease(fd: int, what: str) -> bool:
     return True
 
 
-def _release(fd: int) -> None:
-    try:
-        fcntl.fcntl(fd, syscalls.F_SETLEASE, fcntl.F_UNLCK)
-    except OSError as e:
-        if e.errno not in (errno.EAGAIN, errno.EINVAL, errno.EBADF):
-            raise
-
-
 def writer_pids(fd: int) -> list[int]:
     """Processes holding the inode of ``fd`` open for writing (for the message)."""
     st = os.fstat(fd)
@@ -268,7 +260,7 @@ def unsealed(
                 stopped = _stop(breakers(fd), fd)
             _verify(fd, want, what, immutable)
     finally:
-        _release(fd)
+        syscalls.release_lease(fd)
         for pid in stopped:
             try:
                 os.kill(pid, signal.SIGCONT)
@@ -315,7 +307,7 @@ def unsealed(
 def _pinned(fd: int, what: str) -> bool:
     """Does anybody hold the inode open for writing (no read lease can be had)?"""
     if _lease(fd, what):
-        _release(fd)
+        syscalls.release_lease(fd)
         return False
     return True
 
