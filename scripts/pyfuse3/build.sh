@@ -7,7 +7,9 @@
 # releasedir sent again), readdir then being handed the directory's inode: a directory
 # listed once is listed again from the page cache, with no request to the daemon.
 # cache-symlinks.patch lets Operations.enable_symlink_cache ask for FUSE_CAP_CACHE_SYMLINKS
-# (a symlink's target read once, then kept by the kernel).  README, "Libraries, and why".
+# (a symlink's target read once, then kept by the kernel).  read-queued.patch makes the
+# FUSE device non-blocking and reads a request already queued without waiting for trio's
+# next poll of it.  README, "Libraries, and why".
 # Small, and written to be offered upstream.
 set -euo pipefail
 venv=$1
