@@ -79,6 +79,17 @@ def cow(host):
         yield mnt
 
 
+def vscow(host, *args: str) -> subprocess.CompletedProcess[str]:
+    """``vscow ARGS`` with the test host's paths; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "cow.cli", *args],
+        cwd=REPO,
+        env={**os.environ, **host.env},
+        capture_output=True,
+        text=True,
+    )
+
+
 def _in_new_pidns(cow, host, guest: str, script: str) -> subprocess.Popen:
     """A busybox shell in a pid namespace of its own, chrooted into ``guest``'s subtree of
     the overlay; it waits for a line on stdin before running ``script``."""
@@ -249,22 +260,10 @@ def test_sockets_device_nodes_fifo_links_and_modes_as_posix_has_them(cow, host):
 
 def test_umount_leaves_nothing_behind(cow, host):
     assert str(cow) in mounts()
-    p = subprocess.run(
-        [sys.executable, "-m", "cow.cli", "status"],
-        cwd=REPO,
-        text=True,
-        env={**os.environ, **host.env},
-        capture_output=True,
-        check=True,
-    )
+    p = vscow(host, "status")
+    assert p.returncode == 0, p.stderr
     assert f"{cow}\tpid " in p.stdout and "guests: a b" in p.stdout
-    p = subprocess.run(
-        [sys.executable, "-m", "cow.cli", "umount", str(cow)],
-        cwd=REPO,
-        env={**os.environ, **host.env},
-        capture_output=True,
-        text=True,
-    )
+    p = vscow(host, "umount", str(cow))
     assert p.returncode == 0, p.stderr
     assert str(cow) not in mounts()
     assert not subprocess.run(["pgrep", "-f", f"serve.*{cow}"]).returncode == 0
@@ -451,24 +450,17 @@ def test_rename_noreplace_and_exchange(cow):
 def test_guests_can_be_added_to_and_removed_from_a_running_overlay(cow, host):
     assert sorted(os.listdir(cow)) == ["a", "b"]  # the kernel caches it: it must follow
     host.guest("c", {"usr/lib/libx.so": SHARED, "etc/hostname": b"c\n"})
-    env = {**os.environ, **host.env}
-
-    def vscow(*a: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "cow.cli", *a], cwd=REPO, env=env, capture_output=True, text=True
-        )
-
-    assert vscow("add", str(cow), "c").returncode == 0
+    assert vscow(host, "add", str(cow), "c").returncode == 0
     assert sorted(os.listdir(cow)) == ["a", "b", "c"]
     assert (cow / "c/etc/hostname").read_bytes() == b"c\n"
     assert host.vsunify("run", "c", check=False).returncode == EXIT_BUSY  # now served
-    p = vscow("add", str(cow), "c")
+    p = vscow(host, "add", str(cow), "c")
     assert p.returncode == 3 and "taken" in p.stderr
-    assert vscow("remove", str(cow), "c").returncode == 0
+    assert vscow(host, "remove", str(cow), "c").returncode == 0
     assert sorted(os.listdir(cow)) == ["a", "b"]
     assert not (cow / "c").exists()
     assert host.vsunify("run", "c", check=False).returncode == 0
-    p = vscow("remove", str(cow), "nosuch")
+    p = vscow(host, "remove", str(cow), "nosuch")
     assert p.returncode == 3 and "no guest 'nosuch'" in p.stderr
 
 
@@ -689,14 +681,8 @@ def test_a_removed_file_held_open_never_reopens_as_the_file_given_its_number(cow
 
 
 def _daemon_pid(cow: Path, host) -> int:
-    p = subprocess.run(
-        [sys.executable, "-m", "cow.cli", "status"],
-        cwd=REPO,
-        text=True,
-        env={**os.environ, **host.env},
-        capture_output=True,
-        check=True,
-    )
+    p = vscow(host, "status")
+    assert p.returncode == 0, p.stderr
     line = next(x for x in p.stdout.splitlines() if x.startswith(f"{cow}\tpid "))
     return int(line.split("\t")[1].split()[1])
 
